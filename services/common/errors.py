@@ -1,0 +1,39 @@
+"""Typed errors of the domain. Each maps to one gRPC status at the service edge.
+
+Core modules raise these (never grpc errors); `services/common` maps them to
+status codes so the same error reads the same whichever hop raised it.
+"""
+from __future__ import annotations
+
+
+class LlmeshError(Exception):
+    """Base of every error a user can cause. `code` names the gRPC status."""
+
+    code = "INTERNAL"
+
+
+class InvalidRequestError(LlmeshError):
+    """A request field is out of range or malformed. Maps to INVALID_ARGUMENT."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class UnsupportedModelError(LlmeshError):
+    """The checkpoint's architecture or format is not one llmesh can run."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class DuplicateRequestError(LlmeshError):
+    """A request id that is already in flight. Maps to ALREADY_EXISTS."""
+
+    code = "ALREADY_EXISTS"
+
+    def __init__(self, request_id: str):
+        super().__init__(f"request_id: {request_id!r} is already in flight")
+        self.request_id = request_id

@@ -1,0 +1,89 @@
+"""Sampling parameters of one request, and their validation.
+
+Validation happens once, where a request enters (router or Engine.add_request):
+every error names the offending field and nothing has been allocated yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from services.common.errors import InvalidRequestError
+
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Defaults are greedy, 16 tokens."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k = chosen token plus k alternatives
+    n: int = 1
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidRequestError naming the first bad field."""
+        _check_int("max_tokens", self.max_tokens, lo=1)
+        _check_float("temperature", self.temperature, lo=0.0, hi=100.0)
+        _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        _check_int("top_k", self.top_k, lo=0)
+        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, hi=100.0, lo_open=True)
+        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0, hi=2**63 - 1)
+        _check_int("n", self.n, lo=1, hi=MAX_N)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0, hi=MAX_TOP_LOGPROBS)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
+        for token_id in self.stop_token_ids:
+            check_token_id("stop_token_ids", token_id, vocab_size)
+
+
+def check_token_id(field_name: str, token_id: object, vocab_size: int) -> None:
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise InvalidRequestError(field_name, f"token id {token_id!r} is not an integer")
+    if not 0 <= token_id < vocab_size:
+        raise InvalidRequestError(
+            field_name, f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
+        )
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(name, f"must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidRequestError(name, f"must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: object, lo: float, hi: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(name, f"must be a number, got {value!r}")
+    if value != value:  # NaN
+        raise InvalidRequestError(name, "must not be NaN")
+    too_low = value <= lo if lo_open else value < lo
+    if too_low or value > hi:
+        left = "(" if lo_open else "["
+        raise InvalidRequestError(name, f"must be in {left}{lo}, {hi}], got {value}")

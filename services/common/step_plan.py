@@ -1,0 +1,69 @@
+"""The scheduler -> executor contract of one engine step, as plain dataclasses.
+
+A sequence is sent in full once (`NewSequence`), then only as diffs
+(`ScheduledSequence`: how many tokens to compute, how its block table
+changed). The executor keeps the rest (tokens, sampling state) itself and
+appends the tokens it samples. In the mesh these map 1:1 onto proto messages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.common.sampling_params import SamplingParams
+
+
+def sequence_id(request_id: str, index: int) -> str:
+    """Id of the index-th sequence of a request (n > 1 forks after the prompt)."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
+@dataclass
+class NewSequence:
+    seq_id: str
+    token_ids: list[int]  # prompt, plus outputs so far when resuming after preemption
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int  # the request's seed (drawn at random when the user gave none)
+    index: int  # which of the request's n sequences (keys the RNG)
+    num_computed: int  # prefix-cache hits
+    block_ids: list[int]
+
+
+@dataclass
+class ScheduledSequence:
+    seq_id: str
+    num_new_tokens: int
+    num_kept_blocks: int  # the block table keeps its first num_kept_blocks entries ...
+    new_block_ids: list[int]  # ... and continues with these
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    new: list[NewSequence] = field(default_factory=list)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # includes the new ones
+    finished_seq_ids: list[str] = field(default_factory=list)  # drop their state
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before compute
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class StepResult:
+    """Per sampled sequence: the new token(s). A parent with n > 1 samples n at once."""
+
+    step_id: int
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    forward_s: float = 0.0
+    sample_s: float = 0.0

@@ -1,0 +1,1 @@
+"""The in-process Engine: scheduler + KV cache manager + model runner in one process."""

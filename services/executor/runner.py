@@ -1,0 +1,143 @@
+"""Model runner: executes StepPlans against the model and the paged KV cache.
+
+Keeps per-sequence state (tokens, block table, sampling params) keyed by
+sequence id, so after a sequence's first step the plan carries only diffs.
+One `execute` = block copies, one forward over the flat batch, one sampling
+pass over the rows that produce a token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
+from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+from services.executor.model import CausalLM
+from services.executor.sampler import SampleRow, sample
+
+
+@dataclass
+class SeqState:
+    seq_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: object
+    seed: int
+    index: int
+    num_computed: int
+    block_ids: list[int]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", backend=None):
+        self.model = model
+        self.config = model.config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        self.backend = backend or TorchPagedAttention()
+        dtype = model.model.embed_tokens.weight.dtype
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        # per layer: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device))
+                          for _ in range(self.config.num_layers)]
+        self.seqs: dict[str, SeqState] = {}
+
+    @staticmethod
+    def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for seq_id in plan.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in plan.new:
+            self._add(new)
+        self._copy_blocks(plan.block_copies)
+        result = StepResult(step_id=plan.step_id)
+        if not plan.scheduled:
+            return result
+        # single-query sequences first (the backend batches them), then prefill chunks
+        order = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
+        input_ids, positions, slices, sample_seqs = [], [], [], []
+        for sched in order:
+            seq = self.seqs[sched.seq_id]
+            del seq.block_ids[sched.num_kept_blocks:]
+            seq.block_ids.extend(sched.new_block_ids)
+            start, end = seq.num_computed, seq.num_computed + sched.num_new_tokens
+            assert end <= len(seq.token_ids), (sched.seq_id, end, len(seq.token_ids))
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slices.append(SeqSlice(start, sched.num_new_tokens, seq.block_ids))
+            seq.num_computed = end
+            if end == len(seq.token_ids):
+                sample_seqs.append((seq, len(input_ids) - 1))
+        t0 = time.perf_counter()
+        meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device)
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            self.kv_caches, meta, self.backend,
+        )
+        t1 = time.perf_counter()
+        if sample_seqs:
+            self._sample(hidden, sample_seqs, result)
+        result.forward_s = t1 - t0
+        result.sample_s = time.perf_counter() - t1
+        return result
+
+    def _add(self, new: NewSequence) -> None:
+        self.seqs[new.seq_id] = SeqState(
+            seq_id=new.seq_id, token_ids=list(new.token_ids),
+            num_prompt_tokens=new.num_prompt_tokens, params=new.params, seed=new.seed,
+            index=new.index, num_computed=new.num_computed, block_ids=list(new.block_ids),
+        )
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+    def _sample(self, hidden, sample_seqs, result: StepResult) -> None:
+        rows, row_hidden, owners = [], [], []
+        for seq, row in sample_seqs:
+            # a sequence that still has to fork draws n tokens from the same logits
+            is_unforked = seq.index == 0 and len(seq.token_ids) == seq.num_prompt_tokens
+            fan_out = seq.params.n if is_unforked else 1
+            for index in range(seq.index, seq.index + fan_out):
+                rows.append(SampleRow(
+                    params=seq.params, seed=seq.seed, index=index,
+                    position=len(seq.token_ids), prompt_ids=seq.token_ids[:seq.num_prompt_tokens],
+                    output_ids=seq.token_ids[seq.num_prompt_tokens:],
+                ))
+                row_hidden.append(row)
+                owners.append(seq)
+        logits = self.model.compute_logits(hidden[torch.tensor(row_hidden, device=self.device)])
+        tokens, logprobs = sample(logits, rows)
+        for seq, token, lp in zip(owners, tokens, logprobs):
+            result.sampled.setdefault(seq.seq_id, []).append(token)
+            if lp is not None:
+                result.logprobs.setdefault(seq.seq_id, []).append(lp)
+        for seq_id, toks in result.sampled.items():
+            self._append(self.seqs[seq_id], toks)
+
+    def _append(self, seq: SeqState, tokens: list[int]) -> None:
+        """Append the sampled token; a parent with n > 1 forks into n sequences here."""
+        base_tokens = list(seq.token_ids)
+        seq.token_ids.append(tokens[0])
+        for i, token in enumerate(tokens[1:], start=1):
+            child_id = sequence_id(seq.seq_id, i)
+            self.seqs[child_id] = SeqState(
+                seq_id=child_id, token_ids=base_tokens + [token],
+                num_prompt_tokens=seq.num_prompt_tokens, params=seq.params, seed=seq.seed,
+                index=i, num_computed=seq.num_computed, block_ids=list(seq.block_ids),
+            )

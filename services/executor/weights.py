@@ -1,0 +1,95 @@
+"""Load a Hugging Face checkpoint into `CausalLM`, reading safetensors lazily.
+
+Tensors are read one at a time from memory-mapped safetensors files (single
+file or sharded with `model.safetensors.index.json`), converted to the target
+dtype and assigned; the model is built on the meta device so no memory is
+spent on a random initialisation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from services.common.errors import UnsupportedModelError
+from services.executor.model import CausalLM
+from services.executor.model_config import DTYPES, ModelConfig, load_model_config
+
+
+class SafetensorsIndex:
+    """Name -> file lookup over the checkpoint's safetensors files."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        index_path = model_dir / "model.safetensors.index.json"
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            self.files = {name: model_dir / f for name, f in weight_map.items()}
+        else:
+            paths = sorted(model_dir.glob("*.safetensors"))
+            if not paths:
+                raise UnsupportedModelError(f"{model_dir}: no *.safetensors weights")
+            self.files = {}
+            for path in paths:
+                with safe_open(path, framework="pt") as f:
+                    self.files.update({name: path for name in f.keys()})
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise UnsupportedModelError(f"checkpoint has no tensor {name!r}")
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def checkpoint_names(param_name: str) -> list[str]:
+    """Hugging Face tensor names that make up one of our parameters (concatenated on dim 0)."""
+    for fused, parts in ((".qkv_proj.", ("q_proj", "k_proj", "v_proj")),
+                         (".gate_up_proj.", ("gate_proj", "up_proj"))):
+        if fused in param_name:
+            return [param_name.replace(fused, f".{part}.") for part in parts]
+    return [param_name]
+
+
+def resolve_dtype(config: ModelConfig, dtype: str | None) -> torch.dtype:
+    name = dtype or "float32"
+    if name == "auto":
+        name = config.torch_dtype
+    if name not in DTYPES:
+        raise UnsupportedModelError(f"unsupported dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(model_dir: str | Path, dtype: str | None = "float32",
+               device: str | torch.device = "cpu") -> CausalLM:
+    """Build the model for `model_dir` with weights in `dtype` on `device`."""
+    config = load_model_config(model_dir)
+    torch_dtype = resolve_dtype(config, dtype)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    index = SafetensorsIndex(model_dir)
+    state = {}
+    for name in model.state_dict():
+        if name == "lm_head.weight" and (config.tie_word_embeddings or name not in index):
+            continue
+        parts = [index.get(n) for n in checkpoint_names(name)]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        state[name] = tensor.to(device=device, dtype=torch_dtype)
+    index.close()
+    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+    if missing != ["lm_head.weight"] and missing:
+        raise UnsupportedModelError(f"checkpoint lacks {missing}")
+    if "lm_head.weight" in missing:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(torch.device(device))
+    return model.eval().requires_grad_(False)

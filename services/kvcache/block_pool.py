@@ -1,0 +1,114 @@
+"""The block pool: fixed-size KV blocks with ref counts, a free queue in LRU
+order, and the prefix index (block hash -> cached block).
+
+A freed block keeps its hash and stays findable until it is handed out again:
+allocation takes blocks from the head of the free queue (least recently
+freed), which evicts whatever prefix they cached. `allocate` returns None
+instead of raising when the pool cannot satisfy a request.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+    num_filled: int = 0  # slots holding a computed token (for waste accounting)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, record_events: bool = False):
+        assert num_blocks > 0 and block_size > 0
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[bytes, int] = {}
+        self.num_evictions = 0
+        # KV events (block stored / removed), kept only when someone drains them.
+        self.record_events = record_events
+        self.events: list[tuple[str, bytes]] = []
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, count: int) -> list[int] | None:
+        """Take `count` blocks (ref 1 each) or return None and change nothing."""
+        if count > len(self._free):
+            return None
+        ids = []
+        for _ in range(count):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                self._uncache(block)
+            block.ref_count = 1
+            block.num_filled = 0
+            ids.append(block_id)
+        return ids
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self._cached.get(block_hash)
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Take one more reference on each block (a prefix hit or a fork)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference on each; blocks reaching 0 join the free queue's tail.
+
+        Callers pass a request's blocks tail first so a sequence's last blocks
+        (the least shareable) are evicted before its first ones.
+        """
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"double free of block {block_id}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+
+    def cache(self, block_id: int, block_hash: bytes) -> None:
+        """Register a full block under its hash (first writer wins)."""
+        block = self.blocks[block_id]
+        if block.block_hash is not None or block_hash in self._cached:
+            return
+        block.block_hash = block_hash
+        self._cached[block_hash] = block_id
+        if self.record_events:
+            self.events.append(("stored", block_hash))
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.blocks:
+            if block.block_hash is not None:
+                self._uncache(block)
+
+    def _uncache(self, block: Block) -> None:
+        del self._cached[block.block_hash]
+        if self.record_events:
+            self.events.append(("removed", block.block_hash))
+        block.block_hash = None
+        self.num_evictions += 1
+
+    def check_invariants(self) -> None:
+        """Internal consistency, for tests: free queue == blocks with ref 0, index == hashed blocks."""
+        free = set(self._free)
+        assert len(free) == len(self._free)
+        for block in self.blocks:
+            assert block.ref_count >= 0
+            assert (block.ref_count == 0) == (block.block_id in free), block
+            if block.block_hash is not None:
+                assert self._cached[block.block_hash] == block.block_id
+        assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)

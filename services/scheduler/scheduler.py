@@ -1,0 +1,223 @@
+"""Iteration-level continuous batching (FCFS) over a KV cache manager.
+
+Each `schedule()` builds one StepPlan under a token budget and a cap on
+running sequences: running sequences first (decode tokens and the rest of
+chunked prefills), then waiting ones in arrival order, each taking as many
+prompt tokens as the budget leaves (chunked prefill) after prefix-cache hits.
+When blocks run out the newest running sequence is preempted by recompute:
+its blocks are freed and it returns to the head of the queue.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
+                                       TokenLogprobs, sequence_id)
+from services.kvcache.manager import KVCacheManager
+from services.scheduler.sequence import FinishReason, Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_model_len: int
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class SeqOutput:
+    """What one sequence produced in one step (tokens appended, maybe finished)."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.request_seqs: dict[str, list[str]] = {}
+        self._dropped: list[str] = []  # sequences the executor should forget
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ---- requests -----------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.seq_id] = seq
+        self.request_seqs.setdefault(seq.request_id, []).append(seq.seq_id)
+        self.waiting.append(seq)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.request_seqs
+
+    def abort(self, request_id: str) -> list[SeqOutput]:
+        """Stop every sequence of the request now and free its blocks."""
+        outputs = []
+        for seq_id in self.request_seqs.get(request_id, []):
+            seq = self.seqs[seq_id]
+            if seq.status is SeqStatus.WAITING:
+                self.waiting.remove(seq)
+            elif seq.status is SeqStatus.RUNNING:
+                self.running.remove(seq)
+                self._dropped.append(seq.seq_id)
+            else:
+                continue
+            self._finish(seq, FinishReason.ABORT)
+            outputs.append(self._output(seq, []))
+        for seq_id in self.request_seqs.pop(request_id, []):
+            del self.seqs[seq_id]
+        return outputs
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- one step -----------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, finished_seq_ids=self._dropped)
+        self._dropped = []
+        budget = self.config.max_num_batched_tokens
+        is_preempting = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            alloc = self.kv.allocate_slots(seq.seq_id, seq.num_computed + num_new, seq.num_computed)
+            while alloc is None:
+                victim = self.running.pop()
+                self._preempt(victim, plan)
+                is_preempting = True
+                if victim is seq:
+                    break
+                alloc = self.kv.allocate_slots(seq.seq_id, seq.num_computed + num_new,
+                                               seq.num_computed)
+            if alloc is None:
+                break
+            plan.scheduled.append(ScheduledSequence(seq.seq_id, num_new, alloc.num_kept_blocks,
+                                                    alloc.new_block_ids))
+            plan.block_copies.extend(alloc.copies)
+            budget -= num_new
+            i += 1
+        while (not is_preempting and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            if not self._admit(self.waiting[0], budget, plan):
+                break
+            budget -= plan.scheduled[-1].num_new_tokens
+        return plan
+
+    def _admit(self, seq: Sequence, budget: int, plan: StepPlan) -> bool:
+        token_ids = seq.token_ids
+        hits = self.kv.find_cached_prefix(token_ids, seq.salt)
+        num_hit = len(hits) * self.kv.block_size
+        num_new = min(seq.num_tokens - num_hit, budget)
+        alloc = self.kv.allocate_slots(seq.seq_id, num_hit + num_new, num_hit, hits)
+        if alloc is None:
+            return False
+        self.kv.record_lookup(seq.num_tokens, num_hit)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_hit
+        self.waiting.popleft()
+        seq.status = SeqStatus.RUNNING
+        seq.num_computed = num_hit
+        self.running.append(seq)
+        block_ids = list(self.kv.block_ids(seq.seq_id))
+        plan.new.append(NewSequence(
+            seq_id=seq.seq_id, token_ids=token_ids, num_prompt_tokens=seq.num_prompt_tokens,
+            params=seq.params, seed=seq.seed, index=seq.index, num_computed=num_hit,
+            block_ids=block_ids,
+        ))
+        plan.scheduled.append(ScheduledSequence(seq.seq_id, num_new, len(block_ids), []))
+        return True
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.kv.free(seq.seq_id)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.finished_seq_ids.append(seq.seq_id)
+        self.waiting.appendleft(seq)
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqOutput]:
+        """Apply the executor's sampled tokens; returns per-sequence deltas."""
+        outputs = []
+        for sched in plan.scheduled:
+            seq = self.seqs.get(sched.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed += sched.num_new_tokens
+            self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed,
+                                 sched.num_new_tokens, seq.salt)
+            tokens = result.sampled.get(seq.seq_id)
+            if not tokens:
+                continue
+            logprobs = result.logprobs.get(seq.seq_id, [])
+            family = [seq] + [self._fork(seq, i) for i in range(1, len(tokens))]
+            for j, (member, token) in enumerate(zip(family, tokens)):
+                member.output_token_ids.append(token)
+                reason = self._stop_reason(member, token)
+                if reason is not None:
+                    self.running.remove(member)
+                    self._finish(member, reason)
+                    self._dropped.append(member.seq_id)
+                outputs.append(self._output(member, [token], logprobs[j:j + 1]))
+        for out in outputs:
+            if out.finish_reason is not None:
+                self._forget_if_done(out.request_id)
+        return outputs
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        child = Sequence(
+            seq_id=sequence_id(parent.request_id, index), request_id=parent.request_id,
+            index=index, prompt_token_ids=parent.prompt_token_ids, params=parent.params,
+            seed=parent.seed, arrival_s=parent.arrival_s, salt=parent.salt,
+            num_computed=parent.num_computed, status=SeqStatus.RUNNING,
+        )
+        self.kv.fork(parent.seq_id, child.seq_id)
+        self.seqs[child.seq_id] = child
+        self.request_seqs[parent.request_id].append(child.seq_id)
+        self.running.append(child)
+        return child
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if not seq.params.ignore_eos and token in self.config.eos_token_ids:
+            return FinishReason.STOP
+        if token in seq.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.kv.free(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seq_ids = self.request_seqs.get(request_id, [])
+        if all(self.seqs[s].status is SeqStatus.FINISHED for s in seq_ids):
+            for s in seq_ids:
+                del self.seqs[s]
+            self.request_seqs.pop(request_id, None)
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs=()) -> SeqOutput:
+        return SeqOutput(
+            request_id=seq.request_id, index=seq.index, new_token_ids=tokens,
+            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens,
+            logprobs=list(logprobs),
+        )
