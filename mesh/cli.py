@@ -1,0 +1,100 @@
+"""`llmesh` command line: model tools, local generation, benchmarks."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from services.common.errors import LlmeshError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmesh", description="LLM inference as a gRPC mesh")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_cmd", required=True)
+    mk = model.add_parser("make-tiny", help="write the deterministic tiny Llama checkpoint")
+    mk.add_argument("dir")
+    mk.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("--local", action="store_true", help="run the in-process Engine")
+    gen.add_argument("--model", help="Hugging Face model directory (default: the tiny model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    off = bench.add_parser("offline", help="offline throughput: all requests at once")
+    off.add_argument("--model", help="model directory (default: the bench preset)")
+    off.add_argument("--num-requests", type=int, default=256)
+    off.add_argument("--targets", default="engine,hf-static,hf-cb")
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--max-prompt", type=int, default=1024)
+    off.add_argument("--max-output", type=int, default=512)
+    off.add_argument("--json", dest="json_out", help="write the results here")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "model":
+            from mesh.default_model import make_tiny
+            print(make_tiny(args.dir, args.preset))
+            return 0
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "bench":
+            from benchmarks.offline import run_offline_cli
+            return run_offline_cli(args)
+    except LlmeshError as e:
+        print(f"llmesh: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _generate(args) -> int:
+    if not args.local:
+        print("llmesh: error: generation through the mesh arrives with `llmesh up`; use --local",
+              file=sys.stderr)
+        return 2
+    from mesh.default_model import default_model_dir
+    from services.common.sampling_params import SamplingParams
+    from services.engine.engine import Engine, EngineConfig
+    from services.tokenizer.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+    model_dir = args.model or default_model_dir()
+    engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=args.dtype))
+    tokenizer = TextTokenizer(model_dir)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    request_id = engine.add_request(tokenizer.encode(args.prompt), params)
+    detok = IncrementalDetokenizer(tokenizer)
+    token_ids, text, finish = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            token_ids.extend(out.new_token_ids)
+            delta = detok.push(out.new_token_ids)
+            if out.finish_reason is not None:
+                delta += detok.flush()
+                finish = out.finish_reason.value
+            text.append(delta)
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason": finish}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Tokenizer core over a Hugging Face `tokenizer.json` (+ `tokenizer_config.json`).
+
+Encode / decode, chat templates (jinja, as the checkpoint ships them) and
+incremental detokenization that never emits a broken UTF-8 sequence.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+from tokenizers import Tokenizer
+
+from services.common.errors import InvalidRequestError, UnsupportedModelError
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise UnsupportedModelError(f"{model_dir}: no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self._template = None
+        template = self.config.get("chat_template")
+        if template:
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True,
+                                     undefined=jinja2.StrictUndefined)
+            self._template = env.from_string(template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def _special(self, key: str) -> str:
+        value = self.config.get(key) or ""
+        return value.get("content", "") if isinstance(value, dict) else value
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render the chat template to text, then encode it (no extra BOS)."""
+        if self._template is None:
+            raise InvalidRequestError("messages", "this model has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}]", "needs string 'role' and 'content'")
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self._special("bos_token"),
+                                     eos_token=self._special("eos_token"))
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window (a few tokens of context plus the new ones) instead
+    of the whole sequence; holds back text while it ends in an incomplete UTF-8
+    character, so every delta is valid text and the deltas join to `decode(ids)`.
+    """
+
+    CONTEXT = 4
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self._prefix_start = 0  # window start
+        self._read_start = 0  # tokens before this are already emitted
+
+    def push(self, new_ids: list[int]) -> str:
+        self.token_ids.extend(new_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.token_ids[self._prefix_start:self._read_start], self.skip_special_tokens)
+        full = decode(self.token_ids[self._prefix_start:], self.skip_special_tokens)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""  # an incomplete character (or nothing visible yet): wait for more
+        delta = full[len(prefix):]
+        self._read_start = len(self.token_ids)
+        self._prefix_start = max(0, self._read_start - self.CONTEXT)
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is held back at the end of the stream (replacement chars included)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.token_ids[self._prefix_start:self._read_start], self.skip_special_tokens)
+        full = decode(self.token_ids[self._prefix_start:], self.skip_special_tokens)
+        self._read_start = len(self.token_ids)
+        self._prefix_start = max(0, self._read_start - self.CONTEXT)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
