@@ -127,7 +127,15 @@ class Engine:
                 f"({self.kv.pool.num_blocks} blocks of {self.kv.block_size})")
 
     def abort(self, request_id: str) -> list[SeqOutput]:
-        return self.scheduler.abort(request_id)
+        outputs = self.scheduler.abort(request_id)
+        self._release_if_idle()
+        return outputs
+
+    def _release_if_idle(self) -> None:
+        """When nothing is left to run, tell the executor to forget finished sequences now
+        (otherwise that rides on the next step's plan)."""
+        if not self.has_unfinished() and self.scheduler.has_dropped():
+            self.runner.execute(self.scheduler.schedule())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -141,6 +149,7 @@ class Engine:
             else StepResult(plan.step_id)
         t2 = time.perf_counter()
         outputs = self.scheduler.update(plan, result)
+        self._release_if_idle()
         self._record(plan.num_tokens, (t1 - t0) + (time.perf_counter() - t2), result)
         return outputs
 

@@ -79,6 +79,9 @@ class Scheduler:
             del self.seqs[seq_id]
         return outputs
 
+    def has_dropped(self) -> bool:
+        return bool(self._dropped)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
