@@ -1,9 +1,9 @@
 """Attention over the paged KV cache, behind one backend interface.
 
 A step is a flat batch of tokens: first the single-query rows (decode tokens,
-or a 1-token prefill chunk), then multi-token prefill chunks. The metadata
-that says where each query's keys live is built once per step and reused by
-every layer.
+or a 1-token prefill chunk), sorted by context length, then multi-token
+prefill chunks. The metadata that says where each query's keys live is built
+once per step and reused by every layer.
 """
 from __future__ import annotations
 
@@ -13,6 +13,21 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+# a group of single-query rows is padded to its longest context; a new group
+# starts when padding would exceed this share of the group's real keys
+MAX_GROUP_PADDING = 0.25
+
+
+@dataclass
+class SingleQueryGroup:
+    """Rows [row_start, row_start + num_rows) with one query each, padded to max_blocks."""
+
+    row_start: int
+    num_rows: int
+    max_blocks: int
+    block_ids: torch.Tensor  # [num_rows * max_blocks] long (padding repeats a valid id)
+    mask: torch.Tensor  # [num_rows, 1, 1, max_blocks * block_size] bool: key visible
+
 
 @dataclass
 class PrefillChunk:
@@ -20,7 +35,8 @@ class PrefillChunk:
 
     q_start: int
     q_len: int
-    key_slots: torch.Tensor  # [ctx_len] slot index of every key position 0..ctx_len-1
+    ctx_len: int  # keys 0..ctx_len-1 (cached ones plus this chunk)
+    block_ids: torch.Tensor  # [ceil(ctx_len / block_size)] long
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, None = plain causal (no prior context)
 
 
@@ -28,10 +44,8 @@ class PrefillChunk:
 class AttentionMetadata:
     """Where this step's tokens write their K/V and which keys each query sees."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] long
-    num_single: int  # rows [0, num_single) have one query token each
-    single_key_slots: torch.Tensor | None  # [num_single, max_ctx] long (padded with 0)
-    single_mask: torch.Tensor | None  # [num_single, 1, 1, max_ctx] bool
+    slot_mapping: torch.Tensor  # [num_tokens] long: block_id * block_size + offset
+    groups: list[SingleQueryGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -44,11 +58,15 @@ class AttentionBackend(Protocol):
 
 
 class TorchPagedAttention:
-    """Reference backend (CPU and GPU): gathers keys by slot, then SDPA.
+    """Reference backend (CPU and GPU): gathers each sequence's blocks, then SDPA.
 
-    Caches are `[num_blocks, block_size, num_kv_heads, head_dim]`; a slot is
-    `block_id * block_size + offset`.
+    Caches are `[num_blocks, block_size, num_kv_heads, head_dim]`. Gathers go
+    into reused workspace buffers: fresh multi-MB allocations every layer would
+    cost more in page faults than the copy itself.
     """
+
+    def __init__(self):
+        self._workspace: dict[str, torch.Tensor] = {}
 
     def write_kv(self, k_cache, v_cache, k, v, meta):
         # k, v: [num_tokens, num_kv_heads, head_dim]
@@ -58,28 +76,37 @@ class TorchPagedAttention:
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         # q: [num_tokens, num_heads, head_dim] -> out: same shape
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         out = torch.empty_like(q)
-        if meta.num_single:
-            qs = q[: meta.num_single].unsqueeze(2)  # [B, H, 1, D]
-            ks = k_flat[meta.single_key_slots].transpose(1, 2)  # [B, KVH, L, D]
-            vs = v_flat[meta.single_key_slots].transpose(1, 2)
+        for g in meta.groups:
+            rows = slice(g.row_start, g.row_start + g.num_rows)
+            k = self._gather("k", k_cache, g.block_ids).view(g.num_rows, -1, *k_cache.shape[2:])
+            v = self._gather("v", v_cache, g.block_ids).view(g.num_rows, -1, *v_cache.shape[2:])
             o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=meta.single_mask, scale=scale, enable_gqa=True
-            )
-            out[: meta.num_single] = o.squeeze(2)
-        for chunk in meta.prefills:
-            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-            qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-            kp = k_flat[chunk.key_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-            vp = v_flat[chunk.key_slots].transpose(0, 1).unsqueeze(0)
+                q[rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H|KVH, L, D]
+                attn_mask=g.mask, scale=scale, enable_gqa=True)
+            out[rows] = o.squeeze(2)
+        for c in meta.prefills:
+            rows = slice(c.q_start, c.q_start + c.q_len)
+            k = self._gather("k", k_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
+            v = self._gather("v", v_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
             o = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=chunk.mask, is_causal=chunk.mask is None,
-                scale=scale, enable_gqa=True,
-            )
+                q[rows].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0), attn_mask=c.mask, is_causal=c.mask is None,
+                scale=scale, enable_gqa=True)  # [1, H, q_len, D]
             out[rows] = o.squeeze(0).transpose(0, 1)
+        return out
+
+    def _gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """cache[block_ids] into a reused buffer: [len(block_ids), block_size, kvh, d]."""
+        shape = (block_ids.numel(), *cache.shape[1:])
+        numel = shape[0] * cache[0].numel()
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != cache.dtype or buf.device != cache.device:
+            buf = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
+                              dtype=cache.dtype, device=cache.device)
+            self._workspace[name] = buf
+        out = buf[:numel].view(shape)
+        torch.index_select(cache, 0, block_ids, out=out)
         return out
 
 
@@ -94,11 +121,10 @@ class SeqSlice:
 
 def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | None,
                    device: torch.device) -> AttentionMetadata:
-    """Build the per-step metadata. `seqs` must list single-query sequences first."""
+    """Build the per-step metadata. `seqs` lists single-query sequences first
+    (best sorted by context length, longest first), then prefill chunks."""
     slot_mapping: list[int] = []
-    num_single = 0
-    single_ctx: list[int] = []
-    single_tables: list[list[int]] = []
+    singles: list[tuple[int, SeqSlice]] = []
     prefills: list[PrefillChunk] = []
     row = 0
     for seq in seqs:
@@ -108,30 +134,51 @@ def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | 
                             for p in range(start, end))
         if seq.num_new == 1:
             assert not prefills, "single-query sequences must come first"
-            num_single += 1
-            single_ctx.append(end)
-            single_tables.append(table)
+            singles.append((row, seq))
         else:
             prefills.append(_prefill_chunk(row, seq, block_size, sliding_window, device))
         row += seq.num_new
-    single_slots = single_mask = None
-    if num_single:
-        single_slots, single_mask = _single_metadata(
-            single_tables, single_ctx, block_size, sliding_window, device)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        num_single=num_single,
-        single_key_slots=single_slots,
-        single_mask=single_mask,
+        groups=[_single_group(g, block_size, sliding_window, device)
+                for g in _split_groups(singles)],
         prefills=prefills,
     )
 
 
-def _key_slots(table: list[int], ctx_len: int, block_size: int, device) -> torch.Tensor:
-    num_blocks = (ctx_len + block_size - 1) // block_size
-    blocks = torch.tensor(table[:num_blocks], dtype=torch.long, device=device)
-    slots = (blocks[:, None] * block_size + torch.arange(block_size, device=device)).flatten()
-    return slots[:ctx_len]
+def _split_groups(singles: list[tuple[int, SeqSlice]]) -> list[list[tuple[int, SeqSlice]]]:
+    """Consecutive runs whose padding to the run's longest context stays small."""
+    groups: list[list[tuple[int, SeqSlice]]] = []
+    longest = total = 0
+    for item in singles:
+        ctx = item[1].num_computed + 1
+        if groups:
+            new_longest = max(longest, ctx)
+            if new_longest * (len(groups[-1]) + 1) <= (1 + MAX_GROUP_PADDING) * (total + ctx):
+                groups[-1].append(item)
+                longest, total = new_longest, total + ctx
+                continue
+        groups.append([item])
+        longest = total = ctx
+    return groups
+
+
+def _single_group(group, block_size, window, device) -> SingleQueryGroup:
+    ctx_lens = [seq.num_computed + 1 for _, seq in group]
+    max_blocks = -(-max(ctx_lens) // block_size)
+    block_ids = []
+    for (_, seq), ctx in zip(group, ctx_lens):
+        used = seq.block_ids[:-(-ctx // block_size)]
+        block_ids.extend(used + [used[0]] * (max_blocks - len(used)))
+    k_pos = torch.arange(max_blocks * block_size, device=device)[None, :]
+    ctx = torch.tensor(ctx_lens, dtype=torch.long, device=device)[:, None]
+    mask = k_pos < ctx
+    if window is not None:
+        mask &= k_pos > ctx - 1 - window
+    return SingleQueryGroup(
+        row_start=group[0][0], num_rows=len(group), max_blocks=max_blocks,
+        block_ids=torch.tensor(block_ids, dtype=torch.long, device=device),
+        mask=mask[:, None, None, :])
 
 
 def _prefill_chunk(row: int, seq: SeqSlice, block_size: int, window: int | None,
@@ -144,24 +191,7 @@ def _prefill_chunk(row: int, seq: SeqSlice, block_size: int, window: int | None,
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-    return PrefillChunk(row, seq.num_new, _key_slots(seq.block_ids, ctx_len, block_size, device),
+    num_blocks = -(-ctx_len // block_size)
+    return PrefillChunk(row, seq.num_new, ctx_len,
+                        torch.tensor(seq.block_ids[:num_blocks], dtype=torch.long, device=device),
                         mask)
-
-
-def _single_metadata(tables, ctx_lens, block_size, window, device):
-    max_ctx = max(ctx_lens)
-    max_blocks = (max_ctx + block_size - 1) // block_size
-    padded = torch.zeros(len(tables), max_blocks, dtype=torch.long)
-    for i, table in enumerate(tables):
-        n = min(len(table), max_blocks)
-        padded[i, :n] = torch.tensor(table[:n], dtype=torch.long)
-    padded = padded.to(device)
-    offsets = torch.arange(block_size, device=device)
-    slots = (padded[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]  # [B, max_ctx]
-    k_pos = torch.arange(max_ctx, device=device)[None, :]
-    ctx = torch.tensor(ctx_lens, dtype=torch.long, device=device)[:, None]
-    mask = k_pos < ctx
-    if window is not None:
-        mask &= k_pos > ctx - 1 - window
-    slots = torch.where(mask, slots, torch.zeros_like(slots))
-    return slots, mask[:, None, None, :]

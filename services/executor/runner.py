@@ -62,8 +62,10 @@ class ModelRunner:
         result = StepResult(step_id=plan.step_id)
         if not plan.scheduled:
             return result
-        # single-query sequences first (the backend batches them), then prefill chunks
-        order = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
+        # single-query sequences first, longest context first (the backend batches
+        # them in groups of similar length), then prefill chunks
+        order = sorted(plan.scheduled, key=lambda s: (s.num_new_tokens != 1,
+                                                      -self.seqs[s.seq_id].num_computed))
         input_ids, positions, slices, sample_seqs = [], [], [], []
         for sched in order:
             seq = self.seqs[sched.seq_id]
