@@ -3,9 +3,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+PROTOS := $(wildcard protos/llmesh/v1/*.proto)
+GEN := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 
-install: $(STAMP)
+.PHONY: install test bench clean protos
+
+install: $(STAMP) protos
+
+# Generated code lives in llmesh/v1/ (git-ignored), rebuilt whenever a .proto changes.
+protos: $(GEN)
+$(GEN) &: $(PROTOS) $(STAMP)
+	mkdir -p llmesh/v1
+	touch llmesh/__init__.py llmesh/v1/__init__.py
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 
 # The CPU build of torch is installed first, by exact version, so nothing later
 # can pull the multi-GB CUDA build; the project's pin (torch==2.13.0) keeps it.
@@ -13,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	mkdir -p llmesh/v1 && touch llmesh/__init__.py llmesh/v1/__init__.py
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
@@ -23,4 +34,4 @@ bench: install
 	$(BIN)/llmesh bench offline --num-requests 256 --targets engine,hf-static,hf-cb --json benchmarks/results/offline.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info llmesh

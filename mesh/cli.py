@@ -17,8 +17,25 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("dir")
     mk.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
 
+    up = sub.add_parser("up", help="bring the mesh up (Envoy + every service)")
+    up.add_argument("--config", help="mesh.yaml (default: the built-in one)")
+    up.add_argument("--detach", action="store_true", help="run in the background")
+    up.add_argument("--timeout", type=float, default=300.0)
+    down = sub.add_parser("down", help="stop the mesh brought up with --detach")
+    down.add_argument("--config")
+    status = sub.add_parser("status", help="health, queue depth and KV usage per replica")
+    status.add_argument("--config")
+    status.add_argument("--json", action="store_true")
+    config = sub.add_parser("config", help="mesh config").add_subparsers(dest="config_cmd",
+                                                                         required=True)
+    show = config.add_parser("show", help="print the effective mesh.yaml, defaults filled in")
+    show.add_argument("--config")
+
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("--local", action="store_true", help="run the in-process Engine")
+    gen.add_argument("--config", help="mesh.yaml of the running mesh")
+    gen.add_argument("--endpoint", help="host:port of Envoy (default: the running mesh)")
+    gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--model", help="Hugging Face model directory (default: the tiny model)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -47,21 +64,25 @@ def main(argv: list[str] | None = None) -> int:
             print(make_tiny(args.dir, args.preset))
             return 0
         if args.command == "generate":
+            if not args.local:
+                from mesh.commands import cmd_generate_mesh
+                return cmd_generate_mesh(args)
             return _generate(args)
+        if args.command in ("up", "down", "status", "config"):
+            from mesh import commands
+            handler = {"up": commands.cmd_up, "down": commands.cmd_down,
+                       "status": commands.cmd_status, "config": commands.cmd_config_show}
+            return handler[args.command](args)
         if args.command == "bench":
             from benchmarks.offline import run_offline_cli
             return run_offline_cli(args)
-    except LlmeshError as e:
+    except (LlmeshError, ValueError) as e:
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 2
     return 1
 
 
 def _generate(args) -> int:
-    if not args.local:
-        print("llmesh: error: generation through the mesh arrives with `llmesh up`; use --local",
-              file=sys.stderr)
-        return 2
     from mesh.default_model import default_model_dir
     from services.common.sampling_params import SamplingParams
     from services.engine.engine import Engine, EngineConfig

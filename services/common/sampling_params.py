@@ -87,3 +87,26 @@ def _check_float(name: str, value: object, lo: float, hi: float, lo_open: bool =
     if too_low or value > hi:
         left = "(" if lo_open else "["
         raise InvalidRequestError(name, f"must be in {left}{lo}, {hi}], got {value}")
+
+
+def validate_request(prompt_token_ids: object, params: SamplingParams, vocab_size: int,
+                     max_model_len: int, max_kv_tokens: int) -> None:
+    """Everything about a request that can be checked before it is queued."""
+    if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+        raise InvalidRequestError("prompt_token_ids", "must be a non-empty list of token ids")
+    for token_id in prompt_token_ids:
+        check_token_id("prompt_token_ids", token_id, vocab_size)
+    params.validate(vocab_size)
+    num_prompt = len(prompt_token_ids)
+    if num_prompt >= max_model_len:
+        raise InvalidRequestError(
+            "prompt_token_ids", f"prompt has {num_prompt} tokens; the context is {max_model_len} "
+            "and at least one must be left to generate")
+    if num_prompt + params.max_tokens > max_model_len:
+        raise InvalidRequestError(
+            "max_tokens", f"prompt ({num_prompt}) + max_tokens ({params.max_tokens}) exceeds the "
+            f"context of {max_model_len} tokens")
+    if num_prompt + params.max_tokens > max_kv_tokens:
+        raise InvalidRequestError(
+            "max_tokens", f"prompt + max_tokens needs more KV cache than the replica has "
+            f"({max_kv_tokens} token slots)")

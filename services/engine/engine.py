@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import DuplicateRequestError, InvalidRequestError
-from services.common.sampling_params import SamplingParams, check_token_id
+from services.common.errors import DuplicateRequestError
+from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import StepResult, TokenLogprobs
 from services.executor.model import CausalLM
 from services.executor.runner import ModelRunner
@@ -104,27 +104,8 @@ class Engine:
         return request_id
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
-            raise InvalidRequestError("prompt_token_ids", "must be a non-empty list of token ids")
-        for token_id in prompt_token_ids:
-            check_token_id("prompt_token_ids", token_id, self.vocab_size)
-        params.validate(self.vocab_size)
-        num_prompt = len(prompt_token_ids)
-        if num_prompt >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt_token_ids",
-                f"prompt has {num_prompt} tokens; the context is {self.max_model_len} "
-                "and at least one must be left to generate")
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                "max_tokens",
-                f"prompt ({num_prompt}) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"of {self.max_model_len} tokens")
-        if not self.kv.can_fit(num_prompt + params.max_tokens):
-            raise InvalidRequestError(
-                "max_tokens",
-                f"prompt + max_tokens needs more KV cache than the engine has "
-                f"({self.kv.pool.num_blocks} blocks of {self.kv.block_size})")
+        validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len,
+                         self.kv.pool.num_blocks * self.kv.block_size)
 
     def abort(self, request_id: str) -> list[SeqOutput]:
         outputs = self.scheduler.abort(request_id)

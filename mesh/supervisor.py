@@ -1,0 +1,238 @@
+"""Local supervisor: starts every service as a process, in order, waits for each to
+report SERVING, restarts crashed processes with backoff, stops them all by pid.
+
+`python -m mesh.supervisor --config RESOLVED.yaml` is what `llmesh up --detach`
+runs in the background; it writes `state.json` in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.config import MeshConfig, load_config
+from mesh.envoy import envoy_binary, render_envoy_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ProcSpec:
+    name: str
+    argv: list[str]
+    health_port: int | None  # gRPC health; None = checked another way (Envoy)
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    log_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def is_serving(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=timeout)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def envoy_ready(admin_port: int) -> bool:
+    """Envoy is live and sees at least one healthy router."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as r:
+            text = r.read().decode()
+        return any(line.startswith("routers::") and line.endswith("health_flags::healthy")
+                   for line in text.splitlines())
+    except OSError:
+        return False
+
+
+def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
+    py = [sys.executable, "-m"]
+    e = cfg.engine
+    specs = []
+    for i, port in enumerate(cfg.tokenizer_ports):
+        specs.append(ProcSpec(f"tokenizer-{i}", py + ["services.tokenizer", "--port", str(port),
+                                                        "--model", model_dir], port))
+    schedulers = []
+    for r, ports in enumerate(cfg.replica_ports):
+        specs.append(ProcSpec(f"kvcache-{r}", py + [
+            "services.kvcache", "--port", str(ports.kvcache), "--num-blocks", str(e.num_kv_blocks),
+            "--block-size", str(e.block_size)]
+            + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.kvcache))
+        for rank, port in enumerate(ports.executors):
+            specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
+                "services.executor", "--port", str(port), "--model", model_dir,
+                "--dtype", e.dtype, "--device", e.device, "--num-kv-blocks", str(e.num_kv_blocks),
+                "--block-size", str(e.block_size), "--threads", str(cfg.executor_threads)], port))
+        specs.append(ProcSpec(f"scheduler-{r}", py + [
+            "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
+            "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{ports.kvcache}",
+            "--executors", ",".join(f"127.0.0.1:{p}" for p in ports.executors),
+            "--num-kv-blocks", str(e.num_kv_blocks), "--block-size", str(e.block_size),
+            "--max-model-len", str(e.max_model_len),
+            "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+            "--max-num-seqs", str(e.max_num_seqs)]
+            + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
+        schedulers.append(f"127.0.0.1:{ports.scheduler}")
+    for i, port in enumerate(cfg.router_ports):
+        tok = cfg.tokenizer_ports[i % len(cfg.tokenizer_ports)]
+        specs.append(ProcSpec(f"router-{i}", py + [
+            "services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
+            "--schedulers", ",".join(schedulers), "--model-name", cfg.model_name,
+            "--max-message-bytes", str(cfg.max_message_bytes)], port))
+    envoy_yaml = run_dir / "envoy.yaml"
+    envoy_yaml.write_text(render_envoy_yaml(cfg))
+    specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
+                                    "--concurrency", "1", "--log-level", "warn"], None,
+                          extra={"admin_port": cfg.envoy.admin_port}))
+    return specs
+
+
+class Supervisor:
+    def __init__(self, specs: list[ProcSpec], run_dir: Path, max_backoff_s: float = 10.0):
+        self.specs = specs
+        self.run_dir = run_dir
+        self.log_dir = run_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.max_backoff_s = max_backoff_s
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
+
+    def _spawn(self, spec: ProcSpec) -> None:
+        spec.log_path = self.log_dir / f"{spec.name}.log"
+        log = open(spec.log_path, "ab")
+        spec.proc = subprocess.Popen(spec.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=_child_env())
+        log.close()
+        spec.started_at = time.monotonic()
+
+    def _ready(self, spec: ProcSpec) -> bool:
+        if spec.health_port is not None:
+            return is_serving(spec.health_port)
+        return envoy_ready(spec.extra["admin_port"])
+
+    def wait_ready(self, spec: ProcSpec, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if spec.proc.poll() is not None:
+                raise RuntimeError(f"{spec.name} exited with {spec.proc.returncode}; "
+                                   f"see {spec.log_path}")
+            if self._ready(spec):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{spec.name} not SERVING after {timeout_s:.0f}s; see {spec.log_path}")
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start every process in order, each SERVING before the next starts."""
+        try:
+            for spec in self.specs:
+                self._spawn(spec)
+                self.wait_ready(spec, timeout_s)
+        except Exception:
+            self.stop()
+            raise
+        self._monitor = threading.Thread(target=self._watch, daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            with self._lock:
+                for spec in self.specs:
+                    if spec.proc is None or spec.proc.poll() is None:
+                        continue
+                    if self._stopping.is_set():
+                        return
+                    ran_s = time.monotonic() - spec.started_at
+                    if ran_s > 30:
+                        spec.restarts = 0  # it had been healthy for a while
+                    backoff = min(self.max_backoff_s, 0.25 * 2 ** spec.restarts)
+                    spec.restarts += 1
+                    with open(self.log_dir / f"{spec.name}.log", "ab") as f:
+                        f.write(f"[supervisor] {spec.name} exited ({spec.proc.returncode}); "
+                                f"restart #{spec.restarts} in {backoff:.2f}s\n".encode())
+                    time.sleep(backoff)
+                    self._spawn(spec)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every process (Envoy and routers first), SIGKILL stragglers."""
+        self._stopping.set()
+        with self._lock:
+            procs = [s.proc for s in reversed(self.specs) if s.proc is not None]
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            deadline = time.monotonic() + timeout_s
+            for p in procs:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    def pids(self) -> dict[str, int]:
+        return {s.name: s.proc.pid for s in self.specs if s.proc is not None}
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, run_dir / "state.json")
+
+
+def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None) -> int:
+    """Bring the mesh up, write state.json, wait for SIGTERM / SIGINT, bring it down."""
+    sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        sup.start()
+    except Exception as e:
+        write_state(run_dir, {"status": "failed", "error": str(e), "supervisor_pid": os.getpid()})
+        print(f"llmesh: error: {e}", file=sys.stderr)
+        return 1
+    write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(), "pids": sup.pids(),
+                          "config": cfg.to_dict(), "model_dir": model_dir,
+                          "endpoint": f"127.0.0.1:{cfg.envoy.port}"})
+    if on_ready:
+        on_ready()
+    stop.wait()
+    sup.stop()
+    write_state(run_dir, {"status": "stopped", "supervisor_pid": os.getpid()})
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="mesh.supervisor")
+    p.add_argument("--config", required=True, help="resolved mesh config (ports filled in)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--run-dir", required=True)
+    args = p.parse_args(argv)
+    return run_foreground(load_config(args.config), args.model_dir, Path(args.run_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

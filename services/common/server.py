@@ -1,0 +1,84 @@
+"""grpc.aio server bootstrap shared by every service.
+
+Health (NOT_SERVING until the service says it is warm; NOT_SERVING first on
+drain), reflection, message size limits, loopback binding, graceful shutdown
+on SIGTERM / SIGINT, and the mapping of domain errors to gRPC status codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import LlmeshError
+
+MAX_MESSAGE_BYTES = 4 * 2**20
+log = logging.getLogger("llmesh")
+
+
+def status_of(error: LlmeshError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: LlmeshError):
+    await context.abort(status_of(error), str(error))
+
+
+class Service:
+    """A grpc.aio server on 127.0.0.1:port with health and (optionally) reflection."""
+
+    def __init__(self, name: str, port: int, host: str = "127.0.0.1",
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.name = name
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.address = f"{host}:{port}"
+        self.server.add_insecure_port(self.address)
+        self._service_names: list[str] = []
+        self._stop = asyncio.Event()
+
+    def add(self, adder: Callable, servicer, service_name: str) -> None:
+        adder(servicer, self.server)
+        self._service_names.append(service_name)
+
+    def enable_reflection(self) -> None:
+        reflection.enable_server_reflection(
+            self._service_names + [reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
+
+    async def set_serving(self, is_serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if is_serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info("%s listening on %s", self.name, self.address)
+
+    async def wait_for_termination(self, grace_s: float = 5.0) -> None:
+        await self._stop.wait()
+        log.info("%s draining", self.name)
+        await self.set_serving(False)  # Envoy / routers stop sending new work first
+        await self.server.stop(grace_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def setup_logging(service: str) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {service} %(levelname)s %(message)s")

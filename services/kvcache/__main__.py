@@ -1,0 +1,31 @@
+"""python -m services.kvcache --port P --num-blocks N --block-size B"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from llmesh.v1 import kvcache_pb2_grpc
+from services.common.server import Service, setup_logging
+from services.kvcache.manager import KVCacheManager
+from services.kvcache.servicer import KVCacheServicer
+
+
+async def main(args) -> None:
+    service = Service("kvcache", args.port)
+    kv = KVCacheManager(args.num_blocks, args.block_size, not args.no_prefix_caching,
+                        record_events=True)
+    service.add(kvcache_pb2_grpc.add_KVCacheServicer_to_server, KVCacheServicer(kv),
+                "llmesh.v1.KVCache")
+    await service.start()
+    await service.set_serving(True)
+    await service.wait_for_termination()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="services.kvcache")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--num-blocks", type=int, required=True)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    setup_logging("kvcache")
+    asyncio.run(main(p.parse_args()))

@@ -1,0 +1,46 @@
+"""python -m services.router --port P --tokenizer ADDR --schedulers ADDR[,ADDR...]"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+
+from llmesh.v1 import inference_pb2_grpc
+from services.common.server import Service, setup_logging
+from services.router.servicer import Inference
+
+
+async def main(args) -> None:
+    service = Service("router", args.port, max_message_bytes=args.max_message_bytes)
+    inference = Inference(grpc.aio.insecure_channel(args.tokenizer), args.schedulers.split(","),
+                          args.model_name)
+    service.add(inference_pb2_grpc.add_InferenceServicer_to_server, inference,
+                "llmesh.v1.Inference")
+    service.enable_reflection()
+    await service.start()
+    inference.start()
+    watcher = asyncio.ensure_future(_track_health(service, inference))
+    await service.wait_for_termination()
+    watcher.cancel()
+
+
+async def _track_health(service: Service, inference: Inference) -> None:
+    """SERVING while at least one replica is connected."""
+    serving = None
+    while True:
+        if inference.is_ready != serving:
+            serving = inference.is_ready
+            await service.set_serving(serving)
+        await asyncio.sleep(0.1)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="services.router")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--schedulers", required=True)
+    p.add_argument("--model-name", default="default")
+    p.add_argument("--max-message-bytes", type=int, default=4 * 2**20)
+    setup_logging("router")
+    asyncio.run(main(p.parse_args()))

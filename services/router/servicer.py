@@ -1,0 +1,218 @@
+"""The public `llmesh.v1.Inference` API: validation, replica choice, streaming."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
+                       tokenizer_pb2, tokenizer_pb2_grpc)
+from services.common import convert
+from services.common.errors import InvalidRequestError, LlmeshError
+from services.common.sampling_params import validate_request
+from services.common.server import abort_with
+from services.router.core import ReplicaLoad, StopMatcher, pick_replica
+from services.router.replicas import Detokenizer, Replica
+
+log = logging.getLogger("llmesh.router")
+MAX_STOP_STRINGS = 16
+_DONE = object()
+
+
+class Inference(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, tokenizer_channel: grpc.aio.Channel, scheduler_addresses: list[str],
+                 model_name: str):
+        self.model_name = model_name
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
+        self.detok = Detokenizer(tokenizer_channel)
+        self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
+                         for i, a in enumerate(scheduler_addresses)]
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(r.run()) for r in self.replicas]
+
+    @property
+    def is_ready(self) -> bool:
+        return any(r.is_ready for r in self.replicas)
+
+    # ---- replica side ---------------------------------------------------
+    async def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
+        items, keyed = [], []
+        for d in outputs.deltas:
+            if d.error:
+                continue
+            is_last = d.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+            items.append(tokenizer_pb2.DetokenizeItem(
+                seq_key=f"{d.request_id}/{d.index}", new_token_ids=d.new_token_ids, is_last=is_last))
+            keyed.append(d)
+        try:
+            texts = dict(zip((id(d) for d in keyed), await self.detok.detokenize(items)))
+        except ConnectionError:
+            texts = {}
+        for d in outputs.deltas:
+            queue = self._queues.get(d.request_id)
+            if queue is not None:
+                queue.put_nowait((d, texts.get(id(d), "")))
+
+    def _on_lost(self, replica: Replica, request_ids: set[str], reason: str) -> None:
+        for request_id in request_ids:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait((None, reason))
+
+    # ---- public API -----------------------------------------------------
+    async def ListModels(self, request, context):
+        models = {}
+        for r in self.replicas:
+            if r.info is not None:
+                models[self.model_name] = inference_pb2.ModelInfo(
+                    name=self.model_name, architecture=r.info.architecture,
+                    max_model_len=r.info.max_model_len, vocab_size=r.info.vocab_size)
+        return inference_pb2.ListModelsResponse(models=list(models.values()))
+
+    async def Tokenize(self, request, context):
+        if request.model and request.model != self.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served")
+        enc = tokenizer_pb2.EncodeRequest(add_special_tokens=True)
+        if request.WhichOneof("input") == "chat":
+            enc.chat.CopyFrom(request.chat)
+        else:
+            enc.text = request.text
+        resp = await self._encode(enc, context)
+        return inference_pb2.TokenizeResponse(token_ids=resp.token_ids)
+
+    async def Complete(self, request, context):
+        texts: dict[int, list[str]] = {}
+        final: dict[int, inference_pb2.GenerateResponse] = {}
+        async for chunk in self.Generate(request, context):
+            texts.setdefault(chunk.index, []).append(chunk.text)
+            agg = final.setdefault(chunk.index, inference_pb2.GenerateResponse(
+                request_id=chunk.request_id, index=chunk.index))
+            agg.token_ids.extend(chunk.token_ids)
+            agg.logprobs.extend(chunk.logprobs)
+            if chunk.finish_reason:
+                agg.finish_reason = chunk.finish_reason
+                agg.usage.CopyFrom(chunk.usage)
+                agg.timings.CopyFrom(chunk.timings)
+        if not final:
+            await context.abort(grpc.StatusCode.INTERNAL, "no output")
+        first = final[min(final)]
+        first.text = "".join(texts[first.index])
+        return first
+
+    async def Generate(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        if request.model and request.model != self.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served")
+        replica_name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
+                                     for r in self.replicas])
+        if replica_name is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
+        replica = next(r for r in self.replicas if r.name == replica_name)
+        prompt = await self._prompt_ids(request, context)
+        params = convert.sampling_from_proto(request.sampling)
+        stops = list(request.sampling.stop)
+        try:
+            if len(stops) > MAX_STOP_STRINGS:
+                raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+            info = replica.info
+            validate_request(prompt, params, info.vocab_size, info.max_model_len,
+                             info.num_kv_blocks * info.block_size)
+        except LlmeshError as e:
+            await abort_with(context, e)
+        if request_id in self._queues:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} in flight")
+        deadline = 0.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = time.time() + remaining
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        replica.in_flight.add(request_id)
+        add = scheduler_pb2.AddRequest(request_id=request_id, prompt_token_ids=prompt,
+                                       sampling=request.sampling, deadline_unix_s=deadline)
+        upstream_open = set(range(params.n))  # sequences the replica has not finished
+        try:
+            await replica.send(scheduler_pb2.RouterMessage(add=add))
+            async for response in self._stream(request_id, upstream_open, stops, queue, context):
+                yield response
+        finally:
+            self._queues.pop(request_id, None)
+            if upstream_open and request_id in replica.in_flight and replica.is_ready:
+                # the client went away (or a stop string ended it): free it upstream now
+                try:
+                    await replica.send(scheduler_pb2.RouterMessage(
+                        cancel=scheduler_pb2.CancelRequest(request_id=request_id)))
+                except Exception:  # the replica is gone; it frees everything itself
+                    pass
+            replica.in_flight.discard(request_id)
+
+    async def _stream(self, request_id, upstream_open, stops, queue, context):
+        matchers = {i: StopMatcher(stops) for i in upstream_open}
+        unfinished = set(upstream_open)
+        while unfinished:
+            delta, text = await queue.get()
+            if delta is None:  # the replica went away under this request
+                yield inference_pb2.GenerateResponse(
+                    request_id=request_id, incomplete=True, incomplete_reason=text)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {text}")
+            if delta.error:
+                code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
+                await context.abort(code, delta.error)
+            if delta.finish_reason:
+                upstream_open.discard(delta.index)
+            if delta.index not in unfinished:
+                continue
+            matcher = matchers[delta.index]
+            out = matcher.push(text)
+            finish = delta.finish_reason
+            if matcher.is_stopped:
+                finish = common_pb2.FINISH_REASON_STOP
+            elif finish:
+                out += matcher.flush()
+            resp = inference_pb2.GenerateResponse(
+                request_id=request_id, index=delta.index, text=out,
+                token_ids=delta.new_token_ids, logprobs=delta.logprobs, finish_reason=finish)
+            if not finish:
+                yield resp
+                continue
+            unfinished.discard(delta.index)
+            resp.usage.CopyFrom(delta.usage)
+            resp.timings.CopyFrom(delta.timings)
+            if finish == common_pb2.FINISH_REASON_DEADLINE:
+                resp.incomplete, resp.incomplete_reason = True, "deadline exceeded"
+                yield resp
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            if finish in (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR):
+                resp.incomplete, resp.incomplete_reason = True, "aborted by the server"
+                yield resp
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "request aborted by the replica")
+            yield resp
+
+    async def _prompt_ids(self, request, context) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        if kind is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "input: one of prompt, chat or token_ids is required")
+        enc = tokenizer_pb2.EncodeRequest(add_special_tokens=True)
+        if kind == "chat":
+            enc.chat.CopyFrom(request.chat)
+        else:
+            enc.text = request.prompt
+        return list((await self._encode(enc, context)).token_ids)
+
+    async def _encode(self, enc, context):
+        try:
+            return await self.tokenizer.Encode(enc, timeout=30)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code not in (grpc.StatusCode.INVALID_ARGUMENT,):
+                code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"tokenizer: {e.details()}")

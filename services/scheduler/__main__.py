@@ -1,0 +1,96 @@
+"""python -m services.scheduler --port P --model DIR --kvcache ADDR --executors ADDR[,ADDR...]"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.common.server import Service, setup_logging
+from services.executor.model_config import load_model_config
+from services.kvcache.manager import KVCacheManager
+from services.scheduler.loop import EngineLoop, ExecutorFailed
+from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler.servicer import ExecutorGroup, KVCacheClient, SchedulerServicer
+
+log = logging.getLogger("llmesh.scheduler")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="services.scheduler")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-name", default="")
+    p.add_argument("--kvcache", required=True)
+    p.add_argument("--executors", required=True, help="comma-separated rank addresses, rank 0 first")
+    p.add_argument("--num-kv-blocks", type=int, required=True)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    return p.parse_args(argv)
+
+
+async def main(args) -> None:
+    mc = load_model_config(args.model)
+    max_model_len = min(args.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    kv = KVCacheManager(args.num_kv_blocks, args.block_size, not args.no_prefix_caching)
+    scheduler = Scheduler(SchedulerConfig(max_model_len=max_model_len,
+                                          max_num_batched_tokens=args.max_num_batched_tokens,
+                                          max_num_seqs=args.max_num_seqs,
+                                          eos_token_ids=mc.eos_token_ids), kv)
+    executors = ExecutorGroup(args.executors.split(","))
+    kvcache = KVCacheClient(args.kvcache)
+    loop = EngineLoop(scheduler, mc.vocab_size, executors.execute, kvcache.commit,
+                      emit=lambda owner, items: None)
+    info = scheduler_pb2.ReplicaInfo(
+        model=args.model_name or mc.model_type, architecture=mc.architecture,
+        max_model_len=max_model_len, vocab_size=mc.vocab_size,
+        num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
+    service = Service("scheduler", args.port)
+    service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
+                SchedulerServicer(loop, info), "llmesh.v1.Scheduler")
+    await service.start()
+    runner = asyncio.ensure_future(_drive(loop, executors, service))
+    await service.wait_for_termination()
+    runner.cancel()
+
+
+async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service) -> None:
+    """Run the engine loop; when the executor group fails, end in-flight requests
+    with an error, go NOT_SERVING, reconnect, and serve again."""
+    while True:
+        await executors.connect()
+        if not await _probe(loop, executors):
+            await executors.close()
+            await asyncio.sleep(0.5)
+            continue
+        await service.set_serving(True)
+        watch = asyncio.ensure_future(executors.watch(loop.wake))
+        try:
+            await loop.run(executors.check)
+        except ExecutorFailed as e:
+            log.error("executor group failed: %s; failing in-flight requests", e)
+            await service.set_serving(False)
+            loop.fail_all()  # new executor streams start empty; the frees reach kvcache next step
+            await executors.close()
+            await asyncio.sleep(0.2)
+        finally:
+            watch.cancel()
+
+
+async def _probe(loop: EngineLoop, executors: ExecutorGroup) -> bool:
+    """An empty step round-trips through every rank once they are up."""
+    from services.common.step_plan import StepPlan
+    try:
+        await asyncio.wait_for(executors.execute(StepPlan(step_id=0)), timeout=600)
+        return True
+    except (ExecutorFailed, asyncio.TimeoutError) as e:
+        log.warning("executor group not ready: %s", e)
+        return False
+
+
+if __name__ == "__main__":
+    setup_logging("scheduler")
+    asyncio.run(main(parse_args()))

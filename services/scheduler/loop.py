@@ -1,0 +1,203 @@
+"""The replica's engine loop, free of grpc: schedule -> execute -> update, per step.
+
+The executor group and the kvcache service are reached through two async
+callables, so the same loop runs against real services or in-process stand-ins.
+Per step: one `execute(plan)` (one message to each rank, one back) and one
+`commit(step_id, ops)` with every KV change since the last step, sent
+concurrently. Outputs go to `emit(owner, deltas)` once per step per owner.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from services.common.errors import DuplicateRequestError
+from services.common.sampling_params import SamplingParams, validate_request
+from services.common.step_plan import StepPlan, StepResult
+from services.kvcache.manager import KVCacheManager
+from services.scheduler.scheduler import Scheduler, SeqOutput
+from services.scheduler.sequence import FinishReason, Sequence
+
+log = logging.getLogger("llmesh.scheduler")
+
+
+@dataclass
+class RequestTrack:
+    owner: str
+    arrival_s: float
+    deadline_s: float  # time.time() based; 0 = none
+    first_scheduled_s: float = 0.0
+    first_token_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    num_steps: int = 0
+
+
+@dataclass
+class FinishedInfo:
+    """Usage and timings attached to a sequence's last delta."""
+
+    queue_s: float
+    ttft_s: float
+    e2e_s: float
+    forward_s: float
+    sample_s: float
+    num_steps: int
+
+
+@dataclass
+class LoopStats:
+    num_steps: int = 0
+    schedule_s: float = 0.0
+    kv_rpc_s: float = 0.0
+    executor_rpc_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class ExecutorFailed(Exception):
+    """The executor group failed a step; in-flight requests cannot continue."""
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, vocab_size: int,
+                 execute: Callable[[StepPlan], Awaitable[StepResult]],
+                 commit: Callable[[int, list[tuple]], Awaitable[None]],
+                 emit: Callable[[str, list[tuple[SeqOutput, FinishedInfo | None]]], None]):
+        self.scheduler = scheduler
+        self.kv: KVCacheManager = scheduler.kv
+        self.kv.journal = []
+        self.vocab_size = vocab_size
+        self.execute = execute
+        self.commit = commit
+        self.emit = emit
+        self.tracks: dict[str, RequestTrack] = {}
+        self.stats = LoopStats()
+        self._wake = asyncio.Event()
+
+    @property
+    def max_kv_tokens(self) -> int:
+        return self.kv.pool.num_blocks * self.kv.block_size
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
+            seed: int, deadline_s: float = 0.0, salt: str = "") -> None:
+        validate_request(prompt, params, self.vocab_size, self.scheduler.config.max_model_len,
+                         self.max_kv_tokens)
+        if request_id in self.tracks:
+            raise DuplicateRequestError(request_id)
+        now = time.time()
+        self.tracks[request_id] = RequestTrack(owner, now, deadline_s)
+        self.scheduler.add(Sequence(seq_id=request_id, request_id=request_id, index=0,
+                                    prompt_token_ids=list(prompt), params=params, seed=seed,
+                                    arrival_s=now, salt=salt))
+        self._wake.set()
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        track = self.tracks.get(request_id)
+        if track is None:
+            return
+        outputs = self.scheduler.abort(request_id, reason)
+        self._deliver(outputs)
+        self._wake.set()  # the executor must hear about the dropped sequences
+
+    def cancel_owner(self, owner: str) -> None:
+        for request_id in [r for r, t in self.tracks.items() if t.owner == owner]:
+            self.cancel(request_id)
+
+    def fail_all(self, reason: FinishReason = FinishReason.ERROR) -> None:
+        for request_id in list(self.tracks):
+            self.cancel(request_id, reason)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, check: Callable[[], None] = lambda: None) -> None:
+        """Step while there is work. `check` raises when the executors are gone,
+        so a failure seen while idle ends the loop before the next request."""
+        while True:
+            check()
+            if not self.scheduler.num_unfinished and not self.scheduler.has_dropped():
+                self._wake.clear()
+                await self._wake.wait()
+                check()
+            await self.step()
+
+    async def step(self) -> None:
+        self._expire_deadlines()
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        ops, self.kv.journal = self.kv.journal, []
+        t1 = time.perf_counter()
+        if not plan.scheduled and not plan.finished_seq_ids:
+            if ops:
+                await self._commit(plan.step_id, ops)
+            await asyncio.sleep(0.001)
+            return
+        exec_task = asyncio.ensure_future(self._execute(plan))
+        await self._commit(plan.step_id, ops)
+        result = await exec_task
+        t2 = time.perf_counter()
+        now = time.time()
+        for sched in plan.scheduled:
+            track = self.tracks.get(self.scheduler.seqs[sched.seq_id].request_id) \
+                if sched.seq_id in self.scheduler.seqs else None
+            if track is not None:
+                track.first_scheduled_s = track.first_scheduled_s or now
+                track.forward_s += result.forward_s
+                track.sample_s += result.sample_s
+                track.num_steps += 1
+        outputs = self.scheduler.update(plan, result)
+        self._deliver(outputs)
+        s = self.stats
+        s.num_steps += 1
+        s.schedule_s += (t1 - t0) + (time.perf_counter() - t2)
+        s.forward_s += result.forward_s
+        s.sample_s += result.sample_s
+
+    async def _execute(self, plan: StepPlan) -> StepResult:
+        t = time.perf_counter()
+        try:
+            return await self.execute(plan)
+        finally:
+            self.stats.executor_rpc_s += time.perf_counter() - t
+
+    async def _commit(self, step_id: int, ops: list[tuple]) -> None:
+        t = time.perf_counter()
+        try:
+            await self.commit(step_id, ops)
+        except Exception:  # the kvcache service mirrors state; the step goes on without it
+            log.exception("kvcache commit of step %d failed", step_id)
+        finally:
+            self.stats.kv_rpc_s += time.perf_counter() - t
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for request_id, track in list(self.tracks.items()):
+            if track.deadline_s and now >= track.deadline_s:
+                self.cancel(request_id, FinishReason.DEADLINE)
+
+    def _deliver(self, outputs: list[SeqOutput]) -> None:
+        by_owner: dict[str, list] = {}
+        now = time.time()
+        for out in outputs:
+            track = self.tracks.get(out.request_id)
+            if track is None:
+                continue
+            if out.new_token_ids and not track.first_token_s:
+                track.first_token_s = now
+            info = None
+            if out.finish_reason is not None:
+                info = FinishedInfo(
+                    queue_s=(track.first_scheduled_s or now) - track.arrival_s,
+                    ttft_s=(track.first_token_s or now) - track.arrival_s,
+                    e2e_s=now - track.arrival_s, forward_s=track.forward_s,
+                    sample_s=track.sample_s, num_steps=track.num_steps)
+            by_owner.setdefault(track.owner, []).append((out, info))
+            if out.finish_reason is not None and not self.scheduler.has_request(out.request_id):
+                del self.tracks[out.request_id]
+        for owner, items in by_owner.items():
+            self.emit(owner, items)
