@@ -1,0 +1,91 @@
+"""Bring a real mesh up on loopback (ports picked at run time) and down again by pid."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Mesh:
+    def __init__(self, model_dir: Path, run_dir: Path, **overrides):
+        self.run_dir = run_dir
+        self.config_path = run_dir / "mesh.yaml"
+        cfg = {"model": str(model_dir), "run_dir": str(run_dir),
+               "envoy": {"port": 0, "admin_port": 0}, "engine": {"num_kv_blocks": 512}}
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.state: dict = {}
+
+    def cli(self, *args, timeout=120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mesh.cli", *args, "--config",
+                               str(self.config_path)], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    def up(self) -> "Mesh":
+        proc = self.cli("up", "--detach", timeout=300)
+        if proc.returncode != 0:
+            self.down()
+            raise RuntimeError(f"llmesh up failed: {proc.stderr}\n{self.logs()}")
+        self.state = json.loads((self.run_dir / "state.json").read_text())
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return self.state["endpoint"]
+
+    @property
+    def config(self) -> dict:
+        return self.state["config"]
+
+    def down(self) -> None:
+        self.cli("down", timeout=60)
+        # whatever the supervisor left behind is killed by pid
+        state_path = self.run_dir / "state.json"
+        pids = list(self.state.get("pids", {}).values()) + [self.state.get("supervisor_pid", 0)]
+        if state_path.exists():
+            try:
+                pids += list(json.loads(state_path.read_text()).get("pids", {}).values())
+            except ValueError:
+                pass
+        for pid in pids:
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted((self.run_dir / "logs").glob("*.log")):
+            out.append(f"== {f.name}\n" + "\n".join(f.read_text().splitlines()[-15:]))
+        return "\n".join(out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

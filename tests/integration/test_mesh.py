@@ -1,0 +1,207 @@
+"""The mesh as processes on loopback: Envoy + tokenizer, router, scheduler, kvcache, executor."""
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, kvcache_pb2,
+                       kvcache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc)
+from mesh_fixture import Mesh, _alive, wait_until
+from mesh.supervisor import is_serving
+from services.common.sampling_params import SamplingParams
+from services.engine.engine import Engine, EngineConfig
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_model_dir, tmp_path_factory):
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("mesh"))
+    m.up()
+    yield m
+    pids = dict(m.state["pids"])
+    m.down()
+    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+
+
+@pytest.fixture
+def stub(mesh):
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        yield inference_pb2_grpc.InferenceStub(ch)
+
+
+def _scheduler(mesh):
+    port = mesh.config["replica_ports"][0]["scheduler"]
+    return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+
+def _stats(mesh):
+    return _scheduler(mesh).GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+
+
+def _kv_used(mesh):
+    port = mesh.config["replica_ports"][0]["kvcache"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return kvcache_pb2_grpc.KVCacheStub(ch).GetStats(kvcache_pb2.KVStatsRequest(),
+                                                         timeout=5).num_used_blocks
+
+
+def _greedy(max_tokens, **kw):
+    return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def test_streams_match_in_process_engine_for_32_concurrent_requests(mesh, stub, tiny_model):
+    rng = random.Random(5)
+    prompts = [[0] + rng.choices(range(5, 3000), k=rng.randint(2, 150)) for _ in range(32)]
+    lengths = [rng.randint(4, 40) for _ in prompts]
+
+    def call(i):
+        req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=prompts[i]),
+                                            sampling=_greedy(lengths[i]))
+        chunks = list(stub.Generate(req, timeout=120))
+        return [t for c in chunks for t in c.token_ids], chunks
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(32)))
+    engine = Engine(tiny_model, EngineConfig())
+    expect = engine.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+    for (tokens, chunks), exp, n in zip(results, expect, lengths):
+        assert tokens == exp[0].token_ids
+        last = chunks[-1]
+        assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH and not last.incomplete
+        assert last.usage.completion_tokens == n
+        assert last.timings.e2e_s >= last.timings.ttft_s > 0
+    assert wait_until(lambda: _kv_used(mesh) == 0 and _stats(mesh).num_used_blocks == 0, 5)
+
+
+def test_text_prompt_and_complete(mesh, stub, tiny_model_dir):
+    from services.tokenizer.tokenizer import TextTokenizer
+    tok = TextTokenizer(tiny_model_dir)
+    req = inference_pb2.GenerateRequest(prompt="The lighthouse keeper", sampling=_greedy(10))
+    streamed = list(stub.Generate(req, timeout=60))
+    whole = stub.Complete(req, timeout=60)
+    ids = [t for c in streamed for t in c.token_ids]
+    assert list(whole.token_ids) == ids
+    assert whole.text == "".join(c.text for c in streamed) == tok.decode(ids)
+    assert list(stub.Tokenize(inference_pb2.TokenizeRequest(text="hello"), timeout=10).token_ids) \
+        == tok.encode("hello")
+    models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
+    assert [m.name for m in models] == ["default"] and models[0].vocab_size == tok.vocab_size
+
+
+def test_stop_string_ends_stream_without_it(mesh, stub):
+    req = inference_pb2.GenerateRequest(prompt="The lighthouse keeper", sampling=_greedy(20))
+    full = stub.Complete(req, timeout=60).text
+    stop = full[8:12]
+    req.sampling.stop.append(stop)
+    out = stub.Complete(req, timeout=60)
+    assert out.text == full[:full.index(stop)]
+    assert out.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+def test_long_stream_is_not_cut_by_envoy(mesh, stub):
+    """A stream open for over 30 s (the client reads slowly) survives Envoy's defaults."""
+    req = inference_pb2.GenerateRequest(prompt="Once", sampling=_greedy(330))
+    start = time.monotonic()
+    tokens = 0
+    last = None
+    for chunk in stub.Generate(req, timeout=120):
+        tokens += len(chunk.token_ids)
+        last = chunk
+        time.sleep(0.1)
+    assert time.monotonic() - start > 30
+    assert tokens == 330 and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_cancel_mid_stream_frees_kv_blocks(mesh, stub):
+    assert wait_until(lambda: _kv_used(mesh) == 0, 5)
+    req = inference_pb2.GenerateRequest(prompt="A long answer", sampling=_greedy(1500))
+    call = stub.Generate(req, timeout=120)
+    it = iter(call)
+    for _ in range(5):
+        next(it)
+    assert _stats(mesh).num_used_blocks > 0
+    call.cancel()
+    t0 = time.monotonic()
+    assert wait_until(lambda: _stats(mesh).num_used_blocks == 0 and _kv_used(mesh) == 0, 1.0)
+    assert time.monotonic() - t0 <= 1.0
+    assert _stats(mesh).num_running == 0
+
+
+def test_deadline_reaches_the_scheduler(mesh, stub):
+    req = inference_pb2.GenerateRequest(prompt="Slow", sampling=_greedy(1800))
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stub.Generate(req, timeout=0.5):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the scheduler ended it too: nothing keeps running or holding blocks
+    assert wait_until(lambda: _stats(mesh).num_running == 0 and _kv_used(mesh) == 0, 2.0)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(0)), "max_tokens"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
+        max_tokens=4, temperature=-1.0)), "temperature"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
+        max_tokens=4, top_p=0.0)), "top_p"),
+    (lambda: inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[1, 999999]),
+                                           sampling=_greedy(4)), "prompt_token_ids"),
+    (lambda: inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[]),
+                                           sampling=_greedy(4)), "prompt_token_ids"),
+    (lambda: inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[1] * 2100),
+                                           sampling=_greedy(4)), "prompt_token_ids"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(5000)), "max_tokens"),
+    (lambda: inference_pb2.GenerateRequest(sampling=_greedy(4)), "input"),
+], ids=["max_tokens0", "temperature", "top_p", "oov", "empty", "too_long", "past_ctx", "no_input"])
+def test_bad_requests_are_invalid_argument_and_reach_no_executor(mesh, stub, make, field):
+    steps_before = _stats(mesh).num_steps
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(make(), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details()
+    assert _stats(mesh).num_steps == steps_before
+
+
+def test_oversized_message_is_resource_exhausted(mesh, stub):
+    req = inference_pb2.GenerateRequest(prompt="x" * (5 * 2**20), sampling=_greedy(4))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(req, timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_reflection_lists_and_calls_the_public_api(mesh):
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
+        ProtoReflectionDescriptorDatabase
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "llmesh.v1.Inference" in db.get_services()
+        pool = descriptor_pool.DescriptorPool(db)
+        service = pool.FindServiceByName("llmesh.v1.Inference")
+        method = service.FindMethodByName("ListModels")
+        req_cls = message_factory.GetMessageClass(method.input_type)
+        resp_cls = message_factory.GetMessageClass(method.output_type)
+        call = ch.unary_unary("/llmesh.v1.Inference/ListModels",
+                              request_serializer=req_cls.SerializeToString,
+                              response_deserializer=resp_cls.FromString)
+        resp = call(req_cls(), timeout=10)
+        assert resp.models[0].name == "default"
+
+
+def test_kill_executor_while_idle_is_restarted(mesh, stub):
+    pid = mesh.state["pids"]["executor-0-0"]
+    port = mesh.config["replica_ports"][0]["executors"][0]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not is_serving(port), 10)
+    assert wait_until(lambda: is_serving(port), 60), mesh.logs()
+    sched_port = mesh.config["replica_ports"][0]["scheduler"]
+    assert wait_until(lambda: is_serving(sched_port), 30), mesh.logs()
+    req = inference_pb2.GenerateRequest(prompt="Back again", sampling=_greedy(8))
+    ok = 0
+    for _ in range(3):
+        out = stub.Complete(req, timeout=60)
+        ok += len(out.token_ids) == 8
+    assert ok == 3
