@@ -109,3 +109,60 @@ def run_hf_cb(model_dir, reqs: list[BenchRequest], dtype=torch.float32) -> dict:
     if pending:
         raise RuntimeError(f"hf-cb: {len(pending)} requests unfinished")
     return {"wall_s": time.perf_counter() - t0, "output_tokens": num_out}
+
+
+def run_mesh(mesh_config, model_dir, reqs: list[BenchRequest]) -> dict:
+    """The same workload through Envoy as gRPC streams, all requests at once."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    import grpc
+
+    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, \
+        scheduler_pb2_grpc
+    from mesh.config import resolve_ports
+    from mesh.supervisor import Supervisor, build_specs
+
+    cfg = resolve_ports(mesh_config)
+    run_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
+    sup = Supervisor(build_specs(cfg, str(model_dir), run_dir), run_dir)
+    sup.start(timeout_s=300)
+    try:
+        async def one(stub, r):
+            req = inference_pb2.GenerateRequest(
+                token_ids=inference_pb2.TokenIds(ids=r.prompt_token_ids),
+                sampling=common_pb2.SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
+            n = 0
+            async for chunk in stub.Generate(req, timeout=3600):
+                n += len(chunk.token_ids)
+            return n
+
+        async def all_requests():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.envoy.port}") as ch:
+                stub = inference_pb2_grpc.InferenceStub(ch)
+                await one(stub, BenchRequest([0] + list(range(8, 40)), 4))  # warm-up
+                with grpc.insecure_channel(
+                        f"127.0.0.1:{cfg.replica_ports[0].scheduler}") as sch:
+                    before = scheduler_pb2_grpc.SchedulerStub(sch).GetStats(
+                        scheduler_pb2.GetStatsRequest())
+                t0 = time.perf_counter()
+                counts = await asyncio.gather(*(one(stub, r) for r in reqs))
+                wall = time.perf_counter() - t0
+                with grpc.insecure_channel(
+                        f"127.0.0.1:{cfg.replica_ports[0].scheduler}") as sch:
+                    after = scheduler_pb2_grpc.SchedulerStub(sch).GetStats(
+                        scheduler_pb2.GetStatsRequest())
+                return wall, sum(counts), before, after
+
+        wall, num_out, before, after = asyncio.run(all_requests())
+    finally:
+        sup.stop()
+    steps = after.num_steps - before.num_steps
+    split = {k: getattr(after, k) - getattr(before, k)
+             for k in ("schedule_s", "kv_rpc_s", "executor_rpc_s", "forward_s", "sample_s")}
+    # executor RPC time not spent in forward or sampling: conversion + transport
+    split["transport_s"] = split["executor_rpc_s"] - split["forward_s"] - split["sample_s"]
+    return {"wall_s": wall, "output_tokens": num_out, "steps": steps,
+            "step_split_s": split, "per_step_ms": {k: 1000 * v / max(steps, 1)
+                                                   for k, v in split.items()}}

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     off.add_argument("--max-prompt", type=int, default=1024)
     off.add_argument("--max-output", type=int, default=512)
     off.add_argument("--json", dest="json_out", help="write the results here")
+    off.add_argument("--config", help="mesh.yaml for the mesh target (default: same limits as engine)")
 
     args = parser.parse_args(argv)
     try:
