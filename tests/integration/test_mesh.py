@@ -205,3 +205,16 @@ def test_kill_executor_while_idle_is_restarted(mesh, stub):
         out = stub.Complete(req, timeout=60)
         ok += len(out.token_ids) == 8
     assert ok == 3
+
+
+def test_status_and_config_show(mesh):
+    import json
+    proc = mesh.cli("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["endpoint"] == mesh.endpoint
+    assert all(status["services"].values())
+    assert status["replicas"][0]["kv_used_blocks"] == 0
+    proc = mesh.cli("config", "show")
+    shown = __import__("yaml").safe_load(proc.stdout)
+    assert shown["engine"]["num_kv_blocks"] == 512 and shown["engine"]["block_size"] == 16
