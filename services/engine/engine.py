@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from services.common.errors import DuplicateRequestError
 from services.common.sampling_params import SamplingParams, validate_request
@@ -170,7 +169,3 @@ class Engine:
                         tokens.pop(key), out.finish_reason.value, out.num_cached_tokens,
                         logprobs.pop(key)))
         return [sorted(done[i], key=lambda c: c.index) for i in ids]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
