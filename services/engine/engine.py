@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "float32"
     device: str = "cpu"
+    gpu_memory_utilization: float = 0.9  # on CUDA without num_kv_blocks: share of GPU memory used
 
 
 @dataclass
@@ -70,8 +71,13 @@ class Engine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
         dtype = model.model.embed_tokens.weight.dtype
-        num_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_bytes // ModelRunner.kv_bytes_per_block(mc, config.block_size, dtype))
+        per_block = ModelRunner.kv_bytes_per_block(mc, config.block_size, dtype)
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif torch.device(config.device).type == "cuda":
+            num_blocks = gpu_kv_blocks(model, config, per_block)
+        else:
+            num_blocks = max(1, config.kv_cache_bytes // per_block)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_model_len=self.max_model_len,
@@ -169,3 +175,27 @@ class Engine:
                         tokens.pop(key), out.finish_reason.value, out.num_cached_tokens,
                         logprobs.pop(key)))
         return [sorted(done[i], key=lambda c: c.index) for i in ids]
+
+
+def gpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int) -> int:
+    """KV blocks that fit in `gpu_memory_utilization` of the GPU after the weights
+    and the activations of a profiling forward of a full token budget."""
+    num_tokens = config.max_num_batched_tokens
+    probe_blocks = -(-num_tokens // config.block_size)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    probe = ModelRunner(model, probe_blocks, config.block_size, config.device)
+    from services.common.step_plan import NewSequence, ScheduledSequence, StepPlan
+    from services.common.sampling_params import SamplingParams
+    probe.execute(StepPlan(step_id=0, new=[NewSequence(
+        seq_id="probe", token_ids=[0] * num_tokens, num_prompt_tokens=num_tokens,
+        params=SamplingParams(), seed=0, index=0, num_computed=0,
+        block_ids=list(range(probe_blocks)))],
+        scheduled=[ScheduledSequence("probe", num_tokens, probe_blocks, [])]))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - probe_blocks * per_block
+    del probe
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(config.device).total_memory
+    budget = total * config.gpu_memory_utilization - peak
+    return max(1, int(budget // per_block))

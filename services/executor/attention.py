@@ -47,6 +47,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] long: block_id * block_size + offset
     groups: list[SingleQueryGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # for kernel backends: all single-query rows as one padded table (built on request)
+    num_single: int = 0
+    single_block_tables: torch.Tensor | None = None  # [num_single, max_blocks] int32
+    single_context_lens: torch.Tensor | None = None  # [num_single] int32
+    max_single_context: int = 0
 
 
 class AttentionBackend(Protocol):
@@ -65,6 +70,8 @@ class TorchPagedAttention:
     cost more in page faults than the copy itself.
     """
 
+    wants_block_tables = False
+
     def __init__(self):
         self._workspace: dict[str, torch.Tensor] = {}
 
@@ -77,6 +84,7 @@ class TorchPagedAttention:
     def attend(self, q, k_cache, v_cache, meta, scale):
         # q: [num_tokens, num_heads, head_dim] -> out: same shape
         out = torch.empty_like(q)
+        self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
         for g in meta.groups:
             rows = slice(g.row_start, g.row_start + g.num_rows)
             k = self._gather("k", k_cache, g.block_ids).view(g.num_rows, -1, *k_cache.shape[2:])
@@ -85,6 +93,9 @@ class TorchPagedAttention:
                 q[rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H|KVH, L, D]
                 attn_mask=g.mask, scale=scale, enable_gqa=True)
             out[rows] = o.squeeze(2)
+        return out
+
+    def attend_prefills(self, q, k_cache, v_cache, meta, scale, out) -> None:
         for c in meta.prefills:
             rows = slice(c.q_start, c.q_start + c.q_len)
             k = self._gather("k", k_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
@@ -94,7 +105,6 @@ class TorchPagedAttention:
                 v.transpose(0, 1).unsqueeze(0), attn_mask=c.mask, is_causal=c.mask is None,
                 scale=scale, enable_gqa=True)  # [1, H, q_len, D]
             out[rows] = o.squeeze(0).transpose(0, 1)
-        return out
 
     def _gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """cache[block_ids] into a reused buffer: [len(block_ids), block_size, kvh, d]."""
@@ -120,7 +130,7 @@ class SeqSlice:
 
 
 def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | None,
-                   device: torch.device) -> AttentionMetadata:
+                   device: torch.device, with_block_tables: bool = False) -> AttentionMetadata:
     """Build the per-step metadata. `seqs` lists single-query sequences first
     (best sorted by context length, longest first), then prefill chunks."""
     slot_mapping: list[int] = []
@@ -138,12 +148,22 @@ def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | 
         else:
             prefills.append(_prefill_chunk(row, seq, block_size, sliding_window, device))
         row += seq.num_new
-    return AttentionMetadata(
+    meta = AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        groups=[_single_group(g, block_size, sliding_window, device)
-                for g in _split_groups(singles)],
-        prefills=prefills,
-    )
+        prefills=prefills, num_single=len(singles))
+    if with_block_tables:
+        if singles:
+            lens = [seq.num_computed + 1 for _, seq in singles]
+            width = max(-(-n // block_size) for n in lens)
+            rows = [seq.block_ids[:width] + [0] * (width - len(seq.block_ids[:width]))
+                    for _, seq in singles]
+            meta.single_block_tables = torch.tensor(rows, dtype=torch.int32, device=device)
+            meta.single_context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+            meta.max_single_context = max(lens)
+    else:
+        meta.groups = [_single_group(g, block_size, sliding_window, device)
+                       for g in _split_groups(singles)]
+    return meta
 
 
 def _split_groups(singles: list[tuple[int, SeqSlice]]) -> list[list[tuple[int, SeqSlice]]]:

@@ -38,14 +38,26 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = torch.device(device)
-        self.backend = backend or TorchPagedAttention()
         dtype = model.model.embed_tokens.weight.dtype
+        self.backend = backend or self._pick_backend(dtype)
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         # per layer: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
+
+    def _pick_backend(self, dtype: torch.dtype):
+        from services.executor.attention_cuda import CudaPagedAttention, kernels_support
+        c = self.config
+        if self.device.type == "cuda" and kernels_support(
+                dtype, c.head_dim, self.block_size, c.num_heads, c.num_kv_heads, c.sliding_window):
+            return CudaPagedAttention()
+        return TorchPagedAttention()
+
+    @staticmethod
+    def reference_backend():
+        return TorchPagedAttention()
 
     @staticmethod
     def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -80,7 +92,8 @@ class ModelRunner:
             if end == len(seq.token_ids):
                 sample_seqs.append((seq, len(input_ids) - 1))
         t0 = time.perf_counter()
-        meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device)
+        meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device,
+                              with_block_tables=self.backend.wants_block_tables)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -102,6 +115,13 @@ class ModelRunner:
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
+            return
+        if self.device.type == "cuda":
+            from kernels import ops
+            pairs = torch.tensor(copies, dtype=torch.long, device=self.device)
+            for k_cache, v_cache in self.kv_caches:
+                ops.copy_blocks(k_cache, pairs)
+                ops.copy_blocks(v_cache, pairs)
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)

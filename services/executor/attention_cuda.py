@@ -1,0 +1,35 @@
+"""CUDA attention backend: the CuPy kernels for decode rows and the cache write;
+prefill chunks use SDPA over gathered K/V (the reference path) for now."""
+from __future__ import annotations
+
+import torch
+
+from services.executor.attention import AttentionMetadata, TorchPagedAttention
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def kernels_support(dtype: torch.dtype, head_dim: int, block_size: int, num_heads: int,
+                    num_kv_heads: int, sliding_window: int | None) -> bool:
+    return (dtype in KERNEL_DTYPES and head_dim in (64, 128) and block_size in (16, 32)
+            and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 8
+            and sliding_window is None)
+
+
+class CudaPagedAttention(TorchPagedAttention):
+    wants_block_tables = True
+
+    def write_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata):
+        from kernels import ops
+        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        from kernels import ops
+        out = torch.empty_like(q)
+        if meta.num_single:
+            n = meta.num_single
+            out[:n] = ops.paged_decode_attention(
+                q[:n], k_cache, v_cache, meta.single_block_tables, meta.single_context_lens,
+                scale, max_context=meta.max_single_context)
+        self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
+        return out

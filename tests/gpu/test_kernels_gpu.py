@@ -1,0 +1,62 @@
+"""CUDA kernels against the torch reference over a grid of shapes (GPU only)."""
+import random
+
+import pytest
+import torch
+
+from kernels import ops
+from kernels.reference import copy_blocks_ref, paged_decode_attention_ref, reshape_and_cache_ref
+
+CASES = [
+    # batch, max context, kv heads, group, block size, head dim
+    (1, 1, 8, 1, 16, 128), (1, 32768, 8, 4, 16, 128), (3, 4097, 2, 8, 32, 64),
+    (16, 4096, 8, 4, 16, 128), (64, 1000, 4, 1, 32, 128), (256, 300, 8, 8, 16, 64),
+    (7, 16384, 1, 8, 32, 128),
+]
+
+
+def _paged(batch, max_ctx, kvh, block_size, head_dim, dtype, seed):
+    rng = random.Random(seed)
+    lens = [max_ctx] + [rng.randint(1, max_ctx) for _ in range(batch - 1)]
+    need = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = torch.zeros(batch, max(need), dtype=torch.int32)
+    pos = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.tensor(perm[pos:pos + n])
+        pos += n
+    shape = (num_blocks, block_size, kvh, head_dim)
+    k = torch.randn(shape, dtype=dtype, device="cuda")
+    v = torch.randn(shape, dtype=dtype, device="cuda")
+    return k, v, tables.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-ctx{}-kv{}-g{}-bs{}-d{}".format(*c))
+def test_paged_decode_matches_reference(case, dtype):
+    batch, max_ctx, kvh, group, block_size, head_dim = case
+    k, v, tables, lens = _paged(batch, max_ctx, kvh, block_size, head_dim, dtype, seed=batch)
+    q = torch.randn(batch, kvh * group, head_dim, dtype=dtype, device="cuda")
+    scale = head_dim ** -0.5
+    ref = paged_decode_attention_ref(q, k, v, tables, lens, scale).float()
+    for splits in (None, 1, 4):
+        out = ops.paged_decode_attention(q, k, v, tables, lens, scale, num_splits=splits).float()
+        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+        assert torch.allclose(out, ref, atol=tol, rtol=tol), (splits, (out - ref).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cache_ops_match_reference(dtype):
+    k_cache = torch.zeros(10, 16, 2, 64, dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k = torch.randn(5, 2, 64, dtype=dtype, device="cuda")
+    v = torch.randn(5, 2, 64, dtype=dtype, device="cuda")
+    slots = torch.tensor([3, 40, -1, 159, 17], device="cuda")
+    ops.reshape_and_cache(k, v, k_cache, v_cache, slots)
+    reshape_and_cache_ref(k, v, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    ops.copy_blocks(k_cache, torch.tensor([[0, 7], [9, 2]], device="cuda"))
+    copy_blocks_ref(k_ref, [(0, 7), (9, 2)])
+    assert torch.equal(k_cache, k_ref)
