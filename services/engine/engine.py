@@ -12,10 +12,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 
 from services.common.errors import DuplicateRequestError
 from services.common.sampling_params import SamplingParams, validate_request
-from services.common.step_plan import StepResult, TokenLogprobs
+from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
+                                       TokenLogprobs)
 from services.executor.model import CausalLM
 from services.executor.runner import ModelRunner
 from services.executor.weights import load_model
@@ -185,8 +188,6 @@ def gpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     probe = ModelRunner(model, probe_blocks, config.block_size, config.device)
-    from services.common.step_plan import NewSequence, ScheduledSequence, StepPlan
-    from services.common.sampling_params import SamplingParams
     probe.execute(StepPlan(step_id=0, new=[NewSequence(
         seq_id="probe", token_ids=[0] * num_tokens, num_prompt_tokens=num_tokens,
         params=SamplingParams(), seed=0, index=0, num_computed=0,
