@@ -1,7 +1,6 @@
 """The whole engine on CUDA gives the CPU reference's greedy tokens (GPU only)."""
 import random
 
-import torch
 
 from hf_models import make_hf_model
 from services.common.sampling_params import SamplingParams
