@@ -138,8 +138,8 @@ class ModelRunner:
             for index in range(seq.index, seq.index + fan_out):
                 rows.append(SampleRow(
                     params=seq.params, seed=seq.seed, index=index,
-                    position=len(seq.token_ids), prompt_ids=seq.token_ids[:seq.num_prompt_tokens],
-                    output_ids=seq.token_ids[seq.num_prompt_tokens:],
+                    position=len(seq.token_ids), token_ids=seq.token_ids,
+                    num_prompt_tokens=seq.num_prompt_tokens,
                 ))
                 row_hidden.append(row)
                 owners.append(seq)

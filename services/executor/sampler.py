@@ -49,8 +49,16 @@ class SampleRow:
     seed: int
     index: int
     position: int  # position of the token being drawn
-    prompt_ids: list[int]
-    output_ids: list[int]
+    token_ids: list[int]  # the sequence so far (not copied: sliced only for penalties)
+    num_prompt_tokens: int
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprobs | None]]:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.common.errors import DuplicateRequestError
 from services.common.sampling_params import SamplingParams, validate_request
@@ -56,7 +56,6 @@ class LoopStats:
     executor_rpc_s: float = 0.0
     forward_s: float = 0.0
     sample_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class ExecutorFailed(Exception):

@@ -8,7 +8,8 @@ from services.executor.sampler import SampleRow, exponential_noise, row_key, sam
 
 
 def _row(seed=1, position=10, prompt=(), output=(), **params):
-    return SampleRow(SamplingParams(**params), seed, 0, position, list(prompt), list(output))
+    return SampleRow(SamplingParams(**params), seed, 0, position, list(prompt) + list(output),
+                     len(prompt))
 
 
 def _draws(logits, n=400, **params):
