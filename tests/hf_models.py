@@ -9,11 +9,11 @@ ARCHS = ["llama", "llama3-scaled", "mistral", "mistral-window", "qwen2", "qwen3"
 
 
 def make_hf_model(arch: str, out_dir: Path, num_kv_heads: int = 2, seed: int = 0,
-                  head_dim: int = 16):
+                  head_dim: int = 16, vocab_size: int = 320):
     """Build a random HF model of `arch`, save it to `out_dir`, return (model, dir)."""
     import transformers as tf
 
-    common = dict(vocab_size=320, hidden_size=4 * head_dim, intermediate_size=128,
+    common = dict(vocab_size=vocab_size, hidden_size=4 * head_dim, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=num_kv_heads,
                   head_dim=head_dim,
                   max_position_embeddings=1024, initializer_range=0.15, rms_norm_eps=1e-6,

@@ -67,3 +67,5 @@ class StepResult:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     forward_s: float = 0.0
     sample_s: float = 0.0
+    comm_s: float = 0.0  # tensor-parallel collectives inside this step
+    num_kv_blocks: int = 0  # the KV blocks this rank holds

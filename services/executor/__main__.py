@@ -1,8 +1,11 @@
-"""python -m services.executor --port P --model DIR [--num-kv-blocks N | --kv-cache-bytes B]"""
+"""python -m services.executor --port P --model DIR --num-kv-blocks N
+    [--rank R --world-size W --dist-addr HOST:PORT]   (tensor parallel)"""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 
 import torch
 
@@ -22,18 +25,37 @@ def parse_args(argv=None):
     p.add_argument("--num-kv-blocks", type=int, required=True)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks of the replica")
+    p.add_argument("--dist-addr", default="", help="rank 0's rendezvous HOST:PORT (world size > 1)")
+    p.add_argument("--dist-timeout-s", type=float, default=60.0)
     return p.parse_args(argv)
+
+
+def _exit_group(exc: BaseException) -> None:
+    logging.getLogger("llmesh.executor").error(
+        "tensor-parallel step failed on this rank (%r); exiting so the group restarts", exc)
+    os._exit(3)
 
 
 async def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     service = Service("executor", args.port)
-    servicer = ExecutorServicer(None)
+    device = args.device
+    if device == "cuda" and args.world_size > 1:
+        device = f"cuda:{args.rank % torch.cuda.device_count()}"
+    tp = args.world_size > 1
+    servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None)
     service.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, "llmesh.v1.Executor")
-    await service.start()  # health answers NOT_SERVING while the model loads
-    model = await asyncio.to_thread(load_model, args.model, args.dtype, args.device)
-    servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, args.device)
+    await service.start()  # health answers NOT_SERVING while the group forms and the model loads
+    group = None
+    if tp:
+        from services.executor.parallel import init_group
+        group = await asyncio.to_thread(init_group, args.rank, args.world_size, args.dist_addr,
+                                        device, args.dist_timeout_s)
+    model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
+    servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, device)
     await service.set_serving(True)
     await service.wait_for_termination()
 

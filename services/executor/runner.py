@@ -39,8 +39,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         dtype = model.model.embed_tokens.weight.dtype
+        self.tp = getattr(model, "tp_group", None)  # None: the whole model is here
         self.backend = backend or self._pick_backend(dtype)
-        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        # this rank's KV heads (all of them without tensor parallelism)
+        num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
+        shape = (num_blocks, block_size, num_kv_heads, self.config.head_dim)
         # per layer: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
@@ -71,7 +74,7 @@ class ModelRunner:
         for new in plan.new:
             self._add(new)
         self._copy_blocks(plan.block_copies)
-        result = StepResult(step_id=plan.step_id)
+        result = StepResult(step_id=plan.step_id, num_kv_blocks=self.num_blocks)
         if not plan.scheduled:
             return result
         # single-query sequences first, longest context first (the backend batches
@@ -92,6 +95,7 @@ class ModelRunner:
             if end == len(seq.token_ids):
                 sample_seqs.append((seq, len(input_ids) - 1))
         t0 = time.perf_counter()
+        comm0 = self.tp.comm_s if self.tp else 0.0
         meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device,
                               with_block_tables=self.backend.wants_block_tables)
         hidden = self.model(
@@ -104,6 +108,8 @@ class ModelRunner:
             self._sample(hidden, sample_seqs, result)
         result.forward_s = t1 - t0
         result.sample_s = time.perf_counter() - t1
+        if self.tp:
+            result.comm_s = self.tp.comm_s - comm0
         return result
 
     def _add(self, new: NewSequence) -> None:
@@ -144,7 +150,11 @@ class ModelRunner:
                 row_hidden.append(row)
                 owners.append(seq)
         logits = self.model.compute_logits(hidden[torch.tensor(row_hidden, device=self.device)])
-        tokens, logprobs = sample(logits, rows)
+        if self.tp is None:
+            tokens, logprobs = sample(logits, rows)
+        else:  # rank 0 holds the full logits and samples; every rank appends its tokens
+            tokens, logprobs = sample(logits, rows) if self.tp.rank == 0 else (None, [None] * len(rows))
+            tokens = self.tp.broadcast_tokens(tokens, len(rows), self.device)
         for seq, token, lp in zip(owners, tokens, logprobs):
             result.sampled.setdefault(seq.seq_id, []).append(token)
             if lp is not None:

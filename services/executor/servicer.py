@@ -14,9 +14,13 @@ log = logging.getLogger("llmesh.executor")
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner | None):
+    def __init__(self, runner: ModelRunner | None, on_fatal=None):
         self.runner = runner  # set once the model is loaded
         self._lock = asyncio.Lock()  # one scheduler drives a rank at a time
+        # Tensor parallel: a step that fails on one rank leaves its peers inside a
+        # collective, so the group cannot go on; `on_fatal` ends this process and
+        # the supervisor restarts the whole group.
+        self.on_fatal = on_fatal
 
     async def Run(self, request_iterator, context):
         if self.runner is None:
@@ -32,5 +36,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     log.exception("step %d failed", plan.step_id)
                     self.runner.seqs.clear()
                     yield executor_pb2.StepResult(step_id=plan.step_id, error=repr(e))
+                    if self.on_fatal is not None:
+                        self.on_fatal(e)
                     continue
                 yield convert.result_to_proto(result)

@@ -41,12 +41,21 @@ class SafetensorsIndex:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, copied out of the
+        memory-mapped file (only the pages holding them are touched for rows)."""
+        sl = self._handle(name).get_slice(name)
+        return (sl[start:stop] if dim == 0 else sl[:, start:stop]).clone()
+
+    def _handle(self, name: str):
         if name not in self.files:
             raise UnsupportedModelError(f"checkpoint has no tensor {name!r}")
         path = self.files[name]
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
 
     def close(self) -> None:
         self._handles.clear()
@@ -71,19 +80,35 @@ def resolve_dtype(config: ModelConfig, dtype: str | None) -> torch.dtype:
 
 
 def load_model(model_dir: str | Path, dtype: str | None = "float32",
-               device: str | torch.device = "cpu") -> CausalLM:
-    """Build the model for `model_dir` with weights in `dtype` on `device`."""
+               device: str | torch.device = "cpu", tp_group=None) -> CausalLM:
+    """Build the model for `model_dir` with weights in `dtype` on `device`; with a
+    tensor-parallel group, only this rank's shard, read slice by slice."""
     config = load_model_config(model_dir)
     torch_dtype = resolve_dtype(config, dtype)
     with torch.device("meta"):
         model = CausalLM(config)
+        if tp_group is not None:
+            from services.executor.parallel import shard_model
+            shard_model(model, tp_group)
+    slices = {}
+    if tp_group is not None:
+        from services.executor.parallel import shard_slices
+        slices = shard_slices(model)
     index = SafetensorsIndex(model_dir)
     state = {}
     for name in model.state_dict():
         if name == "lm_head.weight" and (config.tie_word_embeddings or name not in index):
             continue
-        parts = [index.get(n) for n in checkpoint_names(name)]
+        names = checkpoint_names(name)
+        if name in slices:
+            parts_spec, rows = slices[name]
+            parts = [index.get_slice(n, s.dim, s.start, s.stop) for n, s in zip(names, parts_spec)]
+        else:
+            parts, rows = [index.get(n) for n in names], None
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if rows is not None and tensor.shape[0] < rows:  # the vocabulary's padded last shard
+            pad = tensor.new_zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]))
+            tensor = torch.cat([tensor, pad])
         state[name] = tensor.to(device=device, dtype=torch_dtype)
     index.close()
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys

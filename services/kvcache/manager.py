@@ -57,6 +57,12 @@ class KVCacheManager:
         self.journal: list[tuple] | None = None
 
     # ---- prefix cache -------------------------------------------------
+    def limit_blocks(self, num_blocks: int) -> None:
+        """Shrink an unused manager to `num_blocks` (a replica's capacity is its smallest rank's)."""
+        if self.pool.num_used:
+            raise RuntimeError("cannot resize a KV manager with blocks in use")
+        self.pool = BlockPool(num_blocks, self.pool.block_size, self.pool.record_events)
+
     def find_cached_prefix(self, token_ids: list[int], salt: str = "") -> list[int]:
         """Block ids caching the longest prefix of `token_ids` (no references taken).
 

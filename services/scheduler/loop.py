@@ -56,6 +56,7 @@ class LoopStats:
     executor_rpc_s: float = 0.0
     forward_s: float = 0.0
     sample_s: float = 0.0
+    comm_s: float = 0.0
 
 
 class ExecutorFailed(Exception):
@@ -156,6 +157,7 @@ class EngineLoop:
         s.schedule_s += (t1 - t0) + (time.perf_counter() - t2)
         s.forward_s += result.forward_s
         s.sample_s += result.sample_s
+        s.comm_s += result.comm_s
 
     async def _execute(self, plan: StepPlan) -> StepResult:
         t = time.perf_counter()
