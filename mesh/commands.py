@@ -61,6 +61,15 @@ def cmd_up(args) -> int:
               "run `llmesh down` first", file=sys.stderr)
         return 2
     model_dir = model_dir_of(cfg)
+    if cfg.tensor_parallel > 1:
+        from services.common.errors import LlmeshError
+        from services.executor.model_config import load_model_config
+        from services.executor.parallel import check_shardable
+        try:
+            check_shardable(load_model_config(model_dir), cfg.tensor_parallel)
+        except LlmeshError as e:
+            print(f"llmesh: error: {e}", file=sys.stderr)
+            return 2
     resolved = run_dir / "mesh.resolved.yaml"
     resolved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / "state.json").unlink(missing_ok=True)
@@ -142,7 +151,8 @@ def cmd_status(args) -> int:
                                                                   timeout=2)
             entry.update(running=s.num_running, waiting=s.num_waiting, kv_usage=s.kv_usage,
                          kv_used_blocks=s.num_used_blocks, prefix_hit_rate=s.prefix_hit_rate,
-                         steps=s.num_steps, preemptions=s.num_preemptions)
+                         steps=s.num_steps, preemptions=s.num_preemptions,
+                         tensor_parallel=s.tensor_parallel)
         except grpc.RpcError as e:
             entry["error"] = e.code().name
         replicas.append(entry)

@@ -30,7 +30,8 @@ class EngineLimits:
 class ReplicaPorts:
     scheduler: int = 0
     kvcache: int = 0
-    executors: tuple[int, ...] = (0,)
+    executors: tuple[int, ...] = (0,)  # one per tensor-parallel rank, rank 0 first
+    dist_port: int = 0  # the ranks' process-group rendezvous (rank 0 hosts it)
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,17 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["replica_ports"] = tuple(
         ReplicaPorts(scheduler=r.get("scheduler", 0), kvcache=r.get("kvcache", 0),
-                     executors=tuple(r.get("executors", (0,))))
+                     executors=tuple(r.get("executors", (0,) * raw.get("tensor_parallel", 1))),
+                     dist_port=r.get("dist_port", 0))
         for r in raw.get("replica_ports", ()))
     cfg = MeshConfig(**kw)
     for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
-    if cfg.tensor_parallel != 1:
-        raise ConfigError("tensor_parallel > 1 is not supported yet")
+    for i, r in enumerate(cfg.replica_ports):
+        if len(r.executors) != cfg.tensor_parallel:
+            raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "
+                              f"tensor_parallel is {cfg.tensor_parallel}")
     return cfg
 
 
@@ -127,9 +131,12 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
 
     routers = tuple(pick(p) for p in (cfg.router_ports or (0,) * cfg.routers))
     tokenizers = tuple(pick(p) for p in (cfg.tokenizer_ports or (0,) * cfg.tokenizers))
-    replicas = list(cfg.replica_ports) + [ReplicaPorts()] * (cfg.replicas - len(cfg.replica_ports))
+    tp = cfg.tensor_parallel
+    replicas = list(cfg.replica_ports) + [ReplicaPorts(executors=(0,) * tp)] * (
+        cfg.replicas - len(cfg.replica_ports))
     replicas = tuple(ReplicaPorts(pick(r.scheduler), pick(r.kvcache),
-                                  tuple(pick(p) for p in r.executors)) for r in replicas)
+                                  tuple(pick(p) for p in r.executors),
+                                  pick(r.dist_port) if tp > 1 else 0) for r in replicas)
     envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
                                 admin_port=pick(cfg.envoy.admin_port))
     return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers,

@@ -37,6 +37,7 @@ class ProcSpec:
     started_at: float = 0.0
     log_path: Path | None = None
     extra: dict = field(default_factory=dict)
+    group: str = ""  # processes that live and die together (a replica's TP ranks)
 
 
 def is_serving(port: int, timeout: float = 1.0) -> bool:
@@ -73,11 +74,16 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "services.kvcache", "--port", str(ports.kvcache), "--num-blocks", str(e.num_kv_blocks),
             "--block-size", str(e.block_size)]
             + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.kvcache))
+        tp = len(ports.executors)
+        threads = cfg.executor_threads or (max(1, (os.cpu_count() or 1) // tp) if tp > 1 else 0)
         for rank, port in enumerate(ports.executors):
+            dist = (["--rank", str(rank), "--world-size", str(tp),
+                     "--dist-addr", f"127.0.0.1:{ports.dist_port}"] if tp > 1 else [])
             specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
                 "services.executor", "--port", str(port), "--model", model_dir,
                 "--dtype", e.dtype, "--device", e.device, "--num-kv-blocks", str(e.num_kv_blocks),
-                "--block-size", str(e.block_size), "--threads", str(cfg.executor_threads)], port))
+                "--block-size", str(e.block_size), "--threads", str(threads)] + dist, port,
+                group=f"executors-{r}" if tp > 1 else ""))
         specs.append(ProcSpec(f"scheduler-{r}", py + [
             "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
             "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{ports.kvcache}",
@@ -112,6 +118,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
+        self.on_change = None  # called after a restart
 
     def _spawn(self, spec: ProcSpec) -> None:
         spec.log_path = self.log_dir / f"{spec.name}.log"
@@ -137,12 +144,23 @@ class Supervisor:
             time.sleep(0.1)
         raise TimeoutError(f"{spec.name} not SERVING after {timeout_s:.0f}s; see {spec.log_path}")
 
+    def group_of(self, spec: ProcSpec) -> list[ProcSpec]:
+        return [s for s in self.specs if s.group == spec.group] if spec.group else [spec]
+
     def start(self, timeout_s: float = 120.0) -> None:
-        """Start every process in order, each SERVING before the next starts."""
+        """Start every process in order, each SERVING before the next starts (the
+        ranks of a group start together: they rendezvous before serving)."""
         try:
+            started: set[str] = set()
             for spec in self.specs:
-                self._spawn(spec)
-                self.wait_ready(spec, timeout_s)
+                if spec.name in started:
+                    continue
+                group = self.group_of(spec)
+                for member in group:
+                    self._spawn(member)
+                    started.add(member.name)
+                for member in group:
+                    self.wait_ready(member, timeout_s)
         except Exception:
             self.stop()
             raise
@@ -162,11 +180,20 @@ class Supervisor:
                         spec.restarts = 0  # it had been healthy for a while
                     backoff = min(self.max_backoff_s, 0.25 * 2 ** spec.restarts)
                     spec.restarts += 1
-                    with open(self.log_dir / f"{spec.name}.log", "ab") as f:
-                        f.write(f"[supervisor] {spec.name} exited ({spec.proc.returncode}); "
-                                f"restart #{spec.restarts} in {backoff:.2f}s\n".encode())
+                    group = self.group_of(spec)
+                    for member in group:  # a TP group cannot go on without any rank
+                        if member.proc.poll() is None:
+                            member.proc.kill()
+                            member.proc.wait()
+                        with open(self.log_dir / f"{member.name}.log", "ab") as f:
+                            why = ("exited" if member is spec else f"stopped with {spec.name}")
+                            f.write(f"[supervisor] {member.name} {why} ({member.proc.returncode});"
+                                    f" restart #{spec.restarts} in {backoff:.2f}s\n".encode())
                     time.sleep(backoff)
-                    self._spawn(spec)
+                    for member in group:
+                        self._spawn(member)
+                    if self.on_change is not None:
+                        self.on_change()  # new pids
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every process (Envoy and routers first), SIGKILL stragglers."""
@@ -213,9 +240,13 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
         write_state(run_dir, {"status": "failed", "error": str(e), "supervisor_pid": os.getpid()})
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 1
-    write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(), "pids": sup.pids(),
-                          "config": cfg.to_dict(), "model_dir": model_dir,
-                          "endpoint": f"127.0.0.1:{cfg.envoy.port}"})
+
+    def ready_state():
+        write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(), "pids": sup.pids(),
+                              "config": cfg.to_dict(), "model_dir": model_dir,
+                              "endpoint": f"127.0.0.1:{cfg.envoy.port}"})
+    ready_state()
+    sup.on_change = ready_state
     if on_ready:
         on_ready()
     stop.wait()

@@ -50,14 +50,15 @@ async def main(args) -> None:
         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
     service = Service("scheduler", args.port)
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                SchedulerServicer(loop, info), "llmesh.v1.Scheduler")
+                SchedulerServicer(loop, info, len(executors.addresses)), "llmesh.v1.Scheduler")
     await service.start()
-    runner = asyncio.ensure_future(_drive(loop, executors, service))
+    runner = asyncio.ensure_future(_drive(loop, executors, service, info))
     await service.wait_for_termination()
     runner.cancel()
 
 
-async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service) -> None:
+async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
+                 info: scheduler_pb2.ReplicaInfo) -> None:
     """Run the engine loop; when the executor group fails, end in-flight requests
     with an error, go NOT_SERVING, reconnect, and serve again."""
     while True:
@@ -66,6 +67,17 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service) -
             await executors.close()
             await asyncio.sleep(0.5)
             continue
+        if executors.capacity and executors.capacity < loop.kv.pool.num_blocks:
+            if loop.kv.pool.num_used:
+                log.error("executor ranks hold %d KV blocks, fewer than the %d in use",
+                          executors.capacity, loop.kv.pool.num_used)
+                await executors.close()
+                await asyncio.sleep(0.5)
+                continue
+            log.warning("KV capacity limited to %d blocks by the smallest executor rank",
+                        executors.capacity)
+            loop.kv.limit_blocks(executors.capacity)
+            info.num_kv_blocks = executors.capacity
         await service.set_serving(True)
         watch = asyncio.ensure_future(executors.watch(loop.wake))
         try:

@@ -39,6 +39,7 @@ class ExecutorGroup:
         self._channels: list[grpc.aio.Channel] = []
         self.connected = asyncio.Event()
         self.broken = ""  # why the group is unusable, once it is
+        self.capacity = 0  # KV blocks: the minimum any rank reported
 
     async def connect(self) -> None:
         self.broken = ""
@@ -81,23 +82,36 @@ class ExecutorGroup:
             raise ExecutorFailed("executor group is not connected")
         self.check()
         msg = convert.plan_to_proto(plan)
+        reads = []
         try:
             await asyncio.gather(*(s.write(msg) for s in self._streams))
-            replies = await asyncio.gather(*(s.read() for s in self._streams))
+            # replies as they come: a rank that fails must not wait on its peers,
+            # which may be stuck in a collective with it
+            reads = [asyncio.ensure_future(s.read()) for s in self._streams]
+            for done in asyncio.as_completed(reads):
+                reply = await done
+                if reply is grpc.aio.EOF:
+                    raise ExecutorFailed("executor closed its stream")
+                if reply.error:
+                    raise ExecutorFailed(f"executor failed step {plan.step_id}: {reply.error}")
         except grpc.aio.AioRpcError as e:
             raise ExecutorFailed(f"executor stream failed: {e.code().name}") from e
-        if any(r is grpc.aio.EOF for r in replies):
-            raise ExecutorFailed("executor closed its stream")
-        errors = [r.error for r in replies if r.error]
-        if errors:
-            raise ExecutorFailed(f"executor failed step {plan.step_id}: {errors[0]}")
+        except ExecutorFailed as e:
+            self.broken = str(e)
+            raise
+        finally:
+            for r in reads:
+                r.cancel()
+        replies = [r.result() for r in reads]
+        self.capacity = min(r.num_kv_blocks for r in replies)
         return convert.result_from_proto(replies[0])
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, loop: EngineLoop, info: scheduler_pb2.ReplicaInfo):
+    def __init__(self, loop: EngineLoop, info: scheduler_pb2.ReplicaInfo, tensor_parallel: int = 1):
         self.loop = loop
         self.info = info
+        self.tensor_parallel = tensor_parallel
         self._queues: dict[str, asyncio.Queue] = {}
         self._owner_ids = itertools.count()
         self._step_ids = itertools.count(1)
@@ -160,7 +174,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             kv_usage=kv.usage, kv_waste=kv.waste, prefix_hit_rate=kv.prefix_hit_rate,
             num_steps=s.num_steps, num_preemptions=self.loop.scheduler.num_preemptions,
             num_used_blocks=kv.num_used_blocks, schedule_s=s.schedule_s, kv_rpc_s=s.kv_rpc_s,
-            executor_rpc_s=s.executor_rpc_s, forward_s=s.forward_s, sample_s=s.sample_s)
+            executor_rpc_s=s.executor_rpc_s, forward_s=s.forward_s, sample_s=s.sample_s,
+            comm_s=s.comm_s, tensor_parallel=self.tensor_parallel)
 
 
 def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:

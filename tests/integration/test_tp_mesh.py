@@ -1,0 +1,123 @@
+"""The mesh with `tensor_parallel: 2`: two executor ranks (a gloo group) per replica."""
+import json
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from mesh_fixture import Mesh, _alive, wait_until
+from mesh.supervisor import is_serving
+from services.common.sampling_params import SamplingParams
+from services.engine.engine import Engine, EngineConfig
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_model_dir, tmp_path_factory):
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("tp-mesh"), tensor_parallel=2)
+    m.up()
+    yield m
+    pids = dict(m.state["pids"])
+    state_path = m.run_dir / "state.json"
+    pids.update(json.loads(state_path.read_text()).get("pids", {}))  # after restarts
+    m.down()
+    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+
+
+@pytest.fixture
+def stub(mesh):
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        yield inference_pb2_grpc.InferenceStub(ch)
+
+
+def _stats(mesh):
+    port = mesh.config["replica_ports"][0]["scheduler"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
+                                                             timeout=5)
+
+
+def _live_pids(mesh) -> dict:
+    return json.loads((mesh.run_dir / "state.json").read_text())["pids"]
+
+
+def test_two_ranks_serve_and_match_tp1_for_concurrent_requests(mesh, stub, tiny_model):
+    assert len(mesh.config["replica_ports"][0]["executors"]) == 2
+    assert {"executor-0-0", "executor-0-1"} <= set(mesh.state["pids"])
+    rng = random.Random(9)
+    prompts = [[0] + rng.choices(range(5, 3000), k=rng.randint(2, 120)) for _ in range(16)]
+    lengths = [rng.randint(4, 30) for _ in prompts]
+    seeded = common_pb2.SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3,
+                                       ignore_eos=True)
+
+    def call(i):
+        sampling = (seeded if i % 4 == 0 else common_pb2.SamplingParams(
+            max_tokens=lengths[i], temperature=0.0, ignore_eos=True))
+        req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=prompts[i]),
+                                            sampling=sampling)
+        chunks = list(stub.Generate(req, timeout=120))
+        return [t for c in chunks for t in c.token_ids], chunks[-1]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(16)))
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+              if i % 4 == 0 else SamplingParams(max_tokens=n, ignore_eos=True)
+              for i, n in enumerate(lengths)]
+    expect = Engine(tiny_model, EngineConfig()).generate(prompts, params)
+    for (tokens, last), exp in zip(results, expect):
+        assert tokens == exp[0].token_ids
+        assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH and not last.incomplete
+    stats = _stats(mesh)
+    assert stats.tensor_parallel == 2 and stats.comm_s > 0
+    assert wait_until(lambda: _stats(mesh).num_used_blocks == 0, 5)
+
+
+def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, stub):
+    before = _live_pids(mesh)
+    outcomes: list = [None] * 6
+    started = threading.Barrier(7, timeout=60)
+
+    def call(i):
+        req = inference_pb2.GenerateRequest(prompt=f"Story {i}", sampling=common_pb2.SamplingParams(
+            max_tokens=1500, temperature=0.0, ignore_eos=True))
+        chunks = []
+        try:
+            for chunk in stub.Generate(req, timeout=90):
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    started.wait()
+            outcomes[i] = ("ok", chunks)
+        except grpc.RpcError as e:
+            outcomes[i] = (e.code(), chunks)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    started.wait()  # every request is streaming
+    os.kill(before["executor-0-1"], signal.SIGKILL)
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert time.monotonic() - t0 < 30
+    for code, chunks in outcomes:
+        assert code == grpc.StatusCode.UNAVAILABLE, code
+        assert chunks[-1].incomplete and chunks[-1].incomplete_reason
+        assert sum(len(c.token_ids) for c in chunks) < 1500
+    # the whole group was restarted (rank 0 too), and the replica serves again
+    assert wait_until(lambda: all(_live_pids(mesh)[f"executor-0-{r}"] != before[f"executor-0-{r}"]
+                                  for r in (0, 1)), 30)
+    assert not _alive(before["executor-0-0"])
+    sched_port = mesh.config["replica_ports"][0]["scheduler"]
+    assert wait_until(lambda: is_serving(sched_port), 60), mesh.logs()
+    req = inference_pb2.GenerateRequest(prompt="Back again", sampling=common_pb2.SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        out = stub.Complete(req, timeout=60)
+        assert len(out.token_ids) == 8 and not out.incomplete
+    assert wait_until(lambda: _stats(mesh).num_used_blocks == 0, 5)
