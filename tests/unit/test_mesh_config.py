@@ -1,0 +1,55 @@
+"""mesh.yaml parsing: defaults, tensor-parallel ports, and clear errors."""
+import pytest
+
+from mesh.config import ConfigError, parse_config, resolve_ports
+from mesh.supervisor import build_specs
+
+
+def test_tensor_parallel_gives_each_replica_a_rank_port_each_and_a_rendezvous_port(tmp_path):
+    cfg = resolve_ports(parse_config({"tensor_parallel": 2, "replicas": 2,
+                                      "envoy": {"port": 0, "admin_port": 0}}))
+    ports = set()
+    for r in cfg.replica_ports:
+        assert len(r.executors) == 2 and r.dist_port
+        ports |= {r.scheduler, r.kvcache, r.dist_port, *r.executors}
+    assert len(ports) == 2 * 5  # all distinct
+    specs = {s.name: s for s in build_specs(cfg, "/models/m", tmp_path)}
+    rank1 = specs["executor-1-1"]
+    assert rank1.group == specs["executor-1-0"].group == "executors-1"
+    assert rank1.group != specs["executor-0-0"].group
+    argv = " ".join(rank1.argv)
+    assert "--rank 1 --world-size 2" in argv
+    assert f"--dist-addr 127.0.0.1:{cfg.replica_ports[1].dist_port}" in argv
+    sched = " ".join(specs["scheduler-1"].argv)
+    assert ",".join(f"127.0.0.1:{p}" for p in cfg.replica_ports[1].executors) in sched
+
+
+def test_single_rank_has_no_group_and_no_dist_args(tmp_path):
+    cfg = resolve_ports(parse_config({"envoy": {"port": 0, "admin_port": 0}}))
+    spec = next(s for s in build_specs(cfg, "/m", tmp_path) if s.name == "executor-0-0")
+    assert spec.group == "" and "--rank" not in spec.argv
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"tensor_parallel": 0}, "tensor_parallel must be at least 1"),
+    ({"tensor_parallel": 2, "replica_ports": [{"executors": [5000]}]}, "lists 1 ports"),
+    ({"tensor_paralel": 2}, "unknown mesh.yaml keys: tensor_paralel"),
+    ({"engine": {"blocksize": 8}}, "unknown engine keys: blocksize"),
+])
+def test_bad_config_is_a_clear_error(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_up_refuses_a_tensor_parallel_size_the_model_cannot_split(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    import yaml
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "tensor_parallel": 3,
+                                   "run_dir": str(tmp_path / "run")}))
+    proc = subprocess.run([sys.executable, "-m", "mesh.cli", "up", "--detach", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "tensor_parallel=3 does not divide 4 attention heads" in proc.stderr
+    assert not (tmp_path / "run" / "state.json").exists()
