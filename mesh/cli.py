@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                          required=True)
     show = config.add_parser("show", help="print the effective mesh.yaml, defaults filled in")
     show.add_argument("--config")
+    tr = sub.add_parser("trace", help="one request's trace as a waterfall (local span file)")
+    tr.add_argument("request_id", nargs="?", help="the request id (see --last)")
+    tr.add_argument("--last", action="store_true", help="the latest request")
+    tr.add_argument("--json", action="store_true", help="the spans as a JSON list")
+    tr.add_argument("--file", help="span file (default: RUN_DIR/traces.jsonl)")
+    tr.add_argument("--config")
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("--local", action="store_true", help="run the in-process Engine")
@@ -60,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        if args.command == "trace":
+            from mesh.commands import cmd_trace
+            return cmd_trace(args)
         if args.command == "model":
             from mesh.default_model import make_tiny
             print(make_tiny(args.dir, args.preset))

@@ -209,3 +209,23 @@ def cmd_generate_mesh(args) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def cmd_trace(args) -> int:
+    from observability import trace_view
+    if not args.last and not args.request_id:
+        print("llmesh: error: give a REQUEST_ID or --last", file=sys.stderr)
+        return 2
+    path = Path(args.file) if args.file else run_dir_of(effective_config(args.config)) / "traces.jsonl"
+    spans = trace_view.load_spans(path)
+    if not spans:
+        print(f"llmesh: error: no spans in {path} (is observability.tracing 'file'?)",
+              file=sys.stderr)
+        return 1
+    trace_id = trace_view.find_trace(spans, None if args.last else args.request_id)
+    if trace_id is None:
+        print(f"llmesh: error: no trace for request {args.request_id!r} in {path}", file=sys.stderr)
+        return 1
+    found = trace_view.trace_spans(spans, trace_id)
+    print(trace_view.as_json(found) if args.json else trace_view.render(found))
+    return 0

@@ -45,6 +45,22 @@ class EnvoyConfig:
     max_requests: int = 1024
 
 
+TRACING_MODES = ("file", "otlp", "off")
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    # file: every service and Envoy export OTLP to a local collector process that
+    # writes run_dir/traces.jsonl (read by `llmesh trace`); otlp: straight to
+    # otlp_endpoint (a collector, Jaeger); off: no tracing at all.
+    tracing: str = "file"
+    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC receiver (tracing: otlp)
+    sample_ratio: float = 1.0  # share of new traces sampled; a client's sampled flag is kept
+    collector_port: int = 0  # the local collector (tracing: file)
+    metrics: bool = True  # Prometheus /metrics on every service
+    metrics_ports: dict = dataclasses.field(default_factory=dict)  # service name -> port
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     model: str = ""  # local Hugging Face directory; "" = the embedded tiny model
@@ -61,6 +77,7 @@ class MeshConfig:
     max_message_bytes: int = 4 * 2**20
     run_dir: str = ""  # logs and state; "" = ~/.cache/llmesh/run
     executor_threads: int = 0
+    observability: ObservabilityConfig = ObservabilityConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -91,6 +108,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw = dict(raw)
     kw["engine"] = _sub(EngineLimits, raw.get("engine"), "engine")
     kw["envoy"] = _sub(EnvoyConfig, raw.get("envoy"), "envoy")
+    kw["observability"] = _sub(ObservabilityConfig, raw.get("observability"), "observability")
     kw["router_ports"] = tuple(raw.get("router_ports", ()))
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["replica_ports"] = tuple(
@@ -102,6 +120,13 @@ def parse_config(raw: dict) -> MeshConfig:
     for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
+    obs = cfg.observability
+    if obs.tracing not in TRACING_MODES:
+        raise ConfigError(f"observability.tracing must be one of {', '.join(TRACING_MODES)}")
+    if obs.tracing == "otlp" and not obs.otlp_endpoint:
+        raise ConfigError("observability.otlp_endpoint (host:port) is required with tracing: otlp")
+    if not 0.0 <= obs.sample_ratio <= 1.0:
+        raise ConfigError("observability.sample_ratio must be within [0, 1]")
     for i, r in enumerate(cfg.replica_ports):
         if len(r.executors) != cfg.tensor_parallel:
             raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "
@@ -139,5 +164,17 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
                                   pick(r.dist_port) if tp > 1 else 0) for r in replicas)
     envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
                                 admin_port=pick(cfg.envoy.admin_port))
+    obs = cfg.observability
+    metrics_ports = {}
+    if obs.metrics:
+        names = [f"router-{i}" for i in range(len(routers))]
+        names += [f"tokenizer-{i}" for i in range(len(tokenizers))]
+        for r, ports in enumerate(replicas):
+            names += [f"scheduler-{r}", f"kvcache-{r}"]
+            names += [f"executor-{r}-{k}" for k in range(len(ports.executors))]
+        metrics_ports = {n: pick(obs.metrics_ports.get(n, 0)) for n in names}
+    obs = dataclasses.replace(
+        obs, metrics_ports=metrics_ports,
+        collector_port=pick(obs.collector_port) if obs.tracing == "file" else 0)
     return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers,
-                               replica_ports=replicas, envoy=envoy)
+                               replica_ports=replicas, envoy=envoy, observability=obs)

@@ -8,6 +8,7 @@ from mesh.config import MeshConfig
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 
 
 def _address(port: int) -> dict:
@@ -63,16 +64,42 @@ def render_envoy(cfg: MeshConfig) -> dict:
             "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
             "max_requests": e.max_requests, "max_retries": 3}]},
     }
-    return {
+    clusters = [cluster]
+    obs = cfg.observability
+    if obs.tracing != "off":
+        # the gateway's span starts each trace (or joins the client's traceparent);
+        # Envoy propagates W3C context to the router
+        endpoint = obs.otlp_endpoint if obs.tracing == "otlp" else f"127.0.0.1:{obs.collector_port}"
+        host, port = endpoint.rsplit(":", 1)
+        hcm["tracing"] = {
+            "random_sampling": {"value": 100.0 * obs.sample_ratio},
+            "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+                "@type": OTEL, "service_name": "envoy",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"},
+                                 "timeout": "1s"}}}}
+        clusters.append({
+            "name": "otel_collector", "type": "STRICT_DNS", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": HTTP_OPTS, "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "otel_collector", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": host, "port_value": int(port)}}}}]}]}})
+    out = {
         "admin": {"address": _address(e.admin_port)},
         "static_resources": {
             "listeners": [{"name": "public", "address": _address(e.port),
                            "filter_chains": [{"filters": [{
                                "name": "envoy.filters.network.http_connection_manager",
                                "typed_config": hcm}]}]}],
-            "clusters": [cluster],
+            "clusters": clusters,
         },
     }
+    if obs.tracing != "off":  # export the gateway's spans within a second, not in batches of 5
+        out["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
+            "tracing.opentelemetry.flush_interval_ms": 1000,
+            "tracing.opentelemetry.min_flush_spans": 1}}]}
+    return out
 
 
 def render_envoy_yaml(cfg: MeshConfig) -> str:

@@ -38,6 +38,7 @@ class ProcSpec:
     log_path: Path | None = None
     extra: dict = field(default_factory=dict)
     group: str = ""  # processes that live and die together (a replica's TP ranks)
+    env: dict = field(default_factory=dict)  # added to the process environment
 
 
 def is_serving(port: int, timeout: float = 1.0) -> bool:
@@ -61,10 +62,24 @@ def envoy_ready(admin_port: int) -> bool:
         return False
 
 
+def telemetry_env(cfg: MeshConfig) -> dict:
+    obs = cfg.observability
+    if obs.tracing == "off":
+        return {"LLMESH_TRACING": "off"}
+    endpoint = obs.otlp_endpoint if obs.tracing == "otlp" else f"127.0.0.1:{obs.collector_port}"
+    return {"LLMESH_TRACING": "otlp", "LLMESH_OTLP_ENDPOINT": endpoint,
+            "LLMESH_TRACE_SAMPLE": str(obs.sample_ratio)}
+
+
 def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
     py = [sys.executable, "-m"]
     e = cfg.engine
     specs = []
+    obs = cfg.observability
+    if obs.tracing == "file":
+        specs.append(ProcSpec("collector", py + [
+            "observability.collector", "--port", str(obs.collector_port),
+            "--out", str(run_dir / "traces.jsonl")], obs.collector_port))
     for i, port in enumerate(cfg.tokenizer_ports):
         specs.append(ProcSpec(f"tokenizer-{i}", py + ["services.tokenizer", "--port", str(port),
                                                         "--model", model_dir], port))
@@ -105,6 +120,12 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
                                     "--concurrency", "1", "--log-level", "warn"], None,
                           extra={"admin_port": cfg.envoy.admin_port}))
+    tel = telemetry_env(cfg)
+    for spec in specs:
+        if spec.name not in ("collector", "envoy"):
+            spec.env.update(tel)
+            if spec.name in obs.metrics_ports:
+                spec.env["LLMESH_METRICS_PORT"] = str(obs.metrics_ports[spec.name])
     return specs
 
 
@@ -124,7 +145,7 @@ class Supervisor:
         spec.log_path = self.log_dir / f"{spec.name}.log"
         log = open(spec.log_path, "ab")
         spec.proc = subprocess.Popen(spec.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=_child_env())
+                                     stdin=subprocess.DEVNULL, env=_child_env() | spec.env)
         log.close()
         spec.started_at = time.monotonic()
 

@@ -55,7 +55,8 @@ def plan_to_proto(plan: StepPlan) -> executor_pb2.StepPlan:
             seq_id=s.seq_id, num_new_tokens=s.num_new_tokens, num_kept_blocks=s.num_kept_blocks,
             new_block_ids=s.new_block_ids) for s in plan.scheduled],
         finished_seq_ids=plan.finished_seq_ids,
-        block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in plan.block_copies])
+        block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in plan.block_copies],
+        traceparent=plan.traceparent)
 
 
 def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
@@ -69,7 +70,8 @@ def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
         scheduled=[ScheduledSequence(s.seq_id, s.num_new_tokens, s.num_kept_blocks,
                                      list(s.new_block_ids)) for s in msg.scheduled],
         finished_seq_ids=list(msg.finished_seq_ids),
-        block_copies=[(c.src, c.dst) for c in msg.block_copies])
+        block_copies=[(c.src, c.dst) for c in msg.block_copies],
+        traceparent=msg.traceparent)
 
 
 def result_to_proto(result: StepResult) -> executor_pb2.StepResult:

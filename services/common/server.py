@@ -35,7 +35,8 @@ class Service:
     def __init__(self, name: str, port: int, host: str = "127.0.0.1",
                  max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.name = name
-        self.server = grpc.aio.server(options=[
+        from observability import telemetry
+        self.server = grpc.aio.server(interceptors=telemetry.server_interceptors(), options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
@@ -78,7 +79,3 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
 
-
-def setup_logging(service: str) -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s {service} %(levelname)s %(message)s")

@@ -44,6 +44,7 @@ class StepPlan:
     scheduled: list[ScheduledSequence] = field(default_factory=list)  # includes the new ones
     finished_seq_ids: list[str] = field(default_factory=list)  # drop their state
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before compute
+    traceparent: str = ""  # W3C context of the scheduler's step span ("" = not traced)
 
     @property
     def num_tokens(self) -> int:

@@ -10,7 +10,8 @@ import os
 import torch
 
 from llmesh.v1 import executor_pb2_grpc
-from services.common.server import Service, setup_logging
+from observability import telemetry
+from services.common.server import Service
 from services.executor.runner import ModelRunner
 from services.executor.servicer import ExecutorServicer
 from services.executor.weights import load_model
@@ -46,7 +47,7 @@ async def main(args) -> None:
     if device == "cuda" and args.world_size > 1:
         device = f"cuda:{args.rank % torch.cuda.device_count()}"
     tp = args.world_size > 1
-    servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None)
+    servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None, rank=args.rank)
     service.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, "llmesh.v1.Executor")
     await service.start()  # health answers NOT_SERVING while the group forms and the model loads
     group = None
@@ -61,5 +62,9 @@ async def main(args) -> None:
 
 
 if __name__ == "__main__":
-    setup_logging("executor")
-    asyncio.run(main(parse_args()))
+    args = parse_args()
+    telemetry.init("executor" if args.world_size == 1 else f"executor-rank{args.rank}")
+    try:
+        asyncio.run(main(args))
+    finally:
+        telemetry.shutdown()

@@ -7,6 +7,8 @@ import logging
 import grpc
 
 from llmesh.v1 import executor_pb2, executor_pb2_grpc
+from observability import telemetry
+from observability.metrics import executor_metrics
 from services.common import convert
 from services.executor.runner import ModelRunner
 
@@ -14,8 +16,10 @@ log = logging.getLogger("llmesh.executor")
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner | None, on_fatal=None):
+    def __init__(self, runner: ModelRunner | None, on_fatal=None, rank: int = 0):
         self.runner = runner  # set once the model is loaded
+        self.rank = rank
+        self._forward_hist, self._comm_counter = executor_metrics()
         self._lock = asyncio.Lock()  # one scheduler drives a rank at a time
         # Tensor parallel: a step that fails on one rank leaves its peers inside a
         # collective, so the group cannot go on; `on_fatal` ends this process and
@@ -30,13 +34,31 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             self.runner.seqs.clear()
             async for msg in request_iterator:
                 plan = convert.plan_from_proto(msg)
+                span = None
+                if plan.traceparent and telemetry.tracing_enabled():
+                    span = telemetry.tracer("llmesh.executor").start_span(
+                        "executor.step", context=telemetry.extract(plan.traceparent),
+                        attributes={"llmesh.step_id": plan.step_id, "llmesh.rank": self.rank,
+                                    "llmesh.step.num_tokens": plan.num_tokens})
                 try:
                     result = await asyncio.to_thread(self.runner.execute, plan)
                 except Exception as e:  # a bug: report it on this step, keep serving
+                    if span is not None:
+                        span.record_exception(e)
+                        span.end()
                     log.exception("step %d failed", plan.step_id)
                     self.runner.seqs.clear()
                     yield executor_pb2.StepResult(step_id=plan.step_id, error=repr(e))
                     if self.on_fatal is not None:
                         self.on_fatal(e)
                     continue
+                if span is not None:
+                    span.set_attributes({"llmesh.forward_s": result.forward_s,
+                                         "llmesh.sample_s": result.sample_s,
+                                         "llmesh.comm_s": result.comm_s})
+                    span.end()
+                if plan.scheduled:
+                    self._forward_hist.observe(result.forward_s)
+                    if result.comm_s:
+                        self._comm_counter.inc(result.comm_s)
                 yield convert.result_to_proto(result)

@@ -5,7 +5,8 @@ import argparse
 import asyncio
 
 from llmesh.v1 import kvcache_pb2_grpc
-from services.common.server import Service, setup_logging
+from observability import telemetry
+from services.common.server import Service
 from services.kvcache.manager import KVCacheManager
 from services.kvcache.servicer import KVCacheServicer
 
@@ -14,6 +15,8 @@ async def main(args) -> None:
     service = Service("kvcache", args.port)
     kv = KVCacheManager(args.num_blocks, args.block_size, not args.no_prefix_caching,
                         record_events=True)
+    from observability.metrics import register_kvcache
+    register_kvcache(kv)
     service.add(kvcache_pb2_grpc.add_KVCacheServicer_to_server, KVCacheServicer(kv),
                 "llmesh.v1.KVCache")
     await service.start()
@@ -27,5 +30,9 @@ if __name__ == "__main__":
     p.add_argument("--num-blocks", type=int, required=True)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
-    setup_logging("kvcache")
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    telemetry.init("kvcache")
+    try:
+        asyncio.run(main(args))
+    finally:
+        telemetry.shutdown()

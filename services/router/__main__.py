@@ -7,13 +7,15 @@ import asyncio
 import grpc
 
 from llmesh.v1 import inference_pb2_grpc
-from services.common.server import Service, setup_logging
+from observability import telemetry
+from services.common.server import Service
 from services.router.servicer import Inference
 
 
 async def main(args) -> None:
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes)
-    inference = Inference(grpc.aio.insecure_channel(args.tokenizer), args.schedulers.split(","),
+    channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
+    inference = Inference(channel, args.schedulers.split(","),
                           args.model_name)
     service.add(inference_pb2_grpc.add_InferenceServicer_to_server, inference,
                 "llmesh.v1.Inference")
@@ -42,5 +44,9 @@ if __name__ == "__main__":
     p.add_argument("--schedulers", required=True)
     p.add_argument("--model-name", default="default")
     p.add_argument("--max-message-bytes", type=int, default=4 * 2**20)
-    setup_logging("router")
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    telemetry.init("router")
+    try:
+        asyncio.run(main(args))
+    finally:
+        telemetry.shutdown()

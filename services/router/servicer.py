@@ -17,6 +17,10 @@ from services.common.server import abort_with
 from services.router.core import ReplicaLoad, StopMatcher, pick_replica
 from services.router.replicas import Detokenizer, Replica
 
+from observability import telemetry
+from observability.metrics import router_metrics
+from opentelemetry import trace
+
 log = logging.getLogger("llmesh.router")
 MAX_STOP_STRINGS = 16
 _DONE = object()
@@ -107,10 +111,33 @@ class Inference(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         request_id = request.request_id or uuid.uuid4().hex
+        obs = RequestObserver(request_id, self.model_name, request.sampling.max_tokens)
+        metrics = router_metrics()
+        metrics.in_flight.inc()
+        status = "OK"
+        try:
+            async for response in self._generate(request, request_id, context):
+                obs.on_chunk(response)
+                yield response
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except BaseException:
+            code = context.code() if hasattr(context, "code") else None
+            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            metrics.in_flight.dec()
+            obs.finish(metrics, status)
+
+    async def _generate(self, request, request_id, context):
         if request.model and request.model != self.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served")
-        replica_name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
-                                     for r in self.replicas])
+        tracer = telemetry.tracer("llmesh.router")
+        with tracer.start_as_current_span("router.route") as span:
+            replica_name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
+                                         for r in self.replicas])
+            span.set_attribute("llmesh.replica", replica_name or "")
         if replica_name is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
         replica = next(r for r in self.replicas if r.name == replica_name)
@@ -118,11 +145,12 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         params = convert.sampling_from_proto(request.sampling)
         stops = list(request.sampling.stop)
         try:
-            if len(stops) > MAX_STOP_STRINGS:
-                raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
-            info = replica.info
-            validate_request(prompt, params, info.vocab_size, info.max_model_len,
-                             info.num_kv_blocks * info.block_size)
+            with tracer.start_as_current_span("router.validate"):
+                if len(stops) > MAX_STOP_STRINGS:
+                    raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+                info = replica.info
+                validate_request(prompt, params, info.vocab_size, info.max_model_len,
+                                 info.num_kv_blocks * info.block_size)
         except LlmeshError as e:
             await abort_with(context, e)
         if request_id in self._queues:
@@ -135,7 +163,8 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         self._queues[request_id] = queue
         replica.in_flight.add(request_id)
         add = scheduler_pb2.AddRequest(request_id=request_id, prompt_token_ids=prompt,
-                                       sampling=request.sampling, deadline_unix_s=deadline)
+                                       sampling=request.sampling, deadline_unix_s=deadline,
+                                       traceparent=telemetry.inject())
         upstream_open = set(range(params.n))  # sequences the replica has not finished
         try:
             await replica.send(scheduler_pb2.RouterMessage(add=add))
@@ -216,3 +245,56 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             if code not in (grpc.StatusCode.INVALID_ARGUMENT,):
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"tokenizer: {e.details()}")
+
+
+class RequestObserver:
+    """Per-request metrics and span attributes, fed with each chunk sent to the client."""
+
+    def __init__(self, request_id: str, model: str, max_tokens: int):
+        self.t0 = time.perf_counter()
+        self.first = self.last = 0.0
+        self.span = trace.get_current_span()  # the gRPC server span (no-op without tracing)
+        self.span.set_attributes({"llmesh.request_id": request_id, "gen_ai.request.model": model,
+                                  "gen_ai.request.max_tokens": max_tokens,
+                                  "gen_ai.operation.name": "text_completion"})
+        self.detok_span = None
+        self.finish_reasons: list[str] = []
+        self.prompt_tokens = self.output_tokens = 0
+        self.queue_s: float | None = None
+        self.gaps: list[float] = []
+
+    def on_chunk(self, resp) -> None:
+        if resp.token_ids:
+            now = time.perf_counter()
+            if not self.first:
+                self.first = now
+                if telemetry.tracing_enabled():
+                    self.detok_span = telemetry.tracer("llmesh.router").start_span("detokenize")
+            else:
+                self.gaps.append(now - self.last)
+            self.last = now
+        if resp.finish_reason:
+            self.finish_reasons.append(
+                common_pb2.FinishReason.Name(resp.finish_reason).removeprefix("FINISH_REASON_").lower())
+            self.prompt_tokens = resp.usage.prompt_tokens
+            self.output_tokens += resp.usage.completion_tokens
+            if self.queue_s is None and resp.HasField("timings"):
+                self.queue_s = resp.timings.queue_s
+
+    def finish(self, m, status: str) -> None:
+        if self.first:
+            m.ttft.observe(self.first - self.t0)
+            m.e2e.observe(self.last - self.t0)
+            for gap in self.gaps:
+                m.itl.observe(gap)
+        if self.queue_s is not None:
+            m.queue.observe(self.queue_s)
+        m.requests.labels(self.finish_reasons[0] if self.finish_reasons else "none", status).inc()
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.generation_tokens.inc(self.output_tokens)
+        if self.detok_span is not None:
+            self.detok_span.end()
+        self.span.set_attributes({"gen_ai.usage.input_tokens": self.prompt_tokens,
+                                  "gen_ai.usage.output_tokens": self.output_tokens,
+                                  "gen_ai.response.finish_reasons": self.finish_reasons,
+                                  "rpc.grpc.status": status})

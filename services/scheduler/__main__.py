@@ -6,7 +6,9 @@ import asyncio
 import logging
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.common.server import Service, setup_logging
+from observability import telemetry
+from observability.metrics import register_scheduler, step_histogram
+from services.common.server import Service
 from services.executor.model_config import load_model_config
 from services.kvcache.manager import KVCacheManager
 from services.scheduler.loop import EngineLoop, ExecutorFailed
@@ -43,7 +45,9 @@ async def main(args) -> None:
     executors = ExecutorGroup(args.executors.split(","))
     kvcache = KVCacheClient(args.kvcache)
     loop = EngineLoop(scheduler, mc.vocab_size, executors.execute, kvcache.commit,
-                      emit=lambda owner, items: None)
+                      emit=lambda owner, items: None, model=args.model_name or mc.model_type)
+    register_scheduler(loop)
+    loop.observe_step = step_histogram().observe
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,
@@ -104,5 +108,8 @@ async def _probe(loop: EngineLoop, executors: ExecutorGroup) -> bool:
 
 
 if __name__ == "__main__":
-    setup_logging("scheduler")
-    asyncio.run(main(parse_args()))
+    telemetry.init("scheduler")
+    try:
+        asyncio.run(main(parse_args()))
+    finally:
+        telemetry.shutdown()

@@ -12,8 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from observability import telemetry
+from observability.request_spans import RequestSpans
 from services.common.errors import DuplicateRequestError
 from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import StepPlan, StepResult
@@ -34,6 +39,7 @@ class RequestTrack:
     forward_s: float = 0.0
     sample_s: float = 0.0
     num_steps: int = 0
+    finish_reasons: list = field(default_factory=list)
 
 
 @dataclass
@@ -67,7 +73,8 @@ class EngineLoop:
     def __init__(self, scheduler: Scheduler, vocab_size: int,
                  execute: Callable[[StepPlan], Awaitable[StepResult]],
                  commit: Callable[[int, list[tuple]], Awaitable[None]],
-                 emit: Callable[[str, list[tuple[SeqOutput, FinishedInfo | None]]], None]):
+                 emit: Callable[[str, list[tuple[SeqOutput, FinishedInfo | None]]], None],
+                 model: str = ""):
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
         self.kv.journal = []
@@ -78,13 +85,15 @@ class EngineLoop:
         self.tracks: dict[str, RequestTrack] = {}
         self.stats = LoopStats()
         self._wake = asyncio.Event()
+        self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
+        self.observe_step: Callable[[float], None] | None = None  # e.g. a Prometheus histogram
 
     @property
     def max_kv_tokens(self) -> int:
         return self.kv.pool.num_blocks * self.kv.block_size
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
-            seed: int, deadline_s: float = 0.0, salt: str = "") -> None:
+            seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "") -> None:
         validate_request(prompt, params, self.vocab_size, self.scheduler.config.max_model_len,
                          self.max_kv_tokens)
         if request_id in self.tracks:
@@ -94,6 +103,7 @@ class EngineLoop:
         self.scheduler.add(Sequence(seq_id=request_id, request_id=request_id, index=0,
                                     prompt_token_ids=list(prompt), params=params, seed=seed,
                                     arrival_s=now, salt=salt))
+        self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
@@ -137,9 +147,20 @@ class EngineLoop:
                 await self._commit(plan.step_id, ops)
             await asyncio.sleep(0.001)
             return
-        exec_task = asyncio.ensure_future(self._execute(plan))
-        await self._commit(plan.step_id, ops)
-        result = await exec_task
+        step_span = token = None
+        if self.spans.active:
+            step_span = self.spans.step_started(plan, self.scheduler.seqs, time.time_ns())
+            if step_span is not None:
+                ctx = trace.set_span_in_context(step_span)
+                plan.traceparent = telemetry.inject(ctx)
+                token = otel_context.attach(ctx)  # the kvcache commit is part of the step
+        try:
+            exec_task = asyncio.ensure_future(self._execute(plan))
+            await self._commit(plan.step_id, ops)
+            result = await exec_task
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         t2 = time.perf_counter()
         now = time.time()
         for sched in plan.scheduled:
@@ -152,6 +173,10 @@ class EngineLoop:
                 track.num_steps += 1
         outputs = self.scheduler.update(plan, result)
         self._deliver(outputs)
+        if step_span is not None:
+            self.spans.step_finished(step_span, time.time_ns())
+        if self.observe_step is not None:
+            self.observe_step(time.perf_counter() - t0)
         s = self.stats
         s.num_steps += 1
         s.schedule_s += (t1 - t0) + (time.perf_counter() - t2)
@@ -184,10 +209,13 @@ class EngineLoop:
     def _deliver(self, outputs: list[SeqOutput]) -> None:
         by_owner: dict[str, list] = {}
         now = time.time()
+        spans = self.spans if self.spans.active else None
         for out in outputs:
             track = self.tracks.get(out.request_id)
             if track is None:
                 continue
+            if spans is not None:
+                spans.on_output(out.request_id, len(out.new_token_ids), int(now * 1e9))
             if out.new_token_ids and not track.first_token_s:
                 track.first_token_s = now
             info = None
@@ -198,7 +226,11 @@ class EngineLoop:
                     e2e_s=now - track.arrival_s, forward_s=track.forward_s,
                     sample_s=track.sample_s, num_steps=track.num_steps)
             by_owner.setdefault(track.owner, []).append((out, info))
-            if out.finish_reason is not None and not self.scheduler.has_request(out.request_id):
-                del self.tracks[out.request_id]
+            if out.finish_reason is not None:
+                track.finish_reasons.append(out.finish_reason.value)
+                if not self.scheduler.has_request(out.request_id):
+                    del self.tracks[out.request_id]
+                    if spans is not None:
+                        spans.finish(out.request_id, track.finish_reasons, out.num_cached_tokens)
         for owner, items in by_owner.items():
             self.emit(owner, items)

@@ -10,6 +10,7 @@ import grpc
 
 from llmesh.v1 import (common_pb2, executor_pb2_grpc, kvcache_pb2, kvcache_pb2_grpc,
                        scheduler_pb2, scheduler_pb2_grpc)
+from observability import telemetry
 from services.common import convert
 from services.common.errors import LlmeshError
 from services.common.step_plan import StepPlan, StepResult
@@ -155,7 +156,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
                 try:
                     self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner, seed,
-                                  add.deadline_unix_s, add.salt)
+                                  add.deadline_unix_s, add.salt, add.traceparent)
                 except LlmeshError as e:
                     queue.put_nowait(scheduler_pb2.StepOutputs(deltas=[scheduler_pb2.SeqDelta(
                         request_id=add.request_id, error=str(e), error_code=e.code,
@@ -195,7 +196,7 @@ def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:
 
 class KVCacheClient:
     def __init__(self, address: str):
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, interceptors=telemetry.client_interceptors())
         self.stub = kvcache_pb2_grpc.KVCacheStub(self.channel)
 
     async def commit(self, step_id: int, ops: list[tuple]) -> None:

@@ -5,7 +5,8 @@ import argparse
 import asyncio
 
 from llmesh.v1 import tokenizer_pb2_grpc
-from services.common.server import Service, setup_logging
+from observability import telemetry
+from services.common.server import Service
 from services.tokenizer.servicer import TokenizerServicer
 from services.tokenizer.tokenizer import TextTokenizer
 
@@ -23,5 +24,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="services.tokenizer")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
-    setup_logging("tokenizer")
-    asyncio.run(main(p.parse_args()))
+    args = p.parse_args()
+    telemetry.init("tokenizer")
+    try:
+        asyncio.run(main(args))
+    finally:
+        telemetry.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from observability.metrics import tokenizer_requests
 from llmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.errors import LlmeshError
 from services.common.server import abort_with
@@ -15,6 +16,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self.tokenizer = tokenizer
 
     async def Encode(self, request, context):
+        tokenizer_requests().labels("encode").inc()
         try:
             if request.WhichOneof("input") == "chat":
                 ids = self.tokenizer.apply_chat_template(
@@ -26,6 +28,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.EncodeResponse(token_ids=ids)
 
     async def Decode(self, request, context):
+        tokenizer_requests().labels("decode").inc()
         if any(t >= self.tokenizer.vocab_size for t in request.token_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids: outside the vocabulary")
         return tokenizer_pb2.DecodeResponse(

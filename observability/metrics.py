@@ -1,0 +1,113 @@
+"""Prometheus metrics, by service. Names and labels are listed in docs/observability.md.
+
+Request-level figures are taken where the client's stream is (the router);
+engine state is read from the scheduler's loop at scrape time (a collector, so
+the engine loop pays nothing for gauges). Labels are bounded enums only:
+never a request id, tenant key, prompt or text.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import REGISTRY
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                   1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+               0.5, 0.75, 1.0, 2.0, 5.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class RouterMetrics:
+    def __init__(self):
+        self.requests = Counter("llmesh_requests", "Finished requests by finish reason and gRPC status",
+                                ["finish_reason", "status"])
+        self.prompt_tokens = Counter("llmesh_prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = Counter("llmesh_generation_tokens",
+                                         "Output tokens returned to clients")
+        self.ttft = Histogram("llmesh_time_to_first_token_seconds",
+                              "Request arrival at the router to its first token", buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("llmesh_inter_token_latency_seconds",
+                             "Gap between consecutive token chunks of a stream", buckets=ITL_BUCKETS)
+        self.e2e = Histogram("llmesh_e2e_request_latency_seconds",
+                             "Request arrival to its last token", buckets=LATENCY_BUCKETS)
+        self.queue = Histogram("llmesh_request_queue_time_seconds",
+                               "Time a request waited in the scheduler before its first step",
+                               buckets=LATENCY_BUCKETS)
+        self.in_flight = Gauge("llmesh_requests_in_flight", "Requests streaming through this router")
+
+
+class SchedulerCollector:
+    """Engine state read from the scheduler's loop when Prometheus scrapes."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def collect(self):
+        loop = self.loop
+        kv = loop.kv.stats()
+        sched = loop.scheduler
+        s = loop.stats
+        yield GaugeMetricFamily("llmesh_num_requests_running", "Sequences running", len(sched.running))
+        yield GaugeMetricFamily("llmesh_num_requests_waiting", "Sequences waiting", len(sched.waiting))
+        yield GaugeMetricFamily("llmesh_kv_cache_usage_ratio", "Share of KV blocks in use", kv.usage)
+        yield GaugeMetricFamily("llmesh_kv_cache_waste_ratio",
+                                "Share of allocated KV slots holding no token", kv.waste)
+        yield GaugeMetricFamily("llmesh_kv_cache_used_blocks", "KV blocks in use", kv.num_used_blocks)
+        yield GaugeMetricFamily("llmesh_kv_cache_blocks", "KV blocks of the replica", kv.num_blocks)
+        yield GaugeMetricFamily("llmesh_prefix_cache_hit_rate",
+                                "Prompt tokens found in the prefix cache / prompt tokens looked up",
+                                kv.prefix_hit_rate)
+        yield CounterMetricFamily("llmesh_preemptions", "Sequences preempted (recompute)",
+                                  sched.num_preemptions)
+        yield CounterMetricFamily("llmesh_engine_steps", "Engine steps run", s.num_steps)
+        phases = CounterMetricFamily("llmesh_step_phase_seconds",
+                                     "Time spent in each phase of the engine steps", labels=["phase"])
+        for phase in ("schedule", "kv_rpc", "executor_rpc", "forward", "sample", "comm"):
+            phases.add_metric([phase], getattr(s, f"{phase}_s"))
+        yield phases
+
+
+@lru_cache(maxsize=None)
+def router_metrics() -> RouterMetrics:
+    return RouterMetrics()
+
+
+@lru_cache(maxsize=None)
+def step_histogram() -> Histogram:
+    return Histogram("llmesh_step_duration_seconds",
+                     "One engine step: schedule, executor round trip, update", buckets=STEP_BUCKETS)
+
+
+@lru_cache(maxsize=None)
+def executor_metrics():
+    return (Histogram("llmesh_executor_forward_seconds", "Model forward per step on this rank",
+                      buckets=STEP_BUCKETS),
+            Counter("llmesh_executor_collective_seconds",
+                    "Time in tensor-parallel collectives on this rank"))
+
+
+@lru_cache(maxsize=None)
+def tokenizer_requests() -> Counter:
+    return Counter("llmesh_tokenizer_requests", "Tokenizer calls by method", ["method"])
+
+
+def register_scheduler(loop) -> None:
+    REGISTRY.register(SchedulerCollector(loop))
+
+
+class KVCacheCollector:
+    def __init__(self, manager):
+        self.manager = manager
+
+    def collect(self):
+        kv = self.manager.stats()
+        yield GaugeMetricFamily("llmesh_kvcache_mirror_used_blocks",
+                                "KV blocks in use, as the kvcache service mirrors them",
+                                kv.num_used_blocks)
+
+
+def register_kvcache(manager) -> None:
+    REGISTRY.register(KVCacheCollector(manager))

@@ -1,0 +1,143 @@
+"""The scheduler's spans for each request and each engine step.
+
+    scheduler.request            (child of the router's span, via AddRequest.traceparent)
+      queue                      arrival -> first scheduled
+      prefill                    first scheduled -> first token
+        prefill.chunk            one per step that computed part of the prompt
+      decode                     first token -> finish; events: first_token, preemption, resume
+    engine.step                  one per step; parent: the first traced request in the batch,
+                                 links: every traced request it served; the executor's
+                                 `executor.step` spans are its children (StepPlan.traceparent)
+
+Attributes follow the GenAI semantic conventions (gen_ai.request.model,
+gen_ai.request.max_tokens, gen_ai.usage.input_tokens / output_tokens,
+gen_ai.response.finish_reasons) plus llmesh.request_id. No token ids or text.
+Only requests that arrive with a sampled trace context get spans; without
+tracing every call here returns at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from observability import telemetry
+
+MAX_LINKS = 64
+
+
+@dataclass
+class _Request:
+    span: trace.Span
+    ctx: object  # context with `span` current
+    queue: trace.Span | None
+    prefill: trace.Span | None = None
+    decode: trace.Span | None = None
+    preempted: bool = False
+    chunks: list = field(default_factory=list)  # prefill chunk spans of the running step
+    num_output_tokens: int = 0
+
+
+class RequestSpans:
+    def __init__(self, model: str):
+        self.model = model
+        self.live: dict[str, _Request] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.live)
+
+    def add(self, request_id: str, traceparent: str, num_prompt_tokens: int, max_tokens: int,
+            n: int) -> None:
+        if not traceparent or not telemetry.tracing_enabled():
+            return
+        tracer = telemetry.tracer("llmesh.scheduler")
+        span = tracer.start_span("scheduler.request", context=telemetry.extract(traceparent),
+                                 attributes={
+                                     "llmesh.request_id": request_id,
+                                     "gen_ai.operation.name": "text_completion",
+                                     "gen_ai.request.model": self.model,
+                                     "gen_ai.request.max_tokens": max_tokens,
+                                     "gen_ai.request.choice.count": n,
+                                     "gen_ai.usage.input_tokens": num_prompt_tokens})
+        if not span.get_span_context().trace_flags.sampled:
+            return
+        ctx = trace.set_span_in_context(span)
+        self.live[request_id] = _Request(span, ctx, tracer.start_span("queue", context=ctx))
+
+    def step_started(self, plan, seqs, now_ns: int):
+        """Per scheduled sequence: queue ends, prefill starts, preemption / resume events.
+        Returns the step span (or None) to make current while the step runs."""
+        if not self.live:
+            return None
+        tracer = telemetry.tracer("llmesh.scheduler")
+        for seq_id in plan.finished_seq_ids:  # preempted now: back to waiting, state dropped
+            seq = seqs.get(seq_id)
+            req = self.live.get(seq.request_id) if seq is not None else None
+            if req is not None and seq.finish_reason is None:
+                req.preempted = True
+                (req.decode or req.prefill or req.span).add_event("preemption", timestamp=now_ns)
+        served = []
+        for sched in plan.scheduled:
+            seq = seqs.get(sched.seq_id)
+            req = self.live.get(seq.request_id) if seq is not None else None
+            if req is None:
+                continue
+            served.append(req)
+            if req.queue is not None:
+                req.queue.end(end_time=now_ns)
+                req.queue = None
+                req.prefill = tracer.start_span("prefill", context=req.ctx, start_time=now_ns)
+            if req.preempted:
+                req.preempted = False
+                (req.decode or req.prefill or req.span).add_event("resume", timestamp=now_ns)
+            if seq.num_computed < seq.num_prompt_tokens and req.prefill is not None:
+                chunk = tracer.start_span(
+                    "prefill.chunk", context=trace.set_span_in_context(req.prefill),
+                    start_time=now_ns, attributes={"llmesh.chunk.start": seq.num_computed,
+                                                   "llmesh.chunk.tokens": sched.num_new_tokens})
+                req.chunks.append(chunk)
+        if not served:
+            return None
+        links = [trace.Link(r.span.get_span_context()) for r in served[:MAX_LINKS]]
+        return tracer.start_span(
+            "engine.step", context=served[0].ctx, start_time=now_ns, links=links,
+            attributes={"llmesh.step_id": plan.step_id, "llmesh.step.num_seqs": len(plan.scheduled),
+                        "llmesh.step.num_tokens": plan.num_tokens,
+                        "llmesh.step.num_new_seqs": len(plan.new)})
+
+    def step_finished(self, step_span, now_ns: int) -> None:
+        for req in self.live.values():
+            for chunk in req.chunks:
+                chunk.end(end_time=now_ns)
+            req.chunks.clear()
+        if step_span is not None:
+            step_span.end(end_time=now_ns)
+
+    def on_output(self, request_id: str, num_new_tokens: int, now_ns: int) -> None:
+        req = self.live.get(request_id)
+        if req is None or not num_new_tokens:
+            return
+        req.num_output_tokens += num_new_tokens
+        if req.decode is None:
+            if req.prefill is not None:
+                req.prefill.end(end_time=now_ns)
+                req.prefill = None
+            req.decode = telemetry.tracer("llmesh.scheduler").start_span(
+                "decode", context=req.ctx, start_time=now_ns)
+            req.decode.add_event("first_token", timestamp=now_ns)
+
+    def finish(self, request_id: str, finish_reasons: list[str], num_cached_tokens: int) -> None:
+        req = self.live.pop(request_id, None)
+        if req is None:
+            return
+        now = telemetry.now_ns()
+        for span in (req.queue, req.prefill, req.decode, *req.chunks):
+            if span is not None:
+                span.end(end_time=now)
+        req.span.set_attributes({"gen_ai.response.finish_reasons": finish_reasons,
+                                 "gen_ai.usage.output_tokens": req.num_output_tokens,
+                                 "llmesh.usage.cached_prompt_tokens": num_cached_tokens})
+        if any(r in ("error", "abort", "deadline") for r in finish_reasons):
+            req.span.set_status(trace.Status(trace.StatusCode.ERROR, ",".join(finish_reasons)))
+        req.span.end(end_time=now)
