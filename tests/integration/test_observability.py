@@ -1,0 +1,219 @@
+"""Tracing, metrics and logs of the real mesh.
+
+One mesh exports OTLP to a collector built here on opentelemetry-proto; another
+uses the default local file that `llmesh trace` reads.
+"""
+import json
+import time
+import urllib.request
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from mesh.config import free_port
+from mesh_fixture import Mesh, wait_until
+
+SECRET_PROMPT = "zebra quartz lighthouse"
+ALL_SERVICES = {"envoy", "router", "tokenizer", "scheduler", "kvcache", "executor"}
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver that keeps every span it is sent."""
+
+    def __init__(self):
+        self.spans: list[dict] = []
+        self.raw: list[bytes] = []
+
+    def Export(self, request, context):
+        self.raw.append(request.SerializeToString())
+        for rs in request.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes
+                           if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    self.spans.append({
+                        "service": service, "name": s.name, "trace_id": s.trace_id.hex(),
+                        "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
+                        "attrs": {a.key: a.value for a in s.attributes}})
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def collector():
+    port = free_port()
+    c = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(c, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    c.endpoint = f"127.0.0.1:{port}"
+    yield c
+    server.stop(1)
+
+
+@pytest.fixture(scope="module")
+def otlp_mesh(tiny_model_dir, tmp_path_factory, collector):
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("otlp-mesh"),
+             observability={"tracing": "otlp", "otlp_endpoint": collector.endpoint})
+    m.up()
+    yield m
+    m.down()
+
+
+@pytest.fixture(scope="module")
+def file_mesh(tiny_model_dir, tmp_path_factory):
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("file-mesh"))
+    m.up()
+    yield m
+    m.down()
+
+
+def _complete(endpoint, prompt, max_tokens, metadata=None):
+    with grpc.insecure_channel(endpoint) as ch:
+        return inference_pb2_grpc.InferenceStub(ch).Complete(
+            inference_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True)),
+            timeout=60, metadata=metadata)
+
+
+def _trace_of(collector, request_id):
+    ids = {s["trace_id"] for s in collector.spans
+           if s["attrs"].get("llmesh.request_id") and
+           s["attrs"]["llmesh.request_id"].string_value == request_id}
+    return ids
+
+
+def test_one_trace_from_the_gateway_to_the_executor_step(otlp_mesh, collector):
+    out = _complete(otlp_mesh.endpoint, SECRET_PROMPT, 5)
+    rid = out.request_id
+
+    def complete_trace():
+        ids = _trace_of(collector, rid)
+        if len(ids) != 1:
+            return False
+        spans = [s for s in collector.spans if s["trace_id"] in ids]
+        return ALL_SERVICES <= {s["service"] for s in spans}
+    assert wait_until(complete_trace, 20), {s["service"] for s in collector.spans}
+    (trace_id,) = _trace_of(collector, rid)
+    spans = [s for s in collector.spans if s["trace_id"] == trace_id]
+    by_id = {s["span_id"]: s for s in spans}
+    # an unbroken parent chain from an executor step up to the gateway's root span
+    step = next(s for s in spans if s["name"] == "executor.step")
+    chain = [step]
+    while chain[-1]["parent"]:
+        assert chain[-1]["parent"] in by_id, f"broken chain at {chain[-1]['name']}"
+        chain.append(by_id[chain[-1]["parent"]])
+    names = [(s["service"], s["name"]) for s in chain]
+    assert chain[-1]["service"] == "envoy", names
+    assert ("scheduler", "engine.step") in names and ("scheduler", "scheduler.request") in names
+    assert ("router", "/llmesh.v1.Inference/Complete") in names
+    # the request span's GenAI attributes
+    req = next(s for s in spans if s["name"] == "scheduler.request")
+    a = req["attrs"]
+    assert a["gen_ai.request.max_tokens"].int_value == 5
+    assert a["gen_ai.usage.output_tokens"].int_value == 5
+    assert a["gen_ai.usage.input_tokens"].int_value == out.usage.prompt_tokens
+    assert a["gen_ai.request.model"].string_value == "default"
+    assert [v.string_value for v in a["gen_ai.response.finish_reasons"].array_value.values] \
+        == ["length"]
+    assert {"queue", "prefill", "prefill.chunk", "decode"} <= {s["name"] for s in spans}
+    assert any(s["service"] == "tokenizer" and "Encode" in s["name"] for s in spans)
+    # no prompt or output text anywhere in what was exported
+    blob = b"".join(collector.raw)
+    for word in SECRET_PROMPT.split() + [out.text.strip()[:12]]:
+        if word:
+            assert word.encode() not in blob
+
+
+def test_a_client_span_is_the_root(otlp_mesh, collector):
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    out = _complete(otlp_mesh.endpoint, "Hello", 3,
+                    metadata=[("traceparent", f"00-{trace_id}-{parent}-01")])
+    assert wait_until(lambda: _trace_of(collector, out.request_id) == {trace_id}, 20)
+    assert wait_until(lambda: any(s["service"] == "envoy" and s["trace_id"] == trace_id
+                                  for s in collector.spans), 10)
+    gateway = next(s for s in collector.spans
+                   if s["service"] == "envoy" and s["trace_id"] == trace_id)
+    assert gateway["parent"] == parent
+
+
+def _metrics(port) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_agree_with_what_clients_received(file_mesh):
+    ports = file_mesh.config["observability"]["metrics_ports"]
+    router = ports["router-0"]
+    before = _metrics(router)
+    lengths = [3, 7, 1, 12, 5, 9]
+    with futures.ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda n: _complete(file_mesh.endpoint, f"Count {n}", n), lengths))
+    after = _metrics(router)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+    assert delta("llmesh_generation_tokens_total") == sum(o.usage.completion_tokens for o in outs)
+    assert delta("llmesh_prompt_tokens_total") == sum(o.usage.prompt_tokens for o in outs)
+    assert delta("llmesh_time_to_first_token_seconds_count") == len(lengths)
+    assert delta("llmesh_e2e_request_latency_seconds_count") == len(lengths)
+    assert delta('llmesh_requests_total{finish_reason="length",status="OK"}') == len(lengths)
+    assert delta("llmesh_inter_token_latency_seconds_count") <= sum(lengths) - len(lengths)
+    sched = ports["scheduler-0"]
+    assert wait_until(lambda: _metrics(sched)["llmesh_kv_cache_usage_ratio"] == 0.0, 5)
+    s = _metrics(sched)
+    assert s["llmesh_num_requests_running"] == 0 and s["llmesh_engine_steps_total"] > 0
+    for name, port in ports.items():  # every service answers, with its process memory
+        assert _metrics(port)["process_resident_memory_bytes"] > 0, name
+
+
+def test_a_bad_request_is_counted_with_its_status(file_mesh):
+    router = file_mesh.config["observability"]["metrics_ports"]["router-0"]
+    key = 'llmesh_requests_total{finish_reason="none",status="INVALID_ARGUMENT"}'
+    before = _metrics(router).get(key, 0.0)
+    with pytest.raises(grpc.RpcError):
+        _complete(file_mesh.endpoint, "x", 0)
+    assert _metrics(router)[key] == before + 1
+
+
+def test_llmesh_trace_renders_the_last_request_from_the_local_file(file_mesh):
+    out = _complete(file_mesh.endpoint, SECRET_PROMPT, 4)
+    traces = file_mesh.run_dir / "traces.jsonl"
+
+    def has_all():
+        if not traces.exists():
+            return False
+        spans = [json.loads(line) for line in traces.read_text().splitlines() if line]
+        ids = {s["trace_id"] for s in spans
+               if s["attributes"].get("llmesh.request_id") == out.request_id}
+        return ids and ALL_SERVICES <= {s["service"] for s in spans if s["trace_id"] in ids}
+    assert wait_until(has_all, 20)
+    proc = file_mesh.cli("trace", "--last")
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("envoy", "ingress", "scheduler.request", "engine.step", "executor.step",
+                   "decode", out.request_id):
+        assert needle in proc.stdout
+    proc = file_mesh.cli("trace", out.request_id, "--json")
+    spans = json.loads(proc.stdout)
+    assert {"trace_id", "span_id", "parent_span_id", "service", "name", "start_ns",
+            "end_ns"} <= set(spans[0])
+    assert len({s["trace_id"] for s in spans}) == 1
+    assert all(s["end_ns"] >= s["start_ns"] for s in spans)
+    assert SECRET_PROMPT.split()[0] not in traces.read_text()
+    missing = file_mesh.cli("trace", "no-such-request")
+    assert missing.returncode == 1 and "no trace" in missing.stderr
+
+
+def test_logs_are_json_lines_with_the_service(file_mesh):
+    lines = (file_mesh.run_dir / "logs" / "scheduler-0.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records and all(r["service"] == "scheduler" for r in records)
+    assert not any(SECRET_PROMPT.split()[0] in line for line in lines)
