@@ -156,7 +156,8 @@ def cmd_status(args) -> int:
         except grpc.RpcError as e:
             entry["error"] = e.code().name
         replicas.append(entry)
-    out = {"endpoint": state["endpoint"], "services": services, "replicas": replicas}
+    out = {"endpoint": state["endpoint"], "services": services, "replicas": replicas,
+           "metrics": _scrape_summary(live)}
     if args.json:
         print(json.dumps(out))
     else:
@@ -166,6 +167,13 @@ def cmd_status(args) -> int:
         for r in replicas:
             print(f"  replica {r['replica']}: running {r.get('running')} waiting {r.get('waiting')} "
                   f"kv {r.get('kv_usage', 0):.1%} ({r.get('kv_used_blocks')} blocks)")
+        m = out["metrics"]
+        if m.get("requests") is not None:
+            print(f"  requests {m['requests']:.0f} (errors {m['errors']:.0f}), tokens in "
+                  f"{m['prompt_tokens']:.0f} out {m['generation_tokens']:.0f}, mean TTFT "
+                  f"{m['mean_ttft_s'] * 1e3:.1f} ms, mean e2e {m['mean_e2e_s'] * 1e3:.1f} ms")
+        for name, rss in m.get("rss_bytes", {}).items():
+            print(f"  {name:14s} rss {rss / 2**20:.0f} MiB")
     return 0
 
 
@@ -229,3 +237,54 @@ def cmd_trace(args) -> int:
     found = trace_view.trace_spans(spans, trace_id)
     print(trace_view.as_json(found) if args.json else trace_view.render(found))
     return 0
+
+
+def scrape(port: int, timeout: float = 2.0) -> dict[str, float]:
+    """One service's Prometheus text, as {series: value}."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def _scrape_summary(cfg: MeshConfig) -> dict:
+    """Request totals over every router and each service's memory, from /metrics."""
+    ports = cfg.observability.metrics_ports
+    totals = {"requests": 0.0, "errors": 0.0, "prompt_tokens": 0.0, "generation_tokens": 0.0,
+              "ttft_sum": 0.0, "ttft_count": 0.0, "e2e_sum": 0.0, "e2e_count": 0.0}
+    rss, seen_router = {}, False
+    for name, port in ports.items():
+        try:
+            m = scrape(port)
+        except OSError:
+            continue
+        rss[name] = m.get("process_resident_memory_bytes", 0.0)
+        if not name.startswith("router-"):
+            continue
+        seen_router = True
+        for series, value in m.items():
+            if series.startswith("llmesh_requests_total{"):
+                totals["requests"] += value
+                if 'status="OK"' not in series:
+                    totals["errors"] += value
+        totals["prompt_tokens"] += m.get("llmesh_prompt_tokens_total", 0.0)
+        totals["generation_tokens"] += m.get("llmesh_generation_tokens_total", 0.0)
+        totals["ttft_sum"] += m.get("llmesh_time_to_first_token_seconds_sum", 0.0)
+        totals["ttft_count"] += m.get("llmesh_time_to_first_token_seconds_count", 0.0)
+        totals["e2e_sum"] += m.get("llmesh_e2e_request_latency_seconds_sum", 0.0)
+        totals["e2e_count"] += m.get("llmesh_e2e_request_latency_seconds_count", 0.0)
+    if not seen_router:
+        return {"rss_bytes": rss}
+    return {"requests": totals["requests"], "errors": totals["errors"],
+            "prompt_tokens": totals["prompt_tokens"],
+            "generation_tokens": totals["generation_tokens"],
+            "mean_ttft_s": totals["ttft_sum"] / max(totals["ttft_count"], 1),
+            "mean_e2e_s": totals["e2e_sum"] / max(totals["e2e_count"], 1), "rss_bytes": rss}

@@ -181,7 +181,8 @@ def test_a_bad_request_is_counted_with_its_status(file_mesh):
     before = _metrics(router).get(key, 0.0)
     with pytest.raises(grpc.RpcError):
         _complete(file_mesh.endpoint, "x", 0)
-    assert _metrics(router)[key] == before + 1
+    # counted as the handler unwinds, just after the client has its status
+    assert wait_until(lambda: _metrics(router).get(key) == before + 1, 5)
 
 
 def test_llmesh_trace_renders_the_last_request_from_the_local_file(file_mesh):
@@ -217,3 +218,14 @@ def test_logs_are_json_lines_with_the_service(file_mesh):
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert records and all(r["service"] == "scheduler" for r in records)
     assert not any(SECRET_PROMPT.split()[0] in line for line in lines)
+
+
+def test_status_reads_the_metrics(file_mesh):
+    _complete(file_mesh.endpoint, "Status", 3)
+    proc = file_mesh.cli("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["metrics"]
+    router = _metrics(file_mesh.config["observability"]["metrics_ports"]["router-0"])
+    assert m["generation_tokens"] == router["llmesh_generation_tokens_total"] > 0
+    assert m["requests"] >= 1 and m["mean_ttft_s"] > 0
+    assert set(m["rss_bytes"]) == set(file_mesh.config["observability"]["metrics_ports"])
