@@ -53,16 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
-    off = bench.add_parser("offline", help="offline throughput: all requests at once")
-    off.add_argument("--model", help="model directory (default: the bench preset)")
-    off.add_argument("--num-requests", type=int, default=256)
-    off.add_argument("--targets", default="engine,hf-static,hf-cb")
-    off.add_argument("--seed", type=int, default=0)
-    off.add_argument("--max-prompt", type=int, default=1024)
-    off.add_argument("--max-output", type=int, default=512)
-    off.add_argument("--json", dest="json_out", help="write the results here")
-    off.add_argument("--config", help="mesh.yaml for the mesh target (default: same limits as engine)")
+    from benchmarks.commands import add_bench_parsers
+    add_bench_parsers(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -84,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                        "status": commands.cmd_status, "config": commands.cmd_config_show}
             return handler[args.command](args)
         if args.command == "bench":
-            from benchmarks.offline import run_offline_cli
-            return run_offline_cli(args)
+            from benchmarks.commands import run_bench_cli
+            return run_bench_cli(args)
     except (LlmeshError, ValueError) as e:
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,167 @@
+"""`llmesh bench offline | online | workload`: argument parsing and the glue to the harness."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from benchmarks import arrivals as arrivals_mod
+from benchmarks import workload as workload_mod
+from benchmarks.metrics import parse_slo
+
+DEFAULT_ONLINE_TARGETS = "engine,mesh"
+
+
+def add_bench_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+
+    off = bench.add_parser("offline", help="offline throughput: all requests at once")
+    _common(off, default_targets="engine,hf-static,hf-cb")
+    off.add_argument("--num-requests", type=int, default=256)
+
+    on = bench.add_parser("online", help="serving: requests arrive over time; rate sweeps")
+    _common(on, default_targets=DEFAULT_ONLINE_TARGETS)
+    on.add_argument("--arrival", default="poisson", choices=arrivals_mod.KINDS)
+    on.add_argument("--rate", type=float, help="requests/s (poisson, gamma)")
+    on.add_argument("--rates", help="comma-separated rates: one run per rate (a sweep)")
+    on.add_argument("--burstiness", type=float, default=1.0,
+                    help="gamma shape: 1 = Poisson, < 1 burstier")
+    on.add_argument("--concurrency", help="requests in flight (concurrency arrivals); "
+                                          "a comma-separated list sweeps it")
+    on.add_argument("--duration", type=float, help="seconds of arrivals per run")
+    on.add_argument("--num-requests", type=int, help="requests per run (with or instead of "
+                                                     "--duration; needed for offline arrivals)")
+
+    wl = bench.add_parser("workload", help="write a seeded workload as JSONL")
+    wl.add_argument("name", choices=workload_mod.BUILTIN)
+    wl.add_argument("--out", required=True)
+    wl.add_argument("--num-requests", type=int, default=256)
+    wl.add_argument("--model", help="model directory (vocabulary and context; default: bench preset)")
+    wl.add_argument("--seed", type=int, default=0)
+    wl.add_argument("--max-prompt", type=int, default=1024)
+    wl.add_argument("--max-output", type=int, default=512)
+
+
+def _common(p, default_targets: str) -> None:
+    p.add_argument("--model", help="model directory (default: the bench preset)")
+    p.add_argument("--config", help="mesh.yaml: the mesh target's topology and limits; the "
+                                    "engine target gets the same limits")
+    p.add_argument("--endpoint", help="Envoy host:port of a mesh already up (`llmesh up "
+                                      "--config FILE`) instead of starting one")
+    p.add_argument("--targets", default=default_targets,
+                   help="comma-separated: engine, mesh, hf-static, hf-cb")
+    p.add_argument("--workload", default="chat",
+                   help=f"{', '.join(workload_mod.BUILTIN)}, a .jsonl file or a ShareGPT .json file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt", type=int, default=1024)
+    p.add_argument("--max-output", type=int, default=512)
+    p.add_argument("--slo", help="goodput SLOs, e.g. ttft_ms=500,tpot_ms=100 (also e2e_ms)")
+    p.add_argument("--baseline", help="target the ratios compare against (default: engine)")
+    p.add_argument("--json", dest="json_out", help="write the report here (and OUT.md, OUT-plots/)")
+    p.add_argument("--markdown", help="Markdown table path (default: next to --json)")
+    p.add_argument("--plots", help="directory for the PNG plots (default: next to --json)")
+    p.add_argument("--sample-interval", type=float, default=0.1,
+                   help="seconds between KV usage samples")
+    p.add_argument("--drain-timeout", type=float, default=3600.0,
+                   help="seconds to wait for requests after the last arrival")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_bench_cli(args) -> int:
+    if args.bench_cmd == "workload":
+        return _write_workload(args)
+    from benchmarks.harness import run_bench
+    from benchmarks.report import default_paths, markdown, write_outputs
+    setup = build_setup(args)
+    result = run_bench(setup, json_out=args.json_out)
+    md_out, plots = args.markdown, args.plots
+    if args.json_out:
+        default_md, default_plots = default_paths(args.json_out)
+        md_out, plots = md_out or default_md, plots or default_plots
+    for path in write_outputs(result.report, args.json_out, md_out, plots):
+        print(f"[bench] wrote {path}", file=sys.stderr)
+    print(markdown(result.report), end="")
+    return 1 if result.report.get("failed_targets") else 0
+
+
+def runs_from_args(args) -> list:
+    from benchmarks.arrivals import ArrivalSpec
+    from benchmarks.harness import RunSpec
+    if args.bench_cmd == "offline":
+        return [RunSpec(ArrivalSpec("offline"), num_requests=args.num_requests)]
+    kind = args.arrival
+    if kind == "offline":
+        if not args.num_requests:
+            raise ValueError("offline arrivals need --num-requests")
+        return [RunSpec(ArrivalSpec("offline"), num_requests=args.num_requests)]
+    if args.num_requests is None and args.duration is None:
+        raise ValueError("give --duration and/or --num-requests")
+    if kind == "concurrency":
+        if not args.concurrency:
+            raise ValueError("concurrency arrivals need --concurrency")
+        levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+        return [RunSpec(ArrivalSpec("concurrency", concurrency=c), args.num_requests,
+                        args.duration) for c in levels]
+    if args.rates:
+        rates = arrivals_mod.parse_rates(args.rates)
+    elif args.rate is not None:
+        rates = arrivals_mod.parse_rates(str(args.rate))
+    else:
+        raise ValueError(f"{kind} arrivals need --rate or --rates")
+    return [RunSpec(ArrivalSpec(kind, rate=r, burstiness=args.burstiness), args.num_requests,
+                    args.duration) for r in rates]
+
+
+def build_setup(args):
+    from benchmarks.harness import (BENCH_ENGINE_CONFIG, BenchSetup, context_limit,
+                                    engine_config_for)
+    from services.executor.model_config import load_model_config
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    mesh_config, endpoint, schedulers = None, None, []
+    model_dir = args.model
+    if args.config:
+        from mesh.config import load_config
+        mesh_config = load_config(args.config)
+        model_dir = model_dir or mesh_config.model or None
+    if args.endpoint:
+        endpoint, schedulers = args.endpoint, _running_schedulers(args.config)
+    elif mesh_config is not None:  # a mesh the benchmark starts: never on the config's fixed ports
+        mesh_config = dataclasses.replace(mesh_config, envoy=dataclasses.replace(
+            mesh_config.envoy, port=0, admin_port=0))
+    if not model_dir:
+        from mesh.default_model import default_model_dir
+        model_dir = default_model_dir("bench")
+    engine_config = engine_config_for(mesh_config) if mesh_config is not None else BENCH_ENGINE_CONFIG
+    model_config = load_model_config(model_dir)
+    limit = context_limit(model_config, engine_config, mesh_config if "mesh" in names else None)
+    wl = workload_mod.load(args.workload, model_config.vocab_size, limit, args.seed,
+                           args.max_prompt, args.max_output, model_config.bos_token_id or 0,
+                           model_dir)
+    return BenchSetup(
+        model_dir=str(model_dir), workload=wl, target_names=names, runs=runs_from_args(args),
+        engine_config=engine_config, mesh_config=mesh_config, mesh_endpoint=endpoint,
+        mesh_schedulers=schedulers, slo=parse_slo(args.slo), baseline=args.baseline,
+        seed=args.seed, sample_interval_s=args.sample_interval,
+        drain_timeout_s=args.drain_timeout, hf_batch_size=args.hf_batch_size,
+        max_output=args.max_output, show_progress=not args.no_progress)
+
+
+def _running_schedulers(config_path: str | None) -> list[str]:
+    """Scheduler addresses of the mesh `llmesh up --config FILE` brought up (for GetStats)."""
+    from mesh.commands import effective_config, read_state, run_dir_of
+    state = read_state(run_dir_of(effective_config(config_path))) or {}
+    replicas = (state.get("config") or {}).get("replica_ports") or []
+    return [f"127.0.0.1:{r['scheduler']}" for r in replicas]
+
+
+def _write_workload(args) -> int:
+    from services.executor.model_config import load_model_config
+    model_dir = args.model
+    if not model_dir:
+        from mesh.default_model import default_model_dir
+        model_dir = default_model_dir("bench")
+    mc = load_model_config(model_dir)
+    wl = workload_mod.builtin(args.name, mc.vocab_size, mc.max_position_embeddings, args.seed,
+                              args.max_prompt, args.max_output, mc.bos_token_id or 0)
+    print(workload_mod.write_jsonl(args.out, wl, args.num_requests))
+    return 0
