@@ -73,9 +73,12 @@ def _stats(port: int):
                                                              timeout=10)
 
 
-def run_once(model_dir: str, tp: int, reqs, warm, limits: EngineLimits, log) -> dict:
+def run_once(model_dir: str, tp: int, reqs, warm, limits: EngineLimits, log,
+             **overrides) -> dict:
+    """Bring up a mesh, warm it, run `reqs` through Envoy, read the scheduler's
+    step figures and the ranks' memory, bring it down."""
     cfg = resolve_ports(MeshConfig(tensor_parallel=tp, engine=limits,
-                                   envoy=EnvoyConfig(port=0, admin_port=0)))
+                                   envoy=EnvoyConfig(port=0, admin_port=0), **overrides))
     with tempfile.TemporaryDirectory(prefix=f"llmesh-tp{tp}-") as run_dir:
         sup = Supervisor(build_specs(cfg, model_dir, Path(run_dir)), Path(run_dir))
         sup.start(timeout_s=300)
@@ -100,7 +103,7 @@ def run_once(model_dir: str, tp: int, reqs, warm, limits: EngineLimits, log) -> 
         "executor_rpc_ms_per_step": 1e3 * (s1.executor_rpc_s - s0.executor_rpc_s) / steps,
         "rank_rss_bytes": rss,
     }
-    log(f"[tp] TP={tp}: {res['output_tokens_per_s']:.1f} tok/s, {steps} steps, forward "
+    log(f"[mesh] TP={tp} {overrides or ''}: {res['output_tokens_per_s']:.1f} tok/s, {steps} steps, forward "
         f"{res['forward_ms_per_step']:.2f} ms/step of which collectives "
         f"{res['comm_ms_per_step']:.2f} ms, rank RSS "
         + ", ".join(f"{r / 2**20:.0f} MiB" for r in rss))

@@ -30,6 +30,7 @@ _state = {"tracing": False, "service": "llmesh"}
 
 # streams that outlive any one request carry context in their messages instead
 _STREAM_METHODS = ("Connect", "Run", "Detokenize", "Events")
+_PER_STEP_METHODS = ("Commit",)  # carry context in the message: no per-step interceptor cost
 
 
 def tracing_enabled() -> bool:
@@ -79,7 +80,7 @@ def _rpc_filter():
     from opentelemetry.instrumentation.grpc import filters
     return filters.negate(filters.any_of(
         filters.health_check(), filters.service_prefix("grpc.reflection"),
-        *(filters.method_name(m) for m in _STREAM_METHODS)))
+        *(filters.method_name(m) for m in _STREAM_METHODS + _PER_STEP_METHODS)))
 
 
 def server_interceptors() -> list:

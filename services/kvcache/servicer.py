@@ -5,6 +5,7 @@ import asyncio
 
 import grpc
 
+from observability import telemetry
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
 from services.kvcache.manager import KVCacheManager, replay
 
@@ -58,11 +59,19 @@ class KVCacheServicer(kvcache_pb2_grpc.KVCacheServicer):
         self._subscribers: list[asyncio.Queue] = []
 
     async def Commit(self, request, context):
+        span = None
+        if request.traceparent and telemetry.tracing_enabled():
+            span = telemetry.tracer("llmesh.kvcache").start_span(
+                "kvcache.commit", context=telemetry.extract(request.traceparent),
+                attributes={"llmesh.step_id": request.step_id, "llmesh.kv.num_ops": len(request.ops)})
         try:
             replay(self.kv, ops_from_proto(request.ops))
         except (AssertionError, KeyError, ValueError) as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"step {request.step_id}: commit does not apply: {e!r}")
+        finally:
+            if span is not None:
+                span.end()
         self._publish()
         return kvcache_pb2.CommitResponse(num_used_blocks=self.kv.pool.num_used)
 
