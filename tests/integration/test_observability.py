@@ -4,7 +4,6 @@ One mesh exports OTLP to a collector built here on opentelemetry-proto; another
 uses the default local file that `llmesh trace` reads.
 """
 import json
-import time
 import urllib.request
 from concurrent import futures
 
