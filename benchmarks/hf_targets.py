@@ -112,7 +112,6 @@ class HFStaticTarget(Target):
             with self._cond:
                 if item in self._queue:
                     self._queue.remove(item)
-            rec.status = "CANCELLED"
             raise
 
     async def end_run(self) -> dict:

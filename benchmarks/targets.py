@@ -167,11 +167,9 @@ class EngineTarget(Target):
     def _drain(self) -> None:
         while self._inbox:
             item = self._inbox.popleft()
-            if item[0] == "cancel":
-                entry = self._live.pop(item[1], None)
-                if entry is not None:
+            if item[0] == "cancel":  # the client gave up; its status is the client's to say
+                if self._live.pop(item[1], None) is not None:
                     self.engine.abort(item[1])
-                    entry[0].status = "CANCELLED"
                 continue
             _, request_id, req, rec, fut, loop = item
             try:

@@ -104,3 +104,35 @@ def test_llmesh_bench_online_rate_sweep_with_its_own_mesh(tiny_model_dir, tmp_pa
     md = (tmp_path / "sweep.md").read_text()
     assert "| mesh |" in md and "Roofline:" in md and "## Sweep" in md
     assert "| mesh |" in capsys.readouterr().out
+
+
+def test_refused_and_timed_out_requests_through_the_mesh(mesh, tiny_model_dir, tmp_path):
+    import grpc
+
+    from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from mesh_fixture import wait_until
+    good = {"prompt_token_ids": [0, 11, 12, 13], "max_tokens": 4}
+    lines = [good, {"prompt_token_ids": [0] + [9] * 2100, "max_tokens": 4}, good]  # over 2048
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    mc = load_model_config(tiny_model_dir)
+    w = wl.load(str(tmp_path / "w.jsonl"), mc.vocab_size, 2048)
+    result = run_bench(_attached(mesh, tiny_model_dir, w,
+                                 [RunSpec(ArrivalSpec("offline"), num_requests=3)]))
+    fig = result.report["runs"][0]["targets"]["mesh"]
+    assert fig["status_counts"] == {"INVALID_ARGUMENT": 1, "OK": 2}
+    assert fig["output_tokens"] == 8 and fig["ttft_ms"]["count"] == 2
+
+    # streams still running when the drain timeout passes are cancelled: the mesh frees them
+    (tmp_path / "slow.jsonl").write_text(json.dumps({"prompt_token_ids": [0, 11, 12],
+                                                     "max_tokens": 1900}) + "\n")
+    setup = _attached(mesh, tiny_model_dir, wl.load(str(tmp_path / "slow.jsonl"), mc.vocab_size,
+                                                    2048),
+                      [RunSpec(ArrivalSpec("offline"), num_requests=2)])
+    setup.drain_timeout_s = 0.3
+    fig = run_bench(setup).report["runs"][0]["targets"]["mesh"]
+    assert fig["status_counts"] == {"TIMEOUT": 2}
+    port = mesh.config["replica_ports"][0]["scheduler"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+        assert wait_until(lambda: stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+                          .num_used_blocks == 0, 10)

@@ -109,3 +109,30 @@ def test_bench_offline_cli_keeps_its_figures(tiny_model_dir, tmp_path, capsys):
     assert main(["bench", "online", "--model", str(tiny_model_dir), "--targets", "engine"]) == 2
     assert main(["bench", "online", "--model", str(tiny_model_dir), "--targets", "nope",
                  "--rate", "1", "--num-requests", "1"]) == 2
+
+
+def test_refused_and_timed_out_requests_are_counted_by_status(tiny_model_dir, tmp_path):
+    good = {"prompt_token_ids": [0, 11, 12, 13], "max_tokens": 4}
+    lines = [good, {"prompt_token_ids": [0] + [9] * 2100, "max_tokens": 4}, good]  # over 2048
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "slow.jsonl").write_text(json.dumps({"prompt_token_ids": [0, 11, 12],
+                                                     "max_tokens": 2000}) + "\n")
+    mc = load_model_config(tiny_model_dir)
+    refused = run_bench(setup_for(tiny_model_dir, wl.load(str(tmp_path / "w.jsonl"),
+                                                          mc.vocab_size, 2048),
+                                  [RunSpec(ArrivalSpec("offline"), num_requests=3)]))
+    fig = refused.report["runs"][0]["targets"]["engine"]
+    assert fig["status_counts"] == {"INVALID_ARGUMENT": 1, "OK": 2}
+    assert fig["num_ok"] == 2 and fig["ttft_ms"]["count"] == 2 and fig["output_tokens"] == 8
+    assert "prompt" in refused.records["engine"][0][1].error
+
+    # requests that cannot finish within the drain timeout are cancelled, counted as TIMEOUT
+    # with the tokens they had received
+    setup = setup_for(tiny_model_dir, wl.load(str(tmp_path / "slow.jsonl"), mc.vocab_size, 2048),
+                      [RunSpec(ArrivalSpec("offline"), num_requests=2)])
+    setup.drain_timeout_s = 0.3
+    timed_out = run_bench(setup)
+    fig = timed_out.report["runs"][0]["targets"]["engine"]
+    assert fig["status_counts"] == {"TIMEOUT": 2} and fig["num_ok"] == 0
+    recs = timed_out.records["engine"][0]
+    assert fig["output_tokens"] == sum(r.num_output_tokens for r in recs) < 2 * 2000
