@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -131,9 +132,12 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
 
 
 def write_json(report: dict, path: str | Path) -> None:
+    """Indented, with the innermost lists (quantiles, samples, request rows) on one line."""
+    text = json.dumps(report, indent=1)
+    text = re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\n\s*", " ", m.group(0)), text)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.write_text(text + "\n")
 
 
 def make_target(name: str, setup: BenchSetup, model_config):
@@ -204,9 +208,9 @@ def context_limit(model_config, engine_config: EngineConfig, mesh_config=None) -
 
 # ---- one target, every run --------------------------------------------------
 async def _session(target, name: str, setup: BenchSetup, offsets: list) -> list[tuple]:
-    await target.open()
     out = []
     try:
+        await target.open()
         for i, (spec, offs) in enumerate(zip(setup.runs, offsets)):
             await target.begin_run()
             recs, t0 = await _drive(target, name, spec, offs, setup.workload.stream(i), setup)

@@ -281,8 +281,10 @@ class MeshTarget(Target):
                 for s in self.schedulers]
 
     async def begin_run(self) -> None:
-        self._before = await self._stats()
         self._samples = []
+        if not self.schedulers:  # attached without the schedulers' addresses: no KV figures
+            return
+        self._before = await self._stats()
         self._sampler = asyncio.create_task(self._sample_loop())
 
     async def _sample_loop(self) -> None:
@@ -333,9 +335,12 @@ class MeshTarget(Target):
         rec.done_s = time.perf_counter()
 
     async def end_run(self) -> dict:
+        if not self.schedulers:
+            return {}
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         after = await self._stats()
         self._samples.append(self._sample(time.perf_counter(), after))
         split: dict[str, float] = {}

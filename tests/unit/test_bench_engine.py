@@ -106,6 +106,15 @@ def test_bench_offline_cli_keeps_its_figures(tiny_model_dir, tmp_path, capsys):
     assert fig["engine_speedup"] == pytest.approx(1.0) and fig["wall_s"] > 0
     assert (tmp_path / "off.md").is_file() and is_png(tmp_path / "off-plots" / "ttft_cdf.png")
     assert "| engine |" in capsys.readouterr().out
+    from benchmarks.report import main as report_main
+    assert report_main([str(out)]) == 0
+    assert capsys.readouterr().out == (tmp_path / "off.md").read_text()
+    assert main(["bench", "workload", "shared-prefix", "--model", str(tiny_model_dir),
+                 "--num-requests", "5", "--seed", "3", "--out", str(tmp_path / "w.jsonl")]) == 0
+    w = wl.load(str(tmp_path / "w.jsonl"), 3072, 2048)
+    assert w.meta["source_name"] == "shared-prefix" and w.meta["num_distinct_requests"] == 5
+    assert [r.prompt_token_ids for r in w.take(5)] == \
+        [r.prompt_token_ids for r in wl.builtin("shared-prefix", 3072, 2048, seed=3).take(5)]
     assert main(["bench", "online", "--model", str(tiny_model_dir), "--targets", "engine"]) == 2
     assert main(["bench", "online", "--model", str(tiny_model_dir), "--targets", "nope",
                  "--rate", "1", "--num-requests", "1"]) == 2
