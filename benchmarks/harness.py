@@ -97,7 +97,6 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
     results: dict[str, list[dict]] = {}
     records: dict[str, list[list[RequestRecord]]] = {}
     failures: dict[str, str] = {}
-    report: dict = {}
     for name in setup.target_names:
         target = make_target(name, setup, model_config)
         setup.log(f"[bench] {name}: starting ...")
@@ -109,9 +108,13 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
         except Exception as e:  # noqa: BLE001 - one target failing must not lose the others
             failures[name] = f"{type(e).__name__}: {e}"
             setup.log(f"[bench] {name}: FAILED: {failures[name]}")
-            continue
+            runs = None
         finally:
             target.stop()
+        if runs is None:
+            if json_out:
+                write_json(_report(setup, context, results, failures), json_out)
+            continue
         results[name] = []
         records[name] = []
         for spec, (recs, run_t0, stats) in zip(setup.runs, runs):
@@ -123,12 +126,9 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
             setup.log(f"[bench] {name} {spec.arrivals.label}: {figures['num_ok']}/"
                       f"{figures['num_requests']} ok, {figures['output_tokens_per_s']:.1f} output "
                       f"tok/s, TTFT p50 {figures['ttft_ms'].get('p50', float('nan')):.1f} ms")
-        report = _report(setup, context, results, failures)
         if json_out:  # after every target, so a long run keeps what it measured
-            write_json(report, json_out)
-    if not report:
-        report = _report(setup, context, results, failures)
-    return BenchResult(report, records)
+            write_json(_report(setup, context, results, failures), json_out)
+    return BenchResult(_report(setup, context, results, failures), records)
 
 
 def write_json(report: dict, path: str | Path) -> None:

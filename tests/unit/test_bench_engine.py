@@ -145,3 +145,18 @@ def test_refused_and_timed_out_requests_are_counted_by_status(tiny_model_dir, tm
     assert fig["status_counts"] == {"TIMEOUT": 2} and fig["num_ok"] == 0
     recs = timed_out.records["engine"][0]
     assert fig["output_tokens"] == sum(r.num_output_tokens for r in recs) < 2 * 2000
+
+
+def test_a_failing_target_is_reported_and_the_others_still_run(tiny_model_dir, tmp_path):
+    from mesh.config import free_port
+    mc = load_model_config(tiny_model_dir)
+    w = wl.builtin("chat", mc.vocab_size, 2048, seed=0, max_prompt=64, max_output=8)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    setup = setup_for(tiny_model_dir, w, [RunSpec(ArrivalSpec("offline"), num_requests=3)],
+                      targets=("mesh", "engine"), mesh_endpoint=dead, mesh_schedulers=[dead])
+    result = run_bench(setup, json_out=tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["failed_targets"]) == ["mesh"] == list(result.report["failed_targets"])
+    assert "UNAVAILABLE" in report["failed_targets"]["mesh"]
+    assert report["runs"][0]["targets"]["engine"]["status_counts"] == {"OK": 3}
+    assert "Failed targets: mesh" in markdown(report)
