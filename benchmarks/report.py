@@ -57,7 +57,14 @@ def run_table(run: dict, baseline: str | None, slo: dict) -> str:
                   str(kv.get("preemptions", ""))]
         cells.append(step)
         rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    notes = []
+    if any(t.get("kv", {}).get("slot_utilisation") is not None for t in run["targets"].values()):
+        notes.append("Static batching's KV waste is over the whole run: every row holds a slot "
+                     "for each position up to its batch's longest prompt plus longest output.")
+    if any(t.get("roofline", {}).get("measured_step_ms") for t in run["targets"].values()):
+        notes.append("Step ms: mean measured step (prefill chunks included); in brackets the "
+                     "time its bytes (weights + mean KV) take at the measured memory bandwidth.")
+    return "\n".join(rows) + "".join("\n\n" + n for n in notes)
 
 
 def sweep_table(report: dict) -> str:
