@@ -217,20 +217,24 @@ class Supervisor:
                         self.on_change()  # new pids
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every process (Envoy and routers first), SIGKILL stragglers."""
+        """SIGTERM every process (Envoy and routers first), SIGKILL stragglers; the
+        trace collector last, so the services' final span exports still land."""
         self._stopping.set()
         with self._lock:
-            procs = [s.proc for s in reversed(self.specs) if s.proc is not None]
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
+            specs = [s for s in reversed(self.specs) if s.proc is not None]
+            services = [s.proc for s in specs if s.name != "collector"]
+            collector = [s.proc for s in specs if s.name == "collector"]
             deadline = time.monotonic() + timeout_s
-            for p in procs:
-                try:
-                    p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            for batch in (services, collector):
+                for p in batch:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in batch:
+                    try:
+                        p.wait(max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
 
     def pids(self) -> dict[str, int]:
         return {s.name: s.proc.pid for s in self.specs if s.proc is not None}

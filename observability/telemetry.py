@@ -61,7 +61,7 @@ def _setup_tracing(service: str) -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": service}),
                               sampler=ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=endpoint, insecure=True), schedule_delay_millis=500))
+        OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=2), schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _state["tracing"] = True
 
