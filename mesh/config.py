@@ -151,8 +151,21 @@ def free_port() -> int:
 
 def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     """Fill every port of 0 (or missing) with a free loopback port."""
+    # ports the config names, so an automatic pick never lands on one of them
+    taken: set[int] = {cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
+                       *cfg.router_ports, *cfg.tokenizer_ports,
+                       *cfg.observability.metrics_ports.values()} - {0}
+    for r in cfg.replica_ports:
+        taken |= {r.scheduler, r.kvcache, r.dist_port, *r.executors} - {0}
+
     def pick(p: int) -> int:
-        return p or free_port()
+        if p:
+            return p
+        # the kernel may hand the same free port out twice in a row: never reuse one
+        while not p or p in taken:
+            p = free_port()
+        taken.add(p)
+        return p
 
     routers = tuple(pick(p) for p in (cfg.router_ports or (0,) * cfg.routers))
     tokenizers = tuple(pick(p) for p in (cfg.tokenizer_ports or (0,) * cfg.tokenizers))

@@ -53,3 +53,13 @@ def test_up_refuses_a_tensor_parallel_size_the_model_cannot_split(tiny_model_dir
     assert proc.returncode == 2
     assert "tensor_parallel=3 does not divide 4 attention heads" in proc.stderr
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_automatic_ports_are_all_distinct():
+    cfg = resolve_ports(parse_config({"replicas": 3, "tensor_parallel": 2, "routers": 2,
+                                      "envoy": {"port": 0, "admin_port": 0}}))
+    ports = [cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
+             *cfg.router_ports, *cfg.tokenizer_ports, *cfg.observability.metrics_ports.values()]
+    for r in cfg.replica_ports:
+        ports += [r.scheduler, r.kvcache, r.dist_port, *r.executors]
+    assert len(ports) == len(set(ports)) == 3 + 2 + 1 + 2 + 1 + 3 * 2 + 3 * 2 + 3 * 5
