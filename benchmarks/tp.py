@@ -110,22 +110,35 @@ def run_once(model_dir: str, tp: int, reqs, warm, limits: EngineLimits, log,
     return res
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.tp")
+def ab_args(prog: str, argv=None) -> argparse.Namespace:
+    """The command line shared by the alternating mesh A/B benchmarks."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--model", help="model directory (default: the bench preset)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def ab_setup(args):
+    """(model dir, model config, requests, warm-up requests, engine limits) for an A/B run."""
     from mesh.default_model import default_model_dir
-    from benchmarks.offline import machine_info, versions
     model_dir = str(args.model or default_model_dir("bench"))
     mc = load_model_config(model_dir)
-    reqs = workload(args.requests, mc.vocab_size, args.seed)
-    warm = workload(4, mc.vocab_size, args.seed + 1)
     limits = EngineLimits(num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    return (model_dir, mc, workload(args.requests, mc.vocab_size, args.seed),
+            workload(4, mc.vocab_size, args.seed + 1), limits)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    from benchmarks.machine import machine_info, versions
+    args = ab_args("benchmarks.tp", argv)
+    model_dir, mc, reqs, warm, limits = ab_setup(args)
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for round_ in range(args.rounds):
         for tp in ((1, 2) if round_ % 2 == 0 else (2, 1)):  # alternate who goes first

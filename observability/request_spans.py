@@ -17,7 +17,7 @@ tracing every call here returns at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry import trace
 
@@ -34,7 +34,6 @@ class _Request:
     prefill: trace.Span | None = None
     decode: trace.Span | None = None
     preempted: bool = False
-    chunks: list = field(default_factory=list)  # prefill chunk spans of the running step
     num_output_tokens: int = 0
 
 
@@ -42,6 +41,7 @@ class RequestSpans:
     def __init__(self, model: str):
         self.model = model
         self.live: dict[str, _Request] = {}
+        self._chunks: list[trace.Span] = []  # prefill chunk spans of the step in flight
 
     @property
     def active(self) -> bool:
@@ -96,7 +96,7 @@ class RequestSpans:
                     "prefill.chunk", context=trace.set_span_in_context(req.prefill),
                     start_time=now_ns, attributes={"llmesh.chunk.start": seq.num_computed,
                                                    "llmesh.chunk.tokens": sched.num_new_tokens})
-                req.chunks.append(chunk)
+                self._chunks.append(chunk)
         if not served:
             return None
         links = [trace.Link(r.span.get_span_context()) for r in served[:MAX_LINKS]]
@@ -107,10 +107,9 @@ class RequestSpans:
                         "llmesh.step.num_new_seqs": len(plan.new)})
 
     def step_finished(self, step_span, now_ns: int) -> None:
-        for req in self.live.values():
-            for chunk in req.chunks:
-                chunk.end(end_time=now_ns)
-            req.chunks.clear()
+        for chunk in self._chunks:
+            chunk.end(end_time=now_ns)
+        self._chunks.clear()
         if step_span is not None:
             step_span.end(end_time=now_ns)
 
@@ -132,7 +131,7 @@ class RequestSpans:
         if req is None:
             return
         now = telemetry.now_ns()
-        for span in (req.queue, req.prefill, req.decode, *req.chunks):
+        for span in (req.queue, req.prefill, req.decode):
             if span is not None:
                 span.end(end_time=now)
         req.span.set_attributes({"gen_ai.response.finish_reasons": finish_reasons,

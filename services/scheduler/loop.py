@@ -158,6 +158,10 @@ class EngineLoop:
             exec_task = asyncio.ensure_future(self._execute(plan))
             await self._commit(plan.step_id, ops)
             result = await exec_task
+        except BaseException:
+            if step_span is not None:  # the executor group failed: close the step's spans
+                self.spans.step_finished(step_span, time.time_ns())
+            raise
         finally:
             if token is not None:
                 otel_context.detach(token)
