@@ -89,22 +89,32 @@ def test_one_trace_from_the_gateway_to_the_executor_step(otlp_mesh, collector):
     out = _complete(otlp_mesh.endpoint, SECRET_PROMPT, 5)
     rid = out.request_id
 
-    def complete_trace():
+    def chain_from_step():
+        """The parent chain from an executor step upwards, as far as it has arrived."""
         ids = _trace_of(collector, rid)
         if len(ids) != 1:
+            return None, []
+        (trace_id,) = ids
+        spans = [s for s in collector.spans if s["trace_id"] == trace_id]
+        by_id = {s["span_id"]: s for s in spans}
+        step = next((s for s in spans if s["name"] == "executor.step"), None)
+        chain = [step] if step else []
+        while chain and chain[-1]["parent"] in by_id:
+            chain.append(by_id[chain[-1]["parent"]])
+        return trace_id, chain
+
+    def complete_trace():
+        # services export in batches on their own schedules: wait until every service's
+        # spans and the whole chain up to the root have arrived
+        trace_id, chain = chain_from_step()
+        if not chain or chain[-1]["parent"]:
             return False
-        spans = [s for s in collector.spans if s["trace_id"] in ids]
+        spans = [s for s in collector.spans if s["trace_id"] == trace_id]
         return ALL_SERVICES <= {s["service"] for s in spans}
-    assert wait_until(complete_trace, 20), {s["service"] for s in collector.spans}
-    (trace_id,) = _trace_of(collector, rid)
+    assert wait_until(complete_trace, 30), \
+        [(s["service"], s["name"]) for s in chain_from_step()[1]]
+    trace_id, chain = chain_from_step()
     spans = [s for s in collector.spans if s["trace_id"] == trace_id]
-    by_id = {s["span_id"]: s for s in spans}
-    # an unbroken parent chain from an executor step up to the gateway's root span
-    step = next(s for s in spans if s["name"] == "executor.step")
-    chain = [step]
-    while chain[-1]["parent"]:
-        assert chain[-1]["parent"] in by_id, f"broken chain at {chain[-1]['name']}"
-        chain.append(by_id[chain[-1]["parent"]])
     names = [(s["service"], s["name"]) for s in chain]
     assert chain[-1]["service"] == "envoy", names
     assert ("scheduler", "engine.step") in names and ("scheduler", "scheduler.request") in names
