@@ -19,7 +19,8 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
             value = getattr(msg, name)
             kwargs[name] = float(f"{value:.7g}") if isinstance(value, float) else value
     return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                          **kwargs)
+                          repetition_max_ngram=msg.repetition_max_ngram,
+                          repetition_min_repeats=msg.repetition_min_repeats, **kwargs)
 
 
 def sampling_to_proto(p: SamplingParams, stop: list[str] = ()) -> common_pb2.SamplingParams:
@@ -27,7 +28,9 @@ def sampling_to_proto(p: SamplingParams, stop: list[str] = ()) -> common_pb2.Sam
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         min_p=p.min_p, repetition_penalty=p.repetition_penalty,
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, n=p.n, stop=list(stop))
+        stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, n=p.n, stop=list(stop),
+        repetition_max_ngram=p.repetition_max_ngram,
+        repetition_min_repeats=p.repetition_min_repeats)
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -92,3 +95,13 @@ def result_from_proto(msg: executor_pb2.StepResult) -> StepResult:
         if s.logprobs:
             result.logprobs[s.seq_id] = [logprob_from_proto(lp) for lp in s.logprobs]
     return result
+
+
+PRIORITY_NAMES = {common_pb2.PRIORITY_INTERACTIVE: "interactive",
+                  common_pb2.PRIORITY_STANDARD: "standard", common_pb2.PRIORITY_BATCH: "batch"}
+PRIORITY_VALUES = {name: value for value, name in PRIORITY_NAMES.items()}
+
+
+def priority_from_proto(value: int, default: str = "standard") -> str:
+    """The class name of a Priority enum value (UNSPECIFIED: `default`)."""
+    return PRIORITY_NAMES.get(value, default)

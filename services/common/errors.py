@@ -37,3 +37,26 @@ class DuplicateRequestError(LlmeshError):
     def __init__(self, request_id: str):
         super().__init__(f"request_id: {request_id!r} is already in flight")
         self.request_id = request_id
+
+
+class UnauthenticatedError(LlmeshError):
+    """No API key, or one no tenant holds. Maps to UNAUTHENTICATED."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(LlmeshError):
+    """The tenant may not use this model or priority class. Maps to PERMISSION_DENIED."""
+
+    code = "PERMISSION_DENIED"
+
+
+class LimitExceededError(LlmeshError):
+    """A rate limit, quota or full queue. Maps to RESOURCE_EXHAUSTED with retry pushback."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, reason: str, message: str, retry_after_s: float = 0.0):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s

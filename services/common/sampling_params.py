@@ -13,6 +13,7 @@ from services.common.errors import InvalidRequestError
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_REPETITION_NGRAM = 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k = chosen token plus k alternatives
     n: int = 1
+    # opt-in early stop: the output ends with an n-gram (n <= repetition_max_ngram)
+    # repeated repetition_min_repeats times in a row; 0 = off
+    repetition_max_ngram: int = 0
+    repetition_min_repeats: int = 0
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -55,6 +60,11 @@ class SamplingParams:
         _check_int("n", self.n, lo=1, hi=MAX_N)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_TOP_LOGPROBS)
+        _check_int("repetition_max_ngram", self.repetition_max_ngram, lo=0, hi=MAX_REPETITION_NGRAM)
+        _check_int("repetition_min_repeats", self.repetition_min_repeats, lo=0, hi=16)
+        if self.repetition_max_ngram and self.repetition_min_repeats < 2:
+            raise InvalidRequestError("repetition_min_repeats",
+                                      "must be at least 2 when repetition_max_ngram is set")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
         for token_id in self.stop_token_ids:
@@ -110,3 +120,18 @@ def validate_request(prompt_token_ids: object, params: SamplingParams, vocab_siz
         raise InvalidRequestError(
             "max_tokens", f"prompt + max_tokens needs more KV cache than the replica has "
             f"({max_kv_tokens} token slots)")
+
+
+def ends_in_repetition(tokens: list[int], max_ngram: int, min_repeats: int) -> bool:
+    """True when `tokens` ends with some n-gram (1 <= n <= max_ngram) repeated
+    `min_repeats` times in a row."""
+    if not max_ngram or min_repeats < 2:
+        return False
+    for n in range(1, max_ngram + 1):
+        span = n * min_repeats
+        if span > len(tokens):
+            break
+        tail = tokens[-span:]
+        if all(tail[i] == tail[i % n] for i in range(n, span)):
+            return True
+    return False

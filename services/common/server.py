@@ -26,6 +26,12 @@ def status_of(error: LlmeshError) -> grpc.StatusCode:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: LlmeshError):
+    """Abort with the error's status; a retry hint rides in the trailers as
+    `grpc-retry-pushback-ms` (gRPC's retry pushback) and `retry-after-ms`."""
+    retry_after_s = getattr(error, "retry_after_s", 0.0)
+    if retry_after_s:
+        ms = str(max(1, int(retry_after_s * 1000)))
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms)))
     await context.abort(status_of(error), str(error))
 
 

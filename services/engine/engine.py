@@ -23,6 +23,7 @@ from services.executor.model import CausalLM
 from services.executor.runner import ModelRunner
 from services.executor.weights import load_model
 from services.kvcache.manager import KVCacheManager, KVStats
+from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
 from services.scheduler.sequence import Sequence
 
@@ -39,6 +40,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     gpu_memory_utilization: float = 0.9  # on CUDA without num_kv_blocks: share of GPU memory used
+    policy: SchedulingPolicy = SchedulingPolicy()  # priorities, fairness, queue bounds
 
 
 @dataclass
@@ -85,7 +87,8 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_model_len=self.max_model_len,
                             max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_num_seqs=config.max_num_seqs, eos_token_ids=mc.eos_token_ids),
+                            max_num_seqs=config.max_num_seqs, eos_token_ids=mc.eos_token_ids,
+                            policy=config.policy),
             self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device)
         self.stats = StepStats()
@@ -97,8 +100,10 @@ class Engine:
 
     # ---- requests -----------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None, salt: str = "") -> str:
-        """Validate and queue a request; raises InvalidRequestError naming the field."""
+                    request_id: str | None = None, salt: str = "", tenant: str = "",
+                    priority: str = "standard") -> str:
+        """Validate and queue a request; raises InvalidRequestError naming the field, or
+        QueueFullError when the priority class's queue is at its bound."""
         request_id = request_id or uuid.uuid4().hex
         self.validate(prompt_token_ids, params)
         if self.scheduler.has_request(request_id):
@@ -107,7 +112,7 @@ class Engine:
         self.scheduler.add(Sequence(
             seq_id=request_id, request_id=request_id, index=0,
             prompt_token_ids=list(prompt_token_ids), params=params, seed=seed,
-            arrival_s=time.monotonic(), salt=salt,
+            arrival_s=time.monotonic(), salt=salt, tenant=tenant, priority=priority,
         ))
         return request_id
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -12,6 +13,7 @@ from services.common.server import Service
 from services.executor.model_config import load_model_config
 from services.kvcache.manager import KVCacheManager
 from services.scheduler.loop import EngineLoop, ExecutorFailed
+from services.scheduler.policy import policy_from_dict
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.servicer import ExecutorGroup, KVCacheClient, SchedulerServicer
 
@@ -31,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
     return p.parse_args(argv)
 
 
@@ -41,7 +44,9 @@ async def main(args) -> None:
     scheduler = Scheduler(SchedulerConfig(max_model_len=max_model_len,
                                           max_num_batched_tokens=args.max_num_batched_tokens,
                                           max_num_seqs=args.max_num_seqs,
-                                          eos_token_ids=mc.eos_token_ids), kv)
+                                          eos_token_ids=mc.eos_token_ids,
+                                          policy=policy_from_dict(json.loads(args.admission))),
+                          kv)
     executors = ExecutorGroup(args.executors.split(","))
     kvcache = KVCacheClient(args.kvcache)
     loop = EngineLoop(scheduler, mc.vocab_size, executors.execute, kvcache.commit,

@@ -23,6 +23,7 @@ from services.common.errors import DuplicateRequestError
 from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import StepPlan, StepResult
 from services.kvcache.manager import KVCacheManager
+from services.scheduler.policy import QueueFullError
 from services.scheduler.scheduler import Scheduler, SeqOutput
 from services.scheduler.sequence import FinishReason, Sequence
 
@@ -63,6 +64,8 @@ class LoopStats:
     forward_s: float = 0.0
     sample_s: float = 0.0
     comm_s: float = 0.0
+    num_rejected: int = 0  # refused at admission: queue full
+    num_deadline_expired: int = 0  # queued past their deadline, never computed
 
 
 class ExecutorFailed(Exception):
@@ -87,22 +90,35 @@ class EngineLoop:
         self._wake = asyncio.Event()
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
         self.observe_step: Callable[[float], None] | None = None  # e.g. a Prometheus histogram
+        self.token_rate = 0.0  # tokens per second computed, smoothed (retry pushback)
 
     @property
     def max_kv_tokens(self) -> int:
         return self.kv.pool.num_blocks * self.kv.block_size
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
-            seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "") -> None:
+            seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
+            tenant: str = "", priority: str = "standard") -> None:
+        """Queue a request. Raises LlmeshError subclasses: invalid, duplicate, or
+        QueueFullError (with retry_after_s) when its class's queue is at its bound."""
         validate_request(prompt, params, self.vocab_size, self.scheduler.config.max_model_len,
                          self.max_kv_tokens)
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)
         now = time.time()
+        seq = Sequence(seq_id=request_id, request_id=request_id, index=0,
+                       prompt_token_ids=list(prompt), params=params, seed=seed, arrival_s=now,
+                       salt=salt, tenant=tenant, priority=priority)
+        try:
+            self.scheduler.add(seq)
+        except QueueFullError as e:
+            self.stats.num_rejected += 1
+            queued = self.scheduler.waiting.queued_tokens.get(priority, 0)
+            # pushback: about the time the class's queued prompt tokens take to compute
+            e.retry_after_s = min(30.0, max(0.05, queued / self.token_rate if self.token_rate
+                                            else 1.0))
+            raise
         self.tracks[request_id] = RequestTrack(owner, now, deadline_s)
-        self.scheduler.add(Sequence(seq_id=request_id, request_id=request_id, index=0,
-                                    prompt_token_ids=list(prompt), params=params, seed=seed,
-                                    arrival_s=now, salt=salt))
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
 
@@ -166,6 +182,10 @@ class EngineLoop:
             if token is not None:
                 otel_context.detach(token)
         t2 = time.perf_counter()
+        num_tokens = sum(s.num_new_tokens for s in plan.scheduled)
+        if num_tokens and t2 > t0:
+            rate = num_tokens / (t2 - t0)
+            self.token_rate = rate if not self.token_rate else 0.9 * self.token_rate + 0.1 * rate
         now = time.time()
         for sched in plan.scheduled:
             track = self.tracks.get(self.scheduler.seqs[sched.seq_id].request_id) \
@@ -205,9 +225,13 @@ class EngineLoop:
             self.stats.kv_rpc_s += time.perf_counter() - t
 
     def _expire_deadlines(self) -> None:
+        """Requests past their deadline stop: still queued ones were never computed
+        (they leave with DEADLINE and no tokens), running ones keep their partial output."""
         now = time.time()
         for request_id, track in list(self.tracks.items()):
             if track.deadline_s and now >= track.deadline_s:
+                if not track.first_scheduled_s:
+                    self.stats.num_deadline_expired += 1
                 self.cancel(request_id, FinishReason.DEADLINE)
 
     def _deliver(self, outputs: list[SeqOutput]) -> None:

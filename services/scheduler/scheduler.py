@@ -1,20 +1,27 @@
-"""Iteration-level continuous batching (FCFS) over a KV cache manager.
+"""Iteration-level continuous batching over a KV cache manager, with priorities.
 
 Each `schedule()` builds one StepPlan under a token budget and a cap on
 running sequences: running sequences first (decode tokens and the rest of
-chunked prefills), then waiting ones in arrival order, each taking as many
+chunked prefills), then waiting ones in the order the WaitQueue chooses
+(priority class with aging, then the least-served tenant), each taking as many
 prompt tokens as the budget leaves (chunked prefill) after prefix-cache hits.
-When blocks run out the newest running sequence is preempted by recompute:
-its blocks are freed and it returns to the head of the queue.
+New requests leave a watermark of blocks free for the running ones' growth.
+
+Preemption is by recompute: blocks are freed and the sequence returns to the
+head of its queue. When blocks run out the lowest-priority running sequence
+(batch first, newest first) goes; and when a higher class waits for memory,
+lower-class running sequences are preempted to make room before the step.
 """
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
 
+from services.common.sampling_params import ends_in_repetition
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs, sequence_id)
 from services.kvcache.manager import KVCacheManager
+from services.scheduler.policy import SchedulingPolicy, WaitQueue
 from services.scheduler.sequence import FinishReason, Sequence, SeqStatus
 
 
@@ -24,6 +31,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     eos_token_ids: tuple[int, ...] = ()
+    policy: SchedulingPolicy = SchedulingPolicy()
 
 
 @dataclass
@@ -44,16 +52,22 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
-        self.waiting: deque[Sequence] = deque()
+        self.policy = config.policy
+        self.waiting = WaitQueue(config.policy)
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self.request_seqs: dict[str, list[str]] = {}
         self._dropped: list[str] = []  # sequences the executor should forget
         self._step_id = 0
         self.num_preemptions = 0
+        self._order = itertools.count()
 
     # ---- requests -----------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Queue a new request; QueueFullError (nothing changed) when its class is full."""
+        self.waiting.check_room(seq.priority, seq.num_tokens)
+        seq.arrival_step = self._step_id
+        seq.order = next(self._order)
         self.seqs[seq.seq_id] = seq
         self.request_seqs.setdefault(seq.request_id, []).append(seq.seq_id)
         self.waiting.append(seq)
@@ -92,6 +106,11 @@ class Scheduler:
         plan = StepPlan(step_id=self._step_id, finished_seq_ids=self._dropped)
         self._dropped = []
         budget = self.config.max_num_batched_tokens
+        # highest effective priority first: the tail is what preemption takes
+        step = self._step_id
+        self.running.sort(key=lambda s: (-self.waiting.effective_priority(s, step), s.order))
+        if self.policy.priorities:
+            self._preempt_for_priority(plan, budget)
         is_preempting = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -115,23 +134,67 @@ class Scheduler:
             i += 1
         while (not is_preempting and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
-            if not self._admit(self.waiting[0], budget, plan):
+            if not self._admit(self.waiting.best(step), budget, plan):
                 break
             budget -= plan.scheduled[-1].num_new_tokens
         return plan
+
+    def _watermark_blocks(self) -> int:
+        """Blocks a new request must leave free while others run (none when idle, so
+        any request that fits the cache at all can start)."""
+        if not self.running:
+            return 0
+        return int(self.policy.kv_watermark * self.kv.pool.num_blocks)
+
+    def _blocks_to_start(self, seq: Sequence, budget: int) -> int:
+        num_hit = len(self.kv.find_cached_prefix(seq.token_ids, seq.salt)) * self.kv.block_size
+        num_new = min(seq.num_tokens - num_hit, budget)
+        return -(-(num_hit + num_new) // self.kv.block_size) - num_hit // self.kv.block_size
+
+    def _preempt_for_priority(self, plan: StepPlan, budget: int) -> None:
+        """A waiting request of a higher class than some running ones, short of memory
+        or of a running slot: preempt lower-class sequences (lowest first) to make room,
+        before any of them is scheduled in this step."""
+        cand = self.waiting.best(self._step_id)
+        if cand is None or not self.running:
+            return
+        weight = self.policy.weight(cand.priority)
+        victims = [s for s in self.running if self.policy.weight(s.priority) < weight]
+        if not victims:
+            return
+        need = self._blocks_to_start(cand, budget) + int(
+            self.policy.kv_watermark * self.kv.pool.num_blocks)
+        short_blocks = need - self.kv.pool.num_free
+        short_slots = len(self.running) + 1 - self.config.max_num_seqs
+        if short_blocks <= 0 and short_slots <= 0:
+            return
+        # only when the victims can cover it: never preempt in vain
+        freeable = sum(len(self.kv.tables.get(v.seq_id, ())) for v in victims)
+        if freeable < short_blocks or len(victims) < short_slots:
+            return
+        while (short_blocks > 0 or short_slots > 0) and victims:
+            victim = victims.pop()  # running is sorted: the tail is the lowest priority
+            short_blocks -= len(self.kv.tables.get(victim.seq_id, ()))
+            short_slots -= 1
+            self.running.remove(victim)
+            self._preempt(victim, plan)
 
     def _admit(self, seq: Sequence, budget: int, plan: StepPlan) -> bool:
         token_ids = seq.token_ids
         hits = self.kv.find_cached_prefix(token_ids, seq.salt)
         num_hit = len(hits) * self.kv.block_size
         num_new = min(seq.num_tokens - num_hit, budget)
+        watermark = self._watermark_blocks()
+        if watermark and (-(-(num_hit + num_new) // self.kv.block_size) - len(hits)
+                          > self.kv.pool.num_free - watermark):
+            return False
         alloc = self.kv.allocate_slots(seq.seq_id, num_hit + num_new, num_hit, hits)
         if alloc is None:
             return False
         self.kv.record_lookup(seq.num_tokens, num_hit)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = num_hit
-        self.waiting.popleft()
+        self.waiting.pop(seq)
         seq.status = SeqStatus.RUNNING
         seq.num_computed = num_hit
         self.running.append(seq)
@@ -160,10 +223,13 @@ class Scheduler:
             seq = self.seqs.get(sched.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
+            num_prompt_new = max(0, min(seq.num_prompt_tokens, seq.num_computed
+                                        + sched.num_new_tokens) - seq.num_computed)
             seq.num_computed += sched.num_new_tokens
             self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed,
                                  sched.num_new_tokens, seq.salt)
             tokens = result.sampled.get(seq.seq_id)
+            self.waiting.charge(seq.tenant, num_prompt_new, len(tokens or ()))
             if not tokens:
                 continue
             logprobs = result.logprobs.get(seq.seq_id, [])
@@ -186,7 +252,8 @@ class Scheduler:
             seq_id=sequence_id(parent.request_id, index), request_id=parent.request_id,
             index=index, prompt_token_ids=parent.prompt_token_ids, params=parent.params,
             seed=parent.seed, arrival_s=parent.arrival_s, salt=parent.salt,
-            num_computed=parent.num_computed, status=SeqStatus.RUNNING,
+            tenant=parent.tenant, priority=parent.priority, arrival_step=parent.arrival_step,
+            order=parent.order, num_computed=parent.num_computed, status=SeqStatus.RUNNING,
         )
         self.kv.fork(parent.seq_id, child.seq_id)
         self.seqs[child.seq_id] = child
@@ -201,6 +268,10 @@ class Scheduler:
             return FinishReason.STOP
         if len(seq.output_token_ids) >= seq.params.max_tokens:
             return FinishReason.LENGTH
+        p = seq.params
+        if p.repetition_max_ngram and ends_in_repetition(
+                seq.output_token_ids, p.repetition_max_ngram, p.repetition_min_repeats):
+            return FinishReason.STOP
         if seq.num_tokens >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None

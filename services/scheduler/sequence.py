@@ -31,6 +31,10 @@ class Sequence:
     seed: int
     arrival_s: float
     salt: str = ""
+    tenant: str = ""  # fairness accounting
+    priority: str = "standard"  # scheduling class
+    arrival_step: int = 0  # engine step at arrival (aging)
+    order: int = 0  # arrival order, the tie-breaker
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING

@@ -156,11 +156,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
                 try:
                     self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner, seed,
-                                  add.deadline_unix_s, add.salt, add.traceparent)
+                                  add.deadline_unix_s, add.salt, add.traceparent, add.tenant,
+                                  convert.priority_from_proto(add.priority))
                 except LlmeshError as e:
+                    retry_ms = int(getattr(e, "retry_after_s", 0.0) * 1000)
                     queue.put_nowait(scheduler_pb2.StepOutputs(deltas=[scheduler_pb2.SeqDelta(
                         request_id=add.request_id, error=str(e), error_code=e.code,
-                        finish_reason=common_pb2.FINISH_REASON_ABORT)]))
+                        retry_after_ms=retry_ms, finish_reason=common_pb2.FINISH_REASON_ABORT)]))
             elif kind == "cancel":
                 self.loop.cancel(msg.cancel.request_id)
 
@@ -176,7 +178,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_steps=s.num_steps, num_preemptions=self.loop.scheduler.num_preemptions,
             num_used_blocks=kv.num_used_blocks, schedule_s=s.schedule_s, kv_rpc_s=s.kv_rpc_s,
             executor_rpc_s=s.executor_rpc_s, forward_s=s.forward_s, sample_s=s.sample_s,
-            comm_s=s.comm_s, tensor_parallel=self.tensor_parallel)
+            comm_s=s.comm_s, tensor_parallel=self.tensor_parallel,
+            waiting_by_class=self.loop.scheduler.waiting.depth, num_rejected=s.num_rejected,
+            num_deadline_expired=s.num_deadline_expired)
 
 
 def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:
