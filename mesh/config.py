@@ -61,6 +61,27 @@ class ObservabilityConfig:
     metrics_ports: dict = dataclasses.field(default_factory=dict)  # service name -> port
 
 
+LIMIT_STATES = ("memory", "redis")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Tenants, priorities and limits. Defaults suit the tiny model on one machine."""
+
+    keys_file: str = ""  # YAML of tenants with hashed API keys; "" = open (anonymous)
+    priorities: bool = True  # False: FCFS across classes and tenants
+    # per class: weight, max_queued_requests, max_queued_tokens, timeout_s (default
+    # server-side deadline); overrides of services.scheduler.policy's defaults
+    classes: dict = dataclasses.field(default_factory=dict)
+    aging_steps: int = 256  # a waiting request gains one class weight per this many steps
+    kv_watermark: float = 0.1  # share of KV blocks new requests leave for running ones
+    max_prompt_tokens: int = 0  # per-request caps for everyone; 0 = the model's limit
+    max_output_tokens: int = 0
+    state: str = "memory"  # where quotas and rate limits live: memory (one router) | redis
+    redis_url: str = ""  # redis://host:port/db with state: redis
+    share_prefix_cache: bool = False  # True: cached prefixes are shared across tenants
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     model: str = ""  # local Hugging Face directory; "" = the embedded tiny model
@@ -78,6 +99,7 @@ class MeshConfig:
     run_dir: str = ""  # logs and state; "" = ~/.cache/llmesh/run
     executor_threads: int = 0
     observability: ObservabilityConfig = ObservabilityConfig()
+    admission: AdmissionConfig = AdmissionConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -97,7 +119,13 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | None) -> MeshConfig:
     raw = yaml.safe_load(Path(path).read_text()) if path else {}
-    return parse_config(raw or {})
+    raw = raw or {}
+    keys_file = (raw.get("admission") or {}).get("keys_file")
+    if path and keys_file and not Path(keys_file).is_absolute():
+        # a keys file named relative to mesh.yaml
+        raw = dict(raw, admission=dict(raw["admission"],
+                                       keys_file=str(Path(path).parent / keys_file)))
+    return parse_config(raw)
 
 
 def parse_config(raw: dict) -> MeshConfig:
@@ -109,6 +137,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["engine"] = _sub(EngineLimits, raw.get("engine"), "engine")
     kw["envoy"] = _sub(EnvoyConfig, raw.get("envoy"), "envoy")
     kw["observability"] = _sub(ObservabilityConfig, raw.get("observability"), "observability")
+    kw["admission"] = _sub(AdmissionConfig, raw.get("admission"), "admission")
     kw["router_ports"] = tuple(raw.get("router_ports", ()))
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["replica_ports"] = tuple(
@@ -127,11 +156,40 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError("observability.otlp_endpoint (host:port) is required with tracing: otlp")
     if not 0.0 <= obs.sample_ratio <= 1.0:
         raise ConfigError("observability.sample_ratio must be within [0, 1]")
+    _check_admission(cfg.admission)
     for i, r in enumerate(cfg.replica_ports):
         if len(r.executors) != cfg.tensor_parallel:
             raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "
                               f"tensor_parallel is {cfg.tensor_parallel}")
     return cfg
+
+
+CLASS_FIELDS = {"weight", "max_queued_requests", "max_queued_tokens", "timeout_s"}
+
+
+def _check_admission(adm: AdmissionConfig) -> None:
+    if adm.state not in LIMIT_STATES:
+        raise ConfigError(f"admission.state must be one of {', '.join(LIMIT_STATES)}")
+    if adm.state == "redis" and not adm.redis_url:
+        raise ConfigError("admission.redis_url (redis://host:port/db) is required with state: redis")
+    if not 0.0 <= adm.kv_watermark < 1.0:
+        raise ConfigError("admission.kv_watermark must be within [0, 1)")
+    if adm.aging_steps < 1:
+        raise ConfigError("admission.aging_steps must be at least 1")
+    if adm.max_prompt_tokens < 0 or adm.max_output_tokens < 0:
+        raise ConfigError("admission.max_prompt_tokens and max_output_tokens must be >= 0")
+    for name, cls in adm.classes.items():
+        if name not in ("interactive", "standard", "batch"):
+            raise ConfigError(f"admission.classes: unknown class {name!r} "
+                              "(interactive, standard, batch)")
+        unknown = set(cls or {}) - CLASS_FIELDS
+        if unknown:
+            raise ConfigError(f"admission.classes.{name}: unknown keys {', '.join(sorted(unknown))}")
+        for key, value in (cls or {}).items():
+            if not isinstance(value, (int, float)) or value < 0 or (key == "weight" and value <= 0):
+                raise ConfigError(f"admission.classes.{name}.{key} must be a positive number")
+    if adm.keys_file and not Path(adm.keys_file).is_file():
+        raise ConfigError(f"admission.keys_file: {adm.keys_file} is not a file")
 
 
 def _sub(cls, raw, name):

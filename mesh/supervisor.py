@@ -7,6 +7,7 @@ runs in the background; it writes `state.json` in the run directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -84,6 +85,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
         specs.append(ProcSpec(f"tokenizer-{i}", py + ["services.tokenizer", "--port", str(port),
                                                         "--model", model_dir], port))
     schedulers = []
+    admission = json.dumps(dataclasses.asdict(cfg.admission))
     for r, ports in enumerate(cfg.replica_ports):
         specs.append(ProcSpec(f"kvcache-{r}", py + [
             "services.kvcache", "--port", str(ports.kvcache), "--num-blocks", str(e.num_kv_blocks),
@@ -106,7 +108,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--num-kv-blocks", str(e.num_kv_blocks), "--block-size", str(e.block_size),
             "--max-model-len", str(e.max_model_len),
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-            "--max-num-seqs", str(e.max_num_seqs)]
+            "--max-num-seqs", str(e.max_num_seqs), "--admission", admission]
             + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
         schedulers.append(f"127.0.0.1:{ports.scheduler}")
     for i, port in enumerate(cfg.router_ports):
@@ -114,7 +116,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
         specs.append(ProcSpec(f"router-{i}", py + [
             "services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
             "--schedulers", ",".join(schedulers), "--model-name", cfg.model_name,
-            "--max-message-bytes", str(cfg.max_message_bytes)], port))
+            "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission], port))
     envoy_yaml = run_dir / "envoy.yaml"
     envoy_yaml.write_text(render_envoy_yaml(cfg))
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",

@@ -3,7 +3,8 @@
 Request-level figures are taken where the client's stream is (the router);
 engine state is read from the scheduler's loop at scrape time (a collector, so
 the engine loop pays nothing for gauges). Labels are bounded enums only:
-never a request id, tenant key, prompt or text.
+never a request id, API key, prompt or text (tenant names come from the keys
+file, a bounded set).
 """
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ class RouterMetrics:
                                "Time a request waited in the scheduler before its first step",
                                buckets=LATENCY_BUCKETS)
         self.in_flight = Gauge("llmesh_requests_in_flight", "Requests streaming through this router")
+        # admission: reason is a fixed enum (unauthenticated, permission_denied, request_cap,
+        # rate_limit_requests, rate_limit_tokens, quota_input_tokens, quota_output_tokens,
+        # exceeds_rate_limit, queue_full, deadline); tenant is a name from the keys file
+        self.rejections = Counter("llmesh_admission_rejections",
+                                  "Requests refused before any compute, by reason", ["reason"])
+        self.tenant_tokens = Counter("llmesh_tenant_tokens",
+                                     "Tokens served per tenant (prompt or output)", ["tenant", "kind"])
 
 
 class SchedulerCollector:
@@ -52,6 +60,22 @@ class SchedulerCollector:
         s = loop.stats
         yield GaugeMetricFamily("llmesh_num_requests_running", "Sequences running", len(sched.running))
         yield GaugeMetricFamily("llmesh_num_requests_waiting", "Sequences waiting", len(sched.waiting))
+        depth = GaugeMetricFamily("llmesh_queue_depth", "Sequences waiting, by priority class",
+                                  labels=["class"])
+        tokens = GaugeMetricFamily("llmesh_queue_tokens",
+                                   "Tokens of the waiting sequences, by priority class",
+                                   labels=["class"])
+        for cls, n in sched.waiting.depth.items():
+            depth.add_metric([cls], n)
+            tokens.add_metric([cls], sched.waiting.queued_tokens.get(cls, 0))
+        yield depth
+        yield tokens
+        yield CounterMetricFamily("llmesh_scheduler_rejections",
+                                  "Requests refused by the scheduler: queue full",
+                                  s.num_rejected)
+        yield CounterMetricFamily("llmesh_deadline_expired_in_queue",
+                                  "Requests whose deadline passed while queued (never computed)",
+                                  s.num_deadline_expired)
         yield GaugeMetricFamily("llmesh_kv_cache_usage_ratio", "Share of KV blocks in use", kv.usage)
         yield GaugeMetricFamily("llmesh_kv_cache_waste_ratio",
                                 "Share of allocated KV slots holding no token", kv.waste)

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 import grpc
 
 from llmesh.v1 import inference_pb2_grpc
 from observability import telemetry
 from services.common.server import Service
+from services.router.admission import Admission
 from services.router.servicer import Inference
 
 
 async def main(args) -> None:
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
-    inference = Inference(channel, args.schedulers.split(","),
-                          args.model_name)
+    inference = Inference(channel, args.schedulers.split(","), args.model_name,
+                          Admission.from_dict(json.loads(args.admission)))
     service.add(inference_pb2_grpc.add_InferenceServicer_to_server, inference,
                 "llmesh.v1.Inference")
     service.enable_reflection()
@@ -44,6 +46,7 @@ if __name__ == "__main__":
     p.add_argument("--schedulers", required=True)
     p.add_argument("--model-name", default="default")
     p.add_argument("--max-message-bytes", type=int, default=4 * 2**20)
+    p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
     args = p.parse_args()
     telemetry.init("router")
     try:

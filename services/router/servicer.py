@@ -11,10 +11,14 @@ import grpc
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        tokenizer_pb2, tokenizer_pb2_grpc)
 from services.common import convert
-from services.common.errors import InvalidRequestError, LlmeshError
+from services.common.errors import (InvalidRequestError, LimitExceededError, LlmeshError,
+                                    PermissionDeniedError, UnauthenticatedError)
 from services.common.sampling_params import validate_request
 from services.common.server import abort_with
+from services.router.admission import Admission, Ticket
 from services.router.core import ReplicaLoad, StopMatcher, pick_replica
+from services.router.limits import MemoryLimiter
+from services.router.tenants import TenantDirectory
 from services.router.replicas import Detokenizer, Replica
 
 from observability import telemetry
@@ -28,8 +32,10 @@ _DONE = object()
 
 class Inference(inference_pb2_grpc.InferenceServicer):
     def __init__(self, tokenizer_channel: grpc.aio.Channel, scheduler_addresses: list[str],
-                 model_name: str):
+                 model_name: str, admission: Admission | None = None):
         self.model_name = model_name
+        self.admission = admission or Admission(TenantDirectory.open(), MemoryLimiter())
+        self._settling: set[asyncio.Task] = set()
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
         self.detok = Detokenizer(tokenizer_channel)
         self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
@@ -93,7 +99,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
     async def Complete(self, request, context):
         texts: dict[int, list[str]] = {}
         final: dict[int, inference_pb2.GenerateResponse] = {}
-        async for chunk in self.Generate(request, context):
+        async for chunk in self._observed(request, context, partial_ok=True):
             texts.setdefault(chunk.index, []).append(chunk.text)
             agg = final.setdefault(chunk.index, inference_pb2.GenerateResponse(
                 request_id=chunk.request_id, index=chunk.index))
@@ -103,6 +109,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 agg.finish_reason = chunk.finish_reason
                 agg.usage.CopyFrom(chunk.usage)
                 agg.timings.CopyFrom(chunk.timings)
+                agg.incomplete, agg.incomplete_reason = chunk.incomplete, chunk.incomplete_reason
         if not final:
             await context.abort(grpc.StatusCode.INTERNAL, "no output")
         first = final[min(final)]
@@ -110,13 +117,17 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         return first
 
     async def Generate(self, request, context):
+        async for response in self._observed(request, context):
+            yield response
+
+    async def _observed(self, request, context, partial_ok: bool = False):
         request_id = request.request_id or uuid.uuid4().hex
         obs = RequestObserver(request_id, self.model_name, request.sampling.max_tokens)
         metrics = router_metrics()
         metrics.in_flight.inc()
         status = "OK"
         try:
-            async for response in self._generate(request, request_id, context):
+            async for response in self._generate(request, request_id, context, partial_ok):
                 obs.on_chunk(response)
                 yield response
         except asyncio.CancelledError:
@@ -130,10 +141,20 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             metrics.in_flight.dec()
             obs.finish(metrics, status)
 
-    async def _generate(self, request, request_id, context):
+    async def _generate(self, request, request_id, context, partial_ok: bool):
+        adm = self.admission
+        metrics = router_metrics()
+        tracer = telemetry.tracer("llmesh.router")
+        try:
+            with tracer.start_as_current_span("router.auth"):
+                tenant, cls = adm.authorize(context.invocation_metadata() or (),
+                                            request.model or self.model_name,
+                                            convert.PRIORITY_NAMES.get(request.priority))
+        except LlmeshError as e:
+            metrics.rejections.labels(_reason(e)).inc()
+            await abort_with(context, e)
         if request.model and request.model != self.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served")
-        tracer = telemetry.tracer("llmesh.router")
         with tracer.start_as_current_span("router.route") as span:
             replica_name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
                                          for r in self.replicas])
@@ -151,25 +172,42 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 info = replica.info
                 validate_request(prompt, params, info.vocab_size, info.max_model_len,
                                  info.num_kv_blocks * info.block_size)
+            try:
+                adm.check_caps(tenant, len(prompt), params)
+            except InvalidRequestError as e:
+                metrics.rejections.labels("request_cap").inc()
+                raise e
+            if request_id in self._queues:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                    f"request_id: {request_id!r} in flight")
+            with tracer.start_as_current_span("router.limits"):
+                reservation = await adm.reserve(tenant, len(prompt), params)
         except LlmeshError as e:
+            if isinstance(e, LimitExceededError):
+                metrics.rejections.labels(e.reason).inc()
             await abort_with(context, e)
-        if request_id in self._queues:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} in flight")
-        deadline = 0.0
-        remaining = context.time_remaining()
-        if remaining is not None:
-            deadline = time.time() + remaining
+        ticket = Ticket(tenant, cls, adm.deadline(cls, request.timeout_ms, context.time_remaining()),
+                        adm.salt(tenant), reservation)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         replica.in_flight.add(request_id)
         add = scheduler_pb2.AddRequest(request_id=request_id, prompt_token_ids=prompt,
-                                       sampling=request.sampling, deadline_unix_s=deadline,
-                                       traceparent=telemetry.inject())
+                                       sampling=request.sampling, deadline_unix_s=ticket.deadline_s,
+                                       salt=ticket.salt, traceparent=telemetry.inject(),
+                                       tenant=tenant.name,
+                                       priority=convert.PRIORITY_VALUES[cls])
         upstream_open = set(range(params.n))  # sequences the replica has not finished
+        served = [0]  # output tokens that reached this router
+        refused = False
         try:
             await replica.send(scheduler_pb2.RouterMessage(add=add))
-            async for response in self._stream(request_id, upstream_open, stops, queue, context):
+            async for response in self._stream(request_id, upstream_open, stops, queue, context,
+                                               served, partial_ok):
                 yield response
+        except LimitExceededError as e:  # the replica's queue is full: nothing was computed
+            refused = True
+            metrics.rejections.labels(e.reason).inc()
+            await abort_with(context, e)
         finally:
             self._queues.pop(request_id, None)
             if upstream_open and request_id in replica.in_flight and replica.is_ready:
@@ -180,8 +218,16 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 except Exception:  # the replica is gone; it frees everything itself
                     pass
             replica.in_flight.discard(request_id)
+            if not refused:
+                metrics.tenant_tokens.labels(tenant.name, "prompt").inc(len(prompt))
+                metrics.tenant_tokens.labels(tenant.name, "output").inc(served[0])
+            # settled in the background: this may run in a cancelled handler
+            task = asyncio.ensure_future(adm.give_back(ticket) if refused
+                                         else adm.settle(ticket, served[0]))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
-    async def _stream(self, request_id, upstream_open, stops, queue, context):
+    async def _stream(self, request_id, upstream_open, stops, queue, context, served, partial_ok):
         matchers = {i: StopMatcher(stops) for i in upstream_open}
         unfinished = set(upstream_open)
         while unfinished:
@@ -191,8 +237,11 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                     request_id=request_id, incomplete=True, incomplete_reason=text)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {text}")
             if delta.error:
+                if delta.error_code == "RESOURCE_EXHAUSTED":
+                    raise LimitExceededError("queue_full", delta.error, delta.retry_after_ms / 1000)
                 code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
                 await context.abort(code, delta.error)
+            served[0] += len(delta.new_token_ids)
             if delta.finish_reason:
                 upstream_open.discard(delta.index)
             if delta.index not in unfinished:
@@ -215,7 +264,13 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             resp.timings.CopyFrom(delta.timings)
             if finish == common_pb2.FINISH_REASON_DEADLINE:
                 resp.incomplete, resp.incomplete_reason = True, "deadline exceeded"
+                if not delta.usage.completion_tokens:  # still queued: never computed
+                    router_metrics().rejections.labels("deadline").inc()
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        "deadline exceeded before the request could start")
                 yield resp
+                if partial_ok:  # Complete: the partial output, marked incomplete
+                    continue
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             if finish in (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR):
                 resp.incomplete, resp.incomplete_reason = True, "aborted by the server"
@@ -245,6 +300,14 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             if code not in (grpc.StatusCode.INVALID_ARGUMENT,):
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"tokenizer: {e.details()}")
+
+
+def _reason(e: LlmeshError) -> str:
+    if isinstance(e, UnauthenticatedError):
+        return "unauthenticated"
+    if isinstance(e, PermissionDeniedError):
+        return "permission_denied"
+    return getattr(e, "reason", "other")
 
 
 class RequestObserver:

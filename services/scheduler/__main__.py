@@ -97,6 +97,12 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
             loop.fail_all()  # new executor streams start empty; the frees reach kvcache next step
             await executors.close()
             await asyncio.sleep(0.2)
+        except Exception:  # a bug: never leave requests hanging on a dead loop
+            log.exception("engine loop failed; failing in-flight requests and restarting it")
+            await service.set_serving(False)
+            loop.fail_all()
+            await executors.close()
+            await asyncio.sleep(0.2)
         finally:
             watch.cancel()
 

@@ -149,16 +149,15 @@ class WaitQueue:
         self._queues.setdefault((seq.priority, seq.tenant), deque()).appendleft(seq)
 
     def remove(self, seq: Sequence) -> None:
-        self._queues[(seq.priority, seq.tenant)].remove(seq)
-        self._leave(seq)
-
-    def pop(self, seq: Sequence) -> None:
-        """Take `seq` (a head returned by `best`) out of the queue."""
-        q = self._queues[(seq.priority, seq.tenant)]
-        assert q[0] is seq
-        q.popleft()
-        if not q:
-            del self._queues[(seq.priority, seq.tenant)]
+        """Take `seq` out of the queue, wherever it is (`best` returns heads: O(1))."""
+        key = (seq.priority, seq.tenant)
+        q = self._queues[key]
+        if q[0] is seq:
+            q.popleft()
+        else:
+            q.remove(seq)
+        if not q:  # never keep an empty queue: `best` reads every queue's head
+            del self._queues[key]
         self._leave(seq)
 
     def charge(self, tenant: str, num_input: int, num_output: int) -> None:

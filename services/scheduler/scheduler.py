@@ -194,7 +194,7 @@ class Scheduler:
         self.kv.record_lookup(seq.num_tokens, num_hit)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = num_hit
-        self.waiting.pop(seq)
+        self.waiting.remove(seq)
         seq.status = SeqStatus.RUNNING
         seq.num_computed = num_hit
         self.running.append(seq)

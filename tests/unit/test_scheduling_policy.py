@@ -160,3 +160,21 @@ def test_repetition_stop_ends_a_looping_generation_early(tiny_model):
     assert out.token_ids == tokens[:len(out.token_ids)]  # the same tokens, cut at the loop
     assert ends_in_repetition(out.token_ids, 4, 3)
     assert not any(ends_in_repetition(out.token_ids[:i], 4, 3) for i in range(len(out.token_ids)))
+
+
+def test_aborting_waiting_requests_keeps_scheduling(tiny_model):
+    engine = _engine(tiny_model, max_num_seqs=1)
+    first = engine.add_request([1] * 8, _params(3), tenant="a")
+    engine.step()
+    waiting = [engine.add_request([2 + i] * 8, _params(3), tenant=t, priority=p)
+               for i, (t, p) in enumerate([("a", "batch"), ("b", "batch"), ("b", "interactive"),
+                                           ("a", "batch")])]
+    engine.abort(waiting[1])  # alone in its queue
+    engine.abort(waiting[3])  # the tail of a queue
+    assert engine.scheduler.waiting.depth == {"interactive": 1, "standard": 0, "batch": 1}
+    done = []
+    while engine.has_unfinished():
+        done += [o.request_id for o in engine.step() if o.finish_reason is not None]
+    # the interactive one takes the only running slot from the standard one (preempted)
+    assert done == [waiting[2], first, waiting[0]], [([first] + waiting).index(d) for d in done]
+    assert engine.kv.pool.num_used == 0
