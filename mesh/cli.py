@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--api-key", help="API key of a keyed mesh (default: $LLMESH_API_KEY)")
+    gen.add_argument("--priority", choices=["interactive", "standard", "batch"],
+                     help="priority class (default: the tenant's)")
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
+    new = keys.add_parser("new", help="make a key and print it with its hash for the keys file")
+    new.add_argument("--json", action="store_true")
 
     from benchmarks.commands import add_bench_parsers
     add_bench_parsers(sub)
@@ -61,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "trace":
             from mesh.commands import cmd_trace
             return cmd_trace(args)
+        if args.command == "keys":
+            from mesh.commands import cmd_keys_new
+            return cmd_keys_new(args)
         if args.command == "model":
             from mesh.default_model import make_tiny
             print(make_tiny(args.dir, args.preset))

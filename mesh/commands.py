@@ -184,6 +184,7 @@ def load_config_dict(raw: dict) -> MeshConfig:
 
 def cmd_generate_mesh(args) -> int:
     from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+    from services.common import convert
     endpoint = args.endpoint
     if not endpoint:
         state = read_state(run_dir_of(effective_config(args.config)))
@@ -196,11 +197,15 @@ def cmd_generate_mesh(args) -> int:
                                          ignore_eos=args.ignore_eos)
     if args.seed is not None:
         sampling.seed = args.seed
-    req = inference_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling)
+    req = inference_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling,
+                                        priority=convert.PRIORITY_VALUES.get(args.priority, 0))
+    api_key = args.api_key or os.environ.get("LLMESH_API_KEY", "")
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     token_ids, text, finish = [], [], None
     with grpc.insecure_channel(endpoint) as ch:
         try:
-            for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=args.timeout):
+            for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=args.timeout,
+                                                                       metadata=metadata):
                 token_ids.extend(chunk.token_ids)
                 text.append(chunk.text)
                 if chunk.finish_reason:
@@ -288,3 +293,15 @@ def _scrape_summary(cfg: MeshConfig) -> dict:
             "generation_tokens": totals["generation_tokens"],
             "mean_ttft_s": totals["ttft_sum"] / max(totals["ttft_count"], 1),
             "mean_e2e_s": totals["e2e_sum"] / max(totals["e2e_count"], 1), "rss_bytes": rss}
+
+
+def cmd_keys_new(args) -> int:
+    """A new API key and the hash that goes in the keys file (the key itself is never stored)."""
+    from services.router.tenants import hash_key, new_key
+    key = new_key()
+    if args.json:
+        print(json.dumps({"key": key, "hash": hash_key(key)}))
+    else:
+        print(f"key:  {key}\nhash: {hash_key(key)}\n"
+              "# put the hash under the tenant's keys: in the keys file; give the key to the tenant")
+    return 0

@@ -63,3 +63,61 @@ def test_automatic_ports_are_all_distinct():
     for r in cfg.replica_ports:
         ports += [r.scheduler, r.kvcache, r.dist_port, *r.executors]
     assert len(ports) == len(set(ports)) == 3 + 2 + 1 + 2 + 1 + 3 * 2 + 3 * 2 + 3 * 5
+
+
+def test_admission_section_reaches_router_and_scheduler(tmp_path):
+    import json
+
+    from mesh.config import load_config
+    from services.router.admission import Admission
+    from services.router.tenants import hash_key
+    from services.scheduler.policy import policy_from_dict
+
+    (tmp_path / "keys.yaml").write_text(
+        f"tenants:\n  acme:\n    keys: ['{hash_key('k1')}']\n    classes: [batch]\n")
+    (tmp_path / "mesh.yaml").write_text(
+        "admission:\n  keys_file: keys.yaml\n  kv_watermark: 0.15\n  priorities: false\n"
+        "  classes: {batch: {max_queued_requests: 7, timeout_s: 30}}\n")
+    cfg = resolve_ports(load_config(tmp_path / "mesh.yaml"))
+    assert cfg.admission.keys_file == str(tmp_path / "keys.yaml")  # relative to mesh.yaml
+    specs = {s.name: s for s in build_specs(cfg, "/models/m", tmp_path)}
+    for name in ("router-0", "scheduler-0"):
+        argv = specs[name].argv
+        passed = json.loads(argv[argv.index("--admission") + 1])
+        assert passed["kv_watermark"] == 0.15 and passed["classes"]["batch"]["timeout_s"] == 30
+    policy = policy_from_dict(passed)
+    assert not policy.priorities and policy.kv_watermark == 0.15
+    assert policy.limits("batch").max_queued_requests == 7
+    assert policy.limits("interactive").max_queued_requests == 128  # defaults kept
+    adm = Admission.from_dict(passed)
+    assert adm.class_timeouts["batch"] == 30
+    tenant, cls = adm.authorize([("x-api-key", "k1")], "default", None)
+    assert tenant.name == "acme" and cls == "batch"
+    assert adm.deadline("batch", 0, None, now=100.0) == 130.0
+    assert adm.deadline("batch", 500, None, now=100.0) == 100.5  # the request's own timeout
+    assert adm.deadline("batch", 0, 2.0, now=100.0) == 102.0  # an earlier gRPC deadline
+
+
+@pytest.mark.parametrize("admission,message", [
+    ({"state": "redis"}, "redis_url"),
+    ({"state": "disk"}, "admission.state"),
+    ({"kv_watermark": 1.5}, "kv_watermark"),
+    ({"classes": {"urgent": {"weight": 2}}}, "unknown class"),
+    ({"classes": {"batch": {"weight": 0}}}, "positive"),
+    ({"classes": {"batch": {"size": 3}}}, "unknown keys"),
+    ({"keys_file": "/nonexistent/keys.yaml"}, "not a file"),
+    ({"quotas": 1}, "unknown admission keys"),
+])
+def test_bad_admission_config_is_a_clear_error(admission, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"admission": admission})
+
+
+def test_keys_new_prints_a_key_and_its_hash(capsys):
+    import json
+
+    from mesh.cli import main
+    from services.router.tenants import hash_key
+    assert main(["keys", "new", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hash"] == hash_key(out["key"]) and out["key"] not in out["hash"]
