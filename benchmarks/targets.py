@@ -310,9 +310,11 @@ class MeshTarget(Target):
         import grpc
 
         from llmesh.v1 import common_pb2, inference_pb2
+        from services.common.convert import PRIORITY_VALUES
         msg = inference_pb2.GenerateRequest(
             token_ids=inference_pb2.TokenIds(ids=req.prompt_token_ids),
-            sampling=common_pb2.SamplingParams(max_tokens=req.max_tokens, ignore_eos=True))
+            sampling=common_pb2.SamplingParams(max_tokens=req.max_tokens, ignore_eos=True),
+            priority=PRIORITY_VALUES[req.priority] if req.priority else 0)
         rec.sent_s = time.perf_counter()
         call = self.stub.Generate(msg, timeout=self.request_timeout_s)
         incomplete = ""

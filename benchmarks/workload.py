@@ -29,6 +29,7 @@ BURST = {"start_frac": 0.4, "end_frac": 0.6, "factor": 10.0}
 class BenchRequest:
     prompt_token_ids: list[int]
     max_tokens: int
+    priority: str = ""  # scheduling class (interactive / standard / batch); "" = the default
 
 
 @dataclass

@@ -1,0 +1,411 @@
+"""Priority classes on versus off: the same mesh, the same seeded bursty workload of
+interactive and batch requests, alternating rounds in one run.
+
+    python -m benchmarks.priorities [--model DIR | --preset bench|tiny] [--rate 1] [--duration 50]
+        [--rounds 2] [--interactive-share 0.3] [--slo-interactive ttft_ms=1000,tpot_ms=200]
+        [--slo-batch ""] [--json benchmarks/results/priorities.json]
+
+Each request is tagged with a class, drawn from the seed: `--interactive-share` of them
+interactive (short prompts, short outputs), the rest batch (chat-length prompts, longer
+outputs). Arrivals are Poisson at `--rate` requests/s with the `bursty` workload's spike
+(10x the rate from 40% to 60% of `--duration`), so the burst overloads the mesh and
+requests queue at the scheduler. The two meshes differ only in `admission.priorities`
+(tracing off in both); every class queue is unbounded in both, so nothing is shed for
+lack of room and the comparison is about ordering (rejections, if any, show up under
+errors). A request is good when it completes and meets its class's SLO (an empty SLO:
+completing is enough). Preemptions are the scheduler's (GetStats num_preemptions).
+
+Reported per run and as medians over the rounds, with the on/off ratio: interactive and
+batch TTFT p50/p99, output tokens/s, goodput, errors by status, preemptions; and per run
+the step time split, the machine's CPU shares (steal: time other VMs took) and a 1 s
+timeline of running / waiting sequences.
+
+Sizing (bench checkpoint, 2-core CPU machine, default limits): this mix saturates the
+mesh at about 2.7 requests/s (280 output tok/s, 64 sequences running; 200 requests sent
+at once), and less when the machine is shared. The default 1 request/s is well under
+that outside the burst and about 4x over it inside, and a default run (2 rounds, 4
+meshes) takes about 5 to 8 minutes. With --preset tiny the mesh saturates near 28
+requests/s, and the Python client, router and Envoy then share the 2 cores with it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from benchmarks.metrics import RequestRecord, distribution, meets_slo, parse_slo, summarize
+from benchmarks.workload import (BURST, BenchRequest, Workload, _fit, _random_tokens, _rng,
+                                 long_tailed)
+
+CLASSES = ("interactive", "batch")
+MODES = ("on", "off")
+DEFAULT_JSON = "benchmarks/results/priorities.json"
+# every class queue unbounded (0), so neither run sheds load for lack of room
+UNBOUNDED = {c: {"max_queued_requests": 0, "max_queued_tokens": 0}
+             for c in ("interactive", "standard", "batch")}
+
+
+# ---- the workload ---------------------------------------------------------------
+def classed(vocab_size: int, max_model_len: int, seed: int = 0, interactive_share: float = 0.3,
+            bos_token_id: int = 0, burst: dict | None = BURST) -> Workload:
+    """Requests tagged with a class from the seed. Interactive: prompts 8..128 tokens
+    (median 32), outputs 4..32 (median 16). Batch: prompts 16..512 (median 128), outputs
+    32..256 (median 128)."""
+    if not 0.0 <= interactive_share <= 1.0:
+        raise ValueError("interactive_share must be within [0, 1]")
+
+    def stream(part: int) -> Iterator[BenchRequest]:
+        rng = _rng(seed, part)
+        while True:
+            if rng.random() < interactive_share:
+                cls = "interactive"
+                num_prompt = long_tailed(rng, 32, 0.6, 8, 128)
+                num_output = long_tailed(rng, 16, 0.5, 4, 32)
+            else:
+                cls = "batch"
+                num_prompt = long_tailed(rng, 128, 0.9, 16, 512)
+                num_output = long_tailed(rng, 128, 0.5, 32, 256)
+            prompt = [bos_token_id] + _random_tokens(rng, num_prompt - 1, vocab_size)
+            num_prompt, num_output = _fit(num_prompt, num_output, max_model_len)
+            yield BenchRequest(prompt[:num_prompt], num_output, cls)
+
+    meta = {"name": "bursty-classes", "seed": seed, "interactive_share": interactive_share}
+    if burst:
+        meta["burst"] = dict(burst)
+    return Workload(meta["name"], meta, stream)
+
+
+# ---- the figures (pure: records in, numbers out) -------------------------------------
+def _pcts(values_s: list[float]) -> dict:
+    d = distribution(values_s)
+    return {k: d[k] for k in ("count", "mean", "p50", "p90", "p99", "max") if k in d}
+
+
+def summarize_run(records: list[RequestRecord], classes: list[str], start_s: float,
+                  slos: dict[str, dict]) -> dict:
+    """One run's figures: overall (throughput, errors, goodput) and per class (TTFT, TPOT,
+    end-to-end percentiles of the completed requests; goodput under the class's SLO).
+    `classes[rec.index]` is the class of each record."""
+    overall = summarize(records, start_s, {})
+    by_class: dict[str, list[RequestRecord]] = {}
+    for rec in records:
+        by_class.setdefault(classes[rec.index], []).append(rec)
+    per_class, num_good = {}, 0
+    for cls in [c for c in CLASSES if c in by_class] + sorted(set(by_class) - set(CLASSES)):
+        recs = by_class[cls]
+        ok = [r for r in recs if r.status == "OK"]
+        slo = slos.get(cls, {})
+        met = sum(meets_slo(r, slo) for r in recs)
+        num_good += met
+        statuses: dict[str, int] = {}
+        for r in recs:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+        per_class[cls] = {
+            "num_requests": len(recs), "num_ok": len(ok),
+            "status_counts": dict(sorted(statuses.items())),
+            "output_tokens": sum(r.num_output_tokens for r in recs),
+            "ttft_ms": _pcts([r.ttft_s for r in ok if r.ttft_s is not None]),
+            "tpot_ms": _pcts([r.tpot_s for r in ok if r.tpot_s is not None]),
+            "e2e_ms": _pcts([r.e2e_s for r in ok if r.e2e_s is not None]),
+            "goodput": {"slo": dict(slo), "num_met": met,
+                        "fraction": met / len(recs) if recs else 0.0},
+        }
+        if "ttft_ms" in slo:  # the TTFT part alone: ordering, apart from step time
+            met_ttft = sum(meets_slo(r, {"ttft_ms": slo["ttft_ms"]}) for r in recs)
+            per_class[cls]["goodput"]["ttft_only_fraction"] = met_ttft / len(recs)
+    duration = overall["duration_s"]
+    return {
+        "num_requests": overall["num_requests"], "num_ok": overall["num_ok"],
+        "status_counts": overall["status_counts"],
+        "errors": {k: v for k, v in overall["status_counts"].items() if k != "OK"},
+        "duration_s": duration, "output_tokens": overall["output_tokens"],
+        "output_tokens_per_s": overall["output_tokens_per_s"],
+        "request_throughput": overall["request_throughput"],
+        "goodput": {"num_met": num_good,
+                    "fraction": num_good / len(records) if records else 0.0,
+                    "requests_per_s": num_good / duration},
+        "classes": per_class,
+    }
+
+
+def headline(run: dict) -> dict:
+    """The figures the table shows, flat: one number (or None) per key."""
+    def cls(name: str, *path):
+        v = run["classes"].get(name, {})
+        for p in path:
+            v = v.get(p) if isinstance(v, dict) else None
+        return v
+    return {
+        "interactive_ttft_p50_ms": cls("interactive", "ttft_ms", "p50"),
+        "interactive_ttft_p99_ms": cls("interactive", "ttft_ms", "p99"),
+        "batch_ttft_p50_ms": cls("batch", "ttft_ms", "p50"),
+        "batch_ttft_p99_ms": cls("batch", "ttft_ms", "p99"),
+        "interactive_tpot_p99_ms": cls("interactive", "tpot_ms", "p99"),
+        "output_tokens_per_s": run["output_tokens_per_s"],
+        "goodput_fraction": run["goodput"]["fraction"],
+        "interactive_goodput_fraction": cls("interactive", "goodput", "fraction"),
+        "interactive_ttft_slo_fraction": cls("interactive", "goodput", "ttft_only_fraction"),
+        "batch_goodput_fraction": cls("batch", "goodput", "fraction"),
+        "goodput_requests_per_s": run["goodput"]["requests_per_s"],
+        "errors": sum(run["errors"].values()),
+        "preemptions": run.get("preemptions"),
+        "mean_step_ms": run.get("mean_step_ms"),
+        "cpu_steal": (run.get("cpu_share") or {}).get("steal"),
+    }
+
+
+def medians(flats: list[dict]) -> dict:
+    """Per key, the median over the rounds (of the rounds that have a number)."""
+    out = {}
+    for key in (flats[0] if flats else {}):
+        values = [f[key] for f in flats if f.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def ratios(on: dict, off: dict) -> dict:
+    """on / off per key (None where off is 0 or either is missing)."""
+    return {k: (on[k] / off[k] if on.get(k) is not None and off.get(k) else None) for k in on}
+
+
+ROWS = (("interactive TTFT p50 (ms)", "interactive_ttft_p50_ms", "{:.0f}"),
+        ("interactive TTFT p99 (ms)", "interactive_ttft_p99_ms", "{:.0f}"),
+        ("batch TTFT p50 (ms)", "batch_ttft_p50_ms", "{:.0f}"),
+        ("batch TTFT p99 (ms)", "batch_ttft_p99_ms", "{:.0f}"),
+        ("interactive TPOT p99 (ms)", "interactive_tpot_p99_ms", "{:.0f}"),
+        ("output tok/s", "output_tokens_per_s", "{:.1f}"),
+        ("goodput, all (% good)", "goodput_fraction", "{:.1%}"),
+        ("goodput, interactive (% good)", "interactive_goodput_fraction", "{:.1%}"),
+        ("interactive within the TTFT part of its SLO (%)", "interactive_ttft_slo_fraction",
+         "{:.1%}"),
+        ("goodput, batch (% good)", "batch_goodput_fraction", "{:.1%}"),
+        ("goodput (good req/s)", "goodput_requests_per_s", "{:.2f}"),
+        ("errors (not OK)", "errors", "{:g}"),
+        ("preemptions", "preemptions", "{:g}"),
+        ("mean step (ms)", "mean_step_ms", "{:.0f}"),
+        ("CPU steal (% of machine)", "cpu_steal", "{:.1%}"))
+
+
+def _fmt(fmt: str, v) -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def markdown(summary: dict) -> str:
+    med, ratio = summary["median"], summary["on_over_off"]
+    lines = [f"| median of {summary['rounds']} rounds | priorities on | priorities off | on/off |",
+             "|---|---:|---:|---:|"]
+    for label, key, fmt in ROWS:
+        r = ratio.get(key)
+        lines.append(f"| {label} | {_fmt(fmt, med['on'].get(key))} "
+                     f"| {_fmt(fmt, med['off'].get(key))} | {'n/a' if r is None else f'{r:.2f}'} |")
+    return "\n".join(lines)
+
+
+def markdown_rounds(runs: dict[str, list[dict]]) -> str:
+    keys = ("interactive_ttft_p50_ms", "interactive_ttft_p99_ms", "batch_ttft_p50_ms",
+            "batch_ttft_p99_ms", "output_tokens_per_s", "goodput_fraction", "preemptions")
+    lines = ["| round | priorities | int. TTFT p50 | int. TTFT p99 | batch TTFT p50 "
+             "| batch TTFT p99 | tok/s | good | preemptions | statuses |",
+             "|---|---|" + "---:|" * 7 + "---|"]
+    fmts = dict((k, f) for _, k, f in ROWS)
+    for mode in MODES:
+        for i, run in enumerate(runs[mode]):
+            h = run["headline"]
+            lines.append(f"| {i} | {mode} | " + " | ".join(_fmt(fmts[k], h[k]) for k in keys)
+                         + f" | {run['status_counts']} |")
+    return "\n".join(lines)
+
+
+def summarize_rounds(runs: dict[str, list[dict]]) -> dict:
+    med = {m: medians([r["headline"] for r in runs[m]]) for m in MODES}
+    return {"rounds": min(len(runs[m]) for m in MODES), "median": med,
+            "on_over_off": ratios(med["on"], med["off"])}
+
+
+# ---- running it -------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def mesh_config(limits, priorities: bool):
+    from mesh.config import AdmissionConfig, EnvoyConfig, MeshConfig, ObservabilityConfig
+    return MeshConfig(engine=limits, envoy=EnvoyConfig(port=0, admin_port=0),
+                      observability=ObservabilityConfig(tracing="off"),
+                      admission=AdmissionConfig(priorities=priorities, classes=UNBOUNDED))
+
+
+def run_once(model_dir: str, workload: Workload, classes: list[str], offsets: list[float], cfg,
+             spec, args, slos: dict) -> dict:
+    """Bring the mesh up, play the run through Envoy, bring it down; this run's figures."""
+    from benchmarks.harness import BenchSetup, run_bench
+    setup = BenchSetup(model_dir=model_dir, workload=workload, target_names=["mesh"],
+                       runs=[spec], mesh_config=cfg, seed=args.seed,
+                       drain_timeout_s=args.drain_timeout, show_progress=False,
+                       bandwidth_bytes=16 * 2**20, log=_log)
+    cpu0 = cpu_times()
+    res = run_bench(setup)
+    cpu = cpu_share(cpu0, cpu_times())
+    if "mesh" not in res.records:
+        raise RuntimeError(f"mesh run failed: {res.report['failed_targets']}")
+    recs = res.records["mesh"][0]
+    figures = res.report["runs"][0]["targets"]["mesh"]
+    first = min(recs, key=lambda r: r.index)
+    start_s = first.arrival_s - offsets[first.index]  # the harness's t0: arrival = t0 + offset
+    out = summarize_run(recs, classes, start_s, slos)
+    samples = figures["kv"].get("samples", [])
+    out["preemptions"] = figures["kv"].get("preemptions")
+    out["peak_running"] = max((s[3] for s in samples), default=None)
+    out["peak_waiting"] = max((s[4] for s in samples), default=None)
+    out["peak_kv_usage"] = figures["kv"].get("peak_usage")
+    out["steps"] = figures.get("steps")
+    out["mean_step_ms"] = 1e3 * figures["mean_step_s"] if figures.get("mean_step_s") else None
+    out["per_step_ms"] = figures.get("per_step_ms")
+    out["startup_s"] = figures.get("startup_s")
+    out["cpu_share"] = cpu  # of the whole machine, from mesh start to stop (steal: other VMs)
+    out["timeline_columns"] = ["t_s", "num_running", "num_waiting"]
+    out["timeline"] = timeline(samples)
+    out["headline"] = headline(out)
+    out["requests_columns"] = ["arrival_s", "class", "ttft_ms", "tpot_ms", "e2e_ms",
+                               "output_tokens", "status"]
+    out["requests"] = [[round(r.arrival_s - start_s, 3), classes[r.index],
+                        None if r.ttft_s is None else round(1e3 * r.ttft_s, 1),
+                        None if r.tpot_s is None else round(1e3 * r.tpot_s, 2),
+                        None if r.e2e_s is None else round(1e3 * r.e2e_s, 1),
+                        r.num_output_tokens, r.status] for r in sorted(recs, key=lambda r: r.index)]
+    h = out["headline"]
+    ms = {k: _fmt("{:.0f}", v) for k, v in h.items()}
+    _log(f"[priorities] {'on' if cfg.admission.priorities else 'off'}: interactive TTFT p50/p99 "
+         f"{ms['interactive_ttft_p50_ms']}/{ms['interactive_ttft_p99_ms']} ms, "
+         f"batch {ms['batch_ttft_p50_ms']}/{ms['batch_ttft_p99_ms']} ms, "
+         f"{h['output_tokens_per_s']:.1f} tok/s, good {h['goodput_fraction']:.1%}, "
+         f"preemptions {h['preemptions']}, peak waiting {out['peak_waiting']}, "
+         f"{_fmt('{:.0f}', out['mean_step_ms'])} ms/step (forward "
+         f"{_fmt('{:.0f}', (out['per_step_ms'] or {}).get('forward_s'))}), steal "
+         f"{_fmt('{:.1%}', (cpu or {}).get('steal'))}, statuses {out['status_counts']}")
+    return out
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's cumulative CPU ticks (/proc/stat: user nice system idle iowait irq
+    softirq steal), or None where there is no /proc/stat."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_share(before, after) -> dict | None:
+    """Shares of CPU time between two cpu_times() readings: busy, idle, steal."""
+    if not before or not after:
+        return None
+    d = [a - b for a, b in zip(after, before)]
+    total = sum(d) or 1
+    return {"busy": (d[0] + d[1] + d[2] + d[5] + d[6]) / total, "idle": (d[3] + d[4]) / total,
+            "steal": d[7] / total}
+
+
+def timeline(samples: list[list], every_s: float = 1.0) -> list[list]:
+    """The scheduler samples ([t_s, usage, waste, running, waiting]) thinned to one per
+    `every_s`: [t_s, running, waiting]."""
+    out, next_t = [], None
+    for s in samples:
+        if next_t is None or s[0] >= next_t:
+            out.append([round(s[0], 1), s[3], s[4]])
+            next_t = s[0] + every_s
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks.priorities", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model directory (default: the --preset checkpoint)")
+    p.add_argument("--preset", default="bench", choices=("bench", "tiny"),
+                   help="embedded checkpoint when --model is not given (default: bench, "
+                        "like the other A/B benchmarks)")
+    p.add_argument("--rate", type=float, default=1.0,
+                   help="base Poisson rate, requests/s (10x during the burst)")
+    p.add_argument("--duration", type=float, default=50.0, help="seconds of arrivals per run")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interactive-share", type=float, default=0.3)
+    p.add_argument("--slo-interactive", default="ttft_ms=1000,tpot_ms=200",
+                   help="KEY=VALUE,... with keys ttft_ms, tpot_ms, e2e_ms")
+    p.add_argument("--slo-batch", default="",
+                   help="as --slo-interactive; empty: completing is enough")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--num-kv-blocks", type=int, default=4096)
+    p.add_argument("--drain-timeout", type=float, default=240.0,
+                   help="seconds after the last arrival before stragglers are cancelled (TIMEOUT)")
+    p.add_argument("--json", default=DEFAULT_JSON, help="write the results here ('' = nowhere)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.rate <= 0 or args.duration <= 0:
+        p.error("--rounds, --rate and --duration must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    from benchmarks.arrivals import ArrivalSpec, schedule
+    from benchmarks.harness import RunSpec, write_json
+    from benchmarks.machine import machine_info, versions
+    from mesh.config import EngineLimits
+    from mesh.default_model import default_model_dir
+    from services.executor.model_config import load_model_config
+
+    args = parse_args(argv)
+    slos = {"interactive": parse_slo(args.slo_interactive), "batch": parse_slo(args.slo_batch)}
+    model_dir = str(args.model or default_model_dir(args.preset))
+    mc = load_model_config(model_dir)
+    limits = EngineLimits(num_kv_blocks=args.num_kv_blocks,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_num_seqs)
+    context = min(mc.max_position_embeddings, limits.num_kv_blocks * limits.block_size)
+    workload = classed(mc.vocab_size, context, args.seed, args.interactive_share, mc.bos_token_id)
+    spec = RunSpec(ArrivalSpec("poisson", rate=args.rate), duration_s=args.duration)
+    # the harness's schedule for run 0: the same arrivals in every run of both meshes
+    offsets = schedule(spec.arrivals, None, args.duration, f"{args.seed}/0", workload.burst)
+    classes = [r.priority for r in workload.take(len(offsets))]
+    _log(f"[priorities] {len(offsets)} requests per run ({classes.count('interactive')} "
+         f"interactive, {classes.count('batch')} batch), poisson {args.rate:g}/s, 10x from "
+         f"{BURST['start_frac'] * args.duration:g} s to {BURST['end_frac'] * args.duration:g} s, "
+         f"model {model_dir}")
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    report = {"kind": "llmesh-bench-priorities", "machine": machine_info(), "versions": versions(),
+              "model_dir": model_dir, "model": dataclasses.asdict(mc),
+              "workload": workload.meta, "arrivals": spec.to_dict(),
+              "num_requests": len(offsets), "num_interactive": classes.count("interactive"),
+              "num_batch": classes.count("batch"), "slo": slos, "rounds": args.rounds,
+              "seed": args.seed, "drain_timeout_s": args.drain_timeout,
+              "limits": dataclasses.asdict(limits),
+              "mesh": {m: mesh_config(limits, m == "on").to_dict() for m in MODES},
+              "command": " ".join(["python -m benchmarks.priorities"]
+                                  + list(sys.argv[1:] if argv is None else argv)),
+              "runs": runs}
+    report["loadavg_start"] = os.getloadavg()
+    t0 = time.perf_counter()
+    for round_ in range(args.rounds):
+        for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):  # alternate who goes first
+            _log(f"[priorities] round {round_}, priorities {mode} ...")
+            run = run_once(model_dir, workload, classes, offsets,
+                           mesh_config(limits, mode == "on"), spec, args, slos)
+            run["round"] = round_
+            runs[mode].append(run)
+    report["summary"] = summarize_rounds(runs)
+    report["wall_s"] = time.perf_counter() - t0
+    report["loadavg_end"] = os.getloadavg()
+    report["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if args.json:
+        write_json(report, args.json)
+        _log(f"[priorities] wrote {args.json}")
+    print(markdown(report["summary"]))
+    print()
+    print(markdown_rounds(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
