@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
@@ -27,6 +28,16 @@ import grpc
 from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, resolve_ports
 from mesh.supervisor import Supervisor, build_specs
 from services.executor.model_config import load_model_config
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (0 when it is gone). Unlike
+    wall time this does not grow when other tenants of the machine steal cycles."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -89,7 +100,9 @@ def run_once(model_dir: str, tp: int, reqs, warm, limits: EngineLimits, log,
             asyncio.run(_drive(endpoint, warm))
             sched = cfg.replica_ports[0].scheduler
             s0 = _stats(sched)
+            cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
             wall, tokens = asyncio.run(_drive(endpoint, reqs))
+            cpu = {name: _cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
             s1 = _stats(sched)
             rss = [_rss_bytes(p) for p in ranks]
         finally:
@@ -102,6 +115,8 @@ def run_once(model_dir: str, tp: int, reqs, warm, limits: EngineLimits, log,
         "comm_ms_per_step": 1e3 * (s1.comm_s - s0.comm_s) / steps,
         "executor_rpc_ms_per_step": 1e3 * (s1.executor_rpc_s - s0.executor_rpc_s) / steps,
         "rank_rss_bytes": rss,
+        # CPU seconds each mesh process used during the measured requests
+        "cpu_s": cpu, "cpu_ms_per_output_token": 1e3 * sum(cpu.values()) / tokens,
     }
     log(f"[mesh] TP={tp} {overrides or ''}: {res['output_tokens_per_s']:.1f} tok/s, {steps} steps, forward "
         f"{res['forward_ms_per_step']:.2f} ms/step of which collectives "
