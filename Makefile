@@ -31,7 +31,7 @@ test: install
 	$(BIN)/python -m pytest tests
 
 bench: install
-	$(BIN)/llmesh bench offline --num-requests 256 --targets engine,hf-static,hf-cb --json benchmarks/results/offline.json
+	$(BIN)/llmesh bench offline --config benchmarks/tracing-off.yaml --num-requests 256 --targets engine,mesh,hf-static,hf-cb --json benchmarks/results/offline-all.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info llmesh
