@@ -56,6 +56,9 @@ class ObservabilityConfig:
     tracing: str = "file"
     otlp_endpoint: str = ""  # host:port of an OTLP/gRPC receiver (tracing: otlp)
     sample_ratio: float = 1.0  # share of new traces sampled; a client's sampled flag is kept
+    # engine steps that only decode get a step span every this many steps (1 = all);
+    # steps that compute prompt tokens always get one
+    decode_step_every: int = 8
     collector_port: int = 0  # the local collector (tracing: file)
     metrics: bool = True  # Prometheus /metrics on every service
     metrics_ports: dict = dataclasses.field(default_factory=dict)  # service name -> port
@@ -154,6 +157,8 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError(f"observability.tracing must be one of {', '.join(TRACING_MODES)}")
     if obs.tracing == "otlp" and not obs.otlp_endpoint:
         raise ConfigError("observability.otlp_endpoint (host:port) is required with tracing: otlp")
+    if obs.decode_step_every < 1:
+        raise ConfigError("observability.decode_step_every must be at least 1")
     if not 0.0 <= obs.sample_ratio <= 1.0:
         raise ConfigError("observability.sample_ratio must be within [0, 1]")
     _check_admission(cfg.admission)

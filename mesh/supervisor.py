@@ -69,7 +69,8 @@ def telemetry_env(cfg: MeshConfig) -> dict:
         return {"LLMESH_TRACING": "off"}
     endpoint = obs.otlp_endpoint if obs.tracing == "otlp" else f"127.0.0.1:{obs.collector_port}"
     return {"LLMESH_TRACING": "otlp", "LLMESH_OTLP_ENDPOINT": endpoint,
-            "LLMESH_TRACE_SAMPLE": str(obs.sample_ratio)}
+            "LLMESH_TRACE_SAMPLE": str(obs.sample_ratio),
+            "LLMESH_DECODE_STEP_EVERY": str(obs.decode_step_every)}
 
 
 def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:

@@ -17,6 +17,8 @@ tracing every call here returns at once.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -38,8 +40,12 @@ class _Request:
 
 
 class RequestSpans:
-    def __init__(self, model: str):
+    def __init__(self, model: str, decode_step_every: int | None = None):
         self.model = model
+        # a step that only decodes gets its engine.step span (and so executor.step and
+        # kvcache.commit) every this many steps; steps with prompt work always do
+        self.decode_step_every = max(1, decode_step_every if decode_step_every is not None
+                                     else int(os.environ.get("LLMESH_DECODE_STEP_EVERY", "1")))
         self.live: dict[str, _Request] = {}
         self._chunks: list[trace.Span] = []  # prefill chunk spans of the step in flight
 
@@ -78,6 +84,7 @@ class RequestSpans:
                 req.preempted = True
                 (req.decode or req.prefill or req.span).add_event("preemption", timestamp=now_ns)
         served = []
+        has_prompt_work = bool(plan.new)
         for sched in plan.scheduled:
             seq = seqs.get(sched.seq_id)
             req = self.live.get(seq.request_id) if seq is not None else None
@@ -85,6 +92,7 @@ class RequestSpans:
                 continue
             served.append(req)
             if req.queue is not None:
+                has_prompt_work = True
                 req.queue.end(end_time=now_ns)
                 req.queue = None
                 req.prefill = tracer.start_span("prefill", context=req.ctx, start_time=now_ns)
@@ -92,12 +100,13 @@ class RequestSpans:
                 req.preempted = False
                 (req.decode or req.prefill or req.span).add_event("resume", timestamp=now_ns)
             if seq.num_computed < seq.num_prompt_tokens and req.prefill is not None:
+                has_prompt_work = True
                 chunk = tracer.start_span(
                     "prefill.chunk", context=trace.set_span_in_context(req.prefill),
                     start_time=now_ns, attributes={"llmesh.chunk.start": seq.num_computed,
                                                    "llmesh.chunk.tokens": sched.num_new_tokens})
                 self._chunks.append(chunk)
-        if not served:
+        if not served or (not has_prompt_work and plan.step_id % self.decode_step_every):
             return None
         links = [trace.Link(r.span.get_span_context()) for r in served[:MAX_LINKS]]
         return tracer.start_span(

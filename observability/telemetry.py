@@ -4,6 +4,7 @@ environment the supervisor sets:
     LLMESH_TRACING         off | otlp        (default off)
     LLMESH_OTLP_ENDPOINT   host:port of an OTLP/gRPC trace collector
     LLMESH_TRACE_SAMPLE    parent-based ratio of new traces sampled (default 1.0)
+    LLMESH_DECODE_STEP_EVERY  decode-only engine steps get a span every N steps (default 1)
     LLMESH_METRICS_PORT    Prometheus /metrics on 127.0.0.1:PORT (unset: none)
 
 With tracing off the OpenTelemetry API is the no-op one and no interceptor is

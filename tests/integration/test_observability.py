@@ -238,3 +238,18 @@ def test_status_reads_the_metrics(file_mesh):
     assert m["generation_tokens"] == router["llmesh_generation_tokens_total"] > 0
     assert m["requests"] >= 1 and m["mean_ttft_s"] > 0
     assert set(m["rss_bytes"]) == set(file_mesh.config["observability"]["metrics_ports"])
+
+
+def test_decode_only_steps_are_sampled_one_in_eight(otlp_mesh, collector):
+    out = _complete(otlp_mesh.endpoint, "Count the steps", 33)
+    assert wait_until(lambda: len(_trace_of(collector, out.request_id)) == 1, 20)
+    (trace_id,) = _trace_of(collector, out.request_id)
+
+    def steps(name):
+        return [s for s in collector.spans if s["trace_id"] == trace_id and s["name"] == name]
+    # the prefill step always, then one decode-only step in eight: 33 steps give 5 or 6
+    assert wait_until(lambda: 5 <= len(steps("engine.step")) == len(steps("executor.step")), 20), \
+        (len(steps("engine.step")), len(steps("executor.step")))
+    assert len(steps("engine.step")) <= 6
+    # the request's own spans are whole: its decode span covers every token
+    assert len(steps("decode")) == 1 and len(steps("prefill")) == 1
