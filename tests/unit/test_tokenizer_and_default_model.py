@@ -40,7 +40,11 @@ def test_tiny_checkpoint_is_real_hf_format(tiny_model_dir):
 
 
 @settings(max_examples=60, deadline=None)
-@given(text=st.text(min_size=0, max_size=60), chunk=st.integers(1, 4))
+# U+FFFD itself is excluded (the check is that no chunk shows a half-decoded
+# character as one), and so are special-token strings such as "<|end|>", which
+# encode to special tokens that decoding leaves out
+@given(text=st.text(min_size=0, max_size=60).filter(lambda t: "\ufffd" not in t and "<|" not in t),
+       chunk=st.integers(1, 4))
 def test_incremental_detokenizer_joins_to_full_decode(tiny_model_dir, text, chunk):
     tok = TextTokenizer(tiny_model_dir)
     ids = tok.encode(text, add_special_tokens=False)
