@@ -108,10 +108,6 @@ class WaitQueue:
         for q in list(self._queues.values()):
             yield from q
 
-    def __contains__(self, seq: Sequence) -> bool:
-        q = self._queues.get((seq.priority, seq.tenant))
-        return q is not None and seq in q
-
     def check_room(self, cls: str, num_prompt_tokens: int) -> None:
         """Raise QueueFullError when one more request of `cls` would pass its bounds."""
         lim = self.policy.limits(cls)

@@ -146,10 +146,12 @@ class Scheduler:
             return 0
         return int(self.policy.kv_watermark * self.kv.pool.num_blocks)
 
-    def _blocks_to_start(self, seq: Sequence, budget: int) -> int:
-        num_hit = len(self.kv.find_cached_prefix(seq.token_ids, seq.salt)) * self.kv.block_size
+    def _start(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
+        """(prefix-cache hits, tokens computed in its first step, new blocks that takes)."""
+        hits = self.kv.find_cached_prefix(seq.token_ids, seq.salt)
+        num_hit = len(hits) * self.kv.block_size
         num_new = min(seq.num_tokens - num_hit, budget)
-        return -(-(num_hit + num_new) // self.kv.block_size) - num_hit // self.kv.block_size
+        return hits, num_new, -(-(num_hit + num_new) // self.kv.block_size) - len(hits)
 
     def _preempt_for_priority(self, plan: StepPlan, budget: int) -> None:
         """A waiting request of a higher class than some running ones, short of memory
@@ -162,8 +164,7 @@ class Scheduler:
         victims = [s for s in self.running if self.policy.weight(s.priority) < weight]
         if not victims:
             return
-        need = self._blocks_to_start(cand, budget) + int(
-            self.policy.kv_watermark * self.kv.pool.num_blocks)
+        need = self._start(cand, budget)[2] + self._watermark_blocks()
         short_blocks = need - self.kv.pool.num_free
         short_slots = len(self.running) + 1 - self.config.max_num_seqs
         if short_blocks <= 0 and short_slots <= 0:
@@ -180,13 +181,10 @@ class Scheduler:
             self._preempt(victim, plan)
 
     def _admit(self, seq: Sequence, budget: int, plan: StepPlan) -> bool:
-        token_ids = seq.token_ids
-        hits = self.kv.find_cached_prefix(token_ids, seq.salt)
+        hits, num_new, num_blocks = self._start(seq, budget)
         num_hit = len(hits) * self.kv.block_size
-        num_new = min(seq.num_tokens - num_hit, budget)
         watermark = self._watermark_blocks()
-        if watermark and (-(-(num_hit + num_new) // self.kv.block_size) - len(hits)
-                          > self.kv.pool.num_free - watermark):
+        if watermark and num_blocks > self.kv.pool.num_free - watermark:
             return False
         alloc = self.kv.allocate_slots(seq.seq_id, num_hit + num_new, num_hit, hits)
         if alloc is None:
@@ -200,7 +198,7 @@ class Scheduler:
         self.running.append(seq)
         block_ids = list(self.kv.block_ids(seq.seq_id))
         plan.new.append(NewSequence(
-            seq_id=seq.seq_id, token_ids=token_ids, num_prompt_tokens=seq.num_prompt_tokens,
+            seq_id=seq.seq_id, token_ids=seq.token_ids, num_prompt_tokens=seq.num_prompt_tokens,
             params=seq.params, seed=seq.seed, index=seq.index, num_computed=num_hit,
             block_ids=block_ids,
         ))

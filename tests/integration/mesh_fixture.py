@@ -71,6 +71,19 @@ class Mesh:
         return "\n".join(out)
 
 
+def serving(mesh: Mesh):
+    """A module fixture's body: up, yield the mesh, down, and check that no process
+    it ran (restarted ones included) is left behind."""
+    mesh.up()
+    yield mesh
+    pids = dict(mesh.state["pids"])
+    state_path = mesh.run_dir / "state.json"
+    if state_path.exists():
+        pids.update(json.loads(state_path.read_text()).get("pids", {}))  # after restarts
+    mesh.down()
+    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

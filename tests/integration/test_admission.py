@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from mesh_fixture import Mesh, _alive, wait_until
+from mesh_fixture import Mesh, serving, wait_until
 from services.router.tenants import hash_key, new_key
 
 TENANTS = {
@@ -39,11 +39,7 @@ def mesh(tiny_model_dir, tmp_path_factory):
              admission={"keys_file": str(keys_file), "max_output_tokens": 4000,
                         "classes": {"batch": {"max_queued_requests": 2},
                                     "standard": {"max_queued_requests": 4}}})
-    m.up()
-    yield m
-    pids = dict(m.state["pids"])
-    m.down()
-    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+    yield from serving(m)
 
 
 @pytest.fixture

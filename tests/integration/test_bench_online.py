@@ -8,7 +8,7 @@ import pytest
 from benchmarks import workload as wl
 from benchmarks.arrivals import ArrivalSpec
 from benchmarks.harness import RunSpec, run_bench
-from mesh_fixture import Mesh, _alive
+from mesh_fixture import Mesh, serving
 from services.executor.model_config import load_model_config
 from bench_checks import check_consistent, is_png, setup_for
 
@@ -19,11 +19,7 @@ def mesh(tiny_model_dir, tmp_path_factory):
     # retrying to export spans to the collector that already stopped
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("bench-mesh"),
              observability={"tracing": "off"})
-    m.up()
-    yield m
-    pids = dict(m.state["pids"])
-    m.down()
-    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+    yield from serving(m)
 
 
 def _attached(mesh, model_dir, workload, runs):

@@ -10,7 +10,7 @@ import pytest
 
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, kvcache_pb2,
                        kvcache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc)
-from mesh_fixture import Mesh, _alive, wait_until
+from mesh_fixture import Mesh, serving, wait_until
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -19,11 +19,7 @@ from services.engine.engine import Engine, EngineConfig
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("mesh"))
-    m.up()
-    yield m
-    pids = dict(m.state["pids"])
-    m.down()
-    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+    yield from serving(m)
 
 
 @pytest.fixture

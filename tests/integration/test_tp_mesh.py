@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from mesh_fixture import Mesh, _alive, wait_until
+from mesh_fixture import Mesh, _alive, serving, wait_until
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -20,13 +20,7 @@ from services.engine.engine import Engine, EngineConfig
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("tp-mesh"), tensor_parallel=2)
-    m.up()
-    yield m
-    pids = dict(m.state["pids"])
-    state_path = m.run_dir / "state.json"
-    pids.update(json.loads(state_path.read_text()).get("pids", {}))  # after restarts
-    m.down()
-    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+    yield from serving(m)
 
 
 @pytest.fixture
