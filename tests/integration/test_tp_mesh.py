@@ -12,6 +12,7 @@ import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from mesh_fixture import Mesh, _alive, serving, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -71,6 +72,16 @@ def test_two_ranks_serve_and_match_tp1_for_concurrent_requests(mesh, stub, tiny_
     assert wait_until(lambda: _stats(mesh).num_used_blocks == 0, 5)
 
 
+def _health(port: int):
+    """The scheduler's own health status, or None when it does not answer."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
 def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, stub):
     before = _live_pids(mesh)
     outcomes: list = [None] * 6
@@ -92,7 +103,19 @@ def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, s
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
+    sched_port = mesh.config["replica_ports"][0]["scheduler"]
+    seen: list = []
+    stop_polling = threading.Event()
+
+    def poll_health():  # bounded: stops when told or after 120 s
+        deadline = time.monotonic() + 120
+        while not stop_polling.is_set() and time.monotonic() < deadline:
+            seen.append(_health(sched_port))
+            time.sleep(0.05)
+
     started.wait()  # every request is streaming
+    poller = threading.Thread(target=poll_health)
+    poller.start()
     os.kill(before["executor-0-1"], signal.SIGKILL)
     t0 = time.monotonic()
     for t in threads:
@@ -107,8 +130,12 @@ def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, s
     assert wait_until(lambda: all(_live_pids(mesh)[f"executor-0-{r}"] != before[f"executor-0-{r}"]
                                   for r in (0, 1)), 30)
     assert not _alive(before["executor-0-0"])
-    sched_port = mesh.config["replica_ports"][0]["scheduler"]
     assert wait_until(lambda: is_serving(sched_port), 60), mesh.logs()
+    stop_polling.set()
+    poller.join(5)
+    # the replica said NOT_SERVING while its group was down (the scheduler itself lived on)
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen[:20]
+    assert _live_pids(mesh)["scheduler-0"] == before["scheduler-0"]
     req = inference_pb2.GenerateRequest(prompt="Back again", sampling=common_pb2.SamplingParams(
         max_tokens=8, temperature=0.0, ignore_eos=True))
     for _ in range(3):
