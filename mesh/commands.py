@@ -239,6 +239,8 @@ def cmd_trace(args) -> int:
     if trace_id is None:
         print(f"llmesh: error: no trace for request {args.request_id!r} in {path}", file=sys.stderr)
         return 1
+    from observability.telemetry import EXPORT_INTERVAL_MS
+    spans = trace_view.settle(path, spans, trace_id, EXPORT_INTERVAL_MS / 1e3 + 1.0)
     found = trace_view.trace_spans(spans, trace_id)
     print(trace_view.as_json(found) if args.json else trace_view.render(found))
     return 0

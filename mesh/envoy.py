@@ -95,10 +95,11 @@ def render_envoy(cfg: MeshConfig) -> dict:
             "clusters": clusters,
         },
     }
-    if obs.tracing != "off":  # export the gateway's spans within a second, not in batches of 5
+    if obs.tracing != "off":  # export the gateway's spans on the services' interval, batched
+        from observability.telemetry import EXPORT_INTERVAL_MS
         out["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
-            "tracing.opentelemetry.flush_interval_ms": 1000,
-            "tracing.opentelemetry.min_flush_spans": 1}}]}
+            "tracing.opentelemetry.flush_interval_ms": EXPORT_INTERVAL_MS,
+            "tracing.opentelemetry.min_flush_spans": 1024}}]}
     return out
 
 

@@ -5,6 +5,7 @@ environment the supervisor sets:
     LLMESH_OTLP_ENDPOINT   host:port of an OTLP/gRPC trace collector
     LLMESH_TRACE_SAMPLE    parent-based ratio of new traces sampled (default 1.0)
     LLMESH_DECODE_STEP_EVERY  decode-only engine steps get a span every N steps (default 1)
+    LLMESH_TRACE_EXPORT_MS how often finished spans are sent to the collector (default 2000)
     LLMESH_METRICS_PORT    Prometheus /metrics on 127.0.0.1:PORT (unset: none)
 
 With tracing off the OpenTelemetry API is the no-op one and no interceptor is
@@ -32,6 +33,8 @@ _state = {"tracing": False, "service": "llmesh"}
 # streams that outlive any one request carry context in their messages instead
 _STREAM_METHODS = ("Connect", "Run", "Detokenize", "Events")
 _PER_STEP_METHODS = ("Commit",)  # carry context in the message: no per-step interceptor cost
+EXPORT_INTERVAL_MS = 2000  # default LLMESH_TRACE_EXPORT_MS; Envoy's tracer flushes as often
+EXPORT_MAX_QUEUE = 16384  # spans a process may hold between exports before dropping
 
 
 def tracing_enabled() -> bool:
@@ -61,8 +64,11 @@ def _setup_tracing(service: str) -> None:
     ratio = float(os.environ.get("LLMESH_TRACE_SAMPLE", "1.0"))
     provider = TracerProvider(resource=Resource.create({"service.name": service}),
                               sampler=ParentBased(TraceIdRatioBased(ratio)))
+    # fewer, larger exports: each one is an RPC on both ends, whatever its size
+    delay_ms = int(os.environ.get("LLMESH_TRACE_EXPORT_MS", str(EXPORT_INTERVAL_MS)))
     provider.add_span_processor(BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=2), schedule_delay_millis=500))
+        OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=2),
+        schedule_delay_millis=delay_ms, max_queue_size=EXPORT_MAX_QUEUE, max_export_batch_size=1024))
     trace.set_tracer_provider(provider)
     _state["tracing"] = True
 

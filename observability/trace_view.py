@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 KEY_ATTRS = ("llmesh.request_id", "gen_ai.request.max_tokens", "gen_ai.usage.input_tokens",
@@ -26,6 +27,18 @@ def load_spans(path: Path) -> list[dict]:
                 except ValueError:
                     continue  # a line cut by a crash
     return spans
+
+
+def settle(path: Path, spans: list[dict], trace_id: str, settle_s: float) -> list[dict]:
+    """Services export finished spans every few seconds, so a trace whose newest
+    span ended less than `settle_s` ago may still be missing some: wait out the
+    rest of that window once and read the file again."""
+    newest = max((s["end_ns"] for s in spans if s["trace_id"] == trace_id), default=0)
+    wait = settle_s - (time.time_ns() - newest) / 1e9
+    if wait <= 0:
+        return spans
+    time.sleep(min(wait, settle_s))
+    return load_spans(path)
 
 
 def find_trace(spans: list[dict], request_id: str | None) -> str | None:

@@ -36,13 +36,19 @@ async def abort_with(context: grpc.aio.ServicerContext, error: LlmeshError):
 
 
 class Service:
-    """A grpc.aio server on 127.0.0.1:port with health and (optionally) reflection."""
+    """A grpc.aio server on 127.0.0.1:port with health and (optionally) reflection.
+
+    `traced`: install the OpenTelemetry server interceptor (when tracing is on).
+    Only services that receive a request over a unary hop need it (router,
+    tokenizer); the others get trace context inside their stream messages and
+    would only pay the interceptor's call path on every step."""
 
     def __init__(self, name: str, port: int, host: str = "127.0.0.1",
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, traced: bool = False):
         self.name = name
         from observability import telemetry
-        self.server = grpc.aio.server(interceptors=telemetry.server_interceptors(), options=[
+        interceptors = telemetry.server_interceptors() if traced else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),

@@ -15,7 +15,8 @@ from services.router.servicer import Inference
 
 
 async def main(args) -> None:
-    service = Service("router", args.port, max_message_bytes=args.max_message_bytes)
+    service = Service("router", args.port, max_message_bytes=args.max_message_bytes,
+                      traced=True)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
     inference = Inference(channel, args.schedulers.split(","), args.model_name,
                           Admission.from_dict(json.loads(args.admission)))

@@ -12,7 +12,7 @@ from services.tokenizer.tokenizer import TextTokenizer
 
 
 async def main(args) -> None:
-    service = Service("tokenizer", args.port)
+    service = Service("tokenizer", args.port, traced=True)
     service.add(tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
                 TokenizerServicer(TextTokenizer(args.model)), "llmesh.v1.Tokenizer")
     await service.start()

@@ -222,6 +222,18 @@ def test_llmesh_trace_renders_the_last_request_from_the_local_file(file_mesh):
     assert missing.returncode == 1 and "no trace" in missing.stderr
 
 
+def test_llmesh_trace_right_after_a_request_waits_for_its_late_spans(file_mesh):
+    """Each process exports on its own timer: when the first of a request's spans
+    reach the file, others are still on their way. `llmesh trace` waits them out."""
+    out = _complete(file_mesh.endpoint, "a lantern by the river", 4)
+    traces = file_mesh.run_dir / "traces.jsonl"
+    assert wait_until(lambda: traces.exists() and out.request_id in traces.read_text(), 20)
+    proc = file_mesh.cli("trace", out.request_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    spans = json.loads(proc.stdout)
+    assert ALL_SERVICES <= {s["service"] for s in spans}, sorted({s["service"] for s in spans})
+
+
 def test_logs_are_json_lines_with_the_service(file_mesh):
     lines = (file_mesh.run_dir / "logs" / "scheduler-0.log").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.startswith("{")]
