@@ -1,48 +1,181 @@
-"""Throughput with tracing on (100% sampled, exported to the local collector)
-versus off, same mesh and workload, alternating rounds in one run; also the
-CPU time every mesh process spends per output token, on and off.
+"""What tracing costs: throughput and CPU with tracing on (every request sampled,
+exported to the local collector) against off, as interleaved pairs in one run.
 
-    python -m benchmarks.tracing_overhead [--model DIR] [--requests 64] [--rounds 3] [--json OUT]
+    python -m benchmarks.tracing_overhead [--model DIR] [--requests 16] [--pairs 12] [--json OUT]
+
+Both meshes are up at once. While one serves a segment of requests, every
+process of the other is frozen (SIGSTOP), so it takes no CPU at all. Each pair
+sends a fresh set of requests (a new seed, so no prefix-cache hits across
+pairs) through both meshes, in alternating order. The headline is the median
+over pairs of the on/off throughput ratio: the two segments of a pair run
+seconds apart on the same machine, so the slow drift that makes separate runs of
+one configuration differ by +-15% here cancels out of each ratio.
+
+After each segment the mesh stays thawed for one export interval, so the spans
+it made reach the collector; the CPU seconds of every process over segment plus
+that wait give a second figure, CPU per output token, on against off.
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
 import dataclasses
 import json
+import os
+import signal
 import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from benchmarks.tp import ab_args, ab_setup, log, run_once
-from mesh.config import ObservabilityConfig
+from benchmarks.tp import _cpu_s, _drive, log, workload
+from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
+from mesh.supervisor import Supervisor, build_specs, envoy_ready
+from observability.telemetry import EXPORT_INTERVAL_MS
+from services.executor.model_config import load_model_config
+
+
+class _Mesh:
+    """One mesh of the pair, which can be frozen and thawed as a whole."""
+
+    def __init__(self, name: str, model_dir: str, limits: EngineLimits,
+                 observability: ObservabilityConfig):
+        self.name = name
+        self.cfg = resolve_ports(MeshConfig(engine=limits, envoy=EnvoyConfig(port=0, admin_port=0),
+                                            observability=observability))
+        self._dir = tempfile.TemporaryDirectory(prefix=f"llmesh-tracing-{name}-")
+        self.run_dir = Path(self._dir.name)
+        self.sup = Supervisor(build_specs(self.cfg, model_dir, self.run_dir), self.run_dir)
+        self.endpoint = f"127.0.0.1:{self.cfg.envoy.port}"
+
+    def start(self) -> None:
+        self.sup.start(timeout_s=300)
+
+    def pids(self) -> dict[str, int]:
+        return self.sup.pids()
+
+    def freeze(self) -> None:
+        for pid in self.pids().values():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.pids().values():
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30  # Envoy's health checks may need a round to agree
+        while not envoy_ready(self.cfg.envoy.admin_port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mesh {self.name}: Envoy sees no healthy router after thaw")
+            time.sleep(0.1)
+
+    def segment(self, reqs, settle_s: float) -> dict:
+        """Serve `reqs`; then wait `settle_s` (spans exported) and read CPU seconds."""
+        pids = self.pids()
+        cpu0 = {n: _cpu_s(p) for n, p in pids.items()}
+        wall, tokens = asyncio.run(_drive(self.endpoint, reqs))
+        time.sleep(settle_s)
+        cpu = {n: _cpu_s(p) - cpu0[n] for n, p in pids.items()}
+        return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+                "cpu_s": cpu, "cpu_ms_per_output_token": 1e3 * sum(cpu.values()) / tokens,
+                "services_cpu_ms_per_output_token":
+                    1e3 * sum(v for n, v in cpu.items() if not n.startswith("executor")) / tokens}
+
+    def stop(self) -> None:
+        try:
+            for pid in self.pids().values():  # a frozen process cannot act on SIGTERM
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            self.sup.stop()
+        finally:
+            self._dir.cleanup()
+
+    def spans(self) -> int:
+        path = self.run_dir / "traces.jsonl"
+        return sum(1 for _ in open(path)) if path.exists() else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks.tracing_overhead")
+    p.add_argument("--model", help="model directory (default: the bench preset)")
+    p.add_argument("--requests", type=int, default=16, help="requests per segment")
+    p.add_argument("--pairs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = ab_args("benchmarks.tracing_overhead", argv)
-    model_dir, mc, reqs, warm, limits = ab_setup(args)
-    modes = {"on": ObservabilityConfig(tracing="file", sample_ratio=1.0),
-             "off": ObservabilityConfig(tracing="off")}
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for round_ in range(args.rounds):
-        for mode in (("off", "on") if round_ % 2 == 0 else ("on", "off")):
-            runs[mode].append(run_once(model_dir, 1, reqs, warm, limits, log,
-                                       observability=modes[mode]))
-    med = {m: statistics.median(r["output_tokens_per_s"] for r in runs[m]) for m in modes}
-    # CPU per output token over every mesh process: on 2 shared cores throughput is
-    # bound by it, and it does not move with the cycles other tenants steal
-    cpu = {m: statistics.median(r["cpu_ms_per_output_token"] for r in runs[m]) for m in modes}
-    share = statistics.median(r["cpu_s"].get("collector", 0.0) / sum(r["cpu_s"].values())
-                              for r in runs["on"])
-    summary = {"tracing_on_tok_s": med["on"], "tracing_off_tok_s": med["off"],
-               "on_over_off": med["on"] / med["off"],
-               "cpu_ms_per_token_on": cpu["on"], "cpu_ms_per_token_off": cpu["off"],
-               "cpu_on_over_off": cpu["on"] / cpu["off"], "collector_cpu_share": share,
-               "rounds": args.rounds, "requests": args.requests}
+    args = parse_args(argv)
+    from mesh.default_model import default_model_dir
+    model_dir = str(args.model or default_model_dir("bench"))
+    mc = load_model_config(model_dir)
+    limits = EngineLimits(num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64)
+    settle_s = EXPORT_INTERVAL_MS / 1e3 + 0.5
+    meshes = {"on": _Mesh("on", model_dir, limits, ObservabilityConfig(tracing="file",
+                                                                       sample_ratio=1.0)),
+              "off": _Mesh("off", model_dir, limits, ObservabilityConfig(tracing="off"))}
+    warm = workload(4, mc.vocab_size, args.seed + 10_000)
+    pairs: list[dict] = []
+    try:
+        for m in meshes.values():  # one up and warm at a time, the other frozen
+            m.start()
+            m.segment(warm, settle_s)
+            m.freeze()
+        spans0 = meshes["on"].spans()
+        for i in range(args.pairs):
+            reqs = workload(args.requests, mc.vocab_size, args.seed + i)
+            pair = {}
+            for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                m = meshes[mode]
+                m.thaw()
+                pair[mode] = m.segment(reqs, settle_s)
+                m.freeze()
+            pair["ratio"] = pair["on"]["output_tokens_per_s"] / pair["off"]["output_tokens_per_s"]
+            pair["cpu_ratio"] = (pair["on"]["cpu_ms_per_output_token"]
+                                 / pair["off"]["cpu_ms_per_output_token"])
+            log(f"[tracing] pair {i + 1}/{args.pairs}: on {pair['on']['output_tokens_per_s']:.1f}, "
+                f"off {pair['off']['output_tokens_per_s']:.1f} tok/s, on/off {pair['ratio']:.3f}; "
+                f"CPU/token on/off {pair['cpu_ratio']:.3f}")
+            pairs.append(pair)
+        spans = meshes["on"].spans() - spans0
+    finally:
+        for m in meshes.values():
+            m.stop()
+    summary = _summary(pairs, spans, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"model_dir": model_dir, "model": dataclasses.asdict(mc),
-                                               "runs": runs, "summary": summary}, indent=2,
-                                              default=str))
+                                               "pairs": pairs, "summary": summary}, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _summary(pairs: list[dict], spans: int, args) -> dict:
+    def med(f):
+        return statistics.median(f(p) for p in pairs)
+
+    ratios = sorted(p["ratio"] for p in pairs)
+    names = set(pairs[0]["on"]["cpu_s"]) | set(pairs[0]["off"]["cpu_s"])
+    per_process = {n: {mode: med(lambda p: 1e3 * p[mode]["cpu_s"].get(n, 0.0)
+                                  / p[mode]["output_tokens"]) for mode in ("on", "off")}
+                   for n in sorted(names)}
+    tokens_on = sum(p["on"]["output_tokens"] for p in pairs)
+    return {
+        "pairs": len(pairs), "requests_per_segment": args.requests,
+        "median_on_over_off": med(lambda p: p["ratio"]),
+        "quartiles_on_over_off": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+        "pairs_on_faster": sum(r > 1 for r in ratios),
+        "tok_s_on_median": med(lambda p: p["on"]["output_tokens_per_s"]),
+        "tok_s_off_median": med(lambda p: p["off"]["output_tokens_per_s"]),
+        "median_cpu_on_over_off": med(lambda p: p["cpu_ratio"]),
+        "cpu_ms_per_token_on": med(lambda p: p["on"]["cpu_ms_per_output_token"]),
+        "cpu_ms_per_token_off": med(lambda p: p["off"]["cpu_ms_per_output_token"]),
+        "services_cpu_ms_per_token_on": med(lambda p: p["on"]["services_cpu_ms_per_output_token"]),
+        "services_cpu_ms_per_token_off": med(lambda p: p["off"]["services_cpu_ms_per_output_token"]),
+        "cpu_ms_per_token_by_process": per_process,
+        "spans_exported": spans, "spans_per_output_token": spans / tokens_on,
+    }
 
 
 if __name__ == "__main__":
