@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.tp import _cpu_s, _drive, log, workload
+from benchmarks.tp import _cpu_s, _drive, _stats, log, workload
 from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
 from mesh.supervisor import Supervisor, build_specs, envoy_ready
 from observability.telemetry import EXPORT_INTERVAL_MS
@@ -71,11 +71,18 @@ class _Mesh:
     def segment(self, reqs, settle_s: float) -> dict:
         """Serve `reqs`; then wait `settle_s` (spans exported) and read CPU seconds."""
         pids = self.pids()
+        sched = self.cfg.replica_ports[0].scheduler
         cpu0 = {n: _cpu_s(p) for n, p in pids.items()}
+        st0 = _stats(sched)
         wall, tokens = asyncio.run(_drive(self.endpoint, reqs))
+        st1 = _stats(sched)
         time.sleep(settle_s)
         cpu = {n: _cpu_s(p) - cpu0[n] for n, p in pids.items()}
+        steps = max(1, st1.num_steps - st0.num_steps)
+        per_step = {f"{k}_ms_per_step": 1e3 * (getattr(st1, k) - getattr(st0, k)) / steps
+                    for k in ("forward_s", "executor_rpc_s", "schedule_s", "kv_rpc_s")}
         return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+                "steps": steps, "wall_ms_per_step": 1e3 * wall / steps, **per_step,
                 "cpu_s": cpu, "cpu_ms_per_output_token": 1e3 * sum(cpu.values()) / tokens,
                 "services_cpu_ms_per_output_token":
                     1e3 * sum(v for n, v in cpu.items() if not n.startswith("executor")) / tokens}
@@ -103,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--control", action="store_true",
+                   help="an A/A run: tracing off in both meshes, to see the pair ratio's own spread")
     return p.parse_args(argv)
 
 
@@ -113,8 +122,9 @@ def main(argv=None) -> int:
     mc = load_model_config(model_dir)
     limits = EngineLimits(num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64)
     settle_s = EXPORT_INTERVAL_MS / 1e3 + 0.5
-    meshes = {"on": _Mesh("on", model_dir, limits, ObservabilityConfig(tracing="file",
-                                                                       sample_ratio=1.0)),
+    on = (ObservabilityConfig(tracing="off") if args.control
+          else ObservabilityConfig(tracing="file", sample_ratio=1.0))
+    meshes = {"on": _Mesh("on", model_dir, limits, on),
               "off": _Mesh("off", model_dir, limits, ObservabilityConfig(tracing="off"))}
     warm = workload(4, mc.vocab_size, args.seed + 10_000)
     pairs: list[dict] = []
@@ -162,7 +172,7 @@ def _summary(pairs: list[dict], spans: int, args) -> dict:
                    for n in sorted(names)}
     tokens_on = sum(p["on"]["output_tokens"] for p in pairs)
     return {
-        "pairs": len(pairs), "requests_per_segment": args.requests,
+        "pairs": len(pairs), "requests_per_segment": args.requests, "control": args.control,
         "median_on_over_off": med(lambda p: p["ratio"]),
         "quartiles_on_over_off": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
         "pairs_on_faster": sum(r > 1 for r in ratios),
@@ -173,6 +183,11 @@ def _summary(pairs: list[dict], spans: int, args) -> dict:
         "cpu_ms_per_token_off": med(lambda p: p["off"]["cpu_ms_per_output_token"]),
         "services_cpu_ms_per_token_on": med(lambda p: p["on"]["services_cpu_ms_per_output_token"]),
         "services_cpu_ms_per_token_off": med(lambda p: p["off"]["services_cpu_ms_per_output_token"]),
+        # where a step's time goes: the executor's forward, its round trip, the scheduler
+        "per_step_ms": {k: {mode: med(lambda p: p[mode][k]) for mode in ("on", "off")}
+                        for k in ("wall_ms_per_step", "forward_s_ms_per_step",
+                                  "executor_rpc_s_ms_per_step", "schedule_s_ms_per_step",
+                                  "kv_rpc_s_ms_per_step")},
         "cpu_ms_per_token_by_process": per_process,
         "spans_exported": spans, "spans_per_output_token": spans / tokens_on,
     }

@@ -19,7 +19,8 @@ async def main(args) -> None:
                       traced=True)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
     inference = Inference(channel, args.schedulers.split(","), args.model_name,
-                          Admission.from_dict(json.loads(args.admission)))
+                          Admission.from_dict(json.loads(args.admission)),
+                          detok_channel=grpc.aio.insecure_channel(args.tokenizer))
     service.add(inference_pb2_grpc.add_InferenceServicer_to_server, inference,
                 "llmesh.v1.Inference")
     service.enable_reflection()

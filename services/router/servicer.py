@@ -32,12 +32,17 @@ _DONE = object()
 
 class Inference(inference_pb2_grpc.InferenceServicer):
     def __init__(self, tokenizer_channel: grpc.aio.Channel, scheduler_addresses: list[str],
-                 model_name: str, admission: Admission | None = None):
+                 model_name: str, admission: Admission | None = None,
+                 detok_channel: grpc.aio.Channel | None = None):
+        """`tokenizer_channel` serves Encode (a traced hop: it may carry client
+        interceptors); `detok_channel`, the per-step Detokenize stream, should not:
+        any interceptor on a grpc.aio channel puts each of its streams' writes on a
+        slower path, even when the interceptor's filter skips the stream."""
         self.model_name = model_name
         self.admission = admission or Admission(TenantDirectory.open(), MemoryLimiter())
         self._settling: set[asyncio.Task] = set()
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
-        self.detok = Detokenizer(tokenizer_channel)
+        self.detok = Detokenizer(detok_channel or tokenizer_channel)
         self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
                          for i, a in enumerate(scheduler_addresses)]
         self._queues: dict[str, asyncio.Queue] = {}
