@@ -88,8 +88,12 @@ def main() -> None:
     if args.world_size > 1:
         from services.executor.parallel import init_group
         group = init_group(args.rank, args.world_size, args.dist_addr, timeout_s=60)
-    results = {m: run_model(m, group) for m in args.models}
-    Path(args.out).write_text(json.dumps(results))
+    try:
+        results = {m: run_model(m, group) for m in args.models}
+        Path(args.out).write_text(json.dumps(results))
+    finally:
+        if group is not None:
+            group.close()
 
 
 if __name__ == "__main__":

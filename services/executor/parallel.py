@@ -41,6 +41,14 @@ class TPGroup:
         self.world_size = world_size
         self.comm_s = 0.0  # seconds spent in collectives (waiting on peers included)
 
+    def close(self) -> None:
+        """Leave the group together with the peers. A process that exits with the
+        group still up can abort in its destructors ("terminate called without an
+        active exception")."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         dist.all_reduce(t)
