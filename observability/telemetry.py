@@ -30,9 +30,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _PROPAGATOR = TraceContextTextMapPropagator()
 _state = {"tracing": False, "service": "llmesh"}
 
-# streams that outlive any one request carry context in their messages instead
-_STREAM_METHODS = ("Connect", "Run", "Detokenize", "Events")
-_PER_STEP_METHODS = ("Commit",)  # carry context in the message: no per-step interceptor cost
+# Only the router and tokenizer have interceptors (Service(traced=True)); of their
+# methods the Detokenize stream outlives any one request, so it is left out (its
+# items carry no context; the router's detokenize span covers it).
+_UNTRACED_METHODS = ("Detokenize",)
 EXPORT_INTERVAL_MS = 2000  # default LLMESH_TRACE_EXPORT_MS; Envoy's tracer flushes as often
 EXPORT_MAX_QUEUE = 16384  # spans a process may hold between exports before dropping
 
@@ -87,7 +88,7 @@ def _rpc_filter():
     from opentelemetry.instrumentation.grpc import filters
     return filters.negate(filters.any_of(
         filters.health_check(), filters.service_prefix("grpc.reflection"),
-        *(filters.method_name(m) for m in _STREAM_METHODS + _PER_STEP_METHODS)))
+        *(filters.method_name(m) for m in _UNTRACED_METHODS)))
 
 
 def server_interceptors() -> list:

@@ -42,12 +42,6 @@ def mesh(tiny_model_dir, tmp_path_factory):
     yield from serving(m)
 
 
-@pytest.fixture
-def stub(mesh):
-    with grpc.insecure_channel(mesh.endpoint) as ch:
-        yield inference_pb2_grpc.InferenceStub(ch)
-
-
 def _auth(tenant):
     return [("authorization", f"Bearer {KEYS[tenant]}")]
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, kvcache_pb2,
+from llmesh.v1 import (common_pb2, inference_pb2, kvcache_pb2,
                        kvcache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc)
 from mesh_fixture import Mesh, serving, wait_until
 from mesh.supervisor import is_serving
@@ -20,12 +20,6 @@ from services.engine.engine import Engine, EngineConfig
 def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("mesh"))
     yield from serving(m)
-
-
-@pytest.fixture
-def stub(mesh):
-    with grpc.insecure_channel(mesh.endpoint) as ch:
-        yield inference_pb2_grpc.InferenceStub(ch)
 
 
 def _scheduler(mesh):

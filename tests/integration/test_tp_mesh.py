@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from llmesh.v1 import common_pb2, inference_pb2, scheduler_pb2, scheduler_pb2_grpc
 from mesh_fixture import Mesh, _alive, serving, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh.supervisor import is_serving
@@ -22,12 +22,6 @@ from services.engine.engine import Engine, EngineConfig
 def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("tp-mesh"), tensor_parallel=2)
     yield from serving(m)
-
-
-@pytest.fixture
-def stub(mesh):
-    with grpc.insecure_channel(mesh.endpoint) as ch:
-        yield inference_pb2_grpc.InferenceStub(ch)
 
 
 def _stats(mesh):
