@@ -86,6 +86,12 @@ class SchedulerCollector:
                                 kv.prefix_hit_rate)
         yield CounterMetricFamily("llmesh_preemptions", "Sequences preempted (recompute)",
                                   sched.num_preemptions)
+        yield CounterMetricFamily("llmesh_kv_resets",
+                                  "Prefix cache dropped because the executors' KV was lost",
+                                  s.num_kv_resets)
+        yield CounterMetricFamily("llmesh_requeued_on_executor_failure",
+                                  "Running sequences put back in the queue when the executor "
+                                  "group failed, to be recomputed", s.num_requeued)
         yield CounterMetricFamily("llmesh_engine_steps", "Engine steps run", s.num_steps)
         phases = CounterMetricFamily("llmesh_step_phase_seconds",
                                      "Time spent in each phase of the engine steps", labels=["phase"])

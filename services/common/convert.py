@@ -80,7 +80,7 @@ def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
 def result_to_proto(result: StepResult) -> executor_pb2.StepResult:
     return executor_pb2.StepResult(
         step_id=result.step_id, forward_s=result.forward_s, sample_s=result.sample_s,
-        comm_s=result.comm_s, num_kv_blocks=result.num_kv_blocks,
+        comm_s=result.comm_s, num_kv_blocks=result.num_kv_blocks, kv_epoch=result.kv_epoch,
         sampled=[executor_pb2.SampledTokens(
             seq_id=seq_id, token_ids=tokens,
             logprobs=[logprob_to_proto(lp) for lp in result.logprobs.get(seq_id, [])])
@@ -89,7 +89,8 @@ def result_to_proto(result: StepResult) -> executor_pb2.StepResult:
 
 def result_from_proto(msg: executor_pb2.StepResult) -> StepResult:
     result = StepResult(step_id=msg.step_id, forward_s=msg.forward_s, sample_s=msg.sample_s,
-                        comm_s=msg.comm_s, num_kv_blocks=msg.num_kv_blocks)
+                        comm_s=msg.comm_s, num_kv_blocks=msg.num_kv_blocks,
+                        kv_epoch=msg.kv_epoch)
     for s in msg.sampled:
         result.sampled[s.seq_id] = list(s.token_ids)
         if s.logprobs:

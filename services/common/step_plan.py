@@ -70,3 +70,4 @@ class StepResult:
     sample_s: float = 0.0
     comm_s: float = 0.0  # tensor-parallel collectives inside this step
     num_kv_blocks: int = 0  # the KV blocks this rank holds
+    kv_epoch: int = 0  # identity of the rank's KV memory (changes when the rank restarts)

@@ -7,6 +7,8 @@ pass over the rows that produce a token.
 """
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -49,6 +51,17 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
+        # drawn with the KV memory: a scheduler that sees it change knows the blocks are new
+        self.kv_epoch = secrets.randbits(63) or 1
+        # one step at a time: a step whose stream was cancelled may still be running
+        # in its thread when the next scheduler's first plan arrives
+        self._step_lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget every sequence (a new scheduler drives this rank), once any step
+        still running has finished."""
+        with self._step_lock:
+            self.seqs.clear()
 
     def _pick_backend(self, dtype: torch.dtype):
         from services.executor.attention_cuda import CudaPagedAttention, kernels_support
@@ -67,14 +80,19 @@ class ModelRunner:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        with self._step_lock:
+            return self._execute(plan)
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepResult:
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new:
             self._add(new)
         self._copy_blocks(plan.block_copies)
-        result = StepResult(step_id=plan.step_id, num_kv_blocks=self.num_blocks)
+        result = StepResult(step_id=plan.step_id, num_kv_blocks=self.num_blocks,
+                            kv_epoch=self.kv_epoch)
         if not plan.scheduled:
             return result
         # single-query sequences first, longest context first (the backend batches

@@ -31,7 +31,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "executor is still loading the model")
         async with self._lock:
             # a new stream means a (re)started scheduler: forget every sequence
-            self.runner.seqs.clear()
+            await asyncio.to_thread(self.runner.reset)
             async for msg in request_iterator:
                 plan = convert.plan_from_proto(msg)
                 span = None
@@ -47,7 +47,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                         span.record_exception(e)
                         span.end()
                     log.exception("step %d failed", plan.step_id)
-                    self.runner.seqs.clear()
+                    await asyncio.to_thread(self.runner.reset)
                     yield executor_pb2.StepResult(step_id=plan.step_id, error=repr(e))
                     if self.on_fatal is not None:
                         self.on_fatal(e)

@@ -63,6 +63,14 @@ class KVCacheManager:
             raise RuntimeError("cannot resize a KV manager with blocks in use")
         self.pool = BlockPool(num_blocks, self.pool.block_size, self.pool.record_events)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block: the KV memory they indexed is gone (a restarted
+        executor). Only when no sequence holds blocks."""
+        assert not self.tables, "reset_prefix_cache with sequences holding blocks"
+        if self.journal is not None:
+            self.journal.append(("reset_prefix_cache",))
+        self.pool.reset_prefix_cache()
+
     def find_cached_prefix(self, token_ids: list[int], salt: str = "") -> list[int]:
         """Block ids caching the longest prefix of `token_ids` (no references taken).
 
@@ -205,5 +213,7 @@ def replay(kv: KVCacheManager, ops: list[tuple]) -> None:
             kv.free(op[1])
         elif kind == "lookup":
             kv.record_lookup(op[1], op[2])
+        elif kind == "reset_prefix_cache":
+            kv.reset_prefix_cache()
         else:
             raise ValueError(f"unknown KV op {kind!r}")

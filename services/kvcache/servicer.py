@@ -29,6 +29,8 @@ def ops_to_proto(ops: list[tuple]) -> list[kvcache_pb2.KVOp]:
         elif kind == "lookup":
             out.append(kvcache_pb2.KVOp(lookup=kvcache_pb2.Lookup(num_tokens=op[1],
                                                                   num_hit_tokens=op[2])))
+        elif kind == "reset_prefix_cache":
+            out.append(kvcache_pb2.KVOp(reset_prefix_cache=True))
     return out
 
 
@@ -50,6 +52,8 @@ def ops_from_proto(msgs) -> list[tuple]:
             ops.append(("fork", m.fork.parent_seq_id, m.fork.child_seq_id))
         elif kind == "free_seq_id":
             ops.append(("free", m.free_seq_id))
+        elif kind == "reset_prefix_cache":
+            ops.append(("reset_prefix_cache",))
     return ops
 
 

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import time
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from observability import telemetry
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--executor-recovery-s", type=float, default=60.0,
+                   help="how long queued requests wait for a failed executor group to return")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
     return p.parse_args(argv)
 
@@ -61,21 +64,35 @@ async def main(args) -> None:
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                 SchedulerServicer(loop, info, len(executors.addresses)), "llmesh.v1.Scheduler")
     await service.start()
-    runner = asyncio.ensure_future(_drive(loop, executors, service, info))
+    runner = asyncio.ensure_future(_drive(loop, executors, service, info,
+                                          args.executor_recovery_s))
     await service.wait_for_termination()
     runner.cancel()
 
 
 async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
-                 info: scheduler_pb2.ReplicaInfo) -> None:
-    """Run the engine loop; when the executor group fails, end in-flight requests
-    with an error, go NOT_SERVING, reconnect, and serve again."""
+                 info: scheduler_pb2.ReplicaInfo, recovery_s: float) -> None:
+    """Run the engine loop; when the executor group fails, go NOT_SERVING, put
+    the running requests back in the queue (they resume from their tokens so far
+    once the group is back), forget the KV cache, reconnect, and serve again."""
+    kv_epochs: tuple[int, ...] = ()  # the executor KV that the prefix cache describes
+    down_since = time.monotonic()
     while True:
         await executors.connect()
         if not await _probe(loop, executors):
             await executors.close()
+            # queued requests wait for the group, within their deadlines and a bound
+            loop.expire_deadlines()
+            if loop.tracks and time.monotonic() - down_since > recovery_s:
+                log.error("executor group down for over %.0fs; failing queued requests",
+                          recovery_s)
+                loop.fail_all()
             await asyncio.sleep(0.5)
             continue
+        if executors.kv_epochs != kv_epochs:
+            if kv_epochs:
+                loop.invalidate_kv(f"executor KV epochs {kv_epochs} -> {executors.kv_epochs}")
+            kv_epochs = executors.kv_epochs
         if executors.capacity and executors.capacity < loop.kv.pool.num_blocks:
             if loop.kv.pool.num_used:
                 log.error("executor ranks hold %d KV blocks, fewer than the %d in use",
@@ -92,15 +109,21 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
         try:
             await loop.run(executors.check)
         except ExecutorFailed as e:
-            log.error("executor group failed: %s; failing in-flight requests", e)
+            log.error("executor group failed: %s; requeueing running requests", e)
             await service.set_serving(False)
-            loop.fail_all()  # new executor streams start empty; the frees reach kvcache next step
+            # a failed step may have half-written blocks, and a rank that dies takes its
+            # KV with it: nothing cached survives (the frees reach kvcache next step)
+            loop.invalidate_kv(f"executor group failed: {e}")
+            kv_epochs = ()
+            down_since = time.monotonic()
             await executors.close()
             await asyncio.sleep(0.2)
         except Exception:  # a bug: never leave requests hanging on a dead loop
             log.exception("engine loop failed; failing in-flight requests and restarting it")
             await service.set_serving(False)
-            loop.fail_all()
+            loop.invalidate_kv("engine loop failed", requeue=False)
+            kv_epochs = ()
+            down_since = time.monotonic()
             await executors.close()
             await asyncio.sleep(0.2)
         finally:
@@ -111,7 +134,7 @@ async def _probe(loop: EngineLoop, executors: ExecutorGroup) -> bool:
     """An empty step round-trips through every rank once they are up."""
     from services.common.step_plan import StepPlan
     try:
-        await asyncio.wait_for(executors.execute(StepPlan(step_id=0)), timeout=600)
+        await asyncio.wait_for(executors.execute(StepPlan(step_id=0)), timeout=10)
         return True
     except (ExecutorFailed, asyncio.TimeoutError) as e:
         log.warning("executor group not ready: %s", e)

@@ -66,6 +66,8 @@ class LoopStats:
     comm_s: float = 0.0
     num_rejected: int = 0  # refused at admission: queue full
     num_deadline_expired: int = 0  # queued past their deadline, never computed
+    num_kv_resets: int = 0  # prefix cache dropped because the executors' KV was lost
+    num_requeued: int = 0  # running sequences requeued by an executor failure
 
 
 class ExecutorFailed(Exception):
@@ -77,8 +79,9 @@ class EngineLoop:
                  execute: Callable[[StepPlan], Awaitable[StepResult]],
                  commit: Callable[[int, list[tuple]], Awaitable[None]],
                  emit: Callable[[str, list[tuple[SeqOutput, FinishedInfo | None]]], None],
-                 model: str = ""):
+                 model: str = "", max_step_failures: int = 2):
         self.scheduler = scheduler
+        self.max_step_failures = max_step_failures  # per sequence, before it fails with ERROR
         self.kv: KVCacheManager = scheduler.kv
         self.kv.journal = []
         self.vocab_size = vocab_size
@@ -138,6 +141,20 @@ class EngineLoop:
         for request_id in list(self.tracks):
             self.cancel(request_id, reason)
 
+    def invalidate_kv(self, reason: str, requeue: bool = True) -> None:
+        """The executors' KV memory can no longer be trusted (a rank restarted, or
+        failed mid-step). Running sequences go back to the queue to be recomputed
+        (`requeue`) or fail, and every cached prefix is forgotten, so no later
+        request is served from blocks the executors never computed."""
+        log.warning("dropping the prefix cache: %s", reason)
+        if requeue:
+            self.stats.num_requeued += len(self.scheduler.running)
+            self._deliver(self.scheduler.requeue_running(self.max_step_failures))
+        else:
+            self.fail_all()
+        self.kv.reset_prefix_cache()
+        self.stats.num_kv_resets += 1
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -153,7 +170,7 @@ class EngineLoop:
             await self.step()
 
     async def step(self) -> None:
-        self._expire_deadlines()
+        self.expire_deadlines()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         ops, self.kv.journal = self.kv.journal, []
@@ -224,7 +241,7 @@ class EngineLoop:
         finally:
             self.stats.kv_rpc_s += time.perf_counter() - t
 
-    def _expire_deadlines(self) -> None:
+    def expire_deadlines(self) -> None:
         """Requests past their deadline stop: still queued ones were never computed
         (they leave with DEADLINE and no tokens), running ones keep their partial output."""
         now = time.time()

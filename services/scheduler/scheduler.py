@@ -93,6 +93,31 @@ class Scheduler:
             del self.seqs[seq_id]
         return outputs
 
+    def requeue_running(self, max_failures: int) -> list[SeqOutput]:
+        """The executors lost their state (a rank restarted, or a step failed): every
+        running sequence goes back to the head of its queue, to be recomputed from its
+        tokens so far (seeded sampling is keyed by position, so its output does not
+        change). One caught in more than `max_failures` failures in a row finishes
+        with ERROR: a request that crashes its executor must not crash it forever."""
+        outputs = []
+        for seq in reversed(self.running):  # appendleft: they keep their order at the head
+            self.kv.free(seq.seq_id)
+            self._dropped.append(seq.seq_id)
+            seq.num_failures += 1
+            seq.num_computed = 0
+            if seq.num_failures > max_failures:
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = FinishReason.ERROR
+                outputs.append(self._output(seq, []))
+                continue
+            seq.status = SeqStatus.WAITING
+            seq.num_preemptions += 1
+            self.waiting.appendleft(seq)
+        self.running = []
+        for out in outputs:
+            self._forget_if_done(out.request_id)
+        return outputs
+
     def has_dropped(self) -> bool:
         return bool(self._dropped)
 
@@ -224,6 +249,7 @@ class Scheduler:
             num_prompt_new = max(0, min(seq.num_prompt_tokens, seq.num_computed
                                         + sched.num_new_tokens) - seq.num_computed)
             seq.num_computed += sched.num_new_tokens
+            seq.num_failures = 0
             self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed,
                                  sched.num_new_tokens, seq.salt)
             tokens = result.sampled.get(seq.seq_id)

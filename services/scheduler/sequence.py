@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     is_known_to_executor: bool = False  # sent in full once; afterwards diffs only
     num_preemptions: int = 0
+    num_failures: int = 0  # executor failures in a row it was running through
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
 
     @property

@@ -41,9 +41,11 @@ class ExecutorGroup:
         self.connected = asyncio.Event()
         self.broken = ""  # why the group is unusable, once it is
         self.capacity = 0  # KV blocks: the minimum any rank reported
+        self.kv_epochs: tuple[int, ...] = ()  # each rank's KV identity, as first seen on this connection
 
     async def connect(self) -> None:
         self.broken = ""
+        self.kv_epochs = ()
         self._channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
         self._streams = [executor_pb2_grpc.ExecutorStub(c).Run(wait_for_ready=True)
                          for c in self._channels]
@@ -105,6 +107,12 @@ class ExecutorGroup:
                 r.cancel()
         replies = [r.result() for r in reads]
         self.capacity = min(r.num_kv_blocks for r in replies)
+        epochs = tuple(r.kv_epoch for r in replies)
+        if not self.kv_epochs:
+            self.kv_epochs = epochs
+        elif epochs != self.kv_epochs:  # cannot happen on one stream; never trust KV if it does
+            self.broken = f"executor KV epoch changed during step {plan.step_id}"
+            raise ExecutorFailed(self.broken)
         return convert.result_from_proto(replies[0])
 
 
@@ -180,7 +188,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             executor_rpc_s=s.executor_rpc_s, forward_s=s.forward_s, sample_s=s.sample_s,
             comm_s=s.comm_s, tensor_parallel=self.tensor_parallel,
             waiting_by_class=self.loop.scheduler.waiting.depth, num_rejected=s.num_rejected,
-            num_deadline_expired=s.num_deadline_expired)
+            num_deadline_expired=s.num_deadline_expired, num_kv_resets=s.num_kv_resets,
+            num_requeued=s.num_requeued)
 
 
 def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:

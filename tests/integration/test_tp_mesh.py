@@ -76,14 +76,23 @@ def _health(port: int):
         return None
 
 
-def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, stub):
+def test_kill_one_rank_under_load_restarts_the_group_and_requests_resume(mesh, stub, tiny_model):
+    """The killed rank takes the group down; the scheduler requeues what ran and
+    recomputes it on the restarted group: every request completes with the tokens
+    of a fault-free run."""
     before = _live_pids(mesh)
+    rng = random.Random(21)
+    prompts = [[0] + rng.choices(range(5, 3000), k=rng.randint(20, 60)) for _ in range(6)]
+    params = [SamplingParams(max_tokens=160, ignore_eos=True, temperature=0.8 if i % 2 else 0.0,
+                             seed=40 + i) for i in range(6)]
     outcomes: list = [None] * 6
     started = threading.Barrier(7, timeout=60)
 
     def call(i):
-        req = inference_pb2.GenerateRequest(prompt=f"Story {i}", sampling=common_pb2.SamplingParams(
-            max_tokens=1500, temperature=0.0, ignore_eos=True))
+        p = params[i]
+        req = inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=prompts[i]), sampling=common_pb2.SamplingParams(
+                max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed, ignore_eos=True))
         chunks = []
         try:
             for chunk in stub.Generate(req, timeout=90):
@@ -111,15 +120,15 @@ def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, s
     poller = threading.Thread(target=poll_health)
     poller.start()
     os.kill(before["executor-0-1"], signal.SIGKILL)
-    t0 = time.monotonic()
     for t in threads:
-        t.join(60)
+        t.join(90)
     assert not any(t.is_alive() for t in threads), "a request hung"
-    assert time.monotonic() - t0 < 30
-    for code, chunks in outcomes:
-        assert code == grpc.StatusCode.UNAVAILABLE, code
-        assert chunks[-1].incomplete and chunks[-1].incomplete_reason
-        assert sum(len(c.token_ids) for c in chunks) < 1500
+    expect = Engine(tiny_model, EngineConfig()).generate(prompts, params)
+    for (code, chunks), exp in zip(outcomes, expect):
+        assert code == "ok", code
+        assert [t for c in chunks for t in c.token_ids] == exp[0].token_ids
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert not chunks[-1].incomplete
     # the whole group was restarted (rank 0 too), and the replica serves again
     assert wait_until(lambda: all(_live_pids(mesh)[f"executor-0-{r}"] != before[f"executor-0-{r}"]
                                   for r in (0, 1)), 30)
@@ -130,9 +139,6 @@ def test_kill_one_rank_under_load_fails_in_flight_and_restarts_the_group(mesh, s
     # the replica said NOT_SERVING while its group was down (the scheduler itself lived on)
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen[:20]
     assert _live_pids(mesh)["scheduler-0"] == before["scheduler-0"]
-    req = inference_pb2.GenerateRequest(prompt="Back again", sampling=common_pb2.SamplingParams(
-        max_tokens=8, temperature=0.0, ignore_eos=True))
-    for _ in range(3):
-        out = stub.Complete(req, timeout=60)
-        assert len(out.token_ids) == 8 and not out.incomplete
+    stats = _stats(mesh)
+    assert stats.num_kv_resets >= 1 and stats.num_requeued >= 6  # each request was requeued
     assert wait_until(lambda: _stats(mesh).num_used_blocks == 0, 5)
