@@ -97,7 +97,7 @@ def _generate(args) -> int:
     from mesh.default_model import default_model_dir
     from services.common.sampling_params import SamplingParams
     from services.engine.engine import Engine, EngineConfig
-    from services.tokenizer.tokenizer import IncrementalDetokenizer, TextTokenizer
+    from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
 
     model_dir = args.model or default_model_dir()
     engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=args.dtype))

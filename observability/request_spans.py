@@ -39,15 +39,22 @@ class _Request:
     num_output_tokens: int = 0
 
 
+@dataclass
+class StepSpans:
+    """The spans of one step in flight (steps overlap when pipelined)."""
+
+    span: trace.Span | None  # engine.step (None: a decode step left unsampled)
+    chunks: list[trace.Span]  # prefill.chunk spans it computes
+
+
 class RequestSpans:
     def __init__(self, model: str, decode_step_every: int | None = None):
         self.model = model
-        # a step that only decodes gets its engine.step span (and so executor.step and
-        # kvcache.commit) every this many steps; steps with prompt work always do
+        # a step that only decodes gets its engine.step span (and so executor.step)
+        # every this many steps; steps with prompt work always do
         self.decode_step_every = max(1, decode_step_every if decode_step_every is not None
                                      else int(os.environ.get("LLMESH_DECODE_STEP_EVERY", "1")))
         self.live: dict[str, _Request] = {}
-        self._chunks: list[trace.Span] = []  # prefill chunk spans of the step in flight
 
     @property
     def active(self) -> bool:
@@ -71,19 +78,21 @@ class RequestSpans:
         ctx = trace.set_span_in_context(span)
         self.live[request_id] = _Request(span, ctx, tracer.start_span("queue", context=ctx))
 
-    def step_started(self, plan, seqs, now_ns: int):
+    def step_started(self, plan, seqs, now_ns: int) -> StepSpans | None:
         """Per scheduled sequence: queue ends, prefill starts, preemption / resume events.
-        Returns the step span (or None) to make current while the step runs."""
+        Called when the step is planned (sequences already advanced past it). Returns
+        the step's spans (or None); `.span` is made current while the step is sent."""
         if not self.live:
             return None
         tracer = telemetry.tracer("llmesh.scheduler")
         for seq_id in plan.finished_seq_ids:  # preempted now: back to waiting, state dropped
             seq = seqs.get(seq_id)
             req = self.live.get(seq.request_id) if seq is not None else None
-            if req is not None and seq.finish_reason is None:
+            if req is not None and seq.status.value == "waiting":
                 req.preempted = True
                 (req.decode or req.prefill or req.span).add_event("preemption", timestamp=now_ns)
         served = []
+        chunks = []
         has_prompt_work = bool(plan.new)
         for sched in plan.scheduled:
             seq = seqs.get(sched.seq_id)
@@ -99,28 +108,33 @@ class RequestSpans:
             if req.preempted:
                 req.preempted = False
                 (req.decode or req.prefill or req.span).add_event("resume", timestamp=now_ns)
-            if seq.num_computed < seq.num_prompt_tokens and req.prefill is not None:
+            start = seq.num_computed - sched.num_new_tokens  # planned: already advanced
+            if start < seq.num_prompt_tokens and req.prefill is not None:
                 has_prompt_work = True
-                chunk = tracer.start_span(
+                chunks.append(tracer.start_span(
                     "prefill.chunk", context=trace.set_span_in_context(req.prefill),
-                    start_time=now_ns, attributes={"llmesh.chunk.start": seq.num_computed,
-                                                   "llmesh.chunk.tokens": sched.num_new_tokens})
-                self._chunks.append(chunk)
-        if not served or (not has_prompt_work and plan.step_id % self.decode_step_every):
+                    start_time=now_ns, attributes={"llmesh.chunk.start": start,
+                                                   "llmesh.chunk.tokens": sched.num_new_tokens}))
+        if not served:
             return None
-        links = [trace.Link(r.span.get_span_context()) for r in served[:MAX_LINKS]]
-        return tracer.start_span(
-            "engine.step", context=served[0].ctx, start_time=now_ns, links=links,
-            attributes={"llmesh.step_id": plan.step_id, "llmesh.step.num_seqs": len(plan.scheduled),
-                        "llmesh.step.num_tokens": plan.num_tokens,
-                        "llmesh.step.num_new_seqs": len(plan.new)})
+        span = None
+        if has_prompt_work or not plan.step_id % self.decode_step_every:
+            links = [trace.Link(r.span.get_span_context()) for r in served[:MAX_LINKS]]
+            span = tracer.start_span(
+                "engine.step", context=served[0].ctx, start_time=now_ns, links=links,
+                attributes={"llmesh.step_id": plan.step_id,
+                            "llmesh.step.num_seqs": len(plan.scheduled),
+                            "llmesh.step.num_tokens": plan.num_tokens,
+                            "llmesh.step.num_new_seqs": len(plan.new)})
+        return StepSpans(span, chunks) if span is not None or chunks else None
 
-    def step_finished(self, step_span, now_ns: int) -> None:
-        for chunk in self._chunks:
+    def step_finished(self, spans: StepSpans | None, now_ns: int) -> None:
+        if spans is None:
+            return
+        for chunk in spans.chunks:
             chunk.end(end_time=now_ns)
-        self._chunks.clear()
-        if step_span is not None:
-            step_span.end(end_time=now_ns)
+        if spans.span is not None:
+            spans.span.end(end_time=now_ns)
 
     def on_output(self, request_id: str, num_new_tokens: int, now_ns: int) -> None:
         req = self.live.get(request_id)

@@ -1,34 +1,43 @@
-"""Proto <-> domain conversion, done once at each service boundary."""
+"""Proto <-> domain conversion, done once at each service boundary.
+
+The public `SamplingParams` message becomes the domain `SamplingParams` once,
+at the router (`sampling_from_public`). Inside the mesh the domain value
+travels as `SamplingConfig` (`sampling_to_wire` / `sampling_from_wire`), whose
+doubles carry it exactly, so no hop rounds or re-validates it.
+"""
 from __future__ import annotations
 
-from llmesh.v1 import common_pb2, executor_pb2
+from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
+from services.common.finish_reason import FinishReason
+from services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
 from services.common.sampling_params import SamplingParams
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty", "seed", "logprobs", "n")
+_PUBLIC_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "seed", "logprobs", "n")
 
 
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset optional fields keep the domain defaults; float32 wire values are
-    rounded back to the nearest short decimal so 0.9 stays 0.9."""
+def sampling_from_public(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """The client's parameters: unset optional fields keep the domain defaults;
+    float32 wire values are rounded to the nearest short decimal so 0.9 stays 0.9."""
     kwargs = {}
-    for name in _SAMPLING_FIELDS:
+    for name in _PUBLIC_FIELDS:
         if msg.HasField(name):
             value = getattr(msg, name)
             kwargs[name] = float(f"{value:.7g}") if isinstance(value, float) else value
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
+                          ignore_eos=msg.ignore_eos,
                           repetition_max_ngram=msg.repetition_max_ngram,
                           repetition_min_repeats=msg.repetition_min_repeats, **kwargs)
 
 
-def sampling_to_proto(p: SamplingParams, stop: list[str] = ()) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
+def sampling_to_wire(p: SamplingParams) -> engine_pb2.SamplingConfig:
+    msg = engine_pb2.SamplingConfig(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         min_p=p.min_p, repetition_penalty=p.repetition_penalty,
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, n=p.n, stop=list(stop),
+        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, n=p.n, stop=p.stop,
         repetition_max_ngram=p.repetition_max_ngram,
         repetition_min_repeats=p.repetition_min_repeats)
     if p.seed is not None:
@@ -36,6 +45,18 @@ def sampling_to_proto(p: SamplingParams, stop: list[str] = ()) -> common_pb2.Sam
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
     return msg
+
+
+def sampling_from_wire(msg: engine_pb2.SamplingConfig) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+        top_k=msg.top_k, min_p=msg.min_p, repetition_penalty=msg.repetition_penalty,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        n=msg.n, repetition_max_ngram=msg.repetition_max_ngram,
+        repetition_min_repeats=msg.repetition_min_repeats)
 
 
 def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
@@ -52,7 +73,7 @@ def plan_to_proto(plan: StepPlan) -> executor_pb2.StepPlan:
         step_id=plan.step_id,
         new=[executor_pb2.NewSequence(
             seq_id=n.seq_id, token_ids=n.token_ids, num_prompt_tokens=n.num_prompt_tokens,
-            sampling=sampling_to_proto(n.params), seed=n.seed, index=n.index,
+            sampling=sampling_to_wire(n.params), seed=n.seed, index=n.index,
             num_computed=n.num_computed, block_ids=n.block_ids) for n in plan.new],
         scheduled=[executor_pb2.ScheduledSequence(
             seq_id=s.seq_id, num_new_tokens=s.num_new_tokens, num_kept_blocks=s.num_kept_blocks,
@@ -67,7 +88,7 @@ def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
         step_id=msg.step_id,
         new=[NewSequence(seq_id=n.seq_id, token_ids=list(n.token_ids),
                          num_prompt_tokens=n.num_prompt_tokens,
-                         params=sampling_from_proto(n.sampling), seed=n.seed, index=n.index,
+                         params=sampling_from_wire(n.sampling), seed=n.seed, index=n.index,
                          num_computed=n.num_computed, block_ids=list(n.block_ids))
              for n in msg.new],
         scheduled=[ScheduledSequence(s.seq_id, s.num_new_tokens, s.num_kept_blocks,
@@ -98,6 +119,18 @@ def result_from_proto(msg: executor_pb2.StepResult) -> StepResult:
     return result
 
 
+# ---- enums ------------------------------------------------------------------
+FINISH_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+    FinishReason.DEADLINE: common_pb2.FINISH_REASON_DEADLINE,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+FINISH_NAMES = {value: (reason.value if reason else "none")
+                for reason, value in FINISH_TO_PROTO.items()}
+
 PRIORITY_NAMES = {common_pb2.PRIORITY_INTERACTIVE: "interactive",
                   common_pb2.PRIORITY_STANDARD: "standard", common_pb2.PRIORITY_BATCH: "batch"}
 PRIORITY_VALUES = {name: value for value, name in PRIORITY_NAMES.items()}
@@ -106,3 +139,39 @@ PRIORITY_VALUES = {name: value for value, name in PRIORITY_NAMES.items()}
 def priority_from_proto(value: int, default: str = "standard") -> str:
     """The class name of a Priority enum value (UNSPECIFIED: `default`)."""
     return PRIORITY_NAMES.get(value, default)
+
+
+# ---- KV events --------------------------------------------------------------
+_KIND_TO_PROTO = {STORED: kvcache_pb2.KVEvent.KIND_STORED,
+                  REMOVED: kvcache_pb2.KVEvent.KIND_REMOVED,
+                  CLEARED: kvcache_pb2.KVEvent.KIND_CLEARED}
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+
+
+def batch_to_proto(batch: EventBatch) -> kvcache_pb2.EventBatch:
+    return kvcache_pb2.EventBatch(
+        epoch=batch.epoch, first_event_id=batch.first_event_id,
+        events=[kvcache_pb2.KVEvent(kind=_KIND_TO_PROTO[e.kind], block_hash=e.block_hash,
+                                    parent_hash=e.parent_hash) for e in batch.events])
+
+
+def batch_from_proto(msg: kvcache_pb2.EventBatch) -> EventBatch:
+    """Raises ValueError on an event kind it does not know."""
+    events = []
+    for e in msg.events:
+        kind = _KIND_FROM_PROTO.get(e.kind)
+        if kind is None:
+            raise ValueError(f"unknown KV event kind {e.kind}")
+        events.append(KVEvent(kind, e.block_hash, e.parent_hash))
+    return EventBatch(msg.epoch, msg.first_event_id, events)
+
+
+def snapshot_to_proto(snap: Snapshot) -> kvcache_pb2.Snapshot:
+    return kvcache_pb2.Snapshot(
+        epoch=snap.epoch, next_event_id=snap.next_event_id, block_size=snap.block_size,
+        blocks=[kvcache_pb2.BlockRef(block_hash=h, parent_hash=p) for h, p in snap.blocks])
+
+
+def snapshot_from_proto(msg: kvcache_pb2.Snapshot) -> Snapshot:
+    return Snapshot(msg.epoch, msg.next_event_id, msg.block_size,
+                    [(b.block_hash, b.parent_hash) for b in msg.blocks])

@@ -14,6 +14,8 @@ MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
 MAX_REPETITION_NGRAM = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings, matched on the generated text (not included)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k = chosen token plus k alternatives
     n: int = 1
@@ -69,6 +72,12 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
         for token_id in self.stop_token_ids:
             check_token_id("stop_token_ids", token_id, vocab_size)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        for text in self.stop:
+            if not isinstance(text, str) or not text or len(text) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError(
+                    "stop", f"stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters")
 
 
 def check_token_id(field_name: str, token_id: object, vocab_size: int) -> None:

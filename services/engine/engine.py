@@ -1,31 +1,36 @@
-"""In-process Engine: composes the scheduler, KV cache manager and model runner.
+"""In-process Engine: the scheduler service's own loop, with the model runner in
+a worker thread of this process instead of executor services.
 
-The reference the mesh is measured against: same cores, no network. Usage:
-`add_request` (validated, typed errors), `step` (one engine step, returns the
-per-sequence deltas produced), `abort`, or `generate` to run prompts to the end.
+The reference the mesh is measured against: same cores, same loop, no network.
+Usage: `add_request` (validated, typed errors), `step` (one engine step,
+returns the per-sequence deltas produced), `abort`, or `generate` to run
+prompts to the end. Steps are pipelined as in the mesh: the loop plans the
+next step while the worker thread computes the current one.
 """
 from __future__ import annotations
 
+import asyncio
 import random
-import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-
 from services.common.errors import DuplicateRequestError
 from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
+from services.common.tokenizer import TextTokenizer
 from services.executor.model import CausalLM
 from services.executor.runner import ModelRunner
 from services.executor.weights import load_model
-from services.kvcache.manager import KVCacheManager, KVStats
+from services.scheduler.kv_manager import KVCacheManager, KVStats
+from services.scheduler.loop import EngineLoop
 from services.scheduler.policy import SchedulingPolicy
 from services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
-from services.scheduler.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class EngineConfig:
     device: str = "cpu"
     gpu_memory_utilization: float = 0.9  # on CUDA without num_kv_blocks: share of GPU memory used
     policy: SchedulingPolicy = SchedulingPolicy()  # priorities, fairness, queue bounds
+    pipeline_depth: int = 2  # steps handed to the runner ahead of their results; 1 = serial
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Completion:
     finish_reason: str
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text: str = ""  # when the engine has a tokenizer
 
 
 @dataclass
@@ -67,8 +74,33 @@ class StepStats:
     slot_utilisation_at_peak: float = 0.0
 
 
+class InProcessExecutor:
+    """The model runner on one worker thread: plans run in submission order while
+    the loop plans the next one (torch releases the GIL inside its ops)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmesh-runner")
+        self._results: deque[asyncio.Future] = deque()
+
+    async def submit(self, plan: StepPlan) -> None:
+        self._results.append(asyncio.get_running_loop().run_in_executor(
+            self._pool, self.runner.execute, plan))
+
+    async def result(self) -> StepResult:
+        return await self._results.popleft()
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class Engine:
-    def __init__(self, model: CausalLM, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: CausalLM, config: EngineConfig = EngineConfig(),
+                 tokenizer: TextTokenizer | None = None):
+        """`tokenizer` gives outputs their text and enables stop strings."""
         self.model = model
         self.config = config
         mc = model.config
@@ -91,12 +123,22 @@ class Engine:
                             policy=config.policy),
             self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device)
+        self.executor = InProcessExecutor(self.runner)
+        self.loop = EngineLoop(self.scheduler, self.executor, mc.vocab_size, tokenizer=tokenizer,
+                               pipeline_depth=config.pipeline_depth)
         self.stats = StepStats()
+        self._aio = asyncio.new_event_loop()
         self._rng = random.Random()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
-        return cls(load_model(model_dir, config.dtype, config.device), config)
+        tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() \
+            else None
+        return cls(load_model(model_dir, config.dtype, config.device), config, tokenizer)
+
+    def close(self) -> None:
+        self.executor.close()
+        self._aio.close()
 
     # ---- requests -----------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams = SamplingParams(),
@@ -109,11 +151,8 @@ class Engine:
         if self.scheduler.has_request(request_id):
             raise DuplicateRequestError(request_id)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        self.scheduler.add(Sequence(
-            seq_id=request_id, request_id=request_id, index=0,
-            prompt_token_ids=list(prompt_token_ids), params=params, seed=seed,
-            arrival_s=time.monotonic(), salt=salt, tenant=tenant, priority=priority,
-        ))
+        self.loop.add(request_id, list(prompt_token_ids), params, "engine", seed, salt=salt,
+                      tenant=tenant, priority=priority)
         return request_id
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -121,44 +160,33 @@ class Engine:
                          self.kv.pool.num_blocks * self.kv.block_size)
 
     def abort(self, request_id: str) -> list[SeqOutput]:
-        outputs = self.scheduler.abort(request_id)
-        self._release_if_idle()
+        outputs = self.loop.cancel(request_id)
+        if not self.scheduler.num_unfinished:
+            while self.has_unfinished():  # idle now: settle the steps in flight
+                self.step()
         return outputs
 
-    def _release_if_idle(self) -> None:
-        """When nothing is left to run, tell the executor to forget finished sequences now
-        (otherwise that rides on the next step's plan)."""
-        if not self.has_unfinished() and self.scheduler.has_dropped():
-            self.runner.execute(self.scheduler.schedule())
-
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests still running or queued, or steps still in flight."""
+        return self.loop.has_work
 
     # ---- stepping -----------------------------------------------------
     def step(self) -> list[SeqOutput]:
-        t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        t1 = time.perf_counter()
-        result = self.runner.execute(plan) if plan.scheduled or plan.finished_seq_ids \
-            else StepResult(plan.step_id)
-        t2 = time.perf_counter()
-        outputs = self.scheduler.update(plan, result)
-        self._release_if_idle()
-        self._record(plan.num_tokens, (t1 - t0) + (time.perf_counter() - t2), result)
-        return outputs
-
-    def _record(self, num_tokens: int, schedule_s: float, result: StepResult) -> None:
+        s0 = self.loop.stats
+        before = (s0.num_steps, s0.num_tokens, s0.schedule_s, s0.forward_s, s0.sample_s)
+        outputs = self._aio.run_until_complete(self.loop.step())
         s = self.stats
-        s.num_steps += 1
-        s.num_tokens += num_tokens
-        s.schedule_s += schedule_s
-        s.forward_s += result.forward_s
-        s.sample_s += result.sample_s
+        s.num_steps += s0.num_steps - before[0]
+        s.num_tokens += s0.num_tokens - before[1]
+        s.schedule_s += s0.schedule_s - before[2]
+        s.forward_s += s0.forward_s - before[3]
+        s.sample_s += s0.sample_s - before[4]
         usage = self.kv.pool.num_used / self.kv.pool.num_blocks
         if usage > s.peak_kv_usage:
             kv = self.kv.stats()
             s.peak_kv_usage = usage
             s.slot_utilisation_at_peak = 1.0 - kv.waste
+        return outputs
 
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
@@ -170,18 +198,20 @@ class Engine:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         prompt_of = dict(zip(ids, prompts))
         tokens: dict[tuple[str, int], list[int]] = {}
+        texts: dict[tuple[str, int], list[str]] = {}
         logprobs: dict[tuple[str, int], list[TokenLogprobs]] = {}
         done: dict[str, list[Completion]] = {i: [] for i in ids}
         while self.has_unfinished():
             for out in self.step():
                 key = (out.request_id, out.index)
                 tokens.setdefault(key, []).extend(out.new_token_ids)
+                texts.setdefault(key, []).append(out.text)
                 logprobs.setdefault(key, []).extend(out.logprobs)
                 if out.finish_reason is not None:
                     done[out.request_id].append(Completion(
                         out.request_id, out.index, list(prompt_of[out.request_id]),
                         tokens.pop(key), out.finish_reason.value, out.num_cached_tokens,
-                        logprobs.pop(key)))
+                        logprobs.pop(key), "".join(texts.pop(key))))
         return [sorted(done[i], key=lambda c: c.index) for i in ids]
 
 

@@ -7,7 +7,7 @@ import asyncio
 from llmesh.v1 import kvcache_pb2_grpc
 from observability import telemetry
 from services.common.server import Service
-from services.kvcache.manager import KVCacheManager
+from services.scheduler.kv_manager import KVCacheManager
 from services.kvcache.servicer import KVCacheServicer
 
 

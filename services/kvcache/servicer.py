@@ -7,7 +7,7 @@ import grpc
 
 from observability import telemetry
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
-from services.kvcache.manager import KVCacheManager, replay
+from services.scheduler.kv_manager import KVCacheManager, replay
 
 
 def ops_to_proto(ops: list[tuple]) -> list[kvcache_pb2.KVOp]:

@@ -12,7 +12,7 @@ from observability import telemetry
 from observability.metrics import register_scheduler, step_histogram
 from services.common.server import Service
 from services.executor.model_config import load_model_config
-from services.kvcache.manager import KVCacheManager
+from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.loop import EngineLoop, ExecutorFailed
 from services.scheduler.policy import policy_from_dict
 from services.scheduler.scheduler import Scheduler, SchedulerConfig

@@ -1,33 +1,55 @@
-"""The replica's engine loop, free of grpc: schedule -> execute -> update, per step.
+"""The engine loop, free of grpc: the one loop of both the scheduler service and
+the in-process Engine, which differ only in how plans reach the executor.
 
-The executor group and the kvcache service are reached through two async
-callables, so the same loop runs against real services or in-process stand-ins.
-Per step: one `execute(plan)` (one message to each rank, one back) and one
-`commit(step_id, ops)` with every KV change since the last step, sent
-concurrently. Outputs go to `emit(owner, deltas)` once per step per owner.
+A step: plan the next StepPlan and hand it to the executor while the previous
+one runs (pipelined, `pipeline_depth` 2; 1 = serial), then take the oldest
+result, reconcile it (`Scheduler.update`) and deliver the outputs. The critical
+path of a step is one `submit` and one `result`; outputs go to `emit(owner,
+items)` without waiting on anyone, and nothing else (block events, metrics)
+runs in the step.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from observability import telemetry
-from observability.request_spans import RequestSpans
-from services.common.errors import DuplicateRequestError
-from services.common.sampling_params import SamplingParams, validate_request
+from observability.request_spans import RequestSpans, StepSpans
+from services.common.errors import DuplicateRequestError, InvalidRequestError
+from services.common.finish_reason import FinishReason
+from services.common.sampling_params import SamplingParams
 from services.common.step_plan import StepPlan, StepResult
-from services.kvcache.manager import KVCacheManager
+from services.common.tokenizer import TextTokenizer
+from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.policy import QueueFullError
 from services.scheduler.scheduler import Scheduler, SeqOutput
-from services.scheduler.sequence import FinishReason, Sequence
+from services.scheduler.sequence import Sequence
+from services.scheduler.text_stream import TextStream
 
 log = logging.getLogger("llmesh.scheduler")
+
+
+class ExecutorFailed(Exception):
+    """The executor group failed a step; what it held is lost."""
+
+
+class Executor(Protocol):
+    """Where plans run: results come back in the order plans were submitted."""
+
+    async def submit(self, plan: StepPlan) -> None: ...
+
+    async def result(self) -> StepResult: ...
+
+    def check(self) -> None:
+        """Raise ExecutorFailed when the executor is known to be gone."""
 
 
 @dataclass
@@ -58,9 +80,9 @@ class FinishedInfo:
 @dataclass
 class LoopStats:
     num_steps: int = 0
-    schedule_s: float = 0.0
-    kv_rpc_s: float = 0.0
-    executor_rpc_s: float = 0.0
+    num_tokens: int = 0
+    schedule_s: float = 0.0  # planning and reconciling, on the loop
+    executor_rpc_s: float = 0.0  # the loop waiting for results (the rest is hidden)
     forward_s: float = 0.0
     sample_s: float = 0.0
     comm_s: float = 0.0
@@ -70,48 +92,60 @@ class LoopStats:
     num_requeued: int = 0  # running sequences requeued by an executor failure
 
 
-class ExecutorFailed(Exception):
-    """The executor group failed a step; in-flight requests cannot continue."""
+@dataclass
+class _InFlight:
+    plan: StepPlan
+    planned_s: float
+    spans: StepSpans | None
+
+
+Emit = Callable[[str, list[tuple[SeqOutput, FinishedInfo | None]]], None]
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, vocab_size: int,
-                 execute: Callable[[StepPlan], Awaitable[StepResult]],
-                 commit: Callable[[int, list[tuple]], Awaitable[None]],
-                 emit: Callable[[str, list[tuple[SeqOutput, FinishedInfo | None]]], None],
-                 model: str = "", max_step_failures: int = 2):
+    def __init__(self, scheduler: Scheduler, executor: Executor, vocab_size: int, *,
+                 emit: Emit | None = None, tokenizer: TextTokenizer | None = None,
+                 model: str = "", pipeline_depth: int = 2, max_step_failures: int = 2,
+                 observe_step: Callable[[float], None] | None = None):
+        """`emit(owner, [(output, finished_info)])` receives each step's outputs per
+        owner; `observe_step(seconds)` each step's wall time (metrics, publishers)."""
+        assert pipeline_depth >= 1
         self.scheduler = scheduler
-        self.max_step_failures = max_step_failures  # per sequence, before it fails with ERROR
         self.kv: KVCacheManager = scheduler.kv
-        self.kv.journal = []
+        self.executor = executor
         self.vocab_size = vocab_size
-        self.execute = execute
-        self.commit = commit
         self.emit = emit
+        self.tokenizer = tokenizer
+        self.pipeline_depth = pipeline_depth
+        self.max_step_failures = max_step_failures  # per sequence, before it fails with ERROR
+        self.observe_step = observe_step
         self.tracks: dict[str, RequestTrack] = {}
         self.stats = LoopStats()
-        self._wake = asyncio.Event()
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
-        self.observe_step: Callable[[float], None] | None = None  # e.g. a Prometheus histogram
         self.token_rate = 0.0  # tokens per second computed, smoothed (retry pushback)
+        self._in_flight: deque[_InFlight] = deque()
+        self._last_result_s = 0.0
+        self._wake = asyncio.Event()
 
     @property
     def max_kv_tokens(self) -> int:
         return self.kv.pool.num_blocks * self.kv.block_size
 
+    # ---- requests -----------------------------------------------------
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
             seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
             tenant: str = "", priority: str = "standard") -> None:
-        """Queue a request. Raises LlmeshError subclasses: invalid, duplicate, or
-        QueueFullError (with retry_after_s) when its class's queue is at its bound."""
-        validate_request(prompt, params, self.vocab_size, self.scheduler.config.max_model_len,
-                         self.max_kv_tokens)
+        """Queue a request validated at the edge (router or Engine). Raises
+        DuplicateRequestError, InvalidRequestError when it cannot fit this replica,
+        or QueueFullError (with retry_after_s) when its class's queue is full."""
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)
+        self._check_fits(prompt, params)
         now = time.time()
         seq = Sequence(seq_id=request_id, request_id=request_id, index=0,
                        prompt_token_ids=list(prompt), params=params, seed=seed, arrival_s=now,
-                       salt=salt, tenant=tenant, priority=priority)
+                       salt=salt, tenant=tenant, priority=priority,
+                       text=TextStream(self.tokenizer, params.stop) if self.tokenizer else None)
         try:
             self.scheduler.add(seq)
         except QueueFullError as e:
@@ -125,13 +159,23 @@ class EngineLoop:
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
 
-    def cancel(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
-        track = self.tracks.get(request_id)
-        if track is None:
-            return
+    def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
+        """What the edge cannot know for sure: this replica's own limits."""
+        if len(prompt) + params.max_tokens > min(self.scheduler.config.max_model_len,
+                                                 self.max_kv_tokens):
+            raise InvalidRequestError("max_tokens", "prompt + max_tokens does not fit this "
+                                      "replica's context or KV cache")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer")
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.ABORT
+               ) -> list[SeqOutput]:
+        if request_id not in self.tracks:
+            return []
         outputs = self.scheduler.abort(request_id, reason)
         self._deliver(outputs)
         self._wake.set()  # the executor must hear about the dropped sequences
+        return outputs
 
     def cancel_owner(self, owner: str) -> None:
         for request_id in [r for r, t in self.tracks.items() if t.owner == owner]:
@@ -143,14 +187,19 @@ class EngineLoop:
 
     def invalidate_kv(self, reason: str, requeue: bool = True) -> None:
         """The executors' KV memory can no longer be trusted (a rank restarted, or
-        failed mid-step). Running sequences go back to the queue to be recomputed
-        (`requeue`) or fail, and every cached prefix is forgotten, so no later
-        request is served from blocks the executors never computed."""
+        failed mid-step): the steps in flight are lost, running sequences go back to
+        the queue to be recomputed (`requeue`) or fail, and every cached prefix is
+        forgotten, so no later request is served from blocks the executors never
+        computed."""
         log.warning("dropping the prefix cache: %s", reason)
+        now = telemetry.now_ns()
+        while self._in_flight:
+            self.spans.step_finished(self._in_flight.popleft().spans, now)
         if requeue:
             self.stats.num_requeued += len(self.scheduler.running)
             self._deliver(self.scheduler.requeue_running(self.max_step_failures))
         else:
+            self.scheduler.discard_in_flight()
             self.fail_all()
         self.kv.reset_prefix_cache()
         self.stats.num_kv_resets += 1
@@ -158,88 +207,110 @@ class EngineLoop:
     def wake(self) -> None:
         self._wake.set()
 
-    async def run(self, check: Callable[[], None] = lambda: None) -> None:
-        """Step while there is work. `check` raises when the executors are gone,
-        so a failure seen while idle ends the loop before the next request."""
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.num_unfinished or self.scheduler.has_dropped()
+                    or self._in_flight)
+
+    # ---- stepping -----------------------------------------------------
+    async def run(self) -> None:
+        """Step while there is work; sleep on the wake event when there is none.
+        Raises ExecutorFailed when the executor goes away."""
         while True:
-            check()
-            if not self.scheduler.num_unfinished and not self.scheduler.has_dropped():
+            self.executor.check()
+            if not self.has_work:
                 self._wake.clear()
                 await self._wake.wait()
-                check()
-            await self.step()
+                continue
+            if not await self.step() and not self._in_flight:
+                # work that cannot start now (blocks held elsewhere): wait for a change,
+                # but look again soon for deadlines
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
 
-    async def step(self) -> None:
+    async def step(self) -> list[SeqOutput]:
+        """Send plans until `pipeline_depth` are in flight, then reconcile the oldest.
+        Returns that step's outputs ([] when nothing could run)."""
         self.expire_deadlines()
+        while len(self._in_flight) < self.pipeline_depth:
+            if not await self._submit_next():
+                break
+        if not self._in_flight:
+            return []
+        outputs = await self._complete_oldest()
+        if not self._in_flight and not self.scheduler.num_unfinished \
+                and self.scheduler.has_dropped():
+            await self._submit_next()  # idle: the executor forgets finished sequences now
+            await self._complete_oldest()
+        return outputs
+
+    async def _submit_next(self) -> bool:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        ops, self.kv.journal = self.kv.journal, []
-        t1 = time.perf_counter()
         if not plan.scheduled and not plan.finished_seq_ids:
-            if ops:
-                await self._commit(plan.step_id, ops)
-            await asyncio.sleep(0.001)
-            return
-        step_span = token = None
+            self.stats.schedule_s += time.perf_counter() - t0
+            return False
+        spans = token = None
         if self.spans.active:
-            step_span = self.spans.step_started(plan, self.scheduler.seqs, time.time_ns())
-            if step_span is not None:
-                ctx = trace.set_span_in_context(step_span)
+            spans = self.spans.step_started(plan, self.scheduler.seqs, time.time_ns())
+            if spans is not None and spans.span is not None:
+                ctx = trace.set_span_in_context(spans.span)
                 plan.traceparent = telemetry.inject(ctx)
-                token = otel_context.attach(ctx)  # the kvcache commit is part of the step
+                token = otel_context.attach(ctx)
+        now = time.time()
+        for sched in plan.scheduled:
+            seq = self.scheduler.seqs.get(sched.seq_id)
+            track = self.tracks.get(seq.request_id) if seq is not None else None
+            if track is not None and not track.first_scheduled_s:
+                track.first_scheduled_s = now
+        self.stats.schedule_s += time.perf_counter() - t0
         try:
-            exec_task = asyncio.ensure_future(self._execute(plan))
-            await self._commit(plan.step_id, ops)
-            result = await exec_task
-        except BaseException:
-            if step_span is not None:  # the executor group failed: close the step's spans
-                self.spans.step_finished(step_span, time.time_ns())
-            raise
+            self._in_flight.append(_InFlight(plan, time.perf_counter(), spans))
+            await self.executor.submit(plan)
         finally:
             if token is not None:
                 otel_context.detach(token)
-        t2 = time.perf_counter()
-        num_tokens = sum(s.num_new_tokens for s in plan.scheduled)
-        if num_tokens and t2 > t0:
-            rate = num_tokens / (t2 - t0)
-            self.token_rate = rate if not self.token_rate else 0.9 * self.token_rate + 0.1 * rate
-        now = time.time()
+        return True
+
+    async def _complete_oldest(self) -> list[SeqOutput]:
+        t0 = time.perf_counter()
+        result = await self.executor.result()
+        t1 = time.perf_counter()
+        done = self._in_flight.popleft()
+        plan = done.plan
+        self.stats.executor_rpc_s += t1 - t0
+        num_tokens = plan.num_tokens
+        if num_tokens:
+            since = t1 - max(self._last_result_s, done.planned_s)
+            if since > 0:
+                rate = num_tokens / since
+                self.token_rate = rate if not self.token_rate else \
+                    0.9 * self.token_rate + 0.1 * rate
+            self._last_result_s = t1
         for sched in plan.scheduled:
-            track = self.tracks.get(self.scheduler.seqs[sched.seq_id].request_id) \
-                if sched.seq_id in self.scheduler.seqs else None
+            seq = self.scheduler.seqs.get(sched.seq_id)
+            track = self.tracks.get(seq.request_id) if seq is not None else None
             if track is not None:
-                track.first_scheduled_s = track.first_scheduled_s or now
                 track.forward_s += result.forward_s
                 track.sample_s += result.sample_s
                 track.num_steps += 1
         outputs = self.scheduler.update(plan, result)
         self._deliver(outputs)
-        if step_span is not None:
-            self.spans.step_finished(step_span, time.time_ns())
-        if self.observe_step is not None:
-            self.observe_step(time.perf_counter() - t0)
+        self.spans.step_finished(done.spans, time.time_ns())
         s = self.stats
-        s.num_steps += 1
-        s.schedule_s += (t1 - t0) + (time.perf_counter() - t2)
+        s.num_steps += bool(num_tokens)  # (a plan may only tell the executor what to forget)
+        s.num_tokens += num_tokens
         s.forward_s += result.forward_s
         s.sample_s += result.sample_s
         s.comm_s += result.comm_s
-
-    async def _execute(self, plan: StepPlan) -> StepResult:
-        t = time.perf_counter()
-        try:
-            return await self.execute(plan)
-        finally:
-            self.stats.executor_rpc_s += time.perf_counter() - t
-
-    async def _commit(self, step_id: int, ops: list[tuple]) -> None:
-        t = time.perf_counter()
-        try:
-            await self.commit(step_id, ops)
-        except Exception:  # the kvcache service mirrors state; the step goes on without it
-            log.exception("kvcache commit of step %d failed", step_id)
-        finally:
-            self.stats.kv_rpc_s += time.perf_counter() - t
+        t2 = time.perf_counter()
+        s.schedule_s += t2 - t1
+        if self.observe_step is not None:
+            self.observe_step(t2 - done.planned_s)
+        return outputs
 
     def expire_deadlines(self) -> None:
         """Requests past their deadline stop: still queued ones were never computed
@@ -277,5 +348,6 @@ class EngineLoop:
                     del self.tracks[out.request_id]
                     if spans is not None:
                         spans.finish(out.request_id, track.finish_reasons, out.num_cached_tokens)
-        for owner, items in by_owner.items():
-            self.emit(owner, items)
+        if self.emit is not None:
+            for owner, items in by_owner.items():
+                self.emit(owner, items)

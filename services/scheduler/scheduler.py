@@ -11,18 +11,30 @@ Preemption is by recompute: blocks are freed and the sequence returns to the
 head of its queue. When blocks run out the lowest-priority running sequence
 (batch first, newest first) goes; and when a higher class waits for memory,
 lower-class running sequences are preempted to make room before the step.
+
+Scheduling is pipelined: the next step is planned while the current one runs.
+A sequence's `num_computed` advances when a step is planned, and a step that
+samples leaves a pending token the scheduler does not know yet; the next plan
+assumes it comes (the executor has it by then: it runs plans in order).
+`update` reconciles each step's result: a sequence that turned out finished
+(EOS, a stop string) is dropped then, and the one step already planned for it
+is wasted. A sequence whose pending token is its last by length retires at
+once (`FINISHING`): it is never planned past its end, and its slot and blocks
+go to others in the very next plan. Results for a sequence preempted since
+they were planned are stale and ignored.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 
+from services.common.finish_reason import FinishReason
 from services.common.sampling_params import ends_in_repetition
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs, sequence_id)
-from services.kvcache.manager import KVCacheManager
+from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.policy import SchedulingPolicy, WaitQueue
-from services.scheduler.sequence import FinishReason, Sequence, SeqStatus
+from services.scheduler.sequence import Sequence, SeqStatus
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,18 @@ class SeqOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text: str = ""  # text of new_token_ids (when the replica makes text)
+
+
+@dataclass
+class _Planned:
+    """One sequence's part of a step in flight."""
+
+    seq: Sequence
+    incarnation: int
+    num_new_tokens: int
+    num_computed: int  # after this step
+    samples: bool
 
 
 class Scheduler:
@@ -58,6 +82,7 @@ class Scheduler:
         self.seqs: dict[str, Sequence] = {}
         self.request_seqs: dict[str, list[str]] = {}
         self._dropped: list[str] = []  # sequences the executor should forget
+        self._in_flight: dict[int, list[_Planned]] = {}  # step id -> what it computes
         self._step_id = 0
         self.num_preemptions = 0
         self._order = itertools.count()
@@ -84,8 +109,8 @@ class Scheduler:
                 self.waiting.remove(seq)
             elif seq.status is SeqStatus.RUNNING:
                 self.running.remove(seq)
-                self._dropped.append(seq.seq_id)
-            else:
+                self._dropped.extend(self._executor_ids(seq))
+            elif seq.status is not SeqStatus.FINISHING:  # (that one is freed and dropped)
                 continue
             self._finish(seq, reason)
             outputs.append(self._output(seq, []))
@@ -94,17 +119,22 @@ class Scheduler:
         return outputs
 
     def requeue_running(self, max_failures: int) -> list[SeqOutput]:
-        """The executors lost their state (a rank restarted, or a step failed): every
-        running sequence goes back to the head of its queue, to be recomputed from its
-        tokens so far (seeded sampling is keyed by position, so its output does not
-        change). One caught in more than `max_failures` failures in a row finishes
-        with ERROR: a request that crashes its executor must not crash it forever."""
+        """The executors lost their state (a rank restarted, or a step failed): the
+        steps in flight are lost, and every running sequence goes back to the head of
+        its queue, to be recomputed from its tokens so far (seeded sampling is keyed
+        by position, so its output does not change). One caught in more than
+        `max_failures` failures in a row finishes with ERROR: a request that crashes
+        its executor must not crash it forever."""
         outputs = []
-        for seq in reversed(self.running):  # appendleft: they keep their order at the head
+        finishing = [p.seq for planned in self._in_flight.values() for p in planned
+                     if p.seq.status is SeqStatus.FINISHING]
+        self.discard_in_flight()
+        for seq in reversed(self.running + finishing):  # appendleft: they keep their order
             self.kv.free(seq.seq_id)
             self._dropped.append(seq.seq_id)
             seq.num_failures += 1
             seq.num_computed = 0
+            seq.incarnation += 1
             if seq.num_failures > max_failures:
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = FinishReason.ERROR
@@ -117,6 +147,13 @@ class Scheduler:
         for out in outputs:
             self._forget_if_done(out.request_id)
         return outputs
+
+    def discard_in_flight(self) -> None:
+        """The steps in flight will never report back."""
+        for planned in self._in_flight.values():
+            for p in planned:
+                p.seq.num_pending = 0
+        self._in_flight.clear()
 
     def has_dropped(self) -> bool:
         return bool(self._dropped)
@@ -134,13 +171,21 @@ class Scheduler:
         # highest effective priority first: the tail is what preemption takes
         step = self._step_id
         self.running.sort(key=lambda s: (-self.waiting.effective_priority(s, step), s.order))
+        self._retire_finishing(plan)
         if self.policy.priorities:
             self._preempt_for_priority(plan, budget)
         is_preempting = False
+        planned: list[_Planned] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.num_pending and seq.is_fork_pending:
+                i += 1  # its pending token forks it: wait for the result
+                continue
+            num_new = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
+            if num_new <= 0:
+                i += 1
+                continue
             alloc = self.kv.allocate_slots(seq.seq_id, seq.num_computed + num_new, seq.num_computed)
             while alloc is None:
                 victim = self.running.pop()
@@ -155,14 +200,47 @@ class Scheduler:
             plan.scheduled.append(ScheduledSequence(seq.seq_id, num_new, alloc.num_kept_blocks,
                                                     alloc.new_block_ids))
             plan.block_copies.extend(alloc.copies)
+            self._advance(planned, seq, num_new)
             budget -= num_new
             i += 1
         while (not is_preempting and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
-            if not self._admit(self.waiting.best(step), budget, plan):
+            if not self._admit(self.waiting.best(step), budget, plan, planned):
                 break
             budget -= plan.scheduled[-1].num_new_tokens
+        if planned:
+            self._in_flight[plan.step_id] = planned
         return plan
+
+    def _advance(self, planned: list[_Planned], seq: Sequence, num_new: int) -> None:
+        """Advance `seq` as if this step had run: the next plan builds on it."""
+        seq.num_computed += num_new
+        samples = seq.num_computed == seq.num_tokens + seq.num_pending
+        if samples:
+            seq.num_pending += 1
+        planned.append(_Planned(seq, seq.incarnation, num_new, seq.num_computed, samples))
+
+    def _retire_finishing(self, plan: StepPlan) -> None:
+        """Sequences whose pending token is their last (by length) give up their slot
+        and blocks now, not a step late: the step in flight that samples it runs
+        before anything this plan puts in those blocks. Their full blocks are cached
+        now, for the same reason."""
+        retiring = [s for s in self.running
+                    if s.num_pending and not s.is_fork_pending and self._ends_by_length(s)]
+        for seq in retiring:
+            p = next(p for step_id in sorted(self._in_flight, reverse=True)
+                     for p in self._in_flight[step_id] if p.seq is seq and p.samples)
+            self.kv.cache_blocks(seq.seq_id, seq.token_ids, p.num_computed, p.num_new_tokens,
+                                 seq.salt)
+            self.kv.free(seq.seq_id)
+            self.running.remove(seq)
+            seq.status = SeqStatus.FINISHING
+            plan.finished_seq_ids.append(seq.seq_id)
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Its pending token will end it by max_tokens or the context limit."""
+        return (len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens
+                or seq.num_tokens + seq.num_pending >= self.config.max_model_len)
 
     def _watermark_blocks(self) -> int:
         """Blocks a new request must leave free while others run (none when idle, so
@@ -205,7 +283,7 @@ class Scheduler:
             self.running.remove(victim)
             self._preempt(victim, plan)
 
-    def _admit(self, seq: Sequence, budget: int, plan: StepPlan) -> bool:
+    def _admit(self, seq: Sequence, budget: int, plan: StepPlan, planned: list[_Planned]) -> bool:
         hits, num_new, num_blocks = self._start(seq, budget)
         num_hit = len(hits) * self.kv.block_size
         watermark = self._watermark_blocks()
@@ -228,48 +306,77 @@ class Scheduler:
             block_ids=block_ids,
         ))
         plan.scheduled.append(ScheduledSequence(seq.seq_id, num_new, len(block_ids), []))
+        self._advance(planned, seq, num_new)
         return True
 
+    @staticmethod
+    def _executor_ids(seq: Sequence) -> list[str]:
+        """What the executor holds for `seq`: its forks too, when the step in flight
+        forks it (the executor makes them before the scheduler hears of them)."""
+        if seq.num_pending and seq.is_fork_pending:
+            return [sequence_id(seq.request_id, i) for i in range(seq.params.n)]
+        return [seq.seq_id]
+
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        plan.finished_seq_ids.extend(self._executor_ids(seq))  # before num_pending resets
         self.kv.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
+        seq.num_pending = 0  # a token sampled in flight is recomputed on resume (same value)
+        seq.incarnation += 1
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        plan.finished_seq_ids.append(seq.seq_id)
         self.waiting.appendleft(seq)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqOutput]:
-        """Apply the executor's sampled tokens; returns per-sequence deltas."""
+        """Apply a step's sampled tokens (steps complete in plan order); returns
+        per-sequence deltas."""
         outputs = []
-        for sched in plan.scheduled:
-            seq = self.seqs.get(sched.seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
-            num_prompt_new = max(0, min(seq.num_prompt_tokens, seq.num_computed
-                                        + sched.num_new_tokens) - seq.num_computed)
-            seq.num_computed += sched.num_new_tokens
+        for p in self._in_flight.pop(plan.step_id, ()):
+            seq = p.seq
+            is_finishing = seq.status is SeqStatus.FINISHING
+            if not (is_finishing or seq.status is SeqStatus.RUNNING) \
+                    or seq.incarnation != p.incarnation:
+                continue  # finished, aborted or preempted since it was planned
+            if p.samples:
+                seq.num_pending -= 1
             seq.num_failures = 0
-            self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed,
-                                 sched.num_new_tokens, seq.salt)
-            tokens = result.sampled.get(seq.seq_id)
+            first = p.num_computed - p.num_new_tokens
+            num_prompt_new = max(0, min(seq.num_prompt_tokens, p.num_computed) - first)
+            if not is_finishing:  # (a finishing one cached its blocks when it retired)
+                self.kv.cache_blocks(seq.seq_id, seq.token_ids, p.num_computed,
+                                     p.num_new_tokens, seq.salt)
+            tokens = result.sampled.get(seq.seq_id) if p.samples else None
             self.waiting.charge(seq.tenant, num_prompt_new, len(tokens or ()))
             if not tokens:
                 continue
             logprobs = result.logprobs.get(seq.seq_id, [])
             family = [seq] + [self._fork(seq, i) for i in range(1, len(tokens))]
             for j, (member, token) in enumerate(zip(family, tokens)):
-                member.output_token_ids.append(token)
-                reason = self._stop_reason(member, token)
-                if reason is not None:
-                    self.running.remove(member)
-                    self._finish(member, reason)
-                    self._dropped.append(member.seq_id)
-                outputs.append(self._output(member, [token], logprobs[j:j + 1]))
+                outputs.append(self._append(member, token, logprobs[j:j + 1], is_finishing))
         for out in outputs:
             if out.finish_reason is not None:
                 self._forget_if_done(out.request_id)
         return outputs
+
+    def _append(self, seq: Sequence, token: int, logprobs, is_finishing: bool) -> SeqOutput:
+        """One sampled token: its text, and whether it ends the sequence."""
+        seq.output_token_ids.append(token)
+        text = seq.text.push([token]) if seq.text is not None else ""
+        if seq.text is not None and seq.text.is_stopped:
+            reason = FinishReason.STOP
+        else:
+            reason = self._stop_reason(seq, token)
+        if is_finishing:
+            reason = reason or FinishReason.LENGTH
+        if reason is not None:
+            if seq.text is not None:
+                text += seq.text.finish()
+            if not is_finishing:
+                self.running.remove(seq)
+                self._dropped.append(seq.seq_id)
+            self._finish(seq, reason)
+        return self._output(seq, [token], logprobs, text)
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = Sequence(
@@ -278,6 +385,7 @@ class Scheduler:
             seed=parent.seed, arrival_s=parent.arrival_s, salt=parent.salt,
             tenant=parent.tenant, priority=parent.priority, arrival_step=parent.arrival_step,
             order=parent.order, num_computed=parent.num_computed, status=SeqStatus.RUNNING,
+            text=parent.text.fresh() if parent.text is not None else None,
         )
         self.kv.fork(parent.seq_id, child.seq_id)
         self.seqs[child.seq_id] = child
@@ -312,10 +420,10 @@ class Scheduler:
                 del self.seqs[s]
             self.request_seqs.pop(request_id, None)
 
-    def _output(self, seq: Sequence, tokens: list[int], logprobs=()) -> SeqOutput:
+    def _output(self, seq: Sequence, tokens: list[int], logprobs=(), text: str = "") -> SeqOutput:
         return SeqOutput(
             request_id=seq.request_id, index=seq.index, new_token_ids=tokens,
             finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens,
-            logprobs=list(logprobs),
+            logprobs=list(logprobs), text=text,
         )

@@ -4,21 +4,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from services.common.finish_reason import FinishReason  # noqa: F401 (re-exported)
 from services.common.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # its last token is being sampled by a step in flight: it holds no slot and no
+    # blocks any more (the executor runs steps in order, so they can be reused now)
+    FINISHING = "finishing"
     FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS or a stop token
-    LENGTH = "length"  # max_tokens or the context limit
-    ABORT = "abort"
-    DEADLINE = "deadline"  # the request's deadline passed
-    ERROR = "error"  # the replica failed under it
 
 
 @dataclass
@@ -39,9 +35,13 @@ class Sequence:
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
-    is_known_to_executor: bool = False  # sent in full once; afterwards diffs only
     num_preemptions: int = 0
     num_failures: int = 0  # executor failures in a row it was running through
+    # tokens sampled by steps still in flight (pipelined scheduling plans the next
+    # step assuming they come); at most 1 when a step is planned
+    num_pending: int = 0
+    incarnation: int = 0  # +1 at each preemption: results of older steps are stale
+    text: object = None  # its TextStream when the replica makes text (stop strings)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
 
     @property
@@ -51,6 +51,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_fork_pending(self) -> bool:
+        """Its next sampled token forks it into n sequences."""
+        return self.params.n > 1 and self.index == 0 and not self.output_token_ids
 
     @property
     def token_ids(self) -> list[int]:

@@ -8,7 +8,7 @@ from llmesh.v1 import tokenizer_pb2_grpc
 from observability import telemetry
 from services.common.server import Service
 from services.tokenizer.servicer import TokenizerServicer
-from services.tokenizer.tokenizer import TextTokenizer
+from services.common.tokenizer import TextTokenizer
 
 
 async def main(args) -> None:

@@ -8,7 +8,7 @@ from observability.metrics import tokenizer_requests
 from llmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.errors import LlmeshError
 from services.common.server import abort_with
-from services.tokenizer.tokenizer import IncrementalDetokenizer, TextTokenizer
+from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine
-from services.tokenizer.tokenizer import TextTokenizer
+from services.common.tokenizer import TextTokenizer
 
 LLMESH = [sys.executable, "-m", "mesh.cli"]
 ROOT = Path(__file__).resolve().parents[2]

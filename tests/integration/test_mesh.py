@@ -67,7 +67,7 @@ def test_streams_match_in_process_engine_for_32_concurrent_requests(mesh, stub, 
 
 
 def test_text_prompt_and_complete(mesh, stub, tiny_model_dir):
-    from services.tokenizer.tokenizer import TextTokenizer
+    from services.common.tokenizer import TextTokenizer
     tok = TextTokenizer(tiny_model_dir)
     req = inference_pb2.GenerateRequest(prompt="The lighthouse keeper", sampling=_greedy(10))
     streamed = list(stub.Generate(req, timeout=60))

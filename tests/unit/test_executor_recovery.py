@@ -7,7 +7,7 @@ import random
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
 from services.executor.runner import ModelRunner
-from services.kvcache.manager import KVCacheManager
+from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.loop import EngineLoop, ExecutorFailed
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import FinishReason
@@ -16,25 +16,35 @@ NUM_BLOCKS, BLOCK = 256, 16
 
 
 class DyingExecutor:
-    """Runs plans on a ModelRunner; on the steps listed in `die_at` it fails the
-    step and is replaced by a new runner, whose KV memory holds nothing."""
+    """Runs plans on a ModelRunner, in order; at the results listed in `die_at` it
+    fails (every plan in flight is lost) and is replaced by a new runner, whose KV
+    memory holds nothing."""
 
     def __init__(self, model, die_at: set[int]):
         self.model = model
         self.die_at = die_at
         self.runner = ModelRunner(model, NUM_BLOCKS, BLOCK)
+        self.queue = []
         self.num_steps = 0
         self.num_compute_steps = 0  # steps with tokens to compute
         self.epochs = [self.runner.kv_epoch]
 
-    async def execute(self, plan):
+    async def submit(self, plan):
+        self.queue.append(plan)
+
+    async def result(self):
+        plan = self.queue.pop(0)
         self.num_steps += 1
         self.num_compute_steps += bool(plan.scheduled)
         if self.num_steps in self.die_at:
+            self.queue.clear()
             self.runner = ModelRunner(self.model, NUM_BLOCKS, BLOCK)
             self.epochs.append(self.runner.kv_epoch)
             raise ExecutorFailed("executor rank 0 connection lost")
         return self.runner.execute(plan)
+
+    def check(self):
+        pass
 
 
 def _prompts():
@@ -69,14 +79,11 @@ async def _serve(model, prompts, executor, max_step_failures=2):
             if out.finish_reason is not None:
                 reasons[out.request_id] = out.finish_reason.value
 
-    async def commit(step_id, ops):
-        pass
-
-    loop = EngineLoop(scheduler, model.config.vocab_size, executor.execute, commit, emit,
+    loop = EngineLoop(scheduler, executor, model.config.vocab_size, emit=emit,
                       max_step_failures=max_step_failures)
     for i, p in enumerate(prompts):
         loop.add(f"r{i}", p, _params(i), "router", seed=_params(i).seed or 7)
-    while scheduler.num_unfinished or scheduler.has_dropped():
+    while loop.has_work:
         try:
             await loop.step()
         except ExecutorFailed as e:
@@ -87,7 +94,7 @@ async def _serve(model, prompts, executor, max_step_failures=2):
             assert kv.find_cached_prefix(prompts[0]) == []  # nothing survives the old KV
             continue
     kv.pool.check_invariants()
-    assert kv.pool.num_used == 0
+    assert kv.pool.num_used == 0 and not executor.runner.seqs
     return tokens, reasons, loop
 
 

@@ -2,8 +2,8 @@
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.kvcache.block_pool import BlockPool
-from services.kvcache.manager import KVCacheManager
+from services.scheduler.block_pool import BlockPool
+from services.scheduler.kv_manager import KVCacheManager
 
 
 def test_allocate_returns_none_when_full_and_changes_nothing():

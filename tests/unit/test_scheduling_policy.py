@@ -112,7 +112,7 @@ def test_blocks_running_out_preempt_batch_before_interactive(tiny_model):
 def test_new_requests_leave_the_watermark_free(tiny_model):
     policy = SchedulingPolicy(kv_watermark=0.25)  # 5 of 20 blocks
     engine = _engine(tiny_model, policy, num_kv_blocks=20)
-    engine.add_request([5] * 40, _params(2))  # 10 blocks, admitted while idle
+    engine.add_request([5] * 40, _params(8))  # 10 blocks, admitted while idle
     engine.step()
     second = engine.add_request([6] * 24, _params(2))  # 6 more would leave 4 < 5 free
     engine.step()

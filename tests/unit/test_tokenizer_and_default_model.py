@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from mesh.default_model import EOS, END, make_tiny
 from services.executor.model_config import load_model_config
-from services.tokenizer.tokenizer import IncrementalDetokenizer, TextTokenizer
+from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 def _digest(path):

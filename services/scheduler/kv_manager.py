@@ -8,16 +8,10 @@ executor must apply before the step's attention.
 """
 from __future__ import annotations
 
-import hashlib
-from array import array
 from dataclasses import dataclass, field
 
-from services.kvcache.block_pool import BlockPool
-
-
-def hash_block(parent: bytes, token_ids: list[int], salt: str) -> bytes:
-    data = parent + salt.encode() + b"|" + array("q", token_ids).tobytes()
-    return hashlib.blake2b(data, digest_size=16).digest()
+from services.common.block_hash import hash_block
+from services.scheduler.block_pool import BlockPool, EventSink
 
 
 @dataclass
@@ -45,30 +39,26 @@ class KVStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 record_events: bool = False):
-        self.pool = BlockPool(num_blocks, block_size, record_events)
+                 on_event: EventSink | None = None):
+        self.pool = BlockPool(num_blocks, block_size, on_event)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # hashes of a sequence's cached full blocks
         self.prefix_queries = 0
         self.prefix_hits = 0
-        # every change, in order, when someone replays them (the kvcache service)
-        self.journal: list[tuple] | None = None
 
     # ---- prefix cache -------------------------------------------------
     def limit_blocks(self, num_blocks: int) -> None:
         """Shrink an unused manager to `num_blocks` (a replica's capacity is its smallest rank's)."""
         if self.pool.num_used:
             raise RuntimeError("cannot resize a KV manager with blocks in use")
-        self.pool = BlockPool(num_blocks, self.pool.block_size, self.pool.record_events)
+        self.pool = BlockPool(num_blocks, self.pool.block_size, self.pool.on_event)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block: the KV memory they indexed is gone (a restarted
         executor). Only when no sequence holds blocks."""
         assert not self.tables, "reset_prefix_cache with sequences holding blocks"
-        if self.journal is not None:
-            self.journal.append(("reset_prefix_cache",))
         self.pool.reset_prefix_cache()
 
     def find_cached_prefix(self, token_ids: list[int], salt: str = "") -> list[int]:
@@ -90,16 +80,13 @@ class KVCacheManager:
         return hits
 
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
-        if self.journal is not None:
-            self.journal.append(("lookup", num_tokens, num_hit_tokens))
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 
     def cache_blocks(self, seq_id: str, token_ids: list[int], num_computed: int, num_new: int,
-                     salt: str = "", token_offset: int = 0) -> None:
+                     salt: str = "") -> None:
         """After a step computed `num_new` tokens up to `num_computed`: count the
-        filled slots and register the blocks that are now full. `token_ids`
-        holds the sequence's tokens from position `token_offset` on."""
+        filled slots and register the blocks that are now full."""
         table = self.tables[seq_id]
         bs = self.block_size
         for i in range((num_computed - num_new) // bs, -(-num_computed // bs)):
@@ -108,15 +95,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         hashes = self._hashes.setdefault(seq_id, [])
-        first, end = len(hashes) * bs, (num_computed // bs) * bs
-        if self.journal is not None and end > first:
-            self.journal.append(("cache", seq_id, num_computed, num_new, salt, first,
-                                 token_ids[first - token_offset:end - token_offset]))
         for i in range(len(hashes), num_computed // bs):
             parent = hashes[-1] if hashes else b""
-            lo = i * bs - token_offset
-            hashes.append(hash_block(parent, token_ids[lo:lo + bs], salt))
-            self.pool.cache(table[i], hashes[-1])
+            hashes.append(hash_block(parent, token_ids[i * bs:(i + 1) * bs], salt))
+            self.pool.cache(table[i], hashes[-1], parent)
 
     # ---- allocation ---------------------------------------------------
     def allocate_slots(self, seq_id: str, num_total_tokens: int, write_from: int,
@@ -139,9 +121,6 @@ class KVCacheManager:
         num_idle_hits = sum(self.pool.blocks[b].ref_count == 0 for b in table) if is_new else 0
         if num_needed + len(shared) > self.pool.num_free - num_idle_hits:
             return None
-        if self.journal is not None:
-            self.journal.append(("allocate", seq_id, num_total_tokens, write_from,
-                                 list(cached_block_ids or ())))
         if is_new:
             self.pool.touch(table)
             self.tables[seq_id] = table
@@ -160,16 +139,12 @@ class KVCacheManager:
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """The child shares every block of the parent (copy-on-write later)."""
-        if self.journal is not None:
-            self.journal.append(("fork", parent_id, child_id))
         table = self.tables[parent_id]
         self.pool.touch(table)
         self.tables[child_id] = list(table)
         self._hashes[child_id] = list(self._hashes.get(parent_id, []))
 
     def free(self, seq_id: str) -> None:
-        if self.journal is not None:
-            self.journal.append(("free", seq_id))
         table = self.tables.pop(seq_id, None)
         self._hashes.pop(seq_id, None)
         if table:
@@ -195,25 +170,3 @@ class KVCacheManager:
             num_evictions=self.pool.num_evictions,
         )
 
-
-def replay(kv: KVCacheManager, ops: list[tuple]) -> None:
-    """Apply journal entries of another manager; the same ops give the same state."""
-    for op in ops:
-        kind = op[0]
-        if kind == "allocate":
-            _, seq_id, num_total, write_from, cached = op
-            assert kv.allocate_slots(seq_id, num_total, write_from, cached or None) is not None, \
-                f"replayed allocation failed for {seq_id}"
-        elif kind == "cache":
-            _, seq_id, num_computed, num_new, salt, first, tokens = op
-            kv.cache_blocks(seq_id, tokens, num_computed, num_new, salt, token_offset=first)
-        elif kind == "fork":
-            kv.fork(op[1], op[2])
-        elif kind == "free":
-            kv.free(op[1])
-        elif kind == "lookup":
-            kv.record_lookup(op[1], op[2])
-        elif kind == "reset_prefix_cache":
-            kv.reset_prefix_cache()
-        else:
-            raise ValueError(f"unknown KV op {kind!r}")

@@ -5,11 +5,21 @@ A freed block keeps its hash and stays findable until it is handed out again:
 allocation takes blocks from the head of the free queue (least recently
 freed), which evicts whatever prefix they cached. `allocate` returns None
 instead of raising when the pool cannot satisfy a request.
+
+Every change to the prefix index is reported to `on_event` as it happens
+(stored with its parent hash, removed, or all cleared), so an index elsewhere
+(the kvcache service) can follow the pool without replaying its decisions.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from services.common.kv_events import CLEARED, REMOVED, STORED
+
+# (kind, block_hash, parent_hash): b"" where a field does not apply
+EventSink = Callable[[str, bytes, bytes], None]
 
 
 @dataclass
@@ -17,11 +27,12 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None
+    parent_hash: bytes = b""  # the previous block's hash in its chain (b"": the first)
     num_filled: int = 0  # slots holding a computed token (for waste accounting)
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, record_events: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, on_event: EventSink | None = None):
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -29,9 +40,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}
         self.num_evictions = 0
-        # KV events (block stored / removed), kept only when someone drains them.
-        self.record_events = record_events
-        self.events: list[tuple[str, bytes]] = []
+        self.on_event = on_event
 
     @property
     def num_free(self) -> int:
@@ -80,26 +89,36 @@ class BlockPool:
             if block.ref_count == 0:
                 self._free[block_id] = None
 
-    def cache(self, block_id: int, block_hash: bytes) -> None:
+    def cache(self, block_id: int, block_hash: bytes, parent_hash: bytes = b"") -> None:
         """Register a full block under its hash (first writer wins)."""
         block = self.blocks[block_id]
         if block.block_hash is not None or block_hash in self._cached:
             return
         block.block_hash = block_hash
+        block.parent_hash = parent_hash
         self._cached[block_hash] = block_id
-        if self.record_events:
-            self.events.append(("stored", block_hash))
+        if self.on_event is not None:
+            self.on_event(STORED, block_hash, parent_hash)
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block (one CLEARED event, not one per block)."""
         for block in self.blocks:
-            if block.block_hash is not None:
-                self._uncache(block)
+            block.block_hash = None
+            block.parent_hash = b""
+        self._cached.clear()
+        if self.on_event is not None:
+            self.on_event(CLEARED, b"", b"")
+
+    def cached_blocks(self) -> list[tuple[bytes, bytes]]:
+        """(hash, parent hash) of every cached block: the index's snapshot."""
+        return [(b.block_hash, b.parent_hash) for b in self.blocks if b.block_hash is not None]
 
     def _uncache(self, block: Block) -> None:
         del self._cached[block.block_hash]
-        if self.record_events:
-            self.events.append(("removed", block.block_hash))
+        if self.on_event is not None:
+            self.on_event(REMOVED, block.block_hash, b"")
         block.block_hash = None
+        block.parent_hash = b""
         self.num_evictions += 1
 
     def check_invariants(self) -> None:

@@ -1,0 +1,110 @@
+"""Pipelined scheduling (the next step planned while the current one runs) gives
+exactly the tokens and text of the serial loop, across preemption, aborts and
+deadlines mid-flight, stop strings, n > 1 and prefix hits (hypothesis)."""
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from services.common.finish_reason import FinishReason
+from services.common.sampling_params import SamplingParams
+from services.common.tokenizer import TextTokenizer
+from services.engine.engine import Engine, EngineConfig
+
+SYSTEM = [0] + [(7 * j) % 2900 + 5 for j in range(24)]  # a shared prefix: prefix-cache hits
+STOPS = ["e", "a ", "th", "in"]  # common in the tiny model's gibberish, so stops happen
+
+request = st.fixed_dictionaries({
+    "tail": st.integers(1, 40), "shared": st.booleans(), "max_tokens": st.integers(1, 14),
+    "n": st.sampled_from([1, 1, 2]), "sampled": st.booleans(),
+    "stop": st.sampled_from([(), (), (STOPS[0],), (STOPS[1], STOPS[2]), (STOPS[3],)]),
+    "arrive": st.integers(0, 6), "cut": st.sampled_from([None, None, None, 1, 2, 3, 5, 8]),
+    "cut_reason": st.sampled_from([FinishReason.ABORT, FinishReason.DEADLINE]),
+})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return TextTokenizer(tiny_model_dir)
+
+
+def _prompt(i, r):
+    tail = [(i * 131 + j * 17) % 2900 + 5 for j in range(r["tail"])]
+    return (SYSTEM if r["shared"] else [0]) + tail
+
+
+def _params(i, r):
+    return SamplingParams(max_tokens=r["max_tokens"], n=r["n"], seed=1000 + i,
+                          temperature=0.9 if r["sampled"] else 0.0, top_p=0.95,
+                          stop=r["stop"], ignore_eos=(i % 3 != 0))
+
+
+def _run(model, tokenizer, reqs, depth, cfg, events=True):
+    """Requests arrive at their step; `cut` ends one after that many of its steps
+    (as a cancel or a deadline would). Returns per (request, index): tokens, text,
+    finish reason; and checks nothing leaked."""
+    engine = Engine(model, EngineConfig(pipeline_depth=depth, **cfg), tokenizer)
+    ids: dict[int, str] = {}
+    out: dict[tuple[int, int], list] = {}
+    step = 0
+    while step < 8 or engine.has_unfinished():
+        step += 1
+        assert step < 2000, "no progress"
+        for i, r in enumerate(reqs):
+            if r["arrive"] == step - 1:
+                ids[i] = engine.add_request(_prompt(i, r), _params(i, r), request_id=f"r{i}")
+            if events and r["cut"] is not None and i in ids and step == r["arrive"] + r["cut"]:
+                for o in engine.loop.cancel(ids[i], r["cut_reason"]):
+                    out.setdefault((i, o.index), [[], "", None])[2] = o.finish_reason
+        for o in engine.step():
+            rec = out.setdefault((int(o.request_id[1:]), o.index), [[], "", None])
+            rec[0].extend(o.new_token_ids)
+            rec[1] += o.text
+            if o.finish_reason is not None:
+                rec[2] = o.finish_reason
+    assert engine.kv.pool.num_used == 0
+    assert not engine.scheduler.seqs and not engine.runner.seqs
+    engine.kv.pool.check_invariants()
+    engine.close()
+    return out, engine.scheduler.num_preemptions
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(reqs=st.lists(request, min_size=1, max_size=7),
+       kv=st.sampled_from([dict(block_size=4, num_kv_blocks=22, max_num_batched_tokens=24),
+                           dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=16),
+                           dict(block_size=16, num_kv_blocks=64, max_num_batched_tokens=64,
+                                max_num_seqs=3)]))
+def test_pipelined_equals_serial(tiny_model, tokenizer, reqs, kv):
+    reqs = [r for r in reqs if len(_prompt(0, r)) + r["max_tokens"] <= kv["num_kv_blocks"]
+            * kv["block_size"]]
+    if not reqs:
+        return
+    reference, _ = _run(tiny_model, tokenizer, reqs, 1, dict(num_kv_blocks=512), events=False)
+    for depth in (1, 2):
+        got, _ = _run(tiny_model, tokenizer, reqs, depth, kv)
+        for (i, index), (tokens, text, reason) in got.items():
+            ref_tokens, ref_text, ref_reason = reference[(i, index)]
+            if reason in (FinishReason.ABORT, FinishReason.DEADLINE):
+                # cut mid-flight: what it did produce is the start of the full answer
+                assert tokens == ref_tokens[:len(tokens)], (depth, i, index)
+                assert ref_text.startswith(text), (depth, i, index)
+                continue
+            assert (tokens, text, reason) == (ref_tokens, ref_text, ref_reason), (depth, i, index)
+        uncut = {i for i, r in enumerate(reqs) if r["cut"] is None}
+        assert {k for k in reference if k[0] in uncut} <= set(got)
+
+
+def test_the_pipelined_engine_plans_ahead_and_wastes_no_step_on_length(tiny_model, tokenizer):
+    """A sequence ending by length is never planned past its end; with a stop it costs
+    one step (the one planned before its result said stop)."""
+    prompts = [[0, 5, 6, 7]]
+    engine = Engine(tiny_model, EngineConfig(pipeline_depth=2), tokenizer)
+    engine.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert engine.stats.num_steps == 5
+    ref = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))[0][0]
+    stop = ref.text[len(ref.text) // 2:][:2]
+    got = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True,
+                                                  stop=(stop,)))[0][0]
+    assert got.finish_reason == "stop" and stop not in got.text
+    assert ref.text.startswith(got.text)
+    assert not engine.runner.seqs and engine.kv.pool.num_used == 0
