@@ -1,6 +1,7 @@
 """Pipelined scheduling (the next step planned while the current one runs) gives
 exactly the tokens and text of the serial loop, across preemption, aborts and
-deadlines mid-flight, stop strings, n > 1 and prefix hits (hypothesis)."""
+deadlines mid-flight, stop strings, n > 1, priority preemption and prefix hits
+(hypothesis)."""
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -18,6 +19,7 @@ request = st.fixed_dictionaries({
     "stop": st.sampled_from([(), (), (STOPS[0],), (STOPS[1], STOPS[2]), (STOPS[3],)]),
     "arrive": st.integers(0, 6), "cut": st.sampled_from([None, None, None, 1, 2, 3, 5, 8]),
     "cut_reason": st.sampled_from([FinishReason.ABORT, FinishReason.DEADLINE]),
+    "priority": st.sampled_from(["standard", "batch", "interactive"]),  # priority preemption
 })
 
 
@@ -50,7 +52,8 @@ def _run(model, tokenizer, reqs, depth, cfg, events=True):
         assert step < 2000, "no progress"
         for i, r in enumerate(reqs):
             if r["arrive"] == step - 1:
-                ids[i] = engine.add_request(_prompt(i, r), _params(i, r), request_id=f"r{i}")
+                ids[i] = engine.add_request(_prompt(i, r), _params(i, r), request_id=f"r{i}",
+                                            priority=r["priority"])
             if events and r["cut"] is not None and i in ids and step == r["arrive"] + r["cut"]:
                 for o in engine.loop.cancel(ids[i], r["cut_reason"]):
                     out.setdefault((i, o.index), [[], "", None])[2] = o.finish_reason
