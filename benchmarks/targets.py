@@ -350,11 +350,12 @@ class MeshTarget(Target):
             for f in a.DESCRIPTOR.fields:
                 if f.name.endswith("_s"):
                     split[f.name] = split.get(f.name, 0.0) + getattr(a, f.name) - getattr(b, f.name)
-        # executor RPC time not spent in forward or sampling: conversion + transport
-        split["transport_s"] = split["executor_rpc_s"] - split["forward_s"] - split["sample_s"]
         steps = sum(a.num_steps - b.num_steps for a, b in zip(after, self._before))
         peak = max(self._samples, key=lambda s: s[1])
-        step_s = split["schedule_s"] + split["executor_rpc_s"]  # the kvcache RPC overlaps
+        # steps are pipelined: the loop's own time plus the time it waited for results
+        step_s = split["schedule_s"] + split["executor_rpc_s"]
+        messages = sum(a.num_plan_messages + a.num_result_messages - b.num_plan_messages
+                       - b.num_result_messages for a, b in zip(after, self._before))
         return {
             "kv": {"peak_usage": peak[1], "waste_at_peak": peak[2],
                    "preemptions": sum(a.num_preemptions - b.num_preemptions
@@ -365,6 +366,7 @@ class MeshTarget(Target):
             "step_split_s": split,
             "per_step_ms": {k: 1000 * v / max(steps, 1) for k, v in split.items()},
             "mean_step_s": step_s / steps if steps else None,
+            "critical_path_messages_per_step": messages / steps if steps else None,
             "kv_read_tokens_per_step": mean_kv_read(self._samples),
         }
 

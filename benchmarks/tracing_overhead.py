@@ -80,7 +80,7 @@ class _Mesh:
         cpu = {n: _cpu_s(p) - cpu0[n] for n, p in pids.items()}
         steps = max(1, st1.num_steps - st0.num_steps)
         per_step = {f"{k}_ms_per_step": 1e3 * (getattr(st1, k) - getattr(st0, k)) / steps
-                    for k in ("forward_s", "executor_rpc_s", "schedule_s", "kv_rpc_s")}
+                    for k in ("forward_s", "executor_rpc_s", "schedule_s")}
         return {"wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
                 "steps": steps, "wall_ms_per_step": 1e3 * wall / steps, **per_step,
                 "cpu_s": cpu, "cpu_ms_per_output_token": 1e3 * sum(cpu.values()) / tokens,
@@ -186,8 +186,7 @@ def _summary(pairs: list[dict], spans: int, args) -> dict:
         # where a step's time goes: the executor's forward, its round trip, the scheduler
         "per_step_ms": {k: {mode: med(lambda p: p[mode][k]) for mode in ("on", "off")}
                         for k in ("wall_ms_per_step", "forward_s_ms_per_step",
-                                  "executor_rpc_s_ms_per_step", "schedule_s_ms_per_step",
-                                  "kv_rpc_s_ms_per_step")},
+                                  "executor_rpc_s_ms_per_step", "schedule_s_ms_per_step")},
         "cpu_ms_per_token_by_process": per_process,
         "spans_exported": spans, "spans_per_output_token": spans / tokens_on,
     }

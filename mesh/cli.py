@@ -97,7 +97,7 @@ def _generate(args) -> int:
     from mesh.default_model import default_model_dir
     from services.common.sampling_params import SamplingParams
     from services.engine.engine import Engine, EngineConfig
-    from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+    from services.common.tokenizer import TextTokenizer
 
     model_dir = args.model or default_model_dir()
     engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=args.dtype))
@@ -106,20 +106,17 @@ def _generate(args) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     request_id = engine.add_request(tokenizer.encode(args.prompt), params)
-    detok = IncrementalDetokenizer(tokenizer)
     token_ids, text, finish = [], [], None
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in engine.step():  # the engine's outputs carry their text
             if out.request_id != request_id:
                 continue
             token_ids.extend(out.new_token_ids)
-            delta = detok.push(out.new_token_ids)
             if out.finish_reason is not None:
-                delta += detok.flush()
                 finish = out.finish_reason.value
-            text.append(delta)
+            text.append(out.text)
             if not args.json:
-                sys.stdout.write(delta)
+                sys.stdout.write(out.text)
                 sys.stdout.flush()
     if args.json:
         print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason": finish}))

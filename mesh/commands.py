@@ -138,9 +138,9 @@ def cmd_status(args) -> int:
         services[f"router-{i}"] = is_serving(p)
     for i, p in enumerate(live.tokenizer_ports):
         services[f"tokenizer-{i}"] = is_serving(p)
+    services["kvcache"] = is_serving(live.kvcache_port)
     replicas = []
     for r, ports in enumerate(live.replica_ports):
-        services[f"kvcache-{r}"] = is_serving(ports.kvcache)
         for rank, p in enumerate(ports.executors):
             services[f"executor-{r}-{rank}"] = is_serving(p)
         services[f"scheduler-{r}"] = is_serving(ports.scheduler)

@@ -24,12 +24,13 @@ class EngineLimits:
     enable_prefix_caching: bool = True
     dtype: str = "float32"
     device: str = "cpu"
+    pipeline_depth: int = 2  # steps sent to the executors ahead of their results; 1 = serial
+    bench_step_ms: float = 0.0  # benchmark only: executors sleep this long per step, no model
 
 
 @dataclass(frozen=True)
 class ReplicaPorts:
     scheduler: int = 0
-    kvcache: int = 0
     executors: tuple[int, ...] = (0,)  # one per tensor-parallel rank, rank 0 first
     dist_port: int = 0  # the ranks' process-group rendezvous (rank 0 hosts it)
 
@@ -98,6 +99,7 @@ class MeshConfig:
     router_ports: tuple[int, ...] = ()
     tokenizer_ports: tuple[int, ...] = ()
     replica_ports: tuple[ReplicaPorts, ...] = ()
+    kvcache_port: int = 0  # the prefix index of every replica (one service for the mesh)
     max_message_bytes: int = 4 * 2**20
     run_dir: str = ""  # logs and state; "" = ~/.cache/llmesh/run
     executor_threads: int = 0
@@ -144,7 +146,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["router_ports"] = tuple(raw.get("router_ports", ()))
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["replica_ports"] = tuple(
-        ReplicaPorts(scheduler=r.get("scheduler", 0), kvcache=r.get("kvcache", 0),
+        ReplicaPorts(scheduler=r.get("scheduler", 0),
                      executors=tuple(r.get("executors", (0,) * raw.get("tensor_parallel", 1))),
                      dist_port=r.get("dist_port", 0))
         for r in raw.get("replica_ports", ()))
@@ -216,10 +218,10 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     """Fill every port of 0 (or missing) with a free loopback port."""
     # ports the config names, so an automatic pick never lands on one of them
     taken: set[int] = {cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
-                       *cfg.router_ports, *cfg.tokenizer_ports,
+                       cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports,
                        *cfg.observability.metrics_ports.values()} - {0}
     for r in cfg.replica_ports:
-        taken |= {r.scheduler, r.kvcache, r.dist_port, *r.executors} - {0}
+        taken |= {r.scheduler, r.dist_port, *r.executors} - {0}
 
     def pick(p: int) -> int:
         if p:
@@ -235,8 +237,7 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     tp = cfg.tensor_parallel
     replicas = list(cfg.replica_ports) + [ReplicaPorts(executors=(0,) * tp)] * (
         cfg.replicas - len(cfg.replica_ports))
-    replicas = tuple(ReplicaPorts(pick(r.scheduler), pick(r.kvcache),
-                                  tuple(pick(p) for p in r.executors),
+    replicas = tuple(ReplicaPorts(pick(r.scheduler), tuple(pick(p) for p in r.executors),
                                   pick(r.dist_port) if tp > 1 else 0) for r in replicas)
     envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
                                 admin_port=pick(cfg.envoy.admin_port))
@@ -244,13 +245,14 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     metrics_ports = {}
     if obs.metrics:
         names = [f"router-{i}" for i in range(len(routers))]
-        names += [f"tokenizer-{i}" for i in range(len(tokenizers))]
+        names += [f"tokenizer-{i}" for i in range(len(tokenizers))] + ["kvcache"]
         for r, ports in enumerate(replicas):
-            names += [f"scheduler-{r}", f"kvcache-{r}"]
+            names += [f"scheduler-{r}"]
             names += [f"executor-{r}-{k}" for k in range(len(ports.executors))]
         metrics_ports = {n: pick(obs.metrics_ports.get(n, 0)) for n in names}
     obs = dataclasses.replace(
         obs, metrics_ports=metrics_ports,
         collector_port=pick(obs.collector_port) if obs.tracing == "file" else 0)
     return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers,
-                               replica_ports=replicas, envoy=envoy, observability=obs)
+                               replica_ports=replicas, kvcache_port=pick(cfg.kvcache_port),
+                               envoy=envoy, observability=obs)

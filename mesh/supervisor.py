@@ -87,11 +87,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
                                                         "--model", model_dir], port))
     schedulers = []
     admission = json.dumps(dataclasses.asdict(cfg.admission))
+    specs.append(ProcSpec("kvcache", py + ["services.kvcache", "--port", str(cfg.kvcache_port)],
+                          cfg.kvcache_port))
     for r, ports in enumerate(cfg.replica_ports):
-        specs.append(ProcSpec(f"kvcache-{r}", py + [
-            "services.kvcache", "--port", str(ports.kvcache), "--num-blocks", str(e.num_kv_blocks),
-            "--block-size", str(e.block_size)]
-            + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.kvcache))
         tp = len(ports.executors)
         threads = cfg.executor_threads or (max(1, (os.cpu_count() or 1) // tp) if tp > 1 else 0)
         for rank, port in enumerate(ports.executors):
@@ -100,16 +98,19 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
                 "services.executor", "--port", str(port), "--model", model_dir,
                 "--dtype", e.dtype, "--device", e.device, "--num-kv-blocks", str(e.num_kv_blocks),
-                "--block-size", str(e.block_size), "--threads", str(threads)] + dist, port,
+                "--block-size", str(e.block_size), "--threads", str(threads),
+                "--bench-step-ms", str(e.bench_step_ms)] + dist, port,
                 group=f"executors-{r}" if tp > 1 else ""))
         specs.append(ProcSpec(f"scheduler-{r}", py + [
             "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
-            "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{ports.kvcache}",
+            "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{cfg.kvcache_port}",
+            "--replica-name", f"replica-{r}",
             "--executors", ",".join(f"127.0.0.1:{p}" for p in ports.executors),
             "--num-kv-blocks", str(e.num_kv_blocks), "--block-size", str(e.block_size),
             "--max-model-len", str(e.max_model_len),
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-            "--max-num-seqs", str(e.max_num_seqs), "--admission", admission]
+            "--max-num-seqs", str(e.max_num_seqs), "--pipeline-depth", str(e.pipeline_depth),
+            "--admission", admission]
             + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
         schedulers.append(f"127.0.0.1:{ports.scheduler}")
     for i, port in enumerate(cfg.router_ports):

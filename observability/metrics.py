@@ -95,7 +95,7 @@ class SchedulerCollector:
         yield CounterMetricFamily("llmesh_engine_steps", "Engine steps run", s.num_steps)
         phases = CounterMetricFamily("llmesh_step_phase_seconds",
                                      "Time spent in each phase of the engine steps", labels=["phase"])
-        for phase in ("schedule", "kv_rpc", "executor_rpc", "forward", "sample", "comm"):
+        for phase in ("schedule", "executor_rpc", "forward", "sample", "comm"):
             phases.add_metric([phase], getattr(s, f"{phase}_s"))
         yield phases
 
@@ -129,15 +129,26 @@ def register_scheduler(loop) -> None:
 
 
 class KVCacheCollector:
-    def __init__(self, manager):
-        self.manager = manager
+    def __init__(self, index):
+        self.index = index
 
     def collect(self):
-        kv = self.manager.stats()
-        yield GaugeMetricFamily("llmesh_kvcache_mirror_used_blocks",
-                                "KV blocks in use, as the kvcache service mirrors them",
-                                kv.num_used_blocks)
+        blocks = GaugeMetricFamily("llmesh_kvcache_index_blocks",
+                                   "Cached blocks the prefix index holds, per replica",
+                                   labels=["replica"])
+        synced = GaugeMetricFamily("llmesh_kvcache_index_synced",
+                                   "1 while the replica's index follows its pool, 0 while "
+                                   "a resync is pending", labels=["replica"])
+        snapshots = CounterMetricFamily("llmesh_kvcache_snapshots",
+                                        "Snapshots loaded, per replica", labels=["replica"])
+        for name, r in self.index.replicas.items():
+            blocks.add_metric([name], len(r.blocks))
+            synced.add_metric([name], 1 if r.is_synced else 0)
+            snapshots.add_metric([name], r.num_snapshots)
+        yield blocks
+        yield synced
+        yield snapshots
 
 
-def register_kvcache(manager) -> None:
-    REGISTRY.register(KVCacheCollector(manager))
+def register_kvcache(index) -> None:
+    REGISTRY.register(KVCacheCollector(index))

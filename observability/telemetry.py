@@ -30,10 +30,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _PROPAGATOR = TraceContextTextMapPropagator()
 _state = {"tracing": False, "service": "llmesh"}
 
-# Only the router and tokenizer have interceptors (Service(traced=True)); of their
-# methods the Detokenize stream outlives any one request, so it is left out (its
-# items carry no context; the router's detokenize span covers it).
-_UNTRACED_METHODS = ("Detokenize",)
+# Only the router and tokenizer have interceptors (Service(traced=True)); every
+# method they serve belongs to one request.
 EXPORT_INTERVAL_MS = 2000  # default LLMESH_TRACE_EXPORT_MS; Envoy's tracer flushes as often
 EXPORT_MAX_QUEUE = 16384  # spans a process may hold between exports before dropping
 
@@ -87,8 +85,7 @@ def tracer(name: str = "llmesh") -> trace.Tracer:
 def _rpc_filter():
     from opentelemetry.instrumentation.grpc import filters
     return filters.negate(filters.any_of(
-        filters.health_check(), filters.service_prefix("grpc.reflection"),
-        *(filters.method_name(m) for m in _UNTRACED_METHODS)))
+        filters.health_check(), filters.service_prefix("grpc.reflection")))
 
 
 def server_interceptors() -> list:

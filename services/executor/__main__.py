@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks of the replica")
     p.add_argument("--dist-addr", default="", help="rank 0's rendezvous HOST:PORT (world size > 1)")
     p.add_argument("--dist-timeout-s", type=float, default=60.0)
+    p.add_argument("--bench-step-ms", type=float, default=0.0,
+                   help="benchmark only: a model whose forward sleeps this long, instead of "
+                        "the checkpoint's (measures what the mesh adds per step)")
     return p.parse_args(argv)
 
 
@@ -46,7 +49,7 @@ async def main(args) -> None:
     device = args.device
     if device == "cuda" and args.world_size > 1:
         device = f"cuda:{args.rank % torch.cuda.device_count()}"
-    tp = args.world_size > 1
+    tp = args.world_size > 1 and not args.bench_step_ms
     servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None, rank=args.rank)
     service.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, "llmesh.v1.Executor")
     await service.start()  # health answers NOT_SERVING while the group forms and the model loads
@@ -55,7 +58,12 @@ async def main(args) -> None:
         from services.executor.parallel import init_group
         group = await asyncio.to_thread(init_group, args.rank, args.world_size, args.dist_addr,
                                         device, args.dist_timeout_s)
-    model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
+    if args.bench_step_ms:
+        from services.executor.model_config import load_model_config
+        from services.executor.sleep_model import SleepModel
+        model = SleepModel(load_model_config(args.model), args.bench_step_ms / 1000)
+    else:
+        model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
     servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, device)
     await service.set_serving(True)
     await service.wait_for_termination()

@@ -19,8 +19,7 @@ async def main(args) -> None:
                       traced=True)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
     inference = Inference(channel, args.schedulers.split(","), args.model_name,
-                          Admission.from_dict(json.loads(args.admission)),
-                          detok_channel=grpc.aio.insecure_channel(args.tokenizer))
+                          Admission.from_dict(json.loads(args.admission)))
     service.add(inference_pb2_grpc.add_InferenceServicer_to_server, inference,
                 "llmesh.v1.Inference")
     service.enable_reflection()

@@ -1,56 +1,14 @@
-"""The router's connections: one Connect stream per replica, one Detokenize stream."""
+"""The router's connection to each replica: one Connect stream."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 
 import grpc
 
-from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("llmesh.router")
-
-
-class Detokenizer:
-    """One bidi stream to the tokenizer; one message per engine step per replica."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self.stub = tokenizer_pb2_grpc.TokenizerStub(channel)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._lock = asyncio.Lock()
-        self._call = None
-        self._reader = None
-
-    async def _ensure(self) -> None:
-        if self._call is None or self._call.done():
-            self._call = self.stub.Detokenize(wait_for_ready=True)
-            self._reader = asyncio.ensure_future(self._read(self._call))
-
-    async def _read(self, call) -> None:
-        try:
-            async for resp in call:
-                fut = self._pending.pop(resp.batch_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(list(resp.text_deltas))
-        except grpc.aio.AioRpcError as e:
-            log.warning("detokenize stream ended: %s", e.code().name)
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("tokenizer stream lost"))
-        self._pending.clear()
-
-    async def detokenize(self, items: list[tokenizer_pb2.DetokenizeItem]) -> list[str]:
-        if not items:
-            return []
-        async with self._lock:
-            await self._ensure()
-            batch_id = next(self._ids)
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[batch_id] = fut
-            await self._call.write(tokenizer_pb2.DetokenizeRequest(batch_id=batch_id, items=items))
-        return await fut
 
 
 class Replica:
@@ -66,7 +24,7 @@ class Replica:
         self.is_ready = False
         self._call = None
         self._write_lock = asyncio.Lock()  # one write at a time on a stream
-        self._on_outputs = on_outputs  # async (replica, StepOutputs)
+        self._on_outputs = on_outputs  # (replica, StepOutputs), never blocks
         self._on_lost = on_lost  # (replica, request_ids, reason)
 
     async def run(self) -> None:
@@ -80,7 +38,7 @@ class Replica:
                 self.is_ready = True
                 backoff = 0.1
                 async for outputs in self._call:
-                    await self._on_outputs(self, outputs)
+                    self._on_outputs(self, outputs)
                 reason = "scheduler closed the stream"
             except grpc.aio.AioRpcError as e:
                 reason = f"scheduler stream failed ({e.code().name})"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 
@@ -16,33 +17,28 @@ from services.common.errors import (InvalidRequestError, LimitExceededError, Llm
 from services.common.sampling_params import validate_request
 from services.common.server import abort_with
 from services.router.admission import Admission, Ticket
-from services.router.core import ReplicaLoad, StopMatcher, pick_replica
+from services.router.core import ReplicaLoad, pick_replica
 from services.router.limits import MemoryLimiter
 from services.router.tenants import TenantDirectory
-from services.router.replicas import Detokenizer, Replica
+from services.router.replicas import Replica
 
 from observability import telemetry
 from observability.metrics import router_metrics
 from opentelemetry import trace
 
 log = logging.getLogger("llmesh.router")
-MAX_STOP_STRINGS = 16
-_DONE = object()
 
 
 class Inference(inference_pb2_grpc.InferenceServicer):
     def __init__(self, tokenizer_channel: grpc.aio.Channel, scheduler_addresses: list[str],
-                 model_name: str, admission: Admission | None = None,
-                 detok_channel: grpc.aio.Channel | None = None):
-        """`tokenizer_channel` serves Encode (a traced hop: it may carry client
-        interceptors); `detok_channel`, the per-step Detokenize stream, should not:
-        any interceptor on a grpc.aio channel puts each of its streams' writes on a
-        slower path, even when the interceptor's filter skips the stream."""
+                 model_name: str, admission: Admission | None = None):
+        """`tokenizer_channel` serves Encode and chat templates (a traced hop); text
+        comes back from the replicas with their tokens."""
         self.model_name = model_name
         self.admission = admission or Admission(TenantDirectory.open(), MemoryLimiter())
         self._settling: set[asyncio.Task] = set()
+        self._rng = random.Random()
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
-        self.detok = Detokenizer(detok_channel or tokenizer_channel)
         self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
                          for i, a in enumerate(scheduler_addresses)]
         self._queues: dict[str, asyncio.Queue] = {}
@@ -56,29 +52,18 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         return any(r.is_ready for r in self.replicas)
 
     # ---- replica side ---------------------------------------------------
-    async def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
-        items, keyed = [], []
-        for d in outputs.deltas:
-            if d.error:
-                continue
-            is_last = d.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-            items.append(tokenizer_pb2.DetokenizeItem(
-                seq_key=f"{d.request_id}/{d.index}", new_token_ids=d.new_token_ids, is_last=is_last))
-            keyed.append(d)
-        try:
-            texts = dict(zip((id(d) for d in keyed), await self.detok.detokenize(items)))
-        except ConnectionError:
-            texts = {}
+    def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
+        """One step's deltas of one replica, to their requests' queues (never waits)."""
         for d in outputs.deltas:
             queue = self._queues.get(d.request_id)
             if queue is not None:
-                queue.put_nowait((d, texts.get(id(d), "")))
+                queue.put_nowait(d)
 
     def _on_lost(self, replica: Replica, request_ids: set[str], reason: str) -> None:
         for request_id in request_ids:
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait((None, reason))
+                queue.put_nowait(reason)
 
     # ---- public API -----------------------------------------------------
     async def ListModels(self, request, context):
@@ -168,12 +153,13 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
         replica = next(r for r in self.replicas if r.name == replica_name)
         prompt = await self._prompt_ids(request, context)
-        params = convert.sampling_from_proto(request.sampling)
-        stops = list(request.sampling.stop)
+        # the public parameters become the domain's once, here; the seed is fixed here
+        # too, so the request gives the same tokens wherever (and however often) it runs
+        params = convert.sampling_from_public(request.sampling)
+        if params.seed is None:
+            params = params.replace(seed=self._rng.getrandbits(63))
         try:
             with tracer.start_as_current_span("router.validate"):
-                if len(stops) > MAX_STOP_STRINGS:
-                    raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
                 info = replica.info
                 validate_request(prompt, params, info.vocab_size, info.max_model_len,
                                  info.num_kv_blocks * info.block_size)
@@ -197,7 +183,8 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         self._queues[request_id] = queue
         replica.in_flight.add(request_id)
         add = scheduler_pb2.AddRequest(request_id=request_id, prompt_token_ids=prompt,
-                                       sampling=request.sampling, deadline_unix_s=ticket.deadline_s,
+                                       sampling=convert.sampling_to_wire(params),
+                                       deadline_unix_s=ticket.deadline_s,
                                        salt=ticket.salt, traceparent=telemetry.inject(),
                                        tenant=tenant.name,
                                        priority=convert.PRIORITY_VALUES[cls])
@@ -206,7 +193,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         refused = False
         try:
             await replica.send(scheduler_pb2.RouterMessage(add=add))
-            async for response in self._stream(request_id, upstream_open, stops, queue, context,
+            async for response in self._stream(request_id, upstream_open, queue, context,
                                                served, partial_ok):
                 yield response
         except LimitExceededError as e:  # the replica's queue is full: nothing was computed
@@ -216,7 +203,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         finally:
             self._queues.pop(request_id, None)
             if upstream_open and request_id in replica.in_flight and replica.is_ready:
-                # the client went away (or a stop string ended it): free it upstream now
+                # the client went away: free it upstream now
                 try:
                     await replica.send(scheduler_pb2.RouterMessage(
                         cancel=scheduler_pb2.CancelRequest(request_id=request_id)))
@@ -232,34 +219,27 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
-    async def _stream(self, request_id, upstream_open, stops, queue, context, served, partial_ok):
-        matchers = {i: StopMatcher(stops) for i in upstream_open}
+    async def _stream(self, request_id, upstream_open, queue, context, served, partial_ok):
         unfinished = set(upstream_open)
         while unfinished:
-            delta, text = await queue.get()
-            if delta is None:  # the replica went away under this request
+            delta = await queue.get()
+            if isinstance(delta, str):  # the replica went away under this request
                 yield inference_pb2.GenerateResponse(
-                    request_id=request_id, incomplete=True, incomplete_reason=text)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {text}")
+                    request_id=request_id, incomplete=True, incomplete_reason=delta)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {delta}")
             if delta.error:
                 if delta.error_code == "RESOURCE_EXHAUSTED":
                     raise LimitExceededError("queue_full", delta.error, delta.retry_after_ms / 1000)
                 code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
                 await context.abort(code, delta.error)
             served[0] += len(delta.new_token_ids)
-            if delta.finish_reason:
+            finish = delta.finish_reason
+            if finish:
                 upstream_open.discard(delta.index)
             if delta.index not in unfinished:
                 continue
-            matcher = matchers[delta.index]
-            out = matcher.push(text)
-            finish = delta.finish_reason
-            if matcher.is_stopped:
-                finish = common_pb2.FINISH_REASON_STOP
-            elif finish:
-                out += matcher.flush()
             resp = inference_pb2.GenerateResponse(
-                request_id=request_id, index=delta.index, text=out,
+                request_id=request_id, index=delta.index, text=delta.text,
                 token_ids=delta.new_token_ids, logprobs=delta.logprobs, finish_reason=finish)
             if not finish:
                 yield resp
@@ -325,7 +305,7 @@ class RequestObserver:
         self.span.set_attributes({"llmesh.request_id": request_id, "gen_ai.request.model": model,
                                   "gen_ai.request.max_tokens": max_tokens,
                                   "gen_ai.operation.name": "text_completion"})
-        self.detok_span = None
+        self.stream_span = None
         self.finish_reasons: list[str] = []
         self.prompt_tokens = self.output_tokens = 0
         self.queue_s: float | None = None
@@ -337,13 +317,12 @@ class RequestObserver:
             if not self.first:
                 self.first = now
                 if telemetry.tracing_enabled():
-                    self.detok_span = telemetry.tracer("llmesh.router").start_span("detokenize")
+                    self.stream_span = telemetry.tracer("llmesh.router").start_span("stream")
             else:
                 self.gaps.append(now - self.last)
             self.last = now
         if resp.finish_reason:
-            self.finish_reasons.append(
-                common_pb2.FinishReason.Name(resp.finish_reason).removeprefix("FINISH_REASON_").lower())
+            self.finish_reasons.append(convert.FINISH_NAMES[resp.finish_reason])
             self.prompt_tokens = resp.usage.prompt_tokens
             self.output_tokens += resp.usage.completion_tokens
             if self.queue_s is None and resp.HasField("timings"):
@@ -360,8 +339,8 @@ class RequestObserver:
         m.requests.labels(self.finish_reasons[0] if self.finish_reasons else "none", status).inc()
         m.prompt_tokens.inc(self.prompt_tokens)
         m.generation_tokens.inc(self.output_tokens)
-        if self.detok_span is not None:
-            self.detok_span.end()
+        if self.stream_span is not None:
+            self.stream_span.end()
         self.span.set_attributes({"gen_ai.usage.input_tokens": self.prompt_tokens,
                                   "gen_ai.usage.output_tokens": self.output_tokens,
                                   "gen_ai.response.finish_reasons": self.finish_reasons,

@@ -1,4 +1,5 @@
-"""python -m services.scheduler --port P --model DIR --kvcache ADDR --executors ADDR[,ADDR...]"""
+"""python -m services.scheduler --port P --model DIR --kvcache ADDR --replica-name NAME
+    --executors ADDR[,ADDR...] --num-kv-blocks N"""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,16 @@ from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from observability import telemetry
 from observability.metrics import register_scheduler, step_histogram
 from services.common.server import Service
+from services.common.tokenizer import TextTokenizer
 from services.executor.model_config import load_model_config
+from services.scheduler.executor_client import ExecutorGroup
+from services.scheduler.kv_events import KVEventLog
 from services.scheduler.kv_manager import KVCacheManager
+from services.scheduler.kv_publisher import KVPublisher
 from services.scheduler.loop import EngineLoop, ExecutorFailed
 from services.scheduler.policy import policy_from_dict
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
-from services.scheduler.servicer import ExecutorGroup, KVCacheClient, SchedulerServicer
+from services.scheduler.servicer import OutputHub, SchedulerServicer
 
 log = logging.getLogger("llmesh.scheduler")
 
@@ -26,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--model-name", default="")
-    p.add_argument("--kvcache", required=True)
+    p.add_argument("--kvcache", required=True, help="the kvcache index's address")
+    p.add_argument("--replica-name", default="replica-0", help="this replica, in the index")
     p.add_argument("--executors", required=True, help="comma-separated rank addresses, rank 0 first")
     p.add_argument("--num-kv-blocks", type=int, required=True)
     p.add_argument("--block-size", type=int, default=16)
@@ -34,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--pipeline-depth", type=int, default=2,
+                   help="steps sent to the executors ahead of their results (1 = serial)")
     p.add_argument("--executor-recovery-s", type=float, default=60.0,
                    help="how long queued requests wait for a failed executor group to return")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
@@ -43,7 +51,9 @@ def parse_args(argv=None):
 async def main(args) -> None:
     mc = load_model_config(args.model)
     max_model_len = min(args.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    kv = KVCacheManager(args.num_kv_blocks, args.block_size, not args.no_prefix_caching)
+    events = KVEventLog()
+    kv = KVCacheManager(args.num_kv_blocks, args.block_size, not args.no_prefix_caching,
+                        on_event=events.record)
     scheduler = Scheduler(SchedulerConfig(max_model_len=max_model_len,
                                           max_num_batched_tokens=args.max_num_batched_tokens,
                                           max_num_seqs=args.max_num_seqs,
@@ -51,27 +61,36 @@ async def main(args) -> None:
                                           policy=policy_from_dict(json.loads(args.admission))),
                           kv)
     executors = ExecutorGroup(args.executors.split(","))
-    kvcache = KVCacheClient(args.kvcache)
-    loop = EngineLoop(scheduler, mc.vocab_size, executors.execute, kvcache.commit,
-                      emit=lambda owner, items: None, model=args.model_name or mc.model_type)
+    hub = OutputHub()
+    publisher = KVPublisher(args.kvcache, args.replica_name, events, kv)
+    step_hist = step_histogram()
+
+    def after_step(seconds: float) -> None:
+        step_hist.observe(seconds)
+        publisher.notify()
+
+    loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=hub.emit,
+                      tokenizer=TextTokenizer(args.model), model=args.model_name or mc.model_type,
+                      pipeline_depth=args.pipeline_depth, observe_step=after_step)
     register_scheduler(loop)
-    loop.observe_step = step_histogram().observe
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,
         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
     service = Service("scheduler", args.port)
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                SchedulerServicer(loop, info, len(executors.addresses)), "llmesh.v1.Scheduler")
+                SchedulerServicer(loop, hub, executors, info), "llmesh.v1.Scheduler")
     await service.start()
-    runner = asyncio.ensure_future(_drive(loop, executors, service, info,
-                                          args.executor_recovery_s))
+    tasks = [asyncio.ensure_future(publisher.run()),
+             asyncio.ensure_future(_drive(loop, executors, service, info, publisher.notify,
+                                          args.executor_recovery_s))]
     await service.wait_for_termination()
-    runner.cancel()
+    for task in tasks:
+        task.cancel()
 
 
 async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
-                 info: scheduler_pb2.ReplicaInfo, recovery_s: float) -> None:
+                 info: scheduler_pb2.ReplicaInfo, kv_changed, recovery_s: float) -> None:
     """Run the engine loop; when the executor group fails, go NOT_SERVING, put
     the running requests back in the queue (they resume from their tokens so far
     once the group is back), forget the KV cache, reconnect, and serve again."""
@@ -79,7 +98,10 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
     down_since = time.monotonic()
     while True:
         await executors.connect()
-        if not await _probe(loop, executors):
+        try:
+            await executors.probe(timeout_s=10)
+        except (ExecutorFailed, asyncio.TimeoutError) as e:
+            log.warning("executor group not ready: %r", e)
             await executors.close()
             # queued requests wait for the group, within their deadlines and a bound
             loop.expire_deadlines()
@@ -92,6 +114,7 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
         if executors.kv_epochs != kv_epochs:
             if kv_epochs:
                 loop.invalidate_kv(f"executor KV epochs {kv_epochs} -> {executors.kv_epochs}")
+                kv_changed()
             kv_epochs = executors.kv_epochs
         if executors.capacity and executors.capacity < loop.kv.pool.num_blocks:
             if loop.kv.pool.num_used:
@@ -107,38 +130,24 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
         await service.set_serving(True)
         watch = asyncio.ensure_future(executors.watch(loop.wake))
         try:
-            await loop.run(executors.check)
+            await loop.run()
         except ExecutorFailed as e:
             log.error("executor group failed: %s; requeueing running requests", e)
             await service.set_serving(False)
             # a failed step may have half-written blocks, and a rank that dies takes its
-            # KV with it: nothing cached survives (the frees reach kvcache next step)
+            # KV with it: nothing cached survives
             loop.invalidate_kv(f"executor group failed: {e}")
-            kv_epochs = ()
-            down_since = time.monotonic()
-            await executors.close()
-            await asyncio.sleep(0.2)
         except Exception:  # a bug: never leave requests hanging on a dead loop
             log.exception("engine loop failed; failing in-flight requests and restarting it")
             await service.set_serving(False)
             loop.invalidate_kv("engine loop failed", requeue=False)
-            kv_epochs = ()
-            down_since = time.monotonic()
-            await executors.close()
-            await asyncio.sleep(0.2)
         finally:
             watch.cancel()
-
-
-async def _probe(loop: EngineLoop, executors: ExecutorGroup) -> bool:
-    """An empty step round-trips through every rank once they are up."""
-    from services.common.step_plan import StepPlan
-    try:
-        await asyncio.wait_for(executors.execute(StepPlan(step_id=0)), timeout=10)
-        return True
-    except (ExecutorFailed, asyncio.TimeoutError) as e:
-        log.warning("executor group not ready: %s", e)
-        return False
+        kv_changed()
+        kv_epochs = ()
+        down_since = time.monotonic()
+        await executors.close()
+        await asyncio.sleep(0.2)
 
 
 if __name__ == "__main__":

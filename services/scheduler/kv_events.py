@@ -16,17 +16,23 @@ from services.scheduler.block_pool import BlockPool
 
 
 class KVEventLog:
-    def __init__(self, epoch: int | None = None):
+    def __init__(self, epoch: int | None = None, max_pending: int = 1 << 16):
         self.epoch = epoch if epoch is not None else secrets.randbits(63) or 1
         self.next_event_id = 0
+        self.max_pending = max_pending
+        self.needs_snapshot = False  # events were dropped: only a snapshot can follow
         self._pending: list[KVEvent] = []
 
     def record(self, kind: str, block_hash: bytes, parent_hash: bytes) -> None:
-        """The pool's `on_event`."""
+        """The pool's `on_event`. Bounded: when nobody drains (the index is down),
+        the log drops what it holds and asks for a snapshot instead."""
+        if len(self._pending) >= self.max_pending:
+            self._pending = []
+            self.needs_snapshot = True
         self._pending.append(KVEvent(kind, block_hash, parent_hash))
 
     def drain(self) -> EventBatch | None:
-        if not self._pending:
+        if not self._pending or self.needs_snapshot:
             return None
         batch = EventBatch(self.epoch, self.next_event_id, self._pending)
         self.next_event_id += len(self._pending)
@@ -37,4 +43,5 @@ class KVEventLog:
         """The pool as it is now; events not yet drained are part of it, so they
         are dropped (the next batch continues from here)."""
         self._pending = []
+        self.needs_snapshot = False
         return Snapshot(self.epoch, self.next_event_id, pool.block_size, pool.cached_blocks())

@@ -53,6 +53,7 @@ class KVCacheManager:
         """Shrink an unused manager to `num_blocks` (a replica's capacity is its smallest rank's)."""
         if self.pool.num_used:
             raise RuntimeError("cannot resize a KV manager with blocks in use")
+        self.pool.reset_prefix_cache()  # (an index following the pool hears of it)
         self.pool = BlockPool(num_blocks, self.pool.block_size, self.pool.on_event)
 
     def reset_prefix_cache(self) -> None:

@@ -1,5 +1,5 @@
-"""Tokenizer gRPC servicer: Encode / Decode, and one Detokenize stream per router
-carrying one message per engine step."""
+"""Tokenizer gRPC servicer: Encode (text and chat templates) and Decode. Streamed
+text is made by the schedulers, with their tokens."""
 from __future__ import annotations
 
 import grpc
@@ -8,7 +8,7 @@ from observability.metrics import tokenizer_requests
 from llmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.errors import LlmeshError
 from services.common.server import abort_with
-from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from services.common.tokenizer import TextTokenizer
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
@@ -33,18 +33,3 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids: outside the vocabulary")
         return tokenizer_pb2.DecodeResponse(
             text=self.tokenizer.decode(list(request.token_ids), request.skip_special_tokens))
-
-    async def Detokenize(self, request_iterator, context):
-        states: dict[str, IncrementalDetokenizer] = {}
-        async for batch in request_iterator:
-            deltas = []
-            for item in batch.items:
-                detok = states.get(item.seq_key)
-                if detok is None:
-                    detok = states[item.seq_key] = IncrementalDetokenizer(self.tokenizer)
-                text = detok.push(list(item.new_token_ids))
-                if item.is_last:
-                    text += detok.flush()
-                    del states[item.seq_key]
-                deltas.append(text)
-            yield tokenizer_pb2.DetokenizeResponse(batch_id=batch.batch_id, text_deltas=deltas)

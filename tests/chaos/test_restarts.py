@@ -1,5 +1,6 @@
 """kill -9 of the processes that hold engine state, under load: no request is ever
-answered OK with tokens other than a fault-free run's."""
+answered OK with tokens other than a fault-free run's, and the kvcache index
+follows the scheduler's pool through restarts of either."""
 import json
 import os
 import random
@@ -12,8 +13,8 @@ import grpc
 import pytest
 
 from integration.mesh_fixture import Mesh, serving, wait_until
-from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
-                       scheduler_pb2_grpc)
+from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, kvcache_pb2,
+                       kvcache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc)
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -137,3 +138,33 @@ def test_scheduler_kill_never_answers_ok_with_other_tokens(mesh, workload):
             assert last is None or last.incomplete
     assert wait_until(lambda: _replica_serving(mesh), 30)
     _assert_all_exact(_run(mesh, workload), workload[2])
+
+
+def _match(mesh, tokens) -> dict:
+    """What the kvcache index says each replica holds of `tokens` ({} when it is down)."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{mesh.config['kvcache_port']}") as ch:
+            resp = kvcache_pb2_grpc.KVCacheStub(ch).Match(
+                kvcache_pb2.MatchRequest(token_ids=tokens), timeout=2)
+        return {r.replica: r.num_blocks for r in resp.replicas}
+    except grpc.RpcError:
+        return {}
+
+
+def test_kvcache_index_follows_the_pool_through_restarts(mesh, workload):
+    """The index answers from the scheduler's block events; a restarted index is
+    resynchronised from a snapshot, and a restarted scheduler's old blocks leave it."""
+    prompts = workload[0]
+    system = prompts[0][:48]  # 3 full blocks of the shared system prompt
+    _assert_all_exact(_run(mesh, workload), workload[2])
+    assert wait_until(lambda: _match(mesh, system).get("replica-0") == 3, 5)
+    # a prompt nobody sent shares nothing
+    assert _match(mesh, [0] + [7] * 47).get("replica-0") == 0
+    pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
+    os.kill(pids["kvcache"], signal.SIGKILL)  # the index restarts empty ...
+    assert wait_until(lambda: _match(mesh, system).get("replica-0") == 3, 30), mesh.logs()
+    os.kill(pids["scheduler-0"], signal.SIGKILL)  # ... its pool is gone, and so are its blocks
+    assert wait_until(lambda: _match(mesh, system).get("replica-0", 0) == 0, 30)
+    assert wait_until(lambda: _replica_serving(mesh), 30)
+    _assert_all_exact(_run(mesh, workload), workload[2])
+    assert wait_until(lambda: _match(mesh, system).get("replica-0") == 3, 5)

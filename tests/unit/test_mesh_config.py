@@ -11,8 +11,8 @@ def test_tensor_parallel_gives_each_replica_a_rank_port_each_and_a_rendezvous_po
     ports = set()
     for r in cfg.replica_ports:
         assert len(r.executors) == 2 and r.dist_port
-        ports |= {r.scheduler, r.kvcache, r.dist_port, *r.executors}
-    assert len(ports) == 2 * 5  # all distinct
+        ports |= {r.scheduler, r.dist_port, *r.executors}
+    assert len(ports) == 2 * 4 and cfg.kvcache_port not in ports  # all distinct
     specs = {s.name: s for s in build_specs(cfg, "/models/m", tmp_path)}
     rank1 = specs["executor-1-1"]
     assert rank1.group == specs["executor-1-0"].group == "executors-1"
@@ -59,10 +59,12 @@ def test_automatic_ports_are_all_distinct():
     cfg = resolve_ports(parse_config({"replicas": 3, "tensor_parallel": 2, "routers": 2,
                                       "envoy": {"port": 0, "admin_port": 0}}))
     ports = [cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
-             *cfg.router_ports, *cfg.tokenizer_ports, *cfg.observability.metrics_ports.values()]
+             cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports,
+             *cfg.observability.metrics_ports.values()]
     for r in cfg.replica_ports:
-        ports += [r.scheduler, r.kvcache, r.dist_port, *r.executors]
-    assert len(ports) == len(set(ports)) == 3 + 2 + 1 + 2 + 1 + 3 * 2 + 3 * 2 + 3 * 5
+        ports += [r.scheduler, r.dist_port, *r.executors]
+    # metrics: 2 routers, 1 tokenizer, kvcache, 3 schedulers, 6 ranks
+    assert len(ports) == len(set(ports)) == 4 + 2 + 1 + (2 + 1 + 1 + 3 + 6) + 3 * 4
 
 
 def test_admission_section_reaches_router_and_scheduler(tmp_path):
