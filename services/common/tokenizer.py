@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jinja2
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from services.common.errors import InvalidRequestError, UnsupportedModelError
 
@@ -60,37 +61,34 @@ class TextTokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
-    Decodes a short window (a few tokens of context plus the new ones) instead
-    of the whole sequence; holds back text while it ends in an incomplete UTF-8
-    character, so every delta is valid text and the deltas join to `decode(ids)`.
+    Each token goes through the tokenizers library's own incremental decoder
+    (`DecodeStream`, which keeps the context that leading-space and byte-level
+    merges need), so a token costs one call, not a re-decode of a window. Text
+    that ends in an incomplete UTF-8 character is held back, so every delta is
+    valid text; the deltas and `flush` join to `decode(ids)`.
     """
-
-    CONTEXT = 4
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
-        self._prefix_start = 0  # window start
-        self._read_start = 0  # tokens before this are already emitted
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._num_chars = 0  # characters emitted so far
 
     def push(self, new_ids: list[int]) -> str:
-        self.token_ids.extend(new_ids)
-        decode = self.tokenizer.decode
-        prefix = decode(self.token_ids[self._prefix_start:self._read_start], self.skip_special_tokens)
-        full = decode(self.token_ids[self._prefix_start:], self.skip_special_tokens)
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
-            return ""  # an incomplete character (or nothing visible yet): wait for more
-        delta = full[len(prefix):]
-        self._read_start = len(self.token_ids)
-        self._prefix_start = max(0, self._read_start - self.CONTEXT)
-        return delta
+        pieces = []
+        for token_id in new_ids:
+            self.token_ids.append(token_id)
+            piece = self._stream.step(self.tokenizer.tokenizer, token_id)
+            if piece:
+                pieces.append(piece)
+        text = "".join(pieces)
+        self._num_chars += len(text)
+        return text
 
     def flush(self) -> str:
         """Whatever is held back at the end of the stream (replacement chars included)."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.token_ids[self._prefix_start:self._read_start], self.skip_special_tokens)
-        full = decode(self.token_ids[self._prefix_start:], self.skip_special_tokens)
-        self._read_start = len(self.token_ids)
-        self._prefix_start = max(0, self._read_start - self.CONTEXT)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        full = self.tokenizer.decode(self.token_ids, self.skip_special_tokens)
+        tail = full[self._num_chars:]
+        self._num_chars = len(full)
+        return tail

@@ -182,7 +182,7 @@ class ModelRunner:
 
     def _append(self, seq: SeqState, tokens: list[int]) -> None:
         """Append the sampled token; a parent with n > 1 forks into n sequences here."""
-        base_tokens = list(seq.token_ids)
+        base_tokens = list(seq.token_ids) if len(tokens) > 1 else []
         seq.token_ids.append(tokens[0])
         for i, token in enumerate(tokens[1:], start=1):
             child_id = sequence_id(seq.seq_id, i)

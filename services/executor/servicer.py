@@ -1,12 +1,16 @@
 """Executor gRPC servicer: StepPlans in, StepResults out, over one bidi stream.
 
 Plans are pipelined: the scheduler sends the next one while the current step
-runs, so a reader task converts each plan as it arrives while the step runs in
-its thread, and steps run strictly in order."""
+runs. A reader task converts each plan as it arrives and hands it to the step
+thread, which runs plans back to back, in order, with no event-loop round trip
+between them; results are converted and sent by the event loop while the
+next step already runs."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 
 import grpc
 
@@ -14,10 +18,46 @@ from llmesh.v1 import executor_pb2, executor_pb2_grpc
 from observability import telemetry
 from observability.metrics import executor_metrics
 from services.common import convert
+from services.common.step_plan import StepPlan
 from services.executor.runner import ModelRunner
 
 log = logging.getLogger("llmesh.executor")
 _END = object()
+
+
+class StepThread:
+    """Runs `runner.execute` on one thread for one stream's plans, in order; each
+    outcome (a StepResult or the exception) goes to `results` on the event loop.
+    After a failure it runs nothing more: the scheduler starts over."""
+
+    def __init__(self, runner: ModelRunner, loop: asyncio.AbstractEventLoop,
+                 results: asyncio.Queue):
+        self.runner = runner
+        self._plans: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._post = lambda item: loop.call_soon_threadsafe(results.put_nowait, item)
+        self._thread = threading.Thread(target=self._run, name="llmesh-step", daemon=True)
+        self._thread.start()
+
+    def submit(self, plan) -> None:
+        self._plans.put(plan)
+
+    def stop(self) -> None:
+        """No plan starts after this (one running finishes): a stream that ended must
+        not touch the runner that the next scheduler's stream resets and drives."""
+        self._stopped.set()
+        self._plans.put(_END)
+
+    def _run(self) -> None:
+        while (plan := self._plans.get()) is not _END and not self._stopped.is_set():
+            try:
+                self._post((plan, self.runner.execute(plan)))
+            except Exception as e:  # a bug: report it on this step
+                log.exception("step %d failed", plan.step_id)
+                self.runner.reset()
+                self._post((plan, e))
+                return
+        self._post(_END)
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
@@ -37,50 +77,49 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         async with self._lock:
             # a new stream means a (re)started scheduler: forget every sequence
             await asyncio.to_thread(self.runner.reset)
-            plans: asyncio.Queue = asyncio.Queue()
-            reader = asyncio.ensure_future(self._read(request_iterator, plans))
+            results: asyncio.Queue = asyncio.Queue()
+            worker = StepThread(self.runner, asyncio.get_running_loop(), results)
+            spans: dict[int, object] = {}
+            reader = asyncio.ensure_future(self._read(request_iterator, worker, spans))
             try:
-                while (plan := await plans.get()) is not _END:
-                    result = await self._step(plan)
-                    yield result
-                    if result.error:  # the scheduler starts over; plans queued after it are moot
+                while (item := await results.get()) is not _END:
+                    plan, outcome = item
+                    reply = self._reply(plan, outcome, spans.pop(plan.step_id, None))
+                    yield reply
+                    if reply.error:  # the scheduler starts over; plans queued after it are moot
+                        if self.on_fatal is not None:
+                            self.on_fatal(outcome)
                         return
             finally:
                 reader.cancel()
+                worker.stop()
 
-    @staticmethod
-    async def _read(request_iterator, plans: asyncio.Queue) -> None:
+    async def _read(self, request_iterator, worker: StepThread, spans: dict) -> None:
         try:
             async for msg in request_iterator:
-                plans.put_nowait(convert.plan_from_proto(msg))
+                plan = convert.plan_from_proto(msg)
+                if plan.traceparent and telemetry.tracing_enabled():
+                    spans[plan.step_id] = telemetry.tracer("llmesh.executor").start_span(
+                        "executor.step", context=telemetry.extract(plan.traceparent),
+                        attributes={"llmesh.step_id": plan.step_id, "llmesh.rank": self.rank,
+                                    "llmesh.step.num_tokens": plan.num_tokens})
+                worker.submit(plan)
         finally:
-            plans.put_nowait(_END)
+            worker.stop()
 
-    async def _step(self, plan) -> executor_pb2.StepResult:
-        span = None
-        if plan.traceparent and telemetry.tracing_enabled():
-            span = telemetry.tracer("llmesh.executor").start_span(
-                "executor.step", context=telemetry.extract(plan.traceparent),
-                attributes={"llmesh.step_id": plan.step_id, "llmesh.rank": self.rank,
-                            "llmesh.step.num_tokens": plan.num_tokens})
-        try:
-            result = await asyncio.to_thread(self.runner.execute, plan)
-        except Exception as e:  # a bug: report it on this step (the scheduler recovers)
+    def _reply(self, plan: StepPlan, outcome, span) -> executor_pb2.StepResult:
+        if isinstance(outcome, Exception):
             if span is not None:
-                span.record_exception(e)
+                span.record_exception(outcome)
                 span.end()
-            log.exception("step %d failed", plan.step_id)
-            await asyncio.to_thread(self.runner.reset)
-            if self.on_fatal is not None:
-                self.on_fatal(e)
-            return executor_pb2.StepResult(step_id=plan.step_id, error=repr(e))
+            return executor_pb2.StepResult(step_id=plan.step_id, error=repr(outcome))
         if span is not None:
-            span.set_attributes({"llmesh.forward_s": result.forward_s,
-                                 "llmesh.sample_s": result.sample_s,
-                                 "llmesh.comm_s": result.comm_s})
+            span.set_attributes({"llmesh.forward_s": outcome.forward_s,
+                                 "llmesh.sample_s": outcome.sample_s,
+                                 "llmesh.comm_s": outcome.comm_s})
             span.end()
         if plan.scheduled:
-            self._forward_hist.observe(result.forward_s)
-            if result.comm_s:
-                self._comm_counter.inc(result.comm_s)
-        return convert.result_to_proto(result)
+            self._forward_hist.observe(outcome.forward_s)
+            if outcome.comm_s:
+                self._comm_counter.inc(outcome.comm_s)
+        return convert.result_to_proto(outcome)

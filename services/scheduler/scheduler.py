@@ -301,7 +301,8 @@ class Scheduler:
         self.running.append(seq)
         block_ids = list(self.kv.block_ids(seq.seq_id))
         plan.new.append(NewSequence(
-            seq_id=seq.seq_id, token_ids=seq.token_ids, num_prompt_tokens=seq.num_prompt_tokens,
+            seq_id=seq.seq_id, token_ids=list(seq.token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens,
             params=seq.params, seed=seq.seed, index=seq.index, num_computed=num_hit,
             block_ids=block_ids,
         ))
@@ -361,7 +362,7 @@ class Scheduler:
 
     def _append(self, seq: Sequence, token: int, logprobs, is_finishing: bool) -> SeqOutput:
         """One sampled token: its text, and whether it ends the sequence."""
-        seq.output_token_ids.append(token)
+        seq.append_token(token)
         text = seq.text.push([token]) if seq.text is not None else ""
         if seq.text is not None and seq.text.is_stopped:
             reason = FinishReason.STOP

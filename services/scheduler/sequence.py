@@ -44,13 +44,20 @@ class Sequence:
     text: object = None  # its TextStream when the replica makes text (stop strings)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
 
+    def __post_init__(self):
+        self._tokens = self.prompt_token_ids + self.output_token_ids
+
+    def append_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self._tokens.append(token)
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self._tokens)
 
     @property
     def is_fork_pending(self) -> bool:
@@ -59,4 +66,5 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt and output tokens (the sequence's own list: do not modify)."""
+        return self._tokens
