@@ -10,10 +10,11 @@ show what scheduling, transport and reconciliation add to the critical path
 (1.0 = nothing). `batch` requests decode together through Envoy and the router,
 as clients would; the window measured is the one where all of them run.
 
-Each configuration (TP 1 or 2, pipelined or serial scheduling) is brought up in
-turn, alternating the order per round; medians over rounds are reported, with
-the StepPlan / StepResult messages per step (the critical path: one out and one
-back per rank).
+Each configuration (TP 1 or 2, pipelined or serial scheduling; through Envoy,
+straight to the scheduler, or the in-process Engine with the same model as the
+reference) runs in turn, alternating the order per round; medians over rounds
+are reported, with the StepPlan / StepResult messages per step (the critical
+path: one out and one back per rank).
 """
 from __future__ import annotations
 
@@ -75,6 +76,35 @@ async def _load(endpoint: str, batch: int, max_tokens: int) -> int:
             return sum([len(c.token_ids) async for c in stub.Generate(req, timeout=600)])
 
         return sum(await asyncio.gather(*(one(i) for i in range(batch))))
+
+
+def run_engine(model_dir: str, depth: int, step_ms: float, batch: int, max_tokens: int) -> dict:
+    """The same sleeping model in the in-process Engine: the reference the mesh's
+    critical path is compared with (same loop, no transport)."""
+    from services.common.sampling_params import SamplingParams
+    from services.common.tokenizer import TextTokenizer
+    from services.engine.engine import Engine, EngineConfig
+    from services.executor.model_config import load_model_config
+    from services.executor.sleep_model import SleepModel
+    engine = Engine(SleepModel(load_model_config(model_dir), step_ms / 1e3),
+                    EngineConfig(num_kv_blocks=4096, max_num_seqs=batch, pipeline_depth=depth),
+                    TextTokenizer(model_dir))
+    engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+    steps0 = engine.stats.num_steps
+    t0 = time.perf_counter()
+    engine.generate([[1, 10 + i, 20 + i] for i in range(batch)],
+                    SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    engine.close()
+    steps = engine.stats.num_steps - steps0
+    res = {"tensor_parallel": 1, "pipeline_depth": depth, "step_ms": step_ms, "batch": batch,
+           "path": "engine", "window_s": wall, "steps": steps,
+           "steps_per_step_time": steps * step_ms / 1e3 / wall,
+           "wall_ms_per_step": 1e3 * wall / steps, "messages_per_step": 0.0,
+           "loop_ms_per_step": 1e3 * engine.stats.schedule_s / steps, "wait_ms_per_step": None}
+    log(f"[step] engine depth={depth}: {res['steps_per_step_time']:.3f} steps per {step_ms:g} ms, "
+        f"{res['wall_ms_per_step']:.2f} ms/step")
+    return res
 
 
 def run_once(model_dir: str, tp: int, depth: int, step_ms: float, batch: int,
@@ -144,9 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=600)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--configs", default="1x2,1x1,2x2,2x1", help="TPxDEPTH,...")
-    p.add_argument("--paths", default="envoy,scheduler",
+    p.add_argument("--paths", default="envoy,scheduler,engine",
                    help="envoy: clients stream through Envoy and the router; scheduler: one "
-                        "Connect stream straight to the scheduler")
+                        "Connect stream straight to the scheduler; engine: the in-process "
+                        "Engine with the same model (TP 1 only)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -157,16 +188,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model_dir = str(args.model or default_model_dir())
     configs = [(path, *(int(x) for x in c.split("x"))) for path in args.paths.split(",")
-               for c in args.configs.split(",")]
+               for c in args.configs.split(",") if path != "engine" or c.startswith("1x")]
     runs: dict[str, list[dict]] = {f"{p}-tp{tp}-depth{d}": [] for p, tp, d in configs}
     for round_ in range(args.rounds):
         for path, tp, depth in (configs if round_ % 2 == 0 else configs[::-1]):
             runs[f"{path}-tp{tp}-depth{depth}"].append(
+                run_engine(model_dir, depth, args.step_ms, args.batch, args.max_tokens)
+                if path == "engine" else
                 run_once(model_dir, tp, depth, args.step_ms, args.batch, args.max_tokens,
                          direct=path == "scheduler"))
     summary = {name: {k: statistics.median(r[k] for r in rs)
                       for k in ("steps_per_step_time", "wall_ms_per_step", "messages_per_step",
-                                "loop_ms_per_step", "wait_ms_per_step")}
+                                "loop_ms_per_step") if rs}
                for name, rs in runs.items()}
     report = {"machine": machine_info(), "versions": versions(), "args": vars(args),
               "runs": runs, "summary": summary}

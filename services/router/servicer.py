@@ -6,6 +6,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 
 import grpc
 
@@ -41,7 +42,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
         self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
                          for i, a in enumerate(scheduler_addresses)]
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, Inbox] = {}
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -57,13 +58,13 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         for d in outputs.deltas:
             queue = self._queues.get(d.request_id)
             if queue is not None:
-                queue.put_nowait(d)
+                queue.put(d)
 
     def _on_lost(self, replica: Replica, request_ids: set[str], reason: str) -> None:
         for request_id in request_ids:
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait(reason)
+                queue.put(reason)
 
     # ---- public API -----------------------------------------------------
     async def ListModels(self, request, context):
@@ -179,7 +180,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             await abort_with(context, e)
         ticket = Ticket(tenant, cls, adm.deadline(cls, request.timeout_ms, context.time_remaining()),
                         adm.salt(tenant), reservation)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Inbox()
         self._queues[request_id] = queue
         replica.in_flight.add(request_id)
         add = scheduler_pb2.AddRequest(request_id=request_id, prompt_token_ids=prompt,
@@ -221,8 +222,11 @@ class Inference(inference_pb2_grpc.InferenceServicer):
 
     async def _stream(self, request_id, upstream_open, queue, context, served, partial_ok):
         unfinished = set(upstream_open)
+        pending: deque = deque()
         while unfinished:
-            delta = await queue.get()
+            if not pending:
+                pending.extend(await queue.take())
+            delta = _coalesce(pending)
             if isinstance(delta, str):  # the replica went away under this request
                 yield inference_pb2.GenerateResponse(
                     request_id=request_id, incomplete=True, incomplete_reason=delta)
@@ -285,6 +289,50 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             if code not in (grpc.StatusCode.INVALID_ARGUMENT,):
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"tokenizer: {e.details()}")
+
+
+class Inbox:
+    """A request's deltas as they arrive from its replica; the stream takes all that
+    wait at once, so a stream that fell behind catches up in fewer messages."""
+
+    def __init__(self):
+        self._items: list = []
+        self._ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def take(self) -> list:
+        await self._ready.wait()
+        self._ready.clear()
+        items, self._items = self._items, []
+        return items
+
+
+def _coalesce(pending: deque):
+    """The next response's delta: consecutive plain deltas of one sequence that
+    wait together are joined (tokens, text, logprobs; the last one's finish
+    reason, usage and timings)."""
+    delta = pending.popleft()
+    merged = None
+    while pending and not (isinstance(delta, str) or delta.error or delta.finish_reason):
+        nxt = pending[0]
+        if isinstance(nxt, str) or nxt.error or nxt.index != delta.index:
+            break
+        pending.popleft()
+        if merged is None:
+            merged = scheduler_pb2.SeqDelta()
+            merged.CopyFrom(delta)
+        merged.new_token_ids.extend(nxt.new_token_ids)
+        merged.logprobs.extend(nxt.logprobs)
+        merged.text += nxt.text
+        if nxt.finish_reason:
+            merged.finish_reason = nxt.finish_reason
+            merged.usage.CopyFrom(nxt.usage)
+            merged.timings.CopyFrom(nxt.timings)
+            break
+    return merged if merged is not None else delta
 
 
 def _reason(e: LlmeshError) -> str:
