@@ -25,7 +25,14 @@ class EngineLimits:
     dtype: str = "float32"
     device: str = "cpu"
     pipeline_depth: int = 2  # steps sent to the executors ahead of their results; 1 = serial
+    step_timeout_s: float = 30.0  # a step without a result this long: the executor is hung
     bench_step_ms: float = 0.0  # benchmark only: executors sleep this long per step, no model
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    max_migrations: int = 3  # moves of one request to another replica when its own is lost
+    replica_wait_s: float = 30.0  # how long a request waits for a ready replica in recovery
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class MeshConfig:
     executor_threads: int = 0
     observability: ObservabilityConfig = ObservabilityConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    routing: RoutingConfig = RoutingConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -143,6 +151,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["envoy"] = _sub(EnvoyConfig, raw.get("envoy"), "envoy")
     kw["observability"] = _sub(ObservabilityConfig, raw.get("observability"), "observability")
     kw["admission"] = _sub(AdmissionConfig, raw.get("admission"), "admission")
+    kw["routing"] = _sub(RoutingConfig, raw.get("routing"), "routing")
     kw["router_ports"] = tuple(raw.get("router_ports", ()))
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["replica_ports"] = tuple(

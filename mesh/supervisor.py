@@ -110,6 +110,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--max-model-len", str(e.max_model_len),
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--max-num-seqs", str(e.max_num_seqs), "--pipeline-depth", str(e.pipeline_depth),
+            "--step-timeout-s", str(e.step_timeout_s),
             "--admission", admission]
             + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
         schedulers.append(f"127.0.0.1:{ports.scheduler}")
@@ -118,7 +119,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
         specs.append(ProcSpec(f"router-{i}", py + [
             "services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
             "--schedulers", ",".join(schedulers), "--model-name", cfg.model_name,
-            "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission], port))
+            "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
+            "--max-migrations", str(cfg.routing.max_migrations),
+            "--replica-wait-s", str(cfg.routing.replica_wait_s)], port))
     envoy_yaml = run_dir / "envoy.yaml"
     envoy_yaml.write_text(render_envoy_yaml(cfg))
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",

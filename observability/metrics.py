@@ -45,6 +45,8 @@ class RouterMetrics:
                                   "Requests refused before any compute, by reason", ["reason"])
         self.tenant_tokens = Counter("llmesh_tenant_tokens",
                                      "Tokens served per tenant (prompt or output)", ["tenant", "kind"])
+        self.migrations = Counter("llmesh_request_migrations",
+                                  "Requests resubmitted after their replica was lost")
 
 
 class SchedulerCollector:

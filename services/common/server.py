@@ -64,6 +64,13 @@ class Service:
         adder(servicer, self.server)
         self._service_names.append(service_name)
 
+    def add_public(self, servicer, service_descriptor) -> None:
+        """A service facing untrusted clients: undecodable requests get INVALID_ARGUMENT."""
+        from services.common.public_handlers import public_service_handler
+        self.server.add_generic_rpc_handlers((public_service_handler(servicer,
+                                                                      service_descriptor),))
+        self._service_names.append(service_descriptor.full_name)
+
     def enable_reflection(self) -> None:
         reflection.enable_server_reflection(
             self._service_names + [reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)

@@ -44,6 +44,11 @@ class Replica:
                 reason = f"scheduler stream failed ({e.code().name})"
             except asyncio.CancelledError:
                 raise
+            except Exception as e:  # never let the reader die while the replica looks ready
+                log.exception("replica %s: stream reader failed", self.name)
+                reason = f"scheduler stream failed ({e!r})"
+            if self._call is not None:
+                self._call.cancel()
             self.is_ready = False
             lost, self.in_flight = self.in_flight, set()
             if lost:
@@ -52,6 +57,14 @@ class Replica:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    async def send(self, msg: scheduler_pb2.RouterMessage) -> None:
+    async def send(self, msg: scheduler_pb2.RouterMessage) -> bool:
+        """False when the stream is gone (the reader reports the loss)."""
         async with self._write_lock:
-            await self._call.write(msg)
+            if self._call is None or self._call.done() or not self.is_ready:
+                return False
+            try:
+                await self._call.write(msg)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+                log.warning("replica %s: write failed (%r)", self.name, e)
+                return False
+        return True

@@ -18,10 +18,9 @@ from services.common.errors import (InvalidRequestError, LimitExceededError, Llm
 from services.common.sampling_params import validate_request
 from services.common.server import abort_with
 from services.router.admission import Admission, Ticket
-from services.router.core import ReplicaLoad, pick_replica
+from services.router.dispatch import Dispatcher, Route, coalesce
 from services.router.limits import MemoryLimiter
 from services.router.tenants import TenantDirectory
-from services.router.replicas import Replica
 
 from observability import telemetry
 from observability.metrics import router_metrics
@@ -31,40 +30,20 @@ log = logging.getLogger("llmesh.router")
 
 
 class Inference(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, tokenizer_channel: grpc.aio.Channel, scheduler_addresses: list[str],
+    def __init__(self, tokenizer_channel: grpc.aio.Channel, dispatcher: Dispatcher,
                  model_name: str, admission: Admission | None = None):
         """`tokenizer_channel` serves Encode and chat templates (a traced hop); text
-        comes back from the replicas with their tokens."""
+        comes back from the replicas with their tokens, through `dispatcher`."""
         self.model_name = model_name
         self.admission = admission or Admission(TenantDirectory.open(), MemoryLimiter())
         self._settling: set[asyncio.Task] = set()
         self._rng = random.Random()
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
-        self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
-                         for i, a in enumerate(scheduler_addresses)]
-        self._queues: dict[str, Inbox] = {}
-        self._tasks: list[asyncio.Task] = []
-
-    def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(r.run()) for r in self.replicas]
+        self.dispatcher = dispatcher
 
     @property
-    def is_ready(self) -> bool:
-        return any(r.is_ready for r in self.replicas)
-
-    # ---- replica side ---------------------------------------------------
-    def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
-        """One step's deltas of one replica, to their requests' queues (never waits)."""
-        for d in outputs.deltas:
-            queue = self._queues.get(d.request_id)
-            if queue is not None:
-                queue.put(d)
-
-    def _on_lost(self, replica: Replica, request_ids: set[str], reason: str) -> None:
-        for request_id in request_ids:
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put(reason)
+    def replicas(self):
+        return self.dispatcher.replicas
 
     # ---- public API -----------------------------------------------------
     async def ListModels(self, request, context):
@@ -147,12 +126,12 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         if request.model and request.model != self.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served")
         with tracer.start_as_current_span("router.route") as span:
-            replica_name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
-                                         for r in self.replicas])
-            span.set_attribute("llmesh.replica", replica_name or "")
-        if replica_name is None:
+            # while replicas recover, a request waits for one (bounded) rather than fail
+            replica = await self.dispatcher.wait_ready(
+                adm.deadline(cls, request.timeout_ms, context.time_remaining()))
+            span.set_attribute("llmesh.replica", replica.name if replica else "")
+        if replica is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
-        replica = next(r for r in self.replicas if r.name == replica_name)
         prompt = await self._prompt_ids(request, context)
         # the public parameters become the domain's once, here; the seed is fixed here
         # too, so the request gives the same tokens wherever (and however often) it runs
@@ -169,7 +148,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             except InvalidRequestError as e:
                 metrics.rejections.labels("request_cap").inc()
                 raise e
-            if request_id in self._queues:
+            if self.dispatcher.has(request_id):
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                     f"request_id: {request_id!r} in flight")
             with tracer.start_as_current_span("router.limits"):
@@ -180,21 +159,20 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             await abort_with(context, e)
         ticket = Ticket(tenant, cls, adm.deadline(cls, request.timeout_ms, context.time_remaining()),
                         adm.salt(tenant), reservation)
-        queue = Inbox()
-        self._queues[request_id] = queue
-        replica.in_flight.add(request_id)
+        queue = self.dispatcher.open(request_id)
         add = scheduler_pb2.AddRequest(request_id=request_id, prompt_token_ids=prompt,
                                        sampling=convert.sampling_to_wire(params),
                                        deadline_unix_s=ticket.deadline_s,
                                        salt=ticket.salt, traceparent=telemetry.inject(),
                                        tenant=tenant.name,
                                        priority=convert.PRIORITY_VALUES[cls])
+        route = Route(request_id, add)
         upstream_open = set(range(params.n))  # sequences the replica has not finished
         served = [0]  # output tokens that reached this router
         refused = False
         try:
-            await replica.send(scheduler_pb2.RouterMessage(add=add))
-            async for response in self._stream(request_id, upstream_open, queue, context,
+            await self.dispatcher.submit(route, replica)
+            async for response in self._stream(route, upstream_open, queue, context,
                                                served, partial_ok):
                 yield response
         except LimitExceededError as e:  # the replica's queue is full: nothing was computed
@@ -202,15 +180,9 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             metrics.rejections.labels(e.reason).inc()
             await abort_with(context, e)
         finally:
-            self._queues.pop(request_id, None)
-            if upstream_open and request_id in replica.in_flight and replica.is_ready:
-                # the client went away: free it upstream now
-                try:
-                    await replica.send(scheduler_pb2.RouterMessage(
-                        cancel=scheduler_pb2.CancelRequest(request_id=request_id)))
-                except Exception:  # the replica is gone; it frees everything itself
-                    pass
-            replica.in_flight.discard(request_id)
+            if upstream_open:  # the client went away: free it upstream now
+                await self.dispatcher.cancel(route)
+            self.dispatcher.close(route)
             if not refused:
                 metrics.tenant_tokens.labels(tenant.name, "prompt").inc(len(prompt))
                 metrics.tenant_tokens.labels(tenant.name, "output").inc(served[0])
@@ -220,14 +192,19 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
-    async def _stream(self, request_id, upstream_open, queue, context, served, partial_ok):
+    async def _stream(self, route: Route, upstream_open, queue, context, served, partial_ok):
+        request_id = route.request_id
         unfinished = set(upstream_open)
         pending: deque = deque()
+        streamed: list[int] = []  # the output so far (n = 1): what a move resumes after
         while unfinished:
             if not pending:
                 pending.extend(await queue.take())
-            delta = _coalesce(pending)
+            delta = coalesce(pending)
             if isinstance(delta, str):  # the replica went away under this request
+                pending.clear()  # (nothing else can come from it)
+                if await self.dispatcher.migrate(route, streamed, delta):
+                    continue
                 yield inference_pb2.GenerateResponse(
                     request_id=request_id, incomplete=True, incomplete_reason=delta)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {delta}")
@@ -237,6 +214,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
                 await context.abort(code, delta.error)
             served[0] += len(delta.new_token_ids)
+            streamed.extend(delta.new_token_ids)
             finish = delta.finish_reason
             if finish:
                 upstream_open.discard(delta.index)
@@ -289,50 +267,6 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             if code not in (grpc.StatusCode.INVALID_ARGUMENT,):
                 code = grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"tokenizer: {e.details()}")
-
-
-class Inbox:
-    """A request's deltas as they arrive from its replica; the stream takes all that
-    wait at once, so a stream that fell behind catches up in fewer messages."""
-
-    def __init__(self):
-        self._items: list = []
-        self._ready = asyncio.Event()
-
-    def put(self, item) -> None:
-        self._items.append(item)
-        self._ready.set()
-
-    async def take(self) -> list:
-        await self._ready.wait()
-        self._ready.clear()
-        items, self._items = self._items, []
-        return items
-
-
-def _coalesce(pending: deque):
-    """The next response's delta: consecutive plain deltas of one sequence that
-    wait together are joined (tokens, text, logprobs; the last one's finish
-    reason, usage and timings)."""
-    delta = pending.popleft()
-    merged = None
-    while pending and not (isinstance(delta, str) or delta.error or delta.finish_reason):
-        nxt = pending[0]
-        if isinstance(nxt, str) or nxt.error or nxt.index != delta.index:
-            break
-        pending.popleft()
-        if merged is None:
-            merged = scheduler_pb2.SeqDelta()
-            merged.CopyFrom(delta)
-        merged.new_token_ids.extend(nxt.new_token_ids)
-        merged.logprobs.extend(nxt.logprobs)
-        merged.text += nxt.text
-        if nxt.finish_reason:
-            merged.finish_reason = nxt.finish_reason
-            merged.usage.CopyFrom(nxt.usage)
-            merged.timings.CopyFrom(nxt.timings)
-            break
-    return merged if merged is not None else delta
 
 
 def _reason(e: LlmeshError) -> str:

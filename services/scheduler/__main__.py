@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--pipeline-depth", type=int, default=2,
                    help="steps sent to the executors ahead of their results (1 = serial)")
+    p.add_argument("--step-timeout-s", type=float, default=30.0,
+                   help="a step without a result this long (or 20x its expected time) means "
+                        "a hung executor: the replica goes NOT_SERVING and recovers (0 = never)")
     p.add_argument("--executor-recovery-s", type=float, default=60.0,
                    help="how long queued requests wait for a failed executor group to return")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
@@ -71,7 +74,8 @@ async def main(args) -> None:
 
     loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=hub.emit,
                       tokenizer=TextTokenizer(args.model), model=args.model_name or mc.model_type,
-                      pipeline_depth=args.pipeline_depth, observe_step=after_step)
+                      pipeline_depth=args.pipeline_depth, step_timeout_s=args.step_timeout_s,
+                      observe_step=after_step)
     register_scheduler(loop)
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,

@@ -106,9 +106,12 @@ class EngineLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor, vocab_size: int, *,
                  emit: Emit | None = None, tokenizer: TextTokenizer | None = None,
                  model: str = "", pipeline_depth: int = 2, max_step_failures: int = 2,
+                 step_timeout_s: float = 0.0,
                  observe_step: Callable[[float], None] | None = None):
         """`emit(owner, [(output, finished_info)])` receives each step's outputs per
-        owner; `observe_step(seconds)` each step's wall time (metrics, publishers)."""
+        owner; `observe_step(seconds)` each step's wall time (metrics, publishers).
+        `step_timeout_s` (0 = none): a step whose result takes longer (or 20 times
+        what its tokens should take, if more) fails the executor as hung."""
         assert pipeline_depth >= 1
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -118,6 +121,7 @@ class EngineLoop:
         self.tokenizer = tokenizer
         self.pipeline_depth = pipeline_depth
         self.max_step_failures = max_step_failures  # per sequence, before it fails with ERROR
+        self.step_timeout_s = step_timeout_s
         self.observe_step = observe_step
         self.tracks: dict[str, RequestTrack] = {}
         self.stats = LoopStats()
@@ -134,18 +138,27 @@ class EngineLoop:
     # ---- requests -----------------------------------------------------
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
             seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
-            tenant: str = "", priority: str = "standard") -> None:
-        """Queue a request validated at the edge (router or Engine). Raises
-        DuplicateRequestError, InvalidRequestError when it cannot fit this replica,
-        or QueueFullError (with retry_after_s) when its class's queue is full."""
+            tenant: str = "", priority: str = "standard", resume: list[int] = ()) -> None:
+        """Queue a request validated at the edge (router or Engine). `resume`: the
+        output it already produced elsewhere (a request moved from a failed replica);
+        it continues after them. Raises DuplicateRequestError, InvalidRequestError
+        when it cannot fit this replica, or QueueFullError (with retry_after_s) when
+        its class's queue is full."""
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)
         self._check_fits(prompt, params)
+        if resume and (params.n != 1 or len(resume) >= params.max_tokens
+                       or any(not 0 <= t < self.vocab_size for t in resume)):
+            raise InvalidRequestError("resume_token_ids", "only an unfinished n = 1 request "
+                                      "with tokens of this vocabulary can resume")
         now = time.time()
+        text = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
+        if text is not None and resume:
+            text.push(list(resume))  # the client has this text (or it is held back, as before)
         seq = Sequence(seq_id=request_id, request_id=request_id, index=0,
                        prompt_token_ids=list(prompt), params=params, seed=seed, arrival_s=now,
                        salt=salt, tenant=tenant, priority=priority,
-                       text=TextStream(self.tokenizer, params.stop) if self.tokenizer else None)
+                       output_token_ids=list(resume), text=text)
         try:
             self.scheduler.add(seq)
         except QueueFullError as e:
@@ -275,9 +288,24 @@ class EngineLoop:
                 otel_context.detach(token)
         return True
 
+    def _result_timeout(self) -> float | None:
+        """How long the oldest step may take before the executor counts as hung: many
+        times what its tokens should take at the measured rate, never under the floor."""
+        if not self.step_timeout_s:
+            return None
+        oldest = self._in_flight[0]
+        expected = oldest.plan.num_tokens / self.token_rate if self.token_rate else 0.0
+        waited = time.perf_counter() - oldest.planned_s
+        return max(self.step_timeout_s, 20 * expected) - waited
+
     async def _complete_oldest(self) -> list[SeqOutput]:
         t0 = time.perf_counter()
-        result = await self.executor.result()
+        try:
+            result = await asyncio.wait_for(self.executor.result(), self._result_timeout())
+        except asyncio.TimeoutError:
+            raise ExecutorFailed(f"step {self._in_flight[0].plan.step_id} got no result in "
+                                 f"{time.perf_counter() - self._in_flight[0].planned_s:.1f}s: "
+                                 "the executor is hung") from None
         t1 = time.perf_counter()
         done = self._in_flight.popleft()
         plan = done.plan

@@ -140,7 +140,12 @@ def test_deadline_reaches_the_scheduler(mesh, stub):
                                            sampling=_greedy(4)), "prompt_token_ids"),
     (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(5000)), "max_tokens"),
     (lambda: inference_pb2.GenerateRequest(sampling=_greedy(4)), "input"),
-], ids=["max_tokens0", "temperature", "top_p", "oov", "empty", "too_long", "past_ctx", "no_input"])
+    (lambda: inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[1, 2**63]),
+                                           sampling=_greedy(4)), "prompt_token_ids"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
+        max_tokens=4, stop=["ab"] * 17)), "stop"),
+], ids=["max_tokens0", "temperature", "top_p", "oov", "empty", "too_long", "past_ctx", "no_input",
+        "id_2^63", "stops"])
 def test_bad_requests_are_invalid_argument_and_reach_no_executor(mesh, stub, make, field):
     steps_before = _stats(mesh).num_steps
     with pytest.raises(grpc.RpcError) as info:
@@ -148,6 +153,23 @@ def test_bad_requests_are_invalid_argument_and_reach_no_executor(mesh, stub, mak
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in info.value.details()
     assert _stats(mesh).num_steps == steps_before
+
+
+@pytest.mark.parametrize("body", [
+    b"\x12\x02\xff\xfe",  # prompt (field 2, a string) holding invalid UTF-8
+    b"\x0a\x03\xc3\x28x",  # model (field 1): a broken two-byte sequence
+    b"\x12\x10ab",  # a length past the end of the body
+], ids=["prompt_utf8", "model_utf8", "truncated"])
+def test_undecodable_requests_are_invalid_argument(mesh, body):
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        for method, call in (("Generate", ch.unary_stream), ("Complete", ch.unary_unary)):
+            rpc = call(f"/llmesh.v1.Inference/{method}", request_serializer=lambda b: b,
+                       response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as info:
+                out = rpc(body, timeout=10)
+                list(out) if method == "Generate" else out
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "does not decode" in info.value.details()
 
 
 def test_oversized_message_is_resource_exhausted(mesh, stub):

@@ -1,0 +1,177 @@
+"""The router's side of its replicas: which one serves a request, its deltas on
+the way back, and moving it to another replica when the one serving it is lost.
+
+A request that loses its replica (the scheduler died, or the stream to it
+broke) is resubmitted, to whichever replica is ready first (the same one once
+it is back), as its prompt plus the output tokens the client already has; the
+replica continues after them, so the client sees a pause and then the tokens a
+fault-free run gives (sampling is keyed by seed and position, and the router
+fixed the seed). At most `max_migrations` times; n > 1 requests do not move.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from llmesh.v1 import scheduler_pb2
+from observability.metrics import router_metrics
+from services.router.core import ReplicaLoad, pick_replica
+from services.router.replicas import Replica
+
+log = logging.getLogger("llmesh.router")
+
+
+class Inbox:
+    """A request's deltas as they arrive from its replica (or a loss reason, a
+    str); the stream takes all that wait at once, so a stream that fell behind
+    catches up in fewer messages."""
+
+    def __init__(self):
+        self._items: list = []
+        self._ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def take(self) -> list:
+        await self._ready.wait()
+        self._ready.clear()
+        items, self._items = self._items, []
+        return items
+
+
+def coalesce(pending: deque):
+    """The next response's delta: consecutive plain deltas of one sequence that
+    wait together are joined (tokens, text, logprobs; the last one's finish
+    reason, usage and timings)."""
+    delta = pending.popleft()
+    merged = None
+    while pending and not (isinstance(delta, str) or delta.error or delta.finish_reason):
+        nxt = pending[0]
+        if isinstance(nxt, str) or nxt.error or nxt.index != delta.index:
+            break
+        pending.popleft()
+        if merged is None:
+            merged = scheduler_pb2.SeqDelta()
+            merged.CopyFrom(delta)
+        merged.new_token_ids.extend(nxt.new_token_ids)
+        merged.logprobs.extend(nxt.logprobs)
+        merged.text += nxt.text
+        if nxt.finish_reason:
+            merged.finish_reason = nxt.finish_reason
+            merged.usage.CopyFrom(nxt.usage)
+            merged.timings.CopyFrom(nxt.timings)
+            break
+    return merged if merged is not None else delta
+
+
+@dataclass
+class Route:
+    """Where one request runs now."""
+
+    request_id: str
+    add: scheduler_pb2.AddRequest
+    replica: Replica | None = None
+    num_migrations: int = 0
+
+
+class Dispatcher:
+    def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
+                 replica_wait_s: float = 30.0):
+        self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
+                         for i, a in enumerate(scheduler_addresses)]
+        self.max_migrations = max_migrations
+        self.replica_wait_s = replica_wait_s
+        self._inboxes: dict[str, Inbox] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(r.run()) for r in self.replicas]
+
+    @property
+    def is_ready(self) -> bool:
+        return any(r.is_ready for r in self.replicas)
+
+    def pick(self) -> Replica | None:
+        name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
+                             for r in self.replicas])
+        return next((r for r in self.replicas if r.name == name), None)
+
+    async def wait_ready(self, deadline_s: float = 0.0) -> Replica | None:
+        """A ready replica, waiting at most `replica_wait_s` (and never past the unix
+        `deadline_s`) while replicas recover."""
+        until = time.monotonic() + self.replica_wait_s
+        if deadline_s:
+            until = min(until, time.monotonic() + deadline_s - time.time())
+        while (replica := self.pick()) is None and time.monotonic() < until:
+            await asyncio.sleep(0.05)
+        return replica
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._inboxes
+
+    def open(self, request_id: str) -> Inbox:
+        inbox = self._inboxes[request_id] = Inbox()
+        return inbox
+
+    def close(self, route: Route) -> None:
+        self._inboxes.pop(route.request_id, None)
+        if route.replica is not None:
+            route.replica.in_flight.discard(route.request_id)
+
+    async def submit(self, route: Route, replica: Replica,
+                     add: scheduler_pb2.AddRequest | None = None) -> None:
+        """Send the request to `replica`; a stream that is already broken counts as
+        the replica's loss (the request's inbox hears of it)."""
+        route.replica = replica
+        replica.in_flight.add(route.request_id)
+        if not await replica.send(scheduler_pb2.RouterMessage(add=add or route.add)):
+            replica.in_flight.discard(route.request_id)
+            self._lost(route.request_id, f"{replica.name}: stream to the scheduler broke")
+
+    async def migrate(self, route: Route, streamed: list[int], reason: str) -> bool:
+        """Resubmit after `reason` took its replica: prompt + `streamed` output
+        tokens. False when it may not move (n > 1, too many moves, no replica)."""
+        if route.add.sampling.n != 1 or route.num_migrations >= self.max_migrations:
+            return False
+        route.replica.in_flight.discard(route.request_id)
+        route.num_migrations += 1
+        replica = await self.wait_ready(route.add.deadline_unix_s)
+        if replica is None:
+            return False
+        log.info("request %s moves to %s after %d tokens (%s)", route.request_id, replica.name,
+                 len(streamed), reason)
+        router_metrics().migrations.inc()
+        add = scheduler_pb2.AddRequest()
+        add.CopyFrom(route.add)
+        add.resume_token_ids[:] = streamed
+        await self.submit(route, replica, add)
+        return True
+
+    async def cancel(self, route: Route) -> None:
+        """The client went away: free the request upstream now."""
+        replica = route.replica
+        if replica is not None and route.request_id in replica.in_flight and replica.is_ready:
+            await replica.send(scheduler_pb2.RouterMessage(
+                cancel=scheduler_pb2.CancelRequest(request_id=route.request_id)))
+
+    # ---- from the replicas' streams -------------------------------------
+    def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
+        """One step's deltas of one replica, to their requests' inboxes (never waits)."""
+        for d in outputs.deltas:
+            inbox = self._inboxes.get(d.request_id)
+            if inbox is not None:
+                inbox.put(d)
+
+    def _on_lost(self, replica: Replica, request_ids: set[str], reason: str) -> None:
+        for request_id in request_ids:
+            self._lost(request_id, f"{replica.name}: {reason}")
+
+    def _lost(self, request_id: str, reason: str) -> None:
+        inbox = self._inboxes.get(request_id)
+        if inbox is not None:
+            inbox.put(reason)

@@ -1,0 +1,78 @@
+"""The chaos tests' load: seeded requests with known answers, run through a mesh."""
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
+                       scheduler_pb2_grpc)
+from mesh.supervisor import is_serving
+from services.common.sampling_params import SamplingParams
+from services.engine.engine import Engine, EngineConfig
+
+NUM_REQUESTS = 40
+
+
+def make_workload(tiny_model):
+    """40 prompts sharing a 3-block system prefix (prefix-cache hits), half greedy and
+    half seeded, with the tokens the in-process engine gives them."""
+    rng = random.Random(11)
+    system = [0] + rng.choices(range(5, 3000), k=50)
+    prompts = [system + rng.choices(range(5, 3000), k=rng.randint(1, 40))
+               for _ in range(NUM_REQUESTS)]
+    params = [SamplingParams(max_tokens=rng.randint(20, 48), ignore_eos=True, seed=500 + i,
+                             temperature=0.9 if i % 2 else 0.0, top_p=0.95)
+              for i in range(NUM_REQUESTS)]
+    expect = [c[0].token_ids for c in Engine(tiny_model, EngineConfig()).generate(prompts, params)]
+    return prompts, params, expect
+
+
+def run_load(mesh, workload, concurrency=8):
+    """Every request once; per request ("ok", tokens) or (status, tokens so far, last chunk)."""
+    prompts, params, _ = workload
+
+    def call(i):
+        p = params[i]
+        req = inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=prompts[i]), sampling=common_pb2.SamplingParams(
+                max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                ignore_eos=True))
+        chunks = []
+        try:
+            with grpc.insecure_channel(mesh.endpoint) as ch:
+                for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
+                    chunks.append(chunk)
+        except grpc.RpcError as e:
+            return e.code(), [t for c in chunks for t in c.token_ids], chunks[-1] if chunks else None
+        return "ok", [t for c in chunks for t in c.token_ids], chunks[-1]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(call, range(len(prompts))))
+
+
+def replica_serving(mesh) -> bool:
+    """The scheduler is SERVING and a request through Envoy completes."""
+    if not is_serving(mesh.config["replica_ports"][0]["scheduler"]):
+        return False
+    req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[0, 5, 6]),
+                                        sampling=common_pb2.SamplingParams(max_tokens=1))
+    try:
+        with grpc.insecure_channel(mesh.endpoint) as ch:
+            inference_pb2_grpc.InferenceStub(ch).Complete(req, timeout=10)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def scheduler_stats(mesh):
+    port = mesh.config["replica_ports"][0]["scheduler"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
+                                                             timeout=5)
+
+
+def assert_all_exact(results, expect):
+    for i, ((status, tokens, last), exp) in enumerate(zip(results, expect)):
+        assert status == "ok", (i, status)
+        assert tokens == exp, f"request {i}: OK with other tokens than a fault-free run"
+        assert not last.incomplete

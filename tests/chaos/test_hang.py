@@ -1,0 +1,58 @@
+"""A hung executor (SIGSTOP) under load: the scheduler's step watchdog notices,
+the replica goes NOT_SERVING, and when the executor runs again every request
+completes with the tokens of a fault-free run."""
+import json
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chaos.load import assert_all_exact, run_load, scheduler_stats
+from integration.mesh_fixture import Mesh, serving, wait_until
+
+STOP_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_model_dir, tmp_path_factory):
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("hang"), observability={"tracing": "off"},
+             engine={"num_kv_blocks": 512, "step_timeout_s": 2.0})
+    yield from serving(m)
+
+
+def _health(port: int):
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
+def test_a_stopped_executor_is_detected_and_its_requests_complete(mesh, workload):
+    before = scheduler_stats(mesh)
+    pid = json.loads((mesh.run_dir / "state.json").read_text())["pids"]["executor-0-0"]
+    port = mesh.config["replica_ports"][0]["scheduler"]
+    box, seen = [], []
+    load = threading.Thread(target=lambda: box.append(run_load(mesh, workload)))
+    load.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + STOP_S
+        while time.monotonic() < deadline:  # bounded: the stop's length
+            seen.append(_health(port))
+            time.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    load.join(120)
+    assert not load.is_alive(), "the load hung"
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen  # the watchdog saw it
+    assert_all_exact(box[0], workload[2])
+    after = scheduler_stats(mesh)
+    assert after.num_kv_resets > before.num_kv_resets and after.num_requeued > before.num_requeued
+    assert wait_until(lambda: _health(port) == health_pb2.HealthCheckResponse.SERVING, 30)
