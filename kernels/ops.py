@@ -1,7 +1,10 @@
 """Thin wrappers over the CUDA kernels: CuPy RawModule over the `.cu` files,
-zero-copy with torch through DLPack, launched on torch's current stream.
+launched on torch's current stream with raw device pointers (no per-argument
+DLPack conversion; module, functions, streams and SM counts are cached).
 
-CuPy is imported only when a kernel is first used (CPU machines never need it).
+Arguments are checked first, on any device, so a wrong shape, dtype or device
+is a clear ValueError (unit-tested on CPU). CuPy is imported only when a kernel
+is first launched (CPU machines never need it).
 """
 from __future__ import annotations
 
@@ -15,27 +18,97 @@ KERNEL_DIR = Path(__file__).parent
 NUM_WARPS = 4
 MAX_GROUP = 8
 _DTYPE_TAG = {torch.float16: "f16", torch.bfloat16: "bf16"}
+NVRTC_OPTIONS = ["-std=c++17"]  # what CuPy's NVRTC gets (the CPU compile test uses the same)
 
 
 @functools.lru_cache(maxsize=None)
 def _module(name: str):
     import cupy
-    return cupy.RawModule(code=(KERNEL_DIR / name).read_text(), options=("-std=c++17",))
+    return cupy.RawModule(code=(KERNEL_DIR / name).read_text(), options=tuple(NVRTC_OPTIONS))
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(module: str, name: str):
     return _module(module).get_function(name)
 
 
-def _stream():
+@functools.lru_cache(maxsize=None)
+def _external_stream(handle: int):
     import cupy
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    return cupy.cuda.ExternalStream(handle)
+
+
+def _stream():
+    return _external_stream(torch.cuda.current_stream().cuda_stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _ptr(t: torch.Tensor):
-    """A kernel argument for the tensor's memory (no copy)."""
-    import cupy
-    return cupy.from_dlpack(t.detach()) if t.numel() else cupy.uint64(0)
+    """A kernel argument for the tensor's memory: its device address (no copy)."""
+    import numpy as np
+    return np.uint64(t.data_ptr() if t.numel() else 0)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_decode_args(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    """Everything the decode kernel assumes, as clear errors."""
+    _check(q.dim() == 3 and k_cache.dim() == 4,
+           f"paged decode: q must be [seqs, heads, head_dim] and the caches [blocks, block_size, "
+           f"kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    _check(v_cache.shape == k_cache.shape, "paged decode: K and V caches differ in shape")
+    _check(q.dtype in _DTYPE_TAG and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+           f"paged decode: q and the caches must share fp16 or bf16; got {q.dtype}, "
+           f"{k_cache.dtype}, {v_cache.dtype}")
+    _check(cache_dim == head_dim and head_dim in (64, 128),
+           f"paged decode: head_dim {head_dim} (cache {cache_dim}); supported: 64, 128")
+    _check(block_size in (16, 32), f"paged decode: block size {block_size}; supported: 16, 32")
+    _check(num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP,
+           f"paged decode: {num_heads} query heads over {num_kv_heads} KV heads; a group of "
+           f"at most {MAX_GROUP} that divides evenly")
+    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs
+           and block_tables.dtype == torch.int32,
+           f"paged decode: block_tables must be int32 [{num_seqs}, max_blocks]")
+    _check(tuple(context_lens.shape) == (num_seqs,) and context_lens.dtype == torch.int32,
+           f"paged decode: context_lens must be int32 [{num_seqs}]")
+    _check(k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.is_contiguous()
+           and context_lens.is_contiguous(), "paged decode: caches and tables must be contiguous")
+    _check(all(t.is_cuda and t.device == q.device
+               for t in (q, k_cache, v_cache, block_tables, context_lens)),
+           "paged decode: every tensor must be on the same CUDA device")
+
+
+def check_cache_args(k, v, k_cache, v_cache, slot_mapping) -> None:
+    _check(k.dim() == 3 and k.shape == v.shape and k_cache.shape == v_cache.shape
+           and k_cache.dim() == 4 and k.shape[1:] == k_cache.shape[2:],
+           f"reshape_and_cache: k, v [tokens, kv_heads, head_dim] must match the caches' rows; "
+           f"got {tuple(k.shape)} and {tuple(k_cache.shape)}")
+    _check(k.dtype == k_cache.dtype == v.dtype == v_cache.dtype and k.element_size() in (2, 4),
+           "reshape_and_cache: k, v and the caches must share one 16- or 32-bit dtype")
+    _check(slot_mapping.dtype == torch.int64 and tuple(slot_mapping.shape) == (k.shape[0],),
+           f"reshape_and_cache: slot_mapping must be int64 [{k.shape[0]}]")
+    _check(k_cache.is_contiguous() and v_cache.is_contiguous(),
+           "reshape_and_cache: the caches must be contiguous")
+    _check(all(t.is_cuda and t.device == k.device for t in (v, k_cache, v_cache, slot_mapping)),
+           "reshape_and_cache: every tensor must be on the same CUDA device")
+
+
+def check_copy_args(cache, pairs) -> None:
+    _check(pairs.dim() == 2 and pairs.shape[1] == 2 and pairs.dtype == torch.int64,
+           "copy_blocks: pairs must be int64 [num_pairs, 2] (src, dst)")
+    _check(cache.element_size() in (2, 4) and cache.is_contiguous(),
+           "copy_blocks: the cache must be contiguous, with 16- or 32-bit elements")
+    _check(cache.is_cuda and pairs.device == cache.device,
+           "copy_blocks: the cache and pairs must be on the same CUDA device")
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -52,17 +125,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int | None = None) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] fp16/bf16; caches [num_blocks, block_size, kvh, head_dim];
     block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32."""
+    check_decode_args(q, k_cache, v_cache, block_tables, context_lens)
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if q.dtype not in _DTYPE_TAG or head_dim not in (64, 128) or block_size not in (16, 32) \
-            or group > MAX_GROUP or num_heads % num_kv_heads:
-        raise ValueError(f"unsupported shape/dtype for paged decode: {q.dtype}, head_dim "
-                         f"{head_dim}, block {block_size}, group {group}")
     max_context = max_context or int(context_lens.max())
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, sms)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context,
+                                       _num_sms(q.device.index or 0))
     tokens_per_split = math.ceil(max_context / num_splits)
     q = q.contiguous()
     out = torch.empty_like(q)
@@ -92,18 +162,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Scatter k, v [num_tokens, kvh, d] into the caches at slot_mapping (int64)."""
     import numpy as np
+    check_cache_args(k, v, k_cache, v_cache, slot_mapping)
     bits = 16 if k.element_size() == 2 else 32
     row = k.shape[1] * k.shape[2]
+    # held until the launch: a raw pointer keeps no tensor alive
+    k, v = k.contiguous(), v.contiguous()
     with _stream():
         _kernel("cache_ops.cu", f"reshape_and_cache_{bits}")(
             (k.shape[0],), (min(1024, row),),
-            (_ptr(k.contiguous()), _ptr(v.contiguous()), _ptr(k_cache), _ptr(v_cache),
-             _ptr(slot_mapping), np.int32(row)))
+            (_ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), _ptr(slot_mapping), np.int32(row)))
 
 
 def copy_blocks(cache: torch.Tensor, pairs: torch.Tensor) -> None:
     """pairs: [num_pairs, 2] int64 (src, dst) on the cache's device."""
     import numpy as np
+    check_copy_args(cache, pairs)
     if not pairs.numel():
         return
     bits = 16 if cache.element_size() == 2 else 32

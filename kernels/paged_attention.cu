@@ -12,6 +12,9 @@
 
 namespace {
 
+// -inf without <cmath> (NVRTC, which CuPy compiles with, has no host headers)
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
 constexpr int WARP = 32;
 constexpr int NUM_WARPS = 4;
 constexpr int MAX_GROUP = 8;
@@ -50,7 +53,7 @@ __device__ void paged_decode(T* __restrict__ out, float* __restrict__ part_out,
   float qv[MAX_GROUP][PER_LANE], acc[MAX_GROUP][PER_LANE], m[MAX_GROUP], l[MAX_GROUP];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g) {
-    m[g] = -INFINITY;
+    m[g] = neg_inf();
     l[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
@@ -105,14 +108,14 @@ __device__ void paged_decode(T* __restrict__ out, float* __restrict__ part_out,
 
   for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += blockDim.x) {
     const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
-    float big = -INFINITY;
+    float big = neg_inf();
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w) big = fmaxf(big, sm_m[w][g]);
     float sum = 0.f, a = 0.f;
-    if (big != -INFINITY) {
+    if (big != neg_inf()) {
 #pragma unroll
       for (int w = 0; w < NUM_WARPS; ++w) {
-        if (sm_m[w][g] == -INFINITY) continue;
+        if (sm_m[w][g] == neg_inf()) continue;
         const float c = __expf(sm_m[w][g] - big);
         sum += sm_l[w][g] * c;
         a += sm_acc[w][g][d] * c;
@@ -141,13 +144,13 @@ __device__ void paged_decode_reduce(T* __restrict__ out, const float* __restrict
                                     int num_splits) {
   const int head = blockIdx.x, seq = blockIdx.y;
   const size_t base = ((size_t)seq * num_heads + head) * num_splits;
-  float big = -INFINITY;
+  float big = neg_inf();
   for (int s = 0; s < num_splits; ++s) big = fmaxf(big, part_max[base + s]);
   for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
     float num = 0.f, den = 0.f;
-    if (big != -INFINITY) {
+    if (big != neg_inf()) {
       for (int s = 0; s < num_splits; ++s) {
-        if (part_max[base + s] == -INFINITY) continue;
+        if (part_max[base + s] == neg_inf()) continue;
         const float w = part_sum[base + s] * __expf(part_max[base + s] - big);
         num += w * part_out[(base + s) * HEAD_DIM + d];
         den += w;

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import DuplicateRequestError
+from services.common.errors import DuplicateRequestError, LlmeshError
 from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
@@ -44,7 +44,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "float32"
     device: str = "cpu"
-    gpu_memory_utilization: float = 0.9  # on CUDA without num_kv_blocks: share of GPU memory used
+    # on CUDA without num_kv_blocks: share of the memory free after the weights that the
+    # KV cache (and the activations) may take
+    gpu_memory_utilization: float = 0.9
     policy: SchedulingPolicy = SchedulingPolicy()  # priorities, fairness, queue bounds
     pipeline_depth: int = 2  # steps handed to the runner ahead of their results; 1 = serial
 
@@ -215,12 +217,21 @@ class Engine:
         return [sorted(done[i], key=lambda c: c.index) for i in ids]
 
 
+class InsufficientMemoryError(LlmeshError):
+    """Not even one KV block fits in the memory left on the device."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 def gpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int) -> int:
-    """KV blocks that fit in `gpu_memory_utilization` of the GPU after the weights
-    and the activations of a profiling forward of a full token budget."""
+    """KV blocks that fit in `gpu_memory_utilization` of the device memory that is
+    *free* once the weights are loaded (so engines and executors can share a GPU),
+    less the activations of a profiling forward of a full token budget."""
     num_tokens = config.max_num_batched_tokens
     probe_blocks = -(-num_tokens // config.block_size)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     probe = ModelRunner(model, probe_blocks, config.block_size, config.device)
     probe.execute(StepPlan(step_id=0, new=[NewSequence(
@@ -229,9 +240,15 @@ def gpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int) -> int:
         block_ids=list(range(probe_blocks)))],
         scheduled=[ScheduledSequence("probe", num_tokens, probe_blocks, [])]))
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - probe_blocks * per_block
+    activations = torch.cuda.max_memory_allocated() - before - probe_blocks * per_block
     del probe
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(config.device).total_memory
-    budget = total * config.gpu_memory_utilization - peak
-    return max(1, int(budget // per_block))
+    free, total = torch.cuda.mem_get_info(torch.device(config.device))
+    budget = free * config.gpu_memory_utilization - activations
+    if budget < per_block:
+        raise InsufficientMemoryError(
+            f"no KV block fits: {free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB free on "
+            f"{config.device}, {activations / 2**30:.2f} GiB needed for activations, "
+            f"{per_block / 2**20:.1f} MiB per block; free memory, lower max_num_batched_tokens, "
+            "or set num_kv_blocks")
+    return int(budget // per_block)

@@ -1,6 +1,13 @@
-"""Every CUDA kernel compiles with nvcc for Hopper (sm_90a) and Ampere (sm_80).
+"""Every CUDA kernel compiles with NVRTC, the compiler CuPy runs on a GPU machine,
+for Ampere (compute_80) and Hopper (compute_90), and with nvcc (sm_80, sm_90a).
 
-CI has no GPU but has nvcc; a compile error fails the suite."""
+NVRTC has no host C++ headers: a source that includes one, or uses a macro of
+one (INFINITY), compiles with nvcc and fails on the first GPU request. NVRTC and
+the CUDA headers come from the `nvidia-cuda-nvrtc` / `nvidia-cuda-runtime`
+wheels (test dependencies), so this runs on machines without a GPU or a CUDA
+toolkit."""
+import ctypes
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,8 +22,62 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
                                 if Path("/usr/local/cuda/bin/nvcc").exists() else None)
 
 
+def _cuda_wheels() -> Path | None:
+    """nvidia/cu13 of the NVRTC and runtime wheels (None when not installed)."""
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations if spec else ()):
+        root = Path(base) / "cu13"
+        if list((root / "lib").glob("libnvrtc.so.*")) and (root / "include" / "cuda_fp16.h").exists():
+            return root
+    return None
+
+
+def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str, int]:
+    """(NVRTC result, its log, PTX size) for `source`: CuPy's RawModule does the same
+    (nvrtcCreateProgram, nvrtcCompileProgram with the toolkit's include directory)."""
+    root = _cuda_wheels()
+    lib = ctypes.CDLL(str(sorted((root / "lib").glob("libnvrtc.so.*"))[0]))
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0,
+                                  None, None) == 0
+    opts = [o.encode() for o in options + [f"-I{root / 'include'}"]]
+    result = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    ptx = ctypes.c_size_t(0)
+    if result == 0:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(ptx))
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return result, log.value.decode(errors="replace"), ptx.value
+
+
 def test_there_are_kernels():
     assert {p.name for p in KERNELS} >= {"paged_attention.cu", "cache_ops.cu"}
+
+
+@pytest.mark.skipif(_cuda_wheels() is None, reason="the nvidia-cuda-nvrtc / nvidia-cuda-runtime "
+                    "wheels are not installed (pip install -e '.[test]')")
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
+def test_kernel_compiles_with_nvrtc_as_cupy_runs_it(source, arch):
+    from kernels.ops import NVRTC_OPTIONS
+    result, log, ptx_size = nvrtc_compile(source.read_text(), source.name,
+                                          [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
+    assert result == 0, log
+    assert ptx_size > 0
+
+
+@pytest.mark.skipif(_cuda_wheels() is None, reason="NVRTC wheels not installed")
+def test_a_host_header_fails_the_nvrtc_compile():
+    """The check can fail: what nvcc accepted and every GPU user then hit."""
+    result, log, _ = nvrtc_compile("#include <cstdint>\n__global__ void k(int64_t* p) {}\n",
+                                   "bad.cu", ["--gpu-architecture=compute_80"])
+    assert result != 0 and "cstdint" in log
+    result, log, _ = nvrtc_compile("__global__ void k(float* p) { p[0] = -INFINITY; }\n",
+                                   "bad2.cu", ["--gpu-architecture=compute_80"])
+    assert result != 0 and "INFINITY" in log
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
