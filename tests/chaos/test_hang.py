@@ -7,12 +7,11 @@ import signal
 import threading
 import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from chaos.load import assert_all_exact, run_load, scheduler_stats
-from integration.mesh_fixture import Mesh, serving, wait_until
+from integration.mesh_fixture import Mesh, health_status, serving, wait_until
 
 STOP_S = 8.0
 
@@ -22,15 +21,6 @@ def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("hang"), observability={"tracing": "off"},
              engine={"num_kv_blocks": 512, "step_timeout_s": 2.0})
     yield from serving(m)
-
-
-def _health(port: int):
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                        timeout=1).status
-    except grpc.RpcError:
-        return None
 
 
 def test_a_stopped_executor_is_detected_and_its_requests_complete(mesh, workload):
@@ -45,7 +35,7 @@ def test_a_stopped_executor_is_detected_and_its_requests_complete(mesh, workload
     try:
         deadline = time.monotonic() + STOP_S
         while time.monotonic() < deadline:  # bounded: the stop's length
-            seen.append(_health(port))
+            seen.append(health_status(port))
             time.sleep(0.1)
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -55,4 +45,4 @@ def test_a_stopped_executor_is_detected_and_its_requests_complete(mesh, workload
     assert_all_exact(box[0], workload[2])
     after = scheduler_stats(mesh)
     assert after.num_kv_resets > before.num_kv_resets and after.num_requeued > before.num_requeued
-    assert wait_until(lambda: _health(port) == health_pb2.HealthCheckResponse.SERVING, 30)
+    assert wait_until(lambda: health_status(port) == health_pb2.HealthCheckResponse.SERVING, 30)

@@ -95,6 +95,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def health_status(port: int):
+    """A service's own gRPC health status, or None when it does not answer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2, scheduler_pb2, scheduler_pb2_grpc
-from mesh_fixture import Mesh, _alive, serving, wait_until
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mesh_fixture import Mesh, _alive, health_status, serving, wait_until
+from grpc_health.v1 import health_pb2
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -66,16 +66,6 @@ def test_two_ranks_serve_and_match_tp1_for_concurrent_requests(mesh, stub, tiny_
     assert wait_until(lambda: _stats(mesh).num_used_blocks == 0, 5)
 
 
-def _health(port: int):
-    """The scheduler's own health status, or None when it does not answer."""
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                        timeout=1).status
-    except grpc.RpcError:
-        return None
-
-
 def test_kill_one_rank_under_load_restarts_the_group_and_requests_resume(mesh, stub, tiny_model):
     """The killed rank takes the group down; the scheduler requeues what ran and
     recomputes it on the restarted group: every request completes with the tokens
@@ -113,7 +103,7 @@ def test_kill_one_rank_under_load_restarts_the_group_and_requests_resume(mesh, s
     def poll_health():  # bounded: stops when told or after 120 s
         deadline = time.monotonic() + 120
         while not stop_polling.is_set() and time.monotonic() < deadline:
-            seen.append(_health(sched_port))
+            seen.append(health_status(sched_port))
             time.sleep(0.05)
 
     started.wait()  # every request is streaming
