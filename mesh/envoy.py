@@ -38,6 +38,12 @@ def render_envoy(cfg: MeshConfig) -> dict:
         "codec_type": "AUTO",
         "stream_idle_timeout": idle,
         "http2_protocol_options": {"max_concurrent_streams": 1024},
+        # Headers past Envoy's limits reset or GOAWAY the client's connection (every
+        # stream on it fails); under these the router answers RESOURCE_EXHAUSTED for
+        # that request alone. A single header field over about 64 KB still exceeds
+        # the HTTP/2 codec's own limit.
+        "max_request_headers_kb": 1024,
+        "common_http_protocol_options": {"max_headers_count": 4000},
         "route_config": {"name": "llmesh", "virtual_hosts": [{
             "name": "llmesh", "domains": ["*"],
             "routes": [{"match": {"prefix": "/"}, "route": route}]}]},

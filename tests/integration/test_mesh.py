@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from llmesh.v1 import common_pb2, inference_pb2, scheduler_pb2, scheduler_pb2_grpc
+from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
+                       scheduler_pb2_grpc)
 from mesh_fixture import Mesh, serving, wait_until
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
@@ -225,3 +226,27 @@ def test_status_and_config_show(mesh):
     proc = mesh.cli("config", "show")
     shown = __import__("yaml").safe_load(proc.stdout)
     assert shown["engine"]["num_kv_blocks"] == 512 and shown["engine"]["block_size"] == 16
+
+
+def test_oversized_headers_fail_their_own_request_not_the_connection(mesh):
+    """2,000 headers, or a 60 KB one, are RESOURCE_EXHAUSTED for that request; a stream
+    sharing the client's connection goes on (Envoy used to GOAWAY the connection)."""
+    import threading
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        box = []
+
+        def stream():
+            req = inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(300))
+            box.append(sum(len(c.token_ids) for c in stub.Generate(req, timeout=60)))
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.3)
+        small = inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(2))
+        for metadata in ([(f"x-h{i}", "v") for i in range(2000)], [("x-big", "a" * 60_000)]):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Complete(small, timeout=10, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        t.join(60)
+        assert box == [300]
+        assert len(stub.Complete(small, timeout=10).token_ids) == 2  # the connection still works
