@@ -82,7 +82,8 @@ class AdmissionConfig:
     keys_file: str = ""  # YAML of tenants with hashed API keys; "" = open (anonymous)
     priorities: bool = True  # False: FCFS across classes and tenants
     # per class: weight, max_queued_requests, max_queued_tokens, timeout_s (default
-    # server-side deadline); overrides of services.scheduler.policy's defaults
+    # server-side deadline), ttft_budget_s (refuse what would wait longer; 0 = off);
+    # overrides of services.scheduler.policy's defaults
     classes: dict = dataclasses.field(default_factory=dict)
     aging_steps: int = 256  # a waiting request gains one class weight per this many steps
     kv_watermark: float = 0.1  # share of KV blocks new requests leave for running ones
@@ -180,7 +181,7 @@ def parse_config(raw: dict) -> MeshConfig:
     return cfg
 
 
-CLASS_FIELDS = {"weight", "max_queued_requests", "max_queued_tokens", "timeout_s"}
+CLASS_FIELDS = {"weight", "max_queued_requests", "max_queued_tokens", "timeout_s", "ttft_budget_s"}
 
 
 def _check_admission(adm: AdmissionConfig) -> None:

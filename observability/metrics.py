@@ -40,7 +40,7 @@ class RouterMetrics:
         self.in_flight = Gauge("llmesh_requests_in_flight", "Requests streaming through this router")
         # admission: reason is a fixed enum (unauthenticated, permission_denied, request_cap,
         # rate_limit_requests, rate_limit_tokens, quota_input_tokens, quota_output_tokens,
-        # exceeds_rate_limit, queue_full, deadline); tenant is a name from the keys file
+        # exceeds_rate_limit, queue_full, slo, deadline); tenant is a name from the keys file
         self.rejections = Counter("llmesh_admission_rejections",
                                   "Requests refused before any compute, by reason", ["reason"])
         self.tenant_tokens = Counter("llmesh_tenant_tokens",
@@ -75,6 +75,12 @@ class SchedulerCollector:
         yield CounterMetricFamily("llmesh_scheduler_rejections",
                                   "Requests refused by the scheduler: queue full",
                                   s.num_rejected)
+        yield CounterMetricFamily("llmesh_scheduler_slo_rejections",
+                                  "Requests refused because their predicted queue wait passed "
+                                  "their class's TTFT budget", s.num_slo_rejected)
+        yield GaugeMetricFamily("llmesh_queue_drain_tokens_per_second",
+                                "Prompt tokens the replica admits per second while requests wait",
+                                loop.drain.tokens_per_s)
         yield CounterMetricFamily("llmesh_deadline_expired_in_queue",
                                   "Requests whose deadline passed while queued (never computed)",
                                   s.num_deadline_expired)

@@ -210,7 +210,8 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {delta}")
             if delta.error:
                 if delta.error_code == "RESOURCE_EXHAUSTED":
-                    raise LimitExceededError("queue_full", delta.error, delta.retry_after_ms / 1000)
+                    raise LimitExceededError(delta.error_reason or "queue_full", delta.error,
+                                             delta.retry_after_ms / 1000)
                 code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
                 await context.abort(code, delta.error)
             served[0] += len(delta.new_token_ids)

@@ -32,6 +32,7 @@ from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.policy import QueueFullError
 from services.scheduler.scheduler import Scheduler, SeqOutput
 from services.scheduler.sequence import Sequence
+from services.scheduler.slo import DrainRate
 from services.scheduler.text_stream import TextStream
 
 log = logging.getLogger("llmesh.scheduler")
@@ -86,8 +87,9 @@ class LoopStats:
     forward_s: float = 0.0
     sample_s: float = 0.0
     comm_s: float = 0.0
-    num_rejected: int = 0  # refused at admission: queue full
+    num_rejected: int = 0  # refused at admission: queue full, or predicted past its budget
     num_deadline_expired: int = 0  # queued past their deadline, never computed
+    num_slo_rejected: int = 0  # refused because their predicted wait passed the class budget
     num_kv_resets: int = 0  # prefix cache dropped because the executors' KV was lost
     num_requeued: int = 0  # running sequences requeued by an executor failure
 
@@ -127,6 +129,8 @@ class EngineLoop:
         self.stats = LoopStats()
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
         self.token_rate = 0.0  # tokens per second computed, smoothed (retry pushback)
+        self.step_s = 0.0  # wall time per step, smoothed
+        self.drain = DrainRate(window_s=0.2)  # the queue's drain rate under backlog (SLO)
         self._in_flight: deque[_InFlight] = deque()
         self._last_result_s = 0.0
         self._wake = asyncio.Event()
@@ -160,17 +164,43 @@ class EngineLoop:
                        salt=salt, tenant=tenant, priority=priority,
                        output_token_ids=list(resume), text=text)
         try:
+            self._check_slo(priority, seq.num_tokens)
             self.scheduler.add(seq)
         except QueueFullError as e:
             self.stats.num_rejected += 1
-            queued = self.scheduler.waiting.queued_tokens.get(priority, 0)
-            # pushback: about the time the class's queued prompt tokens take to compute
-            e.retry_after_s = min(30.0, max(0.05, queued / self.token_rate if self.token_rate
-                                            else 1.0))
+            if not e.retry_after_s:
+                queued = self.scheduler.waiting.queued_tokens.get(priority, 0)
+                # pushback: about the time the class's queued prompt tokens take to compute
+                e.retry_after_s = min(30.0, max(0.05, queued / self.token_rate
+                                                if self.token_rate else 1.0))
             raise
         self.tracks[request_id] = RequestTrack(owner, now, deadline_s)
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
+
+    def _check_slo(self, priority: str, num_tokens: int) -> None:
+        """Refuse now what would wait in the queue past its class's TTFT budget.
+
+        The wait is what is queued ahead (in its class and those above) over the
+        measured drain rate. Before that is measured it is estimated from the work
+        ahead: their prompts at the token rate, plus the steps their outputs will
+        hold the running slots for (`max_tokens` each, a ceiling: EOS ends some
+        sooner) at the measured step time."""
+        waiting = self.scheduler.waiting
+        budget = waiting.policy.limits(priority).ttft_budget_s
+        if not budget or not waiting:
+            return
+        prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
+        wait = self.drain.predict_wait(prompt_ahead + num_tokens)
+        if wait is None and self.token_rate and self.step_s:
+            wait = (prompt_ahead / self.token_rate + self.step_s * decode_ahead
+                    / self.scheduler.config.max_num_seqs)
+        if wait is not None and wait > budget:
+            self.stats.num_slo_rejected += 1
+            raise QueueFullError(priority, f"predicted wait {wait:.1f}s > the class's "
+                                 f"{budget:g}s TTFT budget",
+                                 retry_after_s=min(60.0, max(0.05, wait - budget)),
+                                 reason="slo")
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
         """What the edge cannot know for sure: this replica's own limits."""
@@ -262,7 +292,10 @@ class EngineLoop:
 
     async def _submit_next(self) -> bool:
         t0 = time.perf_counter()
+        waiting = self.scheduler.waiting
+        queued_before, was_backlogged = waiting.num_queued_tokens, bool(waiting)
         plan = self.scheduler.schedule()
+        self.drain.observe(queued_before - waiting.num_queued_tokens, was_backlogged)
         if not plan.scheduled and not plan.finished_seq_ids:
             self.stats.schedule_s += time.perf_counter() - t0
             return False
@@ -317,6 +350,7 @@ class EngineLoop:
                 rate = num_tokens / since
                 self.token_rate = rate if not self.token_rate else \
                     0.9 * self.token_rate + 0.1 * rate
+                self.step_s = since if not self.step_s else 0.9 * self.step_s + 0.1 * since
             self._last_result_s = t1
         for sched in plan.scheduled:
             seq = self.scheduler.seqs.get(sched.seq_id)

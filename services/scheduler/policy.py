@@ -36,14 +36,17 @@ class ClassLimits:
     max_queued_requests: int = 256  # waiting requests of this class; 0 = unbounded
     max_queued_tokens: int = 65536  # their prompt tokens; 0 = unbounded
     timeout_s: float = 0.0  # default server-side deadline; 0 = none
+    # refuse a request whose predicted queue wait exceeds this (services/scheduler/slo.py);
+    # 0 = no SLO admission for the class
+    ttft_budget_s: float = 0.0
 
 
 def _default_classes() -> dict[str, ClassLimits]:
     return {"interactive": ClassLimits(weight=4.0, max_queued_requests=128,
-                                       max_queued_tokens=32768),
-            "standard": ClassLimits(weight=2.0),
+                                       max_queued_tokens=32768, ttft_budget_s=2.0),
+            "standard": ClassLimits(weight=2.0, ttft_budget_s=15.0),
             "batch": ClassLimits(weight=1.0, max_queued_requests=1024,
-                                 max_queued_tokens=262144)}
+                                 max_queued_tokens=262144, ttft_budget_s=600.0)}
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,16 @@ def policy_from_dict(d: dict) -> SchedulingPolicy:
 
 
 class QueueFullError(LlmeshError):
-    """A class's queue is at its bound. Maps to RESOURCE_EXHAUSTED with retry pushback."""
+    """A class's queue is at its bound, or its predicted wait past the class's TTFT
+    budget. Maps to RESOURCE_EXHAUSTED with retry pushback."""
 
     code = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, cls: str, what: str, retry_after_s: float = 0.0):
+    def __init__(self, cls: str, what: str, retry_after_s: float = 0.0, reason: str = "queue_full"):
         super().__init__(f"queue of class {cls!r} is full ({what}); retry later")
         self.cls = cls
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class WaitQueue:
@@ -94,6 +99,8 @@ class WaitQueue:
         self._count = 0
         self.depth: dict[str, int] = dict.fromkeys(CLASSES, 0)
         self.queued_tokens: dict[str, int] = dict.fromkeys(CLASSES, 0)
+        # output tokens the waiting sequences may still generate (max_tokens left, x n)
+        self.queued_decode: dict[str, int] = dict.fromkeys(CLASSES, 0)
         self._tenant_waiting: dict[str, int] = {}
         self.served: dict[str, float] = {}  # the virtual token counters
 
@@ -117,6 +124,18 @@ class WaitQueue:
                 > lim.max_queued_tokens and self.depth.get(cls, 0):
             raise QueueFullError(cls, f"{lim.max_queued_tokens} prompt tokens")
 
+    def tokens_ahead(self, cls: str) -> tuple[int, int]:
+        """(prompt tokens, output tokens still to generate) queued in `cls` and in the
+        classes that outrank it."""
+        weight = self.policy.weight(cls)
+        ahead = [c for c in self.queued_tokens if self.policy.weight(c) >= weight]
+        return (sum(self.queued_tokens[c] for c in ahead),
+                sum(self.queued_decode.get(c, 0) for c in ahead))
+
+    @property
+    def num_queued_tokens(self) -> int:
+        return sum(self.queued_tokens.values())
+
     def _enter(self, seq: Sequence) -> None:
         tenant = seq.tenant
         if not self._tenant_waiting.get(tenant):
@@ -128,12 +147,14 @@ class WaitQueue:
         self._count += 1
         self.depth[seq.priority] = self.depth.get(seq.priority, 0) + 1
         self.queued_tokens[seq.priority] = self.queued_tokens.get(seq.priority, 0) + seq.num_tokens
+        self.queued_decode[seq.priority] = self.queued_decode.get(seq.priority, 0) + _decode(seq)
 
     def _leave(self, seq: Sequence) -> None:
         self._tenant_waiting[seq.tenant] -= 1
         self._count -= 1
         self.depth[seq.priority] -= 1
         self.queued_tokens[seq.priority] -= seq.num_tokens
+        self.queued_decode[seq.priority] -= _decode(seq)
 
     def append(self, seq: Sequence) -> None:
         self._enter(seq)
@@ -181,3 +202,7 @@ class WaitQueue:
                 per_class[cls] = head
         return max(per_class.values(),
                    key=lambda s: (self.effective_priority(s, step), -s.order))
+
+
+def _decode(seq: Sequence) -> int:
+    return max(0, seq.params.max_tokens - len(seq.output_token_ids)) * seq.params.n

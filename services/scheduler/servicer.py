@@ -75,7 +75,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     retry_ms = int(getattr(e, "retry_after_s", 0.0) * 1000)
                     queue.put_nowait(scheduler_pb2.StepOutputs(deltas=[scheduler_pb2.SeqDelta(
                         request_id=add.request_id, error=str(e), error_code=e.code,
-                        retry_after_ms=retry_ms, finish_reason=common_pb2.FINISH_REASON_ABORT)]))
+                        error_reason=getattr(e, "reason", ""), retry_after_ms=retry_ms,
+                        finish_reason=common_pb2.FINISH_REASON_ABORT)]))
             elif kind == "cancel":
                 self.loop.cancel(msg.cancel.request_id)
 
@@ -95,7 +96,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             comm_s=s.comm_s, tensor_parallel=len(self.executors.addresses),
             waiting_by_class=sched.waiting.depth, num_rejected=s.num_rejected,
             num_deadline_expired=s.num_deadline_expired, num_kv_resets=s.num_kv_resets,
-            num_requeued=s.num_requeued, pipeline_depth=self.loop.pipeline_depth,
+            num_requeued=s.num_requeued, num_slo_rejected=s.num_slo_rejected,
+            pipeline_depth=self.loop.pipeline_depth,
             num_plan_messages=self.executors.num_plan_messages,
             num_result_messages=self.executors.num_result_messages)
 

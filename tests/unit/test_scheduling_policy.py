@@ -12,9 +12,13 @@ from services.scheduler.sequence import FinishReason
 
 
 def _engine(tiny_model, policy=SchedulingPolicy(), **kw):
+    """These runs overload the engine on purpose: SLO admission (its own test) is off."""
     cfg = dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=64, max_num_seqs=4)
     cfg.update(kw)
-    return Engine(tiny_model, EngineConfig(policy=policy, **cfg))
+    classes = {name: dataclasses.replace(lim, ttft_budget_s=0.0)
+               for name, lim in policy.classes.items()}
+    return Engine(tiny_model, EngineConfig(policy=dataclasses.replace(policy, classes=classes),
+                                           **cfg))
 
 
 def _params(max_tokens):
