@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ class Engine:
         self.stats = StepStats()
         self._aio = asyncio.new_event_loop()
         self._rng = random.Random()
+        # the worker thread and the event loop go with the engine, closed or not
+        self._finalizer = weakref.finalize(self, _release, self.executor, self._aio)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
@@ -139,8 +142,7 @@ class Engine:
         return cls(load_model(model_dir, config.dtype, config.device), config, tokenizer)
 
     def close(self) -> None:
-        self.executor.close()
-        self._aio.close()
+        self._finalizer()
 
     # ---- requests -----------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams = SamplingParams(),
@@ -215,6 +217,11 @@ class Engine:
                         tokens.pop(key), out.finish_reason.value, out.num_cached_tokens,
                         logprobs.pop(key), "".join(texts.pop(key))))
         return [sorted(done[i], key=lambda c: c.index) for i in ids]
+
+
+def _release(executor: InProcessExecutor, aio: asyncio.AbstractEventLoop) -> None:
+    executor.close()
+    aio.close()
 
 
 class InsufficientMemoryError(LlmeshError):
