@@ -90,7 +90,8 @@ class Dispatcher:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(r.run()) for r in self.replicas]
+        self._tasks = [asyncio.ensure_future(task) for r in self.replicas
+                       for task in (r.run(), r.watch_health())]
 
     @property
     def is_ready(self) -> bool:
@@ -155,7 +156,7 @@ class Dispatcher:
     async def cancel(self, route: Route) -> None:
         """The client went away: free the request upstream now."""
         replica = route.replica
-        if replica is not None and route.request_id in replica.in_flight and replica.is_ready:
+        if replica is not None and route.request_id in replica.in_flight and replica.is_connected:
             await replica.send(scheduler_pb2.RouterMessage(
                 cancel=scheduler_pb2.CancelRequest(request_id=route.request_id)))
 

@@ -6,13 +6,17 @@ import logging
 
 import grpc
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("llmesh.router")
 
 
 class Replica:
-    """One scheduler: a Connect stream carrying adds / cancels up and StepOutputs down."""
+    """One scheduler: a Connect stream carrying adds / cancels up and StepOutputs down,
+    and a health watch. It is *ready* for new requests only while both the stream is
+    up and the scheduler says SERVING (its executors answer)."""
 
     def __init__(self, name: str, address: str, on_outputs, on_lost):
         self.name = name
@@ -21,11 +25,30 @@ class Replica:
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.info: scheduler_pb2.ReplicaInfo | None = None
         self.in_flight: set[str] = set()
-        self.is_ready = False
+        self.is_connected = False  # the Connect stream is up
+        self.is_serving = False  # the scheduler's own health
         self._call = None
         self._write_lock = asyncio.Lock()  # one write at a time on a stream
         self._on_outputs = on_outputs  # (replica, StepOutputs), never blocks
         self._on_lost = on_lost  # (replica, request_ids, reason)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.is_connected and self.is_serving
+
+    async def watch_health(self) -> None:
+        """Follow the scheduler's health (NOT_SERVING while its executors are down or
+        hung), so the router routes by it and not by the stream alone."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:
+                async for resp in stub.Watch(health_pb2.HealthCheckRequest(),
+                                             wait_for_ready=True):
+                    self.is_serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                pass
+            self.is_serving = False
+            await asyncio.sleep(0.2)
 
     async def run(self) -> None:
         """Connect, read StepOutputs until the stream breaks, reconnect with backoff."""
@@ -35,7 +58,7 @@ class Replica:
                 self.info = await self.stub.GetInfo(scheduler_pb2.GetInfoRequest(),
                                                     wait_for_ready=True, timeout=30)
                 self._call = self.stub.Connect(wait_for_ready=True)
-                self.is_ready = True
+                self.is_connected = True
                 backoff = 0.1
                 async for outputs in self._call:
                     self._on_outputs(self, outputs)
@@ -49,7 +72,7 @@ class Replica:
                 reason = f"scheduler stream failed ({e!r})"
             if self._call is not None:
                 self._call.cancel()
-            self.is_ready = False
+            self.is_connected = False
             lost, self.in_flight = self.in_flight, set()
             if lost:
                 log.warning("replica %s lost with %d requests: %s", self.name, len(lost), reason)
@@ -60,7 +83,7 @@ class Replica:
     async def send(self, msg: scheduler_pb2.RouterMessage) -> bool:
         """False when the stream is gone (the reader reports the loss)."""
         async with self._write_lock:
-            if self._call is None or self._call.done() or not self.is_ready:
+            if self._call is None or self._call.done() or not self.is_connected:
                 return False
             try:
                 await self._call.write(msg)
