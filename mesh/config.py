@@ -26,6 +26,9 @@ class EngineLimits:
     device: str = "cpu"
     pipeline_depth: int = 2  # steps sent to the executors ahead of their results; 1 = serial
     step_timeout_s: float = 30.0  # a step without a result this long: the executor is hung
+    probe_interval_s: float = 30.0  # known-answer probes (0 = none)
+    probe_timeout_s: float = 10.0  # a probe answered later than this fails
+    test_corrupt_after_steps: int = 0  # tests only: executors answer wrong after this many steps
     bench_step_ms: float = 0.0  # benchmark only: executors sleep this long per step, no model
 
 

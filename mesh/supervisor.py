@@ -99,7 +99,8 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
                 "services.executor", "--port", str(port), "--model", model_dir,
                 "--dtype", e.dtype, "--device", e.device, "--num-kv-blocks", str(e.num_kv_blocks),
                 "--block-size", str(e.block_size), "--threads", str(threads),
-                "--bench-step-ms", str(e.bench_step_ms)] + dist, port,
+                "--bench-step-ms", str(e.bench_step_ms),
+                "--test-corrupt-after-steps", str(e.test_corrupt_after_steps)] + dist, port,
                 group=f"executors-{r}" if tp > 1 else ""))
         specs.append(ProcSpec(f"scheduler-{r}", py + [
             "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
@@ -111,6 +112,8 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--max-num-seqs", str(e.max_num_seqs), "--pipeline-depth", str(e.pipeline_depth),
             "--step-timeout-s", str(e.step_timeout_s),
+            "--probe-interval-s", str(e.probe_interval_s),
+            "--probe-timeout-s", str(e.probe_timeout_s),
             "--admission", admission]
             + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
         schedulers.append(f"127.0.0.1:{ports.scheduler}")

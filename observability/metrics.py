@@ -52,8 +52,9 @@ class RouterMetrics:
 class SchedulerCollector:
     """Engine state read from the scheduler's loop when Prometheus scrapes."""
 
-    def __init__(self, loop):
+    def __init__(self, loop, prober=None):
         self.loop = loop
+        self.prober = prober
 
     def collect(self):
         loop = self.loop
@@ -101,6 +102,13 @@ class SchedulerCollector:
                                   "Running sequences put back in the queue when the executor "
                                   "group failed, to be recomputed", s.num_requeued)
         yield CounterMetricFamily("llmesh_engine_steps", "Engine steps run", s.num_steps)
+        if self.prober is not None:
+            yield CounterMetricFamily("llmesh_probe_failures",
+                                      "Known-answer probes answered wrong or late",
+                                      self.prober.num_failures)
+            yield GaugeMetricFamily("llmesh_replica_ejected",
+                                    "1 while the last known-answer probe failed",
+                                    1 if self.prober.is_ejected else 0)
         phases = CounterMetricFamily("llmesh_step_phase_seconds",
                                      "Time spent in each phase of the engine steps", labels=["phase"])
         for phase in ("schedule", "executor_rpc", "forward", "sample", "comm"):
@@ -132,8 +140,8 @@ def tokenizer_requests() -> Counter:
     return Counter("llmesh_tokenizer_requests", "Tokenizer calls by method", ["method"])
 
 
-def register_scheduler(loop) -> None:
-    REGISTRY.register(SchedulerCollector(loop))
+def register_scheduler(loop, prober=None) -> None:
+    REGISTRY.register(SchedulerCollector(loop, prober))
 
 
 class KVCacheCollector:

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks of the replica")
     p.add_argument("--dist-addr", default="", help="rank 0's rendezvous HOST:PORT (world size > 1)")
     p.add_argument("--dist-timeout-s", type=float, default=60.0)
+    p.add_argument("--test-corrupt-after-steps", type=int, default=0,
+                   help="tests only: after this many sampling steps, sampled tokens are wrong")
     p.add_argument("--bench-step-ms", type=float, default=0.0,
                    help="benchmark only: a model whose forward sleeps this long, instead of "
                         "the checkpoint's (measures what the mesh adds per step)")
@@ -64,7 +66,8 @@ async def main(args) -> None:
         model = SleepModel(load_model_config(args.model), args.bench_step_ms / 1000)
     else:
         model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
-    servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, device)
+    servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, device,
+                                  test_corrupt_after_steps=args.test_corrupt_after_steps)
     await service.set_serving(True)
     await service.wait_for_termination()
 

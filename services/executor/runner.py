@@ -34,7 +34,11 @@ class SeqState:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", backend=None):
+                 device: torch.device | str = "cpu", backend=None,
+                 test_corrupt_after_steps: int = 0):
+        """`test_corrupt_after_steps` (tests only): after that many sampling steps every
+        sampled token is off by one, a silently broken replica for the known-answer
+        probe to catch."""
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -51,6 +55,8 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
+        self.test_corrupt_after_steps = test_corrupt_after_steps
+        self._num_sampling_steps = 0
         # drawn with the KV memory: a scheduler that sees it change knows the blocks are new
         self.kv_epoch = secrets.randbits(63) or 1
         # one step at a time: a step whose stream was cancelled may still be running
@@ -173,6 +179,9 @@ class ModelRunner:
         else:  # rank 0 holds the full logits and samples; every rank appends its tokens
             tokens, logprobs = sample(logits, rows) if self.tp.rank == 0 else (None, [None] * len(rows))
             tokens = self.tp.broadcast_tokens(tokens, len(rows), self.device)
+        self._num_sampling_steps += 1
+        if 0 < self.test_corrupt_after_steps < self._num_sampling_steps:
+            tokens = [(t + 1) % self.config.vocab_size for t in tokens]
         for seq, token, lp in zip(owners, tokens, logprobs):
             result.sampled.setdefault(seq.seq_id, []).append(token)
             if lp is not None:

@@ -214,6 +214,9 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                                              delta.retry_after_ms / 1000)
                 code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
                 await context.abort(code, delta.error)
+            if delta.finish_reason == common_pb2.FINISH_REASON_ERROR and not delta.new_token_ids \
+                    and await self.dispatcher.migrate(route, streamed, "the replica failed it"):
+                continue  # (a replica that failed or ejected itself: the request moves)
             served[0] += len(delta.new_token_ids)
             streamed.extend(delta.new_token_ids)
             finish = delta.finish_reason

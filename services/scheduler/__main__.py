@@ -21,6 +21,7 @@ from services.scheduler.kv_publisher import KVPublisher
 from services.scheduler.loop import EngineLoop, ExecutorFailed
 from services.scheduler.policy import policy_from_dict
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler import probe
 from services.scheduler.servicer import OutputHub, SchedulerServicer
 
 log = logging.getLogger("llmesh.scheduler")
@@ -47,6 +48,13 @@ def parse_args(argv=None):
                         "a hung executor: the replica goes NOT_SERVING and recovers (0 = never)")
     p.add_argument("--executor-recovery-s", type=float, default=60.0,
                    help="how long queued requests wait for a failed executor group to return")
+    p.add_argument("--probe-interval-s", type=float, default=30.0,
+                   help="seconds between known-answer probes (0 = none)")
+    p.add_argument("--probe-timeout-s", type=float, default=10.0,
+                   help="a probe answer later than this fails it")
+    p.add_argument("--probe-expected", default="",
+                   help="the probe's known answer as a JSON list of token ids "
+                        "(default: what the first probe answers)")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
     return p.parse_args(argv)
 
@@ -67,33 +75,64 @@ async def main(args) -> None:
     hub = OutputHub()
     publisher = KVPublisher(args.kvcache, args.replica_name, events, kv)
     step_hist = step_histogram()
+    probe_outputs: asyncio.Queue = asyncio.Queue()
 
     def after_step(seconds: float) -> None:
         step_hist.observe(seconds)
         publisher.notify()
 
-    loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=hub.emit,
+    def emit(owner: str, items) -> None:
+        if owner == probe.OWNER:
+            for out, _ in items:
+                probe_outputs.put_nowait(out)
+        else:
+            hub.emit(owner, items)
+
+    loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=emit,
                       tokenizer=TextTokenizer(args.model), model=args.model_name or mc.model_type,
                       pipeline_depth=args.pipeline_depth, step_timeout_s=args.step_timeout_s,
                       observe_step=after_step)
-    register_scheduler(loop)
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,
         num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
     service = Service("scheduler", args.port)
+    health = ReplicaHealth(service)
+    prober = probe.KnownAnswerProbe(
+        loop, probe_outputs, lambda ok: health.set(probe=ok), mc.vocab_size,
+        interval_s=args.probe_interval_s, timeout_s=args.probe_timeout_s,
+        expected=json.loads(args.probe_expected) if args.probe_expected else None)
+    register_scheduler(loop, prober)
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                SchedulerServicer(loop, hub, executors, info), "llmesh.v1.Scheduler")
+                SchedulerServicer(loop, hub, executors, info, prober), "llmesh.v1.Scheduler")
     await service.start()
     tasks = [asyncio.ensure_future(publisher.run()),
-             asyncio.ensure_future(_drive(loop, executors, service, info, publisher.notify,
+             asyncio.ensure_future(_drive(loop, executors, health, info, publisher.notify,
                                           args.executor_recovery_s))]
+    if args.probe_interval_s:
+        tasks.append(asyncio.ensure_future(prober.run(lambda: health.executors_ok)))
     await service.wait_for_termination()
     for task in tasks:
         task.cancel()
 
 
-async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
+class ReplicaHealth:
+    """SERVING while the executors answer and the known-answer probe passes."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.executors_ok = False
+        self.probe_ok = True
+
+    async def set(self, executors: bool | None = None, probe: bool | None = None) -> None:
+        if executors is not None:
+            self.executors_ok = executors
+        if probe is not None:
+            self.probe_ok = probe
+        await self.service.set_serving(self.executors_ok and self.probe_ok)
+
+
+async def _drive(loop: EngineLoop, executors: ExecutorGroup, health: ReplicaHealth,
                  info: scheduler_pb2.ReplicaInfo, kv_changed, recovery_s: float) -> None:
     """Run the engine loop; when the executor group fails, go NOT_SERVING, put
     the running requests back in the queue (they resume from their tokens so far
@@ -131,19 +170,19 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, service: Service,
                         executors.capacity)
             loop.kv.limit_blocks(executors.capacity)
             info.num_kv_blocks = executors.capacity
-        await service.set_serving(True)
+        await health.set(executors=True)
         watch = asyncio.ensure_future(executors.watch(loop.wake))
         try:
             await loop.run()
         except ExecutorFailed as e:
             log.error("executor group failed: %s; requeueing running requests", e)
-            await service.set_serving(False)
+            await health.set(executors=False)
             # a failed step may have half-written blocks, and a rank that dies takes its
             # KV with it: nothing cached survives
             loop.invalidate_kv(f"executor group failed: {e}")
         except Exception:  # a bug: never leave requests hanging on a dead loop
             log.exception("engine loop failed; failing in-flight requests and restarting it")
-            await service.set_serving(False)
+            await health.set(executors=False)
             loop.invalidate_kv("engine loop failed", requeue=False)
         finally:
             watch.cancel()

@@ -10,6 +10,7 @@ from services.common import convert
 from services.common.errors import LlmeshError
 from services.scheduler.executor_client import ExecutorGroup
 from services.scheduler.loop import EngineLoop, FinishedInfo
+from services.scheduler.probe import KnownAnswerProbe
 from services.scheduler.scheduler import SeqOutput
 
 
@@ -30,11 +31,12 @@ class OutputHub:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, loop: EngineLoop, hub: OutputHub, executors: ExecutorGroup,
-                 info: scheduler_pb2.ReplicaInfo):
+                 info: scheduler_pb2.ReplicaInfo, prober: KnownAnswerProbe):
         self.loop = loop
         self.hub = hub
         self.executors = executors
         self.info = info
+        self.prober = prober
         self._owner_ids = itertools.count()
         self._rng = random.Random()
 
@@ -97,6 +99,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             waiting_by_class=sched.waiting.depth, num_rejected=s.num_rejected,
             num_deadline_expired=s.num_deadline_expired, num_kv_resets=s.num_kv_resets,
             num_requeued=s.num_requeued, num_slo_rejected=s.num_slo_rejected,
+            num_probes=self.prober.num_probes, num_probe_failures=self.prober.num_failures,
+            is_ejected=self.prober.is_ejected,
             pipeline_depth=self.loop.pipeline_depth,
             num_plan_messages=self.executors.num_plan_messages,
             num_result_messages=self.executors.num_result_messages)
