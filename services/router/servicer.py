@@ -263,14 +263,20 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             enc.text = request.prompt
         return list((await self._encode(enc, context)).token_ids)
 
-    async def _encode(self, enc, context):
-        try:
-            return await self.tokenizer.Encode(enc, timeout=30)
-        except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code not in (grpc.StatusCode.INVALID_ARGUMENT,):
-                code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"tokenizer: {e.details()}")
+    async def _encode(self, enc, context, attempts: int = 3):
+        """Encode through the tokenizer. Encoding has no side effects, so a call the
+        tokenizer's death cut off is made again (it waits for the restarted one)."""
+        for attempt in range(attempts):
+            try:
+                return await self.tokenizer.Encode(enc, timeout=30, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    await asyncio.sleep(0.1)
+                    continue
+                if code != grpc.StatusCode.INVALID_ARGUMENT:
+                    code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"tokenizer: {e.details()}")
 
 
 def _reason(e: LlmeshError) -> str:

@@ -27,6 +27,23 @@ def make_workload(tiny_model):
     return prompts, params, expect
 
 
+def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8):
+    """Text prompts (each goes through the tokenizer's Encode); per prompt the status
+    and the tokens."""
+    def call(prompt):
+        req = inference_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        try:
+            with grpc.insecure_channel(mesh.endpoint) as ch:
+                out = inference_pb2_grpc.InferenceStub(ch).Complete(req, timeout=60)
+            return "ok", list(out.token_ids)
+        except grpc.RpcError as e:
+            return e.code(), []
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(call, prompts))
+
+
 def run_load(mesh, workload, concurrency=8):
     """Every request once; per request ("ok", tokens) or (status, tokens so far, last chunk)."""
     prompts, params, _ = workload

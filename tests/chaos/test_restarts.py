@@ -10,7 +10,8 @@ import time
 import grpc
 import pytest
 
-from chaos.load import assert_all_exact, replica_serving, run_load, scheduler_stats
+from chaos.load import (assert_all_exact, replica_serving, run_load, run_text_load,
+                        scheduler_stats)
 from integration.mesh_fixture import Mesh, serving, wait_until
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
 
@@ -63,6 +64,23 @@ def test_scheduler_kill_loses_nothing_and_changes_nothing(mesh, workload):
     assert_all_exact(results, workload[2])
     assert wait_until(lambda: replica_serving(mesh), 30)
     assert_all_exact(run_load(mesh, workload), workload[2])
+
+
+def test_tokenizer_kill_loses_nothing(mesh):
+    """Encoding has no side effects: a call the tokenizer's death cuts off is made
+    again, against the restarted tokenizer."""
+    prompts = [f"The lighthouse keeper number {i} climbed the stairs" for i in range(40)]
+    expect = run_text_load(mesh, prompts)
+    assert all(status == "ok" for status, _ in expect)
+    pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
+    box = []
+    load = threading.Thread(target=lambda: box.append(run_text_load(mesh, prompts * 3)))
+    load.start()
+    time.sleep(0.5)
+    os.kill(pids["tokenizer-0"], signal.SIGKILL)
+    load.join(120)
+    assert not load.is_alive(), "the load hung"
+    assert box[0] == expect * 3
 
 
 def _match(mesh, tokens) -> dict:
