@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from llmesh.v1 import scheduler_pb2
 from observability.metrics import router_metrics
+from services.router.breaker import BROKEN, CircuitBreaker
 from services.router.core import ReplicaLoad, pick_replica
 from services.router.replicas import Replica
 
@@ -82,7 +83,8 @@ class Route:
 class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
                  replica_wait_s: float = 30.0):
-        self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost)
+        self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost,
+                                 CircuitBreaker())
                          for i, a in enumerate(scheduler_addresses)]
         self.max_migrations = max_migrations
         self.replica_wait_s = replica_wait_s
@@ -98,7 +100,7 @@ class Dispatcher:
         return any(r.is_ready for r in self.replicas)
 
     def pick(self) -> Replica | None:
-        name = pick_replica([ReplicaLoad(r.name, r.is_ready, len(r.in_flight))
+        name = pick_replica([ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight))
                              for r in self.replicas])
         return next((r for r in self.replicas if r.name == name), None)
 
@@ -130,6 +132,7 @@ class Dispatcher:
         the replica's loss (the request's inbox hears of it)."""
         route.replica = replica
         replica.in_flight.add(route.request_id)
+        replica.breaker.on_sent()
         if not await replica.send(scheduler_pb2.RouterMessage(add=add or route.add)):
             replica.in_flight.discard(route.request_id)
             self._lost(route.request_id, f"{replica.name}: stream to the scheduler broke")
@@ -137,6 +140,7 @@ class Dispatcher:
     async def migrate(self, route: Route, streamed: list[int], reason: str) -> bool:
         """Resubmit after `reason` took its replica: prompt + `streamed` output
         tokens. False when it may not move (n > 1, too many moves, no replica)."""
+        self.record(route, BROKEN)
         if route.add.sampling.n != 1 or route.num_migrations >= self.max_migrations:
             return False
         route.replica.in_flight.discard(route.request_id)
@@ -152,6 +156,17 @@ class Dispatcher:
         add.resume_token_ids[:] = streamed
         await self.submit(route, replica, add)
         return True
+
+    def record(self, route: Route, outcome: str) -> None:
+        """What the request's replica did with it, for the replica's circuit breaker."""
+        replica = route.replica
+        if replica is None:
+            return
+        opened = replica.breaker.num_opened
+        replica.breaker.record(outcome)
+        if replica.breaker.num_opened > opened:
+            log.warning("replica %s: circuit breaker open (error rate %.1f%%): no new requests "
+                        "until a trial succeeds", replica.name, 100 * replica.breaker.error_rate)
 
     async def cancel(self, route: Route) -> None:
         """The client went away: free the request upstream now."""

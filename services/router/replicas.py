@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.router.breaker import CircuitBreaker
 
 log = logging.getLogger("llmesh.router")
 
@@ -18,8 +19,9 @@ class Replica:
     and a health watch. It is *ready* for new requests only while both the stream is
     up and the scheduler says SERVING (its executors answer)."""
 
-    def __init__(self, name: str, address: str, on_outputs, on_lost):
+    def __init__(self, name: str, address: str, on_outputs, on_lost, breaker: CircuitBreaker):
         self.name = name
+        self.breaker = breaker
         self.address = address
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
@@ -35,6 +37,10 @@ class Replica:
     @property
     def is_ready(self) -> bool:
         return self.is_connected and self.is_serving
+
+    def takes_requests(self) -> bool:
+        """Ready, and its circuit breaker lets a new request through."""
+        return self.is_ready and self.breaker.allows()
 
     async def watch_health(self) -> None:
         """Follow the scheduler's health (NOT_SERVING while its executors are down or
@@ -59,6 +65,7 @@ class Replica:
                                                     wait_for_ready=True, timeout=30)
                 self._call = self.stub.Connect(wait_for_ready=True)
                 self.is_connected = True
+                self.breaker.reset()  # a new scheduler (or stream): judged afresh
                 backoff = 0.1
                 async for outputs in self._call:
                     self._on_outputs(self, outputs)

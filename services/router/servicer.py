@@ -18,6 +18,7 @@ from services.common.errors import (InvalidRequestError, LimitExceededError, Llm
 from services.common.sampling_params import validate_request
 from services.common.server import abort_with
 from services.router.admission import Admission, Ticket
+from services.router.breaker import BUSY, OK
 from services.router.dispatch import Dispatcher, Route, coalesce
 from services.router.limits import MemoryLimiter
 from services.router.tenants import TenantDirectory
@@ -210,6 +211,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {delta}")
             if delta.error:
                 if delta.error_code == "RESOURCE_EXHAUSTED":
+                    self.dispatcher.record(route, BUSY)  # load, not a broken replica
                     raise LimitExceededError(delta.error_reason or "queue_full", delta.error,
                                              delta.retry_after_ms / 1000)
                 code = getattr(grpc.StatusCode, delta.error_code, grpc.StatusCode.INTERNAL)
@@ -231,6 +233,9 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 yield resp
                 continue
             unfinished.discard(delta.index)
+            if not unfinished and finish in (common_pb2.FINISH_REASON_STOP,
+                                             common_pb2.FINISH_REASON_LENGTH):
+                self.dispatcher.record(route, OK)
             resp.usage.CopyFrom(delta.usage)
             resp.timings.CopyFrom(delta.timings)
             if finish == common_pb2.FINISH_REASON_DEADLINE:
