@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     new = keys.add_parser("new", help="make a key and print it with its hash for the keys file")
     new.add_argument("--json", action="store_true")
 
+    from mesh.deadletters_cli import add_parser as add_deadletters_parser
+    add_deadletters_parser(sub)
+
     from benchmarks.commands import add_bench_parsers
     add_bench_parsers(sub)
 
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             from mesh.commands import cmd_keys_new
             return cmd_keys_new(args)
+        if args.command == "deadletters":
+            from mesh.deadletters_cli import cmd_deadletters
+            return cmd_deadletters(args)
         if args.command == "model":
             from mesh.default_model import make_tiny
             print(make_tiny(args.dir, args.preset))

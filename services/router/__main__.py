@@ -11,6 +11,7 @@ from llmesh.v1 import inference_pb2
 from observability import telemetry
 from services.common.server import Service
 from services.router.admission import Admission
+from services.router.deadletters import dead_letters_from
 from services.router.dispatch import Dispatcher
 from services.router.servicer import Inference
 
@@ -21,8 +22,9 @@ async def main(args) -> None:
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
     dispatcher = Dispatcher(args.schedulers.split(","), max_migrations=args.max_migrations,
                             replica_wait_s=args.replica_wait_s)
-    inference = Inference(channel, dispatcher, args.model_name,
-                          Admission.from_dict(json.loads(args.admission)))
+    admission = json.loads(args.admission)
+    inference = Inference(channel, dispatcher, args.model_name, Admission.from_dict(admission),
+                          dead_letters_from(admission))
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
     await service.start()

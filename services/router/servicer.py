@@ -19,6 +19,7 @@ from services.common.sampling_params import validate_request
 from services.common.server import abort_with
 from services.router.admission import Admission, Ticket
 from services.router.breaker import BUSY, OK
+from services.router.deadletters import DeadLetters, make_entry
 from services.router.dispatch import Dispatcher, Route, coalesce
 from services.router.limits import MemoryLimiter
 from services.router.tenants import TenantDirectory
@@ -32,7 +33,8 @@ log = logging.getLogger("llmesh.router")
 
 class Inference(inference_pb2_grpc.InferenceServicer):
     def __init__(self, tokenizer_channel: grpc.aio.Channel, dispatcher: Dispatcher,
-                 model_name: str, admission: Admission | None = None):
+                 model_name: str, admission: Admission | None = None,
+                 dead_letters: DeadLetters | None = None):
         """`tokenizer_channel` serves Encode and chat templates (a traced hop); text
         comes back from the replicas with their tokens, through `dispatcher`."""
         self.model_name = model_name
@@ -41,6 +43,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         self._rng = random.Random()
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
         self.dispatcher = dispatcher
+        self.dead_letters = dead_letters or DeadLetters()
 
     @property
     def replicas(self):
@@ -173,8 +176,12 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         refused = False
         try:
             await self.dispatcher.submit(route, replica)
+            def dead_letter(reason: str) -> None:  # fired and forgotten
+                entry = make_entry(request_id, reason, tenant.name, tenant.log_inputs,
+                                   request.model or self.model_name, cls, params, prompt)
+                self._background(self.dead_letters.add(entry))
             async for response in self._stream(route, upstream_open, queue, context,
-                                               served, partial_ok):
+                                               served, partial_ok, dead_letter):
                 yield response
         except LimitExceededError as e:  # the replica's queue is full: nothing was computed
             refused = True
@@ -188,12 +195,15 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 metrics.tenant_tokens.labels(tenant.name, "prompt").inc(len(prompt))
                 metrics.tenant_tokens.labels(tenant.name, "output").inc(served[0])
             # settled in the background: this may run in a cancelled handler
-            task = asyncio.ensure_future(adm.give_back(ticket) if refused
-                                         else adm.settle(ticket, served[0]))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._background(adm.give_back(ticket) if refused else adm.settle(ticket, served[0]))
 
-    async def _stream(self, route: Route, upstream_open, queue, context, served, partial_ok):
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _stream(self, route: Route, upstream_open, queue, context, served, partial_ok,
+                      dead_letter):
         request_id = route.request_id
         unfinished = set(upstream_open)
         pending: deque = deque()
@@ -206,6 +216,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 pending.clear()  # (nothing else can come from it)
                 if await self.dispatcher.migrate(route, streamed, delta):
                     continue
+                dead_letter(f"replica lost: {delta}")
                 yield inference_pb2.GenerateResponse(
                     request_id=request_id, incomplete=True, incomplete_reason=delta)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {delta}")
@@ -239,6 +250,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             resp.usage.CopyFrom(delta.usage)
             resp.timings.CopyFrom(delta.timings)
             if finish == common_pb2.FINISH_REASON_DEADLINE:
+                dead_letter("deadline exceeded")
                 resp.incomplete, resp.incomplete_reason = True, "deadline exceeded"
                 if not delta.usage.completion_tokens:  # still queued: never computed
                     router_metrics().rejections.labels("deadline").inc()
@@ -249,6 +261,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                     continue
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             if finish in (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR):
+                dead_letter("failed by the replica")
                 resp.incomplete, resp.incomplete_reason = True, "aborted by the server"
                 yield resp
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "request aborted by the replica")

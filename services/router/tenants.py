@@ -47,6 +47,7 @@ class TenantPolicy:
     requests_per_minute: float = 0.0             # token-bucket rate limits; 0 = unlimited
     tokens_per_minute: float = 0.0               # counts prompt + max_tokens*n at admission
     prefix_cache_group: str = ""                 # same group = shared cached prefixes; "" = the tenant alone
+    log_inputs: bool = True                      # False: dead letters keep no prompt tokens
 
     def may_use_model(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -83,8 +84,8 @@ def hash_key(key: str) -> str:
 
 _INT_FIELDS = ("max_prompt_tokens", "max_output_tokens", "input_tokens_per_window", "output_tokens_per_window")
 _FLOAT_FIELDS = ("requests_per_minute", "tokens_per_minute")
-_KNOWN_FIELDS = frozenset(("keys", "models", "classes", "default_class", "quota_window_s", "prefix_cache_group")
-                          + _INT_FIELDS + _FLOAT_FIELDS)
+_KNOWN_FIELDS = frozenset(("keys", "models", "classes", "default_class", "quota_window_s", "prefix_cache_group",
+                           "log_inputs") + _INT_FIELDS + _FLOAT_FIELDS)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -179,6 +180,10 @@ def _parse_tenant(name: Any, spec: Any) -> tuple[TenantPolicy, list[str]]:
         if not isinstance(v, str):
             raise TenantConfigError(f"tenant {name!r}: prefix_cache_group must be a string, got {v!r}")
         kwargs["prefix_cache_group"] = v
+    if "log_inputs" in spec:
+        if not isinstance(spec["log_inputs"], bool):
+            raise TenantConfigError(f"tenant {name!r}: log_inputs must be true or false")
+        kwargs["log_inputs"] = spec["log_inputs"]
     return TenantPolicy(**kwargs), hashes
 
 
