@@ -386,6 +386,7 @@ class EngineLoop:
 
     def _deliver(self, outputs: list[SeqOutput]) -> None:
         by_owner: dict[str, list] = {}
+        finished: dict[str, int] = {}
         now = time.time()
         spans = self.spans if self.spans.active else None
         for out in outputs:
@@ -406,10 +407,13 @@ class EngineLoop:
             by_owner.setdefault(track.owner, []).append((out, info))
             if out.finish_reason is not None:
                 track.finish_reasons.append(out.finish_reason.value)
-                if not self.scheduler.has_request(out.request_id):
-                    del self.tracks[out.request_id]
-                    if spans is not None:
-                        spans.finish(out.request_id, track.finish_reasons, out.num_cached_tokens)
+                finished[out.request_id] = out.num_cached_tokens
+        # (after every output: sequences of one request can finish in the same step)
+        for request_id, num_cached in finished.items():
+            if not self.scheduler.has_request(request_id):
+                track = self.tracks.pop(request_id)
+                if spans is not None:
+                    spans.finish(request_id, track.finish_reasons, num_cached)
         if self.emit is not None:
             for owner, items in by_owner.items():
                 self.emit(owner, items)

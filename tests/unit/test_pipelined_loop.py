@@ -111,3 +111,45 @@ def test_the_pipelined_engine_plans_ahead_and_wastes_no_step_on_length(tiny_mode
     assert got.finish_reason == "stop" and stop not in got.text
     assert ref.text.startswith(got.text)
     assert not engine.runner.seqs and engine.kv.pool.num_used == 0
+
+
+@pytest.mark.parametrize("n,max_tokens", [(2, 4), (3, 3), (2, 9)])
+def test_every_sequence_reaches_its_owner(tiny_model, n, max_tokens):
+    """What the scheduler service streams (`emit`) holds every sequence of an n > 1
+    request to its end, also when several finish in the same step (the request's
+    track must outlive all of their outputs)."""
+    import asyncio
+    from services.engine.engine import InProcessExecutor
+    from services.executor.runner import ModelRunner
+    from services.scheduler.kv_manager import KVCacheManager
+    from services.scheduler.loop import EngineLoop
+    from services.scheduler.scheduler import Scheduler, SchedulerConfig
+    params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, seed=5, ignore_eos=True)
+    prompt = [1, 50, 60, 70]
+    expected = [c.token_ids for c in Engine(tiny_model).generate([prompt], params)[0]]
+    kv = KVCacheManager(64, 16, True)
+    sched = Scheduler(SchedulerConfig(max_model_len=256, max_num_batched_tokens=512,
+                                      max_num_seqs=16, eos_token_ids=()), kv)
+    executor = InProcessExecutor(ModelRunner(tiny_model, 64, 16))
+    got: dict[int, list[int]] = {}
+    finished: list[int] = []
+
+    def emit(owner, items):
+        for out, info in items:
+            got.setdefault(out.index, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                assert info is not None
+                finished.append(out.index)
+    loop = EngineLoop(sched, executor, tiny_model.config.vocab_size, emit=emit)
+
+    async def run():
+        loop.add("r", prompt, params, "router-0", seed=5)
+        while loop.has_work:
+            await loop.step()
+    try:
+        asyncio.run(run())
+    finally:
+        executor.close()
+    assert sorted(finished) == list(range(n))
+    assert [got[i] for i in range(n)] == expected
+    assert not loop.tracks
