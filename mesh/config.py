@@ -104,11 +104,13 @@ class MeshConfig:
     replicas: int = 1
     routers: int = 1
     tokenizers: int = 1
+    http_servers: int = 1  # OpenAI-compatible HTTP API processes (0 = gRPC only)
     tensor_parallel: int = 1
     engine: EngineLimits = EngineLimits()
     envoy: EnvoyConfig = EnvoyConfig()
     router_ports: tuple[int, ...] = ()
     tokenizer_ports: tuple[int, ...] = ()
+    http_ports: tuple[int, ...] = ()
     replica_ports: tuple[ReplicaPorts, ...] = ()
     kvcache_port: int = 0  # the prefix index of every replica (one service for the mesh)
     max_message_bytes: int = 4 * 2**20
@@ -158,6 +160,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["routing"] = _sub(RoutingConfig, raw.get("routing"), "routing")
     kw["router_ports"] = tuple(raw.get("router_ports", ()))
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
+    kw["http_ports"] = tuple(raw.get("http_ports", ()))
     kw["replica_ports"] = tuple(
         ReplicaPorts(scheduler=r.get("scheduler", 0),
                      executors=tuple(r.get("executors", (0,) * raw.get("tensor_parallel", 1))),
@@ -167,6 +170,8 @@ def parse_config(raw: dict) -> MeshConfig:
     for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
+    if cfg.http_servers < 0:
+        raise ConfigError("http_servers must be 0 or more")
     obs = cfg.observability
     if obs.tracing not in TRACING_MODES:
         raise ConfigError(f"observability.tracing must be one of {', '.join(TRACING_MODES)}")
@@ -231,7 +236,7 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     """Fill every port of 0 (or missing) with a free loopback port."""
     # ports the config names, so an automatic pick never lands on one of them
     taken: set[int] = {cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
-                       cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports,
+                       cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports, *cfg.http_ports,
                        *cfg.observability.metrics_ports.values()} - {0}
     for r in cfg.replica_ports:
         taken |= {r.scheduler, r.dist_port, *r.executors} - {0}
@@ -247,6 +252,7 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
 
     routers = tuple(pick(p) for p in (cfg.router_ports or (0,) * cfg.routers))
     tokenizers = tuple(pick(p) for p in (cfg.tokenizer_ports or (0,) * cfg.tokenizers))
+    http = tuple(pick(p) for p in (cfg.http_ports or (0,) * cfg.http_servers))
     tp = cfg.tensor_parallel
     replicas = list(cfg.replica_ports) + [ReplicaPorts(executors=(0,) * tp)] * (
         cfg.replicas - len(cfg.replica_ports))
@@ -259,6 +265,7 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     if obs.metrics:
         names = [f"router-{i}" for i in range(len(routers))]
         names += [f"tokenizer-{i}" for i in range(len(tokenizers))] + ["kvcache"]
+        names += [f"http-{i}" for i in range(len(http))]
         for r, ports in enumerate(replicas):
             names += [f"scheduler-{r}"]
             names += [f"executor-{r}-{k}" for k in range(len(ports.executors))]
@@ -266,6 +273,6 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     obs = dataclasses.replace(
         obs, metrics_ports=metrics_ports,
         collector_port=pick(obs.collector_port) if obs.tracing == "file" else 0)
-    return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers,
+    return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers, http_ports=http,
                                replica_ports=replicas, kvcache_port=pick(cfg.kvcache_port),
                                envoy=envoy, observability=obs)

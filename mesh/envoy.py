@@ -32,6 +32,7 @@ def render_envoy(cfg: MeshConfig) -> dict:
             "num_retries": e.max_retries,
         },
     }
+    http_routes, http_clusters = _http_api(cfg, idle)
     hcm = {
         "@type": HCM,
         "stat_prefix": "llmesh",
@@ -46,7 +47,7 @@ def render_envoy(cfg: MeshConfig) -> dict:
         "common_http_protocol_options": {"max_headers_count": 4000},
         "route_config": {"name": "llmesh", "virtual_hosts": [{
             "name": "llmesh", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+            "routes": http_routes + [{"match": {"prefix": "/"}, "route": route}]}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     cluster = {
@@ -70,7 +71,7 @@ def render_envoy(cfg: MeshConfig) -> dict:
             "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
             "max_requests": e.max_requests, "max_retries": 3}]},
     }
-    clusters = [cluster]
+    clusters = [cluster] + http_clusters
     obs = cfg.observability
     if obs.tracing != "off":
         # the gateway's span starts each trace (or joins the client's traceparent);
@@ -107,6 +108,34 @@ def render_envoy(cfg: MeshConfig) -> dict:
             "tracing.opentelemetry.flush_interval_ms": EXPORT_INTERVAL_MS,
             "tracing.opentelemetry.min_flush_spans": 1024}}]}
     return out
+
+
+def _http_api(cfg: MeshConfig, idle: str) -> tuple[list, list]:
+    """Routes and cluster of the OpenAI-compatible HTTP API: `/v1/...` and
+    `/health` go to the HTTP servers over HTTP/1.1 (gRPC paths never start with
+    `/v1/`). Streams are never buffered (Envoy passes each SSE chunk on as it
+    arrives), have no route timeout and an idle timeout; the servers' `/health`
+    is checked actively."""
+    if not cfg.http_ports:
+        return [], []
+    route = {"cluster": "http", "timeout": "0s", "idle_timeout": idle,
+             "retry_policy": {"retry_on": "connect-failure,refused-stream,reset",
+                              "num_retries": cfg.envoy.max_retries}}
+    routes = [{"match": {"prefix": "/v1/"}, "route": route},
+              {"match": {"path": "/v1"}, "route": route},
+              {"match": {"path": "/health"}, "route": route}]
+    e = cfg.envoy
+    cluster = {
+        "name": "http", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {"cluster_name": "http", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _address(p)}} for p in cfg.http_ports]}]},
+        "health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 2,
+                           "healthy_threshold": 1, "http_health_check": {"path": "/health"}}],
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
+            "max_requests": e.max_requests, "max_retries": 3}]},
+    }
+    return routes, [cluster]
 
 
 def render_envoy_yaml(cfg: MeshConfig) -> str:

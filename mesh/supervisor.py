@@ -52,13 +52,21 @@ def is_serving(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def envoy_ready(admin_port: int) -> bool:
-    """Envoy is live and sees at least one healthy router."""
+def http_ok(port: int, path: str = "/health") -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def envoy_ready(admin_port: int, clusters: tuple[str, ...] = ("routers",)) -> bool:
+    """Envoy is live and sees at least one healthy endpoint in each of `clusters`."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as r:
-            text = r.read().decode()
-        return any(line.startswith("routers::") and line.endswith("health_flags::healthy")
-                   for line in text.splitlines())
+            lines = r.read().decode().splitlines()
+        return all(any(line.startswith(f"{c}::") and line.endswith("health_flags::healthy")
+                       for line in lines) for c in clusters)
     except OSError:
         return False
 
@@ -125,11 +133,19 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
             "--replica-wait-s", str(cfg.routing.replica_wait_s)], port))
+    routers = ",".join(f"127.0.0.1:{p}" for p in cfg.router_ports)
+    for i, port in enumerate(cfg.http_ports):
+        specs.append(ProcSpec(f"http-{i}", py + [
+            "services.openai_api", "--port", str(port), "--routers", routers,
+            "--model", model_dir, "--model-name", cfg.model_name,
+            "--max-message-bytes", str(cfg.max_message_bytes)], None,
+            extra={"http_port": port}))
     envoy_yaml = run_dir / "envoy.yaml"
     envoy_yaml.write_text(render_envoy_yaml(cfg))
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
                                     "--concurrency", "1", "--log-level", "warn"], None,
-                          extra={"admin_port": cfg.envoy.admin_port}))
+                          extra={"admin_port": cfg.envoy.admin_port,
+                                 "clusters": ("routers", "http") if cfg.http_ports else ("routers",)}))
     tel = telemetry_env(cfg)
     for spec in specs:
         if spec.name not in ("collector", "envoy"):
@@ -162,7 +178,9 @@ class Supervisor:
     def _ready(self, spec: ProcSpec) -> bool:
         if spec.health_port is not None:
             return is_serving(spec.health_port)
-        return envoy_ready(spec.extra["admin_port"])
+        if "http_port" in spec.extra:
+            return http_ok(spec.extra["http_port"])
+        return envoy_ready(spec.extra["admin_port"], spec.extra["clusters"])
 
     def wait_ready(self, spec: ProcSpec, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

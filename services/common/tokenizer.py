@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jinja2
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from services.common.chat_template import ChatTemplate, special_tokens_of
 from services.common.errors import InvalidRequestError, UnsupportedModelError
 
 
@@ -26,18 +26,17 @@ class TextTokenizer:
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self._template = None
         template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: the "default" one
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not template and (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
         if template:
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True,
-                                     undefined=jinja2.StrictUndefined)
-            self._template = env.from_string(template)
+            self._template = ChatTemplate(template, special_tokens_of(self.config))
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
-
-    def _special(self, key: str) -> str:
-        value = self.config.get(key) or ""
-        return value.get("content", "") if isinstance(value, dict) else value
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -52,9 +51,7 @@ class TextTokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError(f"messages[{i}]", "needs string 'role' and 'content'")
-        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self._special("bos_token"),
-                                     eos_token=self._special("eos_token"))
+        text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
 
 

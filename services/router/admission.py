@@ -80,12 +80,16 @@ class Admission:
             raise PermissionDeniedError(f"priority: class {cls!r} is not available to this tenant")
         return tenant, cls
 
+    def output_cap(self, tenant: TenantPolicy) -> int:
+        """The most output tokens one sequence of `tenant` may ask for; 0 = no cap."""
+        return _tightest(self.max_output_tokens, tenant.max_output_tokens)
+
     def check_caps(self, tenant: TenantPolicy, num_prompt_tokens: int,
                    params: SamplingParams) -> None:
         cap = _tightest(self.max_prompt_tokens, tenant.max_prompt_tokens)
         if cap and num_prompt_tokens > cap:
             raise InvalidRequestError("prompt", f"{num_prompt_tokens} tokens; the cap is {cap}")
-        cap = _tightest(self.max_output_tokens, tenant.max_output_tokens)
+        cap = self.output_cap(tenant)
         if cap and params.max_tokens > cap:
             raise InvalidRequestError("max_tokens", f"{params.max_tokens}; the cap is {cap}")
 

@@ -86,9 +86,20 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 agg.incomplete, agg.incomplete_reason = chunk.incomplete, chunk.incomplete_reason
         if not final:
             await context.abort(grpc.StatusCode.INTERNAL, "no output")
-        first = final[min(final)]
-        first.text = "".join(texts[first.index])
-        return first
+        out = inference_pb2.GenerateResponse()
+        out.CopyFrom(final[min(final)])
+        out.text = "".join(texts[out.index])
+        for index in sorted(final):
+            seq = final[index]
+            out.choices.add(index=index, text="".join(texts[index]), token_ids=seq.token_ids,
+                            logprobs=seq.logprobs, finish_reason=seq.finish_reason)
+            if index != out.index:  # usage counts every sequence; timings the slowest
+                out.usage.completion_tokens += seq.usage.completion_tokens
+                if seq.timings.e2e_s > out.timings.e2e_s:
+                    out.timings.CopyFrom(seq.timings)
+                if seq.incomplete and not out.incomplete:
+                    out.incomplete, out.incomplete_reason = True, seq.incomplete_reason
+        return out
 
     async def Generate(self, request, context):
         async for response in self._observed(request, context):
@@ -142,9 +153,13 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         params = convert.sampling_from_public(request.sampling)
         if params.seed is None:
             params = params.replace(seed=self._rng.getrandbits(63))
+        info = replica.info
+        if params.max_tokens == 0:  # as much as the context (and the tenant's cap) leaves
+            room = min(info.max_model_len, info.num_kv_blocks * info.block_size) - len(prompt)
+            cap = adm.output_cap(tenant)
+            params = params.replace(max_tokens=max(1, min(room, cap) if cap else room))
         try:
             with tracer.start_as_current_span("router.validate"):
-                info = replica.info
                 validate_request(prompt, params, info.vocab_size, info.max_model_len,
                                  info.num_kv_blocks * info.block_size)
             try:

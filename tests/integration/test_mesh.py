@@ -128,7 +128,8 @@ def test_deadline_reaches_the_scheduler(mesh, stub):
 
 
 @pytest.mark.parametrize("make,field", [
-    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(0)), "max_tokens"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
+        max_tokens=4, n=0)), "n"),
     (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
         max_tokens=4, temperature=-1.0)), "temperature"),
     (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
@@ -145,7 +146,7 @@ def test_deadline_reaches_the_scheduler(mesh, stub):
                                            sampling=_greedy(4)), "prompt_token_ids"),
     (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
         max_tokens=4, stop=["ab"] * 17)), "stop"),
-], ids=["max_tokens0", "temperature", "top_p", "oov", "empty", "too_long", "past_ctx", "no_input",
+], ids=["n0", "temperature", "top_p", "oov", "empty", "too_long", "past_ctx", "no_input",
         "id_2^63", "stops"])
 def test_bad_requests_are_invalid_argument_and_reach_no_executor(mesh, stub, make, field):
     before = _stats(mesh)

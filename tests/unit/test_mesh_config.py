@@ -59,12 +59,12 @@ def test_automatic_ports_are_all_distinct():
     cfg = resolve_ports(parse_config({"replicas": 3, "tensor_parallel": 2, "routers": 2,
                                       "envoy": {"port": 0, "admin_port": 0}}))
     ports = [cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
-             cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports,
+             cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports, *cfg.http_ports,
              *cfg.observability.metrics_ports.values()]
     for r in cfg.replica_ports:
         ports += [r.scheduler, r.dist_port, *r.executors]
-    # metrics: 2 routers, 1 tokenizer, kvcache, 3 schedulers, 6 ranks
-    assert len(ports) == len(set(ports)) == 4 + 2 + 1 + (2 + 1 + 1 + 3 + 6) + 3 * 4
+    # metrics: 2 routers, 1 tokenizer, kvcache, 1 HTTP server, 3 schedulers, 6 ranks
+    assert len(ports) == len(set(ports)) == 4 + 2 + 1 + 1 + (2 + 1 + 1 + 1 + 3 + 6) + 3 * 4
 
 
 def test_admission_section_reaches_router_and_scheduler(tmp_path):

@@ -1,0 +1,214 @@
+"""The OpenAI-compatible HTTP API (Starlette): thin handlers that parse a body,
+call the routers' gRPC Inference API, and answer in OpenAI's shapes.
+
+    POST /v1/chat/completions   POST /v1/completions   (stream: true | false)
+    GET  /v1/models   GET /v1/models/{id}   GET /health
+
+`Authorization: Bearer KEY` goes to the router as the gRPC API's key, so
+tenants, priorities, limits and quotas are the same on both APIs.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from prometheus_client import Counter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmesh.v1 import inference_pb2, inference_pb2_grpc
+from observability import telemetry
+from services.openai_api.errors import ApiError, from_rpc_error, invalid
+from services.openai_api.requests import ParsedRequest, parse_chat, parse_completion
+from services.openai_api.responses import Formatter, TokenText, usage_dict
+from services.openai_api.streams import SseStream, Upstream
+
+log = logging.getLogger("llmesh.openai_api")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class OpenAIApi:
+    """Collaborators: a channel to the routers, the served model's name, and
+    `token_text` (a token id's text, for logprobs)."""
+
+    def __init__(self, channel: grpc.aio.Channel, model_name: str, token_text: TokenText,
+                 heartbeat_s: float = 15.0, first_event_wait_s: float = 5.0):
+        self.stub = inference_pb2_grpc.InferenceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.model_name = model_name
+        self.token_text = token_text
+        self.heartbeat_s = heartbeat_s
+        self.first_event_wait_s = first_event_wait_s
+        self.requests = Counter("llmesh_http_requests", "HTTP API requests by path and status",
+                                ["path", "status"])
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/health", self.healthz, methods=["GET"]),
+        ], exception_handlers={ApiError: self._error, 404: self._not_found,
+                               405: self._not_allowed})
+
+    # ---- errors ----------------------------------------------------------------
+    async def _error(self, request: Request, e: ApiError) -> Response:
+        self.requests.labels(request.url.path, str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+    async def _not_found(self, request: Request, exc) -> Response:
+        return await self._error(request, ApiError(404, f"no route {request.url.path}",
+                                                   "not_found_error"))
+
+    async def _not_allowed(self, request: Request, exc) -> Response:
+        return await self._error(request, ApiError(405, f"{request.method} is not allowed here",
+                                                   "invalid_request_error"))
+
+    # ---- inputs ------------------------------------------------------------------
+    async def _body(self, request: Request):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise invalid("", f"the body is not valid JSON: {str(e)[:200]}") from None
+
+    def _metadata(self, request: Request) -> tuple:
+        auth = request.headers.get("authorization")
+        if auth is None:
+            return ()
+        if not auth.isascii() or not auth.isprintable():
+            raise ApiError(401, "the Authorization header is not a valid API key",
+                           "authentication_error")
+        return (("authorization", auth),)
+
+    # ---- endpoints ---------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, parse_chat(await self._body(request), request.headers))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request,
+                                 parse_completion(await self._body(request), request.headers))
+
+    async def _serve(self, request: Request, parsed: ParsedRequest) -> Response:
+        metadata = self._metadata(request)
+        request_id = uuid.uuid4().hex
+        for i, req in enumerate(parsed.requests):
+            req.request_id = request_id if len(parsed.requests) == 1 else f"{request_id}-{i}"
+        fmt = Formatter(parsed.kind, parsed.model or self.model_name, request_id,
+                        parsed.logprobs, self.token_text)
+        ctx = telemetry.extract(request.headers.get("traceparent", ""))
+        span = telemetry.tracer("llmesh.openai_api").start_span(
+            f"POST {request.url.path}", context=ctx, kind=trace.SpanKind.SERVER)
+        path = request.url.path
+        with trace.use_span(span, end_on_exit=False):
+            if parsed.stream:
+                return await self._stream(path, parsed, fmt, metadata, span)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                body = await self._whole(request, parsed, fmt, metadata)
+        finally:
+            span.end()
+        self.requests.labels(path, "200").inc()
+        return JSONResponse(body)
+
+    async def _stream(self, path, parsed, fmt, metadata, span) -> Response:
+        upstream = Upstream(self.stub, parsed.requests, metadata)
+        # an error before the first event (validation, auth, limits) is an HTTP status
+        first = await upstream.next(self.first_event_wait_s)
+        if first is not None and isinstance(first[1], ApiError):
+            upstream.cancel()
+            span.end()
+            raise first[1]
+
+        def on_end(outcome: str) -> None:
+            self.requests.labels(path, "200" if outcome == "ok" else f"200-{outcome}").inc()
+            span.end()
+        stream = SseStream(upstream, fmt, parsed.n, parsed.include_usage, self.heartbeat_s,
+                           first, on_end)
+        return StreamingResponse(stream.__aiter__(), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+    async def _whole(self, request: Request, parsed, fmt, metadata) -> dict:
+        calls = [self.stub.Complete(req, metadata=metadata) for req in parsed.requests]
+        results = asyncio.ensure_future(asyncio.gather(*calls))
+        results.add_done_callback(lambda f: f.cancelled() or f.exception())  # (retrieved)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((results, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not results.done():  # the client went away: stop generating
+                raise ApiError(499, "the client closed the connection", "cancelled")
+            try:
+                responses = results.result()
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+        finally:
+            gone.cancel()
+            for call in calls:
+                call.cancel()
+        choices, usage = [], [0, 0, 0]
+        for p, resp in enumerate(responses):
+            seqs = list(resp.choices) or [resp]
+            choices.extend((p * parsed.n + c.index, c) for c in seqs)
+            usage[0] += resp.usage.prompt_tokens
+            usage[1] += resp.usage.completion_tokens
+            usage[2] += resp.usage.cached_prompt_tokens
+        body = fmt.whole(choices, usage_dict(*usage))
+        incomplete = [r.incomplete_reason for r in responses if r.incomplete]
+        if incomplete:
+            body["incomplete"], body["incomplete_reason"] = True, incomplete[0]
+        return body
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": await self._model_list()})
+
+    async def model(self, request: Request) -> Response:
+        wanted = request.path_params["model_id"]
+        for m in await self._model_list():
+            if m["id"] == wanted:
+                return JSONResponse(m)
+        raise ApiError(404, f"model {wanted!r} is not served", "not_found_error", "model")
+
+    async def _model_list(self) -> list[dict]:
+        try:
+            resp = await self.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return [{"id": m.name, "object": "model", "created": 0, "owned_by": "llmesh",
+                 "max_model_len": m.max_model_len} for m in resp.models]
+
+    async def healthz(self, request: Request) -> Response:
+        """200 while a router says SERVING (Envoy's health check of this service)."""
+        try:
+            resp = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            ok = False
+        return JSONResponse({"status": "ok" if ok else "unavailable"},
+                            status_code=200 if ok else 503)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body is read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

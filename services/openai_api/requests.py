@@ -1,0 +1,264 @@
+"""OpenAI request bodies -> the router's GenerateRequest, checked once, here.
+
+Every field is type- and range-checked with an error that names it (HTTP 400).
+Unknown fields are ignored, as OpenAI-compatible servers do. Defaults follow
+OpenAI: temperature 1, top_p 1; chat generates up to the end of the context
+unless `max_tokens` / `max_completion_tokens` says otherwise, completions 16.
+
+Extensions (not in OpenAI's API): `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`, `stop_token_ids`, `priority` (interactive | standard | batch; the
+`x-llmesh-priority` header does the same) and `timeout_ms`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llmesh.v1 import common_pb2, inference_pb2
+from services.openai_api.errors import ApiError, invalid
+
+PRIORITIES = {"interactive": common_pb2.PRIORITY_INTERACTIVE,
+              "standard": common_pb2.PRIORITY_STANDARD, "batch": common_pb2.PRIORITY_BATCH}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_PROMPTS = 64
+_MISSING = object()
+
+
+@dataclass
+class ParsedRequest:
+    kind: str  # "chat" | "completion"
+    model: str
+    requests: list  # one GenerateRequest per prompt (chat: one)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None = off; k = top-k alternatives
+    extra_metadata: list = field(default_factory=list)
+
+
+def _get(body: dict, name: str):
+    value = body.get(name, _MISSING)
+    return _MISSING if value is None else value
+
+
+def _text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise invalid(name, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(name, "is not valid UTF-8 (lone surrogate)") from None
+    return value
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = _get(body, name)
+    if value is _MISSING:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(name, "must be true or false")
+    return value
+
+
+def _int(body: dict, name: str, lo: int, hi: int):
+    value = _get(body, name)
+    if value is _MISSING:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, "must be an integer")
+    if not lo <= value <= hi:
+        raise invalid(name, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _number(body: dict, name: str, lo: float, hi: float):
+    value = _get(body, name)
+    if value is _MISSING:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(name, "must be a finite number")
+    if not lo <= value <= hi:
+        raise invalid(name, f"must be between {lo:g} and {hi:g}, got {value:g}")
+    return float(value)
+
+
+def _unsupported(body: dict, name: str, allowed=()) -> None:
+    value = _get(body, name)
+    if value is not _MISSING and value not in allowed and value not in ([], {}):
+        raise ApiError(400, f"{name}: not supported by this server", param=name,
+                       code="unsupported_parameter")
+
+
+def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.SamplingParams:
+    s = common_pb2.SamplingParams()
+    max_tokens = _int(body, "max_completion_tokens", 1, 2**31)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1, 2**31)
+    s.max_tokens = max_tokens if max_tokens is not None else (max_tokens_default or 0)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    s.temperature = 1.0 if temperature is None else temperature
+    for name, lo, hi in (("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+                         ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0),
+                         ("repetition_penalty", 0.01, 100.0)):
+        value = _number(body, name, lo, hi)
+        if value is not None:
+            setattr(s, name, value)
+    if s.HasField("top_p") and s.top_p == 0.0:
+        raise invalid("top_p", "must be greater than 0")
+    top_k = _int(body, "top_k", -1, 2**31 - 1)
+    if top_k is not None and top_k > 0:  # -1 and 0: off
+        s.top_k = top_k
+    seed = _int(body, "seed", -2**63, 2**64 - 1)
+    if seed is not None:
+        s.seed = seed % 2**63  # OpenAI seeds are any int64
+    stop = _get(body, "stop")
+    if stop is not _MISSING:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list):
+            raise invalid("stop", "must be a string or a list of strings")
+        s.stop.extend(_text("stop", x) for x in stops)
+    ids = _get(body, "stop_token_ids")
+    if ids is not _MISSING:
+        if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in ids):
+            raise invalid("stop_token_ids", "must be a list of token ids")
+        s.stop_token_ids.extend(ids)
+    s.ignore_eos = _bool(body, "ignore_eos")
+    n = _int(body, "n", 1, 16)
+    if n is not None:
+        s.n = n
+    best_of = _int(body, "best_of", 1, 16)
+    if best_of is not None and best_of != (n or 1):
+        raise ApiError(400, "best_of: only best_of == n is supported", param="best_of",
+                       code="unsupported_parameter")
+    return s
+
+
+def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bool, bool]:
+    """Fields both endpoints share; returns (stream, include_usage)."""
+    model = _get(body, "model")
+    req.model = "" if model is _MISSING else _text("model", model)
+    priority = _get(body, "priority")
+    if priority is _MISSING:
+        priority = headers.get("x-llmesh-priority", _MISSING)
+    if priority is not _MISSING:
+        if not isinstance(priority, str) or priority not in PRIORITIES:
+            raise invalid("priority", f"must be one of {', '.join(PRIORITIES)}")
+        req.priority = PRIORITIES[priority]
+    timeout_ms = _int(body, "timeout_ms", 1, 2**32 - 1)
+    if timeout_ms is not None:
+        req.timeout_ms = timeout_ms
+    user = _get(body, "user")
+    if user is not _MISSING:
+        _text("user", user)
+    for name in ("logit_bias", "suffix"):
+        _unsupported(body, name)
+    _unsupported(body, "response_format", allowed=({"type": "text"},))
+    stream = _bool(body, "stream")
+    options = _get(body, "stream_options")
+    include_usage = False
+    if options is not _MISSING:
+        if not isinstance(options, dict):
+            raise invalid("stream_options", "must be an object")
+        include_usage = _bool(options, "include_usage")
+    return stream, include_usage
+
+
+def _content(i: int, content) -> str:
+    if isinstance(content, str):
+        return _text(f"messages[{i}].content", content)
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported",
+                               param=f"messages[{i}].content", code="unsupported_content")
+            texts.append(_text(f"messages[{i}].content[{j}].text", part.get("text")))
+        return "".join(texts)
+    raise invalid(f"messages[{i}].content", "must be a string or a list of text parts")
+
+
+def parse_chat(body, headers) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise invalid("", "the body must be a JSON object")
+    messages = _get(body, "messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "must be a non-empty list")
+    _unsupported(body, "tools")
+    _unsupported(body, "functions")
+    _unsupported(body, "tool_choice", allowed=("none", "auto"))
+    req = inference_pb2.GenerateRequest()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise invalid(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise invalid(f"messages[{i}].role", f"must be one of {', '.join(sorted(ROLES))}")
+        content = m.get("content")
+        text = "" if content is None and role == "assistant" else _content(i, content)
+        req.chat.messages.add(role="system" if role == "developer" else role, content=text)
+    stream, include_usage = _common(body, headers, req)
+    req.sampling.CopyFrom(_sampling(body, None))
+    logprobs = None
+    if _bool(body, "logprobs"):
+        logprobs = _int(body, "top_logprobs", 0, 20) or 0
+    elif _get(body, "top_logprobs") not in (_MISSING, 0):
+        raise invalid("top_logprobs", "needs logprobs: true")
+    if logprobs is not None:
+        req.sampling.logprobs = logprobs
+    return ParsedRequest("chat", req.model, [req], req.sampling.n or 1, stream, include_usage,
+                         logprobs)
+
+
+def _prompts(prompt) -> list:
+    """A completion prompt: text, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [_text("prompt", prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(_text("prompt", p))
+            elif isinstance(p, list) and p and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in p):
+                out.append(p)
+            else:
+                raise invalid("prompt", "must be a string, a list of strings, or token ids")
+        return out
+    raise invalid("prompt", "must be a non-empty string, list of strings, or token ids")
+
+
+def parse_completion(body, headers) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise invalid("", "the body must be a JSON object")
+    prompt = _get(body, "prompt")
+    if prompt is _MISSING:
+        raise invalid("prompt", "is required")
+    if _bool(body, "echo"):
+        raise ApiError(400, "echo: not supported by this server", param="echo",
+                       code="unsupported_parameter")
+    base = inference_pb2.GenerateRequest()
+    stream, include_usage = _common(body, headers, base)
+    base.sampling.CopyFrom(_sampling(body, 16))
+    logprobs = _int(body, "logprobs", 0, 20)
+    if logprobs is not None:
+        base.sampling.logprobs = logprobs
+    requests = []
+    for p in _prompts(prompt):
+        req = inference_pb2.GenerateRequest()
+        req.CopyFrom(base)
+        if isinstance(p, str):
+            req.prompt = p
+        else:
+            if not all(0 <= t < 2**63 for t in p):
+                raise invalid("prompt", "token ids must be non-negative")
+            req.token_ids.ids.extend(p)
+        requests.append(req)
+    return ParsedRequest("completion", base.model, requests, base.sampling.n or 1, stream,
+                         include_usage, logprobs)

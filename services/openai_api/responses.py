@@ -1,0 +1,96 @@
+"""The router's GenerateResponses -> OpenAI response objects and stream chunks."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from llmesh.v1 import common_pb2
+
+FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+# how a whole (non-streamed) response that ended early says so
+EARLY_FINISH = {common_pb2.FINISH_REASON_DEADLINE: "deadline", common_pb2.FINISH_REASON_ABORT: "abort",
+                common_pb2.FINISH_REASON_ERROR: "error"}
+TokenText = Callable[[int], str]  # a token id's text, for logprobs
+
+
+class Formatter:
+    """One response's ids and shapes: `chat.completion(.chunk)` or `text_completion`."""
+
+    def __init__(self, kind: str, model: str, request_id: str, logprobs: int | None,
+                 token_text: TokenText):
+        self.kind = kind
+        self.model = model
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.logprobs = logprobs
+        self.token_text = token_text
+        self._text_offset: dict[int, int] = {}
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    # ---- logprobs ------------------------------------------------------------
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _logprobs(self, index: int, logprobs) -> dict | None:
+        if self.logprobs is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [
+                {**self._entry(lp.token_id, lp.logprob),
+                 "top_logprobs": [self._entry(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs)]}
+                for lp in logprobs]}
+        tokens = [self.token_text(lp.token_id) for lp in logprobs]
+        offsets = []
+        offset = self._text_offset.get(index, 0)
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        self._text_offset[index] = offset
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{self.token_text(t): v for t, v in zip(lp.top_ids, lp.top_logprobs)}
+                                 for lp in logprobs],
+                "text_offset": offsets}
+
+    # ---- streams -------------------------------------------------------------
+    def chunk(self, index: int, text: str, logprobs, finish_reason: str | None,
+              first: bool = False) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": text} if first else (
+                {"content": text} if text or not finish_reason else {})
+            choice = {"index": index, "delta": delta}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": text}
+            obj = "text_completion"
+        choice["logprobs"] = self._logprobs(index, logprobs) if logprobs else None
+        choice["finish_reason"] = finish_reason
+        return {**self._head(obj), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage}
+
+    # ---- whole responses ------------------------------------------------------
+    def whole(self, choices: list[tuple[int, object]], usage: dict) -> dict:
+        """`choices`: (index, Choice) pairs from Complete responses."""
+        out = []
+        for index, c in sorted(choices, key=lambda ic: ic[0]):
+            finish = FINISH.get(c.finish_reason) or EARLY_FINISH.get(c.finish_reason, "stop")
+            if self.kind == "chat":
+                item = {"index": index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": self._logprobs(index, c.logprobs), "finish_reason": finish}
+            else:
+                item = {"index": index, "text": c.text,
+                        "logprobs": self._logprobs(index, c.logprobs), "finish_reason": finish}
+            out.append(item)
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": out, "usage": usage}
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

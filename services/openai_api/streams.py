@@ -1,0 +1,136 @@
+"""The router calls of one HTTP request, and its SSE event stream.
+
+A completions request may hold several prompts: each is its own router call,
+merged here into one queue (choice index = prompt * n + sequence). The SSE
+stream sends each event as soon as its delta arrives, a comment heartbeat
+while nothing comes, an error event (with `incomplete` and why) if the
+stream breaks, then `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+
+from services.openai_api.errors import ApiError, from_rpc_error
+from services.openai_api.responses import FINISH, Formatter, usage_dict
+
+_END = object()
+HEARTBEAT = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Upstream:
+    """The streaming router calls of one request, read into one queue."""
+
+    def __init__(self, stub, requests: list, metadata: tuple):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.calls = [stub.Generate(req, metadata=metadata) for req in requests]
+        self.num_open = len(self.calls)
+        self._tasks = [asyncio.ensure_future(self._pump(i, call))
+                       for i, call in enumerate(self.calls)]
+
+    async def _pump(self, i: int, call) -> None:
+        try:
+            async for response in call:
+                self.queue.put_nowait((i, response))
+            self.queue.put_nowait((i, _END))
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as e:
+            self.queue.put_nowait((i, from_rpc_error(e)))
+        except Exception as e:  # noqa: BLE001 (a broken call is an error event, not a crash)
+            self.queue.put_nowait((i, ApiError(502, f"router stream failed: {e!r}",
+                                               "server_error")))
+
+    async def next(self, timeout_s: float):
+        """The next (prompt index, response | _END | ApiError), or None after `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.queue.get()
+        except TimeoutError:
+            return None
+
+    def cancel(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+
+class SseStream:
+    """Turns an Upstream into SSE bytes; `first` is an item already taken from it."""
+
+    def __init__(self, upstream: Upstream, fmt: Formatter, n: int, include_usage: bool,
+                 heartbeat_s: float, first=None, on_end=None):
+        self.upstream = upstream
+        self.fmt = fmt
+        self.n = n
+        self.include_usage = include_usage
+        self.heartbeat_s = heartbeat_s
+        self.first = first
+        self.on_end = on_end  # called with the outcome ("ok" or an error type)
+
+    async def __aiter__(self):
+        outcome = "cancelled"
+        started: set[int] = set()
+        usage = [0, 0, 0]  # prompt, completion, cached
+        counted_prompts: set[int] = set()
+        incomplete = ""
+        item, self.first = self.first, None
+        try:
+            while True:
+                if item is None:
+                    item = await self.upstream.next(self.heartbeat_s)
+                    if item is None:
+                        yield HEARTBEAT
+                        continue
+                prompt, resp = item
+                item = None
+                if resp is _END:
+                    self.upstream.num_open -= 1
+                    if self.upstream.num_open:
+                        continue
+                    break
+                if isinstance(resp, ApiError):
+                    outcome = resp.type
+                    body = resp.body()
+                    body["error"]["incomplete"] = True
+                    body["error"]["incomplete_reason"] = incomplete or resp.message
+                    yield event({"id": self.fmt.id, "choices": [], **body})
+                    yield DONE
+                    return
+                if resp.incomplete:
+                    incomplete = resp.incomplete_reason
+                index = prompt * self.n + resp.index
+                reason = FINISH.get(resp.finish_reason)
+                if resp.finish_reason and reason is None:  # deadline / abort / error: the
+                    if resp.text or resp.token_ids:         # router's error follows
+                        yield event(self.fmt.chunk(index, resp.text, resp.logprobs, None,
+                                                   first=index not in started))
+                        started.add(index)
+                    continue
+                if resp.text or resp.finish_reason or index not in started or resp.logprobs:
+                    yield event(self.fmt.chunk(index, resp.text, resp.logprobs, reason,
+                                               first=index not in started))
+                    started.add(index)
+                if resp.finish_reason:
+                    usage[1] += resp.usage.completion_tokens
+                    if prompt not in counted_prompts:
+                        counted_prompts.add(prompt)
+                        usage[0] += resp.usage.prompt_tokens
+                        usage[2] += resp.usage.cached_prompt_tokens
+            if self.include_usage:
+                yield event(self.fmt.usage_chunk(usage_dict(*usage)))
+            yield DONE
+            outcome = "ok"
+        finally:
+            self.upstream.cancel()
+            if self.on_end is not None:
+                self.on_end(outcome)
+

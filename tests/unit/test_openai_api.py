@@ -1,0 +1,138 @@
+"""The HTTP API's edges without a mesh: request bodies -> GenerateRequest, and the
+SSE stream's events (heartbeats while idle, an error event that says the output
+is incomplete, usage over every sequence and prompt). The mesh tests drive the
+whole path through Envoy (tests/integration/test_openai_http.py)."""
+import asyncio
+import json
+
+import pytest
+
+from llmesh.v1 import common_pb2, inference_pb2
+from services.openai_api.errors import ApiError
+from services.openai_api.requests import parse_chat, parse_completion
+from services.openai_api.responses import Formatter
+from services.openai_api.streams import _END, DONE, HEARTBEAT, SseStream
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_chat_defaults_follow_openai():
+    p = parse_chat(CHAT, {})
+    s = p.requests[0].sampling
+    assert s.temperature == 1.0 and s.max_tokens == 0  # 0: up to the end of the context
+    assert not p.stream and p.logprobs is None and p.n == 1
+    assert parse_completion({"prompt": "x"}, {}).requests[0].sampling.max_tokens == 16
+
+
+def test_chat_fields_map_to_the_grpc_request():
+    p = parse_chat({**CHAT, "max_completion_tokens": 7, "temperature": 0, "stop": "\n",
+                    "seed": -1, "n": 2, "logprobs": True, "top_logprobs": 3,
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "developer", "content": [
+                        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
+                   {"x-llmesh-priority": "batch"})
+    req = p.requests[0]
+    assert (req.sampling.max_tokens, req.sampling.temperature, list(req.sampling.stop)) == \
+        (7, 0.0, ["\n"])
+    assert req.sampling.seed == 2**63 - 1  # any int64 seed maps into range
+    assert (p.n, p.logprobs, p.stream, p.include_usage) == (2, 3, True, True)
+    assert req.sampling.logprobs == 3 and req.priority == common_pb2.PRIORITY_BATCH
+    assert [(m.role, m.content) for m in req.chat.messages] == [("system", "ab")]
+
+
+def test_several_prompts_are_several_requests():
+    p = parse_completion({"prompt": ["a", [5, 6]], "n": 2}, {})
+    assert [r.WhichOneof("input") for r in p.requests] == ["prompt", "token_ids"]
+    assert list(p.requests[1].token_ids.ids) == [5, 6] and p.n == 2
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": "hi"}, "messages"),
+    ({**CHAT, "temperature": 3}, "temperature"),
+    ({**CHAT, "temperature": True}, "temperature"),
+    ({**CHAT, "top_p": 0}, "top_p"),
+    ({**CHAT, "n": 0}, "n"),
+    ({**CHAT, "stop": 5}, "stop"),
+    ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({**CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ({**CHAT, "priority": ["x"]}, "priority"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+])
+def test_bad_fields_are_400_naming_the_field(body, param):
+    with pytest.raises(ApiError) as info:
+        parse_chat(body, {})
+    assert info.value.status == 400 and info.value.param == param
+
+
+class QueueUpstream:
+    """An Upstream fed by the test: (prompt index, response | _END | ApiError)."""
+
+    def __init__(self, num_open=1):
+        self.queue = asyncio.Queue()
+        self.num_open = num_open
+        self.cancelled = False
+
+    async def next(self, timeout_s):
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _resp(index, text, finish=0, completion_tokens=0, prompt_tokens=5, incomplete=""):
+    r = inference_pb2.GenerateResponse(index=index, text=text, finish_reason=finish,
+                                       incomplete=bool(incomplete), incomplete_reason=incomplete)
+    r.usage.prompt_tokens, r.usage.completion_tokens = prompt_tokens, completion_tokens
+    return r
+
+
+def _run(upstream, feed, n=1, include_usage=False):
+    fmt = Formatter("completion", "m", "id1", None, str)
+    outcomes = []
+    stream = SseStream(upstream, fmt, n, include_usage, heartbeat_s=0.05, on_end=outcomes.append)
+
+    async def go():
+        out = []
+        feeder = asyncio.ensure_future(feed(upstream.queue))
+        async for chunk in stream.__aiter__():
+            out.append(chunk)
+        await feeder
+        return out
+    return asyncio.run(go()), outcomes
+
+
+def test_heartbeats_while_idle_then_events_and_usage_over_every_sequence():
+    async def feed(q):
+        await asyncio.sleep(0.2)  # nothing for a while: comment heartbeats
+        q.put_nowait((0, _resp(0, "a")))
+        q.put_nowait((0, _resp(1, "b", common_pb2.FINISH_REASON_LENGTH, 3)))
+        q.put_nowait((1, _resp(0, "c", common_pb2.FINISH_REASON_STOP, 2, prompt_tokens=7)))
+        q.put_nowait((0, _resp(0, "", common_pb2.FINISH_REASON_STOP, 4)))
+        q.put_nowait((0, _END))
+        q.put_nowait((1, _END))
+    up = QueueUpstream(num_open=2)
+    out, outcomes = _run(up, feed, n=2, include_usage=True)
+    assert out[0] == HEARTBEAT and out.count(HEARTBEAT) >= 2
+    events = [json.loads(c[6:]) for c in out if c not in (HEARTBEAT, DONE)]
+    assert [(e["choices"][0]["index"], e["choices"][0]["text"], e["choices"][0]["finish_reason"])
+            for e in events[:-1]] == [(0, "a", None), (1, "b", "length"), (2, "c", "stop"),
+                                      (0, "", "stop")]
+    assert events[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 9,
+                                   "total_tokens": 21, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert out[-1] == DONE and outcomes == ["ok"] and up.cancelled
+
+
+def test_a_broken_stream_ends_with_an_incomplete_error_event():
+    async def feed(q):
+        q.put_nowait((0, _resp(0, "partial", incomplete="deadline exceeded")))
+        q.put_nowait((0, ApiError(504, "deadline exceeded", "timeout")))
+    out, outcomes = _run(QueueUpstream(), feed)
+    last = json.loads(out[-2][6:])
+    assert json.loads(out[0][6:])["choices"][0]["text"] == "partial"
+    assert last["error"]["incomplete"] is True
+    assert last["error"]["incomplete_reason"] == "deadline exceeded"
+    assert out[-1] == DONE and outcomes == ["timeout"]
