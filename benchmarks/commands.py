@@ -48,7 +48,12 @@ def _common(p, default_targets: str) -> None:
     p.add_argument("--endpoint", help="Envoy host:port of a mesh already up (`llmesh up "
                                       "--config FILE`) instead of starting one")
     p.add_argument("--targets", default=default_targets,
-                   help="comma-separated: engine, mesh, hf-static, hf-cb")
+                   help="comma-separated: engine, mesh, openai, hf-static, hf-cb")
+    p.add_argument("--openai-url", help="the openai target: an OpenAI-compatible server's /v1 "
+                                        "URL (default: this mesh's HTTP API)")
+    p.add_argument("--openai-model", default="", help="model name for --openai-url "
+                                                      "(default: its first /v1/models entry)")
+    p.add_argument("--openai-api-key", default="")
     p.add_argument("--workload", default="chat",
                    help=f"{', '.join(workload_mod.BUILTIN)}, a .jsonl file or a ShareGPT .json file")
     p.add_argument("--seed", type=int, default=0)
@@ -133,14 +138,16 @@ def build_setup(args):
         model_dir = default_model_dir("bench")
     engine_config = engine_config_for(mesh_config) if mesh_config is not None else BENCH_ENGINE_CONFIG
     model_config = load_model_config(model_dir)
-    limit = context_limit(model_config, engine_config, mesh_config if "mesh" in names else None)
+    limit = context_limit(model_config, engine_config,
+                          mesh_config if {"mesh", "openai"} & set(names) else None)
     wl = workload_mod.load(args.workload, model_config.vocab_size, limit, args.seed,
                            args.max_prompt, args.max_output, model_config.bos_token_id or 0,
                            model_dir)
     return BenchSetup(
         model_dir=str(model_dir), workload=wl, target_names=names, runs=runs_from_args(args),
         engine_config=engine_config, mesh_config=mesh_config, mesh_endpoint=endpoint,
-        mesh_schedulers=schedulers, slo=parse_slo(args.slo), baseline=args.baseline,
+        mesh_schedulers=schedulers, openai_url=args.openai_url, openai_model=args.openai_model,
+        openai_api_key=args.openai_api_key, slo=parse_slo(args.slo), baseline=args.baseline,
         seed=args.seed, sample_interval_s=args.sample_interval,
         drain_timeout_s=args.drain_timeout, hf_batch_size=args.hf_batch_size,
         max_output=args.max_output, show_progress=not args.no_progress)

@@ -28,7 +28,7 @@ from benchmarks.workload import Workload
 from services.engine.engine import EngineConfig
 from services.executor.model_config import load_model_config
 
-TARGETS = ("engine", "mesh", "hf-static", "hf-cb")
+TARGETS = ("engine", "mesh", "openai", "hf-static", "hf-cb")
 BENCH_ENGINE_CONFIG = EngineConfig(kv_cache_bytes=1 << 30, max_num_batched_tokens=1024,
                                    max_num_seqs=64)
 MAX_KV_SAMPLES = 1000
@@ -57,6 +57,9 @@ class BenchSetup:
     mesh_config: object = None  # MeshConfig; None = one replica with the engine's limits
     mesh_endpoint: str | None = None  # attach to a running mesh instead of starting one
     mesh_schedulers: list[str] = field(default_factory=list)
+    openai_url: str | None = None  # the openai target: a server's /v1 URL (None: the mesh's)
+    openai_model: str = ""
+    openai_api_key: str = ""
     slo: dict = field(default_factory=dict)
     baseline: str | None = None  # None: engine if present, else the first target
     seed: int = 0
@@ -80,7 +83,8 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
     if unknown:
         raise ValueError(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
     model_config = load_model_config(setup.model_dir)
-    if "mesh" in setup.target_names and setup.mesh_config is None and not setup.mesh_endpoint:
+    if {"mesh", "openai"} & set(setup.target_names) and setup.mesh_config is None \
+            and not setup.mesh_endpoint:
         setup = dataclasses.replace(setup, mesh_config=mesh_config_for(setup.engine_config,
                                                                        model_config))
     offsets = [None if r.arrivals.kind == "concurrency" else
@@ -149,6 +153,14 @@ def make_target(name: str, setup: BenchSetup, model_config):
         cfg = setup.mesh_config or mesh_config_for(setup.engine_config, model_config)
         return MeshTarget(cfg, setup.model_dir, setup.mesh_endpoint, setup.mesh_schedulers,
                           setup.sample_interval_s)
+    if name == "openai":
+        from benchmarks.openai_target import OpenAITarget
+        cfg = setup.mesh_config or mesh_config_for(setup.engine_config, model_config)
+        url = setup.openai_url or (f"http://{setup.mesh_endpoint}/v1" if setup.mesh_endpoint
+                                   else None)
+        return OpenAITarget(cfg, setup.model_dir, url, setup.openai_model, setup.openai_api_key,
+                            scheduler_addrs=None if setup.openai_url else setup.mesh_schedulers,
+                            sample_interval_s=setup.sample_interval_s)
     import torch
 
     from services.executor.model_config import DTYPES

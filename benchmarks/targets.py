@@ -258,10 +258,22 @@ class MeshTarget(Target):
     async def open(self) -> None:
         import grpc
 
-        from llmesh.v1 import inference_pb2_grpc, scheduler_pb2_grpc
+        from llmesh.v1 import inference_pb2_grpc
         self._channel = grpc.aio.insecure_channel(self.endpoint)
-        self._channels = [self._channel]
         self.stub = inference_pb2_grpc.InferenceStub(self._channel)
+        await self.open_stats()
+        self._channels.append(self._channel)
+        warm = RequestRecord(-1, len(WARM_PROMPT), 4, time.perf_counter())
+        await self.request(BenchRequest(WARM_PROMPT, 4), warm)
+        if warm.status != "OK":
+            raise RuntimeError(f"mesh warm-up request failed: {warm.status} {warm.error}")
+
+    async def open_stats(self) -> None:
+        """Channels to the schedulers, whose GetStats give the KV and step figures."""
+        import grpc
+
+        from llmesh.v1 import scheduler_pb2_grpc
+        self._channels = []
         self.schedulers = []
         for addr in self.scheduler_addrs:
             ch = grpc.aio.insecure_channel(addr)
@@ -270,10 +282,6 @@ class MeshTarget(Target):
         from llmesh.v1 import scheduler_pb2
         self._infos = [await s.GetInfo(scheduler_pb2.GetInfoRequest(), timeout=10)
                        for s in self.schedulers]
-        warm = RequestRecord(-1, len(WARM_PROMPT), 4, time.perf_counter())
-        await self.request(BenchRequest(WARM_PROMPT, 4), warm)
-        if warm.status != "OK":
-            raise RuntimeError(f"mesh warm-up request failed: {warm.status} {warm.error}")
 
     async def _stats(self) -> list:
         from llmesh.v1 import scheduler_pb2

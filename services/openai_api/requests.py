@@ -33,6 +33,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None = off; k = top-k alternatives
+    include_timing: bool = False  # stream chunks carry the scheduler's emitted_unix_s
     extra_metadata: list = field(default_factory=list)
 
 
@@ -136,8 +137,8 @@ def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.Sampling
     return s
 
 
-def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bool, bool]:
-    """Fields both endpoints share; returns (stream, include_usage)."""
+def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bool, bool, bool]:
+    """Fields both endpoints share; returns (stream, include_usage, include_timing)."""
     model = _get(body, "model")
     req.model = "" if model is _MISSING else _text("model", model)
     priority = _get(body, "priority")
@@ -158,12 +159,13 @@ def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bo
     _unsupported(body, "response_format", allowed=({"type": "text"},))
     stream = _bool(body, "stream")
     options = _get(body, "stream_options")
-    include_usage = False
+    include_usage = include_timing = False
     if options is not _MISSING:
         if not isinstance(options, dict):
             raise invalid("stream_options", "must be an object")
         include_usage = _bool(options, "include_usage")
-    return stream, include_usage
+        include_timing = _bool(options, "include_timing")
+    return stream, include_usage, include_timing
 
 
 def _content(i: int, content) -> str:
@@ -199,7 +201,7 @@ def parse_chat(body, headers) -> ParsedRequest:
         content = m.get("content")
         text = "" if content is None and role == "assistant" else _content(i, content)
         req.chat.messages.add(role="system" if role == "developer" else role, content=text)
-    stream, include_usage = _common(body, headers, req)
+    stream, include_usage, include_timing = _common(body, headers, req)
     req.sampling.CopyFrom(_sampling(body, None))
     logprobs = None
     if _bool(body, "logprobs"):
@@ -209,7 +211,7 @@ def parse_chat(body, headers) -> ParsedRequest:
     if logprobs is not None:
         req.sampling.logprobs = logprobs
     return ParsedRequest("chat", req.model, [req], req.sampling.n or 1, stream, include_usage,
-                         logprobs)
+                         logprobs, include_timing)
 
 
 def _prompts(prompt) -> list:
@@ -244,7 +246,7 @@ def parse_completion(body, headers) -> ParsedRequest:
         raise ApiError(400, "echo: not supported by this server", param="echo",
                        code="unsupported_parameter")
     base = inference_pb2.GenerateRequest()
-    stream, include_usage = _common(body, headers, base)
+    stream, include_usage, include_timing = _common(body, headers, base)
     base.sampling.CopyFrom(_sampling(body, 16))
     logprobs = _int(body, "logprobs", 0, 20)
     if logprobs is not None:
@@ -261,4 +263,4 @@ def parse_completion(body, headers) -> ParsedRequest:
             req.token_ids.ids.extend(p)
         requests.append(req)
     return ParsedRequest("completion", base.model, requests, base.sampling.n or 1, stream,
-                         include_usage, logprobs)
+                         include_usage, logprobs, include_timing)

@@ -67,7 +67,7 @@ class SseStream:
     """Turns an Upstream into SSE bytes; `first` is an item already taken from it."""
 
     def __init__(self, upstream: Upstream, fmt: Formatter, n: int, include_usage: bool,
-                 heartbeat_s: float, first=None, on_end=None):
+                 heartbeat_s: float, first=None, on_end=None, include_timing: bool = False):
         self.upstream = upstream
         self.fmt = fmt
         self.n = n
@@ -75,6 +75,7 @@ class SseStream:
         self.heartbeat_s = heartbeat_s
         self.first = first
         self.on_end = on_end  # called with the outcome ("ok" or an error type)
+        self.include_timing = include_timing  # each event: the scheduler's emitted_unix_s
 
     async def __aiter__(self):
         outcome = "cancelled"
@@ -116,8 +117,11 @@ class SseStream:
                         started.add(index)
                     continue
                 if resp.text or resp.finish_reason or index not in started or resp.logprobs:
-                    yield event(self.fmt.chunk(index, resp.text, resp.logprobs, reason,
-                                               first=index not in started))
+                    chunk = self.fmt.chunk(index, resp.text, resp.logprobs, reason,
+                                           first=index not in started)
+                    if self.include_timing:
+                        chunk["emitted_unix_s"] = resp.emitted_unix_s
+                    yield event(chunk)
                     started.add(index)
                 if resp.finish_reason:
                     usage[1] += resp.usage.completion_tokens

@@ -178,7 +178,9 @@ class Dispatcher:
     # ---- from the replicas' streams -------------------------------------
     def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
         """One step's deltas of one replica, to their requests' inboxes (never waits)."""
+        stamp = outputs.emitted_unix_s
         for d in outputs.deltas:
+            d.emitted_unix_s = stamp
             inbox = self._inboxes.get(d.request_id)
             if inbox is not None:
                 inbox.put(d)

@@ -254,7 +254,8 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 continue
             resp = inference_pb2.GenerateResponse(
                 request_id=request_id, index=delta.index, text=delta.text,
-                token_ids=delta.new_token_ids, logprobs=delta.logprobs, finish_reason=finish)
+                token_ids=delta.new_token_ids, logprobs=delta.logprobs, finish_reason=finish,
+                emitted_unix_s=delta.emitted_unix_s)
             if not finish:
                 yield resp
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 
 from llmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common import convert
@@ -26,7 +27,8 @@ class OutputHub:
         queue = self.queues.get(owner)
         if queue is not None:
             queue.put_nowait(scheduler_pb2.StepOutputs(
-                step_id=next(self._step_ids), deltas=[_delta(out, info) for out, info in items]))
+                step_id=next(self._step_ids), deltas=[_delta(out, info) for out, info in items],
+                emitted_unix_s=time.time()))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):

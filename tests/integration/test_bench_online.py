@@ -135,3 +135,20 @@ def test_refused_and_timed_out_requests_through_the_mesh(mesh, tiny_model_dir, t
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
         assert wait_until(lambda: stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
                           .num_used_blocks == 0, 10)
+
+
+def test_the_openai_target_drives_the_http_api_like_grpc(mesh, tiny_model_dir):
+    """`--targets mesh,openai`: the same workload through gRPC and through the
+    OpenAI-compatible HTTP API of one mesh; every token counted on both."""
+    mc = load_model_config(tiny_model_dir)
+    w = wl.builtin("chat", mc.vocab_size, 2048, seed=3, max_prompt=96, max_output=12)
+    schedulers = [f"127.0.0.1:{r['scheduler']}" for r in mesh.config["replica_ports"]]
+    setup = setup_for(tiny_model_dir, w, [RunSpec(ArrivalSpec("concurrency", concurrency=4),
+                                                  num_requests=8)],
+                      targets=("mesh", "openai"), mesh_endpoint=mesh.endpoint,
+                      mesh_schedulers=schedulers)
+    result = run_bench(setup)
+    check_consistent(result, setup)
+    figs = result.report["runs"][0]["targets"]
+    assert figs["openai"]["output_tokens"] == figs["mesh"]["output_tokens"]
+    assert figs["openai"]["kv"]["num_blocks"] == 512  # our mesh: its schedulers' figures too
