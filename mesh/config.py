@@ -104,13 +104,13 @@ class MeshConfig:
     replicas: int = 1
     routers: int = 1
     tokenizers: int = 1
-    http_servers: int = 1  # OpenAI-compatible HTTP API processes (0 = gRPC only)
+    http_api: bool = True  # each router also serves the OpenAI-compatible HTTP API
     tensor_parallel: int = 1
     engine: EngineLimits = EngineLimits()
     envoy: EnvoyConfig = EnvoyConfig()
     router_ports: tuple[int, ...] = ()
     tokenizer_ports: tuple[int, ...] = ()
-    http_ports: tuple[int, ...] = ()
+    http_ports: tuple[int, ...] = ()  # one per router (its HTTP API)
     replica_ports: tuple[ReplicaPorts, ...] = ()
     kvcache_port: int = 0  # the prefix index of every replica (one service for the mesh)
     max_message_bytes: int = 4 * 2**20
@@ -170,8 +170,9 @@ def parse_config(raw: dict) -> MeshConfig:
     for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
-    if cfg.http_servers < 0:
-        raise ConfigError("http_servers must be 0 or more")
+    if cfg.http_ports and len(cfg.http_ports) != cfg.routers:
+        raise ConfigError(f"http_ports lists {len(cfg.http_ports)} ports; one per router "
+                          f"({cfg.routers})")
     obs = cfg.observability
     if obs.tracing not in TRACING_MODES:
         raise ConfigError(f"observability.tracing must be one of {', '.join(TRACING_MODES)}")
@@ -252,7 +253,7 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
 
     routers = tuple(pick(p) for p in (cfg.router_ports or (0,) * cfg.routers))
     tokenizers = tuple(pick(p) for p in (cfg.tokenizer_ports or (0,) * cfg.tokenizers))
-    http = tuple(pick(p) for p in (cfg.http_ports or (0,) * cfg.http_servers))
+    http = tuple(pick(p) for p in (cfg.http_ports or (0,) * len(routers))) if cfg.http_api else ()
     tp = cfg.tensor_parallel
     replicas = list(cfg.replica_ports) + [ReplicaPorts(executors=(0,) * tp)] * (
         cfg.replicas - len(cfg.replica_ports))
@@ -265,7 +266,6 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     if obs.metrics:
         names = [f"router-{i}" for i in range(len(routers))]
         names += [f"tokenizer-{i}" for i in range(len(tokenizers))] + ["kvcache"]
-        names += [f"http-{i}" for i in range(len(http))]
         for r, ports in enumerate(replicas):
             names += [f"scheduler-{r}"]
             names += [f"executor-{r}-{k}" for k in range(len(ports.executors))]

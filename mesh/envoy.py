@@ -112,7 +112,7 @@ def render_envoy(cfg: MeshConfig) -> dict:
 
 def _http_api(cfg: MeshConfig, idle: str) -> tuple[list, list]:
     """Routes and cluster of the OpenAI-compatible HTTP API: `/v1/...` and
-    `/health` go to the HTTP servers over HTTP/1.1 (gRPC paths never start with
+    `/health` go to the routers' HTTP ports over HTTP/1.1 (gRPC paths never start with
     `/v1/`). Streams are never buffered (Envoy passes each SSE chunk on as it
     arrives), have no route timeout and an idle timeout; the servers' `/health`
     is checked actively."""

@@ -132,14 +132,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--schedulers", ",".join(schedulers), "--model-name", cfg.model_name,
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
-            "--replica-wait-s", str(cfg.routing.replica_wait_s)], port))
-    routers = ",".join(f"127.0.0.1:{p}" for p in cfg.router_ports)
-    for i, port in enumerate(cfg.http_ports):
-        specs.append(ProcSpec(f"http-{i}", py + [
-            "services.openai_api", "--port", str(port), "--routers", routers,
-            "--model", model_dir, "--model-name", cfg.model_name,
-            "--max-message-bytes", str(cfg.max_message_bytes)], None,
-            extra={"http_port": port}))
+            "--replica-wait-s", str(cfg.routing.replica_wait_s)]
+            + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
+               if cfg.http_ports else []), port))
     envoy_yaml = run_dir / "envoy.yaml"
     envoy_yaml.write_text(render_envoy_yaml(cfg))
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",

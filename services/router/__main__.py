@@ -1,11 +1,14 @@
-"""python -m services.router --port P --tokenizer ADDR --schedulers ADDR[,ADDR...]"""
+"""python -m services.router --port P --tokenizer ADDR --schedulers ADDR[,ADDR...]
+[--http-port H --model DIR]"""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 
 import grpc
+import uvicorn
 
 from llmesh.v1 import inference_pb2
 from observability import telemetry
@@ -27,11 +30,46 @@ async def main(args) -> None:
                           dead_letters_from(admission))
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
+    http = _http_server(args, inference) if args.http_port else None
     await service.start()
     dispatcher.start()
+    serving_http = asyncio.ensure_future(http.serve()) if http else None
     watcher = asyncio.ensure_future(_track_health(service, inference))
     await service.wait_for_termination()
     watcher.cancel()
+    if http is not None:
+        http.should_exit = True
+        await asyncio.wait_for(serving_http, 10)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the router's event loop: the router owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _http_server(args, inference: Inference) -> uvicorn.Server:
+    """The OpenAI-compatible HTTP API on 127.0.0.1:--http-port, calling this
+    router's handlers in-process (docs/http-api.md)."""
+    from functools import lru_cache
+
+    from services.common.tokenizer import TextTokenizer
+    from services.router.http_api.app import OpenAIApi
+    from services.router.local_calls import LocalHealth, LocalInference
+    tokenizer = TextTokenizer(args.model)
+
+    @lru_cache(maxsize=65536)
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    api = OpenAIApi(LocalInference(inference), LocalHealth(inference.dispatcher),
+                    args.model_name, token_text, heartbeat_s=args.heartbeat_s)
+    config = uvicorn.Config(api.app, host="127.0.0.1", port=args.http_port, http="httptools",
+                            loop="none", lifespan="off", log_level="warning", access_log=False,
+                            timeout_keep_alive=75, timeout_graceful_shutdown=5)
+    return _EmbeddedServer(config)
 
 
 async def _track_health(service: Service, inference: Inference) -> None:
@@ -56,6 +94,11 @@ if __name__ == "__main__":
                    help="times a request may move to another replica when its own is lost")
     p.add_argument("--replica-wait-s", type=float, default=30.0,
                    help="how long a request waits for a ready replica while they recover")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="serve the OpenAI-compatible HTTP API here too (0: gRPC only)")
+    p.add_argument("--model", help="the model directory (its tokenizer: logprob token text)")
+    p.add_argument("--heartbeat-s", type=float, default=15.0,
+                   help="SSE comment heartbeat while a stream has nothing to send")
     args = p.parse_args()
     telemetry.init("router")
     try:

@@ -63,8 +63,9 @@ def test_automatic_ports_are_all_distinct():
              *cfg.observability.metrics_ports.values()]
     for r in cfg.replica_ports:
         ports += [r.scheduler, r.dist_port, *r.executors]
-    # metrics: 2 routers, 1 tokenizer, kvcache, 1 HTTP server, 3 schedulers, 6 ranks
-    assert len(ports) == len(set(ports)) == 4 + 2 + 1 + 1 + (2 + 1 + 1 + 1 + 3 + 6) + 3 * 4
+    # 2 routers with an HTTP port each; metrics: 2 routers, 1 tokenizer, kvcache,
+    # 3 schedulers, 6 ranks
+    assert len(ports) == len(set(ports)) == 4 + 2 + 2 + 1 + (2 + 1 + 1 + 3 + 6) + 3 * 4
 
 
 def test_admission_section_reaches_router_and_scheduler(tmp_path):

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2
-from services.openai_api.errors import ApiError
-from services.openai_api.requests import parse_chat, parse_completion
-from services.openai_api.responses import Formatter
-from services.openai_api.streams import _END, DONE, HEARTBEAT, SseStream
+from services.router.http_api.errors import ApiError
+from services.router.http_api.requests import parse_chat, parse_completion
+from services.router.http_api.responses import Formatter
+from services.router.http_api.streams import _END, DONE, HEARTBEAT, SseStream
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

@@ -13,8 +13,8 @@ import json
 
 import grpc
 
-from services.openai_api.errors import ApiError, from_rpc_error
-from services.openai_api.responses import FINISH, Formatter, usage_dict
+from services.router.http_api.errors import ApiError, from_rpc_error
+from services.router.http_api.responses import FINISH, Formatter, usage_dict
 
 _END = object()
 HEARTBEAT = b": keep-alive\n\n"

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (Starlette): thin handlers that parse a body,
-call the routers' gRPC Inference API, and answer in OpenAI's shapes.
+call the Inference API (the router serves both, calling its own handlers
+in-process), and answer in OpenAI's shapes.
 
     POST /v1/chat/completions   POST /v1/completions   (stream: true | false)
     GET  /v1/models   GET /v1/models/{id}   GET /health
@@ -15,7 +16,7 @@ import logging
 import uuid
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 from prometheus_client import Counter
 from starlette.applications import Starlette
@@ -23,14 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmesh.v1 import inference_pb2, inference_pb2_grpc
+from llmesh.v1 import inference_pb2
 from observability import telemetry
-from services.openai_api.errors import ApiError, from_rpc_error, invalid
-from services.openai_api.requests import ParsedRequest, parse_chat, parse_completion
-from services.openai_api.responses import Formatter, TokenText, usage_dict
-from services.openai_api.streams import SseStream, Upstream
+from services.router.http_api.errors import ApiError, from_rpc_error, invalid
+from services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
+from services.router.http_api.responses import Formatter, TokenText, usage_dict
+from services.router.http_api.streams import SseStream, Upstream
 
-log = logging.getLogger("llmesh.openai_api")
+log = logging.getLogger("llmesh.router.http")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -40,13 +41,15 @@ def _reject_constant(name: str):
 
 
 class OpenAIApi:
-    """Collaborators: a channel to the routers, the served model's name, and
-    `token_text` (a token id's text, for logprobs)."""
+    """Collaborators: `inference`, a client of the Inference API (a gRPC stub, or
+    the router's own handlers called in-process: services/router/local_calls.py),
+    `health` (its health Check), the served model's name, and `token_text` (a
+    token id's text, for logprobs)."""
 
-    def __init__(self, channel: grpc.aio.Channel, model_name: str, token_text: TokenText,
+    def __init__(self, inference, health, model_name: str, token_text: TokenText,
                  heartbeat_s: float = 15.0, first_event_wait_s: float = 5.0):
-        self.stub = inference_pb2_grpc.InferenceStub(channel)
-        self.health = health_pb2_grpc.HealthStub(channel)
+        self.stub = inference
+        self.health = health
         self.model_name = model_name
         self.token_text = token_text
         self.heartbeat_s = heartbeat_s
@@ -116,7 +119,7 @@ class OpenAIApi:
         fmt = Formatter(parsed.kind, parsed.model or self.model_name, request_id,
                         parsed.logprobs, self.token_text)
         ctx = telemetry.extract(request.headers.get("traceparent", ""))
-        span = telemetry.tracer("llmesh.openai_api").start_span(
+        span = telemetry.tracer("llmesh.router.http").start_span(
             f"POST {request.url.path}", context=ctx, kind=trace.SpanKind.SERVER)
         path = request.url.path
         with trace.use_span(span, end_on_exit=False):
