@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	mkdir -p llmesh/v1 && touch llmesh/__init__.py llmesh/v1/__init__.py
 	$(BIN)/pip install -q -e '.[test,bench]'
+	# structured output: xgrammar without its triton requirement (1 GB of GPU kernel
+	# compiler xgrammar never runs on a CPU; GPU images have it with torch); its other
+	# requirements are in pyproject.toml
+	$(BIN)/pip install -q --no-deps 'xgrammar==0.2.8'
 	touch $(STAMP)
 
 test: install

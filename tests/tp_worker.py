@@ -66,7 +66,17 @@ def run_model(model_dir: str, group) -> dict:
                                                      ignore_eos=True))
     seeded = engine.generate(prompts[:3], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9,
                                                          seed=11, n=2, ignore_eos=True))
+    structured = None
+    if (Path(model_dir) / "tokenizer.json").is_file():  # structured output: grammar on rank 0
+        from services.common.grammar_spec import GrammarSpec
+        from services.common.tokenizer import TextTokenizer
+        with_text = Engine(model, EngineConfig(num_kv_blocks=64, max_num_batched_tokens=48,
+                                               max_num_seqs=8), TextTokenizer(model_dir))
+        structured = [[c.token_ids for c in cs] for cs in with_text.generate(
+            prompts[:2], SamplingParams(max_tokens=30, temperature=0.9, seed=5, n=2,
+                                        grammar=GrammarSpec("regex", r"(yes|no|maybe)[0-9]{3}")))]
     return {
+        "structured": structured,
         "logits": logits.tolist() if logits.shape[-1] else None,
         "greedy": [[c.token_ids for c in cs] for cs in greedy],
         "seeded": [[c.token_ids for c in cs] for cs in seeded],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
 from services.common.finish_reason import FinishReason
 from services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
+from services.common.grammar_spec import GrammarSpec
 from services.common.sampling_params import SamplingParams
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
@@ -26,8 +27,13 @@ def sampling_from_public(msg: common_pb2.SamplingParams) -> SamplingParams:
         if msg.HasField(name):
             value = getattr(msg, name)
             kwargs[name] = float(f"{value:.7g}") if isinstance(value, float) else value
+    grammar = None
+    kind = msg.structured.WhichOneof("kind") if msg.HasField("structured") else None
+    if kind is not None:
+        source = "" if kind == "json_object" else getattr(msg.structured, kind)
+        grammar = GrammarSpec(kind, source)
     return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
-                          ignore_eos=msg.ignore_eos,
+                          ignore_eos=msg.ignore_eos, grammar=grammar,
                           repetition_max_ngram=msg.repetition_max_ngram,
                           repetition_min_repeats=msg.repetition_min_repeats, **kwargs)
 
@@ -44,6 +50,8 @@ def sampling_to_wire(p: SamplingParams) -> engine_pb2.SamplingConfig:
         msg.seed = p.seed
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.grammar is not None:
+        msg.grammar_kind, msg.grammar_source = p.grammar.kind, p.grammar.source
     return msg
 
 
@@ -56,7 +64,8 @@ def sampling_from_wire(msg: engine_pb2.SamplingConfig) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         n=msg.n, repetition_max_ngram=msg.repetition_max_ngram,
-        repetition_min_repeats=msg.repetition_min_repeats)
+        repetition_min_repeats=msg.repetition_min_repeats,
+        grammar=GrammarSpec(msg.grammar_kind, msg.grammar_source) if msg.grammar_kind else None)
 
 
 def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:

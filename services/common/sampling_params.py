@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from services.common.errors import InvalidRequestError
+from services.common.grammar_spec import GrammarSpec
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -40,6 +41,7 @@ class SamplingParams:
     # repeated repetition_min_repeats times in a row; 0 = off
     repetition_max_ngram: int = 0
     repetition_min_repeats: int = 0
+    grammar: GrammarSpec | None = None  # structured output: the output must match it
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -72,6 +74,11 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
         for token_id in self.stop_token_ids:
             check_token_id("stop_token_ids", token_id, vocab_size)
+        if self.grammar is not None:
+            if self.ignore_eos:
+                raise InvalidRequestError("ignore_eos", "cannot be combined with structured "
+                                          "output (a finished grammar allows only EOS)")
+            self.grammar.validate()
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         for text in self.stop:

@@ -22,6 +22,7 @@ class TextTokenizer:
         if not path.is_file():
             raise UnsupportedModelError(f"{model_dir}: no tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(path))
+        self.model_dir = model_dir
         cfg_path = model_dir / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self._template = None

@@ -125,7 +125,8 @@ class Engine:
                             max_num_seqs=config.max_num_seqs, eos_token_ids=mc.eos_token_ids,
                             policy=config.policy),
             self.kv)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.device)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
+                                  tokenizer_dir=str(tokenizer.model_dir) if tokenizer else None)
         self.executor = InProcessExecutor(self.runner)
         self.loop = EngineLoop(self.scheduler, self.executor, mc.vocab_size, tokenizer=tokenizer,
                                pipeline_depth=config.pipeline_depth)

@@ -67,7 +67,8 @@ async def main(args) -> None:
     else:
         model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
     servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, device,
-                                  test_corrupt_after_steps=args.test_corrupt_after_steps)
+                                  test_corrupt_after_steps=args.test_corrupt_after_steps,
+                                  tokenizer_dir=args.model)
     await service.set_serving(True)
     await service.wait_for_termination()
 

@@ -7,6 +7,7 @@ pass over the rows that produce a token.
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -20,6 +21,8 @@ from services.executor.model import CausalLM
 from services.executor.sampler import SampleRow, sample
 
 
+log = logging.getLogger("llmesh.executor")
+
 @dataclass
 class SeqState:
     seq_id: str
@@ -30,13 +33,16 @@ class SeqState:
     index: int
     num_computed: int
     block_ids: list[int]
+    grammar: object = None  # structured output: its SequenceGrammar (on the sampling rank)
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", backend=None,
-                 test_corrupt_after_steps: int = 0):
-        """`test_corrupt_after_steps` (tests only): after that many sampling steps every
+                 test_corrupt_after_steps: int = 0, tokenizer_dir: str | None = None):
+        """`tokenizer_dir`: the model directory whose tokenizer.json structured output
+        compiles grammars against (None: requests with a grammar fail).
+        `test_corrupt_after_steps` (tests only): after that many sampling steps every
         sampled token is off by one, a silently broken replica for the known-answer
         probe to catch."""
         self.model = model
@@ -55,6 +61,8 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
+        self.tokenizer_dir = tokenizer_dir
+        self._grammar_compiler = None  # made on the first request with a grammar
         self.test_corrupt_after_steps = test_corrupt_after_steps
         self._num_sampling_steps = 0
         # drawn with the KV memory: a scheduler that sees it change knows the blocks are new
@@ -137,11 +145,27 @@ class ModelRunner:
         return result
 
     def _add(self, new: NewSequence) -> None:
+        grammar = None
+        if new.params.grammar is not None and (self.tp is None or self.tp.rank == 0):
+            # (a recomputed sequence replays the output it has so far)
+            grammar = self.grammars().sequence(new.params.grammar,
+                                               new.token_ids[new.num_prompt_tokens:])
         self.seqs[new.seq_id] = SeqState(
             seq_id=new.seq_id, token_ids=list(new.token_ids),
             num_prompt_tokens=new.num_prompt_tokens, params=new.params, seed=new.seed,
             index=new.index, num_computed=new.num_computed, block_ids=list(new.block_ids),
+            grammar=grammar,
         )
+
+    def grammars(self):
+        """The grammar compiler for this model's vocabulary (xgrammar; made once)."""
+        if self._grammar_compiler is None:
+            from services.executor.grammar import GrammarCompiler
+            if self.tokenizer_dir is None:
+                raise RuntimeError("structured output needs the model's tokenizer directory")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer_dir, self.config.vocab_size,
+                                                     self.config.eos_token_ids)
+        return self._grammar_compiler
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -160,7 +184,7 @@ class ModelRunner:
             v_cache[dst] = v_cache[src]
 
     def _sample(self, hidden, sample_seqs, result: StepResult) -> None:
-        rows, row_hidden, owners = [], [], []
+        rows, row_hidden, owners, grammars = [], [], [], []
         for seq, row in sample_seqs:
             # a sequence that still has to fork draws n tokens from the same logits
             is_unforked = seq.index == 0 and len(seq.token_ids) == seq.num_prompt_tokens
@@ -173,11 +197,15 @@ class ModelRunner:
                 ))
                 row_hidden.append(row)
                 owners.append(seq)
+                grammars.append(seq.grammar)  # (a fan-out's rows share the parent's state)
         logits = self.model.compute_logits(hidden[torch.tensor(row_hidden, device=self.device)])
+        if not any(g is not None for g in grammars):
+            grammars = None
         if self.tp is None:
-            tokens, logprobs = sample(logits, rows)
+            tokens, logprobs = sample(logits, rows, grammars)
         else:  # rank 0 holds the full logits and samples; every rank appends its tokens
-            tokens, logprobs = sample(logits, rows) if self.tp.rank == 0 else (None, [None] * len(rows))
+            tokens, logprobs = (sample(logits, rows, grammars) if self.tp.rank == 0
+                                else (None, [None] * len(rows)))
             tokens = self.tp.broadcast_tokens(tokens, len(rows), self.device)
         self._num_sampling_steps += 1
         if 0 < self.test_corrupt_after_steps < self._num_sampling_steps:
@@ -192,11 +220,22 @@ class ModelRunner:
     def _append(self, seq: SeqState, tokens: list[int]) -> None:
         """Append the sampled token; a parent with n > 1 forks into n sequences here."""
         base_tokens = list(seq.token_ids) if len(tokens) > 1 else []
+        # children's grammars fork from the parent's state before it takes its token
+        forks = [seq.grammar.fork() if seq.grammar is not None else None for _ in tokens[1:]]
         seq.token_ids.append(tokens[0])
-        for i, token in enumerate(tokens[1:], start=1):
+        _advance(seq.grammar, tokens[0])
+        for i, (token, grammar) in enumerate(zip(tokens[1:], forks), start=1):
             child_id = sequence_id(seq.seq_id, i)
+            _advance(grammar, token)
             self.seqs[child_id] = SeqState(
                 seq_id=child_id, token_ids=base_tokens + [token],
                 num_prompt_tokens=seq.num_prompt_tokens, params=seq.params, seed=seq.seed,
                 index=i, num_computed=seq.num_computed, block_ids=list(seq.block_ids),
+                grammar=grammar,
             )
+
+
+def _advance(grammar, token: int) -> None:
+    """The grammar takes the sampled token (its mask allowed only valid ones)."""
+    if grammar is not None and not grammar.accept(token):
+        log.warning("structured output: the grammar rejected sampled token %d", token)

@@ -61,11 +61,17 @@ class SampleRow:
         return self.token_ids[self.num_prompt_tokens:]
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [num_rows, vocab] float32 -> one token id (and optional logprobs) per row."""
+def sample(logits: torch.Tensor, rows: list[SampleRow],
+           grammars: list | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [num_rows, vocab] float32 -> one token id (and optional logprobs) per row.
+    `grammars`: per row, a SequenceGrammar (structured output) or None: its row keeps
+    only the tokens the grammar allows. Logprobs are the model's own (unmasked)."""
     num_rows, vocab = logits.shape
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    if grammars is not None and any(g is not None for g in grammars):
+        from services.executor.grammar import apply_masks
+        apply_masks(logits, grammars)
     logits = _apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]

@@ -133,7 +133,7 @@ def test_max_tokens_default_runs_to_the_context_or_eos(client):
     ({"messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, None),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
      400, "response_format"),
 ])
 def test_errors_are_openai_json_with_the_right_status(mesh, body, status, param):
@@ -273,3 +273,32 @@ def _post_raw(mesh, path, payload: bytes) -> int:
     except urllib.error.HTTPError as e:
         e.read()
         return e.code
+
+
+def test_json_schema_responses_always_conform(client):
+    """200 requests to the random-weight tiny model: every answer is JSON that
+    conforms to the schema, because the constraint forces it."""
+    from concurrent.futures import ThreadPoolExecutor
+    from structured_checks import SCHEMA, conforms
+
+    def ask(i):
+        out = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": f"item {i}"}],
+            max_tokens=120, seed=i, extra_body={"priority": "batch"}, response_format={
+                "type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}})
+        return out.choices[0]
+    with ThreadPoolExecutor(8) as pool:
+        choices = list(pool.map(ask, range(200)))
+    assert all(c.finish_reason == "stop" for c in choices)
+    assert all(conforms(c.message.content) for c in choices), \
+        [c.message.content for c in choices if not conforms(c.message.content)][:3]
+
+
+def test_grpc_regex_and_a_bad_schema(mesh):
+    out = _grpc_complete(mesh, "Answer", max_tokens=30, temperature=1.0, seed=4,
+                         structured=common_pb2.StructuredOutput(regex=r"(yes|no)!"))
+    assert out.text in ("yes!", "no!")
+    code, _, payload = _post(mesh, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}})
+    assert code == 400 and payload["error"]["param"] == "response_format"

@@ -86,6 +86,8 @@ def test_tp2_tokens_match_tp1(tp_results, name):
     # the other rank's sequences were extended with the same (broadcast) tokens
     assert rank1["greedy"] == tp1["greedy"] and rank1["seeded"] == tp1["seeded"]
     assert all(len(c[0]) == 12 for c in tp1["greedy"])
+    # structured output: rank 0 holds the grammar and masks; both ranks take its tokens
+    assert rank0["structured"] == rank1["structured"] == tp1["structured"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,6 +11,7 @@ Extensions (not in OpenAI's API): `top_k`, `min_p`, `repetition_penalty`,
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -156,7 +157,6 @@ def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bo
         _text("user", user)
     for name in ("logit_bias", "suffix"):
         _unsupported(body, name)
-    _unsupported(body, "response_format", allowed=({"type": "text"},))
     stream = _bool(body, "stream")
     options = _get(body, "stream_options")
     include_usage = include_timing = False
@@ -166,6 +166,24 @@ def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bo
         include_usage = _bool(options, "include_usage")
         include_timing = _bool(options, "include_timing")
     return stream, include_usage, include_timing
+
+
+def _response_format(body: dict, req: inference_pb2.GenerateRequest) -> None:
+    """`{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}}` -> the request's structured output."""
+    fmt = _get(body, "response_format")
+    if fmt is _MISSING:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise invalid("response_format", "type must be text, json_object or json_schema")
+    if fmt["type"] == "json_object":
+        req.sampling.structured.json_object = True
+    elif fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, bool)):
+            raise invalid("response_format", "json_schema.schema must be a JSON schema object")
+        req.sampling.structured.json_schema = json.dumps(schema)
 
 
 def _content(i: int, content) -> str:
@@ -203,6 +221,7 @@ def parse_chat(body, headers) -> ParsedRequest:
         req.chat.messages.add(role="system" if role == "developer" else role, content=text)
     stream, include_usage, include_timing = _common(body, headers, req)
     req.sampling.CopyFrom(_sampling(body, None))
+    _response_format(body, req)
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _int(body, "top_logprobs", 0, 20) or 0
@@ -248,6 +267,7 @@ def parse_completion(body, headers) -> ParsedRequest:
     base = inference_pb2.GenerateRequest()
     stream, include_usage, include_timing = _common(body, headers, base)
     base.sampling.CopyFrom(_sampling(body, 16))
+    _response_format(body, base)
     logprobs = _int(body, "logprobs", 0, 20)
     if logprobs is not None:
         base.sampling.logprobs = logprobs
