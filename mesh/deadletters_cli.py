@@ -73,6 +73,12 @@ def _replay(r, entries, endpoint: str, only: set[str], api_key: str | None, as_j
                 repetition_min_repeats=p["repetition_min_repeats"])
             if p["logprobs"] is not None:
                 sampling.logprobs = p["logprobs"]
+            grammar = p.get("grammar")
+            if grammar:  # structured output: the same constraint again
+                if grammar["kind"] == "json_object":
+                    sampling.structured.json_object = True
+                else:
+                    setattr(sampling.structured, grammar["kind"], grammar["source"])
             req = inference_pb2.GenerateRequest(
                 token_ids=inference_pb2.TokenIds(ids=json.loads(f["prompt_token_ids"])),
                 sampling=sampling, priority=PRIORITY_VALUES.get(f["priority"], 0))

@@ -38,12 +38,13 @@ def _cli(mesh, *args):
                           cwd=ROOT)
 
 
-def _expire(mesh, key: str, prompt: list[int]):
+def _expire(mesh, key: str, prompt: list[int], structured=None):
     """A deadline of 1 ms: it passes before the request can start (refused with
     DEADLINE_EXCEEDED) or, rarely, after its first step (Complete answers the
     partial output marked incomplete); a dead letter either way."""
     req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=prompt),
-                                        sampling=common_pb2.SamplingParams(max_tokens=6),
+                                        sampling=common_pb2.SamplingParams(
+                                            max_tokens=6, structured=structured),
                                         timeout_ms=1)
     with grpc.insecure_channel(mesh.endpoint) as ch:
         try:
@@ -56,7 +57,7 @@ def _expire(mesh, key: str, prompt: list[int]):
 
 
 def test_expired_requests_are_kept_listed_and_replayed(mesh):
-    _expire(mesh, "k-open", [0, 11, 12, 13])
+    _expire(mesh, "k-open", [0, 11, 12, 13], common_pb2.StructuredOutput(regex="(ab|cd)"))
     _expire(mesh, "k-private", [0, 21, 22, 23])
 
     def listed():
@@ -66,6 +67,8 @@ def test_expired_requests_are_kept_listed_and_replayed(mesh):
     by_tenant = {e["tenant"]: e for e in listed()}
     assert by_tenant["open"]["reason"] == "deadline exceeded"
     assert json.loads(by_tenant["open"]["prompt_token_ids"]) == [0, 11, 12, 13]
+    assert json.loads(by_tenant["open"]["sampling"])["grammar"] == {"kind": "regex",
+                                                                   "source": "(ab|cd)"}
     assert "prompt_token_ids" not in by_tenant["private"]  # its policy forbids keeping inputs
     assert by_tenant["private"]["num_prompt_tokens"] == "4"
     assert [e["tenant"] for e in json.loads(_cli(mesh, "list", "--json", "--tenant",

@@ -302,3 +302,34 @@ def test_grpc_regex_and_a_bad_schema(mesh):
         "messages": [{"role": "user", "content": "x"}],
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}})
     assert code == 400 and payload["error"]["param"] == "response_format"
+
+
+def test_json_fragments_stream_each_completed_value(mesh):
+    """`stream_options.json_fragments`: one event per completed member (list members
+    element by element), each parsing alone, then the finish chunk and [DONE]."""
+    from structured_checks import SCHEMA, conforms
+    body = {"model": "default", "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 120, "seed": 9, "stream": True,
+            "stream_options": {"json_fragments": True},
+            "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}
+    req = urllib.request.Request(f"http://{mesh.endpoint}/v1/chat/completions",
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json",
+                                          "authorization": "Bearer k-team"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    fragments = [json.loads(e) for e in events[:-1] if json.loads(e)["object"] == "json.fragment"]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
+    rebuilt = {}
+    for f in fragments:
+        key = f["path"][2:].split("[")[0]
+        if "[" in f["path"]:
+            rebuilt.setdefault(key, []).append(f["value"])
+        else:
+            rebuilt[key] = f["value"]
+    assert [f["path"].split("[")[0] for f in fragments if "[" not in f["path"]][:3] == \
+        ["$.name", "$.ok", "$.size"]
+    assert conforms(json.dumps(rebuilt)), fragments
+    code, _, payload = _post(mesh, "/v1/chat/completions", {**body, "response_format": None})
+    assert code == 400 and payload["error"]["param"] == "stream_options"

@@ -136,3 +136,35 @@ def test_a_broken_stream_ends_with_an_incomplete_error_event():
     assert last["error"]["incomplete"] is True
     assert last["error"]["incomplete_reason"] == "deadline exceeded"
     assert out[-1] == DONE and outcomes == ["timeout"]
+
+
+def test_json_fragments_replace_text_deltas():
+    async def feed(q):
+        for text in ['{"a": 1', ', "b": ["x', '", "y"]', "}"]:
+            q.put_nowait((0, _resp(0, text)))
+        q.put_nowait((0, _resp(0, "", common_pb2.FINISH_REASON_STOP, 9)))
+        q.put_nowait((0, _END))
+    fmt = Formatter("chat", "m", "id1", None, str)
+    up = QueueUpstream()
+    stream = SseStream(up, fmt, 1, False, heartbeat_s=1.0, json_fragments=True)
+
+    async def go():
+        feeder = asyncio.ensure_future(feed(up.queue))
+        out = [chunk async for chunk in stream.__aiter__()]
+        await feeder
+        return out
+    out = asyncio.run(go())
+    events = [json.loads(c[6:]) for c in out[:-1]]
+    assert [(e["path"], e["value"]) for e in events[:-1]] == [
+        ("$.a", 1), ("$.b[0]", "x"), ("$.b[1]", "y")]
+    assert all(e["object"] == "json.fragment" and e["index"] == 0 for e in events[:-1])
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and out[-1] == DONE
+
+
+def test_json_fragments_need_a_json_response_format_and_a_stream():
+    with pytest.raises(ApiError) as info:
+        parse_chat({**CHAT, "stream": True, "stream_options": {"json_fragments": True}}, {})
+    assert info.value.param == "stream_options"
+    p = parse_chat({**CHAT, "stream": True, "stream_options": {"json_fragments": True},
+                    "response_format": {"type": "json_object"}}, {})
+    assert p.json_fragments and p.requests[0].sampling.structured.json_object

@@ -146,7 +146,7 @@ class OpenAIApi:
             self.requests.labels(path, "200" if outcome == "ok" else f"200-{outcome}").inc()
             span.end()
         stream = SseStream(upstream, fmt, parsed.n, parsed.include_usage, self.heartbeat_s,
-                           first, on_end, parsed.include_timing)
+                           first, on_end, parsed.include_timing, parsed.json_fragments)
         return StreamingResponse(stream.__aiter__(), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 

@@ -35,6 +35,7 @@ class ParsedRequest:
     include_usage: bool = False
     logprobs: int | None = None  # None = off; k = top-k alternatives
     include_timing: bool = False  # stream chunks carry the scheduler's emitted_unix_s
+    json_fragments: bool = False  # stream completed JSON values, not text deltas
     extra_metadata: list = field(default_factory=list)
 
 
@@ -139,7 +140,8 @@ def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.Sampling
 
 
 def _common(body: dict, headers, req: inference_pb2.GenerateRequest) -> tuple[bool, bool, bool]:
-    """Fields both endpoints share; returns (stream, include_usage, include_timing)."""
+    """Fields both endpoints share; returns (stream, include_usage, include_timing)
+    (`stream_options.json_fragments` is read by `_fragments`)."""
     model = _get(body, "model")
     req.model = "" if model is _MISSING else _text("model", model)
     priority = _get(body, "priority")
@@ -186,6 +188,18 @@ def _response_format(body: dict, req: inference_pb2.GenerateRequest) -> None:
         req.sampling.structured.json_schema = json.dumps(schema)
 
 
+def _fragments(body: dict, req: inference_pb2.GenerateRequest, stream: bool) -> bool:
+    """`stream_options.json_fragments`: needs a stream and a JSON response_format."""
+    options = _get(body, "stream_options")
+    if not isinstance(options, dict) or not _bool(options, "json_fragments"):
+        return False
+    kind = req.sampling.structured.WhichOneof("kind")
+    if not stream or kind not in ("json_object", "json_schema"):
+        raise invalid("stream_options", "json_fragments needs stream: true and a JSON "
+                      "response_format")
+    return True
+
+
 def _content(i: int, content) -> str:
     if isinstance(content, str):
         return _text(f"messages[{i}].content", content)
@@ -222,6 +236,7 @@ def parse_chat(body, headers) -> ParsedRequest:
     stream, include_usage, include_timing = _common(body, headers, req)
     req.sampling.CopyFrom(_sampling(body, None))
     _response_format(body, req)
+    fragments = _fragments(body, req, stream)
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _int(body, "top_logprobs", 0, 20) or 0
@@ -230,7 +245,7 @@ def parse_chat(body, headers) -> ParsedRequest:
     if logprobs is not None:
         req.sampling.logprobs = logprobs
     return ParsedRequest("chat", req.model, [req], req.sampling.n or 1, stream, include_usage,
-                         logprobs, include_timing)
+                         logprobs, include_timing, fragments)
 
 
 def _prompts(prompt) -> list:
@@ -268,6 +283,7 @@ def parse_completion(body, headers) -> ParsedRequest:
     stream, include_usage, include_timing = _common(body, headers, base)
     base.sampling.CopyFrom(_sampling(body, 16))
     _response_format(body, base)
+    fragments = _fragments(body, base, stream)
     logprobs = _int(body, "logprobs", 0, 20)
     if logprobs is not None:
         base.sampling.logprobs = logprobs
@@ -283,4 +299,4 @@ def parse_completion(body, headers) -> ParsedRequest:
             req.token_ids.ids.extend(p)
         requests.append(req)
     return ParsedRequest("completion", base.model, requests, base.sampling.n or 1, stream,
-                         include_usage, logprobs, include_timing)
+                         include_usage, logprobs, include_timing, fragments)

@@ -69,6 +69,10 @@ class Formatter:
         choice["finish_reason"] = finish_reason
         return {**self._head(obj), "choices": [choice]}
 
+    def fragment(self, index: int, path: str, value) -> dict:
+        """One completed JSON value of choice `index` (JSON-fragment streaming)."""
+        return {**self._head("json.fragment"), "index": index, "path": path, "value": value}
+
     def usage_chunk(self, usage: dict) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage}

@@ -14,6 +14,7 @@ import json
 import grpc
 
 from services.router.http_api.errors import ApiError, from_rpc_error
+from services.router.http_api.json_fragments import JsonFragments
 from services.router.http_api.responses import FINISH, Formatter, usage_dict
 
 _END = object()
@@ -67,7 +68,8 @@ class SseStream:
     """Turns an Upstream into SSE bytes; `first` is an item already taken from it."""
 
     def __init__(self, upstream: Upstream, fmt: Formatter, n: int, include_usage: bool,
-                 heartbeat_s: float, first=None, on_end=None, include_timing: bool = False):
+                 heartbeat_s: float, first=None, on_end=None, include_timing: bool = False,
+                 json_fragments: bool = False):
         self.upstream = upstream
         self.fmt = fmt
         self.n = n
@@ -76,6 +78,8 @@ class SseStream:
         self.first = first
         self.on_end = on_end  # called with the outcome ("ok" or an error type)
         self.include_timing = include_timing  # each event: the scheduler's emitted_unix_s
+        # per choice: its JSON cut into completed values, sent instead of text deltas
+        self.fragments: dict[int, JsonFragments] | None = {} if json_fragments else None
 
     async def __aiter__(self):
         outcome = "cancelled"
@@ -116,8 +120,17 @@ class SseStream:
                                                    first=index not in started))
                         started.add(index)
                     continue
-                if resp.text or resp.finish_reason or index not in started or resp.logprobs:
-                    chunk = self.fmt.chunk(index, resp.text, resp.logprobs, reason,
+                text = resp.text
+                if self.fragments is not None:
+                    parser = self.fragments.setdefault(index, JsonFragments())
+                    done = parser.feed(text) + (parser.finish() if resp.finish_reason else [])
+                    for path, value in done:
+                        yield event(self.fmt.fragment(index, path, value))
+                    text = ""
+                    if not resp.finish_reason:
+                        continue
+                if text or resp.finish_reason or index not in started or resp.logprobs:
+                    chunk = self.fmt.chunk(index, text, resp.logprobs, reason,
                                            first=index not in started)
                     if self.include_timing:
                         chunk["emitted_unix_s"] = resp.emitted_unix_s
