@@ -197,10 +197,11 @@ class Engine:
         return self.kv.stats()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
-                 = SamplingParams()) -> list[list[Completion]]:
-        """Run prompts to completion together; per prompt, its n completions by index."""
+                 = SamplingParams(), priority: str = "standard") -> list[list[Completion]]:
+        """Run prompts to completion together; per prompt, its n completions by index.
+        (`priority="batch"` for an offline job: its class's queue waits longest.)"""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.add_request(p, sp, priority=priority) for p, sp in zip(prompts, params_list)]
         prompt_of = dict(zip(ids, prompts))
         tokens: dict[tuple[str, int], list[int]] = {}
         texts: dict[tuple[str, int], list[str]] = {}
