@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
-import threading
 
 import grpc
 import uvicorn
@@ -32,9 +30,6 @@ async def main(args) -> None:
                           dead_letters_from(admission))
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
-    # structured output: constraints are parsed here (xgrammar, with torch); import it
-    # beside startup, not in the first such request
-    threading.Thread(target=_import_quietly, args=("xgrammar",), daemon=True).start()
     http = _http_server(args, inference) if args.http_port else None
     await service.start()
     dispatcher.start()
@@ -45,13 +40,6 @@ async def main(args) -> None:
     if http is not None:
         http.should_exit = True
         await asyncio.wait_for(serving_http, 10)
-
-
-def _import_quietly(name: str) -> None:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass  # a request with a constraint gets the error
 
 
 class _EmbeddedServer(uvicorn.Server):

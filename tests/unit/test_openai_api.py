@@ -168,3 +168,35 @@ def test_json_fragments_need_a_json_response_format_and_a_stream():
     p = parse_chat({**CHAT, "stream": True, "stream_options": {"json_fragments": True},
                     "response_format": {"type": "json_object"}}, {})
     assert p.json_fragments and p.requests[0].sampling.structured.json_object
+
+
+def test_sse_response_sends_heartbeats_when_idle_and_stops_on_disconnect():
+    """The ASGI response: chunks go out as yielded, a comment heartbeat whenever
+    nothing was sent for heartbeat_s, and a disconnect cancels the iterator."""
+    from services.router.http_api.streams import SseResponse
+    sent, closed = [], []
+
+    async def body():
+        try:
+            yield b"data: 1\n\n"
+            await asyncio.sleep(0.35)  # idle: heartbeats
+            yield b"data: 2\n\n"
+            await asyncio.sleep(10)  # the client leaves meanwhile
+            yield b"data: never\n\n"
+        finally:
+            closed.append(True)
+
+    async def go():
+        async def send(msg):
+            sent.append(msg)
+
+        async def receive():
+            await asyncio.sleep(0.6)
+            return {"type": "http.disconnect"}
+        await SseResponse(body(), 0.1, {"cache-control": "no-cache"})({}, receive, send)
+    asyncio.run(go())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    chunks = [m["body"] for m in sent[1:]]
+    assert chunks[0] == b"data: 1\n\n" and b"data: 2\n\n" in chunks
+    assert 2 <= chunks[:chunks.index(b"data: 2\n\n")].count(HEARTBEAT) <= 4
+    assert b"data: never\n\n" not in chunks and closed == [True]

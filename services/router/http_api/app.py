@@ -21,7 +21,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmesh.v1 import inference_pb2
@@ -29,7 +29,7 @@ from observability import telemetry
 from services.router.http_api.errors import ApiError, from_rpc_error, invalid
 from services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
 from services.router.http_api.responses import Formatter, TokenText, usage_dict
-from services.router.http_api.streams import SseStream, Upstream
+from services.router.http_api.streams import DirectUpstream, SseResponse, SseStream, Upstream
 
 log = logging.getLogger("llmesh.router.http")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -134,7 +134,8 @@ class OpenAIApi:
         return JSONResponse(body)
 
     async def _stream(self, path, parsed, fmt, metadata, span) -> Response:
-        upstream = Upstream(self.stub, parsed.requests, metadata)
+        upstream = (DirectUpstream(self.stub, parsed.requests[0], metadata)
+                    if len(parsed.requests) == 1 else Upstream(self.stub, parsed.requests, metadata))
         # an error before the first event (validation, auth, limits) is an HTTP status
         first = await upstream.next(self.first_event_wait_s)
         if first is not None and isinstance(first[1], ApiError):
@@ -145,10 +146,11 @@ class OpenAIApi:
         def on_end(outcome: str) -> None:
             self.requests.labels(path, "200" if outcome == "ok" else f"200-{outcome}").inc()
             span.end()
-        stream = SseStream(upstream, fmt, parsed.n, parsed.include_usage, self.heartbeat_s,
+        # heartbeats come from the response (when nothing was sent for a while), so
+        # the stream reads its upstream without a timer per event
+        stream = SseStream(upstream, fmt, parsed.n, parsed.include_usage, None,
                            first, on_end, parsed.include_timing, parsed.json_fragments)
-        return StreamingResponse(stream.__aiter__(), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return SseResponse(stream.__aiter__(), self.heartbeat_s, SSE_HEADERS)
 
     async def _whole(self, request: Request, parsed, fmt, metadata) -> dict:
         calls = [self.stub.Complete(req, metadata=metadata) for req in parsed.requests]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 
@@ -64,11 +65,103 @@ class Upstream:
             task.cancel()
 
 
+class DirectUpstream:
+    """One streaming call read in the response's own task: no pump task and no
+    queue hop per event (the common case: one prompt)."""
+
+    def __init__(self, stub, request, metadata: tuple):
+        self.call = stub.Generate(request, metadata=metadata)
+        self._it = self.call.__aiter__()
+        self.num_open = 1
+        self._pending: asyncio.Future | None = None  # a read that outlived a timed wait
+
+    async def _read(self):
+        try:
+            return 0, await self._it.__anext__()
+        except StopAsyncIteration:
+            return 0, _END
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as e:
+            return 0, from_rpc_error(e)
+        except Exception as e:  # noqa: BLE001 (a broken call is an error event, not a crash)
+            return 0, ApiError(502, f"router stream failed: {e!r}", "server_error")
+
+    async def next(self, timeout_s: float | None = None):
+        """As Upstream.next; without a timeout the read happens in the caller's task."""
+        if self._pending is None:
+            if timeout_s is None:
+                return await self._read()
+            self._pending = asyncio.ensure_future(self._read())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout_s)
+        if not done:
+            return None
+        task, self._pending = self._pending, None
+        return task.result()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
+        aclose = getattr(self._it, "aclose", None)
+        if aclose is not None:  # an in-process handler: run its cleanup now
+            asyncio.ensure_future(aclose()).add_done_callback(
+                lambda f: f.cancelled() or f.exception())
+
+
+class SseResponse:
+    """An ASGI response for an SSE byte stream: each chunk is sent as soon as the
+    iterator yields it; a comment heartbeat goes out whenever nothing was sent for
+    `heartbeat_s`; a client disconnect cancels the iterator (its cleanup cancels
+    the request)."""
+
+    def __init__(self, body_iterator, heartbeat_s: float, headers: dict[str, str]):
+        self.body_iterator = body_iterator
+        self.heartbeat_s = heartbeat_s
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        lock = asyncio.Lock()  # heartbeats never split an event
+        last = [time.monotonic()]
+
+        async def body() -> None:
+            async for chunk in self.body_iterator:
+                async with lock:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last[0] = time.monotonic()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def heartbeats() -> None:
+            while True:
+                await asyncio.sleep(max(0.0, last[0] + self.heartbeat_s - time.monotonic()))
+                if time.monotonic() - last[0] >= self.heartbeat_s:
+                    async with lock:
+                        await send({"type": "http.response.body", "body": HEARTBEAT,
+                                    "more_body": True})
+                    last[0] = time.monotonic()
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        sending = asyncio.ensure_future(body())
+        others = [asyncio.ensure_future(heartbeats()), asyncio.ensure_future(disconnected())]
+        try:
+            await asyncio.wait([sending, others[1]], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in [sending] + others:
+                task.cancel()
+            await asyncio.gather(sending, *others, return_exceptions=True)
+        if sending.done() and not sending.cancelled() and sending.exception() is not None:
+            raise sending.exception()
+
+
 class SseStream:
     """Turns an Upstream into SSE bytes; `first` is an item already taken from it."""
 
-    def __init__(self, upstream: Upstream, fmt: Formatter, n: int, include_usage: bool,
-                 heartbeat_s: float, first=None, on_end=None, include_timing: bool = False,
+    def __init__(self, upstream, fmt: Formatter, n: int, include_usage: bool,
+                 heartbeat_s: float | None, first=None, on_end=None, include_timing: bool = False,
                  json_fragments: bool = False):
         self.upstream = upstream
         self.fmt = fmt
