@@ -266,3 +266,28 @@ def test_decode_only_steps_are_sampled_one_in_eight(otlp_mesh, collector):
     assert len(steps("engine.step")) <= 6
     # the request's own spans are whole: its decode span covers every token
     assert len(steps("decode")) == 1 and len(steps("prefill")) == 1
+
+
+def test_an_http_request_is_one_trace_across_every_hop(file_mesh):
+    """The HTTP API goes through the same tracing: Envoy's span, the router's HTTP
+    span and its request spans, tokenizer, scheduler and executor, one trace."""
+    import urllib.request
+    body = json.dumps({"model": "default", "prompt": "a lighthouse", "max_tokens": 3}).encode()
+    req = urllib.request.Request(f"http://{file_mesh.endpoint}/v1/completions", data=body,
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        request_id = json.loads(r.read())["id"].removeprefix("cmpl-")
+    traces = file_mesh.run_dir / "traces.jsonl"
+
+    def spans_of_request():
+        if not traces.exists():
+            return []
+        spans = [json.loads(line) for line in traces.read_text().splitlines() if line]
+        ids = {s["trace_id"] for s in spans
+               if s["attributes"].get("llmesh.request_id") == request_id}
+        return [s for s in spans if s["trace_id"] in ids]
+    assert wait_until(lambda: ALL_SERVICES <= {s["service"] for s in spans_of_request()}, 20)
+    spans = spans_of_request()
+    assert len({s["trace_id"] for s in spans}) == 1
+    http = [s for s in spans if s["name"] == "POST /v1/completions"]
+    assert len(http) == 1 and http[0]["service"] == "router"

@@ -200,3 +200,25 @@ def test_sse_response_sends_heartbeats_when_idle_and_stops_on_disconnect():
     assert chunks[0] == b"data: 1\n\n" and b"data: 2\n\n" in chunks
     assert 2 <= chunks[:chunks.index(b"data: 2\n\n")].count(HEARTBEAT) <= 4
     assert b"data: never\n\n" not in chunks and closed == [True]
+
+
+def test_router_statuses_map_to_http_statuses():
+    """What the router aborts with (here raised in-process, as the HTTP layer sees
+    it) becomes OpenAI's status and error type; a 429 carries its retry hint."""
+    import grpc
+
+    from services.router.http_api.errors import from_rpc_error
+    from services.router.local_calls import LocalRpcError
+    cases = {grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+             grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+             grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+             grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+             grpc.StatusCode.INTERNAL: (500, "server_error")}
+    for code, (status, type_) in cases.items():
+        e = from_rpc_error(LocalRpcError(code, "no replica is ready"))
+        assert (e.status, e.type, e.code) == (status, type_, code.name.lower())
+    e = from_rpc_error(LocalRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota",
+                                     (("retry-after-ms", "2500"),)))
+    assert e.status == 429 and e.headers() == {"retry-after": "2", "retry-after-ms": "2500"}
+    e = from_rpc_error(LocalRpcError(grpc.StatusCode.INVALID_ARGUMENT, "temperature: too hot"))
+    assert e.status == 400 and e.param == "temperature"
