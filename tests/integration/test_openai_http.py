@@ -333,3 +333,19 @@ def test_json_fragments_stream_each_completed_value(mesh):
     assert conforms(json.dumps(rebuilt)), fragments
     code, _, payload = _post(mesh, "/v1/chat/completions", {**body, "response_format": None})
     assert code == 400 and payload["error"]["param"] == "stream_options"
+
+
+def test_several_prompts_stream_together(client):
+    """A completions stream over two prompts merges both (choice index = prompt * n
+    + sequence) and equals the whole response."""
+    kw = dict(model="default", prompt=["The", "A lighthouse"], n=2, max_tokens=5, temperature=0)
+    whole = client.completions.create(**kw)
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1, 2, 3}
+    assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
