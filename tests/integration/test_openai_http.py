@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API through Envoy, driven by the official `openai`
 package (and curl and raw HTTP where the SDK hides what is checked)."""
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -349,3 +350,15 @@ def test_several_prompts_stream_together(client):
                 finished.add(c.index)
     assert finished == {0, 1, 2, 3}
     assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
+
+
+def test_vllm_style_guided_choice_and_regex(client):
+    """Clients written for vLLM's guided_* extensions work unchanged."""
+    for seed in range(5):
+        out = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "pick"}], seed=seed,
+            max_tokens=20, extra_body={"guided_choice": ["red", "green", "blue"]})
+        assert out.choices[0].message.content in ("red", "green", "blue")
+    out = client.completions.create(model="default", prompt="code:", max_tokens=20, seed=1,
+                                    extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", out.choices[0].text), out.choices[0].text

@@ -222,3 +222,23 @@ def test_router_statuses_map_to_http_statuses():
     assert e.status == 429 and e.headers() == {"retry-after": "2", "retry-after-ms": "2500"}
     e = from_rpc_error(LocalRpcError(grpc.StatusCode.INVALID_ARGUMENT, "temperature: too hot"))
     assert e.status == 400 and e.param == "temperature"
+
+
+def test_vllm_guided_fields_map_to_structured_output():
+    from services.common.grammar_spec import GrammarSpec
+    s = parse_chat({**CHAT, "guided_choice": ["yes please", "no. (never)"]}, {}).requests[0] \
+        .sampling.structured
+    GrammarSpec("regex", s.regex).validate()  # a regex xgrammar accepts
+    assert s.regex == r"yes please|no\. \(never\)"
+    s = parse_completion({"prompt": "x", "guided_json": {"type": "object"}}, {}).requests[0] \
+        .sampling.structured
+    assert json.loads(s.json_schema) == {"type": "object"}
+    assert parse_chat({**CHAT, "guided_grammar": 'root ::= "a"'}, {}).requests[0] \
+        .sampling.structured.ebnf == 'root ::= "a"'
+    for body, param in [({**CHAT, "guided_choice": []}, "guided_choice"),
+                        ({**CHAT, "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+                        ({**CHAT, "guided_regex": "a", "response_format": {"type": "json_object"}},
+                         "guided_regex")]:
+        with pytest.raises(ApiError) as info:
+            parse_chat(body, {})
+        assert info.value.param == param

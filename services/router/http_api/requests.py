@@ -188,6 +188,45 @@ def _response_format(body: dict, req: inference_pb2.GenerateRequest) -> None:
         req.sampling.structured.json_schema = json.dumps(schema)
 
 
+GUIDED = ("guided_json", "guided_regex", "guided_grammar", "guided_choice")
+
+
+def _guided(body: dict, req: inference_pb2.GenerateRequest) -> None:
+    """vLLM's structured-output extensions, so clients written for it work as they
+    are: `guided_json` (a schema, object or text), `guided_regex`, `guided_grammar`
+    (EBNF, xgrammar's dialect), `guided_choice` (one of a list of strings)."""
+    given = [name for name in GUIDED if _get(body, name) is not _MISSING]
+    if not given:
+        return
+    if len(given) > 1 or req.sampling.HasField("structured"):
+        raise invalid(given[-1], "only one of response_format and the guided_* fields")
+    name, value = given[0], body[given[0]]
+    s = req.sampling.structured
+    if name == "guided_json":
+        if isinstance(value, str):
+            s.json_schema = _text(name, value)
+        elif isinstance(value, (dict, bool)):
+            s.json_schema = json.dumps(value)
+        else:
+            raise invalid(name, "must be a JSON schema (an object or its text)")
+    elif name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(c, str) and c for c in value):
+            raise invalid(name, "must be a non-empty list of non-empty strings")
+        s.regex = "|".join(_regex_literal(_text(name, c)) for c in value)
+    else:
+        setattr(s, "regex" if name == "guided_regex" else "ebnf", _text(name, value))
+
+
+def _regex_literal(text: str) -> str:
+    """`text` matched literally (only the metacharacters escaped: xgrammar's regex
+    dialect refuses escapes of ordinary characters)."""
+    return "".join("\\" + c if c in _REGEX_META else c for c in text)
+
+
+_REGEX_META = frozenset("\\.^$*+?()[]{}|")
+
+
 def _fragments(body: dict, req: inference_pb2.GenerateRequest, stream: bool) -> bool:
     """`stream_options.json_fragments`: needs a stream and a JSON response_format."""
     options = _get(body, "stream_options")
@@ -236,6 +275,7 @@ def parse_chat(body, headers) -> ParsedRequest:
     stream, include_usage, include_timing = _common(body, headers, req)
     req.sampling.CopyFrom(_sampling(body, None))
     _response_format(body, req)
+    _guided(body, req)
     fragments = _fragments(body, req, stream)
     logprobs = None
     if _bool(body, "logprobs"):
@@ -283,6 +323,7 @@ def parse_completion(body, headers) -> ParsedRequest:
     stream, include_usage, include_timing = _common(body, headers, base)
     base.sampling.CopyFrom(_sampling(body, 16))
     _response_format(body, base)
+    _guided(body, base)
     fragments = _fragments(body, base, stream)
     logprobs = _int(body, "logprobs", 0, 20)
     if logprobs is not None:
