@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
-from mesh.supervisor import Supervisor, build_specs
+from benchmarks.local_mesh import local_mesh, write_report
 
 PRIORITIES = {"interactive": 1, "standard": 2, "batch": 3}
 
@@ -65,7 +63,6 @@ async def _flood(endpoint: str, rate: float, duration_s: float, priority: int,
 
 
 def main(argv=None) -> int:
-    from benchmarks.machine import machine_info, versions
     from mesh.default_model import make_tiny
     p = argparse.ArgumentParser(prog="benchmarks.overload")
     p.add_argument("--rate", type=float, default=150.0)
@@ -75,34 +72,21 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     model_dir = str(make_tiny(Path(tempfile.mkdtemp()) / "tiny"))
-    run_dir = Path(tempfile.mkdtemp(prefix="llmesh-overload-"))
-    cfg = resolve_ports(MeshConfig(
-        model=model_dir, run_dir=str(run_dir), envoy=EnvoyConfig(port=0, admin_port=0),
-        engine=EngineLimits(num_kv_blocks=256),
-        observability=ObservabilityConfig(tracing="off", metrics=False)))
-    sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
-    sup.start()
-    try:
-        results = asyncio.run(_flood(f"127.0.0.1:{cfg.envoy.port}", args.rate, args.duration,
+    with local_mesh(model_dir, num_kv_blocks=256) as endpoint:
+        results = asyncio.run(_flood(endpoint, args.rate, args.duration,
                                      PRIORITIES[args.priority], args.max_tokens))
-    finally:
-        sup.stop()
     admitted = sorted(t for s, t, _ in results if s == "OK" and t is not None)
     refused = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]
 
     def q(p: float):
         return round(admitted[min(len(admitted) - 1, int(p * len(admitted)))], 3) \
             if admitted else None
-    report = {"machine": machine_info(), "versions": versions(), "args": vars(args),
-              "statuses": dict(collections.Counter(s for s, _, _ in results)),
-              "refused_share": round(len(refused) / len(results), 3),
-              "refusals_with_retry_hint": sum(h for _, _, h in refused),
-              "admitted_ttft_s": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args, {
+        "statuses": dict(collections.Counter(s for s, _, _ in results)),
+        "refused_share": round(len(refused) / len(results), 3),
+        "refusals_with_retry_hint": sum(h for _, _, h in refused),
+        "admitted_ttft_s": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}})
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

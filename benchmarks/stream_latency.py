@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
-from mesh.supervisor import Supervisor, build_specs
+from benchmarks.local_mesh import local_mesh, write_report
 
 PROMPT = [1, 17, 29, 31, 37]
 STALL_S = 0.040
@@ -97,27 +96,16 @@ def _summary(gaps: list[float]) -> dict:
 
 
 def run(model_dir: str, streams: int, max_tokens: int, step_ms: float, rounds: int) -> dict:
-    run_dir = Path(tempfile.mkdtemp(prefix="llmesh-stream-latency-"))
-    cfg = resolve_ports(MeshConfig(
-        model=model_dir, run_dir=str(run_dir),
-        envoy=EnvoyConfig(port=0, admin_port=0),
-        engine=EngineLimits(num_kv_blocks=1024, max_num_seqs=max(64, streams),
-                            bench_step_ms=step_ms, probe_interval_s=0.0),
-        observability=ObservabilityConfig(tracing="off", metrics=False)))
-    sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
-    sup.start()
-    endpoint = f"127.0.0.1:{cfg.envoy.port}"
-    try:
+    grpc_gaps, sse_gaps = [], []
+    with local_mesh(model_dir, num_kv_blocks=1024, max_num_seqs=max(64, streams),
+                    bench_step_ms=step_ms, probe_interval_s=0.0) as endpoint:
         asyncio.run(_round(endpoint, 4, 4))  # warm up connections and both paths
-        grpc_gaps, sse_gaps = [], []
         for r in range(rounds):
             g, s = asyncio.run(_round(endpoint, streams, max_tokens))
             grpc_gaps += g
             sse_gaps += s
             print(f"round {r + 1}: grpc p50 {_summary(g)['p50_ms']} ms, "
                   f"sse p50 {_summary(s)['p50_ms']} ms", file=sys.stderr)
-    finally:
-        sup.stop()
     out = {"grpc": _summary(grpc_gaps), "sse": _summary(sse_gaps)}
     out["sse_minus_grpc_ms"] = {k: round(out["sse"][k] - out["grpc"][k], 3)
                                 for k in ("p50_ms", "p90_ms", "p99_ms")}
@@ -125,7 +113,6 @@ def run(model_dir: str, streams: int, max_tokens: int, step_ms: float, rounds: i
 
 
 def main(argv=None) -> int:
-    from benchmarks.machine import machine_info, versions
     from mesh.default_model import make_tiny
     p = argparse.ArgumentParser(prog="benchmarks.stream_latency")
     p.add_argument("--model", help="model directory (default: the tiny model)")
@@ -136,11 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     model_dir = args.model or str(make_tiny(Path(tempfile.mkdtemp()) / "tiny"))
-    result = run(model_dir, args.streams, args.max_tokens, args.step_ms, args.rounds)
-    report = {"machine": machine_info(), "versions": versions(), "args": vars(args), **result}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args, run(model_dir, args.streams, args.max_tokens, args.step_ms, args.rounds))
     return 0
 
 

@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from services.common.grammar_spec import GrammarSpec
 from services.common.sampling_params import SamplingParams
@@ -41,7 +40,7 @@ def _timed(engine: Engine, prompts, params) -> tuple[float, list]:
 
 
 def main(argv=None) -> int:
-    from benchmarks.machine import machine_info, versions
+    from benchmarks.local_mesh import write_report
     from mesh.default_model import default_model_dir
     p = argparse.ArgumentParser(prog="benchmarks.structured_cost")
     p.add_argument("--model", help="model directory (default: the bench preset)")
@@ -79,14 +78,11 @@ def main(argv=None) -> int:
                      "ratio": times["free"] / times["schema"]})
         print(f"round {r + 1}: {rows[-1]}", file=sys.stderr)
     engine.close()
-    report = {"machine": machine_info(), "versions": versions(), "args": vars(args),
-              "model": model_dir, "rounds": rows,
-              "median_ratio": statistics.median(r["ratio"] for r in rows),
-              "median_schema_tok_s": statistics.median(r["schema_tok_s"] for r in rows),
-              "median_free_tok_s": statistics.median(r["free_tok_s"] for r in rows)}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args, {
+        "model": model_dir, "rounds": rows,
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "median_schema_tok_s": statistics.median(r["schema_tok_s"] for r in rows),
+        "median_free_tok_s": statistics.median(r["free_tok_s"] for r in rows)})
     return 0
 
 

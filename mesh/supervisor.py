@@ -52,14 +52,6 @@ def is_serving(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def http_ok(port: int, path: str = "/health") -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def envoy_ready(admin_port: int, clusters: tuple[str, ...] = ("routers",)) -> bool:
     """Envoy is live and sees at least one healthy endpoint in each of `clusters`."""
     try:
@@ -173,8 +165,6 @@ class Supervisor:
     def _ready(self, spec: ProcSpec) -> bool:
         if spec.health_port is not None:
             return is_serving(spec.health_port)
-        if "http_port" in spec.extra:
-            return http_ok(spec.extra["http_port"])
         return envoy_ready(spec.extra["admin_port"], spec.extra["clusters"])
 
     def wait_ready(self, spec: ProcSpec, timeout_s: float) -> None:

@@ -148,7 +148,7 @@ class OpenAIApi:
             span.end()
         # heartbeats come from the response (when nothing was sent for a while), so
         # the stream reads its upstream without a timer per event
-        stream = SseStream(upstream, fmt, parsed.n, parsed.include_usage, None,
+        stream = SseStream(upstream, fmt, parsed.n, parsed.include_usage,
                            first, on_end, parsed.include_timing, parsed.json_fragments)
         return SseResponse(stream.__aiter__(), self.heartbeat_s, SSE_HEADERS)
 

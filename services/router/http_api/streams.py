@@ -1,15 +1,17 @@
 """The router calls of one HTTP request, and its SSE event stream.
 
-A completions request may hold several prompts: each is its own router call,
-merged here into one queue (choice index = prompt * n + sequence). The SSE
-stream sends each event as soon as its delta arrives, a comment heartbeat
-while nothing comes, an error event (with `incomplete` and why) if the
-stream breaks, then `data: [DONE]`.
+One prompt is read straight from its call (DirectUpstream); a completions
+request with several prompts makes one router call each, merged into one queue
+(Upstream; choice index = prompt * n + sequence). SseStream turns the deltas
+into events: each as soon as it arrives, an error event (with `incomplete` and
+why) if the stream breaks, then `data: [DONE]`. SseResponse sends them, with a
+comment heartbeat whenever nothing was sent for a while.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import grpc
@@ -18,6 +20,7 @@ from services.router.http_api.errors import ApiError, from_rpc_error
 from services.router.http_api.json_fragments import JsonFragments
 from services.router.http_api.responses import FINISH, Formatter, usage_dict
 
+log = logging.getLogger("llmesh.router.http")
 _END = object()
 HEARTBEAT = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -25,6 +28,13 @@ DONE = b"data: [DONE]\n\n"
 
 def event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _failure(e: Exception) -> ApiError:
+    """What ended a router call early, as the stream's error event."""
+    if isinstance(e, grpc.RpcError):
+        return from_rpc_error(e)
+    return ApiError(502, f"router stream failed: {e!r}", "server_error")
 
 
 class Upstream:
@@ -44,11 +54,8 @@ class Upstream:
             self.queue.put_nowait((i, _END))
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError as e:
-            self.queue.put_nowait((i, from_rpc_error(e)))
         except Exception as e:  # noqa: BLE001 (a broken call is an error event, not a crash)
-            self.queue.put_nowait((i, ApiError(502, f"router stream failed: {e!r}",
-                                               "server_error")))
+            self.queue.put_nowait((i, _failure(e)))
 
     async def next(self, timeout_s: float):
         """The next (prompt index, response | _END | ApiError), or None after `timeout_s`."""
@@ -82,10 +89,8 @@ class DirectUpstream:
             return 0, _END
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError as e:
-            return 0, from_rpc_error(e)
         except Exception as e:  # noqa: BLE001 (a broken call is an error event, not a crash)
-            return 0, ApiError(502, f"router stream failed: {e!r}", "server_error")
+            return 0, _failure(e)
 
     async def next(self, timeout_s: float | None = None):
         """As Upstream.next; without a timeout the read happens in the caller's task."""
@@ -153,6 +158,9 @@ class SseResponse:
             for task in [sending] + others:
                 task.cancel()
             await asyncio.gather(sending, *others, return_exceptions=True)
+        for task in others:  # (a broken heartbeat must not pass silently)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("SSE heartbeat task failed: %r", task.exception())
         if sending.done() and not sending.cancelled() and sending.exception() is not None:
             raise sending.exception()
 
@@ -161,13 +169,12 @@ class SseStream:
     """Turns an Upstream into SSE bytes; `first` is an item already taken from it."""
 
     def __init__(self, upstream, fmt: Formatter, n: int, include_usage: bool,
-                 heartbeat_s: float | None, first=None, on_end=None, include_timing: bool = False,
+                 first=None, on_end=None, include_timing: bool = False,
                  json_fragments: bool = False):
         self.upstream = upstream
         self.fmt = fmt
         self.n = n
         self.include_usage = include_usage
-        self.heartbeat_s = heartbeat_s
         self.first = first
         self.on_end = on_end  # called with the outcome ("ok" or an error type)
         self.include_timing = include_timing  # each event: the scheduler's emitted_unix_s
@@ -184,10 +191,7 @@ class SseStream:
         try:
             while True:
                 if item is None:
-                    item = await self.upstream.next(self.heartbeat_s)
-                    if item is None:
-                        yield HEARTBEAT
-                        continue
+                    item = await self.upstream.next(None)
                 prompt, resp = item
                 item = None
                 if resp is _END:
