@@ -68,6 +68,8 @@ def _common(p, default_targets: str) -> None:
                    help="seconds between KV usage samples")
     p.add_argument("--drain-timeout", type=float, default=3600.0,
                    help="seconds to wait for requests after the last arrival")
+    p.add_argument("--dtype", help="weights of the engine and mesh targets: float32, bfloat16, "
+                                   "float16, int8 or float16-weights (default: the config's)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")
 
@@ -137,6 +139,11 @@ def build_setup(args):
         from mesh.default_model import default_model_dir
         model_dir = default_model_dir("bench")
     engine_config = engine_config_for(mesh_config) if mesh_config is not None else BENCH_ENGINE_CONFIG
+    if args.dtype:
+        engine_config = dataclasses.replace(engine_config, dtype=args.dtype)
+        if mesh_config is not None:
+            mesh_config = dataclasses.replace(mesh_config, engine=dataclasses.replace(
+                mesh_config.engine, dtype=args.dtype))
     model_config = load_model_config(model_dir)
     limit = context_limit(model_config, engine_config,
                           mesh_config if {"mesh", "openai"} & set(names) else None)

@@ -161,10 +161,8 @@ def make_target(name: str, setup: BenchSetup, model_config):
         return OpenAITarget(cfg, setup.model_dir, url, setup.openai_model, setup.openai_api_key,
                             scheduler_addrs=None if setup.openai_url else setup.mesh_schedulers,
                             sample_interval_s=setup.sample_interval_s)
-    import torch
-
-    from services.executor.model_config import DTYPES
-    dtype = DTYPES.get(setup.engine_config.dtype, torch.float32)
+    from services.executor.weights import resolve_dtype
+    dtype = resolve_dtype(model_config, setup.engine_config.dtype)
     if name == "hf-static":
         from benchmarks.hf_targets import HFStaticTarget
         return HFStaticTarget(setup.model_dir, setup.hf_batch_size, dtype)
@@ -177,11 +175,15 @@ def make_target(name: str, setup: BenchSetup, model_config):
 
 
 def kv_blocks(engine_config: EngineConfig, model_config) -> int:
-    from services.executor.model_config import DTYPES
+    """The configured KV blocks (0: sized from memory when the engine starts)."""
     from services.executor.runner import ModelRunner
+    from services.executor.weights import resolve_dtype
     e = engine_config
-    per_block = ModelRunner.kv_bytes_per_block(model_config, e.block_size, DTYPES[e.dtype])
-    return e.num_kv_blocks or e.kv_cache_bytes // per_block
+    if e.num_kv_blocks or not e.kv_cache_bytes:
+        return e.num_kv_blocks or 0
+    per_block = ModelRunner.kv_bytes_per_block(model_config, e.block_size,
+                                               resolve_dtype(model_config, e.dtype))
+    return e.kv_cache_bytes // per_block
 
 
 def mesh_config_for(engine_config: EngineConfig, model_config):
@@ -211,10 +213,10 @@ def context_limit(model_config, engine_config: EngineConfig, mesh_config=None) -
     the configured max_model_len and the KV capacity."""
     e = engine_config
     limit = min(model_config.max_position_embeddings, e.max_model_len or 1 << 30)
-    limit = min(limit, kv_blocks(e, model_config) * e.block_size)
+    limit = min(limit, kv_blocks(e, model_config) * e.block_size or 1 << 30)
     if mesh_config is not None:
         m = mesh_config.engine
-        limit = min(limit, m.max_model_len or 1 << 30, m.num_kv_blocks * m.block_size)
+        limit = min(limit, m.max_model_len or 1 << 30, m.num_kv_blocks * m.block_size or 1 << 30)
     return limit
 
 

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto",
+                                                                "int8", "float16-weights"])
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument("--api-key", help="API key of a keyed mesh (default: $LLMESH_API_KEY)")
     gen.add_argument("--priority", choices=["interactive", "standard", "batch"],

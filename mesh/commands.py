@@ -150,7 +150,8 @@ def cmd_status(args) -> int:
                 s = scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
                                                                   timeout=2)
             entry.update(running=s.num_running, waiting=s.num_waiting, kv_usage=s.kv_usage,
-                         kv_used_blocks=s.num_used_blocks, prefix_hit_rate=s.prefix_hit_rate,
+                         kv_used_blocks=s.num_used_blocks, kv_blocks=s.num_kv_blocks,
+                         prefix_hit_rate=s.prefix_hit_rate,
                          steps=s.num_steps, preemptions=s.num_preemptions,
                          tensor_parallel=s.tensor_parallel)
         except grpc.RpcError as e:
@@ -166,7 +167,8 @@ def cmd_status(args) -> int:
             print(f"  {name:14s} {'SERVING' if ok else 'NOT_SERVING'}")
         for r in replicas:
             print(f"  replica {r['replica']}: running {r.get('running')} waiting {r.get('waiting')} "
-                  f"kv {r.get('kv_usage', 0):.1%} ({r.get('kv_used_blocks')} blocks)")
+                  f"kv {r.get('kv_usage', 0):.1%} ({r.get('kv_used_blocks')} of "
+                  f"{r.get('kv_blocks')} blocks)")
         m = out["metrics"]
         if m.get("requests") is not None:
             print(f"  requests {m['requests']:.0f} (errors {m['errors']:.0f}), tokens in "

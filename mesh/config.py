@@ -17,7 +17,8 @@ import yaml
 @dataclass(frozen=True)
 class EngineLimits:
     block_size: int = 16
-    num_kv_blocks: int = 2048
+    num_kv_blocks: int = 0  # 0 = a share of the memory available to the executors (CPU)
+    kv_memory_share: float = 0.5  # of the available memory, split among the executors
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
@@ -183,6 +184,7 @@ def parse_config(raw: dict) -> MeshConfig:
     if not 0.0 <= obs.sample_ratio <= 1.0:
         raise ConfigError("observability.sample_ratio must be within [0, 1]")
     _check_admission(cfg.admission)
+    _check_engine(cfg.engine)
     for i, r in enumerate(cfg.replica_ports):
         if len(r.executors) != cfg.tensor_parallel:
             raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "
@@ -191,6 +193,21 @@ def parse_config(raw: dict) -> MeshConfig:
 
 
 CLASS_FIELDS = {"weight", "max_queued_requests", "max_queued_tokens", "timeout_s", "ttft_budget_s"}
+
+
+ENGINE_DTYPES = ("float32", "bfloat16", "float16", "auto", "int8", "float16-weights")
+
+
+def _check_engine(e: EngineLimits) -> None:
+    if e.dtype not in ENGINE_DTYPES:
+        raise ConfigError(f"engine.dtype must be one of {', '.join(ENGINE_DTYPES)}")
+    if e.num_kv_blocks < 0:
+        raise ConfigError("engine.num_kv_blocks must be >= 0 (0 = sized from memory)")
+    if not 0.0 < e.kv_memory_share <= 0.95:
+        raise ConfigError("engine.kv_memory_share must be within (0, 0.95]")
+    if not e.num_kv_blocks and e.device != "cpu":
+        raise ConfigError(f"engine.num_kv_blocks: set it for device {e.device!r} (sizing "
+                          "from memory is for CPU executors)")
 
 
 def _check_admission(adm: AdmissionConfig) -> None:

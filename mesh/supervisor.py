@@ -73,9 +73,24 @@ def telemetry_env(cfg: MeshConfig) -> dict:
             "LLMESH_DECODE_STEP_EVERY": str(obs.decode_step_every)}
 
 
+def kv_blocks_args(cfg: MeshConfig) -> list[str]:
+    """The executors' KV arguments. With num_kv_blocks 0 each executor takes its share
+    of the memory available once it has loaded, at most what max_num_seqs sequences
+    of max_model_len can fill; the scheduler starts with that cap and shrinks to the
+    smallest rank's count when they connect."""
+    e = cfg.engine
+    if e.num_kv_blocks:
+        return ["--num-kv-blocks", str(e.num_kv_blocks)]
+    processes = cfg.replicas * cfg.tensor_parallel
+    return ["--num-kv-blocks", "0", "--max-num-seqs", str(e.max_num_seqs),
+            "--max-model-len", str(e.max_model_len),
+            "--kv-memory-share", f"{e.kv_memory_share / processes:.6f}"]
+
+
 def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
     py = [sys.executable, "-m"]
     e = cfg.engine
+    executor_kv = kv_blocks_args(cfg)
     specs = []
     obs = cfg.observability
     if obs.tracing == "file":
@@ -97,7 +112,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
                      "--dist-addr", f"127.0.0.1:{ports.dist_port}"] if tp > 1 else [])
             specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
                 "services.executor", "--port", str(port), "--model", model_dir,
-                "--dtype", e.dtype, "--device", e.device, "--num-kv-blocks", str(e.num_kv_blocks),
+                "--dtype", e.dtype, "--device", e.device, *executor_kv,
                 "--block-size", str(e.block_size), "--threads", str(threads),
                 "--bench-step-ms", str(e.bench_step_ms),
                 "--test-corrupt-after-steps", str(e.test_corrupt_after_steps)] + dist, port,

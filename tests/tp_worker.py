@@ -75,7 +75,16 @@ def run_model(model_dir: str, group) -> dict:
         structured = [[c.token_ids for c in cs] for cs in with_text.generate(
             prompts[:2], SamplingParams(max_tokens=30, temperature=0.9, seed=5, n=2,
                                         grammar=GrammarSpec("regex", r"(yes|no|maybe)[0-9]{3}")))]
+    # int8 weights under tensor parallelism (row-parallel layers quantize their slice)
+    int8 = load_model(model_dir, "int8", "cpu", group)
+    with torch.inference_mode():
+        int8_logits = teacher_forced_logits(int8, prompts[2], chunk=24)
+    int8_greedy = Engine(int8, EngineConfig(num_kv_blocks=64, max_num_batched_tokens=48,
+                                            max_num_seqs=8)).generate(
+        prompts[:2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     return {
+        "int8_logits": int8_logits.tolist() if int8_logits.shape[-1] else None,
+        "int8_greedy": [[c.token_ids for c in cs] for cs in int8_greedy],
         "structured": structured,
         "logits": logits.tolist() if logits.shape[-1] else None,
         "greedy": [[c.token_ids for c in cs] for cs in greedy],

@@ -25,6 +25,7 @@ from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 from services.common.tokenizer import TextTokenizer
+from services.executor.kv_memory import DEFAULT_KV_MEMORY_SHARE, peak_rss_bytes, size_kv_cache
 from services.executor.model import CausalLM
 from services.executor.runner import ModelRunner
 from services.executor.weights import load_model
@@ -37,8 +38,11 @@ from services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 256 * 2**20
+    # KV blocks: num_kv_blocks, else as many as kv_cache_bytes holds, else sized from
+    # the memory free after the weights (CPU: kv_memory_share of it; CUDA: below)
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_memory_share: float = DEFAULT_KV_MEMORY_SHARE
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -114,10 +118,12 @@ class Engine:
         per_block = ModelRunner.kv_bytes_per_block(mc, config.block_size, dtype)
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks
+        elif config.kv_cache_bytes:
+            num_blocks = max(1, config.kv_cache_bytes // per_block)
         elif torch.device(config.device).type == "cuda":
             num_blocks = gpu_kv_blocks(model, config, per_block)
         else:
-            num_blocks = max(1, config.kv_cache_bytes // per_block)
+            num_blocks = cpu_kv_blocks(model, config, per_block, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_model_len=self.max_model_len,
@@ -232,25 +238,42 @@ class InsufficientMemoryError(LlmeshError):
     code = "RESOURCE_EXHAUSTED"
 
 
-def gpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int) -> int:
-    """KV blocks that fit in `gpu_memory_utilization` of the device memory that is
-    *free* once the weights are loaded (so engines and executors can share a GPU),
-    less the activations of a profiling forward of a full token budget."""
+def profile_forward(model: CausalLM, config: EngineConfig) -> int:
+    """Run a prefill of a full token budget; returns the probe's KV blocks."""
     num_tokens = config.max_num_batched_tokens
     probe_blocks = -(-num_tokens // config.block_size)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     probe = ModelRunner(model, probe_blocks, config.block_size, config.device)
     probe.execute(StepPlan(step_id=0, new=[NewSequence(
         seq_id="probe", token_ids=[0] * num_tokens, num_prompt_tokens=num_tokens,
         params=SamplingParams(), seed=0, index=0, num_computed=0,
         block_ids=list(range(probe_blocks)))],
         scheduled=[ScheduledSequence("probe", num_tokens, probe_blocks, [])]))
+    return probe_blocks
+
+
+def cpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int,
+                  max_model_len: int) -> int:
+    """`kv_memory_share` of the memory available after the weights and a profiling
+    forward (its peak RSS growth is the activations' reservation), capped at what
+    `max_num_seqs` sequences of `max_model_len` tokens can fill."""
+    before = peak_rss_bytes()
+    probe_blocks = profile_forward(model, config)
+    activations = max(0, peak_rss_bytes() - before - probe_blocks * per_block)
+    cap = config.max_num_seqs * -(-max_model_len // config.block_size)
+    return size_kv_cache(per_block, cap, config.kv_memory_share, activations).num_blocks
+
+
+def gpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int) -> int:
+    """KV blocks that fit in `gpu_memory_utilization` of the device memory that is
+    *free* once the weights are loaded (so engines and executors can share a GPU),
+    less the activations of a profiling forward of a full token budget."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    probe_blocks = profile_forward(model, config)
     torch.cuda.synchronize()
     activations = torch.cuda.max_memory_allocated() - before - probe_blocks * per_block
-    del probe
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(torch.device(config.device))
     budget = free * config.gpu_memory_utilization - activations

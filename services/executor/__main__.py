@@ -12,6 +12,7 @@ import torch
 from llmesh.v1 import executor_pb2_grpc
 from observability import telemetry
 from services.common.server import Service
+from services.executor.kv_memory import DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, size_kv_cache
 from services.executor.runner import ModelRunner
 from services.executor.servicer import ExecutorServicer
 from services.executor.weights import load_model
@@ -23,7 +24,14 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--num-kv-blocks", type=int, required=True)
+    p.add_argument("--num-kv-blocks", type=int, required=True,
+                   help="KV blocks; 0 = a share of the memory available after loading")
+    p.add_argument("--kv-memory-share", type=float, default=DEFAULT_KV_MEMORY_SHARE,
+                   help="with --num-kv-blocks 0: this process's share of the available memory")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="with --num-kv-blocks 0: at most these many sequences' blocks ...")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="... of this many tokens (0 = the model's context)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--rank", type=int, default=0)
@@ -66,7 +74,20 @@ async def main(args) -> None:
         model = SleepModel(load_model_config(args.model), args.bench_step_ms / 1000)
     else:
         model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
-    servicer.runner = ModelRunner(model, args.num_kv_blocks, args.block_size, device,
+    num_blocks = args.num_kv_blocks
+    if not num_blocks:
+        if torch.device(device).type != "cpu":
+            raise SystemExit("num_kv_blocks: 0 (sized from memory) is for CPU executors; "
+                             "set num_kv_blocks for CUDA")
+        per_block = ModelRunner.kv_bytes_per_block(
+            model.config, args.block_size, model.model.embed_tokens.weight.dtype,
+            num_kv_heads=model.model.layers[0].self_attn.num_kv_heads)
+        mc = model.config
+        model_len = min(args.max_model_len or mc.max_position_embeddings,
+                        mc.max_position_embeddings)
+        cap = kv_cap_blocks(args.max_num_seqs, model_len, args.block_size)
+        num_blocks = size_kv_cache(per_block, cap, args.kv_memory_share).num_blocks
+    servicer.runner = ModelRunner(model, num_blocks, args.block_size, device,
                                   test_corrupt_after_steps=args.test_corrupt_after_steps,
                                   tokenizer_dir=args.model)
     await service.set_serving(True)

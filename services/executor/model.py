@@ -2,6 +2,8 @@
 
 Parameter names follow Hugging Face, except that q/k/v and gate/up are fused
 (`qkv_proj`, `gate_up_proj`); `weights.py` builds them from the checkpoint.
+The linear layers are `Projection`s, which run in the weight format chosen at
+load time (float, or int8 / float16 weights packed for the CPU).
 Attention goes through an `AttentionBackend` over the paged KV cache, so the
 model knows nothing about requests: it maps a flat batch of tokens to hidden
 states.
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from services.executor.attention import AttentionBackend, AttentionMetadata
 from services.executor.model_config import ModelConfig, RopeScaling
+from services.executor.projection import Projection
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +28,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32:  # one fused op, same result
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        dtype = x.dtype  # half precision: normalise in float32, scale after the cast (as HF)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -71,9 +76,9 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
-                                  bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Projection(config.hidden_size, config.q_size + 2 * config.kv_size,
+                                   bias=config.qkv_bias)
+        self.o_proj = Projection(config.q_size, config.hidden_size)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -82,13 +87,16 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # query and key heads rotated in one pass
+            qk = apply_rope(qkv[:, :q_size + kv_size].view(
+                num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         k_cache, v_cache = kv_cache
         backend.write_kv(k_cache, v_cache, k, v, meta)
         out = backend.attend(q, k_cache, v_cache, meta, self.scale)
@@ -98,8 +106,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Projection(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Projection(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -134,7 +142,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Projection(config.hidden_size, config.vocab_size)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 

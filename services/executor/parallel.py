@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from services.common.errors import UnsupportedModelError
 from services.executor.model import CausalLM
 from services.executor.model_config import ModelConfig
+from services.executor.projection import Projection
 
 
 class TPGroup:
@@ -114,32 +115,25 @@ class Slice:
     stop: int
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(Projection):
     """Output features = the concatenation of this rank's slice of each fused part."""
 
     def __init__(self, in_features: int, row_slices: list[tuple[int, int]], bias: bool):
-        super().__init__()
-        out = sum(stop - start for start, stop in row_slices)
-        self.weight = nn.Parameter(torch.empty(out, in_features))
-        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+        super().__init__(in_features, sum(stop - start for start, stop in row_slices), bias)
         parts = [Slice(0, start, stop) for start, stop in row_slices]
         self.shard_slices = {"weight": parts, "bias": parts}
 
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
 
-
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Projection):
     """This rank's slice of the input features; partial sums all-reduced."""
 
     def __init__(self, in_start: int, in_stop: int, out_features: int, group: TPGroup):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_stop - in_start))
+        super().__init__(in_stop - in_start, out_features)
         self.shard_slices = {"weight": [Slice(1, in_start, in_stop)]}
         self.group = group
 
     def forward(self, x):
-        return self.group.all_reduce(F.linear(x, self.weight))
+        return self.group.all_reduce(self.project(x))
 
 
 def vocab_range(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -163,21 +157,20 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(Projection):
     """Local logits for this rank's vocabulary slice, gathered on rank 0.
 
     Rank 0 gets `[rows, vocab_size]`; the other ranks get `[rows, 0]`."""
 
     def __init__(self, vocab_size: int, hidden_size: int, group: TPGroup):
-        super().__init__()
-        self.vocab_size = vocab_size
         start, stop = vocab_range(vocab_size, group.world_size, group.rank)
-        self.weight = nn.Parameter(torch.empty(stop - start, hidden_size))
+        super().__init__(hidden_size, stop - start)
+        self.vocab_size = vocab_size
         self.shard_slices = {"weight": [Slice(0, start, min(stop, vocab_size))]}
         self.group = group
 
     def forward(self, hidden):
-        parts = self.group.gather_to_first(F.linear(hidden, self.weight))
+        parts = self.group.gather_to_first(self.project(hidden))
         if parts is None:
             return hidden.new_empty(hidden.shape[0], 0)
         return torch.cat(parts, dim=-1)[:, :self.vocab_size]

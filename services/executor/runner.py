@@ -90,9 +90,12 @@ class ModelRunner:
         return TorchPagedAttention()
 
     @staticmethod
-    def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype,
+                           num_kv_heads: int | None = None) -> int:
+        """Bytes of K and V per block, all layers (`num_kv_heads`: this rank's)."""
         elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+        heads = num_kv_heads or config.num_kv_heads
+        return 2 * config.num_layers * block_size * heads * config.head_dim * elem
 
     def execute(self, plan: StepPlan) -> StepResult:
         with self._step_lock:

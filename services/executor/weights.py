@@ -16,6 +16,7 @@ from safetensors import safe_open
 from services.common.errors import UnsupportedModelError
 from services.executor.model import CausalLM
 from services.executor.model_config import DTYPES, ModelConfig, load_model_config
+from services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
 
 
 class SafetensorsIndex:
@@ -71,20 +72,28 @@ def checkpoint_names(param_name: str) -> list[str]:
 
 
 def resolve_dtype(config: ModelConfig, dtype: str | None) -> torch.dtype:
+    """The dtype of activations, the KV cache and unpacked weights (float32 under a
+    packed weight format)."""
     name = dtype or "float32"
     if name == "auto":
         name = config.torch_dtype
+    if name in PACKED_FORMATS:
+        return torch.float32
     if name not in DTYPES:
-        raise UnsupportedModelError(f"unsupported dtype {name!r}; choose from {', '.join(DTYPES)}")
+        raise UnsupportedModelError(f"unsupported dtype {name!r}; choose from "
+                                    f"{', '.join((*DTYPES, *PACKED_FORMATS))}")
     return DTYPES[name]
 
 
 def load_model(model_dir: str | Path, dtype: str | None = "float32",
                device: str | torch.device = "cpu", tp_group=None) -> CausalLM:
     """Build the model for `model_dir` with weights in `dtype` on `device`; with a
-    tensor-parallel group, only this rank's shard, read slice by slice."""
+    tensor-parallel group, only this rank's shard, read slice by slice. A packed
+    format (`int8`, `float16-weights`) converts the linear layers once loaded."""
     config = load_model_config(model_dir)
     torch_dtype = resolve_dtype(config, dtype)
+    if dtype in PACKED_FORMATS:
+        check_packed_format(dtype, torch.device(device))
     with torch.device("meta"):
         model = CausalLM(config)
         if tp_group is not None:
@@ -117,4 +126,7 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     if "lm_head.weight" in missing:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(torch.device(device))
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if dtype in PACKED_FORMATS:
+        pack_projections(model, dtype)
+    return model

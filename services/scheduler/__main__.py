@@ -13,6 +13,7 @@ from observability import telemetry
 from observability.metrics import register_scheduler, step_histogram
 from services.common.server import Service
 from services.common.tokenizer import TextTokenizer
+from services.executor.kv_memory import kv_cap_blocks
 from services.executor.model_config import load_model_config
 from services.scheduler.executor_client import ExecutorGroup
 from services.scheduler.kv_events import KVEventLog
@@ -63,7 +64,11 @@ async def main(args) -> None:
     mc = load_model_config(args.model)
     max_model_len = min(args.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     events = KVEventLog()
-    kv = KVCacheManager(args.num_kv_blocks, args.block_size, not args.no_prefix_caching,
+    # 0: the executors size their KV from memory; start at the most that can be used and
+    # shrink to the smallest rank's count when they connect
+    num_kv_blocks = args.num_kv_blocks or kv_cap_blocks(args.max_num_seqs, max_model_len,
+                                                        args.block_size)
+    kv = KVCacheManager(num_kv_blocks, args.block_size, not args.no_prefix_caching,
                         on_event=events.record)
     scheduler = Scheduler(SchedulerConfig(max_model_len=max_model_len,
                                           max_num_batched_tokens=args.max_num_batched_tokens,
@@ -95,7 +100,7 @@ async def main(args) -> None:
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,
-        num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
+        num_kv_blocks=num_kv_blocks, block_size=args.block_size)
     service = Service("scheduler", args.port)
     health = ReplicaHealth(service)
     prober = probe.KnownAnswerProbe(
@@ -166,8 +171,8 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, health: ReplicaHeal
                 await executors.close()
                 await asyncio.sleep(0.5)
                 continue
-            log.warning("KV capacity limited to %d blocks by the smallest executor rank",
-                        executors.capacity)
+            log.info("KV capacity: %d blocks, the smallest executor rank's",
+                     executors.capacity)
             loop.kv.limit_blocks(executors.capacity)
             info.num_kv_blocks = executors.capacity
         await health.set(executors=True)

@@ -1,0 +1,114 @@
+"""The CPU runtime against its peers: weight formats, KV sizing, and llama.cpp.
+
+    python -m benchmarks.cpu_runtime [--model DIR] [--num-requests 64] [--rounds 3]
+        [--variants fp32-256MiB,fp32,int8,float16-weights] [--peer NAME=URL ...]
+        [--single-requests 4] [--json OUT]
+
+Every variant runs the same seeded `chat` workload (its first `--num-requests`
+requests, greedy, ignore EOS) twice per round: all at once (offline output
+tokens per second), then one at a time (single stream: median inter-token
+latency and TTFT). Engine variants are the in-process Engine with a weight
+format and a KV setting; a peer is any OpenAI-compatible server already running
+(llama.cpp's `llama-server`, say), driven through the `openai` target with the
+same prompts as token ids. Rounds rotate the order of the variants so no one
+always runs first or last; the report gives each figure's median over rounds
+and its ratio to the first variant.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+
+from benchmarks.arrivals import ArrivalSpec
+from benchmarks.harness import BENCH_ENGINE_CONFIG, BenchSetup, RunSpec, context_limit, run_bench
+from benchmarks.workload import chat
+from services.executor.model_config import load_model_config
+
+ENGINE_VARIANTS = {
+    # the engine's KV before it was sized from memory: 256 MiB
+    "fp32-256MiB": dict(dtype="float32", kv_cache_bytes=256 * 2**20),
+    "fp32": dict(dtype="float32"),
+    "int8": dict(dtype="int8"),
+    "float16-weights": dict(dtype="float16-weights"),
+}
+FIGURES = ("offline_output_tokens_per_s", "single_itl_ms_p50", "single_ttft_ms_p50")
+
+
+def _one(model_dir: str, name: str, peers: dict, args) -> dict:
+    """Both runs of one variant: the figures, and the engine's KV blocks."""
+    mc = load_model_config(model_dir)
+    engine_config = BENCH_ENGINE_CONFIG
+    if name in ENGINE_VARIANTS:
+        engine_config = dataclasses.replace(BENCH_ENGINE_CONFIG,
+                                            **{"kv_cache_bytes": None, **ENGINE_VARIANTS[name]})
+    limit = context_limit(mc, engine_config)
+    setup = BenchSetup(
+        model_dir=model_dir,
+        workload=chat(mc.vocab_size, limit, args.seed, args.max_prompt, args.max_output,
+                      mc.bos_token_id or 0),
+        target_names=["openai" if name in peers else "engine"],
+        runs=[RunSpec(ArrivalSpec("offline"), num_requests=args.num_requests),
+              RunSpec(ArrivalSpec("concurrency", concurrency=1),
+                      num_requests=args.single_requests)],
+        engine_config=engine_config, openai_url=peers.get(name), seed=args.seed,
+        max_output=args.max_output, show_progress=False, log=lambda m: None)
+    report = run_bench(setup).report
+    offline, single = (run["targets"][setup.target_names[0]] for run in report["runs"])
+    if offline["num_ok"] != args.num_requests or single["num_ok"] != args.single_requests:
+        raise RuntimeError(f"{name}: requests failed: {offline['status_counts']} "
+                           f"{single['status_counts']}")
+    return {"offline_output_tokens_per_s": offline["output_tokens_per_s"],
+            "offline_output_tokens": offline["output_tokens"],
+            "offline_prompt_tokens": offline["prompt_tokens"],
+            "offline_steps": offline.get("steps"),
+            "kv_blocks": (offline.get("kv") or {}).get("num_blocks"),
+            "kv_peak_usage": (offline.get("kv") or {}).get("peak_usage"),
+            "single_itl_ms_p50": single["itl_ms"]["p50"],
+            "single_ttft_ms_p50": single["ttft_ms"]["p50"]}
+
+
+def main(argv=None) -> int:
+    from benchmarks.local_mesh import write_report
+    from mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="benchmarks.cpu_runtime")
+    p.add_argument("--model", help="model directory (default: the bench preset)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--single-requests", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(ENGINE_VARIANTS),
+                   help=f"engine variants: {', '.join(ENGINE_VARIANTS)}")
+    p.add_argument("--peer", action="append", default=[],
+                   help="NAME=URL of an OpenAI-compatible server's /v1 (e.g. llama.cpp)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt", type=int, default=1024)
+    p.add_argument("--max-output", type=int, default=512)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    model_dir = args.model or str(default_model_dir("bench"))
+    peers = dict(item.split("=", 1) for item in args.peer)
+    names = [v for v in args.variants.split(",") if v] + list(peers)
+    unknown = [v for v in names if v not in ENGINE_VARIANTS and v not in peers]
+    if unknown:
+        p.error(f"unknown variants {unknown}")
+    rounds: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            print(f"[cpu_runtime] round {r + 1}/{args.rounds}: {name} ...", file=sys.stderr)
+            rounds[name].append(_one(model_dir, name, peers, args))
+            print(f"[cpu_runtime]   {rounds[name][-1]}", file=sys.stderr)
+    medians = {n: {f: statistics.median(x[f] for x in rows) for f in FIGURES}
+               for n, rows in rounds.items()}
+    base = medians[names[0]]
+    for m in medians.values():
+        m["offline_vs_first"] = m["offline_output_tokens_per_s"] / base["offline_output_tokens_per_s"]
+        m["single_itl_vs_first"] = m["single_itl_ms_p50"] / base["single_itl_ms_p50"]
+    write_report(args, {"model": model_dir, "peers": peers, "medians": medians,
+                        "rounds": rounds})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
