@@ -278,6 +278,10 @@ async def _drive(target, name: str, spec: RunSpec, offsets: list[float] | None, 
         timeout = (spec.duration_s or 0) + setup.drain_timeout_s
     else:
         for i, (off, req) in enumerate(zip(offsets, requests)):
+            if spec.arrivals.kind == "offline" and not req.priority:
+                # all sent at once is an offline job: the batch class, whose TTFT budget
+                # (10 min) SLO admission holds it to, not an interactive one's
+                req = dataclasses.replace(req, priority="batch")
             delay = t0 + off - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

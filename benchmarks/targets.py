@@ -176,7 +176,8 @@ class EngineTarget(Target):
                 if self._failure:
                     raise LlmeshError(self._failure)
                 self.engine.add_request(req.prompt_token_ids, SamplingParams(
-                    max_tokens=req.max_tokens, ignore_eos=True), request_id=request_id)
+                    max_tokens=req.max_tokens, ignore_eos=True), request_id=request_id,
+                    priority=req.priority or "standard")
             except LlmeshError as e:
                 rec.status, rec.error, rec.done_s = e.code, str(e), time.perf_counter()
                 resolve(loop, fut)
