@@ -12,20 +12,27 @@ from mesh.supervisor import Supervisor, build_specs
 
 
 @contextlib.contextmanager
-def local_mesh(model_dir: str, **engine):
-    """Bring a one-replica mesh up (engine limits from `engine`), yield Envoy's
-    host:port, stop every process after."""
+def supervised_mesh(model_dir: str, topology: dict | None = None, **engine):
+    """Bring a mesh up (one replica unless `topology` says otherwise, engine limits
+    from `engine`), yield (Envoy's host:port, its Supervisor), stop every process after."""
     run_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
     cfg = resolve_ports(MeshConfig(
         model=model_dir, run_dir=str(run_dir), envoy=EnvoyConfig(port=0, admin_port=0),
         engine=EngineLimits(**engine),
-        observability=ObservabilityConfig(tracing="off", metrics=False)))
+        observability=ObservabilityConfig(tracing="off", metrics=False), **(topology or {})))
     sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
     sup.start()
     try:
-        yield f"127.0.0.1:{cfg.envoy.port}"
+        yield f"127.0.0.1:{cfg.envoy.port}", sup
     finally:
         sup.stop()
+
+
+@contextlib.contextmanager
+def local_mesh(model_dir: str, **engine):
+    """A one-replica mesh for the length of a `with`: yields Envoy's host:port."""
+    with supervised_mesh(model_dir, **engine) as (endpoint, _):
+        yield endpoint
 
 
 def write_report(args, result: dict) -> dict:

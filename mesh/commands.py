@@ -185,7 +185,8 @@ def load_config_dict(raw: dict) -> MeshConfig:
 
 
 def cmd_generate_mesh(args) -> int:
-    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+    from llmesh.v1 import common_pb2, inference_pb2
+    from mesh.client import ResumingStream
     from services.common import convert
     endpoint = args.endpoint
     if not endpoint:
@@ -204,20 +205,20 @@ def cmd_generate_mesh(args) -> int:
     api_key = args.api_key or os.environ.get("LLMESH_API_KEY", "")
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     token_ids, text, finish = [], [], None
-    with grpc.insecure_channel(endpoint) as ch:
-        try:
-            for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=args.timeout,
-                                                                       metadata=metadata):
-                token_ids.extend(chunk.token_ids)
-                text.append(chunk.text)
-                if chunk.finish_reason:
-                    finish = common_pb2.FinishReason.Name(chunk.finish_reason)
-                if not args.json:
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
-        except grpc.RpcError as e:
-            print(f"\nllmesh: error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 2
+    # a stream the front door drops (a router or Envoy restarting) resumes where it broke
+    stream = ResumingStream(endpoint, req, metadata=metadata, give_up_s=args.timeout)
+    try:
+        for chunk in stream:
+            token_ids.extend(chunk.token_ids)
+            text.append(chunk.text)
+            if chunk.finish_reason:
+                finish = common_pb2.FinishReason.Name(chunk.finish_reason)
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except grpc.RpcError as e:
+        print(f"\nllmesh: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason":
                           finish.removeprefix("FINISH_REASON_").lower() if finish else None}))

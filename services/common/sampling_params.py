@@ -138,6 +138,17 @@ def validate_request(prompt_token_ids: object, params: SamplingParams, vocab_siz
             f"({max_kv_tokens} token slots)")
 
 
+def validate_resume(resume: list[int], params: SamplingParams, vocab_size: int) -> None:
+    """The output tokens a client already has of a stream it is resuming."""
+    if params.n != 1:
+        raise InvalidRequestError("resume_token_ids", "only an n = 1 request can resume")
+    if len(resume) >= params.max_tokens:
+        raise InvalidRequestError("resume_token_ids", f"{len(resume)} tokens already received; "
+                                  f"max_tokens ({params.max_tokens}) leaves none to generate")
+    for token_id in resume:
+        check_token_id("resume_token_ids", token_id, vocab_size)
+
+
 def ends_in_repetition(tokens: list[int], max_ngram: int, min_repeats: int) -> bool:
     """True when `tokens` ends with some n-gram (1 <= n <= max_ngram) repeated
     `min_repeats` times in a row."""

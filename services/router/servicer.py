@@ -15,7 +15,7 @@ from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_
 from services.common import convert
 from services.common.errors import (InvalidRequestError, LimitExceededError, LlmeshError,
                                     PermissionDeniedError, UnauthenticatedError)
-from services.common.sampling_params import validate_request
+from services.common.sampling_params import validate_request, validate_resume
 from services.common.server import abort_with
 from services.router.admission import Admission, Ticket
 from services.router.breaker import BUSY, OK
@@ -162,6 +162,9 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             with tracer.start_as_current_span("router.validate"):
                 validate_request(prompt, params, info.vocab_size, info.max_model_len,
                                  info.num_kv_blocks * info.block_size)
+                resume = list(request.resume_token_ids)
+                if resume:
+                    validate_resume(resume, params, info.vocab_size)
             try:
                 adm.check_caps(tenant, len(prompt), params)
             except InvalidRequestError as e:
@@ -184,7 +187,8 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                                        deadline_unix_s=ticket.deadline_s,
                                        salt=ticket.salt, traceparent=telemetry.inject(),
                                        tenant=tenant.name,
-                                       priority=convert.PRIORITY_VALUES[cls])
+                                       priority=convert.PRIORITY_VALUES[cls],
+                                       resume_token_ids=resume)
         route = Route(request_id, add)
         upstream_open = set(range(params.n))  # sequences the replica has not finished
         served = [0]  # output tokens that reached this router
@@ -195,8 +199,11 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 entry = make_entry(request_id, reason, tenant.name, tenant.log_inputs,
                                    request.model or self.model_name, cls, params, prompt)
                 self._background(self.dead_letters.add(entry))
+            first = True
             async for response in self._stream(route, upstream_open, queue, context,
-                                               served, partial_ok, dead_letter):
+                                               served, partial_ok, dead_letter, resume):
+                if first:  # what a client needs to resume this stream if it breaks
+                    response.seed, first = params.seed, False
                 yield response
         except LimitExceededError as e:  # the replica's queue is full: nothing was computed
             refused = True
@@ -218,11 +225,13 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         task.add_done_callback(self._settling.discard)
 
     async def _stream(self, route: Route, upstream_open, queue, context, served, partial_ok,
-                      dead_letter):
+                      dead_letter, resume: list[int]):
         request_id = route.request_id
         unfinished = set(upstream_open)
         pending: deque = deque()
-        streamed: list[int] = []  # the output so far (n = 1): what a move resumes after
+        # the output so far (n = 1; a resumed request's starts with what its client has):
+        # what a move to another replica resumes after
+        streamed: list[int] = list(resume)
         while unfinished:
             if not pending:
                 pending.extend(await queue.take())

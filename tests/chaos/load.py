@@ -6,6 +6,7 @@ import grpc
 
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        scheduler_pb2_grpc)
+from mesh.client import ResumingStream
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -62,6 +63,31 @@ def run_load(mesh, workload, concurrency=8):
         except grpc.RpcError as e:
             return e.code(), [t for c in chunks for t in c.token_ids], chunks[-1] if chunks else None
         return "ok", [t for c in chunks for t in c.token_ids], chunks[-1]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(call, range(len(prompts))))
+
+
+def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0):
+    """Every request once, by a client that survives the front door going away
+    (`mesh.client.ResumingStream`: a broken stream is sent again with the tokens it
+    has and the seed it was told). Per request (status, tokens, last chunk, attempts)."""
+    prompts, params, _ = workload
+
+    def call(i):
+        p = params[i]
+        req = inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=prompts[i]),
+            sampling=common_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature,
+                                               top_p=p.top_p, ignore_eos=True, seed=p.seed))
+        stream = ResumingStream(mesh.endpoint, req, give_up_s=give_up_s)
+        last = None
+        try:
+            for last in stream:
+                pass
+        except grpc.RpcError as e:
+            return e.code(), stream.received, last, stream.attempts
+        return "ok", stream.received, last, stream.attempts
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(call, range(len(prompts))))

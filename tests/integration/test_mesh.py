@@ -146,8 +146,14 @@ def test_deadline_reaches_the_scheduler(mesh, stub):
                                            sampling=_greedy(4)), "prompt_token_ids"),
     (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
         max_tokens=4, stop=["ab"] * 17)), "stop"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(4),
+                                           resume_token_ids=[5] * 4), "resume_token_ids"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(4, n=2),
+                                           resume_token_ids=[5]), "resume_token_ids"),
+    (lambda: inference_pb2.GenerateRequest(prompt="x", sampling=_greedy(4),
+                                           resume_token_ids=[99999]), "resume_token_ids"),
 ], ids=["n0", "temperature", "top_p", "oov", "empty", "too_long", "past_ctx", "no_input",
-        "id_2^63", "stops"])
+        "id_2^63", "stops", "resume_all", "resume_n2", "resume_oov"])
 def test_bad_requests_are_invalid_argument_and_reach_no_executor(mesh, stub, make, field):
     before = _stats(mesh)
     with pytest.raises(grpc.RpcError) as info:
@@ -174,6 +180,26 @@ def test_undecodable_requests_are_invalid_argument(mesh, body):
                 list(out) if method == "Generate" else out
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
             assert "does not decode" in info.value.details()
+
+
+def test_a_broken_stream_resumes_with_its_seed_and_tokens(mesh, stub):
+    """An unseeded sampled stream reports the seed the router drew; sent again with
+    it and the first tokens as resume_token_ids, the mesh streams exactly the rest."""
+    req = inference_pb2.GenerateRequest(
+        token_ids=inference_pb2.TokenIds(ids=[0] + list(range(40, 90))),
+        sampling=common_pb2.SamplingParams(max_tokens=24, temperature=0.9, ignore_eos=True))
+    chunks = list(stub.Generate(req, timeout=60))
+    seed = chunks[0].seed
+    assert seed and not any(c.seed for c in chunks[1:])
+    whole = [t for c in chunks for t in c.token_ids]
+    assert len(whole) == 24
+    req.sampling.seed = seed
+    again = [t for c in stub.Generate(req, timeout=60) for t in c.token_ids]
+    assert again == whole
+    req.resume_token_ids[:] = whole[:10]
+    rest = list(stub.Generate(req, timeout=60))
+    assert [t for c in rest for t in c.token_ids] == whole[10:]
+    assert rest[-1].usage.completion_tokens == 24 and not rest[-1].incomplete
 
 
 def test_oversized_message_is_resource_exhausted(mesh, stub):

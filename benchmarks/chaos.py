@@ -1,0 +1,147 @@
+"""Chaos benchmark: a kill every few seconds across process types, under load.
+
+    python -m benchmarks.chaos [--model DIR] [--duration 300] [--kill-every 20]
+        [--victims executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy]
+        [--concurrency 8] [--json OUT]
+
+A mesh with two routers runs a closed loop of seeded requests with known answers
+(the in-process engine's tokens for the same prompts and parameters): half
+greedy, half sampled with a seed, all through Envoy, each read by a client that
+resumes a stream the front door drops (`mesh.client.ResumingStream`). Every
+`--kill-every` seconds the next victim in the list gets SIGKILL; the supervisor
+restarts it. The report counts requests that failed (any error the client saw
+in the end), that came back with other tokens than the known answer, and that
+had to resume; and the pause a fault adds: per request, the longest wait for a
+token (the first included), for requests in flight during a kill against those
+that were not.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from llmesh.v1 import common_pb2, inference_pb2
+from mesh.client import ResumingStream
+from services.common.sampling_params import SamplingParams
+from services.engine.engine import Engine, EngineConfig
+
+VICTIMS = "executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy"
+
+
+def known_answers(model_dir: str, num: int, seed: int = 3):
+    rng = random.Random(seed)
+    system = [0] + rng.choices(range(5, 3000), k=40)  # a shared prefix: prefix-cache hits
+    prompts = [system + rng.choices(range(5, 3000), k=rng.randint(1, 60)) for _ in range(num)]
+    params = [SamplingParams(max_tokens=rng.randint(16, 64), ignore_eos=True, seed=900 + i,
+                             temperature=0.8 if i % 2 else 0.0, top_p=0.95) for i in range(num)]
+    engine = Engine.from_pretrained(model_dir, EngineConfig(num_kv_blocks=1024))
+    expect = [c[0].token_ids for c in engine.generate(prompts, params)]
+    engine.close()
+    return prompts, params, expect
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0}
+    values = sorted(values)
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"count": len(values), "p50_ms": pick(0.5) * 1e3, "p99_ms": pick(0.99) * 1e3,
+            "max_ms": values[-1] * 1e3}
+
+
+def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
+        victims: list[str], concurrency: int) -> dict:
+    prompts, params, expect = answers
+    stop_at = time.monotonic() + duration_s
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+    records, kills = [], []
+
+    def worker() -> None:
+        while time.monotonic() < stop_at:
+            with lock:
+                i = next(counter) % len(prompts)
+            p = params[i]
+            req = inference_pb2.GenerateRequest(
+                token_ids=inference_pb2.TokenIds(ids=prompts[i]),
+                sampling=common_pb2.SamplingParams(max_tokens=p.max_tokens,
+                                                   temperature=p.temperature, top_p=p.top_p,
+                                                   ignore_eos=True, seed=p.seed))
+            stream = ResumingStream(endpoint, req, give_up_s=120)
+            t0 = last = time.monotonic()
+            longest, status = 0.0, "OK"
+            try:
+                for chunk in stream:
+                    if chunk.token_ids:
+                        now = time.monotonic()
+                        longest, last = max(longest, now - last), now
+            except grpc.RpcError as e:
+                status = e.code().name
+            records.append({"i": i, "start": t0, "end": time.monotonic(), "status": status,
+                            "correct": stream.received == expect[i],
+                            "attempts": stream.attempts, "longest_wait_s": longest})
+
+    def killer() -> None:
+        n = 0
+        while not stop_evt.wait(kill_every_s):
+            victim = victims[n % len(victims)]
+            n += 1
+            pid = sup.pids().get(victim)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                kills.append((time.monotonic(), victim))
+                print(f"[chaos] killed {victim} (pid {pid})", file=sys.stderr)
+
+    stop_evt = threading.Event()
+    kill_thread = threading.Thread(target=killer, daemon=True)
+    kill_thread.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    stop_evt.set()
+    kill_thread.join()
+    hit = [r for r in records if any(r["start"] <= t <= r["end"] for t, _ in kills)]
+    calm = [r for r in records if r not in hit]
+    return {
+        "requests": len(records),
+        "failed": sum(r["status"] != "OK" for r in records),
+        "failed_statuses": sorted({r["status"] for r in records if r["status"] != "OK"}),
+        "wrong": sum(r["status"] == "OK" and not r["correct"] for r in records),
+        "resumed": sum(r["attempts"] > 1 for r in records),
+        "kills": [v for _, v in kills],
+        "longest_wait_in_flight_during_a_kill": _percentiles([r["longest_wait_s"] for r in hit]),
+        "longest_wait_otherwise": _percentiles([r["longest_wait_s"] for r in calm]),
+    }
+
+
+def main(argv=None) -> int:
+    from benchmarks.local_mesh import supervised_mesh, write_report
+    from mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="benchmarks.chaos")
+    p.add_argument("--model", help="model directory (default: the tiny preset)")
+    p.add_argument("--duration", type=float, default=300.0)
+    p.add_argument("--kill-every", type=float, default=20.0)
+    p.add_argument("--victims", default=VICTIMS)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64, help="distinct prompts (cycled)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    model_dir = args.model or str(default_model_dir("tiny"))
+    answers = known_answers(model_dir, args.requests)
+    with supervised_mesh(model_dir, {"routers": 2}, num_kv_blocks=1024) as (endpoint, sup):
+        result = run(endpoint, sup, answers, args.duration, args.kill_every,
+                     args.victims.split(","), args.concurrency)
+    write_report(args, {"model": model_dir, **result})
+    return 0 if not result["failed"] and not result["wrong"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
