@@ -40,6 +40,7 @@ class ResumingStream:
         first_resume = list(self.request.resume_token_ids)
         while True:
             self.attempts += 1
+            finished = False
             try:
                 with grpc.insecure_channel(self.endpoint) as channel:
                     stub = inference_pb2_grpc.InferenceStub(channel)
@@ -48,11 +49,17 @@ class ResumingStream:
                         if chunk.seed and not self.request.sampling.HasField("seed"):
                             self.request.sampling.seed = chunk.seed
                         self.received.extend(chunk.token_ids)
+                        finished = bool(chunk.finish_reason)
                         yield chunk
                 return
             except grpc.RpcError as e:
+                if finished and not chunk.incomplete:
+                    return  # the last message arrived; only the call's ending was lost
                 if e.code() not in RESUMABLE or time.monotonic() + self.pause_s > deadline:
                     raise
+            resume = first_resume + self.received
+            if 0 < self.request.sampling.max_tokens <= len(resume):
+                return  # every token arrived; only the closing message was lost
             time.sleep(self.pause_s)
-            self.request.resume_token_ids[:] = first_resume + self.received
+            self.request.resume_token_ids[:] = resume
             self.request.request_id = ""  # the broken call's id may still be winding down

@@ -101,7 +101,10 @@ class InProcessExecutor:
         pass
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        try:
+            self._pool.shutdown(wait=True)
+        except RuntimeError:  # finalized on the runner thread itself (a GC there)
+            self._pool.shutdown(wait=False)
 
 
 class Engine:
