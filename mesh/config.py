@@ -37,6 +37,9 @@ class EngineLimits:
 class RoutingConfig:
     max_migrations: int = 3  # moves of one request to another replica when its own is lost
     replica_wait_s: float = 30.0  # how long a request waits for a ready replica in recovery
+    # warm standby: the last N replicas are loaded and probed but take requests only
+    # while some other replica is not ready (down, hung, ejected)
+    standby_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,9 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError("observability.sample_ratio must be within [0, 1]")
     _check_admission(cfg.admission)
     _check_engine(cfg.engine)
+    if not 0 <= cfg.routing.standby_replicas < cfg.replicas:
+        raise ConfigError(f"routing.standby_replicas must be at least 0 and fewer than the "
+                          f"{cfg.replicas} replicas")
     for i, r in enumerate(cfg.replica_ports):
         if len(r.executors) != cfg.tensor_parallel:
             raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "

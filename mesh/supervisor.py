@@ -139,7 +139,8 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--schedulers", ",".join(schedulers), "--model-name", cfg.model_name,
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
-            "--replica-wait-s", str(cfg.routing.replica_wait_s)]
+            "--replica-wait-s", str(cfg.routing.replica_wait_s),
+            "--standby", str(cfg.routing.standby_replicas)]
             + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
                if cfg.http_ports else []), port))
     envoy_yaml = run_dir / "envoy.yaml"

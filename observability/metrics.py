@@ -47,6 +47,8 @@ class RouterMetrics:
                                      "Tokens served per tenant (prompt or output)", ["tenant", "kind"])
         self.migrations = Counter("llmesh_request_migrations",
                                   "Requests resubmitted after their replica was lost")
+        self.standby_active = Gauge("llmesh_router_standby_active",
+                                    "1 while the warm standby replicas take requests")
 
 
 class SchedulerCollector:

@@ -24,7 +24,7 @@ async def main(args) -> None:
                       traced=True)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
     dispatcher = Dispatcher(args.schedulers.split(","), max_migrations=args.max_migrations,
-                            replica_wait_s=args.replica_wait_s)
+                            replica_wait_s=args.replica_wait_s, num_standby=args.standby)
     admission = json.loads(args.admission)
     inference = Inference(channel, dispatcher, args.model_name, Admission.from_dict(admission),
                           dead_letters_from(admission))
@@ -94,6 +94,9 @@ if __name__ == "__main__":
                    help="times a request may move to another replica when its own is lost")
     p.add_argument("--replica-wait-s", type=float, default=30.0,
                    help="how long a request waits for a ready replica while they recover")
+    p.add_argument("--standby", type=int, default=0,
+                   help="the last N schedulers are warm standbys: they take requests only "
+                        "while another replica is not ready")
     p.add_argument("--http-port", type=int, default=0,
                    help="serve the OpenAI-compatible HTTP API here too (0: gRPC only)")
     p.add_argument("--model", help="the model directory (its tokenizer: logprob token text)")

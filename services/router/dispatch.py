@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from llmesh.v1 import scheduler_pb2
 from observability.metrics import router_metrics
 from services.router.breaker import BROKEN, CircuitBreaker
-from services.router.core import ReplicaLoad, pick_replica
+from services.router.core import ReplicaLoad, pick_replica, standby_active
 from services.router.replicas import Replica
 
 log = logging.getLogger("llmesh.router")
@@ -82,10 +82,14 @@ class Route:
 
 class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
-                 replica_wait_s: float = 30.0):
+                 replica_wait_s: float = 30.0, num_standby: int = 0):
         self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost,
-                                 CircuitBreaker())
+                                 CircuitBreaker(), self._on_unready)
                          for i, a in enumerate(scheduler_addresses)]
+        # the last num_standby replicas: warm, probed, used only while another is not ready
+        self.standby = {r.name for r in self.replicas[len(self.replicas) - num_standby:]} \
+            if num_standby else set()
+        self._standby_was_active = False
         self.max_migrations = max_migrations
         self.replica_wait_s = replica_wait_s
         self._inboxes: dict[str, Inbox] = {}
@@ -100,8 +104,17 @@ class Dispatcher:
         return any(r.is_ready for r in self.replicas)
 
     def pick(self) -> Replica | None:
-        name = pick_replica([ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight))
-                             for r in self.replicas])
+        loads = [ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight), r.name in self.standby)
+                 for r in self.replicas]
+        if self.standby:
+            active = standby_active(loads)
+            if active != self._standby_was_active:
+                self._standby_was_active = active
+                log.warning("warm standby %s: %s", ",".join(sorted(self.standby)),
+                            "taking requests (a replica is not ready)" if active else
+                            "idle again (every replica is ready)")
+                router_metrics().standby_active.set(1 if active else 0)
+        name = pick_replica(loads)
         return next((r for r in self.replicas if r.name == name), None)
 
     async def wait_ready(self, deadline_s: float = 0.0) -> Replica | None:
@@ -143,7 +156,11 @@ class Dispatcher:
         self.record(route, BROKEN)
         if route.add.sampling.n != 1 or route.num_migrations >= self.max_migrations:
             return False
-        route.replica.in_flight.discard(route.request_id)
+        old = route.replica
+        old.in_flight.discard(route.request_id)  # (its later deltas are dropped)
+        if old.is_connected:  # alive but not serving: free the request there
+            await old.send(scheduler_pb2.RouterMessage(
+                cancel=scheduler_pb2.CancelRequest(request_id=route.request_id)))
         route.num_migrations += 1
         replica = await self.wait_ready(route.add.deadline_unix_s)
         if replica is None:
@@ -182,8 +199,21 @@ class Dispatcher:
         for d in outputs.deltas:
             d.emitted_unix_s = stamp
             inbox = self._inboxes.get(d.request_id)
-            if inbox is not None:
+            if inbox is not None and d.request_id in replica.in_flight:  # (not a stale one)
                 inbox.put(d)
+
+    def _on_unready(self, replica: Replica) -> None:
+        """A replica turned NOT_SERVING (its executors down or hung, or a failed probe)
+        with its stream up: its requests move to a replica that serves, if one does
+        (else they wait there, and resume when its executors are back)."""
+        if not replica.in_flight or not any(r.takes_requests() for r in self.replicas
+                                            if r is not replica):
+            return
+        log.warning("replica %s is not serving: moving its %d requests", replica.name,
+                    len(replica.in_flight))
+        moving, replica.in_flight = replica.in_flight, set()  # (its later deltas are dropped)
+        for request_id in moving:
+            self._lost(request_id, f"{replica.name}: not serving (executors down or hung)")
 
     def _on_lost(self, replica: Replica, request_ids: set[str], reason: str) -> None:
         for request_id in request_ids:

@@ -19,7 +19,8 @@ class Replica:
     and a health watch. It is *ready* for new requests only while both the stream is
     up and the scheduler says SERVING (its executors answer)."""
 
-    def __init__(self, name: str, address: str, on_outputs, on_lost, breaker: CircuitBreaker):
+    def __init__(self, name: str, address: str, on_outputs, on_lost, breaker: CircuitBreaker,
+                 on_unready=None):
         self.name = name
         self.breaker = breaker
         self.address = address
@@ -33,6 +34,7 @@ class Replica:
         self._write_lock = asyncio.Lock()  # one write at a time on a stream
         self._on_outputs = on_outputs  # (replica, StepOutputs), never blocks
         self._on_lost = on_lost  # (replica, request_ids, reason)
+        self._on_unready = on_unready  # (replica): it turned NOT_SERVING with its stream up
 
     @property
     def is_ready(self) -> bool:
@@ -50,7 +52,10 @@ class Replica:
             try:
                 async for resp in stub.Watch(health_pb2.HealthCheckRequest(),
                                              wait_for_ready=True):
+                    was = self.is_serving
                     self.is_serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+                    if was and not self.is_serving and self._on_unready is not None:
+                        self._on_unready(self)
             except grpc.aio.AioRpcError:
                 pass
             self.is_serving = False
