@@ -1,11 +1,17 @@
 """The chaos tests' load: seeded requests with known answers, run through a mesh."""
+import json
+import os
 import random
+import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        scheduler_pb2_grpc)
+from integration.mesh_fixture import wait_until
 from mesh.client import ResumingStream
 from mesh.supervisor import is_serving
 from services.common.sampling_params import SamplingParams
@@ -91,6 +97,22 @@ def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0):
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(call, range(len(prompts))))
+
+
+def kill_during(mesh, load, victim: str, after_s: float = 1.0, join_s: float = 150.0):
+    """Run `load()` in a thread, SIGKILL `victim` `after_s` into it; the load's result,
+    once the supervisor has restarted the victim."""
+    pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
+    box = []
+    thread = threading.Thread(target=lambda: box.append(load()))
+    thread.start()
+    time.sleep(after_s)
+    os.kill(pids[victim], signal.SIGKILL)
+    thread.join(join_s)
+    assert not thread.is_alive(), "the load hung"
+    assert wait_until(lambda: json.loads((mesh.run_dir / "state.json").read_text())["pids"]
+                      [victim] != pids[victim], 30), f"{victim} was not restarted"
+    return box[0]
 
 
 def replica_serving(mesh) -> bool:

@@ -2,15 +2,10 @@
 what had not started on the other router; a stream that broke after its first
 tokens is resumed by its client (`resume_token_ids`, and the seed the stream
 reported): every request completes, each with the tokens of a fault-free run."""
-import json
-import os
-import signal
-import threading
-import time
-
 import pytest
 
-from chaos.load import assert_all_exact, replica_serving, run_load, run_resuming_load
+from chaos.load import (assert_all_exact, kill_during, replica_serving, run_load,
+                        run_resuming_load)
 from integration.mesh_fixture import Mesh, serving, wait_until
 
 
@@ -19,20 +14,6 @@ def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("front"), routers=2, tokenizers=1,
              observability={"tracing": "off"})
     yield from serving(m)
-
-
-def _kill_during(mesh, workload, victim: str, after_s: float = 1.0):
-    pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
-    box = []
-    load = threading.Thread(target=lambda: box.append(run_resuming_load(mesh, workload)))
-    load.start()
-    time.sleep(after_s)
-    os.kill(pids[victim], signal.SIGKILL)
-    load.join(150)
-    assert not load.is_alive(), "the load hung"
-    assert wait_until(lambda: json.loads((mesh.run_dir / "state.json").read_text())["pids"]
-                      [victim] != pids[victim], 30), f"{victim} was not restarted"
-    return box[0]
 
 
 def _assert_exact(results, expect):
@@ -50,7 +31,7 @@ def test_fault_free_run_reports_seeds_and_matches(mesh, workload):
 
 @pytest.mark.parametrize("victim", ["router-0", "envoy"])
 def test_front_door_kill_loses_nothing_and_changes_nothing(mesh, workload, victim):
-    results = _kill_during(mesh, workload, victim)
+    results = kill_during(mesh, lambda: run_resuming_load(mesh, workload), victim)
     _assert_exact(results, workload[2])
     assert sum(attempts > 1 for *_, attempts in results) >= 1, "the kill hit no stream"
     # after recovery, plain clients are served as before

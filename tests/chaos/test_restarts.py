@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from chaos.load import (assert_all_exact, replica_serving, run_load, run_text_load,
-                        scheduler_stats)
+from chaos.load import (assert_all_exact, kill_during, replica_serving, run_load,
+                        run_text_load, scheduler_stats)
 from integration.mesh_fixture import Mesh, serving, wait_until
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
 
@@ -23,20 +23,6 @@ def mesh(tiny_model_dir, tmp_path_factory):
     yield from serving(m)
 
 
-def _kill_during_load(mesh, workload, victim: str, after_s: float = 1.0):
-    pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
-    box = []
-    load = threading.Thread(target=lambda: box.append(run_load(mesh, workload)))
-    load.start()
-    time.sleep(after_s)
-    os.kill(pids[victim], signal.SIGKILL)
-    load.join(120)
-    assert not load.is_alive(), "the load hung"
-    assert wait_until(lambda: json.loads((mesh.run_dir / "state.json").read_text())["pids"]
-                      [victim] != pids[victim], 30), f"{victim} was not restarted"
-    return box[0]
-
-
 def test_fault_free_run_matches_the_engine(mesh, workload):
     assert_all_exact(run_load(mesh, workload), workload[2])
 
@@ -45,7 +31,7 @@ def test_executor_kill_loses_nothing_and_changes_nothing(mesh, workload):
     """The running requests are requeued and recomputed on the restarted executor;
     the prefix cache that pointed into the dead executor's memory is dropped."""
     before = scheduler_stats(mesh)
-    results = _kill_during_load(mesh, workload, "executor-0-0")
+    results = kill_during(mesh, lambda: run_load(mesh, workload), "executor-0-0")
     assert_all_exact(results, workload[2])
     assert wait_until(lambda: replica_serving(mesh), 30)
     stats = scheduler_stats(mesh)
@@ -60,7 +46,7 @@ def test_scheduler_kill_loses_nothing_and_changes_nothing(mesh, workload):
     """The router moves every request the dead scheduler held (resubmitted as prompt
     + the tokens already streamed) to the restarted one, and holds new ones until it
     is back: every client gets its whole answer, identical to a fault-free run."""
-    results = _kill_during_load(mesh, workload, "scheduler-0")
+    results = kill_during(mesh, lambda: run_load(mesh, workload), "scheduler-0")
     assert_all_exact(results, workload[2])
     assert wait_until(lambda: replica_serving(mesh), 30)
     assert_all_exact(run_load(mesh, workload), workload[2])
