@@ -25,7 +25,8 @@ from services.common.sampling_params import SamplingParams, validate_request
 from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 from services.common.tokenizer import TextTokenizer
-from services.executor.kv_memory import DEFAULT_KV_MEMORY_SHARE, peak_rss_bytes, size_kv_cache
+from services.executor.kv_memory import (DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, peak_rss_bytes,
+                                         size_kv_cache)
 from services.executor.model import CausalLM
 from services.executor.runner import ModelRunner
 from services.executor.weights import load_model
@@ -262,7 +263,7 @@ def cpu_kv_blocks(model: CausalLM, config: EngineConfig, per_block: int,
     before = peak_rss_bytes()
     probe_blocks = profile_forward(model, config)
     activations = max(0, peak_rss_bytes() - before - probe_blocks * per_block)
-    cap = config.max_num_seqs * -(-max_model_len // config.block_size)
+    cap = kv_cap_blocks(config.max_num_seqs, max_model_len, config.block_size)
     return size_kv_cache(per_block, cap, config.kv_memory_share, activations).num_blocks
 
 

@@ -7,9 +7,10 @@ import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
-from llmesh.v1 import common_pb2, inference_pb2
+from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from mesh_fixture import Mesh, serving
 from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
@@ -56,3 +57,26 @@ def test_status_shows_the_kv_the_executor_sized(mesh):
     assert replica["kv_blocks"] == kv_cap_blocks(MAX_SEQS, MAX_LEN, 16) == 256
     log = (mesh.run_dir / "logs" / "executor-0-0.log").read_text()
     assert "KV cache: 256 blocks" in log and "available after the weights" in log
+
+
+@pytest.fixture(scope="module")
+def small_kv_mesh(tiny_model_dir, tmp_path_factory):
+    """A share so small that the executor's KV, not the cap, sets the limit."""
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("small-kv"),
+             engine={"num_kv_blocks": 0, "kv_memory_share": 1e-6, "max_model_len": MAX_LEN},
+             observability={"tracing": "off"})
+    yield from serving(m)
+
+
+def test_the_routers_know_the_kv_the_executor_sized(small_kv_mesh):
+    """max_tokens 0 (the rest of the room) is computed from the blocks the executor
+    sized: the scheduler serves (and the routers start) only once it has shrunk to them."""
+    proc = small_kv_mesh.cli("status", "--json")
+    blocks = json.loads(proc.stdout)["replicas"][0]["kv_blocks"]
+    assert 1 <= blocks < MAX_LEN // 16  # the memory share binds, not max_model_len
+    req = inference_pb2.GenerateRequest(
+        token_ids=inference_pb2.TokenIds(ids=[0, 5, 6]),
+        sampling=common_pb2.SamplingParams(max_tokens=0, temperature=0.0, ignore_eos=True))
+    with grpc.insecure_channel(small_kv_mesh.endpoint) as ch:
+        out = inference_pb2_grpc.InferenceStub(ch).Complete(req, timeout=60)
+    assert out.usage.completion_tokens == blocks * 16 - 3
