@@ -153,7 +153,8 @@ def cmd_status(args) -> int:
                          kv_used_blocks=s.num_used_blocks, kv_blocks=s.num_kv_blocks,
                          prefix_hit_rate=s.prefix_hit_rate,
                          steps=s.num_steps, preemptions=s.num_preemptions,
-                         tensor_parallel=s.tensor_parallel)
+                         tensor_parallel=s.tensor_parallel, draining=s.is_draining,
+                         ejected=s.is_ejected)
         except grpc.RpcError as e:
             entry["error"] = e.code().name
         replicas.append(entry)
@@ -168,7 +169,9 @@ def cmd_status(args) -> int:
         for r in replicas:
             print(f"  replica {r['replica']}: running {r.get('running')} waiting {r.get('waiting')} "
                   f"kv {r.get('kv_usage', 0):.1%} ({r.get('kv_used_blocks')} of "
-                  f"{r.get('kv_blocks')} blocks)")
+                  f"{r.get('kv_blocks')} blocks)"
+                  + (" draining" if r.get("draining") else "")
+                  + (" ejected (known-answer probe failed)" if r.get("ejected") else ""))
         m = out["metrics"]
         if m.get("requests") is not None:
             print(f"  requests {m['requests']:.0f} (errors {m['errors']:.0f}), tokens in "

@@ -29,7 +29,19 @@ class EngineLimits:
     step_timeout_s: float = 30.0  # a step without a result this long: the executor is hung
     probe_interval_s: float = 30.0  # known-answer probes (0 = none)
     probe_timeout_s: float = 10.0  # a probe answered later than this fails
+    # graceful stop / restart (SIGTERM, a leak): running requests get this long to finish
+    drain_timeout_s: float = 120.0
+    # leak watchdog (0 = off): KV blocks allocated while idle for leak_idle_s, or a
+    # process's RSS over (1 + leak_rss_growth) x its baseline (and + leak_rss_floor_mb),
+    # the baseline taken after leak_warmup_s: drain, then a graceful restart
+    leak_check_s: float = 10.0
+    leak_idle_s: float = 30.0
+    leak_rss_growth: float = 0.5
+    leak_rss_floor_mb: float = 256.0
+    leak_warmup_s: float = 60.0
     test_corrupt_after_steps: int = 0  # tests only: executors answer wrong after this many steps
+    test_leak_mb_per_step: float = 0.0  # tests only: executors keep this much memory per step
+    test_leak_kv_blocks: int = 0  # tests only: the scheduler loses this many KV blocks when idle
     bench_step_ms: float = 0.0  # benchmark only: executors sleep this long per step, no model
 
 
@@ -207,6 +219,11 @@ ENGINE_DTYPES = ("float32", "bfloat16", "float16", "auto", "int8", "float16-weig
 def _check_engine(e: EngineLimits) -> None:
     if e.dtype not in ENGINE_DTYPES:
         raise ConfigError(f"engine.dtype must be one of {', '.join(ENGINE_DTYPES)}")
+    timings = ("drain_timeout_s", "leak_check_s", "leak_idle_s", "leak_rss_growth",
+               "leak_rss_floor_mb", "leak_warmup_s")
+    for name in timings:
+        if getattr(e, name) < 0:
+            raise ConfigError(f"engine.{name} must be >= 0")
     if e.num_kv_blocks < 0:
         raise ConfigError("engine.num_kv_blocks must be >= 0 (0 = sized from memory)")
     if not 0.0 < e.kv_memory_share <= 0.95:

@@ -115,7 +115,8 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
                 "--dtype", e.dtype, "--device", e.device, *executor_kv,
                 "--block-size", str(e.block_size), "--threads", str(threads),
                 "--bench-step-ms", str(e.bench_step_ms),
-                "--test-corrupt-after-steps", str(e.test_corrupt_after_steps)] + dist, port,
+                "--test-corrupt-after-steps", str(e.test_corrupt_after_steps),
+                "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)] + dist, port,
                 group=f"executors-{r}" if tp > 1 else ""))
         specs.append(ProcSpec(f"scheduler-{r}", py + [
             "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
@@ -129,6 +130,11 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--step-timeout-s", str(e.step_timeout_s),
             "--probe-interval-s", str(e.probe_interval_s),
             "--probe-timeout-s", str(e.probe_timeout_s),
+            "--drain-timeout-s", str(e.drain_timeout_s), "--leak-check-s", str(e.leak_check_s),
+            "--leak-idle-s", str(e.leak_idle_s), "--leak-rss-growth", str(e.leak_rss_growth),
+            "--leak-rss-floor-mb", str(e.leak_rss_floor_mb),
+            "--leak-warmup-s", str(e.leak_warmup_s),
+            "--test-leak-kv-blocks", str(e.test_leak_kv_blocks),
             "--admission", admission]
             + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
         schedulers.append(f"127.0.0.1:{ports.scheduler}")

@@ -142,6 +142,12 @@ def tokenizer_requests() -> Counter:
     return Counter("llmesh_tokenizer_requests", "Tokenizer calls by method", ["method"])
 
 
+@lru_cache(maxsize=None)
+def leak_restarts() -> Counter:
+    return Counter("llmesh_leak_restarts", "Graceful restarts ordered by the leak watchdog, by "
+                   "what leaked (kv, rss) and which process restarts", ["kind", "restart"])
+
+
 def register_scheduler(loop, prober=None) -> None:
     REGISTRY.register(SchedulerCollector(loop, prober))
 

@@ -51,6 +51,14 @@ class PermissionDeniedError(LlmeshError):
     code = "PERMISSION_DENIED"
 
 
+class DrainingError(LlmeshError):
+    """The replica is draining (to restart): it takes no new request, which belongs
+    on another replica. Maps to UNAVAILABLE, reason "draining"."""
+
+    code = "UNAVAILABLE"
+    reason = "draining"
+
+
 class LimitExceededError(LlmeshError):
     """A rate limit, quota or full queue. Maps to RESOURCE_EXHAUSTED with retry pushback."""
 

@@ -89,8 +89,12 @@ class Service:
             loop.add_signal_handler(sig, self._stop.set)
         log.info("%s listening on %s", self.name, self.address)
 
-    async def wait_for_termination(self, grace_s: float = 5.0) -> None:
+    async def wait_for_termination(self, grace_s: float = 5.0, before_stop=None) -> None:
+        """Until SIGTERM / SIGINT / stop(); then `before_stop()` (a coroutine function:
+        a drain that lets running work finish), NOT_SERVING, and the server stops."""
         await self._stop.wait()
+        if before_stop is not None:
+            await before_stop()
         log.info("%s draining", self.name)
         await self.set_serving(False)  # Envoy / routers stop sending new work first
         await self.server.stop(grace_s)

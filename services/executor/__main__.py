@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 
 import torch
 
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--dist-timeout-s", type=float, default=60.0)
     p.add_argument("--test-corrupt-after-steps", type=int, default=0,
                    help="tests only: after this many sampling steps, sampled tokens are wrong")
+    p.add_argument("--test-leak-mb-per-step", type=float, default=0.0,
+                   help="tests only: after a SIGUSR1, each step keeps this much memory "
+                        "(the leak watchdog's test)")
     p.add_argument("--bench-step-ms", type=float, default=0.0,
                    help="benchmark only: a model whose forward sleeps this long, instead of "
                         "the checkpoint's (measures what the mesh adds per step)")
@@ -60,8 +64,13 @@ async def main(args) -> None:
     if device == "cuda" and args.world_size > 1:
         device = f"cuda:{args.rank % torch.cuda.device_count()}"
     tp = args.world_size > 1 and not args.bench_step_ms
-    servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None, rank=args.rank)
+    servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None, rank=args.rank,
+                                on_exit=service.stop,
+                                test_leak_mb_per_step=args.test_leak_mb_per_step)
     service.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, "llmesh.v1.Executor")
+    if args.test_leak_mb_per_step:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGUSR1, lambda: setattr(servicer, "is_test_leaking", True))
     await service.start()  # health answers NOT_SERVING while the group forms and the model loads
     group = None
     if tp:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
@@ -18,6 +19,7 @@ from llmesh.v1 import executor_pb2, executor_pb2_grpc
 from observability import telemetry
 from observability.metrics import executor_metrics
 from services.common import convert
+from services.common.rss import current_rss_bytes
 from services.common.step_plan import StepPlan
 from services.executor.runner import ModelRunner
 
@@ -61,9 +63,16 @@ class StepThread:
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner | None, on_fatal=None, rank: int = 0):
+    def __init__(self, runner: ModelRunner | None, on_fatal=None, rank: int = 0,
+                 on_exit=None, test_leak_mb_per_step: float = 0.0):
         self.runner = runner  # set once the model is loaded
         self.rank = rank
+        self.on_exit = on_exit  # a plan asked this rank to restart (the scheduler drained)
+        self._exit_step: int | None = None
+        self._rss_sampled_s = 0.0
+        self.test_leak_bytes = int(test_leak_mb_per_step * 2**20)
+        self.is_test_leaking = False  # (turned on by SIGUSR1, see __main__)
+        self._test_leaked: list[bytes] = []
         self._forward_hist, self._comm_counter = executor_metrics()
         self._lock = asyncio.Lock()  # one scheduler drives a rank at a time
         # Tensor parallel: a step that fails on one rank leaves its peers inside a
@@ -86,6 +95,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     plan, outcome = item
                     reply = self._reply(plan, outcome, spans.pop(plan.step_id, None))
                     yield reply
+                    if plan.step_id == self._exit_step and self.on_exit is not None:
+                        log.warning("the scheduler drained this replica to restart it: exiting")
+                        self.on_exit()
+                        return
                     if reply.error:  # the scheduler starts over; plans queued after it are moot
                         if self.on_fatal is not None:
                             self.on_fatal(outcome)
@@ -98,6 +111,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         try:
             async for msg in request_iterator:
                 plan = convert.plan_from_proto(msg)
+                if msg.exit_after:
+                    self._exit_step = plan.step_id
                 if plan.traceparent and telemetry.tracing_enabled():
                     spans[plan.step_id] = telemetry.tracer("llmesh.executor").start_span(
                         "executor.step", context=telemetry.extract(plan.traceparent),
@@ -122,4 +137,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             self._forward_hist.observe(outcome.forward_s)
             if outcome.comm_s:
                 self._comm_counter.inc(outcome.comm_s)
-        return convert.result_to_proto(outcome)
+            if self.is_test_leaking:  # tests only: memory that is never given back
+                self._test_leaked.append(b"\x01" * self.test_leak_bytes)
+        reply = convert.result_to_proto(outcome)
+        now = time.monotonic()
+        if now - self._rss_sampled_s >= 1.0:  # (the leak watchdog looks every few seconds)
+            self._rss_sampled_s = now
+            reply.rss_bytes = current_rss_bytes()
+        return reply

@@ -15,8 +15,10 @@ from safetensors import safe_open
 
 from services.common.errors import UnsupportedModelError
 from services.executor.model import CausalLM
-from services.executor.model_config import DTYPES, ModelConfig, load_model_config
+from services.executor.model_config import ModelConfig, load_model_config
 from services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SafetensorsIndex:

@@ -150,18 +150,24 @@ class Dispatcher:
             replica.in_flight.discard(route.request_id)
             self._lost(route.request_id, f"{replica.name}: stream to the scheduler broke")
 
-    async def migrate(self, route: Route, streamed: list[int], reason: str) -> bool:
+    async def migrate(self, route: Route, streamed: list[int], reason: str,
+                      refused: bool = False) -> bool:
         """Resubmit after `reason` took its replica: prompt + `streamed` output
-        tokens. False when it may not move (n > 1, too many moves, no replica)."""
-        self.record(route, BROKEN)
-        if route.add.sampling.n != 1 or route.num_migrations >= self.max_migrations:
-            return False
+        tokens. False when it may not move (n > 1, too many moves, no replica).
+        `refused`: the replica turned the request away unstarted because it drains
+        (not a failure: the breaker does not hear of it, no move is counted)."""
+        if refused:
+            route.replica.mark_draining()
+        else:
+            self.record(route, BROKEN)
+            if route.add.sampling.n != 1 or route.num_migrations >= self.max_migrations:
+                return False
+            route.num_migrations += 1
         old = route.replica
         old.in_flight.discard(route.request_id)  # (its later deltas are dropped)
         if old.is_connected:  # alive but not serving: free the request there
             await old.send(scheduler_pb2.RouterMessage(
                 cancel=scheduler_pb2.CancelRequest(request_id=route.request_id)))
-        route.num_migrations += 1
         replica = await self.wait_ready(route.add.deadline_unix_s)
         if replica is None:
             return False

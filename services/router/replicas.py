@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -30,6 +31,9 @@ class Replica:
         self.in_flight: set[str] = set()
         self.is_connected = False  # the Connect stream is up
         self.is_serving = False  # the scheduler's own health
+        # it refused a request as draining (about to restart): no new ones until it
+        # reconnects, its health changes, or a while has passed
+        self.draining_until = 0.0
         self._call = None
         self._write_lock = asyncio.Lock()  # one write at a time on a stream
         self._on_outputs = on_outputs  # (replica, StepOutputs), never blocks
@@ -42,7 +46,14 @@ class Replica:
 
     def takes_requests(self) -> bool:
         """Ready, and its circuit breaker lets a new request through."""
-        return self.is_ready and self.breaker.allows()
+        return self.is_ready and not self.is_draining and self.breaker.allows()
+
+    @property
+    def is_draining(self) -> bool:
+        return time.monotonic() < self.draining_until
+
+    def mark_draining(self, for_s: float = 2.0) -> None:
+        self.draining_until = time.monotonic() + for_s
 
     async def watch_health(self) -> None:
         """Follow the scheduler's health (NOT_SERVING while its executors are down or
@@ -54,6 +65,8 @@ class Replica:
                                              wait_for_ready=True):
                     was = self.is_serving
                     self.is_serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+                    if self.is_serving != was:
+                        self.draining_until = 0.0
                     if was and not self.is_serving and self._on_unready is not None:
                         self._on_unready(self)
             except grpc.aio.AioRpcError:
@@ -70,6 +83,7 @@ class Replica:
                                                     wait_for_ready=True, timeout=30)
                 self._call = self.stub.Connect(wait_for_ready=True)
                 self.is_connected = True
+                self.draining_until = 0.0
                 self.breaker.reset()  # a new scheduler (or stream): judged afresh
                 backoff = 0.1
                 async for outputs in self._call:

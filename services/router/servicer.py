@@ -244,6 +244,9 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                 yield inference_pb2.GenerateResponse(
                     request_id=request_id, incomplete=True, incomplete_reason=delta)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {delta}")
+            if delta.error_reason == "draining" \
+                    and await self.dispatcher.migrate(route, streamed, delta.error, refused=True):
+                continue  # (refused unstarted by a replica about to restart: it goes elsewhere)
             if delta.error:
                 if delta.error_code == "RESOURCE_EXHAUSTED":
                     self.dispatcher.record(route, BUSY)  # load, not a broken replica

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import time
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -23,6 +24,8 @@ from services.scheduler.loop import EngineLoop, ExecutorFailed
 from services.scheduler.policy import policy_from_dict
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler import probe
+from services.scheduler.drain import LeakGuard, drain
+from services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
 from services.scheduler.servicer import OutputHub, SchedulerServicer
 
 log = logging.getLogger("llmesh.scheduler")
@@ -56,6 +59,20 @@ def parse_args(argv=None):
     p.add_argument("--probe-expected", default="",
                    help="the probe's known answer as a JSON list of token ids "
                         "(default: what the first probe answers)")
+    p.add_argument("--drain-timeout-s", type=float, default=120.0,
+                   help="on a graceful stop or restart, how long running requests may finish")
+    p.add_argument("--leak-check-s", type=float, default=10.0,
+                   help="seconds between leak watchdog checks (0 = no watchdog)")
+    p.add_argument("--leak-idle-s", type=float, default=30.0,
+                   help="KV blocks still allocated this long with no request are leaked")
+    p.add_argument("--leak-rss-growth", type=float, default=0.5,
+                   help="a process whose RSS grows by this share over its baseline leaks ...")
+    p.add_argument("--leak-rss-floor-mb", type=float, default=256.0,
+                   help="... and by at least this many MiB")
+    p.add_argument("--leak-warmup-s", type=float, default=60.0,
+                   help="the RSS baselines are taken after this")
+    p.add_argument("--test-leak-kv-blocks", type=int, default=0,
+                   help="tests only: after a SIGUSR1, lose this many KV blocks once idle")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
     return p.parse_args(argv)
 
@@ -108,15 +125,30 @@ async def main(args) -> None:
         interval_s=args.probe_interval_s, timeout_s=args.probe_timeout_s,
         expected=json.loads(args.probe_expected) if args.probe_expected else None)
     register_scheduler(loop, prober)
-    service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                SchedulerServicer(loop, hub, executors, info, prober), "llmesh.v1.Scheduler")
+    servicer = SchedulerServicer(loop, hub, executors, info, prober)
+    service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer,
+                "llmesh.v1.Scheduler")
     await service.start()
     tasks = [asyncio.ensure_future(publisher.run()),
              asyncio.ensure_future(_drive(loop, executors, health, info, publisher.notify,
                                           args.executor_recovery_s))]
     if args.probe_interval_s:
-        tasks.append(asyncio.ensure_future(prober.run(lambda: health.executors_ok)))
-    await service.wait_for_termination()
+        tasks.append(asyncio.ensure_future(
+            prober.run(lambda: health.executors_ok and not loop.is_draining)))
+    if args.leak_check_s:
+        limits = LeakLimits(args.leak_check_s, args.leak_idle_s, 0, args.leak_rss_growth,
+                            args.leak_rss_floor_mb, args.leak_warmup_s)
+        guard = LeakGuard(LeakWatchdog(limits), loop, executors, service.stop,
+                          args.drain_timeout_s,
+                          args.test_leak_kv_blocks)
+        tasks.append(asyncio.ensure_future(guard.run()))
+        if args.test_leak_kv_blocks:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, guard.test_leak_kv)
+    async def drain_then_close():
+        await drain(loop, args.drain_timeout_s)
+        servicer.close_streams()
+    # (drained: what is left are health watches, which need no grace)
+    await service.wait_for_termination(grace_s=0.5, before_stop=drain_then_close)
     for task in tasks:
         task.cancel()
 
@@ -175,6 +207,10 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, health: ReplicaHeal
                      executors.capacity)
             loop.kv.limit_blocks(executors.capacity)
             info.num_kv_blocks = executors.capacity
+        if executors.is_exit_requested:  # back from a drained restart: take requests again
+            executors.is_exit_requested = False
+            loop.is_draining = False
+            log.info("the executor group restarted; taking requests again")
         await health.set(executors=True)
         watch = asyncio.ensure_future(executors.watch(loop.wake))
         try:

@@ -11,7 +11,7 @@ import asyncio
 
 import grpc
 
-from llmesh.v1 import executor_pb2_grpc
+from llmesh.v1 import executor_pb2, executor_pb2_grpc
 from services.common import convert
 from services.common.step_plan import StepPlan, StepResult
 from services.scheduler.loop import ExecutorFailed
@@ -28,6 +28,8 @@ class ExecutorGroup:
         self.kv_epochs: tuple[int, ...] = ()  # each rank's KV identity on this connection
         self.num_plan_messages = 0  # written, all ranks: the critical path out ...
         self.num_result_messages = 0  # ... and back
+        self.rss_bytes: dict[str, int] = {}  # each rank's last reported resident memory
+        self.is_exit_requested = False  # the ranks were asked to restart (request_exit)
 
     async def connect(self) -> None:
         self.broken = ""
@@ -101,6 +103,9 @@ class ExecutorGroup:
                 r.cancel()
         replies = [r.result() for r in reads]
         self.num_result_messages += len(replies)
+        for rank, r in enumerate(replies):
+            if r.rss_bytes:
+                self.rss_bytes[f"executor-rank{rank}"] = r.rss_bytes
         self.capacity = min(r.num_kv_blocks for r in replies)
         epochs = tuple(r.kv_epoch for r in replies)
         if not self.kv_epochs:
@@ -109,6 +114,18 @@ class ExecutorGroup:
             self.broken = f"executor KV epoch changed at step {replies[0].step_id}"
             raise ExecutorFailed(self.broken)
         return convert.result_from_proto(replies[0])
+
+    async def request_exit(self) -> None:
+        """Ask every rank to restart (the replica is drained): each answers an empty
+        plan and shuts down, and its supervisor starts it afresh; the group's loss is
+        then seen as any other (the KV is gone, the scheduler reconnects)."""
+        self.is_exit_requested = True
+        msg = executor_pb2.StepPlan(step_id=0, exit_after=True)
+        try:
+            await asyncio.gather(*(s.write(msg) for s in self._streams))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            self.broken = f"executor stream failed: {e!r}"
+        self.rss_bytes.clear()
 
     async def probe(self, timeout_s: float) -> StepResult:
         """An empty step through every rank (raises ExecutorFailed / TimeoutError)."""

@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from observability import telemetry
 from observability.request_spans import RequestSpans, StepSpans
-from services.common.errors import DuplicateRequestError, InvalidRequestError
+from services.common.errors import DrainingError, DuplicateRequestError, InvalidRequestError
 from services.common.finish_reason import FinishReason
 from services.common.sampling_params import SamplingParams
 from services.common.step_plan import StepPlan, StepResult
@@ -131,6 +131,7 @@ class EngineLoop:
         self.token_rate = 0.0  # tokens per second computed, smoothed (retry pushback)
         self.step_s = 0.0  # wall time per step, smoothed
         self.drain = DrainRate(window_s=0.2)  # the queue's drain rate under backlog (SLO)
+        self.is_draining = False  # new requests are refused: the replica is about to restart
         self._in_flight: deque[_InFlight] = deque()
         self._last_result_s = 0.0
         self._wake = asyncio.Event()
@@ -147,7 +148,9 @@ class EngineLoop:
         output it already produced elsewhere (a request moved from a failed replica);
         it continues after them. Raises DuplicateRequestError, InvalidRequestError
         when it cannot fit this replica, or QueueFullError (with retry_after_s) when
-        its class's queue is full."""
+        its class's queue is full, or DrainingError while the replica drains."""
+        if self.is_draining:
+            raise DrainingError("this replica is draining to restart; another one takes it")
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)
         self._check_fits(prompt, params)
@@ -246,6 +249,11 @@ class EngineLoop:
             self.fail_all()
         self.kv.reset_prefix_cache()
         self.stats.num_kv_resets += 1
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing queued, running or in flight."""
+        return not self.tracks and not self.has_work
 
     def wake(self) -> None:
         self._wake.set()

@@ -52,11 +52,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    yield get.result()
+                    if (outputs := get.result()) is None:  # the scheduler stops
+                        return
+                    yield outputs
                     continue
                 get.cancel()
                 while not queue.empty():
-                    yield queue.get_nowait()
+                    if (outputs := queue.get_nowait()) is not None:
+                        yield outputs
                 return
         finally:
             reader.cancel()
@@ -84,6 +87,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             elif kind == "cancel":
                 self.loop.cancel(msg.cancel.request_id)
 
+    def close_streams(self) -> None:
+        """End every router's stream (after a drain: nothing runs), so that a stopping
+        server need not wait out its grace period on them."""
+        for queue in self.hub.queues.values():
+            queue.put_nowait(None)
+
     async def GetInfo(self, request, context):
         return self.info
 
@@ -103,7 +112,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_deadline_expired=s.num_deadline_expired, num_kv_resets=s.num_kv_resets,
             num_requeued=s.num_requeued, num_slo_rejected=s.num_slo_rejected,
             num_probes=self.prober.num_probes, num_probe_failures=self.prober.num_failures,
-            is_ejected=self.prober.is_ejected,
+            is_ejected=self.prober.is_ejected, is_draining=self.loop.is_draining,
             pipeline_depth=self.loop.pipeline_depth,
             num_plan_messages=self.executors.num_plan_messages,
             num_result_messages=self.executors.num_result_messages)
