@@ -52,6 +52,7 @@ class RoutingConfig:
     # warm standby: the last N replicas are loaded and probed but take requests only
     # while some other replica is not ready (down, hung, ejected)
     standby_replicas: int = 0
+    test_failing_router: int = -1  # tests only: this router fails every request, SERVING
 
 
 @dataclass(frozen=True)

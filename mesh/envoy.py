@@ -11,6 +11,16 @@ HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocol
 OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 
 
+# a retry goes to another router than the ones that already failed the request
+OTHER_HOST_ON_RETRY = {
+    "retry_host_predicate": [{
+        "name": "envoy.retry_host_predicates.previous_hosts",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
+                                  "previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 5,
+}
+
+
 def _address(port: int) -> dict:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
@@ -30,6 +40,7 @@ def render_envoy(cfg: MeshConfig) -> dict:
             # Envoy retries only before the response starts; mid-stream failures surface
             "retry_on": "connect-failure,refused-stream,reset,unavailable",
             "num_retries": e.max_retries,
+            **OTHER_HOST_ON_RETRY,
         },
     }
     http_routes, http_clusters = _http_api(cfg, idle)
@@ -120,7 +131,7 @@ def _http_api(cfg: MeshConfig, idle: str) -> tuple[list, list]:
         return [], []
     route = {"cluster": "http", "timeout": "0s", "idle_timeout": idle,
              "retry_policy": {"retry_on": "connect-failure,refused-stream,reset",
-                              "num_retries": cfg.envoy.max_retries}}
+                              "num_retries": cfg.envoy.max_retries, **OTHER_HOST_ON_RETRY}}
     routes = [{"match": {"prefix": "/v1/"}, "route": route},
               {"match": {"path": "/v1"}, "route": route},
               {"match": {"path": "/health"}, "route": route}]

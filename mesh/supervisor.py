@@ -147,6 +147,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--max-migrations", str(cfg.routing.max_migrations),
             "--replica-wait-s", str(cfg.routing.replica_wait_s),
             "--standby", str(cfg.routing.standby_replicas)]
+            + (["--test-fail-requests"] if i == cfg.routing.test_failing_router else [])
             + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
                if cfg.http_ports else []), port))
     envoy_yaml = run_dir / "envoy.yaml"

@@ -26,7 +26,8 @@ async def main(args) -> None:
     dispatcher = Dispatcher(args.schedulers.split(","), max_migrations=args.max_migrations,
                             replica_wait_s=args.replica_wait_s, num_standby=args.standby)
     admission = json.loads(args.admission)
-    inference = Inference(channel, dispatcher, args.model_name, Admission.from_dict(admission),
+    inference = (_FailingInference if args.test_fail_requests else Inference)(
+        channel, dispatcher, args.model_name, Admission.from_dict(admission),
                           dead_letters_from(admission))
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
@@ -40,6 +41,18 @@ async def main(args) -> None:
     if http is not None:
         http.should_exit = True
         await asyncio.wait_for(serving_http, 10)
+
+
+class _FailingInference(Inference):
+    """Tests only: a router that fails every request (UNAVAILABLE) while its health
+    says SERVING, for Envoy's outlier detection to find."""
+
+    async def Complete(self, request, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "test: this router fails every request")
+
+    async def Generate(self, request, context):
+        await self.Complete(request, context)
+        yield  # (an async generator, like the real one)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -97,6 +110,8 @@ if __name__ == "__main__":
     p.add_argument("--standby", type=int, default=0,
                    help="the last N schedulers are warm standbys: they take requests only "
                         "while another replica is not ready")
+    p.add_argument("--test-fail-requests", action="store_true",
+                   help="tests only: fail every request while reporting SERVING")
     p.add_argument("--http-port", type=int, default=0,
                    help="serve the OpenAI-compatible HTTP API here too (0: gRPC only)")
     p.add_argument("--model", help="the model directory (its tokenizer: logprob token text)")
