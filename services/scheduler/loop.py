@@ -32,10 +32,13 @@ from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.policy import QueueFullError
 from services.scheduler.scheduler import Scheduler, SeqOutput
 from services.scheduler.sequence import Sequence
-from services.scheduler.slo import DrainRate
+from services.scheduler.slo import DrainRate, WaitCalibration
 from services.scheduler.text_stream import TextStream
 
 log = logging.getLogger("llmesh.scheduler")
+# admission aims at this share of a class's TTFT budget: the rest is headroom for
+# what no prediction sees (a pause of the host, a burst of other work)
+SLO_HEADROOM = 0.9
 
 
 class ExecutorFailed(Exception):
@@ -60,6 +63,7 @@ class RequestTrack:
     deadline_s: float  # time.time() based; 0 = none
     first_scheduled_s: float = 0.0
     first_token_s: float = 0.0
+    predicted_ttft_s: float | None = None  # SLO admission's estimate, when it made one
     forward_s: float = 0.0
     sample_s: float = 0.0
     num_steps: int = 0
@@ -130,7 +134,9 @@ class EngineLoop:
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
         self.token_rate = 0.0  # tokens per second computed, smoothed (retry pushback)
         self.step_s = 0.0  # wall time per step, smoothed
-        self.drain = DrainRate(window_s=0.2)  # the queue's drain rate under backlog (SLO)
+        self.drain = DrainRate()  # the queue's drain rate under backlog (SLO) ...
+        self.calibration = WaitCalibration()  # ... and how far off its waits were
+        self._left_waiting = False  # the last scheduling round left requests queued
         self.is_draining = False  # new requests are refused: the replica is about to restart
         self._in_flight: deque[_InFlight] = deque()
         self._last_result_s = 0.0
@@ -167,7 +173,7 @@ class EngineLoop:
                        salt=salt, tenant=tenant, priority=priority,
                        output_token_ids=list(resume), text=text)
         try:
-            self._check_slo(priority, seq.num_tokens)
+            predicted_ttft_s = self._check_slo(priority, seq.num_tokens)
             self.scheduler.add(seq)
         except QueueFullError as e:
             self.stats.num_rejected += 1
@@ -177,33 +183,46 @@ class EngineLoop:
                 e.retry_after_s = min(30.0, max(0.05, queued / self.token_rate
                                                 if self.token_rate else 1.0))
             raise
-        self.tracks[request_id] = RequestTrack(owner, now, deadline_s)
+        self.tracks[request_id] = RequestTrack(owner, now, deadline_s,
+                                               predicted_ttft_s=predicted_ttft_s)
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
 
-    def _check_slo(self, priority: str, num_tokens: int) -> None:
-        """Refuse now what would wait in the queue past its class's TTFT budget.
+    def _check_slo(self, priority: str, num_tokens: int) -> float | None:
+        """Refuse now what would wait in the queue past its class's TTFT budget;
+        the uncorrected prediction for what is admitted (None: no estimate).
 
         The wait is what is queued ahead (in its class and those above) over the
-        measured drain rate. Before that is measured it is estimated from the work
-        ahead: their prompts at the token rate, plus the steps their outputs will
-        hold the running slots for (`max_tokens` each, a ceiling: EOS ends some
-        sooner) at the measured step time."""
+        measured drain rate, plus the margin by which recent predictions fell
+        short of the real time to first token (WaitCalibration). Before
+        that rate is measured it is estimated from the work ahead: their prompts at
+        the token rate, plus the steps their outputs and the running requests' rest
+        will hold the slots for (`max_tokens`, a ceiling: EOS ends some sooner) at
+        the measured step time."""
         waiting = self.scheduler.waiting
         budget = waiting.policy.limits(priority).ttft_budget_s
         if not budget or not waiting:
-            return
+            return None
         prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
         wait = self.drain.predict_wait(prompt_ahead + num_tokens)
+        rest = [max(0, s.params.max_tokens - len(s.output_token_ids))
+                for s in self.scheduler.running]
         if wait is None and self.token_rate and self.step_s:
-            wait = (prompt_ahead / self.token_rate + self.step_s * decode_ahead
+            wait = (prompt_ahead / self.token_rate + self.step_s * (decode_ahead + sum(rest))
                     / self.scheduler.config.max_num_seqs)
-        if wait is not None and wait > budget:
+        if wait is None:
+            return None
+        # slots free in rounds: a fluid estimate can be short by a round (the time a
+        # running request still holds its slot), until the calibration knows better
+        margin = self.calibration.margin_s(self.step_s * sum(rest) / len(rest) if rest else 0.0)
+        if wait + margin > SLO_HEADROOM * budget:
+            wait += margin
             self.stats.num_slo_rejected += 1
             raise QueueFullError(priority, f"predicted wait {wait:.1f}s > the class's "
                                  f"{budget:g}s TTFT budget",
                                  retry_after_s=min(60.0, max(0.05, wait - budget)),
                                  reason="slo")
+        return wait  # (uncorrected: the calibration learns from it)
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
         """What the edge cannot know for sure: this replica's own limits."""
@@ -301,9 +320,12 @@ class EngineLoop:
     async def _submit_next(self) -> bool:
         t0 = time.perf_counter()
         waiting = self.scheduler.waiting
-        queued_before, was_backlogged = waiting.num_queued_tokens, bool(waiting)
+        queued_before = waiting.num_queued_tokens
         plan = self.scheduler.schedule()
-        self.drain.observe(queued_before - waiting.num_queued_tokens, was_backlogged)
+        # capacity shows only while requests are left waiting: since the last round
+        # left some behind, what leaves now left as fast as the replica could take it
+        self.drain.observe(queued_before - waiting.num_queued_tokens, self._left_waiting)
+        self._left_waiting = bool(waiting)
         if not plan.scheduled and not plan.finished_seq_ids:
             self.stats.schedule_s += time.perf_counter() - t0
             return False
@@ -405,6 +427,8 @@ class EngineLoop:
                 spans.on_output(out.request_id, len(out.new_token_ids), int(now * 1e9))
             if out.new_token_ids and not track.first_token_s:
                 track.first_token_s = now
+                if track.predicted_ttft_s is not None:
+                    self.calibration.record(track.predicted_ttft_s, now - track.arrival_s)
             info = None
             if out.finish_reason is not None:
                 info = FinishedInfo(

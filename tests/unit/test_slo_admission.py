@@ -12,7 +12,7 @@ from services.engine.engine import Engine, EngineConfig
 from services.executor.model_config import load_model_config
 from services.executor.sleep_model import SleepModel
 from services.scheduler.policy import ClassLimits, QueueFullError, SchedulingPolicy
-from services.scheduler.slo import DrainRate
+from services.scheduler.slo import DrainRate, WaitCalibration
 
 BUDGET_S = 0.3
 
@@ -73,11 +73,35 @@ def test_what_would_wait_past_the_budget_is_refused_at_once(tiny_model_dir):
 
 
 def test_drain_rate_counts_only_backlogged_time():
-    rate = DrainRate(window_s=1.0, smoothing=1.0)
+    rate = DrainRate(horizon_s=3.0, min_s=0.5)
     rate.observe(0, False, now=0.0)
     rate.observe(500, False, now=10.0)  # idle time and no queue: not capacity
     assert rate.predict_wait(100) is None
-    rate.observe(100, True, now=10.5)
-    rate.observe(100, True, now=11.0)  # 200 tokens in 1 s of backlog
+    rate.observe(100, True, now=10.4)
+    assert rate.predict_wait(100) is None  # too little backlog seen yet
+    rate.observe(100, True, now=11.0)  # 200 tokens in 1 s of backlog, 2 rounds
     assert rate.tokens_per_s == pytest.approx(200.0)
     assert rate.predict_wait(400) == pytest.approx(2.0)
+
+
+def test_drain_rate_spans_bursts_and_forgets_past_its_horizon():
+    rate = DrainRate(horizon_s=2.0, min_s=0.5)
+    rate.observe(0, True, now=0.0)
+    for k in range(1, 11):  # a round of 100 tokens every 0.4 s, nothing in between
+        rate.observe(0, True, now=0.4 * k - 0.2)
+        rate.observe(100, True, now=0.4 * k)
+        assert rate.tokens_per_s == pytest.approx(250.0, rel=0.25) or k < 2
+    for k in range(11, 21):  # the replica slows to a round every 0.8 s
+        rate.observe(100, True, now=4.0 + 0.8 * (k - 10))
+    assert rate.tokens_per_s == pytest.approx(125.0, rel=0.1)
+
+
+def test_the_calibration_learns_how_far_short_predictions_fall():
+    cal = WaitCalibration(window=10, quantile=0.9, min_samples=4)
+    assert cal.margin_s(prior_s=0.4) == 0.4  # nothing seen: the prior
+    for predicted, actual in [(1.0, 1.3), (1.0, 1.1), (0.5, 0.4), (2.0, 2.2)]:
+        cal.record(predicted, actual)
+    assert cal.margin_s(prior_s=0.4) == pytest.approx(0.3)  # the 90th percentile
+    for _ in range(10):  # predictions that turned out long: no margin (never negative)
+        cal.record(1.0, 0.5)
+    assert cal.margin_s(prior_s=0.4) == 0.0
