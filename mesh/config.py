@@ -53,6 +53,11 @@ class RoutingConfig:
     # while some other replica is not ready (down, hung, ejected)
     standby_replicas: int = 0
     test_failing_router: int = -1  # tests only: this router fails every request, SERVING
+    # replica choice (services/router/core.py): kv_aware (prefix hits within a load
+    # bound), least_loaded or round_robin
+    policy: str = "kv_aware"
+    prefix_load_bound: float = 4.0  # requests a cached prefix may pull above the least load
+    prefix_load_ratio: float = 1.5  # ... or this ratio of it, if more
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class EnvoyConfig:
 
 
 TRACING_MODES = ("file", "otlp", "off")
+ROUTING_POLICIES = ("kv_aware", "least_loaded", "round_robin")  # services/router/core.py
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,10 @@ def parse_config(raw: dict) -> MeshConfig:
     if not 0 <= cfg.routing.standby_replicas < cfg.replicas:
         raise ConfigError(f"routing.standby_replicas must be at least 0 and fewer than the "
                           f"{cfg.replicas} replicas")
+    if cfg.routing.policy not in ROUTING_POLICIES:
+        raise ConfigError(f"routing.policy must be one of {', '.join(ROUTING_POLICIES)}")
+    if cfg.routing.prefix_load_bound < 0 or cfg.routing.prefix_load_ratio < 1:
+        raise ConfigError("routing.prefix_load_bound must be >= 0 and prefix_load_ratio >= 1")
     for i, r in enumerate(cfg.replica_ports):
         if len(r.executors) != cfg.tensor_parallel:
             raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "

@@ -146,7 +146,10 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
             "--replica-wait-s", str(cfg.routing.replica_wait_s),
-            "--standby", str(cfg.routing.standby_replicas)]
+            "--standby", str(cfg.routing.standby_replicas),
+            "--kvcache", f"127.0.0.1:{cfg.kvcache_port}", "--routing-policy", cfg.routing.policy,
+            "--prefix-load-bound", str(cfg.routing.prefix_load_bound),
+            "--prefix-load-ratio", str(cfg.routing.prefix_load_ratio)]
             + (["--test-fail-requests"] if i == cfg.routing.test_failing_router else [])
             + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
                if cfg.http_ports else []), port))

@@ -15,6 +15,7 @@ from observability import telemetry
 from services.common.server import Service
 from services.router.admission import Admission
 from services.router.deadletters import dead_letters_from
+from services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
 from services.router.dispatch import Dispatcher
 from services.router.servicer import Inference
 
@@ -23,8 +24,11 @@ async def main(args) -> None:
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes,
                       traced=True)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
+    chooser = ReplicaChooser(RoutingPolicy(args.routing_policy, args.prefix_load_bound,
+                                           args.prefix_load_ratio))
     dispatcher = Dispatcher(args.schedulers.split(","), max_migrations=args.max_migrations,
-                            replica_wait_s=args.replica_wait_s, num_standby=args.standby)
+                            replica_wait_s=args.replica_wait_s, num_standby=args.standby,
+                            chooser=chooser, kvcache_address=args.kvcache)
     admission = json.loads(args.admission)
     inference = (_FailingInference if args.test_fail_requests else Inference)(
         channel, dispatcher, args.model_name, Admission.from_dict(admission),
@@ -110,6 +114,12 @@ if __name__ == "__main__":
     p.add_argument("--standby", type=int, default=0,
                    help="the last N schedulers are warm standbys: they take requests only "
                         "while another replica is not ready")
+    p.add_argument("--kvcache", default="", help="the kvcache index (prefix-aware routing)")
+    p.add_argument("--routing-policy", choices=POLICIES, default="kv_aware")
+    p.add_argument("--prefix-load-bound", type=float, default=4.0,
+                   help="requests a cached prefix may pull a request above the least load")
+    p.add_argument("--prefix-load-ratio", type=float, default=1.5,
+                   help="... or this ratio of the least load, if more")
     p.add_argument("--test-fail-requests", action="store_true",
                    help="tests only: fail every request while reporting SERVING")
     p.add_argument("--http-port", type=int, default=0,

@@ -16,10 +16,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from llmesh.v1 import scheduler_pb2
+import grpc
+
+from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc, scheduler_pb2
 from observability.metrics import router_metrics
 from services.router.breaker import BROKEN, CircuitBreaker
-from services.router.core import ReplicaLoad, pick_replica, standby_active
+from services.router.core import ReplicaChooser, ReplicaLoad, standby_active
 from services.router.replicas import Replica
 
 log = logging.getLogger("llmesh.router")
@@ -82,7 +84,15 @@ class Route:
 
 class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
-                 replica_wait_s: float = 30.0, num_standby: int = 0):
+                 replica_wait_s: float = 30.0, num_standby: int = 0,
+                 chooser: ReplicaChooser | None = None, kvcache_address: str = ""):
+        """`chooser` decides among the replicas that take a request; with
+        `kvcache_address` (and a kv_aware chooser) it knows what each holds of
+        the prompt, from the kvcache index."""
+        self.chooser = chooser or ReplicaChooser()
+        self._kvcache = (kvcache_pb2_grpc.KVCacheStub(grpc.aio.insecure_channel(kvcache_address))
+                         if kvcache_address and self.chooser.policy.policy == "kv_aware"
+                         else None)
         self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost,
                                  CircuitBreaker(), self._on_unready)
                          for i, a in enumerate(scheduler_addresses)]
@@ -103,8 +113,15 @@ class Dispatcher:
     def is_ready(self) -> bool:
         return any(r.is_ready for r in self.replicas)
 
-    def pick(self) -> Replica | None:
-        loads = [ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight), r.name in self.standby)
+    def pick(self, cached: dict[str, int] | None = None) -> Replica | None:
+        """The replica for a new request (None: none takes one); `cached`: prompt
+        tokens each replica holds (the kvcache index's answer)."""
+        cached = cached or {}
+        loads = [ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight), r.name in self.standby,
+                             queued=(r.load.num_running + r.load.num_waiting
+                                     + r.num_sent_since_load) if r.load is not None else None,
+                             kv_usage=r.load.kv_usage if r.load is not None else 0.0,
+                             cached_tokens=cached.get(r.name, 0))
                  for r in self.replicas]
         if self.standby:
             active = standby_active(loads)
@@ -114,8 +131,24 @@ class Dispatcher:
                             "taking requests (a replica is not ready)" if active else
                             "idle again (every replica is ready)")
                 router_metrics().standby_active.set(1 if active else 0)
-        name = pick_replica(loads)
+        name = self.chooser.pick(loads)
         return next((r for r in self.replicas if r.name == name), None)
+
+    async def choose(self, prompt: list[int], salt: str, deadline_s: float = 0.0
+                     ) -> Replica | None:
+        """`pick` with what the kvcache index knows of `prompt` (a slow or absent
+        index costs at most 50 ms, then the choice goes by load alone), waiting
+        like `wait_ready` when no replica takes requests."""
+        cached = {}
+        if self._kvcache is not None:
+            try:
+                resp = await self._kvcache.Match(
+                    kvcache_pb2.MatchRequest(token_ids=prompt, salt=salt), timeout=0.05)
+                cached = {m.replica: m.num_tokens for m in resp.replicas}
+            except grpc.aio.AioRpcError:
+                pass
+        replica = self.pick(cached)
+        return replica if replica is not None else await self.wait_ready(deadline_s)
 
     async def wait_ready(self, deadline_s: float = 0.0) -> Replica | None:
         """A ready replica, waiting at most `replica_wait_s` (and never past the unix
@@ -145,6 +178,7 @@ class Dispatcher:
         the replica's loss (the request's inbox hears of it)."""
         route.replica = replica
         replica.in_flight.add(route.request_id)
+        replica.num_sent_since_load += 1
         replica.breaker.on_sent()
         if not await replica.send(scheduler_pb2.RouterMessage(add=add or route.add)):
             replica.in_flight.discard(route.request_id)
@@ -200,7 +234,11 @@ class Dispatcher:
 
     # ---- from the replicas' streams -------------------------------------
     def _on_outputs(self, replica: Replica, outputs: scheduler_pb2.StepOutputs) -> None:
-        """One step's deltas of one replica, to their requests' inboxes (never waits)."""
+        """One step's deltas of one replica, to their requests' inboxes (never waits),
+        and the replica's load as its scheduler reports it."""
+        if outputs.HasField("load"):
+            replica.load = outputs.load
+            replica.num_sent_since_load = 0
         stamp = outputs.emitted_unix_s
         for d in outputs.deltas:
             d.emitted_unix_s = stamp

@@ -29,6 +29,8 @@ class Replica:
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.info: scheduler_pb2.ReplicaInfo | None = None
         self.in_flight: set[str] = set()
+        self.load: scheduler_pb2.ReplicaLoad | None = None  # the scheduler's last report ...
+        self.num_sent_since_load = 0  # ... and what this router sent it since
         self.is_connected = False  # the Connect stream is up
         self.is_serving = False  # the scheduler's own health
         # it refused a request as draining (about to restart): no new ones until it
@@ -50,7 +52,8 @@ class Replica:
 
     @property
     def is_draining(self) -> bool:
-        return time.monotonic() < self.draining_until
+        """It refused a request as draining a moment ago, or its load report says so."""
+        return time.monotonic() < self.draining_until or bool(self.load and self.load.is_draining)
 
     def mark_draining(self, for_s: float = 2.0) -> None:
         self.draining_until = time.monotonic() + for_s
@@ -99,6 +102,7 @@ class Replica:
             if self._call is not None:
                 self._call.cancel()
             self.is_connected = False
+            self.load = None
             lost, self.in_flight = self.in_flight, set()
             if lost:
                 log.warning("replica %s lost with %d requests: %s", self.name, len(lost), reason)

@@ -194,6 +194,11 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         served = [0]  # output tokens that reached this router
         refused = False
         try:
+            with tracer.start_as_current_span("router.choose") as span:
+                # by load and by the prompt's cached prefix (`replica` above: any ready one)
+                replica = await self.dispatcher.choose(prompt, ticket.salt,
+                                                       ticket.deadline_s) or replica
+                span.set_attribute("llmesh.replica", replica.name)
             await self.dispatcher.submit(route, replica)
             def dead_letter(reason: str) -> None:  # fired and forgotten
                 entry = make_entry(request_id, reason, tenant.name, tenant.log_inputs,

@@ -26,7 +26,7 @@ from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler import probe
 from services.scheduler.drain import LeakGuard, drain
 from services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
-from services.scheduler.servicer import OutputHub, SchedulerServicer
+from services.scheduler.servicer import OutputHub, SchedulerServicer, replica_load
 
 log = logging.getLogger("llmesh.scheduler")
 
@@ -94,7 +94,7 @@ async def main(args) -> None:
                                           policy=policy_from_dict(json.loads(args.admission))),
                           kv)
     executors = ExecutorGroup(args.executors.split(","))
-    hub = OutputHub()
+    hub = OutputHub(load=lambda: replica_load(loop))  # (`loop` is made below)
     publisher = KVPublisher(args.kvcache, args.replica_name, events, kv)
     step_hist = step_histogram()
     probe_outputs: asyncio.Queue = asyncio.Queue()
@@ -129,7 +129,7 @@ async def main(args) -> None:
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer,
                 "llmesh.v1.Scheduler")
     await service.start()
-    tasks = [asyncio.ensure_future(publisher.run()),
+    tasks = [asyncio.ensure_future(publisher.run()), asyncio.ensure_future(hub.report_load()),
              asyncio.ensure_future(_drive(loop, executors, health, info, publisher.notify,
                                           args.executor_recovery_s))]
     if args.probe_interval_s:

@@ -17,10 +17,13 @@ from services.scheduler.scheduler import SeqOutput
 
 class OutputHub:
     """One queue per connected router; the loop's `emit` puts each step's deltas
-    there as one StepOutputs message, never waiting on the router."""
+    there as one StepOutputs message, never waiting on the router. Each message
+    carries the replica's load (`load()`); `report_load` sends it alone to every
+    router, so that each sees all routers' traffic."""
 
-    def __init__(self):
+    def __init__(self, load=None):
         self.queues: dict[str, asyncio.Queue] = {}
+        self.load = load or scheduler_pb2.ReplicaLoad
         self._step_ids = itertools.count(1)
 
     def emit(self, owner: str, items: list[tuple[SeqOutput, FinishedInfo | None]]) -> None:
@@ -28,7 +31,16 @@ class OutputHub:
         if queue is not None:
             queue.put_nowait(scheduler_pb2.StepOutputs(
                 step_id=next(self._step_ids), deltas=[_delta(out, info) for out, info in items],
-                emitted_unix_s=time.time()))
+                emitted_unix_s=time.time(), load=self.load()))
+
+    async def report_load(self, every_s: float = 0.1) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if self.queues:
+                msg = scheduler_pb2.StepOutputs(load=self.load())
+                for queue in self.queues.values():
+                    if queue.empty():  # (a router that is behind has a fresh one queued)
+                        queue.put_nowait(msg)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -116,6 +128,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             pipeline_depth=self.loop.pipeline_depth,
             num_plan_messages=self.executors.num_plan_messages,
             num_result_messages=self.executors.num_result_messages)
+
+
+def replica_load(loop: EngineLoop) -> scheduler_pb2.ReplicaLoad:
+    """The replica's load now (cheap: it rides on every StepOutputs)."""
+    sched, pool = loop.scheduler, loop.kv.pool
+    return scheduler_pb2.ReplicaLoad(
+        num_running=len(sched.running), num_waiting=len(sched.waiting),
+        kv_usage=pool.num_used / pool.num_blocks if pool.num_blocks else 0.0,
+        max_num_seqs=sched.config.max_num_seqs, is_draining=loop.is_draining)
 
 
 def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:
