@@ -76,6 +76,11 @@ class EnvoyConfig:
     max_connections: int = 1024
     max_pending_requests: int = 1024
     max_requests: int = 1024
+    # the routers' clusters and endpoints come over ADS from the control plane
+    # (mesh/xds.py), so routers can come and go with no Envoy restart; false: all
+    # in Envoy's static bootstrap file
+    xds: bool = True
+    xds_port: int = 0
 
 
 TRACING_MODES = ("file", "otlp", "off")
@@ -287,7 +292,8 @@ def free_port() -> int:
 def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     """Fill every port of 0 (or missing) with a free loopback port."""
     # ports the config names, so an automatic pick never lands on one of them
-    taken: set[int] = {cfg.envoy.port, cfg.envoy.admin_port, cfg.observability.collector_port,
+    taken: set[int] = {cfg.envoy.port, cfg.envoy.admin_port, cfg.envoy.xds_port,
+                       cfg.observability.collector_port,
                        cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports, *cfg.http_ports,
                        *cfg.observability.metrics_ports.values()} - {0}
     for r in cfg.replica_ports:
@@ -311,7 +317,8 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     replicas = tuple(ReplicaPorts(pick(r.scheduler), tuple(pick(p) for p in r.executors),
                                   pick(r.dist_port) if tp > 1 else 0) for r in replicas)
     envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
-                                admin_port=pick(cfg.envoy.admin_port))
+                                admin_port=pick(cfg.envoy.admin_port),
+                                xds_port=pick(cfg.envoy.xds_port) if cfg.envoy.xds else 0)
     obs = cfg.observability
     metrics_ports = {}
     if obs.metrics:

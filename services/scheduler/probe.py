@@ -5,7 +5,7 @@ like any request. Its tokens must equal the answer recorded by the first probe
 (or one given in the config), within `timeout_s`. A wrong or late answer ejects
 the replica: it turns NOT_SERVING (routers send it nothing), its prefix cache is
 dropped and its running requests end with ERROR, which routers answer by moving
-them elsewhere. A later probe that passes readmits it.
+them elsewhere, and its executors restart. A later probe that passes readmits it.
 """
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ class KnownAnswerProbe:
     def __init__(self, loop: EngineLoop, outputs: asyncio.Queue,
                  set_healthy: Callable[[bool], Awaitable[None]], vocab_size: int,
                  interval_s: float = 30.0, timeout_s: float = 10.0, num_tokens: int = 8,
-                 expected: list[int] | None = None):
-        """`outputs` receives the loop's outputs for OWNER; `set_healthy(False)` ejects."""
+                 expected: list[int] | None = None,
+                 restart: Callable[[], Awaitable[None]] | None = None):
+        """`outputs` receives the loop's outputs for OWNER; `set_healthy(False)` ejects;
+        `restart()` restarts the executors of an ejected replica (returns once they
+        are back)."""
+        self.restart = restart
         self.loop = loop
         self.outputs = outputs
         self.set_healthy = set_healthy
@@ -73,6 +77,9 @@ class KnownAnswerProbe:
                 # back in order; their results are for finished sequences, ignored)
                 self.loop.fail_all()
                 self.loop.kv.reset_prefix_cache()
+                if self.restart is not None:  # fresh executors; the next probe judges them
+                    log.warning("restarting the executors of the ejected replica")
+                    await self.restart()
             return False
         if self.is_ejected:
             log.warning("known-answer probe passed again: readmitting this replica")

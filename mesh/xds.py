@@ -1,0 +1,204 @@
+"""A small xDS control plane: Envoy takes its clusters (CDS) and their endpoints
+(EDS) over one ADS stream from here, so routers can be added or drained with no
+Envoy restart.
+
+    python -m mesh.xds --port P --clusters CLUSTERS.json --routers FILE
+
+FILE (JSON, rewritten by the supervisor or `llmesh scale`) lists the routers:
+`{"routers": [gRPC port, ...], "http": [HTTP port, ...], "draining": [gRPC port, ...]}`.
+The control plane reads it every 0.2 s; a change is a new version of the
+endpoints, pushed on every open stream. A draining router stays in its cluster
+marked DRAINING: Envoy sends it no new request and its open streams run to
+their end.
+
+The protocol is state-of-the-world ADS (envoy.service.discovery.v3): each
+response carries every resource of its type; Envoy answers each with an ACK
+(the version and nonce) or a NACK (the previous version and an error_detail,
+which is logged). The cluster definitions are those of the static bootstrap
+(`mesh/envoy.py`), with their endpoints taken out and served as EDS.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import itertools
+import json
+import logging
+from pathlib import Path
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, json_format
+
+# the typed configs the cluster definitions name must be in the descriptor pool
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401,E501
+
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+log = logging.getLogger("llmesh.xds")
+
+
+def eds_cluster(static_cluster: dict) -> dict:
+    """A static cluster definition, made to take its endpoints from EDS over ADS."""
+    c = copy.deepcopy(static_cluster)
+    c.pop("load_assignment", None)
+    c["type"] = "EDS"
+    c["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+    # a router taken out of the endpoints leaves at once, though its health check
+    # still passes (Envoy would keep it until that fails); drain it first
+    c["ignore_health_on_host_removal"] = True
+    return c
+
+
+def load_assignment(cluster: str, ports: list[int], draining: set[int] = frozenset()) -> dict:
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}},
+         **({"health_status": "DRAINING"} if p in draining else {})} for p in ports]}]}
+
+
+class ControlPlane:
+    """The resources served, by type; each change bumps the version and wakes every
+    stream."""
+
+    def __init__(self, clusters: list[dict]):
+        self.clusters = {c["name"]: c for c in clusters}
+        self.endpoints: dict[str, dict] = {name: load_assignment(name, []) for name in self.clusters}
+        self.version = 1
+        self.changed = asyncio.Condition()
+
+    async def set_routers(self, routers: dict) -> None:
+        """`routers`: the routers file's content."""
+        draining = set(routers.get("draining", ()))
+        new = {"routers": load_assignment("routers", routers.get("routers", []), draining)}
+        if "http" in self.clusters:
+            http_draining = {h for r, h in zip(routers.get("routers", []), routers.get("http", []))
+                             if r in draining}
+            new["http"] = load_assignment("http", routers.get("http", []), http_draining)
+        if all(self.endpoints.get(k) == v for k, v in new.items()):
+            return
+        self.endpoints.update(new)
+        async with self.changed:
+            self.version += 1
+            log.info("xds: version %d: %s", self.version, json.dumps(routers))
+            self.changed.notify_all()
+
+    def resources(self, type_url: str, names: list[str]) -> list[any_pb2.Any]:
+        if type_url == CDS:
+            items = [json_format.ParseDict(c, cluster_pb2.Cluster())
+                     for c in self.clusters.values()]
+        elif type_url == EDS:
+            items = [json_format.ParseDict(self.endpoints[n], endpoint_pb2.ClusterLoadAssignment())
+                     for n in (names or self.endpoints) if n in self.endpoints]
+        else:
+            return []
+        out = []
+        for item in items:
+            packed = any_pb2.Any()
+            packed.Pack(item)
+            out.append(packed)
+        return out
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, plane: ControlPlane):
+        self.plane = plane
+        self._nonces = itertools.count(1)
+
+    async def StreamAggregatedResources(self, request_iterator, context):
+        requests: asyncio.Queue = asyncio.Queue()
+        subscribed: dict[str, list[str]] = {}  # type -> resource names (EDS: clusters)
+        sent: dict[str, int] = {}  # type -> version last sent
+
+        async def read():
+            async for req in request_iterator:
+                await requests.put(req)
+            await requests.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                req = await self._next(requests, sent)
+                if req is None:
+                    return
+                if isinstance(req, discovery_pb2.DiscoveryRequest):
+                    if req.HasField("error_detail"):
+                        log.error("xds: Envoy rejected %s version %s: %s", req.type_url,
+                                  req.version_info, req.error_detail.message)
+                    names = list(req.resource_names)
+                    if req.type_url not in subscribed or subscribed[req.type_url] != names:
+                        subscribed[req.type_url] = names
+                        sent.pop(req.type_url, None)  # a new subscription: send it now
+                for type_url, names in subscribed.items():
+                    if sent.get(type_url) != self.plane.version:
+                        sent[type_url] = self.plane.version
+                        yield discovery_pb2.DiscoveryResponse(
+                            version_info=str(self.plane.version), type_url=type_url,
+                            resources=self.plane.resources(type_url, names),
+                            nonce=str(next(self._nonces)))
+        finally:
+            reader.cancel()
+
+    async def _next(self, requests: asyncio.Queue, sent: dict[str, int]):
+        """The next request, or "changed" when the resources moved past what was sent."""
+        if not requests.empty():
+            return requests.get_nowait()
+        get = asyncio.ensure_future(requests.get())
+
+        async def changed():
+            async with self.plane.changed:
+                await self.plane.changed.wait_for(
+                    lambda: any(v != self.plane.version for v in sent.values()))
+        wait = asyncio.ensure_future(changed())
+        done, _ = await asyncio.wait({get, wait}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            wait.cancel()
+            return get.result()
+        get.cancel()
+        return "changed"
+
+
+async def watch_routers(plane: ControlPlane, path: Path, every_s: float = 0.2) -> None:
+    last = None
+    while True:
+        try:
+            text = path.read_text()
+        except OSError:
+            text = None
+        if text and text != last:
+            try:
+                await plane.set_routers(json.loads(text))
+                last = text
+            except ValueError as e:
+                log.error("xds: %s is not valid: %s", path, e)
+        await asyncio.sleep(every_s)
+
+
+async def serve(port: int, clusters: list[dict], routers_file: Path) -> None:
+    from services.common.server import Service
+    plane = ControlPlane(clusters)
+    service = Service("xds", port)
+    service.add(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server,
+                AdsServicer(plane), "envoy.service.discovery.v3.AggregatedDiscoveryService")
+    await service.start()
+    watcher = asyncio.ensure_future(watch_routers(plane, routers_file))
+    await service.set_serving(True)
+    await service.wait_for_termination(grace_s=0.5)
+    watcher.cancel()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="mesh.xds")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--clusters", required=True,
+                   help="the clusters to serve, JSON (mesh.envoy.xds_clusters)")
+    p.add_argument("--routers", required=True, help="the routers file (JSON), watched")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    clusters = json.loads(Path(args.clusters).read_text())
+    asyncio.run(serve(args.port, clusters, Path(args.routers)))
+
+
+if __name__ == "__main__":
+    main()
