@@ -1,7 +1,7 @@
 """KV-aware routing against least-loaded and round-robin, on a shared-prefix workload.
 
     python -m benchmarks.kv_routing [--model DIR] [--replicas 4] [--requests 600]
-        [--groups 16] [--prefix-tokens 128] [--kv-blocks 64] [--rate 0] [--json OUT]
+        [--groups 32] [--prefix-tokens 128] [--kv-blocks 64] [--rate 0] [--json OUT]
 
 Each policy gets its own mesh of `--replicas` replicas of the tiny model (one
 router), and the same requests in the same order: `--groups` system prompts of
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="model directory (default: the tiny preset)")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--requests", type=int, default=600)
-    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--groups", type=int, default=32)
     p.add_argument("--prefix-tokens", type=int, default=128)
     p.add_argument("--kv-blocks", type=int, default=64, help="per replica")
     p.add_argument("--concurrency", type=int, default=8)

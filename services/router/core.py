@@ -4,8 +4,8 @@ The rule (`routing.policy: kv_aware`, the default):
 1. Only replicas that take requests count: connected, SERVING, not draining,
    breaker closed (warm standbys only while a regular replica is not).
 2. A replica's load is its queue as its scheduler last reported it (running +
-   waiting, every router's requests), plus what this router sent it since.
-   Before any report, the requests this router has in flight there.
+   waiting, every router's requests), or the requests this router has in flight
+   there, if more: a report can predate requests still on their way to it.
 3. The least load L sets a bound: a replica may take the request for its
    prefix only if its load is at most L + max(`prefix_load_bound`,
    (`prefix_load_ratio` - 1) x L). A prefix never pulls a request onto a
@@ -34,7 +34,7 @@ class ReplicaLoad:
     is_ready: bool
     num_in_flight: int
     is_standby: bool = False
-    queued: float | None = None  # reported running + waiting, plus sent since (None: no report)
+    queued: float | None = None  # max(reported running + waiting, in flight) (None: no report)
     kv_usage: float = 0.0
     cached_tokens: int = 0  # of this request's prompt, per the kvcache index
 

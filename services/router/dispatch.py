@@ -118,8 +118,8 @@ class Dispatcher:
         tokens each replica holds (the kvcache index's answer)."""
         cached = cached or {}
         loads = [ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight), r.name in self.standby,
-                             queued=(r.load.num_running + r.load.num_waiting
-                                     + r.num_sent_since_load) if r.load is not None else None,
+                             queued=max(r.load.num_running + r.load.num_waiting,
+                                        len(r.in_flight)) if r.load is not None else None,
                              kv_usage=r.load.kv_usage if r.load is not None else 0.0,
                              cached_tokens=cached.get(r.name, 0))
                  for r in self.replicas]
@@ -150,13 +150,17 @@ class Dispatcher:
         replica = self.pick(cached)
         return replica if replica is not None else await self.wait_ready(deadline_s)
 
-    async def wait_ready(self, deadline_s: float = 0.0) -> Replica | None:
+    async def wait_ready(self, deadline_s: float = 0.0, any_one: bool = False
+                         ) -> Replica | None:
         """A ready replica, waiting at most `replica_wait_s` (and never past the unix
-        `deadline_s`) while replicas recover."""
+        `deadline_s`) while replicas recover: the policy's pick, or with `any_one`
+        the first that takes requests (for what every replica shares: model limits)."""
         until = time.monotonic() + self.replica_wait_s
         if deadline_s:
             until = min(until, time.monotonic() + deadline_s - time.time())
-        while (replica := self.pick()) is None and time.monotonic() < until:
+        find = (lambda: next((r for r in self.replicas if r.takes_requests()), None)) \
+            if any_one else self.pick
+        while (replica := find()) is None and time.monotonic() < until:
             await asyncio.sleep(0.05)
         return replica
 
@@ -178,7 +182,6 @@ class Dispatcher:
         the replica's loss (the request's inbox hears of it)."""
         route.replica = replica
         replica.in_flight.add(route.request_id)
-        replica.num_sent_since_load += 1
         replica.breaker.on_sent()
         if not await replica.send(scheduler_pb2.RouterMessage(add=add or route.add)):
             replica.in_flight.discard(route.request_id)
@@ -238,7 +241,6 @@ class Dispatcher:
         and the replica's load as its scheduler reports it."""
         if outputs.HasField("load"):
             replica.load = outputs.load
-            replica.num_sent_since_load = 0
         stamp = outputs.emitted_unix_s
         for d in outputs.deltas:
             d.emitted_unix_s = stamp

@@ -143,7 +143,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         with tracer.start_as_current_span("router.route") as span:
             # while replicas recover, a request waits for one (bounded) rather than fail
             replica = await self.dispatcher.wait_ready(
-                adm.deadline(cls, request.timeout_ms, context.time_remaining()))
+                adm.deadline(cls, request.timeout_ms, context.time_remaining()), any_one=True)
             span.set_attribute("llmesh.replica", replica.name if replica else "")
         if replica is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
