@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 	# compiler xgrammar never runs on a CPU; GPU images have it with torch); its other
 	# requirements are in pyproject.toml
 	$(BIN)/pip install -q --no-deps 'xgrammar==0.2.8'
+	# the Envoy API messages of the xDS control plane (mesh/xds.py), in a folder of their
+	# own: xds-protos carries its own copies of opentelemetry-proto, googleapis-common-protos
+	# and envoy/__init__.py, which would overwrite those packages in site-packages
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/xds-protos 'xds-protos==1.85.0'
 	touch $(STAMP)
 
 test: install

@@ -1,6 +1,8 @@
 """Render the Envoy bootstrap for a mesh (pyyaml), and find the Envoy binary."""
 from __future__ import annotations
 
+import copy
+
 import yaml
 
 from mesh.config import MeshConfig
@@ -174,8 +176,20 @@ def router_clusters(cfg: MeshConfig) -> list[dict]:
 
 def xds_clusters(cfg: MeshConfig) -> list[dict]:
     """The routers' clusters as the control plane serves them (endpoints by EDS)."""
-    from mesh.xds import eds_cluster
     return [eds_cluster(c) for c in router_clusters(cfg)]
+
+
+def eds_cluster(static_cluster: dict) -> dict:
+    """A static cluster definition, made to take its endpoints from EDS over ADS."""
+    c = copy.deepcopy(static_cluster)
+    c.pop("load_assignment", None)
+    c["type"] = "EDS"
+    c["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+    # a router taken out of the endpoints leaves at once, though its health check
+    # still passes (Envoy would keep it until that fails); drain it first
+    c["ignore_health_on_host_removal"] = True
+    return c
+
 
 
 def render_envoy_yaml(cfg: MeshConfig, xds_port: int = 0) -> str:

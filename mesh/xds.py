@@ -21,35 +21,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import itertools
 import json
 import logging
+import sys
 from pathlib import Path
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2, json_format
+from observability import telemetry  # noqa: F401 (first: its opentelemetry is the venv's)
+from services.common.server import Service
 
-# the typed configs the cluster definitions name must be in the descriptor pool
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401,E501
+# The Envoy API messages (xds-protos) live in a folder of their own (see the
+# Makefile): the package also carries copies of opentelemetry-proto and of
+# googleapis-common-protos, which must not replace the services' own. This
+# process, the control plane, takes only the `envoy` messages from there.
+_XDS_PROTOS = str(Path(sys.prefix) / "xds-protos")
+sys.path.insert(0, _XDS_PROTOS)
+try:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    # the typed configs the cluster definitions name must be in the descriptor pool
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+finally:
+    sys.path.remove(_XDS_PROTOS)
+from google.protobuf import any_pb2, json_format  # noqa: E402
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 log = logging.getLogger("llmesh.xds")
-
-
-def eds_cluster(static_cluster: dict) -> dict:
-    """A static cluster definition, made to take its endpoints from EDS over ADS."""
-    c = copy.deepcopy(static_cluster)
-    c.pop("load_assignment", None)
-    c["type"] = "EDS"
-    c["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
-    # a router taken out of the endpoints leaves at once, though its health check
-    # still passes (Envoy would keep it until that fails); drain it first
-    c["ignore_health_on_host_removal"] = True
-    return c
 
 
 def load_assignment(cluster: str, ports: list[int], draining: set[int] = frozenset()) -> dict:
@@ -176,7 +175,6 @@ async def watch_routers(plane: ControlPlane, path: Path, every_s: float = 0.2) -
 
 
 async def serve(port: int, clusters: list[dict], routers_file: Path) -> None:
-    from services.common.server import Service
     plane = ControlPlane(clusters)
     service = Service("xds", port)
     service.add(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server,
