@@ -11,6 +11,7 @@ runs in the step.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -194,27 +195,19 @@ class EngineLoop:
 
         The wait is what is queued ahead (in its class and those above) over the
         measured drain rate, plus the margin by which recent predictions fell
-        short of the real time to first token (WaitCalibration). Before
-        that rate is measured it is estimated from the work ahead: their prompts at
-        the token rate, plus the steps their outputs and the running requests' rest
-        will hold the slots for (`max_tokens`, a ceiling: EOS ends some sooner) at
-        the measured step time."""
+        short of the real time to first token (WaitCalibration). Before that rate
+        is measured, `_slot_wait` plays the slots forward instead."""
         waiting = self.scheduler.waiting
         budget = waiting.policy.limits(priority).ttft_budget_s
         if not budget or not waiting:
             return None
         prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
         wait = self.drain.predict_wait(prompt_ahead + num_tokens)
-        rest = [max(0, s.params.max_tokens - len(s.output_token_ids))
-                for s in self.scheduler.running]
         if wait is None and self.token_rate and self.step_s:
-            wait = (prompt_ahead / self.token_rate + self.step_s * (decode_ahead + sum(rest))
-                    / self.scheduler.config.max_num_seqs)
+            wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
         if wait is None:
             return None
-        # slots free in rounds: a fluid estimate can be short by a round (the time a
-        # running request still holds its slot), until the calibration knows better
-        margin = self.calibration.margin_s(self.step_s * sum(rest) / len(rest) if rest else 0.0)
+        margin = self.calibration.margin_s(prior_s=self.step_s)
         if wait + margin > SLO_HEADROOM * budget:
             wait += margin
             self.stats.num_slo_rejected += 1
@@ -223,6 +216,23 @@ class EngineLoop:
                                  retry_after_s=min(60.0, max(0.05, wait - budget)),
                                  reason="slo")
         return wait  # (uncorrected: the calibration learns from it)
+
+    def _slot_wait(self, priority: str, decode_ahead: int) -> float:
+        """When a slot frees for a new request of `priority`: the running requests
+        hold theirs for the rest of their `max_tokens` (a ceiling: EOS ends some
+        sooner), each request queued ahead takes the first slot to free for its
+        share of `decode_ahead`, and the new one the next (at the measured step time)."""
+        waiting = self.scheduler.waiting
+        weight = waiting.policy.weight(priority)
+        num_ahead = sum(n for c, n in waiting.depth.items() if waiting.policy.weight(c) >= weight)
+        slots = [max(0, s.params.max_tokens - len(s.output_token_ids))
+                 for s in self.scheduler.running]
+        slots += [0] * max(0, self.scheduler.config.max_num_seqs - len(slots))
+        heapq.heapify(slots)
+        each = decode_ahead / num_ahead if num_ahead else 0.0
+        for _ in range(min(num_ahead, 4096)):
+            heapq.heappush(slots, heapq.heappop(slots) + each)
+        return slots[0] * self.step_s
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
         """What the edge cannot know for sure: this replica's own limits."""
