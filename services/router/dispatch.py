@@ -136,11 +136,12 @@ class Dispatcher:
 
     async def choose(self, prompt: list[int], salt: str, deadline_s: float = 0.0
                      ) -> Replica | None:
-        """`pick` with what the kvcache index knows of `prompt` (a slow or absent
-        index costs at most 50 ms, then the choice goes by load alone), waiting
-        like `wait_ready` when no replica takes requests."""
+        """`pick` with what the kvcache index knows of `prompt` (asked only when
+        there is a choice; a slow or absent index costs at most 50 ms, then the
+        choice goes by load alone), waiting like `wait_ready` when no replica
+        takes requests."""
         cached = {}
-        if self._kvcache is not None:
+        if self._kvcache is not None and sum(r.takes_requests() for r in self.replicas) > 1:
             try:
                 resp = await self._kvcache.Match(
                     kvcache_pb2.MatchRequest(token_ids=prompt, salt=salt), timeout=0.05)
