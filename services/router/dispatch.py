@@ -215,6 +215,7 @@ class Dispatcher:
         add = scheduler_pb2.AddRequest()
         add.CopyFrom(route.add)
         add.resume_token_ids[:] = streamed
+        add.arrival_unix_s = 0.0  # (a moved request is not held to the TTFT budget again)
         await self.submit(route, replica, add)
         return True
 

@@ -127,6 +127,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             obs.finish(metrics, status)
 
     async def _generate(self, request, request_id, context, partial_ok: bool):
+        arrival_unix_s = time.time()
         adm = self.admission
         metrics = router_metrics()
         tracer = telemetry.tracer("llmesh.router")
@@ -188,7 +189,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                                        salt=ticket.salt, traceparent=telemetry.inject(),
                                        tenant=tenant.name,
                                        priority=convert.PRIORITY_VALUES[cls],
-                                       resume_token_ids=resume)
+                                       resume_token_ids=resume, arrival_unix_s=arrival_unix_s)
         route = Route(request_id, add)
         upstream_open = set(range(params.n))  # sequences the replica has not finished
         served = [0]  # output tokens that reached this router

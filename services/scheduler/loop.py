@@ -150,10 +150,12 @@ class EngineLoop:
     # ---- requests -----------------------------------------------------
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
             seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
-            tenant: str = "", priority: str = "standard", resume: list[int] = ()) -> None:
+            tenant: str = "", priority: str = "standard", resume: list[int] = (),
+            arrival_unix_s: float = 0.0) -> None:
         """Queue a request validated at the edge (router or Engine). `resume`: the
         output it already produced elsewhere (a request moved from a failed replica);
-        it continues after them. Raises DuplicateRequestError, InvalidRequestError
+        it continues after them. `arrival_unix_s`: when the edge received it (the
+        TTFT budget counts from there). Raises DuplicateRequestError, InvalidRequestError
         when it cannot fit this replica, or QueueFullError (with retry_after_s) when
         its class's queue is full, or DrainingError while the replica drains."""
         if self.is_draining:
@@ -174,7 +176,8 @@ class EngineLoop:
                        salt=salt, tenant=tenant, priority=priority,
                        output_token_ids=list(resume), text=text)
         try:
-            predicted_ttft_s = self._check_slo(priority, seq.num_tokens)
+            spent_s = min(max(0.0, now - arrival_unix_s), 3600.0) if arrival_unix_s else 0.0
+            predicted_ttft_s = self._check_slo(priority, seq.num_tokens, spent_s)
             self.scheduler.add(seq)
         except QueueFullError as e:
             self.stats.num_rejected += 1
@@ -189,9 +192,11 @@ class EngineLoop:
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
 
-    def _check_slo(self, priority: str, num_tokens: int) -> float | None:
-        """Refuse now what would wait in the queue past its class's TTFT budget;
-        the uncorrected prediction for what is admitted (None: no estimate).
+    def _check_slo(self, priority: str, num_tokens: int, spent_s: float = 0.0
+                   ) -> float | None:
+        """Refuse now what would wait in the queue past its class's TTFT budget,
+        less `spent_s` already spent on the way here; the uncorrected prediction
+        for what is admitted (None: no estimate).
 
         The wait is what is queued ahead (in its class and those above) over the
         measured drain rate, plus the margin by which recent predictions fell
@@ -208,8 +213,8 @@ class EngineLoop:
         if wait is None:
             return None
         margin = self.calibration.margin_s(prior_s=self.step_s)
-        if wait + margin > SLO_HEADROOM * budget:
-            wait += margin
+        if spent_s + wait + margin > SLO_HEADROOM * budget:
+            wait += spent_s + margin
             self.stats.num_slo_rejected += 1
             raise QueueFullError(priority, f"predicted wait {wait:.1f}s > the class's "
                                  f"{budget:g}s TTFT budget",

@@ -89,7 +89,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner, seed,
                                   add.deadline_unix_s, add.salt, add.traceparent, add.tenant,
                                   convert.priority_from_proto(add.priority),
-                                  resume=list(add.resume_token_ids))
+                                  resume=list(add.resume_token_ids),
+                                  arrival_unix_s=add.arrival_unix_s)
                 except LlmeshError as e:
                     retry_ms = int(getattr(e, "retry_after_s", 0.0) * 1000)
                     queue.put_nowait(scheduler_pb2.StepOutputs(deltas=[scheduler_pb2.SeqDelta(
