@@ -81,8 +81,3 @@ class ReplicaChooser:
         if best.cached_tokens:
             return best.name
         return min(candidates, key=lambda r: (r.load, r.num_in_flight)).name
-
-
-def pick_replica(replicas: list[ReplicaLoad]) -> str | None:
-    """Least loaded ready replica (no prefix information)."""
-    return ReplicaChooser(RoutingPolicy(policy="least_loaded")).pick(replicas)

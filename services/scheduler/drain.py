@@ -60,7 +60,7 @@ class LeakGuard:
             if leak.restart == SCHEDULER:
                 self.stop_service()  # (the stop drains first)
                 return
-            await self.restart_executors()
+            await restart_executors(self.loop, self.executors, self.drain_timeout_s)
 
     def check(self):
         if self.executors.kv_epochs != self._epochs:  # new ranks: new baselines
@@ -77,9 +77,6 @@ class LeakGuard:
         """Tests only: lose `test_leak_kv_blocks` at the next check that finds the
         replica idle (a bookkeeping bug's effect)."""
         self._is_test_leak_due = True
-
-    async def restart_executors(self) -> None:
-        await restart_executors(self.loop, self.executors, self.drain_timeout_s)
 
 
 async def restart_executors(loop: EngineLoop, executors: ExecutorGroup,

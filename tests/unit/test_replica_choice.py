@@ -1,6 +1,10 @@
 """Warm standby in the router's replica choice: idle while every regular replica
 is ready, used the moment one is not, idle again once it is back."""
-from services.router.core import ReplicaLoad, pick_replica, standby_active
+from services.router.core import ReplicaChooser, ReplicaLoad, RoutingPolicy, standby_active
+
+
+def pick_replica(loads):
+    return ReplicaChooser(RoutingPolicy(policy="least_loaded")).pick(loads)
 
 
 def _loads(regular_ready, standby_ready=True, in_flight=(0, 0, 0)):
