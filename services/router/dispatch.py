@@ -6,7 +6,8 @@ broke) is resubmitted, to whichever replica is ready first (the same one once
 it is back), as its prompt plus the output tokens the client already has; the
 replica continues after them, so the client sees a pause and then the tokens a
 fault-free run gives (sampling is keyed by seed and position, and the router
-fixed the seed). At most `max_migrations` times; n > 1 requests do not move.
+fixed the seed). An n > 1 request moves as its unfinished choices, each after its
+own tokens. At most `max_migrations` times.
 """
 from __future__ import annotations
 
@@ -70,6 +71,26 @@ def coalesce(pending: deque):
             merged.timings.CopyFrom(nxt.timings)
             break
     return merged if merged is not None else delta
+
+
+def resumed(add: scheduler_pb2.AddRequest, streamed: dict[int, list[int]]
+            ) -> scheduler_pb2.AddRequest | None:
+    """`add` as it continues elsewhere: n = 1 after its tokens so far; n > 1 as its
+    unfinished choices, each after its own tokens (or whole again when none has any:
+    it had not forked). None when a choice is unfinished with no tokens while others
+    have some (a fork the router saw only part of: never expected)."""
+    out = scheduler_pb2.AddRequest()
+    out.CopyFrom(add)
+    out.arrival_unix_s = 0.0  # (a moved request is not held to the TTFT budget again)
+    if add.sampling.n == 1:
+        out.resume_token_ids[:] = streamed.get(0, [])
+    elif any(streamed.values()):
+        if not all(streamed.values()):
+            return None
+        del out.resume_choices[:]
+        for index, tokens in sorted(streamed.items()):
+            out.resume_choices.add(index=index, token_ids=tokens)
+    return out
 
 
 @dataclass
@@ -188,19 +209,23 @@ class Dispatcher:
             replica.in_flight.discard(route.request_id)
             self._lost(route.request_id, f"{replica.name}: stream to the scheduler broke")
 
-    async def migrate(self, route: Route, streamed: list[int], reason: str,
+    async def migrate(self, route: Route, streamed: dict[int, list[int]], reason: str,
                       refused: bool = False) -> bool:
-        """Resubmit after `reason` took its replica: prompt + `streamed` output
-        tokens. False when it may not move (n > 1, too many moves, no replica).
-        `refused`: the replica turned the request away unstarted because it drains
-        (not a failure: the breaker does not hear of it, no move is counted)."""
+        """Resubmit after `reason` took its replica: the prompt, and per unfinished
+        choice (the keys of `streamed`) the output tokens its client has. False when
+        it may not move (too many moves, no replica). `refused`: the replica turned
+        the request away unstarted because it drains (not a failure: the breaker
+        does not hear of it, no move is counted)."""
         if refused:
             route.replica.mark_draining()
         else:
             self.record(route, BROKEN)
-            if route.add.sampling.n != 1 or route.num_migrations >= self.max_migrations:
+            if route.num_migrations >= self.max_migrations:
                 return False
             route.num_migrations += 1
+        add = resumed(route.add, streamed)
+        if add is None:
+            return False
         old = route.replica
         old.in_flight.discard(route.request_id)  # (its later deltas are dropped)
         if old.is_connected:  # alive but not serving: free the request there
@@ -210,12 +235,8 @@ class Dispatcher:
         if replica is None:
             return False
         log.info("request %s moves to %s after %d tokens (%s)", route.request_id, replica.name,
-                 len(streamed), reason)
+                 sum(map(len, streamed.values())), reason)
         router_metrics().migrations.inc()
-        add = scheduler_pb2.AddRequest()
-        add.CopyFrom(route.add)
-        add.resume_token_ids[:] = streamed
-        add.arrival_unix_s = 0.0  # (a moved request is not held to the TTFT budget again)
         await self.submit(route, replica, add)
         return True
 

@@ -235,9 +235,11 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         request_id = route.request_id
         unfinished = set(upstream_open)
         pending: deque = deque()
-        # the output so far (n = 1; a resumed request's starts with what its client has):
-        # what a move to another replica resumes after
-        streamed: list[int] = list(resume)
+        # the output so far of each choice the client still waits for (a resumed
+        # request's starts with what its client has): what a move resumes after
+        streamed: dict[int, list[int]] = {i: [] for i in unfinished}
+        if resume:  # (n = 1)
+            streamed[0] = list(resume)
         while unfinished:
             if not pending:
                 pending.extend(await queue.take())
@@ -264,12 +266,15 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                     and await self.dispatcher.migrate(route, streamed, "the replica failed it"):
                 continue  # (a replica that failed or ejected itself: the request moves)
             served[0] += len(delta.new_token_ids)
-            streamed.extend(delta.new_token_ids)
             finish = delta.finish_reason
             if finish:
                 upstream_open.discard(delta.index)
             if delta.index not in unfinished:
                 continue
+            if finish:
+                streamed.pop(delta.index, None)  # (done: a move does not redo it)
+            else:
+                streamed[delta.index].extend(delta.new_token_ids)
             resp = inference_pb2.GenerateResponse(
                 request_id=request_id, index=delta.index, text=delta.text,
                 token_ids=delta.new_token_ids, logprobs=delta.logprobs, finish_reason=finish,

@@ -27,7 +27,7 @@ from observability.request_spans import RequestSpans, StepSpans
 from services.common.errors import DrainingError, DuplicateRequestError, InvalidRequestError
 from services.common.finish_reason import FinishReason
 from services.common.sampling_params import SamplingParams
-from services.common.step_plan import StepPlan, StepResult
+from services.common.step_plan import StepPlan, StepResult, sequence_id
 from services.common.tokenizer import TextTokenizer
 from services.scheduler.kv_manager import KVCacheManager
 from services.scheduler.policy import QueueFullError
@@ -150,35 +150,38 @@ class EngineLoop:
     # ---- requests -----------------------------------------------------
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
             seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
-            tenant: str = "", priority: str = "standard", resume: list[int] = (),
-            arrival_unix_s: float = 0.0) -> None:
-        """Queue a request validated at the edge (router or Engine). `resume`: the
-        output it already produced elsewhere (a request moved from a failed replica);
-        it continues after them. `arrival_unix_s`: when the edge received it (the
-        TTFT budget counts from there). Raises DuplicateRequestError, InvalidRequestError
-        when it cannot fit this replica, or QueueFullError (with retry_after_s) when
-        its class's queue is full, or DrainingError while the replica drains."""
+            tenant: str = "", priority: str = "standard",
+            resume: dict[int, list[int]] | None = None, arrival_unix_s: float = 0.0) -> None:
+        """Queue a request validated at the edge (router or Engine). `resume`: a
+        request moved from a failed replica; per unfinished choice (index) the output
+        it already produced there, which it continues after. Only those choices run,
+        each as its own sequence (n = 1: {0: tokens}). `arrival_unix_s`: when the edge
+        received it (the TTFT budget counts from there). Raises DuplicateRequestError,
+        InvalidRequestError when it cannot fit this replica, or QueueFullError (with
+        retry_after_s) when its class's queue is full, or DrainingError while the
+        replica drains."""
         if self.is_draining:
             raise DrainingError("this replica is draining to restart; another one takes it")
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)
         self._check_fits(prompt, params)
-        if resume and (params.n != 1 or len(resume) >= params.max_tokens
-                       or any(not 0 <= t < self.vocab_size for t in resume)):
-            raise InvalidRequestError("resume_token_ids", "only an unfinished n = 1 request "
-                                      "with tokens of this vocabulary can resume")
+        if resume:
+            self._check_resume(resume, params)
         now = time.time()
-        text = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
-        if text is not None and resume:
-            text.push(list(resume))  # the client has this text (or it is held back, as before)
-        seq = Sequence(seq_id=request_id, request_id=request_id, index=0,
-                       prompt_token_ids=list(prompt), params=params, seed=seed, arrival_s=now,
-                       salt=salt, tenant=tenant, priority=priority,
-                       output_token_ids=list(resume), text=text)
+        seqs = []
+        for index, output in sorted((resume or {0: []}).items()):
+            text = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
+            if text is not None and output:
+                text.push(list(output))  # the client has this text (or it is held back, as before)
+            seqs.append(Sequence(seq_id=sequence_id(request_id, index), request_id=request_id,
+                                 index=index, prompt_token_ids=list(prompt), params=params,
+                                 seed=seed, arrival_s=now, salt=salt, tenant=tenant,
+                                 priority=priority, output_token_ids=list(output), text=text))
         try:
             spent_s = min(max(0.0, now - arrival_unix_s), 3600.0) if arrival_unix_s else 0.0
-            predicted_ttft_s = self._check_slo(priority, seq.num_tokens, spent_s)
-            self.scheduler.add(seq)
+            predicted_ttft_s = self._check_slo(priority, sum(q.num_tokens for q in seqs),
+                                               spent_s)
+            self.scheduler.add(*seqs)
         except QueueFullError as e:
             self.stats.num_rejected += 1
             if not e.retry_after_s:
@@ -191,6 +194,19 @@ class EngineLoop:
                                                predicted_ttft_s=predicted_ttft_s)
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
+
+    def _check_resume(self, resume: dict[int, list[int]], params: SamplingParams) -> None:
+        """A moved request's choices: n = 1 resumes choice 0; n > 1 its unfinished
+        choices, each past its fork (at least one token); none at its max_tokens, and
+        only tokens of this vocabulary."""
+        ok = set(resume) == {0} if params.n == 1 else \
+            (set(resume) <= set(range(params.n)) and all(resume.values()))
+        if not ok or any(len(out) >= params.max_tokens or
+                         any(not 0 <= t < self.vocab_size for t in out)
+                         for out in resume.values()):
+            raise InvalidRequestError("resume", "only unfinished choices of this request "
+                                      "(n > 1: each with its first token) with tokens of "
+                                      "this vocabulary can resume")
 
     def _check_slo(self, priority: str, num_tokens: int, spent_s: float = 0.0
                    ) -> float | None:

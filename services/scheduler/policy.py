@@ -205,4 +205,5 @@ class WaitQueue:
 
 
 def _decode(seq: Sequence) -> int:
-    return max(0, seq.params.max_tokens - len(seq.output_token_ids)) * seq.params.n
+    left = max(0, seq.params.max_tokens - len(seq.output_token_ids))
+    return left * seq.params.n if seq.is_fork_pending else left

@@ -88,14 +88,16 @@ class Scheduler:
         self._order = itertools.count()
 
     # ---- requests -----------------------------------------------------
-    def add(self, seq: Sequence) -> None:
-        """Queue a new request; QueueFullError (nothing changed) when its class is full."""
-        self.waiting.check_room(seq.priority, seq.num_tokens)
-        seq.arrival_step = self._step_id
-        seq.order = next(self._order)
-        self.seqs[seq.seq_id] = seq
-        self.request_seqs.setdefault(seq.request_id, []).append(seq.seq_id)
-        self.waiting.append(seq)
+    def add(self, *seqs: Sequence) -> None:
+        """Queue a new request: one sequence, or (a moved n > 1 request) its unfinished
+        choices; QueueFullError (nothing changed) when its class is full."""
+        self.waiting.check_room(seqs[0].priority, sum(seq.num_tokens for seq in seqs))
+        for seq in seqs:
+            seq.arrival_step = self._step_id
+            seq.order = next(self._order)
+            self.seqs[seq.seq_id] = seq
+            self.request_seqs.setdefault(seq.request_id, []).append(seq.seq_id)
+            self.waiting.append(seq)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.request_seqs

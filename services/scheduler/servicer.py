@@ -89,7 +89,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner, seed,
                                   add.deadline_unix_s, add.salt, add.traceparent, add.tenant,
                                   convert.priority_from_proto(add.priority),
-                                  resume=list(add.resume_token_ids),
+                                  resume=_resume(add),
                                   arrival_unix_s=add.arrival_unix_s)
                 except LlmeshError as e:
                     retry_ms = int(getattr(e, "retry_after_s", 0.0) * 1000)
@@ -153,3 +153,10 @@ def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:
             queue_s=info.queue_s, ttft_s=info.ttft_s, e2e_s=info.e2e_s, forward_s=info.forward_s,
             sample_s=info.sample_s, num_steps=info.num_steps))
     return delta
+
+
+def _resume(add: scheduler_pb2.AddRequest) -> dict[int, list[int]] | None:
+    """A moved request's output so far, per unfinished choice (None: a new request)."""
+    if add.resume_token_ids:
+        return {0: list(add.resume_token_ids)}
+    return {c.index: list(c.token_ids) for c in add.resume_choices} or None

@@ -5,6 +5,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -32,6 +33,45 @@ def make_workload(tiny_model):
               for i in range(NUM_REQUESTS)]
     expect = [c[0].token_ids for c in Engine(tiny_model, EngineConfig()).generate(prompts, params)]
     return prompts, params, expect
+
+
+def make_choices_workload(tiny_model, num_requests: int = 16, n: int = 3):
+    """Seeded n > 1 requests with the choices the in-process engine gives them."""
+    rng = random.Random(13)
+    prompts = [[0] + rng.choices(range(5, 3000), k=rng.randint(10, 40))
+               for _ in range(num_requests)]
+    params = [SamplingParams(n=n, max_tokens=rng.randint(24, 48), ignore_eos=True,
+                             seed=900 + i, temperature=0.9, top_p=0.95)
+              for i in range(num_requests)]
+    expect = [[c.token_ids for c in choices] for choices in
+              Engine(tiny_model, EngineConfig()).generate(prompts, params)]
+    return prompts, params, expect
+
+
+def run_choices_load(mesh, workload, concurrency=8):
+    """Every n > 1 request once, streamed; per request (status, tokens by choice,
+    whether a chunk said incomplete)."""
+    prompts, params, _ = workload
+
+    def call(i):
+        p = params[i]
+        req = inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=prompts[i]), sampling=common_pb2.SamplingParams(
+                n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                seed=p.seed, ignore_eos=True))
+        choices = [[] for _ in range(p.n)]
+        incomplete = False
+        try:
+            with grpc.insecure_channel(mesh.endpoint) as ch:
+                for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
+                    choices[chunk.index].extend(chunk.token_ids)
+                    incomplete |= chunk.incomplete
+        except grpc.RpcError as e:
+            return e.code(), choices, incomplete
+        return "ok", choices, incomplete
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(call, range(len(prompts))))
 
 
 def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8):
@@ -134,6 +174,14 @@ def scheduler_stats(mesh):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         return scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
                                                              timeout=5)
+
+
+def router_migrations(mesh) -> float:
+    """How many requests router-0 has moved to another replica (its metric)."""
+    port = mesh.config["observability"]["metrics_ports"]["router-0"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("llmesh_request_migrations_total"))
 
 
 def assert_all_exact(results, expect):

@@ -10,8 +10,9 @@ import time
 import grpc
 import pytest
 
-from chaos.load import (assert_all_exact, kill_during, replica_serving, run_load,
-                        run_text_load, scheduler_stats)
+from chaos.load import (assert_all_exact, kill_during, make_choices_workload, replica_serving,
+                        router_migrations, run_choices_load, run_load, run_text_load,
+                        scheduler_stats)
 from integration.mesh_fixture import Mesh, serving, wait_until
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
 
@@ -50,6 +51,21 @@ def test_scheduler_kill_loses_nothing_and_changes_nothing(mesh, workload):
     assert_all_exact(results, workload[2])
     assert wait_until(lambda: replica_serving(mesh), 30)
     assert_all_exact(run_load(mesh, workload), workload[2])
+
+
+def test_scheduler_kill_moves_n_gt_1_requests_choice_by_choice(mesh, tiny_model):
+    """An n > 1 request moves as its unfinished choices, each resubmitted after the
+    tokens its client has: every choice of every request is the fault-free run's."""
+    workload = make_choices_workload(tiny_model)
+    assert run_choices_load(mesh, workload) == [("ok", exp, False) for exp in workload[2]]
+    moved = router_migrations(mesh)
+    results = kill_during(mesh, lambda: run_choices_load(mesh, workload), "scheduler-0",
+                          after_s=0.7)
+    for i, ((status, choices, incomplete), exp) in enumerate(zip(results, workload[2])):
+        assert (status, incomplete) == ("ok", False), (i, status)
+        assert choices == exp, f"request {i}: OK with other tokens than a fault-free run"
+    assert router_migrations(mesh) > moved  # (the kill caught requests mid-stream)
+    assert wait_until(lambda: replica_serving(mesh), 30)
 
 
 def test_tokenizer_kill_loses_nothing(mesh):
