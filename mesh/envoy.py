@@ -6,6 +6,7 @@ import copy
 import yaml
 
 from mesh.config import MeshConfig
+from services.router.admission import GATEWAY_START_HEADER
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -61,9 +62,16 @@ def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
         "max_request_headers_kb": 1024,
         "common_http_protocol_options": {"max_headers_count": 4000},
         # (with xDS the clusters arrive after the listener: routes may name them first)
-        "route_config": {"name": "llmesh", "validate_clusters": not xds_port, "virtual_hosts": [{
-            "name": "llmesh", "domains": ["*"],
-            "routes": http_routes + [{"match": {"prefix": "/"}, "route": route}]}]},
+        "route_config": {
+            "name": "llmesh", "validate_clusters": not xds_port,
+            # when the request reached the gateway: its TTFT budget counts from here
+            # (a client's own value is replaced)
+            "request_headers_to_add": [{
+                "header": {"key": GATEWAY_START_HEADER, "value": "%START_TIME(%s.%6f)%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            "virtual_hosts": [{
+                "name": "llmesh", "domains": ["*"],
+                "routes": http_routes + [{"match": {"prefix": "/"}, "route": route}]}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     clusters = router_clusters(cfg)

@@ -30,6 +30,24 @@ class LimitsUnavailableError(LlmeshError):
 DEFAULT_CLASS_TIMEOUTS = {"interactive": 0.0, "standard": 0.0, "batch": 0.0}
 
 
+# Envoy stamps each request with the time it reached the gateway (seconds since
+# the epoch); the TTFT budget counts from there, so time a request spent queued
+# before the router's handler ran (a router whose CPU is saturated) counts too.
+GATEWAY_START_HEADER = "x-llmesh-gateway-start"
+
+
+def arrival_time(metadata: Iterable[tuple[str, str]], now: float) -> float:
+    """When the request arrived: the gateway's stamp, or `now` (no gateway, or a
+    stamp that is not a number). Clamped to the last minute: a stamp from the
+    future, or from a skewed clock, cannot buy or cost more than that."""
+    for key, value in metadata:
+        if key == GATEWAY_START_HEADER:
+            try:
+                return min(now, max(float(value), now - 60.0))
+            except ValueError:
+                return now
+    return now
+
 @dataclass
 class Ticket:
     """An admitted request: its tenant, class, deadline, cache salt and reservation."""

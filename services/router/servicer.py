@@ -17,7 +17,7 @@ from services.common.errors import (InvalidRequestError, LimitExceededError, Llm
                                     PermissionDeniedError, UnauthenticatedError)
 from services.common.sampling_params import validate_request, validate_resume
 from services.common.server import abort_with
-from services.router.admission import Admission, Ticket
+from services.router.admission import Admission, Ticket, arrival_time
 from services.router.breaker import BUSY, OK
 from services.router.deadletters import DeadLetters, make_entry
 from services.router.dispatch import Dispatcher, Route, coalesce
@@ -127,7 +127,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             obs.finish(metrics, status)
 
     async def _generate(self, request, request_id, context, partial_ok: bool):
-        arrival_unix_s = time.time()
+        arrival_unix_s = arrival_time(context.invocation_metadata() or (), time.time())
         adm = self.admission
         metrics = router_metrics()
         tracer = telemetry.tracer("llmesh.router")

@@ -220,21 +220,25 @@ class EngineLoop:
         is measured, `_slot_wait` plays the slots forward instead."""
         waiting = self.scheduler.waiting
         budget = waiting.policy.limits(priority).ttft_budget_s
-        if not budget or not waiting:
+        if not budget:
             return None
-        prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
-        wait = self.drain.predict_wait(prompt_ahead + num_tokens)
-        if wait is None and self.token_rate and self.step_s:
-            wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
-        if wait is None:
-            return None
-        margin = self.calibration.margin_s(prior_s=self.step_s)
-        if spent_s + wait + margin > SLO_HEADROOM * budget:
-            wait += spent_s + margin
+        wait = None
+        if waiting:
+            prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
+            wait = self.drain.predict_wait(prompt_ahead + num_tokens)
+            if wait is None and self.token_rate and self.step_s:
+                wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
+        elif self.step_s:  # nothing queued: it waits for a slot, if every one is taken
+            wait = self._slot_wait(priority, 0)
+        # (no estimate yet: what it already spent on the way)
+        margin = self.calibration.margin_s(prior_s=self.step_s) if wait is not None else 0.0
+        late = spent_s + (wait or 0.0) + margin
+        if late > SLO_HEADROOM * budget:
             self.stats.num_slo_rejected += 1
-            raise QueueFullError(priority, f"predicted wait {wait:.1f}s > the class's "
-                                 f"{budget:g}s TTFT budget",
-                                 retry_after_s=min(60.0, max(0.05, wait - budget)),
+            raise QueueFullError(priority, f"predicted time to first token {late:.1f}s ({spent_s:.1f}s "
+                                 f"of it before this replica) > the class's {budget:g}s "
+                                 f"TTFT budget",
+                                 retry_after_s=min(60.0, max(0.05, late - budget)),
                                  reason="slo")
         return wait  # (uncorrected: the calibration learns from it)
 

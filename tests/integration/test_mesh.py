@@ -279,3 +279,21 @@ def test_oversized_headers_fail_their_own_request_not_the_connection(mesh):
         t.join(60)
         assert box == [300]
         assert len(stub.Complete(small, timeout=10).token_ids) == 2  # the connection still works
+
+
+def test_the_ttft_budget_counts_from_the_gateway(mesh, stub):
+    """Envoy stamps when a request reached it, replacing a client's own stamp; the
+    budget counts from that stamp, so a request that arrives at the router with
+    its interactive budget (2 s) already spent is refused at once."""
+    req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[0, 5, 6]),
+                                        sampling=_greedy(2), priority=common_pb2.PRIORITY_INTERACTIVE)
+    stale = (("x-llmesh-gateway-start", f"{time.time() - 30:.6f}"),)
+    assert len(list(stub.Generate(req, metadata=stale, timeout=30))) >= 1  # Envoy restamps
+    port = mesh.config["router_ports"][0]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        direct = inference_pb2_grpc.InferenceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(direct.Generate(req, metadata=stale, timeout=30))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "before this replica" in e.value.details()
+        assert len(list(direct.Generate(req, timeout=30))) >= 1  # (no stamp: counts from now)

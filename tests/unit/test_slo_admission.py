@@ -105,3 +105,23 @@ def test_the_calibration_learns_how_far_short_predictions_fall():
     for _ in range(10):  # predictions that turned out long: no margin (never negative)
         cal.record(1.0, 0.5)
     assert cal.margin_s(prior_s=0.4) == 0.0
+
+
+def test_time_spent_before_the_replica_counts_even_with_nothing_queued(tiny_model_dir):
+    """A request that reaches an idle replica after most of its budget went on the
+    way (a saturated gateway or router) is refused: it would start late whatever
+    the queue; one that arrives in time is admitted."""
+    classes = dict(SchedulingPolicy().classes)
+    classes["interactive"] = ClassLimits(weight=4.0, ttft_budget_s=1.0)
+    engine = Engine(SleepModel(load_model_config(tiny_model_dir), 0.001),
+                    EngineConfig(num_kv_blocks=64, policy=SchedulingPolicy(classes=classes)))
+    params, seed = SamplingParams(max_tokens=2, ignore_eos=True), 1
+    with pytest.raises(QueueFullError) as e:
+        engine.loop.add("late", [1, 2, 3], params, "t", seed, priority="interactive",
+                        arrival_unix_s=time.time() - 0.95)
+    assert e.value.reason == "slo" and "of it before this replica" in str(e.value)
+    engine.loop.add("on-time", [1, 2, 3], params, "t", seed, priority="interactive",
+                    arrival_unix_s=time.time() - 0.5)
+    engine.loop.add("no-stamp", [1, 2, 3], params, "t", seed, priority="interactive")
+    assert engine.loop.stats.num_slo_rejected == 1 and engine.has_unfinished()
+    engine.close()

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from llmesh.v1 import inference_pb2
 from observability import telemetry
+from services.router.admission import GATEWAY_START_HEADER
 from services.router.http_api.errors import ApiError, from_rpc_error, invalid
 from services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
 from services.router.http_api.responses import Formatter, TokenText, usage_dict
@@ -95,13 +96,17 @@ class OpenAIApi:
             raise invalid("", f"the body is not valid JSON: {str(e)[:200]}") from None
 
     def _metadata(self, request: Request) -> tuple:
+        """What the gRPC handlers read of the headers: the API key, and when the
+        request reached the gateway."""
+        stamp = request.headers.get(GATEWAY_START_HEADER)
+        metadata = ((GATEWAY_START_HEADER, stamp),) if stamp is not None else ()
         auth = request.headers.get("authorization")
         if auth is None:
-            return ()
+            return metadata
         if not auth.isascii() or not auth.isprintable():
             raise ApiError(401, "the Authorization header is not a valid API key",
                            "authentication_error")
-        return (("authorization", auth),)
+        return (("authorization", auth),) + metadata
 
     # ---- endpoints ---------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
