@@ -7,11 +7,15 @@ once per step and reused by every layer.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from services.executor.staging import Staging
 
 # a group of single-query rows is padded to its longest context; a new group
 # starts when padding would exceed this share of the group's real keys
@@ -45,6 +49,7 @@ class AttentionMetadata:
     """Where this step's tokens write their K/V and which keys each query sees."""
 
     slot_mapping: torch.Tensor  # [num_tokens] long: block_id * block_size + offset
+    positions: torch.Tensor | None = None  # [num_tokens] long: each token's position
     groups: list[SingleQueryGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     # for kernel backends: all single-query rows as one padded table (built on request)
@@ -130,88 +135,104 @@ class SeqSlice:
 
 
 def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | None,
-                   device: torch.device, with_block_tables: bool = False) -> AttentionMetadata:
+                   device: torch.device, with_block_tables: bool = False,
+                   staging: Staging | None = None) -> AttentionMetadata:
     """Build the per-step metadata. `seqs` lists single-query sequences first
-    (best sorted by context length, longest first), then prefill chunks."""
-    slot_mapping: list[int] = []
-    singles: list[tuple[int, SeqSlice]] = []
-    prefills: list[PrefillChunk] = []
-    row = 0
-    for seq in seqs:
-        table = seq.block_ids
-        start, end = seq.num_computed, seq.num_computed + seq.num_new
-        slot_mapping.extend(table[p // block_size] * block_size + p % block_size
-                            for p in range(start, end))
-        if seq.num_new == 1:
-            assert not prefills, "single-query sequences must come first"
-            singles.append((row, seq))
-        else:
-            prefills.append(_prefill_chunk(row, seq, block_size, sliding_window, device))
-        row += seq.num_new
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        prefills=prefills, num_single=len(singles))
-    if with_block_tables:
-        if singles:
-            lens = [seq.num_computed + 1 for _, seq in singles]
-            width = max(-(-n // block_size) for n in lens)
-            rows = [seq.block_ids[:width] + [0] * (width - len(seq.block_ids[:width]))
-                    for _, seq in singles]
-            meta.single_block_tables = torch.tensor(rows, dtype=torch.int32, device=device)
-            meta.single_context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-            meta.max_single_context = max(lens)
+    (best sorted by context length, longest first), then prefill chunks.
+
+    The integer inputs (positions, slot mapping, block tables, context lengths)
+    are built on the host with vectorised code and reach the device through
+    `staging`, in the one copy of its next flush (made here: put the step's
+    other arrays before calling); masks are then made on the device."""
+    staging = staging or Staging(device)
+    n = len(seqs)
+    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+    counts = np.fromiter((s.num_new for s in seqs), np.int64, n)
+    lens = np.fromiter((len(s.block_ids) for s in seqs), np.int64, n)
+    # every sequence's block table as one padded [n, width] array (padding: block 0)
+    table = np.zeros((n, max(1, int(lens.max(initial=0)))), np.int64)
+    table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(s.block_ids for s in seqs), np.int64, int(lens.sum()))
+    multi = counts != 1
+    num_single = int(np.argmax(multi)) if multi.any() else n
+    assert multi[num_single:].all(), "single-query sequences must come first"
+    # per token: its sequence and position (a decode-only step: one each)
+    if num_single == n:
+        owner, first_row, positions = np.arange(n), np.arange(n), starts
     else:
-        meta.groups = [_single_group(g, block_size, sliding_window, device)
-                       for g in _split_groups(singles)]
+        owner = np.repeat(np.arange(n), counts)
+        first_row = np.cumsum(counts) - counts
+        positions = starts[owner] + np.arange(owner.size) - first_row[owner]
+    slots = table[owner, positions // block_size] * block_size + positions % block_size
+    ctx = starts + counts  # keys each sequence's last query sees
+    need = -(-ctx // block_size)  # blocks those keys fill
+
+    staged_pos, staged_slots = staging.put(positions), staging.put(slots)
+    staged_tables = staged_ctx = None
+    groups = []
+    if num_single and with_block_tables:
+        width = int(need[:num_single].max())
+        staged_tables = staging.put(table[:num_single, :width].astype(np.int32))
+        staged_ctx = staging.put(ctx[:num_single].astype(np.int32))
+    elif num_single:
+        for lo, hi in _split_groups(ctx[:num_single].tolist()):
+            width = int(need[lo:hi].max())
+            groups.append((lo, hi, width, staging.put(table[lo:hi, :width].reshape(-1)),
+                           staging.put(ctx[lo:hi])))
+    chunks = [(i, staging.put(table[i, :need[i]])) for i in range(num_single, n)]
+    staging.flush()
+
+    meta = AttentionMetadata(slot_mapping=staged_slots.tensor, num_single=num_single)
+    meta.positions = staged_pos.tensor
+    if staged_tables is not None:
+        meta.single_block_tables = staged_tables.tensor
+        meta.single_context_lens = staged_ctx.tensor
+        meta.max_single_context = int(ctx[:num_single].max())
+    meta.groups = [_single_group(lo, hi, width, ids.tensor, c.tensor, block_size,
+                                 sliding_window, device)
+                   for lo, hi, width, ids, c in groups]
+    meta.prefills = [_prefill_chunk(int(first_row[i]), int(starts[i]), int(counts[i]),
+                                    ids.tensor, sliding_window, device)
+                     for i, ids in chunks]
     return meta
 
 
-def _split_groups(singles: list[tuple[int, SeqSlice]]) -> list[list[tuple[int, SeqSlice]]]:
-    """Consecutive runs whose padding to the run's longest context stays small."""
-    groups: list[list[tuple[int, SeqSlice]]] = []
-    longest = total = 0
-    for item in singles:
-        ctx = item[1].num_computed + 1
-        if groups:
+def _split_groups(ctx_lens: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs [lo, hi) of single-query rows whose padding to the run's
+    longest context stays small."""
+    groups: list[tuple[int, int]] = []
+    lo, longest, total = 0, 0, 0
+    for i, ctx in enumerate(ctx_lens):
+        if i > lo:
             new_longest = max(longest, ctx)
-            if new_longest * (len(groups[-1]) + 1) <= (1 + MAX_GROUP_PADDING) * (total + ctx):
-                groups[-1].append(item)
+            if new_longest * (i - lo + 1) <= (1 + MAX_GROUP_PADDING) * (total + ctx):
                 longest, total = new_longest, total + ctx
                 continue
-        groups.append([item])
-        longest = total = ctx
+            groups.append((lo, i))
+        lo, longest, total = i, ctx, ctx
+    if ctx_lens:
+        groups.append((lo, len(ctx_lens)))
     return groups
 
 
-def _single_group(group, block_size, window, device) -> SingleQueryGroup:
-    ctx_lens = [seq.num_computed + 1 for _, seq in group]
-    max_blocks = -(-max(ctx_lens) // block_size)
-    block_ids = []
-    for (_, seq), ctx in zip(group, ctx_lens):
-        used = seq.block_ids[:-(-ctx // block_size)]
-        block_ids.extend(used + [used[0]] * (max_blocks - len(used)))
+def _single_group(lo: int, hi: int, max_blocks: int, block_ids: torch.Tensor,
+                  ctx: torch.Tensor, block_size: int, window, device) -> SingleQueryGroup:
     k_pos = torch.arange(max_blocks * block_size, device=device)[None, :]
-    ctx = torch.tensor(ctx_lens, dtype=torch.long, device=device)[:, None]
-    mask = k_pos < ctx
+    mask = k_pos < ctx[:, None]
     if window is not None:
-        mask &= k_pos > ctx - 1 - window
-    return SingleQueryGroup(
-        row_start=group[0][0], num_rows=len(group), max_blocks=max_blocks,
-        block_ids=torch.tensor(block_ids, dtype=torch.long, device=device),
-        mask=mask[:, None, None, :])
+        mask &= k_pos > ctx[:, None] - 1 - window
+    return SingleQueryGroup(row_start=lo, num_rows=hi - lo, max_blocks=max_blocks,
+                            block_ids=block_ids, mask=mask[:, None, None, :])
 
 
-def _prefill_chunk(row: int, seq: SeqSlice, block_size: int, window: int | None,
-                   device) -> PrefillChunk:
-    ctx_len = seq.num_computed + seq.num_new
+def _prefill_chunk(row: int, num_computed: int, num_new: int, block_ids: torch.Tensor,
+                   window: int | None, device) -> PrefillChunk:
+    ctx_len = num_computed + num_new
     mask = None
-    if seq.num_computed > 0 or (window is not None and ctx_len > window):
-        q_pos = torch.arange(seq.num_computed, ctx_len, device=device)[:, None]
+    if num_computed > 0 or (window is not None and ctx_len > window):
+        q_pos = torch.arange(num_computed, ctx_len, device=device)[:, None]
         k_pos = torch.arange(ctx_len, device=device)[None, :]
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-    num_blocks = -(-ctx_len // block_size)
-    return PrefillChunk(row, seq.num_new, ctx_len,
-                        torch.tensor(seq.block_ids[:num_blocks], dtype=torch.long, device=device),
-                        mask)
+    return PrefillChunk(row, num_new, ctx_len, block_ids, mask)

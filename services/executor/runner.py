@@ -7,18 +7,21 @@ pass over the rows that produce a token.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
 from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
 from services.executor.model import CausalLM
 from services.executor.sampler import SampleRow, sample
+from services.executor.staging import Staging
 
 
 log = logging.getLogger("llmesh.executor")
@@ -70,6 +73,7 @@ class ModelRunner:
         # one step at a time: a step whose stream was cancelled may still be running
         # in its thread when the next scheduler's first plan arrives
         self._step_lock = threading.Lock()
+        self.staging = Staging(self.device)  # the step's inputs, one host-to-device copy
 
     def reset(self) -> None:
         """Forget every sequence (a new scheduler drives this rank), once any step
@@ -116,28 +120,29 @@ class ModelRunner:
         # them in groups of similar length), then prefill chunks
         order = sorted(plan.scheduled, key=lambda s: (s.num_new_tokens != 1,
                                                       -self.seqs[s.seq_id].num_computed))
-        input_ids, positions, slices, sample_seqs = [], [], [], []
+        inputs, slices, sample_seqs = [], [], []
+        num_tokens = 0
         for sched in order:
             seq = self.seqs[sched.seq_id]
             del seq.block_ids[sched.num_kept_blocks:]
             seq.block_ids.extend(sched.new_block_ids)
             start, end = seq.num_computed, seq.num_computed + sched.num_new_tokens
             assert end <= len(seq.token_ids), (sched.seq_id, end, len(seq.token_ids))
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            inputs.append(seq.token_ids[start:end])
             slices.append(SeqSlice(start, sched.num_new_tokens, seq.block_ids))
             seq.num_computed = end
+            num_tokens += sched.num_new_tokens
             if end == len(seq.token_ids):
-                sample_seqs.append((seq, len(input_ids) - 1))
+                sample_seqs.append((seq, num_tokens - 1))
         t0 = time.perf_counter()
         comm0 = self.tp.comm_s if self.tp else 0.0
+        input_ids = self.staging.put(np.fromiter(itertools.chain.from_iterable(inputs),
+                                                 np.int64, num_tokens))
+        # (the metadata's arrays and the token ids reach the device in one copy)
         meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device,
-                              with_block_tables=self.backend.wants_block_tables)
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            self.kv_caches, meta, self.backend,
-        )
+                              with_block_tables=self.backend.wants_block_tables,
+                              staging=self.staging)
+        hidden = self.model(input_ids.tensor, meta.positions, self.kv_caches, meta, self.backend)
         t1 = time.perf_counter()
         if sample_seqs:
             self._sample(hidden, sample_seqs, result)

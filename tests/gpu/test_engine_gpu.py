@@ -36,3 +36,16 @@ def test_kernel_backend_matches_torch_backend_in_bf16(tmp_path):
     ref = ref_engine.generate(prompts, GREEDY)
     same = sum(a[0].token_ids == b[0].token_ids for a, b in zip(fast, ref))
     assert same >= len(prompts) - 1  # fp16 near-ties may flip one
+
+
+def test_each_step_moves_its_inputs_in_one_pinned_copy(tiny_model_dir):
+    """Token ids, positions, slot mapping, block tables and context lengths of a
+    step reach the GPU in one non-blocking copy from pinned memory, and two
+    steps' slabs alternate (a slab is reused only once its copy is done)."""
+    eng = Engine.from_pretrained(tiny_model_dir, EngineConfig(device="cuda"))
+    staging = eng.runner.staging
+    assert staging.pinned
+    out = eng.generate(_prompts(3000, n=6), GREEDY)
+    assert all(len(r[0].token_ids) == GREEDY.max_tokens for r in out)
+    assert 0 < staging.num_copies <= eng.stats.num_steps  # (a step with nothing to run: none)
+    assert all(s is None or s.is_pinned() for s in staging._slabs)

@@ -1,0 +1,89 @@
+"""The step's inputs built with vectorised code and staged in one copy: the
+metadata says, token by token, what a plain per-token reading of the block
+tables says, for decode-only, prefill-only and mixed steps, with and without
+a sliding window, for both backends' layouts."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.executor.attention import SeqSlice, build_metadata
+from services.executor.staging import Staging
+
+BS = 4
+
+
+@st.composite
+def steps(draw):
+    """Single-query rows (longest context first), then prefill chunks; each
+    sequence's block table holds distinct ids, sometimes more than it needs."""
+    pool = iter(draw(st.permutations(range(400))))
+    singles = sorted(draw(st.lists(st.integers(0, 60), max_size=12)), reverse=True)
+    chunks = draw(st.lists(st.tuples(st.integers(0, 40), st.integers(2, 30)), max_size=4))
+    seqs = []
+    for computed, new in [(c, 1) for c in singles] + chunks:
+        need = -(-(computed + new) // BS) + draw(st.integers(0, 2))
+        seqs.append(SeqSlice(computed, new, [next(pool) for _ in range(need)]))
+    return seqs
+
+
+def _visible(ctx_len: int, q_pos: int, window):
+    return [k <= q_pos and (window is None or k > q_pos - window) for k in range(ctx_len)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(seqs=steps(), window=st.sampled_from([None, 5]), tables=st.booleans())
+def test_metadata_matches_a_per_token_reading_of_the_tables(seqs, window, tables):
+    meta = build_metadata(seqs, BS, window, torch.device("cpu"), with_block_tables=tables)
+    positions = [p for s in seqs for p in range(s.num_computed, s.num_computed + s.num_new)]
+    slots = [s.block_ids[p // BS] * BS + p % BS
+             for s in seqs for p in range(s.num_computed, s.num_computed + s.num_new)]
+    assert meta.positions.tolist() == positions
+    assert meta.slot_mapping.tolist() == slots
+    singles = [s for s in seqs if s.num_new == 1]
+    assert meta.num_single == len(singles)
+    if singles and tables:
+        ctx = [s.num_computed + 1 for s in singles]
+        assert meta.single_context_lens.dtype == torch.int32
+        assert meta.single_context_lens.tolist() == ctx and meta.max_single_context == max(ctx)
+        for row, s, c in zip(meta.single_block_tables.tolist(), singles, ctx):
+            assert row[:-(-c // BS)] == s.block_ids[:-(-c // BS)]
+        assert not meta.groups
+    elif singles:
+        assert sum(g.num_rows for g in meta.groups) == len(singles)
+        for g in meta.groups:
+            ids = g.block_ids.view(g.num_rows, g.max_blocks)
+            for r in range(g.num_rows):
+                s = singles[g.row_start + r]
+                ctx = s.num_computed + 1
+                keys = ids[r].repeat_interleave(BS) * BS + torch.arange(g.max_blocks * BS) % BS
+                seen = g.mask[r, 0, 0].tolist()
+                assert seen == _visible(g.max_blocks * BS, ctx - 1, window)
+                want = [s.block_ids[k // BS] * BS + k % BS for k in range(ctx)]
+                assert keys[torch.tensor(seen)].tolist() == [w for w, v in zip(
+                    want, _visible(ctx, ctx - 1, window)) if v]
+    chunks = [s for s in seqs if s.num_new != 1]
+    assert len(meta.prefills) == len(chunks)
+    row = len(singles)
+    for c, s in zip(meta.prefills, chunks):
+        ctx = s.num_computed + s.num_new
+        assert (c.q_start, c.q_len, c.ctx_len) == (row, s.num_new, ctx)
+        assert c.block_ids.tolist() == s.block_ids[:-(-ctx // BS)]
+        mask = c.mask.tolist() if c.mask is not None else \
+            [[k <= q for k in range(ctx)] for q in range(s.num_new)]  # (plain causal)
+        assert mask == [_visible(ctx, q, window) for q in range(s.num_computed, ctx)]
+        row += s.num_new
+
+
+def test_staging_gives_each_array_back_with_its_shape_and_dtype():
+    staging = Staging("cpu")
+    a = staging.put(np.arange(6, dtype=np.int64).reshape(2, 3))
+    b = staging.put(np.array([7, 8], dtype=np.int32))
+    assert a.tensor is None  # (until the flush)
+    staging.flush()
+    assert a.tensor.dtype == torch.long and a.tensor.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert b.tensor.dtype == torch.int32 and b.tensor.tolist() == [7, 8]
+    with pytest.raises(TypeError):
+        staging.put(np.zeros(2, dtype=np.float32))
+    assert not staging.pinned and staging.num_copies == 0  # (the CPU needs no copy)
