@@ -20,8 +20,8 @@ import torch
 from services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
 from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
 from services.executor.model import CausalLM
-from services.executor.sampler import SampleRow, sample
-from services.executor.staging import Staging
+from services.executor.sampler import SampleRow, SamplingBatch, sample
+from services.executor.staging import Staged, Staging
 
 
 log = logging.getLogger("llmesh.executor")
@@ -111,10 +111,14 @@ class ModelRunner:
             self.seqs.pop(seq_id, None)
         for new in plan.new:
             self._add(new)
-        self._copy_blocks(plan.block_copies)
+        # (copy-on-write block copies: staged with the step's inputs, made before its forward)
+        copies = self.staging.put(np.asarray(plan.block_copies, np.int64).reshape(-1, 2)) \
+            if plan.block_copies else None
         result = StepResult(step_id=plan.step_id, num_kv_blocks=self.num_blocks,
                             kv_epoch=self.kv_epoch)
         if not plan.scheduled:
+            self.staging.flush()
+            self._copy_blocks(copies)
             return result
         # single-query sequences first, longest context first (the backend batches
         # them in groups of similar length), then prefill chunks
@@ -134,20 +138,22 @@ class ModelRunner:
             num_tokens += sched.num_new_tokens
             if end == len(seq.token_ids):
                 sample_seqs.append((seq, num_tokens - 1))
-        t0 = time.perf_counter()
+        timer = _StepTimer(self.device)
         comm0 = self.tp.comm_s if self.tp else 0.0
         input_ids = self.staging.put(np.fromiter(itertools.chain.from_iterable(inputs),
                                                  np.int64, num_tokens))
-        # (the metadata's arrays and the token ids reach the device in one copy)
+        draws = self._sample_rows(sample_seqs) if sample_seqs else None
+        # (the token ids, the metadata's arrays and the sampling inputs reach the
+        # device in one copy, made by build_metadata)
         meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device,
                               with_block_tables=self.backend.wants_block_tables,
                               staging=self.staging)
+        self._copy_blocks(copies)
         hidden = self.model(input_ids.tensor, meta.positions, self.kv_caches, meta, self.backend)
-        t1 = time.perf_counter()
-        if sample_seqs:
-            self._sample(hidden, sample_seqs, result)
-        result.forward_s = t1 - t0
-        result.sample_s = time.perf_counter() - t1
+        timer.mark()
+        if draws is not None:
+            self._sample(hidden, draws, result)
+        result.forward_s, result.sample_s = timer.finish()
         if self.tp:
             result.comm_s = self.tp.comm_s - comm0
         return result
@@ -175,23 +181,24 @@ class ModelRunner:
                                                      self.config.eos_token_ids)
         return self._grammar_compiler
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if not copies:
+    def _copy_blocks(self, copies: Staged | None) -> None:
+        """Copy blocks (src, dst) in every layer's K and V cache."""
+        if copies is None:
             return
+        pairs = copies.tensor
         if self.device.type == "cuda":
             from kernels import ops
-            pairs = torch.tensor(copies, dtype=torch.long, device=self.device)
             for k_cache, v_cache in self.kv_caches:
                 ops.copy_blocks(k_cache, pairs)
                 ops.copy_blocks(v_cache, pairs)
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src, dst = pairs[:, 0], pairs[:, 1]
         for k_cache, v_cache in self.kv_caches:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
-    def _sample(self, hidden, sample_seqs, result: StepResult) -> None:
+    def _sample_rows(self, sample_seqs) -> "_Draws":
+        """The step's sampling rows, and their inputs staged with the step's."""
         rows, row_hidden, owners, grammars = [], [], [], []
         for seq, row in sample_seqs:
             # a sequence that still has to fork draws n tokens from the same logits
@@ -206,19 +213,24 @@ class ModelRunner:
                 row_hidden.append(row)
                 owners.append(seq)
                 grammars.append(seq.grammar)  # (a fan-out's rows share the parent's state)
-        logits = self.model.compute_logits(hidden[torch.tensor(row_hidden, device=self.device)])
-        if not any(g is not None for g in grammars):
-            grammars = None
+        samples_here = self.tp is None or self.tp.rank == 0
+        return _Draws(rows, owners, self.staging.put(np.asarray(row_hidden, np.int64)),
+                      grammars if any(g is not None for g in grammars) else None,
+                      SamplingBatch(rows, self.staging) if samples_here else None)
+
+    def _sample(self, hidden, draws: "_Draws", result: StepResult) -> None:
+        rows, grammars = draws.rows, draws.grammars
+        logits = self.model.compute_logits(hidden[draws.row_hidden.tensor])
         if self.tp is None:
-            tokens, logprobs = sample(logits, rows, grammars)
+            tokens, logprobs = sample(logits, rows, grammars, draws.batch)
         else:  # rank 0 holds the full logits and samples; every rank appends its tokens
-            tokens, logprobs = (sample(logits, rows, grammars) if self.tp.rank == 0
+            tokens, logprobs = (sample(logits, rows, grammars, draws.batch) if self.tp.rank == 0
                                 else (None, [None] * len(rows)))
             tokens = self.tp.broadcast_tokens(tokens, len(rows), self.device)
         self._num_sampling_steps += 1
         if 0 < self.test_corrupt_after_steps < self._num_sampling_steps:
             tokens = [(t + 1) % self.config.vocab_size for t in tokens]
-        for seq, token, lp in zip(owners, tokens, logprobs):
+        for seq, token, lp in zip(draws.owners, tokens, logprobs):
             result.sampled.setdefault(seq.seq_id, []).append(token)
             if lp is not None:
                 result.logprobs.setdefault(seq.seq_id, []).append(lp)
@@ -247,3 +259,42 @@ def _advance(grammar, token: int) -> None:
     """The grammar takes the sampled token (its mask allowed only valid ones)."""
     if grammar is not None and not grammar.accept(token):
         log.warning("structured output: the grammar rejected sampled token %d", token)
+
+
+@dataclass
+class _Draws:
+    """A step's sampling rows (a parent that forks has n), prepared before its forward."""
+
+    rows: list[SampleRow]
+    owners: list[SeqState]  # the sequence each row's token goes to
+    row_hidden: Staged  # each row's hidden state in the step's batch
+    grammars: list | None
+    batch: SamplingBatch | None  # None on a rank that does not sample
+
+
+class _StepTimer:
+    """What a step's forward and sampling took. On a GPU, from CUDA events (the
+    device's own time: launching returns long before the work is done), read
+    after the step's one synchronising copy; on the CPU, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            self._events[0].record()
+        self._t = [time.perf_counter()]
+
+    def mark(self) -> None:
+        if self.cuda:
+            self._events[1].record()
+        self._t.append(time.perf_counter())
+
+    def finish(self) -> tuple[float, float]:
+        """(forward_s, sample_s)"""
+        self._t.append(time.perf_counter())
+        if not self.cuda:
+            return self._t[1] - self._t[0], self._t[2] - self._t[1]
+        start, mid, end = self._events
+        end.record()
+        end.synchronize()  # (the sampled tokens' copy already waited for the step)
+        return start.elapsed_time(mid) / 1000, mid.elapsed_time(end) / 1000

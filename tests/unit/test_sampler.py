@@ -82,3 +82,36 @@ def test_logprobs_of_the_raw_distribution():
     assert lp.top_ids == [2, 1]
     assert math.isclose(lp.top_logprobs[0], expect[2].item(), rel_tol=1e-6)
     assert math.isclose(lp.logprob, expect[lp.token_id].item(), rel_tol=1e-6)
+
+
+def test_vectorised_noise_keys_are_the_per_row_ones():
+    import numpy as np
+    from services.executor.sampler import row_keys
+    rng = np.random.default_rng(1)
+    seeds = [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1] + rng.integers(0, 2 ** 63, 50).tolist()
+    idx = [i % 5 for i in range(len(seeds))]
+    pos = [0, 1, 2 ** 31, 2 ** 32 - 1] + rng.integers(0, 2 ** 20, len(seeds) - 4).tolist()
+    got = row_keys(np.array(seeds, np.uint64), np.array(idx, np.uint64), np.array(pos, np.uint64))
+    assert got.tolist() == [row_key(s, i, p) for s, i, p in zip(seeds, idx, pos)]
+
+
+def test_a_batch_of_logprob_requests_comes_back_row_by_row():
+    """Rows that want 0, 1 or 5 alternatives, and rows that want none, in one
+    batch: each gets its own, as if it had been sampled alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    wants = [None, 0, 5, None, 1, 5]
+    rows = [_row(seed=s, position=s, logprobs=k, temperature=0.8 if s % 2 else 0.0)
+            for s, k in enumerate(wants)]
+    tokens, lps = sample(logits.clone(), rows)
+    for i, (k, lp) in enumerate(zip(wants, lps)):
+        alone_tokens, alone = sample(logits[i:i + 1].clone(), [rows[i]])
+        assert tokens[i] == alone_tokens[0]
+        if k is None:
+            assert lp is None
+            continue
+        expect = torch.log_softmax(logits[i], -1)
+        assert lp.token_id == tokens[i] and lp == alone[0]
+        assert lp.logprob == expect[tokens[i]].item()
+        assert lp.top_ids == expect.topk(k).indices.tolist() if k else lp.top_ids == []
+        assert len(lp.top_logprobs) == k

@@ -33,9 +33,10 @@ def _visible(ctx_len: int, q_pos: int, window):
 
 
 @settings(max_examples=150, deadline=None)
-@given(seqs=steps(), window=st.sampled_from([None, 5]), tables=st.booleans())
-def test_metadata_matches_a_per_token_reading_of_the_tables(seqs, window, tables):
-    meta = build_metadata(seqs, BS, window, torch.device("cpu"), with_block_tables=tables)
+@given(seqs=steps(), window=st.sampled_from([None, 5]), tables=st.booleans(), pack=st.booleans())
+def test_metadata_matches_a_per_token_reading_of_the_tables(seqs, window, tables, pack):
+    meta = build_metadata(seqs, BS, window, torch.device("cpu"), with_block_tables=tables,
+                          staging=Staging("cpu", pack=pack))
     positions = [p for s in seqs for p in range(s.num_computed, s.num_computed + s.num_new)]
     slots = [s.block_ids[p // BS] * BS + p % BS
              for s in seqs for p in range(s.num_computed, s.num_computed + s.num_new)]
@@ -76,14 +77,27 @@ def test_metadata_matches_a_per_token_reading_of_the_tables(seqs, window, tables
         row += s.num_new
 
 
-def test_staging_gives_each_array_back_with_its_shape_and_dtype():
-    staging = Staging("cpu")
-    a = staging.put(np.arange(6, dtype=np.int64).reshape(2, 3))
-    b = staging.put(np.array([7, 8], dtype=np.int32))
-    assert a.tensor is None  # (until the flush)
-    staging.flush()
-    assert a.tensor.dtype == torch.long and a.tensor.tolist() == [[0, 1, 2], [3, 4, 5]]
-    assert b.tensor.dtype == torch.int32 and b.tensor.tolist() == [7, 8]
+@pytest.mark.parametrize("pack", [False, True])
+def test_staging_gives_each_array_back_with_its_shape_and_dtype(pack):
+    """Plain (the CPU's zero-copy path) and packed into one slab copied once (a
+    GPU's path, here without pinning): every array comes back as it went in,
+    across flushes that reuse the slabs."""
+    staging = Staging("cpu", pack=pack)
+    rng = np.random.default_rng(0)
+    kept = []
+    for step in range(5):
+        arrays = [rng.integers(-2 ** 40, 2 ** 40, size=(2, 3)),
+                  rng.integers(0, 100, size=7).astype(np.int32),
+                  rng.random(5).astype(np.float32), rng.random(3),
+                  rng.random(9) > 0.5, np.zeros(0, dtype=np.int64)]
+        staged = [staging.put(a) for a in arrays]
+        assert staged[0].tensor is None  # (until the flush)
+        staging.flush()
+        kept.append((arrays, staged))
+    for arrays, staged in kept:  # (earlier steps' tensors are not overwritten)
+        for a, s in zip(arrays, staged):
+            assert s.tensor.dtype == torch.from_numpy(a).dtype
+            assert s.tensor.shape == a.shape and np.array_equal(s.tensor.numpy(), a)
+    assert staging.num_copies == (5 if pack else 0)
     with pytest.raises(TypeError):
-        staging.put(np.zeros(2, dtype=np.float32))
-    assert not staging.pinned and staging.num_copies == 0  # (the CPU needs no copy)
+        staging.put(np.zeros(2, dtype=np.float16))
