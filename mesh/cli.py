@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="health, queue depth and KV usage per replica")
     status.add_argument("--config")
     status.add_argument("--json", action="store_true")
+    scale = sub.add_parser("scale", help="add or remove replicas while the mesh runs "
+                                         "(new ones join once SERVING, removed ones drain)")
+    scale.add_argument("--replicas", type=int, required=True,
+                       help="regular replicas wanted (warm standbys not counted)")
+    scale.add_argument("--config")
+    scale.add_argument("--timeout", type=float, default=300.0)
     config = sub.add_parser("config", help="mesh config").add_subparsers(dest="config_cmd",
                                                                          required=True)
     show = config.add_parser("show", help="print the effective mesh.yaml, defaults filled in")
@@ -86,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                 from mesh.commands import cmd_generate_mesh
                 return cmd_generate_mesh(args)
             return _generate(args)
-        if args.command in ("up", "down", "status", "config"):
+        if args.command in ("up", "down", "status", "config", "scale"):
             from mesh import commands
             handler = {"up": commands.cmd_up, "down": commands.cmd_down,
-                       "status": commands.cmd_status, "config": commands.cmd_config_show}
+                       "status": commands.cmd_status, "config": commands.cmd_config_show,
+                       "scale": commands.cmd_scale}
             return handler[args.command](args)
         if args.command == "bench":
             from benchmarks.commands import run_bench_cli

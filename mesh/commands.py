@@ -119,6 +119,34 @@ def cmd_down(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    """Ask the running mesh for --replicas regular replicas; wait for the outcome."""
+    from mesh.scaling import request_scale
+    run_dir = run_dir_of(effective_config(args.config))
+    state = read_state(run_dir)
+    if not state or state.get("status") != "ready" or not _alive(state["supervisor_pid"]):
+        print("llmesh: error: no mesh is up", file=sys.stderr)
+        return 1
+    if args.replicas < 1:
+        print("llmesh: error: --replicas: at least 1", file=sys.stderr)
+        return 2
+    request_id = request_scale(run_dir, args.replicas)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        state = read_state(run_dir) or {}
+        scale = state.get("scale") or {}
+        if scale.get("id") == request_id and scale.get("status") in ("ok", "failed"):
+            if scale["status"] == "failed":
+                print(f"llmesh: error: scaling failed: {scale.get('error')} (now "
+                      f"{state.get('replicas')} replicas)", file=sys.stderr)
+                return 1
+            print(f"llmesh: {state['replicas']} replicas")
+            return 0
+        time.sleep(0.2)
+    print("llmesh: error: scaling did not finish in time", file=sys.stderr)
+    return 1
+
+
 def cmd_config_show(args) -> int:
     print(yaml.safe_dump(effective_config(args.config).to_dict(), sort_keys=False), end="")
     return 0
@@ -140,7 +168,8 @@ def cmd_status(args) -> int:
         services[f"tokenizer-{i}"] = is_serving(p)
     services["kvcache"] = is_serving(live.kvcache_port)
     replicas = []
-    for r, ports in enumerate(live.replica_ports):
+    for ports in live.replica_ports:
+        r = ports.index
         for rank, p in enumerate(ports.executors):
             services[f"executor-{r}-{rank}"] = is_serving(p)
         services[f"scheduler-{r}"] = is_serving(ports.scheduler)

@@ -65,6 +65,9 @@ class ReplicaPorts:
     scheduler: int = 0
     executors: tuple[int, ...] = (0,)  # one per tensor-parallel rank, rank 0 first
     dist_port: int = 0  # the ranks' process-group rendezvous (rank 0 hosts it)
+    # its number (replica-N; its processes scheduler-N, executor-N-K): its place in the
+    # list at start, kept when replicas come and go (`llmesh scale`); -1 = its place
+    index: int = -1
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["replica_ports"] = tuple(
         ReplicaPorts(scheduler=r.get("scheduler", 0),
                      executors=tuple(r.get("executors", (0,) * raw.get("tensor_parallel", 1))),
-                     dist_port=r.get("dist_port", 0))
+                     dist_port=r.get("dist_port", 0), index=r.get("index", -1))
         for r in raw.get("replica_ports", ()))
     cfg = MeshConfig(**kw)
     for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
@@ -289,6 +292,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def replica_process_names(ports: ReplicaPorts) -> list[str]:
+    return [f"scheduler-{ports.index}"] + [f"executor-{ports.index}-{k}"
+                                           for k in range(len(ports.executors))]
+
+
 def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     """Fill every port of 0 (or missing) with a free loopback port."""
     # ports the config names, so an automatic pick never lands on one of them
@@ -315,7 +323,9 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     replicas = list(cfg.replica_ports) + [ReplicaPorts(executors=(0,) * tp)] * (
         cfg.replicas - len(cfg.replica_ports))
     replicas = tuple(ReplicaPorts(pick(r.scheduler), tuple(pick(p) for p in r.executors),
-                                  pick(r.dist_port) if tp > 1 else 0) for r in replicas)
+                                  pick(r.dist_port) if tp > 1 else 0,
+                                  r.index if r.index >= 0 else i)
+                     for i, r in enumerate(replicas))
     envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
                                 admin_port=pick(cfg.envoy.admin_port),
                                 xds_port=pick(cfg.envoy.xds_port) if cfg.envoy.xds else 0)
@@ -324,9 +334,8 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
     if obs.metrics:
         names = [f"router-{i}" for i in range(len(routers))]
         names += [f"tokenizer-{i}" for i in range(len(tokenizers))] + ["kvcache"]
-        for r, ports in enumerate(replicas):
-            names += [f"scheduler-{r}"]
-            names += [f"executor-{r}-{k}" for k in range(len(ports.executors))]
+        for ports in replicas:
+            names += replica_process_names(ports)
         metrics_ports = {n: pick(obs.metrics_ports.get(n, 0)) for n in names}
     obs = dataclasses.replace(
         obs, metrics_ports=metrics_ports,

@@ -22,8 +22,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.config import MeshConfig, load_config
+from mesh.config import MeshConfig, ReplicaPorts, load_config
 from mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
+from services.router.replica_set import ReplicaEntry, write_replica_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,7 @@ def kv_blocks_args(cfg: MeshConfig) -> list[str]:
 
 
 ROUTERS_FILE = "routers.json"
+REPLICA_SET_FILE = "replicas.json"  # the routers' replicas (services/router/replica_set.py)
 
 
 def write_routers(run_dir: Path, router_ports, http_ports=(), draining=()) -> None:
@@ -98,10 +100,75 @@ def write_routers(run_dir: Path, router_ports, http_ports=(), draining=()) -> No
     os.replace(tmp, run_dir / ROUTERS_FILE)
 
 
-def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
+def standby_names(cfg: MeshConfig) -> set[str]:
+    """The warm standbys: the last `routing.standby_replicas` replicas at start."""
+    n = cfg.routing.standby_replicas
+    return {f"replica-{p.index}" for p in cfg.replica_ports[len(cfg.replica_ports) - n:]} \
+        if n else set()
+
+
+def replica_entries(cfg: MeshConfig, standby: set[str], draining=()) -> list[ReplicaEntry]:
+    """The replica set of `cfg` for the routers; `draining`: names about to leave."""
+    return [ReplicaEntry(f"replica-{p.index}", f"127.0.0.1:{p.scheduler}",
+                         standby=f"replica-{p.index}" in standby,
+                         draining=f"replica-{p.index}" in draining)
+            for p in cfg.replica_ports]
+
+
+def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[ProcSpec]:
+    """One replica's processes, executors first (a scheduler serves once they do)."""
     py = [sys.executable, "-m"]
     e = cfg.engine
-    executor_kv = kv_blocks_args(cfg)
+    r = ports.index
+    specs = []
+    tp = len(ports.executors)
+    threads = cfg.executor_threads or (max(1, (os.cpu_count() or 1) // tp) if tp > 1 else 0)
+    for rank, port in enumerate(ports.executors):
+        dist = (["--rank", str(rank), "--world-size", str(tp),
+                 "--dist-addr", f"127.0.0.1:{ports.dist_port}"] if tp > 1 else [])
+        specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
+            "services.executor", "--port", str(port), "--model", model_dir,
+            "--dtype", e.dtype, "--device", e.device, *kv_blocks_args(cfg),
+            "--block-size", str(e.block_size), "--threads", str(threads),
+            "--bench-step-ms", str(e.bench_step_ms),
+            "--test-corrupt-after-steps", str(e.test_corrupt_after_steps),
+            "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)] + dist, port,
+            group=f"executors-{r}" if tp > 1 else ""))
+    specs.append(ProcSpec(f"scheduler-{r}", py + [
+        "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
+        "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{cfg.kvcache_port}",
+        "--replica-name", f"replica-{r}",
+        "--executors", ",".join(f"127.0.0.1:{p}" for p in ports.executors),
+        "--num-kv-blocks", str(e.num_kv_blocks), "--block-size", str(e.block_size),
+        "--max-model-len", str(e.max_model_len),
+        "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+        "--max-num-seqs", str(e.max_num_seqs), "--pipeline-depth", str(e.pipeline_depth),
+        "--step-timeout-s", str(e.step_timeout_s),
+        "--probe-interval-s", str(e.probe_interval_s),
+        "--probe-timeout-s", str(e.probe_timeout_s),
+        "--drain-timeout-s", str(e.drain_timeout_s), "--leak-check-s", str(e.leak_check_s),
+        "--leak-idle-s", str(e.leak_idle_s), "--leak-rss-growth", str(e.leak_rss_growth),
+        "--leak-rss-floor-mb", str(e.leak_rss_floor_mb),
+        "--leak-warmup-s", str(e.leak_warmup_s),
+        "--test-leak-kv-blocks", str(e.test_leak_kv_blocks),
+        "--admission", json.dumps(dataclasses.asdict(cfg.admission))]
+        + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
+    add_env(cfg, specs)
+    return specs
+
+
+def add_env(cfg: MeshConfig, specs: list[ProcSpec]) -> None:
+    """Tracing and metrics settings, in each service's environment."""
+    tel = telemetry_env(cfg)
+    for spec in specs:
+        if spec.name not in ("collector", "envoy"):
+            spec.env.update(tel)
+            if spec.name in cfg.observability.metrics_ports:
+                spec.env["LLMESH_METRICS_PORT"] = str(cfg.observability.metrics_ports[spec.name])
+
+
+def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
+    py = [sys.executable, "-m"]
     specs = []
     obs = cfg.observability
     if obs.tracing == "file":
@@ -111,53 +178,20 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
     for i, port in enumerate(cfg.tokenizer_ports):
         specs.append(ProcSpec(f"tokenizer-{i}", py + ["services.tokenizer", "--port", str(port),
                                                         "--model", model_dir], port))
-    schedulers = []
     admission = json.dumps(dataclasses.asdict(cfg.admission))
+    write_replica_set(run_dir / REPLICA_SET_FILE, replica_entries(cfg, standby_names(cfg)))
     specs.append(ProcSpec("kvcache", py + ["services.kvcache", "--port", str(cfg.kvcache_port)],
                           cfg.kvcache_port))
-    for r, ports in enumerate(cfg.replica_ports):
-        tp = len(ports.executors)
-        threads = cfg.executor_threads or (max(1, (os.cpu_count() or 1) // tp) if tp > 1 else 0)
-        for rank, port in enumerate(ports.executors):
-            dist = (["--rank", str(rank), "--world-size", str(tp),
-                     "--dist-addr", f"127.0.0.1:{ports.dist_port}"] if tp > 1 else [])
-            specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
-                "services.executor", "--port", str(port), "--model", model_dir,
-                "--dtype", e.dtype, "--device", e.device, *executor_kv,
-                "--block-size", str(e.block_size), "--threads", str(threads),
-                "--bench-step-ms", str(e.bench_step_ms),
-                "--test-corrupt-after-steps", str(e.test_corrupt_after_steps),
-                "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)] + dist, port,
-                group=f"executors-{r}" if tp > 1 else ""))
-        specs.append(ProcSpec(f"scheduler-{r}", py + [
-            "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
-            "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{cfg.kvcache_port}",
-            "--replica-name", f"replica-{r}",
-            "--executors", ",".join(f"127.0.0.1:{p}" for p in ports.executors),
-            "--num-kv-blocks", str(e.num_kv_blocks), "--block-size", str(e.block_size),
-            "--max-model-len", str(e.max_model_len),
-            "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-            "--max-num-seqs", str(e.max_num_seqs), "--pipeline-depth", str(e.pipeline_depth),
-            "--step-timeout-s", str(e.step_timeout_s),
-            "--probe-interval-s", str(e.probe_interval_s),
-            "--probe-timeout-s", str(e.probe_timeout_s),
-            "--drain-timeout-s", str(e.drain_timeout_s), "--leak-check-s", str(e.leak_check_s),
-            "--leak-idle-s", str(e.leak_idle_s), "--leak-rss-growth", str(e.leak_rss_growth),
-            "--leak-rss-floor-mb", str(e.leak_rss_floor_mb),
-            "--leak-warmup-s", str(e.leak_warmup_s),
-            "--test-leak-kv-blocks", str(e.test_leak_kv_blocks),
-            "--admission", admission]
-            + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
-        schedulers.append(f"127.0.0.1:{ports.scheduler}")
+    for ports in cfg.replica_ports:
+        specs += replica_specs(cfg, ports, model_dir)
     for i, port in enumerate(cfg.router_ports):
         tok = cfg.tokenizer_ports[i % len(cfg.tokenizer_ports)]
         specs.append(ProcSpec(f"router-{i}", py + [
             "services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
-            "--schedulers", ",".join(schedulers), "--model-name", cfg.model_name,
+            "--replica-set", str(run_dir / REPLICA_SET_FILE), "--model-name", cfg.model_name,
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
             "--replica-wait-s", str(cfg.routing.replica_wait_s),
-            "--standby", str(cfg.routing.standby_replicas),
             "--kvcache", f"127.0.0.1:{cfg.kvcache_port}", "--routing-policy", cfg.routing.policy,
             "--prefix-load-bound", str(cfg.routing.prefix_load_bound),
             "--prefix-load-ratio", str(cfg.routing.prefix_load_ratio)]
@@ -178,12 +212,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
                                     "--concurrency", "1", "--log-level", "warn"], None,
                           extra={"admin_port": cfg.envoy.admin_port,
                                  "clusters": ("routers", "http") if cfg.http_ports else ("routers",)}))
-    tel = telemetry_env(cfg)
-    for spec in specs:
-        if spec.name not in ("collector", "envoy"):
-            spec.env.update(tel)
-            if spec.name in obs.metrics_ports:
-                spec.env["LLMESH_METRICS_PORT"] = str(obs.metrics_ports[spec.name])
+    add_env(cfg, specs)
     return specs
 
 
@@ -230,21 +259,59 @@ class Supervisor:
         """Start every process in order, each SERVING before the next starts (the
         ranks of a group start together: they rendezvous before serving)."""
         try:
-            started: set[str] = set()
-            for spec in self.specs:
-                if spec.name in started:
-                    continue
-                group = self.group_of(spec)
-                for member in group:
-                    self._spawn(member)
-                    started.add(member.name)
-                for member in group:
-                    self.wait_ready(member, timeout_s)
+            self._start_in_order(self.specs, timeout_s)
         except Exception:
             self.stop()
             raise
         self._monitor = threading.Thread(target=self._watch, daemon=True)
         self._monitor.start()
+
+    def _start_in_order(self, specs: list[ProcSpec], timeout_s: float) -> None:
+        started: set[str] = set()
+        for spec in specs:
+            if spec.name in started:
+                continue
+            group = [s for s in specs if s.group == spec.group] if spec.group else [spec]
+            for member in group:
+                self._spawn(member)
+                started.add(member.name)
+            for member in group:
+                self.wait_ready(member, timeout_s)
+
+    def add(self, specs: list[ProcSpec], timeout_s: float = 120.0) -> None:
+        """Start more processes while the others run (a replica joining), in order,
+        each SERVING before the next; supervised (restarted) from then on. If one
+        fails to start, those started here are stopped and the error raised."""
+        try:
+            self._start_in_order(specs, timeout_s)
+        except Exception:
+            self._terminate([s for s in specs if s.proc is not None], 5.0)
+            raise
+        with self._lock:
+            self.specs.extend(specs)
+
+    def retire(self, names: list[str], timeout_s: float) -> None:
+        """Stop these processes for good, one after the other in the order given:
+        SIGTERM (a scheduler drains first), SIGKILL after `timeout_s`. They are no
+        longer restarted."""
+        with self._lock:
+            specs = [s for name in names for s in self.specs if s.name == name]
+            self.specs = [s for s in self.specs if s.name not in names]
+        for spec in specs:
+            self._terminate([spec], timeout_s)
+
+    @staticmethod
+    def _terminate(specs: list[ProcSpec], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for spec in specs:
+            if spec.proc.poll() is None:
+                spec.proc.terminate()
+        for spec in specs:
+            try:
+                spec.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                spec.proc.kill()
+                spec.proc.wait()
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
@@ -312,7 +379,9 @@ def write_state(run_dir: Path, state: dict) -> None:
 
 
 def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None) -> int:
-    """Bring the mesh up, write state.json, wait for SIGTERM / SIGINT, bring it down."""
+    """Bring the mesh up, write state.json, scale on request (`llmesh scale`), wait for
+    SIGTERM / SIGINT, bring it down."""
+    from mesh.scaling import Scaler
     sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -323,16 +392,23 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
         write_state(run_dir, {"status": "failed", "error": str(e), "supervisor_pid": os.getpid()})
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 1
+    scaler = Scaler(cfg, sup, model_dir, run_dir)
+    state_lock = threading.Lock()  # (written from this thread and the supervisor's)
 
     def ready_state():
-        write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(), "pids": sup.pids(),
-                              "config": cfg.to_dict(), "model_dir": model_dir,
-                              "endpoint": f"127.0.0.1:{cfg.envoy.port}"})
+        live = scaler.cfg
+        with state_lock:
+            write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(),
+                                  "pids": sup.pids(),
+                                  "config": live.to_dict(), "model_dir": model_dir,
+                                  "endpoint": f"127.0.0.1:{live.envoy.port}",
+                                  "replicas": scaler.num_replicas, "scale": scaler.last})
     ready_state()
-    sup.on_change = ready_state
+    scaler.on_change = sup.on_change = ready_state
     if on_ready:
         on_ready()
-    stop.wait()
+    while not stop.wait(0.2):
+        scaler.poll()
     sup.stop()
     write_state(run_dir, {"status": "stopped", "supervisor_pid": os.getpid()})
     return 0

@@ -1,4 +1,4 @@
-"""python -m services.router --port P --tokenizer ADDR --schedulers ADDR[,ADDR...]
+"""python -m services.router --port P --tokenizer ADDR (--schedulers ADDR[,ADDR...] | --replica-set FILE)
 [--http-port H --model DIR]"""
 from __future__ import annotations
 
@@ -6,17 +6,19 @@ import argparse
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 
 import grpc
 import uvicorn
 
 from llmesh.v1 import inference_pb2
 from observability import telemetry
-from services.common.server import Service
+from services.common.server import Service, bind_host
 from services.router.admission import Admission
 from services.router.deadletters import dead_letters_from
 from services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
 from services.router.dispatch import Dispatcher
+from services.router.replica_set import read_replica_set, watch_replica_set
 from services.router.servicer import Inference
 
 
@@ -26,9 +28,12 @@ async def main(args) -> None:
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
     chooser = ReplicaChooser(RoutingPolicy(args.routing_policy, args.prefix_load_bound,
                                            args.prefix_load_ratio))
-    dispatcher = Dispatcher(args.schedulers.split(","), max_migrations=args.max_migrations,
+    dispatcher = Dispatcher(args.schedulers.split(",") if args.schedulers else [],
+                            max_migrations=args.max_migrations,
                             replica_wait_s=args.replica_wait_s, num_standby=args.standby,
                             chooser=chooser, kvcache_address=args.kvcache)
+    if args.replica_set:  # the replicas come and go: this file says which are there
+        dispatcher.set_replicas(read_replica_set(args.replica_set))
     admission = json.loads(args.admission)
     inference = (_FailingInference if args.test_fail_requests else Inference)(
         channel, dispatcher, args.model_name, Admission.from_dict(admission),
@@ -39,9 +44,13 @@ async def main(args) -> None:
     await service.start()
     dispatcher.start()
     serving_http = asyncio.ensure_future(http.serve()) if http else None
-    watcher = asyncio.ensure_future(_track_health(service, inference))
+    watchers = [asyncio.ensure_future(_track_health(service, inference))]
+    if args.replica_set:
+        watchers.append(asyncio.ensure_future(
+            watch_replica_set(args.replica_set, dispatcher.set_replicas)))
     await service.wait_for_termination()
-    watcher.cancel()
+    for watcher in watchers:
+        watcher.cancel()
     if http is not None:
         http.should_exit = True
         await asyncio.wait_for(serving_http, 10)
@@ -68,7 +77,7 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 def _http_server(args, inference: Inference) -> uvicorn.Server:
-    """The OpenAI-compatible HTTP API on 127.0.0.1:--http-port, calling this
+    """The OpenAI-compatible HTTP API on --http-port (where gRPC listens), calling this
     router's handlers in-process (docs/http-api.md)."""
     from functools import lru_cache
 
@@ -83,7 +92,7 @@ def _http_server(args, inference: Inference) -> uvicorn.Server:
 
     api = OpenAIApi(LocalInference(inference), LocalHealth(inference.dispatcher),
                     args.model_name, token_text, heartbeat_s=args.heartbeat_s)
-    config = uvicorn.Config(api.app, host="127.0.0.1", port=args.http_port, http="httptools",
+    config = uvicorn.Config(api.app, host=bind_host(), port=args.http_port, http="httptools",
                             loop="none", lifespan="off", log_level="warning", access_log=False,
                             timeout_keep_alive=75, timeout_graceful_shutdown=5)
     return _EmbeddedServer(config)
@@ -103,7 +112,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="services.router")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--schedulers", required=True)
+    p.add_argument("--schedulers", default="",
+                   help="the replicas' schedulers, comma-separated (replica-0, ...)")
+    p.add_argument("--replica-set", type=Path,
+                   help="a JSON file listing the replicas, watched for changes "
+                        "(services/router/replica_set.py); instead of --schedulers")
     p.add_argument("--model-name", default="default")
     p.add_argument("--max-message-bytes", type=int, default=4 * 2**20)
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
@@ -128,6 +141,8 @@ if __name__ == "__main__":
     p.add_argument("--heartbeat-s", type=float, default=15.0,
                    help="SSE comment heartbeat while a stream has nothing to send")
     args = p.parse_args()
+    if not args.schedulers and not args.replica_set:
+        p.error("one of --schedulers or --replica-set is required")
     telemetry.init("router")
     try:
         asyncio.run(main(args))

@@ -23,6 +23,7 @@ from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc, scheduler_pb2
 from observability.metrics import router_metrics
 from services.router.breaker import BROKEN, CircuitBreaker
 from services.router.core import ReplicaChooser, ReplicaLoad, standby_active
+from services.router.replica_set import ReplicaEntry
 from services.router.replicas import Replica
 
 log = logging.getLogger("llmesh.router")
@@ -107,28 +108,80 @@ class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
                  replica_wait_s: float = 30.0, num_standby: int = 0,
                  chooser: ReplicaChooser | None = None, kvcache_address: str = ""):
-        """`chooser` decides among the replicas that take a request; with
+        """`scheduler_addresses`: the replicas at start (replica-0, ...; the last
+        `num_standby` of them warm standbys), until `set_replicas` says otherwise.
+        `chooser` decides among the replicas that take a request; with
         `kvcache_address` (and a kv_aware chooser) it knows what each holds of
         the prompt, from the kvcache index."""
         self.chooser = chooser or ReplicaChooser()
         self._kvcache = (kvcache_pb2_grpc.KVCacheStub(grpc.aio.insecure_channel(kvcache_address))
                          if kvcache_address and self.chooser.policy.policy == "kv_aware"
                          else None)
-        self.replicas = [Replica(f"replica-{i}", a, self._on_outputs, self._on_lost,
-                                 CircuitBreaker(), self._on_unready)
-                         for i, a in enumerate(scheduler_addresses)]
-        # the last num_standby replicas: warm, probed, used only while another is not ready
-        self.standby = {r.name for r in self.replicas[len(self.replicas) - num_standby:]} \
-            if num_standby else set()
+        self.replicas: list[Replica] = []
+        # warm, probed, used only while another is not ready
+        self.standby: set[str] = set()
         self._standby_was_active = False
         self.max_migrations = max_migrations
         self.replica_wait_s = replica_wait_s
         self._inboxes: dict[str, Inbox] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[str, list[asyncio.Task]] = {}
+        self._started = False
+        n = len(scheduler_addresses)
+        self.set_replicas([ReplicaEntry(f"replica-{i}", a, standby=i >= n - num_standby)
+                           for i, a in enumerate(scheduler_addresses)])
 
     def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(task) for r in self.replicas
-                       for task in (r.run(), r.watch_health())]
+        self._started = True
+        for r in self.replicas:
+            self._run(r)
+
+    def _run(self, replica: Replica) -> None:
+        self._tasks[replica.name] = [asyncio.ensure_future(t)
+                                     for t in (replica.run(), replica.watch_health())]
+
+    def set_replicas(self, entries: list[ReplicaEntry]) -> None:
+        """The replicas as they are now: new ones join (their scheduler is SERVING:
+        requests go to them once their stream is up), draining ones take no new
+        requests, and ones no longer listed take none and leave once nothing of
+        theirs is in flight."""
+        known = {r.name: r for r in self.replicas}
+        listed = {e.name for e in entries}
+        for e in entries:
+            replica = known.get(e.name)
+            if replica is None or replica.address != e.address:
+                if replica is not None:  # (the same name elsewhere: a new replica)
+                    self._retire(replica)
+                replica = Replica(e.name, e.address, self._on_outputs, self._on_lost,
+                                  CircuitBreaker(), self._on_unready)
+                self.replicas.append(replica)
+                log.info("replica %s (%s) joins%s", e.name, e.address,
+                         " as a warm standby" if e.standby else "")
+                if self._started:
+                    self._run(replica)
+            if replica.retiring != e.draining:
+                replica.retiring = e.draining
+                log.info("replica %s %s", e.name, "drains: no new requests" if e.draining
+                         else "takes requests again")
+        for replica in self.replicas:
+            if replica.name not in listed:
+                self._retire(replica)
+        self.standby = {e.name for e in entries if e.standby}
+        self.reap()
+
+    def _retire(self, replica: Replica) -> None:
+        if not replica.retired:
+            log.info("replica %s leaves (%d requests still in flight)", replica.name,
+                     len(replica.in_flight))
+        replica.retiring = replica.retired = True
+
+    def reap(self) -> None:
+        """Drop the replicas that left and have nothing in flight."""
+        for replica in [r for r in self.replicas if r.retired and not r.in_flight]:
+            self.replicas.remove(replica)
+            for task in self._tasks.pop(replica.name, ()):
+                task.cancel()
+            if self._started:
+                asyncio.ensure_future(replica.channel.close())
 
     @property
     def is_ready(self) -> bool:
@@ -138,6 +191,8 @@ class Dispatcher:
         """The replica for a new request (None: none takes one); `cached`: prompt
         tokens each replica holds (the kvcache index's answer)."""
         cached = cached or {}
+        if any(r.retired for r in self.replicas):
+            self.reap()
         loads = [ReplicaLoad(r.name, r.takes_requests(), len(r.in_flight), r.name in self.standby,
                              queued=max(r.load.num_running + r.load.num_waiting,
                                         len(r.in_flight)) if r.load is not None else None,
@@ -197,6 +252,8 @@ class Dispatcher:
         self._inboxes.pop(route.request_id, None)
         if route.replica is not None:
             route.replica.in_flight.discard(route.request_id)
+            if route.replica.retired:
+                self.reap()
 
     async def submit(self, route: Route, replica: Replica,
                      add: scheduler_pb2.AddRequest | None = None) -> None:

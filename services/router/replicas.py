@@ -35,6 +35,10 @@ class Replica:
         # it refused a request as draining (about to restart): no new ones until it
         # reconnects, its health changes, or a while has passed
         self.draining_until = 0.0
+        # the replica set says it drains (retiring) or has left it (retired): no new
+        # requests; a retired one is dropped once nothing of it is in flight
+        self.retiring = False
+        self.retired = False
         self._call = None
         self._write_lock = asyncio.Lock()  # one write at a time on a stream
         self._on_outputs = on_outputs  # (replica, StepOutputs), never blocks
@@ -47,7 +51,8 @@ class Replica:
 
     def takes_requests(self) -> bool:
         """Ready, and its circuit breaker lets a new request through."""
-        return self.is_ready and not self.is_draining and self.breaker.allows()
+        return self.is_ready and not self.is_draining and not self.retiring \
+            and self.breaker.allows()
 
     @property
     def is_draining(self) -> bool:
