@@ -6,7 +6,8 @@ environment the supervisor sets:
     LLMESH_TRACE_SAMPLE    parent-based ratio of new traces sampled (default 1.0)
     LLMESH_DECODE_STEP_EVERY  decode-only engine steps get a span every N steps (default 1)
     LLMESH_TRACE_EXPORT_MS how often finished spans are sent to the collector (default 2000)
-    LLMESH_METRICS_PORT    Prometheus /metrics on 127.0.0.1:PORT (unset: none)
+    LLMESH_METRICS_PORT    Prometheus /metrics on PORT (unset: none), on 127.0.0.1 or
+                           LLMESH_BIND_HOST (services/common/server.py)
 
 With tracing off the OpenTelemetry API is the no-op one and no interceptor is
 installed, so the hot path pays nothing. With it on, W3C trace context travels
@@ -49,7 +50,9 @@ def init(service: str) -> None:
     port = os.environ.get("LLMESH_METRICS_PORT")
     if port:
         from prometheus_client import start_http_server
-        start_http_server(int(port), addr="127.0.0.1")
+
+        from services.common.server import bind_host
+        start_http_server(int(port), addr=bind_host())
 
 
 def _setup_tracing(service: str) -> None:

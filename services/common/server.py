@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -35,17 +36,24 @@ async def abort_with(context: grpc.aio.ServicerContext, error: LlmeshError):
     await context.abort(status_of(error), str(error))
 
 
+def bind_host() -> str:
+    """Where servers listen: loopback, unless LLMESH_BIND_HOST says otherwise (in
+    a container, 0.0.0.0: its peers, probes and Prometheus come from outside)."""
+    return os.environ.get("LLMESH_BIND_HOST", "127.0.0.1")
+
+
 class Service:
-    """A grpc.aio server on 127.0.0.1:port with health and (optionally) reflection.
+    """A grpc.aio server on `bind_host()`:port with health and (optionally) reflection.
 
     `traced`: install the OpenTelemetry server interceptor (when tracing is on).
     Only services that receive a request over a unary hop need it (router,
     tokenizer); the others get trace context inside their stream messages and
     would only pay the interceptor's call path on every step."""
 
-    def __init__(self, name: str, port: int, host: str = "127.0.0.1",
+    def __init__(self, name: str, port: int, host: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, traced: bool = False):
         self.name = name
+        host = host or bind_host()
         from observability import telemetry
         interceptors = telemetry.server_interceptors() if traced else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
