@@ -3,13 +3,16 @@
 Envoy restart.
 
     python -m mesh.xds --port P --clusters CLUSTERS.json --routers FILE
+    python -m mesh.xds --port P --clusters CLUSTERS.json --endpointslices NAMESPACE/SERVICE
 
 FILE (JSON, rewritten by the supervisor or `llmesh scale`) lists the routers:
 `{"routers": [gRPC port, ...], "http": [HTTP port, ...], "draining": [gRPC port, ...]}`.
 The control plane reads it every 0.2 s; a change is a new version of the
 endpoints, pushed on every open stream. A draining router stays in its cluster
 marked DRAINING: Envoy sends it no new request and its open streams run to
-their end.
+their end. In Kubernetes the same content comes from the routers' Service's
+EndpointSlices instead (`mesh/k8s_endpoints.py`), with "host:port" addresses in
+place of loopback ports, the draining HTTP addresses listed with the gRPC ones.
 
 The protocol is state-of-the-world ADS (envoy.service.discovery.v3): each
 response carries every resource of its type; Envoy answers each with an ACK
@@ -51,10 +54,18 @@ EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 log = logging.getLogger("llmesh.xds")
 
 
-def load_assignment(cluster: str, ports: list[int], draining: set[int] = frozenset()) -> dict:
+def socket_address(endpoint: int | str) -> dict:
+    """A loopback port (the routers file), or "host:port" / "[v6]:port" (Kubernetes)."""
+    if isinstance(endpoint, int):
+        return {"address": "127.0.0.1", "port_value": endpoint}
+    host, port = endpoint.rsplit(":", 1)
+    return {"address": host.strip("[]"), "port_value": int(port)}
+
+
+def load_assignment(cluster: str, endpoints: list, draining: set = frozenset()) -> dict:
     return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}},
-         **({"health_status": "DRAINING"} if p in draining else {})} for p in ports]}]}
+        {"endpoint": {"address": {"socket_address": socket_address(e)}},
+         **({"health_status": "DRAINING"} if e in draining else {})} for e in endpoints]}]}
 
 
 class ControlPlane:
@@ -72,9 +83,12 @@ class ControlPlane:
         draining = set(routers.get("draining", ()))
         new = {"routers": load_assignment("routers", routers.get("routers", []), draining)}
         if "http" in self.clusters:
-            http_draining = {h for r, h in zip(routers.get("routers", []), routers.get("http", []))
-                             if r in draining}
-            new["http"] = load_assignment("http", routers.get("http", []), http_draining)
+            # a draining loopback router's HTTP port is its pair's; addresses are listed
+            http = routers.get("http", [])
+            http_draining = {h for r, h in zip(routers.get("routers", []), http)
+                             if isinstance(r, int) and r in draining}
+            http_draining |= draining & set(http)
+            new["http"] = load_assignment("http", http, http_draining)
         if all(self.endpoints.get(k) == v for k, v in new.items()):
             return
         self.endpoints.update(new)
@@ -174,28 +188,62 @@ async def watch_routers(plane: ControlPlane, path: Path, every_s: float = 0.2) -
         await asyncio.sleep(every_s)
 
 
-async def serve(port: int, clusters: list[dict], routers_file: Path) -> None:
+async def serve(port: int, clusters: list[dict], routers_file: Path | None = None,
+                source=None, host: str = "127.0.0.1") -> None:
+    """Serve ADS on host:port, the routers from `routers_file` or `source(plane)` (a
+    coroutine that feeds it, e.g. from the Kubernetes API)."""
     plane = ControlPlane(clusters)
-    service = Service("xds", port)
+    service = Service("xds", port, host=host)
     service.add(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server,
                 AdsServicer(plane), "envoy.service.discovery.v3.AggregatedDiscoveryService")
     await service.start()
-    watcher = asyncio.ensure_future(watch_routers(plane, routers_file))
+    watcher = asyncio.ensure_future(source(plane) if source is not None
+                                    else watch_routers(plane, routers_file))
     await service.set_serving(True)
     await service.wait_for_termination(grace_s=0.5)
     watcher.cancel()
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="mesh.xds")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--clusters", required=True,
-                   help="the clusters to serve, JSON (mesh.envoy.xds_clusters)")
-    p.add_argument("--routers", required=True, help="the routers file (JSON), watched")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     clusters = json.loads(Path(args.clusters).read_text())
-    asyncio.run(serve(args.port, clusters, Path(args.routers)))
+    source = _endpoint_slices(args) if args.endpointslices else None
+    asyncio.run(serve(args.port, clusters, Path(args.routers) if args.routers else None,
+                      source, args.host))
+
+
+def _endpoint_slices(args):
+    """The routers from the Kubernetes API: a source for `serve`."""
+    from mesh import k8s_endpoints as k8s
+    try:
+        namespace, service = k8s.parse_target(args.endpointslices)
+        api = k8s.KubeApi.in_cluster(args.k8s_api, args.k8s_token_file, args.k8s_ca_file)
+    except k8s.KubeApiError as e:
+        raise SystemExit(f"mesh.xds: {e}")
+    return lambda plane: k8s.watch_endpoint_slices(plane, api, namespace, service, args.poll_s)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mesh.xds")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address ADS and health listen on (a pod: 0.0.0.0, for its probes)")
+    p.add_argument("--clusters", required=True,
+                   help="the clusters to serve, JSON (mesh.envoy.xds_clusters)")
+    routers = p.add_mutually_exclusive_group(required=True)
+    routers.add_argument("--routers", help="the routers file (JSON), watched")
+    routers.add_argument("--endpointslices", metavar="[NAMESPACE/]SERVICE",
+                         help="the routers' Service: its EndpointSlices, from the Kubernetes "
+                              "API (mesh/k8s_endpoints.py)")
+    p.add_argument("--k8s-api", default="",
+                   help="the API's URL (default: the pod's, https://$KUBERNETES_SERVICE_HOST)")
+    p.add_argument("--k8s-token-file", default="",
+                   help="bearer token file (default: the pod's service account token)")
+    p.add_argument("--k8s-ca-file", default="", help="the API's CA (default: the pod's)")
+    p.add_argument("--poll-s", type=float, default=1.0,
+                   help="seconds between reads of the EndpointSlices")
+    return p
 
 
 if __name__ == "__main__":
