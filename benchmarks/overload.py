@@ -46,7 +46,7 @@ async def _one(stub, i: int, priority: int, max_tokens: int):
         return e.code().name, None, hint
 
 
-async def _flood(endpoint: str, rate: float, duration_s: float, priority: int,
+async def flood(endpoint: str, rate: float, duration_s: float, priority: int,
                  max_tokens: int) -> list:
     import grpc
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model_dir = str(make_tiny(Path(tempfile.mkdtemp()) / "tiny"))
     with local_mesh(model_dir, num_kv_blocks=256) as endpoint:
-        results = asyncio.run(_flood(endpoint, args.rate, args.duration,
+        results = asyncio.run(flood(endpoint, args.rate, args.duration,
                                      PRIORITIES[args.priority], args.max_tokens))
     admitted = sorted(t for s, t, _ in results if s == "OK" and t is not None)
     refused = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]

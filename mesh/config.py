@@ -61,6 +61,23 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class AutoscalerConfig:
+    """mesh/autoscaler.py: replicas follow the load between min and max."""
+
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    warm_pool: int = 0  # replicas loaded and SERVING but given no traffic: join in < 1 s
+    tick_s: float = 1.0  # how often the signals are read and a decision made
+    ttft_pressure: float = 0.5  # scale out when a class's predicted TTFT reaches this share of its budget
+    kv_high: float = 0.85  # ... or a replica's KV usage this share
+    target_utilisation: float = 0.75  # ... or this share of the slots runs while arrivals rise or requests wait
+    scale_in_utilisation: float = 0.3  # scale in below this (and still below target one replica fewer) ...
+    scale_in_after_s: float = 30.0  # ... held this long (hysteresis)
+    cooldown_s: float = 5.0  # between two changes
+
+
+@dataclass(frozen=True)
 class ReplicaPorts:
     scheduler: int = 0
     executors: tuple[int, ...] = (0,)  # one per tensor-parallel rank, rank 0 first
@@ -150,6 +167,7 @@ class MeshConfig:
     observability: ObservabilityConfig = ObservabilityConfig()
     admission: AdmissionConfig = AdmissionConfig()
     routing: RoutingConfig = RoutingConfig()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -189,6 +207,7 @@ def parse_config(raw: dict) -> MeshConfig:
     kw["observability"] = _sub(ObservabilityConfig, raw.get("observability"), "observability")
     kw["admission"] = _sub(AdmissionConfig, raw.get("admission"), "admission")
     kw["routing"] = _sub(RoutingConfig, raw.get("routing"), "routing")
+    kw["autoscaler"] = _sub(AutoscalerConfig, raw.get("autoscaler"), "autoscaler")
     kw["router_ports"] = tuple(raw.get("router_ports", ()))
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["http_ports"] = tuple(raw.get("http_ports", ()))
@@ -222,6 +241,11 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError(f"routing.policy must be one of {', '.join(ROUTING_POLICIES)}")
     if cfg.routing.prefix_load_bound < 0 or cfg.routing.prefix_load_ratio < 1:
         raise ConfigError("routing.prefix_load_bound must be >= 0 and prefix_load_ratio >= 1")
+    a = cfg.autoscaler
+    if a.enabled and not 1 <= a.min_replicas <= a.max_replicas:
+        raise ConfigError("autoscaler: need 1 <= min_replicas <= max_replicas")
+    if a.warm_pool < 0 or a.tick_s <= 0:
+        raise ConfigError("autoscaler: warm_pool must be >= 0 and tick_s > 0")
     for i, r in enumerate(cfg.replica_ports):
         if len(r.executors) != cfg.tensor_parallel:
             raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "
@@ -336,6 +360,8 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
         names += [f"tokenizer-{i}" for i in range(len(tokenizers))] + ["kvcache"]
         for ports in replicas:
             names += replica_process_names(ports)
+        if cfg.autoscaler.enabled:
+            names.append("autoscaler")  # (the supervisor's: its decisions)
         metrics_ports = {n: pick(obs.metrics_ports.get(n, 0)) for n in names}
     obs = dataclasses.replace(
         obs, metrics_ports=metrics_ports,

@@ -18,9 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
+import grpc
+
+from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from mesh.autoscaler import AutoscalerPolicy, DecisionLog, Signals
 from mesh.config import MeshConfig, ReplicaPorts, free_port, replica_process_names
 from mesh.supervisor import (REPLICA_SET_FILE, Supervisor, replica_entries, replica_specs,
                              standby_names)
@@ -46,6 +51,11 @@ class Scaler:
         self._next_index = max((p.index for p in cfg.replica_ports), default=-1) + 1
         self._seen_request = None
         self.last: dict = {}  # the last request's outcome, for state.json
+        self.warm_pool = cfg.autoscaler.warm_pool
+        self.pool: list[ReplicaPorts] = []  # warm: SERVING, not in the replica set
+        self._lock = threading.RLock()  # (the pool fills in a thread of its own)
+        self._filling: threading.Thread | None = None
+        self.joins: list[dict] = []  # each replica that joined: warm or cold, how long it took
 
     @property
     def num_replicas(self) -> int:
@@ -80,15 +90,56 @@ class Scaler:
             self.remove_replica()
 
     def add_replica(self) -> str:
-        """Start a replica and, once it serves, give it to the routers."""
-        ports = self._fresh_ports()
-        cfg = self._with_metrics_ports(ports)
-        log.info("replica-%d joins (scheduler on %d)", ports.index, ports.scheduler)
-        self.sup.add(replica_specs(cfg, ports, self.model_dir))
-        self.cfg = dataclasses.replace(cfg, replica_ports=cfg.replica_ports + (ports,))
-        self._write_set()
+        """A replica joins the routers: one from the warm pool (loaded, SERVING,
+        given no traffic yet: it joins at once, and the pool is refilled in the
+        background), or else one started now (a cold start: the model loads)."""
+        t0 = time.monotonic()
+        with self._lock:
+            ports = self.pool.pop(0) if self.pool else None
+        kind = "warm" if ports is not None else "cold"
+        if ports is None:
+            ports = self._start_replica()
+        with self._lock:
+            self.cfg = dataclasses.replace(self.cfg,
+                                           replica_ports=self.cfg.replica_ports + (ports,))
+            self._write_set()
+        took = time.monotonic() - t0
+        self.joins.append({"replica": f"replica-{ports.index}", "start": kind,
+                           "seconds": round(took, 3)})
+        log.info("replica-%d joins (%s start, %.2f s to join; scheduler on %d)", ports.index,
+                 kind, took, ports.scheduler)
         self._changed()
+        self.fill_pool()
         return f"replica-{ports.index}"
+
+    def fill_pool(self) -> None:
+        """Start warm replicas in the background until the pool holds `warm_pool`."""
+        with self._lock:
+            if self._filling is not None and self._filling.is_alive():
+                return
+            self._filling = threading.Thread(target=self._fill, daemon=True)
+            self._filling.start()
+
+    def _fill(self) -> None:
+        while len(self.pool) < self.warm_pool and not self.sup.is_stopping:
+            try:
+                ports = self._start_replica()
+            except Exception:
+                log.exception("a warm replica failed to start")
+                return
+            with self._lock:
+                self.pool.append(ports)
+            log.info("replica-%d is warm (loaded, no traffic yet)", ports.index)
+            self._changed()
+
+    def _start_replica(self) -> ReplicaPorts:
+        """Start a replica's processes (SERVING when this returns), not yet listed."""
+        with self._lock:
+            ports = self._fresh_ports()
+            self.cfg = self._with_metrics_ports(ports)
+            specs = replica_specs(self.cfg, ports, self.model_dir)
+        self.sup.add(specs)
+        return ports
 
     def remove_replica(self) -> str:
         """Drain the newest regular replica, stop it, and take it out of the set."""
@@ -96,20 +147,49 @@ class Scaler:
                      if f"replica-{p.index}" not in self.standby)
         name = f"replica-{ports.index}"
         log.info("%s drains and leaves", name)
-        self._write_set(draining={name})
+        with self._lock:
+            self._write_set(draining={name})
         time.sleep(ROUTERS_SEE_S)
         scheduler, *executors = replica_process_names(ports)
         self.sup.retire([scheduler], timeout_s=self.cfg.engine.drain_timeout_s + 10)
         self.sup.retire(executors, timeout_s=10)
-        obs = self.cfg.observability
-        metrics = {k: v for k, v in obs.metrics_ports.items()
-                   if k not in (scheduler, *executors)}
-        self.cfg = dataclasses.replace(
-            self.cfg, replica_ports=tuple(p for p in self.cfg.replica_ports if p is not ports),
-            observability=dataclasses.replace(obs, metrics_ports=metrics))
-        self._write_set()
+        with self._lock:
+            obs = self.cfg.observability
+            metrics = {k: v for k, v in obs.metrics_ports.items()
+                       if k not in (scheduler, *executors)}
+            self.cfg = dataclasses.replace(
+                self.cfg, replica_ports=tuple(p for p in self.cfg.replica_ports if p is not ports),
+                observability=dataclasses.replace(obs, metrics_ports=metrics))
+            self._write_set()
         self._changed()
         return name
+
+    def signals(self, t: float) -> Signals | None:
+        """What the autoscaler reads: the serving regular replicas' scheduler stats
+        (None when none answers)."""
+        with self._lock:
+            ports = [p for p in self.cfg.replica_ports
+                     if f"replica-{p.index}" not in self.standby]
+        stats = []
+        for p in ports:
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{p.scheduler}") as ch:
+                    stats.append(scheduler_pb2_grpc.SchedulerStub(ch).GetStats(
+                        scheduler_pb2.GetStatsRequest(), timeout=1.0))
+            except grpc.RpcError:
+                continue
+        stats = [s for s in stats if not s.is_draining]
+        if not stats:
+            return None
+        pressure = max((s.predicted_wait_s[c] / b for s in stats
+                        for c, b in s.ttft_budget_s.items() if b > 0), default=0.0)
+        return Signals(
+            t=t, replicas=len(ports), running=sum(s.num_running for s in stats),
+            slots=sum(s.max_num_seqs for s in stats), waiting=sum(s.num_waiting for s in stats),
+            pressure=pressure, kv_usage=max(s.kv_usage for s in stats),
+            kv_waste=sum(s.kv_waste for s in stats) / len(stats),
+            prefix_hit_rate=sum(s.prefix_hit_rate for s in stats) / len(stats),
+            arrivals=sum(s.num_admitted + s.num_rejected for s in stats))
 
     # ---- helpers -------------------------------------------------------------
     def _write_set(self, draining=()) -> None:
@@ -121,7 +201,8 @@ class Scaler:
             self.on_change()
 
     def _fresh_ports(self) -> ReplicaPorts:
-        taken = _ports_of(self.cfg)
+        taken = _ports_of(self.cfg) | {q for p in self.pool
+                                       for q in (p.scheduler, p.dist_port, *p.executors)}
 
         def pick() -> int:
             p = 0
@@ -148,6 +229,36 @@ class Scaler:
             metrics[name] = p
         return dataclasses.replace(self.cfg, observability=dataclasses.replace(
             obs, metrics_ports=metrics))
+
+
+class Autoscale:
+    """The autoscaler's loop: every tick_s, signals -> decision -> scale."""
+
+    def __init__(self, scaler: Scaler, run_dir: Path):
+        self.scaler = scaler
+        self.cfg = scaler.cfg.autoscaler
+        self.policy = AutoscalerPolicy(self.cfg)
+        self.log = DecisionLog(run_dir)
+        self.last: dict = {}  # the last change, for state.json
+        self._next_t = 0.0
+
+    def tick(self, now: float) -> None:
+        if now < self._next_t:
+            return
+        self._next_t = now + self.cfg.tick_s
+        signals = self.scaler.signals(now)
+        if signals is None:
+            return
+        decision = self.policy.decide(signals)
+        self.log.record(decision, signals)
+        if decision.action == "hold":
+            return
+        self.last = {"t": decision.t, "from": decision.current, "to": decision.desired,
+                     "rule": decision.rule, "reason": decision.reason}
+        try:
+            self.scaler.scale_to(decision.desired)
+        except Exception:
+            log.exception("autoscaler: scaling to %d failed", decision.desired)
 
 
 def _ports_of(cfg: MeshConfig) -> set[int]:

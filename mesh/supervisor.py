@@ -252,6 +252,10 @@ class Supervisor:
             time.sleep(0.1)
         raise TimeoutError(f"{spec.name} not SERVING after {timeout_s:.0f}s; see {spec.log_path}")
 
+    @property
+    def is_stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def group_of(self, spec: ProcSpec) -> list[ProcSpec]:
         return [s for s in self.specs if s.group == spec.group] if spec.group else [spec]
 
@@ -393,6 +397,14 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 1
     scaler = Scaler(cfg, sup, model_dir, run_dir)
+    autoscale = None
+    if cfg.autoscaler.enabled:
+        from mesh.scaling import Autoscale
+        autoscale = Autoscale(scaler, run_dir)
+        if "autoscaler" in cfg.observability.metrics_ports:
+            from prometheus_client import start_http_server
+            start_http_server(cfg.observability.metrics_ports["autoscaler"], addr="127.0.0.1")
+        scaler.fill_pool()
     state_lock = threading.Lock()  # (written from this thread and the supervisor's)
 
     def ready_state():
@@ -402,13 +414,18 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
                                   "pids": sup.pids(),
                                   "config": live.to_dict(), "model_dir": model_dir,
                                   "endpoint": f"127.0.0.1:{live.envoy.port}",
-                                  "replicas": scaler.num_replicas, "scale": scaler.last})
+                                  "replicas": scaler.num_replicas, "scale": scaler.last,
+                                  "warm_pool": [f"replica-{p.index}" for p in scaler.pool],
+                                  "autoscaler": autoscale.last if autoscale else None,
+                                  "joins": scaler.joins})
     ready_state()
     scaler.on_change = sup.on_change = ready_state
     if on_ready:
         on_ready()
     while not stop.wait(0.2):
         scaler.poll()
+        if autoscale is not None:
+            autoscale.tick(time.monotonic())
     sup.stop()
     write_state(run_dir, {"status": "stopped", "supervisor_pid": os.getpid()})
     return 0
@@ -420,6 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--run-dir", required=True)
     args = p.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_foreground(load_config(args.config), args.model_dir, Path(args.run_dir))
 
 

@@ -95,6 +95,7 @@ class LoopStats:
     num_rejected: int = 0  # refused at admission: queue full, or predicted past its budget
     num_deadline_expired: int = 0  # queued past their deadline, never computed
     num_slo_rejected: int = 0  # refused because their predicted wait passed the class budget
+    num_admitted: int = 0  # requests admitted
     num_kv_resets: int = 0  # prefix cache dropped because the executors' KV was lost
     num_requeued: int = 0  # running sequences requeued by an executor failure
 
@@ -190,6 +191,7 @@ class EngineLoop:
                 e.retry_after_s = min(30.0, max(0.05, queued / self.token_rate
                                                 if self.token_rate else 1.0))
             raise
+        self.stats.num_admitted += 1
         self.tracks[request_id] = RequestTrack(owner, now, deadline_s,
                                                predicted_ttft_s=predicted_ttft_s)
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
@@ -214,22 +216,12 @@ class EngineLoop:
         less `spent_s` already spent on the way here; the uncorrected prediction
         for what is admitted (None: no estimate).
 
-        The wait is what is queued ahead (in its class and those above) over the
-        measured drain rate, plus the margin by which recent predictions fell
-        short of the real time to first token (WaitCalibration). Before that rate
-        is measured, `_slot_wait` plays the slots forward instead."""
-        waiting = self.scheduler.waiting
-        budget = waiting.policy.limits(priority).ttft_budget_s
+        The wait is `predict_wait`, plus the margin by which recent predictions
+        fell short of the real time to first token (WaitCalibration)."""
+        budget = self.scheduler.waiting.policy.limits(priority).ttft_budget_s
         if not budget:
             return None
-        wait = None
-        if waiting:
-            prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
-            wait = self.drain.predict_wait(prompt_ahead + num_tokens)
-            if wait is None and self.token_rate and self.step_s:
-                wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
-        elif self.step_s:  # nothing queued: it waits for a slot, if every one is taken
-            wait = self._slot_wait(priority, 0)
+        wait = self.predict_wait(priority, num_tokens)
         # (no estimate yet: what it already spent on the way)
         margin = self.calibration.margin_s(prior_s=self.step_s) if wait is not None else 0.0
         late = spent_s + (wait or 0.0) + margin
@@ -241,6 +233,21 @@ class EngineLoop:
                                  retry_after_s=min(60.0, max(0.05, late - budget)),
                                  reason="slo")
         return wait  # (uncorrected: the calibration learns from it)
+
+    def predict_wait(self, priority: str, num_tokens: int = 0) -> float | None:
+        """How long a new request of `priority` with `num_tokens` would wait for its
+        first token now, uncorrected (None: no estimate yet). What is queued ahead
+        (its class and those above) over the measured drain rate; before that rate
+        is known, their prompts at the token rate plus the slots played forward;
+        with nothing queued, the wait for a slot if every one is taken."""
+        waiting = self.scheduler.waiting
+        if waiting:
+            prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
+            wait = self.drain.predict_wait(prompt_ahead + num_tokens)
+            if wait is None and self.token_rate and self.step_s:
+                wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
+            return wait
+        return self._slot_wait(priority, 0) if self.step_s else None
 
     def _slot_wait(self, priority: str, decode_ahead: int) -> float:
         """When a slot frees for a new request of `priority`: the running requests

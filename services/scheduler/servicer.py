@@ -11,6 +11,7 @@ from services.common import convert
 from services.common.errors import LlmeshError
 from services.scheduler.executor_client import ExecutorGroup
 from services.scheduler.loop import EngineLoop, FinishedInfo
+from services.scheduler.policy import CLASSES
 from services.scheduler.probe import KnownAnswerProbe
 from services.scheduler.scheduler import SeqOutput
 
@@ -128,7 +129,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             is_ejected=self.prober.is_ejected, is_draining=self.loop.is_draining,
             pipeline_depth=self.loop.pipeline_depth,
             num_plan_messages=self.executors.num_plan_messages,
-            num_result_messages=self.executors.num_result_messages)
+            num_result_messages=self.executors.num_result_messages,
+            num_admitted=s.num_admitted, max_num_seqs=sched.config.max_num_seqs,
+            predicted_wait_s={c: self.loop.predict_wait(c) or 0.0 for c in CLASSES},
+            ttft_budget_s={c: sched.waiting.policy.limits(c).ttft_budget_s for c in CLASSES})
 
 
 def replica_load(loop: EngineLoop) -> scheduler_pb2.ReplicaLoad:
