@@ -15,7 +15,9 @@ be, and why. The rules, in order (the first that holds decides):
   slots under `scale_in_utilisation` busy and still under the target with one
   replica fewer, nothing waiting, no TTFT pressure, KV under half, arrivals
   not rising. A removed replica drains (mesh/scaling.py).
-Never more often than every `cooldown_s`, never outside [min, max]. Every
+While arrivals rise, a scale-out adds as many replicas as the arrival rate grew
+(the current count times fast / slow average, up to 4x), not just one. Never
+more often than every `cooldown_s`, never outside [min, max]. Every
 decision that changes the count is logged with its reason and the signals,
 written to `autoscaler.jsonl` in the run directory, and counted in
 `llmesh_autoscaler_decisions_total{action,rule}`; `llmesh_autoscaler_desired_replicas`
@@ -99,6 +101,8 @@ class AutoscalerPolicy:
                                     f"{self.fast or 0:.1f}/s" + (" and rising" if rising else ""))
         if rule is not None:
             self._calm_since = None
+            if rising:  # arrivals jumped: as many more as the rate did (up to 4x)
+                step = max(step, math.ceil(current * min(4.0, self.fast / self.slow)) - current)
             if current < c.max_replicas and not cooling:
                 return self._change(s, min(c.max_replicas, current + step), rule, reason)
             return Decision(s.t, current, current, "hold", reason + (

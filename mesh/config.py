@@ -75,6 +75,7 @@ class AutoscalerConfig:
     scale_in_utilisation: float = 0.3  # scale in below this (and still below target one replica fewer) ...
     scale_in_after_s: float = 30.0  # ... held this long (hysteresis)
     cooldown_s: float = 5.0  # between two changes
+    record_signals: bool = False  # every tick's signals to autoscaler-signals.jsonl (traces)
 
 
 @dataclass(frozen=True)

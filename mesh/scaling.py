@@ -84,10 +84,33 @@ class Scaler:
     def scale_to(self, n: int) -> None:
         if n < 1:
             raise ValueError(f"replicas: at least 1, not {n}")
-        while self.num_replicas < n:
-            self.add_replica()
+        if self.num_replicas < n:
+            self.add_replicas(n - self.num_replicas)
         while self.num_replicas > n:
             self.remove_replica()
+
+    def add_replicas(self, k: int) -> None:
+        """`k` replicas join at once: those from the warm pool now, the others as
+        each of their cold starts (made side by side) serves. Raises the first
+        start's error after the others have joined."""
+        errors = []
+
+        def one():
+            try:
+                self.add_replica()
+            except Exception as e:  # (the others go on)
+                errors.append(e)
+        with self._lock:
+            warm = min(k, len(self.pool))
+        for _ in range(warm):
+            one()
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(k - warm)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     def add_replica(self) -> str:
         """A replica joins the routers: one from the warm pool (loaded, SERVING,
@@ -104,8 +127,9 @@ class Scaler:
                                            replica_ports=self.cfg.replica_ports + (ports,))
             self._write_set()
         took = time.monotonic() - t0
-        self.joins.append({"replica": f"replica-{ports.index}", "start": kind,
-                           "seconds": round(took, 3)})
+        with self._lock:
+            self.joins.append({"replica": f"replica-{ports.index}", "start": kind,
+                               "seconds": round(took, 3)})
         log.info("replica-%d joins (%s start, %.2f s to join; scheduler on %d)", ports.index,
                  kind, took, ports.scheduler)
         self._changed()
@@ -236,6 +260,7 @@ class Autoscale:
 
     def __init__(self, scaler: Scaler, run_dir: Path):
         self.scaler = scaler
+        self.run_dir = run_dir
         self.cfg = scaler.cfg.autoscaler
         self.policy = AutoscalerPolicy(self.cfg)
         self.log = DecisionLog(run_dir)
@@ -249,6 +274,9 @@ class Autoscale:
         signals = self.scaler.signals(now)
         if signals is None:
             return
+        if self.cfg.record_signals:
+            with open(self.run_dir / "autoscaler-signals.jsonl", "a") as f:
+                f.write(json.dumps(dataclasses.asdict(signals)) + "\n")
         decision = self.policy.decide(signals)
         self.log.record(decision, signals)
         if decision.action == "hold":

@@ -40,6 +40,8 @@ def test_a_spike_scales_out_before_requests_wait_past_half_their_budget():
     decisions = _replay(trace)
     first_out = next(d for d in decisions if d.action == "out")
     assert first_out.rule == "load" and first_out.t == 5  # busy slots + rising arrivals
+    # arrivals went from 2/s to 12/s: the averages say 2.3x, so 1 replica becomes 3
+    assert first_out.desired == 3
     assert all(d.t >= 5 for d in decisions if d.action == "out")
 
 
@@ -89,3 +91,28 @@ def test_a_noisy_steady_load_does_not_flap(seed):
              for _ in range(120)]
     changes = [d for d in _replay(trace) if d.action != "hold"]
     assert len(changes) <= 1 and all(d.action == "out" for d in changes)
+
+
+def _recorded():
+    """Signals recorded by `python -m benchmarks.autoscale` (autoscaler-warm: one
+    sleeping-model replica, base 3 req/s, then 30 req/s), every 0.5 s tick."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "fixtures" / "autoscaler" / "spike-signals.jsonl"
+    return [Signals(**json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def test_on_a_recorded_spike_it_scales_out_at_the_first_tick_of_the_spike():
+    trace = _recorded()
+    cfg = AutoscalerConfig(enabled=True, min_replicas=1, max_replicas=4, tick_s=0.5,
+                           cooldown_s=1.5, scale_in_after_s=10)
+    one, two = AutoscalerPolicy(cfg), AutoscalerPolicy(cfg)
+    first = [one.decide(s) for s in trace]
+    again = [two.decide(s) for s in trace]
+    assert first == again  # a pure function of the trace
+    spike = next(i for i, (a, b) in enumerate(zip(trace, trace[1:]), 1)
+                 if b.arrivals - a.arrivals > 10)  # arrivals jump 10x
+    outs = [i for i, d in enumerate(first) if d.action == "out"]
+    assert outs[0] == spike, (outs, spike)
+    assert first[spike].desired >= 3  # as many as the arrival rate says, not one by one
+    assert not any(d.action == "in" for d in first[:spike + 10])
