@@ -1,4 +1,4 @@
-"""`llmesh bench offline | online | workload`: argument parsing and the glue to the harness."""
+"""`llmesh bench offline | online | workload | gpu`: argument parsing and the glue to the harness."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +6,7 @@ import sys
 
 from benchmarks import arrivals as arrivals_mod
 from benchmarks import workload as workload_mod
+from benchmarks.gpu_bench import add_gpu_parser
 from benchmarks.metrics import parse_slo
 
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
@@ -30,6 +31,8 @@ def add_bench_parsers(sub) -> None:
     on.add_argument("--duration", type=float, help="seconds of arrivals per run")
     on.add_argument("--num-requests", type=int, help="requests per run (with or instead of "
                                                      "--duration; needed for offline arrivals)")
+
+    add_gpu_parser(bench)
 
     wl = bench.add_parser("workload", help="write a seeded workload as JSONL")
     wl.add_argument("name", choices=workload_mod.BUILTIN)
@@ -77,6 +80,9 @@ def _common(p, default_targets: str) -> None:
 def run_bench_cli(args) -> int:
     if args.bench_cmd == "workload":
         return _write_workload(args)
+    if args.bench_cmd == "gpu":
+        from benchmarks.gpu_bench import run_gpu_cli
+        return run_gpu_cli(args)
     from benchmarks.harness import run_bench
     from benchmarks.report import default_paths, markdown, write_outputs
     setup = build_setup(args)

@@ -9,6 +9,12 @@
   last token. Padding tokens are never counted.
 - `hf-cb`: transformers' own continuous batching (the `generate_batch`
   machinery) with per-token streaming, results polled by a thread.
+
+Both load the model on `device` (default: the CPU). Given `on_tokens`, both call
+`on_tokens(rec, token_ids)` from their worker thread with the token ids generated for
+each request the benchmark sent (not for their own warm-ups): hf-cb as the request
+finishes, hf-static when its batch's `generate` returns, both before `end_run` returns
+(`llmesh bench gpu` compares them with the engine's). `stop()` lets go of the model.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import collections
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import torch
 
@@ -25,9 +32,12 @@ from benchmarks.targets import NEVER_EOS, WARM_PROMPT, Target, resolve
 from benchmarks.workload import BenchRequest
 
 
-def _load_hf(model_dir, dtype):
+TokenSink = Callable[[RequestRecord, list[int]], None]
+
+
+def _load_hf(model_dir, dtype, device="cpu"):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
 class _RowStreamer:
@@ -70,11 +80,14 @@ class HFStaticTarget(Target):
     name = "hf-static"
 
     def __init__(self, model_dir, batch_size: int = 16, dtype=torch.float32,
-                 batch_wait_s: float = 0.02):
+                 batch_wait_s: float = 0.02, device: str | torch.device = "cpu",
+                 on_tokens: TokenSink | None = None):
         self.model_dir = model_dir
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.on_tokens = on_tokens
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._halt = threading.Event()
@@ -88,7 +101,7 @@ class HFStaticTarget(Target):
         self._batches: list[list[int]] = []
 
     def start(self) -> None:
-        self.model = _load_hf(self.model_dir, self.dtype)
+        self.model = _load_hf(self.model_dir, self.dtype, self.device)
         self.pad = self.model.config.pad_token_id or 0
         self._generate([(BenchRequest(WARM_PROMPT, 4), RequestRecord(-1, 0, 4, 0.0), None, None)])
         self._thread = threading.Thread(target=self._run, name="bench-hf-static", daemon=True)
@@ -134,6 +147,7 @@ class HFStaticTarget(Target):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        self.model = None
 
     def _run(self) -> None:
         while not self._halt.is_set():
@@ -158,7 +172,8 @@ class HFStaticTarget(Target):
 
         class Halt(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
 
         max_prompt = max(len(r.prompt_token_ids) for r, *_ in batch)
         max_new = max(r.max_tokens for r, *_ in batch)
@@ -167,17 +182,24 @@ class HFStaticTarget(Target):
         for j, (r, *_) in enumerate(batch):  # left padding
             ids[j, max_prompt - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
             mask[j, max_prompt - len(r.prompt_token_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         gc = GenerationConfig(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
                               eos_token_id=NEVER_EOS, pad_token_id=self.pad)
         streamer = _RowStreamer(batch, max_prompt)
         t0 = time.perf_counter()
         try:
-            self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc,
-                                streamer=streamer, stopping_criteria=StoppingCriteriaList([Halt()]))
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc,
+                                      streamer=streamer,
+                                      stopping_criteria=StoppingCriteriaList([Halt()]))
             error = ""
         except Exception as e:  # noqa: BLE001 - reported per request
             error = repr(e)
         busy = time.perf_counter() - t0
+        if self.on_tokens is not None and not error:
+            seqs = getattr(out, "sequences", out)[:, max_prompt:].tolist()
+            for row, (r, rec, *_) in zip(seqs, batch):
+                if rec.index >= 0:  # (-1: the warm-up)
+                    self.on_tokens(rec, row[:r.max_tokens])
         for r, rec, fut, loop in batch:
             if rec.status == "PENDING":
                 rec.status = "INTERNAL" if error else "CANCELLED"
@@ -207,10 +229,13 @@ class HFCBTarget(Target):
 
     def __init__(self, model_dir, max_new_tokens: int = 512, dtype=torch.float32,
                  kv_tokens: int | None = None, max_batch_tokens: int | None = None,
-                 max_requests_per_batch: int | None = None):
+                 max_requests_per_batch: int | None = None, device: str | torch.device = "cpu",
+                 on_tokens: TokenSink | None = None):
         self.model_dir = model_dir
         self.max_new_tokens = max_new_tokens
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.on_tokens = on_tokens
         self.kv_tokens = kv_tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_requests_per_batch = max_requests_per_batch
@@ -223,7 +248,7 @@ class HFCBTarget(Target):
     def start(self) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
-        model = _load_hf(self.model_dir, self.dtype)
+        model = _load_hf(self.model_dir, self.dtype, self.device)
         gc = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
                               eos_token_id=NEVER_EOS, pad_token_id=model.config.pad_token_id or 0)
         cb = ContinuousBatchingConfig(max_batch_tokens=self.max_batch_tokens,
@@ -291,6 +316,8 @@ class HFCBTarget(Target):
                 entry[3] = max(got, n)
                 if result.is_finished():
                     del self._live[result.request_id]
+                    if self.on_tokens is not None and rec.index >= 0:  # (-1: the warm-up)
+                        self.on_tokens(rec, list(result.generated_tokens))
                     rec.done_s, rec.server_output_tokens = t, n
                     rec.status = "INTERNAL" if result.error else "OK"
                     rec.error = str(result.error or "")
@@ -303,3 +330,4 @@ class HFCBTarget(Target):
         if self._cm is not None:
             self._cm.__exit__(None, None, None)
             self._cm = None
+        self.manager = None

@@ -82,9 +82,12 @@ class EngineTarget(Target):
 
     name = "engine"
 
-    def __init__(self, model_dir, config: EngineConfig, sample_interval_s: float = 0.1):
+    def __init__(self, model_dir, config: EngineConfig, sample_interval_s: float = 0.1,
+                 engine_cls: type[Engine] = Engine):
+        """`engine_cls`: an Engine subclass to run (one that records more, say)."""
         self.model_dir = model_dir
         self.config = config
+        self.engine_cls = engine_cls
         self.sample_interval_s = sample_interval_s
         self.engine: Engine | None = None
         self._inbox: collections.deque = collections.deque()
@@ -99,10 +102,14 @@ class EngineTarget(Target):
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.engine = Engine.from_pretrained(self.model_dir, self.config)
+        self.engine = self.engine_cls.from_pretrained(self.model_dir, self.config)
         self.engine.generate([WARM_PROMPT], SamplingParams(max_tokens=4, ignore_eos=True))
         self._thread = threading.Thread(target=self._run, name="bench-engine", daemon=True)
         self._thread.start()
+
+    def exclusive(self) -> threading.Lock:
+        """Held, the target's thread keeps out of the engine."""
+        return self._lock
 
     async def begin_run(self) -> None:
         with self._lock:

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Issue 14's GPU checks and measurements in one device call (an H100 or H200):
+#   1. python -m pytest tests/gpu -x -q
+#   2. llmesh bench gpu --shape llama-1b  -> $OUT/gpu-1b.json, $OUT/gpu-1b.log
+#   3. llmesh bench gpu --shape llama-8b  -> $OUT/gpu-8b.json, $OUT/gpu-8b.log
+# each under `timeout`; then $OUT/summary.txt and the tables. Nothing is fetched: the GPU
+# image has torch, CuPy, NVRTC, transformers, safetensors, tokenizers, pyyaml, jinja2,
+# numpy, grpcio and prometheus-client, but not opentelemetry-api, which the engine
+# imports (services/scheduler/loop.py). Carry it as a wheel, made here before the call:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl opentelemetry-api==1.45.2
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#
+# (opentelemetry-api needs only typing-extensions, which the image has.) The generated
+# protos (llmesh/v1) are not needed by the engine, the bench or tests/gpu; they are made
+# only when grpc_tools is there (the image lacks grpcio-tools; carry its wheel, or carry
+# llmesh/v1 made here, for anything that does need them).
+#
+# Here, without a GPU:  bash benchmarks/gpu_session.sh --dry-run
+# runs every step, with the tiny shape on the CPU in place of the two real ones.
+# Environment: OUT (default: a new temp dir), PY (default python3; .venv/bin/python in a
+# dry run), STEPS (default "tests 1b 8b"), T_TESTS / T_1B / T_8B (timeouts in s; the three
+# defaults sum to 530 s, inside one 600 s call), ARGS_1B / ARGS_8B (more bench flags).
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 1
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ $DRY = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
+OUT=${OUT:-$(mktemp -d /tmp/llmesh-gpu-session.XXXXXX)}
+STEPS=${STEPS:-tests 1b 8b}
+T_TESTS=${T_TESTS:-90} T_1B=${T_1B:-180} T_8B=${T_8B:-260}
+mkdir -p "$OUT"
+ENV_LOG=$OUT/env.txt SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+
+note() { echo "[gpu-session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$SUMMARY"; }
+
+# ---- setup: carried wheels, the project, protos, what imports --------------------
+{
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/llmesh-site .whl/*.whl && export PYTHONPATH="/tmp/llmesh-site:$PYTHONPATH"
+    echo "wheels: $(ls .whl)"
+  fi
+  if [ $DRY = 0 ]; then  # the `llmesh` script; PYTHONPATH already covers the imports
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+        || echo "pip install -e . failed: running from PYTHONPATH=$ROOT"
+  fi
+  if ! ls llmesh/v1/*_pb2.py >/dev/null 2>&1; then
+    if "$PY" -c "import grpc_tools" 2>/dev/null; then
+      mkdir -p llmesh/v1 && touch llmesh/__init__.py llmesh/v1/__init__.py
+      "$PY" -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
+          protos/llmesh/v1/*.proto && echo "protos: generated"
+    else
+      echo "protos: grpc_tools missing, not generated (bench gpu and tests/gpu do not need them)"
+    fi
+  fi
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+      --format=csv,noheader
+  "$PY" - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "transformers", "safetensors", "tokenizers", "numpy", "yaml", "jinja2",
+             "opentelemetry.trace", "cupy", "services.engine.engine", "benchmarks.gpu_bench",
+             "benchmarks.gpu_decode", "benchmarks.gpu_e2e", "benchmarks.hf_targets",
+             "transformers.generation.configuration_utils:ContinuousBatchingConfig"):
+    try:
+        name, _, attr = name.partition(":")
+        mod = importlib.import_module(name)
+        if attr:
+            getattr(mod, attr)
+            name = f"{name}.{attr}"
+        print(f"ok      {name} {getattr(mod, '__version__', '')}")
+    except Exception as e:  # noqa: BLE001
+        hint = " -> carry opentelemetry-api as a wheel (see the script's header)" \
+            if "opentelemetry" in str(e) else ""
+        print(f"MISSING {name}: {type(e).__name__}: {e}{hint}")
+try:
+    import torch
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        print("cuda", torch.version.cuda, torch.cuda.get_device_name(0),
+              f"{free / 2**30:.1f}/{total / 2**30:.1f} GiB free")
+    else:
+        print("cuda: not available")
+except Exception as e:  # noqa: BLE001
+    print("torch:", e)
+EOF
+} >"$ENV_LOG" 2>&1
+cat "$ENV_LOG"
+note "setup done (dry run: $DRY); OUT=$OUT"
+
+run_step() {  # name, timeout, log file, command...
+  local name=$1 limit=$2 log=$3 t rc
+  shift 3
+  t=$(date +%s)
+  note "$name: starting (timeout ${limit}s)"
+  timeout -k 15 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  note "$name: rc=$rc$([ $rc = 124 ] && echo ' (timed out)') in $(( $(date +%s) - t ))s"
+}
+
+if [ $DRY = 1 ]; then
+  TINY="--shape tiny-llama --device cpu --dtype float32 --requests 4 --prompt-tokens 16
+        --output-tokens 4 --batches 1,4 --decode-steps 3 --hf-batch-size 2"
+  SHAPE_1B=$TINY SHAPE_8B=$TINY
+else
+  SHAPE_1B="--shape llama-1b --device cuda --dtype bfloat16"
+  SHAPE_8B="--shape llama-8b --device cuda --dtype bfloat16"
+fi
+for step in $STEPS; do
+  case $step in
+    tests) run_step "pytest tests/gpu" "$T_TESTS" "$OUT/pytest-gpu.log" \
+               "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider ;;
+    1b) # shellcheck disable=SC2086
+        run_step "bench gpu 1b" "$T_1B" "$OUT/gpu-1b.log" "$PY" -m mesh.cli bench gpu \
+            $SHAPE_1B --no-progress --json "$OUT/gpu-1b.json" ${ARGS_1B:-} ;;
+    8b) # shellcheck disable=SC2086
+        run_step "bench gpu 8b" "$T_8B" "$OUT/gpu-8b.log" "$PY" -m mesh.cli bench gpu \
+            $SHAPE_8B --no-progress --json "$OUT/gpu-8b.json" ${ARGS_8B:-} ;;
+    *) note "unknown step $step (tests, 1b, 8b)" ;;
+  esac
+done
+
+echo
+[ -f "$OUT/pytest-gpu.log" ] && tail -n 15 "$OUT/pytest-gpu.log"
+for s in 1b 8b; do
+  log=$OUT/gpu-$s.log
+  [ -f "$log" ] || continue
+  echo; echo "==== bench gpu $s ===="
+  grep -E '^\[bench gpu\]|Error|Traceback' "$log" | tail -n 20
+  sed -n '/^## llmesh bench gpu/,$p' "$log"
+done
+echo; cat "$SUMMARY"
