@@ -363,8 +363,8 @@ class MeshTarget(Target):
         self._samples.append(self._sample(time.perf_counter(), after))
         split: dict[str, float] = {}
         for a, b in zip(after, self._before):
-            for f in a.DESCRIPTOR.fields:
-                if f.name.endswith("_s"):
+            for f in a.DESCRIPTOR.fields:  # (the time split: plain numbers, not the maps)
+                if f.name.endswith("_s") and f.message_type is None:
                     split[f.name] = split.get(f.name, 0.0) + getattr(a, f.name) - getattr(b, f.name)
         steps = sum(a.num_steps - b.num_steps for a, b in zip(after, self._before))
         peak = max(self._samples, key=lambda s: s[1])
