@@ -86,8 +86,8 @@ class Scaler:
             raise ValueError(f"replicas: at least 1, not {n}")
         if self.num_replicas < n:
             self.add_replicas(n - self.num_replicas)
-        while self.num_replicas > n:
-            self.remove_replica()
+        elif self.num_replicas > n:
+            self.remove_replicas(self.num_replicas - n)
 
     def add_replicas(self, k: int) -> None:
         """`k` replicas join at once: those from the warm pool now, the others as
@@ -165,28 +165,32 @@ class Scaler:
         self.sup.add(specs)
         return ports
 
-    def remove_replica(self) -> str:
-        """Drain the newest regular replica, stop it, and take it out of the set."""
-        ports = next(p for p in reversed(self.cfg.replica_ports)
-                     if f"replica-{p.index}" not in self.standby)
-        name = f"replica-{ports.index}"
-        log.info("%s drains and leaves", name)
+    def remove_replicas(self, k: int) -> list[str]:
+        """The `k` newest regular replicas drain and leave, together: marked draining
+        in the replica set, their schedulers stopped (each drains its running
+        requests first), then their executors, then out of the set."""
         with self._lock:
-            self._write_set(draining={name})
+            leaving = [p for p in reversed(self.cfg.replica_ports)
+                       if f"replica-{p.index}" not in self.standby][:k]
+            names = {f"replica-{p.index}" for p in leaving}
+            self._write_set(draining=names)
+        log.info("%s drain and leave", ", ".join(sorted(names)))
         time.sleep(ROUTERS_SEE_S)
-        scheduler, *executors = replica_process_names(ports)
-        self.sup.retire([scheduler], timeout_s=self.cfg.engine.drain_timeout_s + 10)
-        self.sup.retire(executors, timeout_s=10)
+        processes = [replica_process_names(p) for p in leaving]
+        self.sup.retire([proc[0] for proc in processes],
+                        timeout_s=self.cfg.engine.drain_timeout_s + 10)
+        self.sup.retire([name for proc in processes for name in proc[1:]], timeout_s=10)
+        gone = {name for proc in processes for name in proc}
         with self._lock:
             obs = self.cfg.observability
-            metrics = {k: v for k, v in obs.metrics_ports.items()
-                       if k not in (scheduler, *executors)}
+            metrics = {k: v for k, v in obs.metrics_ports.items() if k not in gone}
             self.cfg = dataclasses.replace(
-                self.cfg, replica_ports=tuple(p for p in self.cfg.replica_ports if p is not ports),
+                self.cfg, replica_ports=tuple(p for p in self.cfg.replica_ports
+                                              if f"replica-{p.index}" not in names),
                 observability=dataclasses.replace(obs, metrics_ports=metrics))
             self._write_set()
         self._changed()
-        return name
+        return sorted(names)
 
     def signals(self, t: float) -> Signals | None:
         """What the autoscaler reads: the serving regular replicas' scheduler stats

@@ -295,14 +295,13 @@ class Supervisor:
             self.specs.extend(specs)
 
     def retire(self, names: list[str], timeout_s: float) -> None:
-        """Stop these processes for good, one after the other in the order given:
-        SIGTERM (a scheduler drains first), SIGKILL after `timeout_s`. They are no
+        """Stop these processes for good, together: SIGTERM (a scheduler drains
+        first), SIGKILL to those still running after `timeout_s`. They are no
         longer restarted."""
         with self._lock:
             specs = [s for name in names for s in self.specs if s.name == name]
             self.specs = [s for s in self.specs if s.name not in names]
-        for spec in specs:
-            self._terminate([spec], timeout_s)
+        self._terminate(specs, timeout_s)
 
     @staticmethod
     def _terminate(specs: list[ProcSpec], timeout_s: float) -> None:
