@@ -50,6 +50,7 @@ class Scaler:
         self.standby = standby_names(cfg)
         self._next_index = max((p.index for p in cfg.replica_ports), default=-1) + 1
         self._seen_request = None
+        (run_dir / DESIRED_FILE).unlink(missing_ok=True)  # (a request to an earlier mesh)
         self.last: dict = {}  # the last request's outcome, for state.json
         self.warm_pool = cfg.autoscaler.warm_pool
         self.pool: list[ReplicaPorts] = []  # warm: SERVING, not in the replica set
