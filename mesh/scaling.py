@@ -139,6 +139,8 @@ class Scaler:
 
     def fill_pool(self) -> None:
         """Start warm replicas in the background until the pool holds `warm_pool`."""
+        if not self.warm_pool:
+            return
         with self._lock:
             if self._filling is not None and self._filling.is_alive():
                 return

@@ -35,6 +35,14 @@ def make_workload(tiny_model):
     return prompts, params, expect
 
 
+def workload_request(prompt: list[int], p: SamplingParams) -> inference_pb2.GenerateRequest:
+    """A workload entry as a client sends it (token ids, the seeded parameters)."""
+    return inference_pb2.GenerateRequest(
+        token_ids=inference_pb2.TokenIds(ids=prompt), sampling=common_pb2.SamplingParams(
+            n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+            seed=p.seed, ignore_eos=True))
+
+
 def make_choices_workload(tiny_model, num_requests: int = 16, n: int = 3):
     """Seeded n > 1 requests with the choices the in-process engine gives them."""
     rng = random.Random(13)
@@ -55,10 +63,7 @@ def run_choices_load(mesh, workload, concurrency=8):
 
     def call(i):
         p = params[i]
-        req = inference_pb2.GenerateRequest(
-            token_ids=inference_pb2.TokenIds(ids=prompts[i]), sampling=common_pb2.SamplingParams(
-                n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                seed=p.seed, ignore_eos=True))
+        req = workload_request(prompts[i], p)
         choices = [[] for _ in range(p.n)]
         incomplete = False
         try:
@@ -97,10 +102,7 @@ def run_load(mesh, workload, concurrency=8):
 
     def call(i):
         p = params[i]
-        req = inference_pb2.GenerateRequest(
-            token_ids=inference_pb2.TokenIds(ids=prompts[i]), sampling=common_pb2.SamplingParams(
-                max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                ignore_eos=True))
+        req = workload_request(prompts[i], p)
         chunks = []
         try:
             with grpc.insecure_channel(mesh.endpoint) as ch:
@@ -122,10 +124,7 @@ def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0):
 
     def call(i):
         p = params[i]
-        req = inference_pb2.GenerateRequest(
-            token_ids=inference_pb2.TokenIds(ids=prompts[i]),
-            sampling=common_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature,
-                                               top_p=p.top_p, ignore_eos=True, seed=p.seed))
+        req = workload_request(prompts[i], p)
         stream = ResumingStream(mesh.endpoint, req, give_up_s=give_up_s)
         last = None
         try:
