@@ -1,4 +1,4 @@
-"""`llmesh bench offline | online | workload | gpu`: argument parsing and the glue to the harness."""
+"""`llmesh bench offline | online | workload | gpu | kernels`: argument parsing and the glue to the harness."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,7 @@ import sys
 from benchmarks import arrivals as arrivals_mod
 from benchmarks import workload as workload_mod
 from benchmarks.gpu_bench import add_gpu_parser
+from benchmarks.gpu_kernels import add_kernels_parser
 from benchmarks.metrics import parse_slo
 
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
@@ -33,6 +34,7 @@ def add_bench_parsers(sub) -> None:
                                                      "--duration; needed for offline arrivals)")
 
     add_gpu_parser(bench)
+    add_kernels_parser(bench)
 
     wl = bench.add_parser("workload", help="write a seeded workload as JSONL")
     wl.add_argument("name", choices=workload_mod.BUILTIN)
@@ -80,6 +82,9 @@ def _common(p, default_targets: str) -> None:
 def run_bench_cli(args) -> int:
     if args.bench_cmd == "workload":
         return _write_workload(args)
+    if args.bench_cmd == "kernels":
+        from benchmarks.gpu_kernels import run_kernels_cli
+        return run_kernels_cli(args)
     if args.bench_cmd == "gpu":
         from benchmarks.gpu_bench import run_gpu_cli
         return run_gpu_cli(args)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 14's GPU checks and measurements in one device call (an H100 or H200):
-#   1. python -m pytest tests/gpu -x -q
-#   2. llmesh bench gpu --shape llama-1b  -> $OUT/gpu-1b.json, $OUT/gpu-1b.log
-#   3. llmesh bench gpu --shape llama-8b  -> $OUT/gpu-8b.json, $OUT/gpu-8b.log
+#   1. python -m pytest tests/gpu -q (every failure, not just the first)
+#   2. llmesh bench kernels                -> $OUT/kernels.json, $OUT/kernels.log
+#   3. llmesh bench gpu --shape llama-1b  -> $OUT/gpu-1b.json, $OUT/gpu-1b.log
+#   4. llmesh bench gpu --shape llama-8b  -> $OUT/gpu-8b.json, $OUT/gpu-8b.log
 # each under `timeout`; then $OUT/summary.txt and the tables. Nothing is fetched: the GPU
 # image has torch, CuPy, NVRTC, transformers, safetensors, tokenizers, pyyaml, jinja2,
 # numpy, grpcio and prometheus-client, but not opentelemetry-api, which the engine
@@ -21,8 +22,9 @@
 # Here, without a GPU:  bash benchmarks/gpu_session.sh --dry-run
 # runs every step, with the tiny shape on the CPU in place of the two real ones.
 # Environment: OUT (default: a new temp dir), PY (default python3; .venv/bin/python in a
-# dry run), STEPS (default "tests 1b 8b"), T_TESTS / T_1B / T_8B (timeouts in s; the three
-# defaults sum to 530 s, inside one 600 s call), ARGS_1B / ARGS_8B (more bench flags).
+# dry run), STEPS (default "tests kernels 1b 8b"), T_TESTS / T_KERNELS / T_1B / T_8B
+# (timeouts in s), ARGS_1B / ARGS_8B (more bench flags). Choose STEPS and timeouts to
+# fit one call (600 s at most).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
@@ -30,8 +32,8 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ $DRY = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 OUT=${OUT:-$(mktemp -d /tmp/llmesh-gpu-session.XXXXXX)}
-STEPS=${STEPS:-tests 1b 8b}
-T_TESTS=${T_TESTS:-90} T_1B=${T_1B:-180} T_8B=${T_8B:-260}
+STEPS=${STEPS:-tests kernels 1b 8b}
+T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-60} T_1B=${T_1B:-180} T_8B=${T_8B:-260}
 mkdir -p "$OUT"
 ENV_LOG=$OUT/env.txt SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -117,19 +119,24 @@ fi
 for step in $STEPS; do
   case $step in
     tests) run_step "pytest tests/gpu" "$T_TESTS" "$OUT/pytest-gpu.log" \
-               "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider ;;
+               "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE ;;
+    kernels) if [ $DRY = 1 ]; then note "kernels: needs a GPU (skipped in a dry run)"; else
+               run_step "bench kernels" "$T_KERNELS" "$OUT/kernels.log" "$PY" -m mesh.cli bench \
+                   kernels --json "$OUT/kernels.json"; fi ;;
     1b) # shellcheck disable=SC2086
         run_step "bench gpu 1b" "$T_1B" "$OUT/gpu-1b.log" "$PY" -m mesh.cli bench gpu \
             $SHAPE_1B --no-progress --json "$OUT/gpu-1b.json" ${ARGS_1B:-} ;;
     8b) # shellcheck disable=SC2086
         run_step "bench gpu 8b" "$T_8B" "$OUT/gpu-8b.log" "$PY" -m mesh.cli bench gpu \
             $SHAPE_8B --no-progress --json "$OUT/gpu-8b.json" ${ARGS_8B:-} ;;
-    *) note "unknown step $step (tests, 1b, 8b)" ;;
+    *) note "unknown step $step (tests, kernels, 1b, 8b)" ;;
   esac
 done
 
 echo
-[ -f "$OUT/pytest-gpu.log" ] && tail -n 15 "$OUT/pytest-gpu.log"
+[ -f "$OUT/pytest-gpu.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-gpu.log" | tail -n 30
+[ -f "$OUT/kernels.log" ] && { echo; grep -E "Error|Traceback" "$OUT/kernels.log" | tail -5;
+  sed -n '/^## llmesh bench kernels/,$p' "$OUT/kernels.log"; }
 for s in 1b 8b; do
   log=$OUT/gpu-$s.log
   [ -f "$log" ] || continue

@@ -124,7 +124,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_context: int | None = None,
                            num_splits: int | None = None) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] fp16/bf16; caches [num_blocks, block_size, kvh, head_dim];
-    block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32."""
+    block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32.
+
+    `max_context` (an upper bound on context_lens; default: read from the device,
+    a sync) picks the split count; each sequence splits its own context evenly
+    among them, so a CUDA graph captured with a bound replays any shorter one."""
     check_decode_args(q, k_cache, v_cache, block_tables, context_lens)
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -133,7 +137,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context,
                                        _num_sms(q.device.index or 0))
-    tokens_per_split = math.ceil(max_context / num_splits)
     q = q.contiguous()
     out = torch.empty_like(q)
     tag = f"{_DTYPE_TAG[q.dtype]}_d{head_dim}"
@@ -150,7 +153,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             (_ptr(out), _ptr(part_out), _ptr(part_max), _ptr(part_sum), _ptr(q), _ptr(k_cache),
              _ptr(v_cache), _ptr(block_tables), _ptr(context_lens),
              np.int32(block_tables.shape[1]), np.int32(num_kv_heads), np.int32(group),
-             np.float32(scale), np.int32(num_splits), np.int32(tokens_per_split)))
+             np.float32(scale), np.int32(num_splits), np.int32(0)))
         if num_splits > 1:
             _kernel("paged_attention.cu", f"paged_decode_reduce_{tag}")(
                 (num_heads, num_seqs), (head_dim,),

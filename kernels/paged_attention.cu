@@ -5,8 +5,9 @@
 // one (kv head, sequence, split): every K/V row is read once for all the query
 // heads of its GQA group. Warps stride over tokens with an online softmax in
 // fp32; the CTA's warps are merged through shared memory. With num_splits > 1
-// (flash-decoding) each CTA covers tokens_per_split tokens and writes a
-// normalised partial output plus its max and sum; paged_decode_reduce merges.
+// (flash-decoding) each CTA covers tokens_per_split tokens (or, when that is 0,
+// its split's share of its own sequence's context) and writes a normalised
+// partial output plus its max and sum; paged_decode_reduce merges.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -47,8 +48,11 @@ __device__ void paged_decode(T* __restrict__ out, float* __restrict__ part_out,
   const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   const int num_heads = num_kv_heads * group;
   const int ctx = context_lens[seq];
-  const int start = split * tokens_per_split;
-  const int end = min(ctx, start + tokens_per_split);
+  // tokens_per_split <= 0: each sequence divides its own context among the splits
+  // (a CUDA graph fixes the split count but not the context lengths)
+  const int per_split = tokens_per_split > 0 ? tokens_per_split : (ctx + num_splits - 1) / num_splits;
+  const int start = split * per_split;
+  const int end = min(ctx, start + per_split);
 
   float qv[MAX_GROUP][PER_LANE], acc[MAX_GROUP][PER_LANE], m[MAX_GROUP], l[MAX_GROUP];
 #pragma unroll

@@ -36,3 +36,39 @@ def reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
 def copy_blocks_ref(cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
     for src, dst in pairs:
         cache[dst] = cache[src]
+
+
+# Fused elementwise ops (kernels/fused.cu), following services/executor/model.py.
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.py RMSNorm's half-precision branch (HF): normalise in fp32, round to x's
+    dtype, then weight * that (in the dtype: one more rounding)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> None:
+    """In place, as the kernel: residual = residual + x (rounded once), x = rms_norm(residual);
+    the decoder layer's `h = h + attn_out; y = norm(h)`."""
+    residual.copy_(residual + x)
+    x.copy_(rms_norm_ref(residual, weight, eps))
+
+
+def rope_neox_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, num_heads: int, head_dim: int) -> None:
+    """In place: model.py apply_rope on the first num_heads heads of each row, in fp32 with
+    the fp32 tables (model.py rounds the tables and every op to the dtype), rounded once."""
+    width = num_heads * head_dim
+    x = qkv[:, :width].float().view(-1, num_heads, head_dim)
+    c, s = cos[positions].float().unsqueeze(1), sin[positions].float().unsqueeze(1)
+    half = head_dim // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    qkv[:, :width] = (x * c + rotated * s).reshape(-1, width).to(qkv.dtype)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """model.py MLP's silu(gate) * up over x = [gate | up], in fp32, rounded once."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)

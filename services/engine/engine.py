@@ -55,6 +55,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     policy: SchedulingPolicy = SchedulingPolicy()  # priorities, fairness, queue bounds
     pipeline_depth: int = 2  # steps handed to the runner ahead of their results; 1 = serial
+    # on CUDA: decode steps replay CUDA graphs captured at start for batches up to
+    # max_num_seqs (False: every step runs eagerly)
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -136,7 +139,9 @@ class Engine:
                             policy=config.policy),
             self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
-                                  tokenizer_dir=str(tokenizer.model_dir) if tokenizer else None)
+                                  tokenizer_dir=str(tokenizer.model_dir) if tokenizer else None,
+                                  cuda_graph_batch=config.max_num_seqs if config.cuda_graphs
+                                  else 0, max_model_len=self.max_model_len)
         self.executor = InProcessExecutor(self.runner)
         self.loop = EngineLoop(self.scheduler, self.executor, mc.vocab_size, tokenizer=tokenizer,
                                pipeline_depth=config.pipeline_depth)

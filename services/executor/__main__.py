@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=int, default=0,
                    help="... of this many tokens (0 = the model's context)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly (default: decode steps of up to "
+                        "--max-num-seqs sequences replay CUDA graphs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks of the replica")
@@ -98,7 +101,9 @@ async def main(args) -> None:
         num_blocks = size_kv_cache(per_block, cap, args.kv_memory_share).num_blocks
     servicer.runner = ModelRunner(model, num_blocks, args.block_size, device,
                                   test_corrupt_after_steps=args.test_corrupt_after_steps,
-                                  tokenizer_dir=args.model)
+                                  tokenizer_dir=args.model,
+                                  cuda_graph_batch=0 if args.enforce_eager else args.max_num_seqs,
+                                  max_model_len=args.max_model_len or None)
     await service.set_serving(True)
     await service.wait_for_termination()
 

@@ -17,7 +17,16 @@ def kernels_support(dtype: torch.dtype, head_dim: int, block_size: int, num_head
 
 
 class CudaPagedAttention(TorchPagedAttention):
+    """`context_bound` (the longest sequence the engine admits) picks the decode
+    kernel's split count, so that an eager step and a CUDA graph captured for any
+    context launch the same kernels and give the same bits; None: the step's
+    longest context."""
+
     wants_block_tables = True
+
+    def __init__(self, context_bound: int | None = None):
+        super().__init__()
+        self.context_bound = context_bound
 
     def write_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata):
         from kernels import ops
@@ -30,6 +39,6 @@ class CudaPagedAttention(TorchPagedAttention):
             n = meta.num_single
             out[:n] = ops.paged_decode_attention(
                 q[:n], k_cache, v_cache, meta.single_block_tables, meta.single_context_lens,
-                scale, max_context=meta.max_single_context)
+                scale, max_context=self.context_bound or meta.max_single_context)
         self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
         return out

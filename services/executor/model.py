@@ -21,13 +21,37 @@ from services.executor.model_config import ModelConfig, RopeScaling
 from services.executor.projection import Projection
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Half-precision activations on a GPU: the fused CUDA kernels (kernels/fused.cu)
+    do the norms, the residual adds, RoPE and SiLU-and-mul, one launch each."""
+    return x.is_cuda and x.dtype in KERNEL_DTYPES
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`: (norm(x + residual), x + residual), the decoder's
+        residual add and the next norm (in place, one kernel, on a GPU)."""
+        fused = use_kernels(x) and x.dim() == 2
+        if fused:
+            from kernels import fused_ops
+            if residual is None:
+                return fused_ops.rms_norm(x, self.weight, self.eps)
+            fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is not None:
+            residual = x + residual
+            return self.norm(residual), residual
+        return self.norm(x)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op, same result
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype  # half precision: normalise in float32, scale after the cast (as HF)
@@ -60,6 +84,24 @@ def rope_tables(config: ModelConfig, device: torch.device) -> tuple[torch.Tensor
     return emb.cos(), emb.sin()
 
 
+class Rotary:
+    """A step's rotary inputs: its positions and the float32 tables; the per-token
+    cos / sin rows (`[num_tokens, 1, head_dim]` in the activations' dtype) are
+    gathered once, for the layers that use torch's ops rather than the kernel."""
+
+    def __init__(self, positions: torch.Tensor, table_cos: torch.Tensor,
+                 table_sin: torch.Tensor, dtype: torch.dtype):
+        self.positions, self.table_cos, self.table_sin = positions, table_cos, table_sin
+        self.dtype = dtype
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            self._rows = (self.table_cos[self.positions].to(self.dtype).unsqueeze(1),
+                          self.table_sin[self.positions].to(self.dtype).unsqueeze(1))
+        return self._rows
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, 1, head_dim]
     half = x.shape[-1] // 2
@@ -83,7 +125,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+    def forward(self, x, rotary: Rotary, kv_cache, meta: AttentionMetadata,
+                backend: AttentionBackend):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -92,10 +135,16 @@ class Attention(nn.Module):
             q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rotary.rows()), apply_rope(k, *rotary.rows())
+        elif use_kernels(qkv):  # query and key heads rotated in place, one kernel
+            from kernels import fused_ops
+            fused_ops.rope_neox_(qkv, rotary.positions, rotary.table_cos, rotary.table_sin,
+                                 self.num_heads + self.num_kv_heads, self.head_dim)
+            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
         else:  # query and key heads rotated in one pass
             qk = apply_rope(qkv[:, :q_size + kv_size].view(
-                num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+                num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), *rotary.rows())
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         k_cache, v_cache = kv_cache
         backend.write_kv(k_cache, v_cache, k, v, meta)
@@ -110,7 +159,11 @@ class MLP(nn.Module):
         self.down_proj = Projection(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_kernels(gate_up):
+            from kernels import fused_ops
+            return self.down_proj(fused_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -122,9 +175,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rotary, kv_cache, meta, backend):
+        """(x, residual) -> (this layer's MLP output, the residual stream before it):
+        each residual add is fused into the norm after it (the next layer's input
+        norm, or the final norm). `residual` None: x is the embedding."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rotary, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -154,11 +215,11 @@ class CausalLM(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]
         x = self.model.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        rotary = Rotary(positions, self.rope_cos, self.rope_sin, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, backend)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rotary, kv_cache, meta, backend)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden_size] -> [num_rows, vocab_size] float32

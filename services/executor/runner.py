@@ -7,6 +7,7 @@ pass over the rows that produce a token.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import secrets
@@ -42,9 +43,13 @@ class SeqState:
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", backend=None,
-                 test_corrupt_after_steps: int = 0, tokenizer_dir: str | None = None):
+                 test_corrupt_after_steps: int = 0, tokenizer_dir: str | None = None,
+                 cuda_graph_batch: int = 0, max_model_len: int | None = None):
         """`tokenizer_dir`: the model directory whose tokenizer.json structured output
         compiles grammars against (None: requests with a grammar fail).
+        `cuda_graph_batch` > 0 (on CUDA, with the kernel backend, without tensor
+        parallelism): decode steps of up to that many sequences replay CUDA graphs,
+        captured here for sequences of up to `max_model_len` tokens.
         `test_corrupt_after_steps` (tests only): after that many sampling steps every
         sampled token is off by one, a silently broken replica for the known-answer
         probe to catch."""
@@ -55,6 +60,7 @@ class ModelRunner:
         self.device = torch.device(device)
         dtype = model.model.embed_tokens.weight.dtype
         self.tp = getattr(model, "tp_group", None)  # None: the whole model is here
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.backend = backend or self._pick_backend(dtype)
         # this rank's KV heads (all of them without tensor parallelism)
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
@@ -74,6 +80,26 @@ class ModelRunner:
         # in its thread when the next scheduler's first plan arrives
         self._step_lock = threading.Lock()
         self.staging = Staging(self.device)  # the step's inputs, one host-to-device copy
+        self.graphs = None
+        self._eager = False  # set inside `eager()`: graphs are not replayed
+        if (cuda_graph_batch > 0 and self.device.type == "cuda" and self.tp is None
+                and getattr(self.backend, "wants_block_tables", False)):
+            from services.executor.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_batch,
+                                       self.max_model_len, block_size, self.device)
+            with torch.inference_mode():
+                self.graphs.capture_all()
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Steps inside run eagerly, graphs or not (benchmarks and tests compare)."""
+        with self._step_lock:
+            self._eager = True
+        try:
+            yield self
+        finally:
+            with self._step_lock:
+                self._eager = False
 
     def reset(self) -> None:
         """Forget every sequence (a new scheduler drives this rank), once any step
@@ -86,7 +112,7 @@ class ModelRunner:
         c = self.config
         if self.device.type == "cuda" and kernels_support(
                 dtype, c.head_dim, self.block_size, c.num_heads, c.num_kv_heads, c.sliding_window):
-            return CudaPagedAttention()
+            return CudaPagedAttention(context_bound=self.max_model_len)
         return TorchPagedAttention()
 
     @staticmethod
@@ -149,7 +175,11 @@ class ModelRunner:
                               with_block_tables=self.backend.wants_block_tables,
                               staging=self.staging)
         self._copy_blocks(copies)
-        hidden = self.model(input_ids.tensor, meta.positions, self.kv_caches, meta, self.backend)
+        if self.graphs is not None and not self._eager and self.graphs.fits(meta, num_tokens):
+            hidden = self.graphs.run(input_ids.tensor, meta)
+        else:
+            hidden = self.model(input_ids.tensor, meta.positions, self.kv_caches, meta,
+                                self.backend)
         timer.mark()
         if draws is not None:
             self._sample(hidden, draws, result)

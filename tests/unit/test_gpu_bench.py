@@ -48,6 +48,7 @@ def test_every_section_is_there_with_positive_numbers(run):
     assert all(r > 0 for r in e2e["ratios"].values())
     rows = report["decode"]["rows"]
     assert [r["batch"] for r in rows] == list(BATCHES)
+    assert {r["mode"] for r in rows} == {"eager"}  # (no CUDA graphs on a CPU)
     for r in rows:
         assert r["steps"] == STEPS
         for key in ("step_ms", "gpu_ms", "forward_ms", "roofline_ms", "share", "tokens_per_s"):
@@ -58,8 +59,8 @@ def test_every_section_is_there_with_positive_numbers(run):
     assert "profiler_error" not in prof and prof["top_host_ops_ms"]
     assert all(t >= 0 for t in report["timings_s"].values())
     # the table printed
-    assert "| target | output tok/s |" in table and "| batch | step |" in table
-    assert f"Profile at batch {max(BATCHES)}" in table
+    assert "| target | output tok/s |" in table and "| mode | batch | step |" in table
+    assert f"Profile (eager) at batch {max(BATCHES)}" in table
 
 
 def test_the_engine_gives_transformers_greedy_tokens(run):
