@@ -81,8 +81,9 @@ def decode_sweep(engine, batches, prompt_tokens, args, bandwidth, weight_bytes, 
     for batch in batches:
         ids = [f"bench-gpu-{batch}-{i}" for i in range(batch)]
         done = {}  # tokens computed, per sequence
+        prefill_s, prefill_tokens = [], []
         try:
-            for group in _chunks(ids, max(1, budget // prompt_tokens)):  # prefill
+            for group in _chunks(ids, max(1, budget // prompt_tokens)):  # prefill (timed too)
                 plan = StepPlan(step_id=next(step_ids))
                 for sid in group:
                     if kv.allocate_slots(sid, prompt_tokens, 0) is None:
@@ -93,7 +94,12 @@ def decode_sweep(engine, batches, prompt_tokens, args, bandwidth, weight_bytes, 
                                                 prompt_tokens, params, 0, 0, 0, blocks))
                     plan.scheduled.append(ScheduledSequence(sid, prompt_tokens, len(blocks), []))
                     done[sid] = prompt_tokens
+                sync()
+                t0 = time.perf_counter()
                 runner.execute(plan)
+                sync()
+                prefill_s.append(time.perf_counter() - t0)
+                prefill_tokens.append(len(group) * prompt_tokens)
 
             def decode_plan():
                 plan = StepPlan(step_id=next(step_ids))
@@ -133,6 +139,9 @@ def decode_sweep(engine, batches, prompt_tokens, args, bandwidth, weight_bytes, 
                          "context_tokens": statistics.fmean(t for _, t in plans) / batch,
                          "kv_bytes": kv_bytes, "weight_bytes": weight_bytes,
                          "roofline_ms": 1e3 * roof_s, "share": roof_s / step_s,
+                         # the batch's prefill steps (the first one pays any warm-up)
+                         "prefill_ms": [round(1e3 * t, 3) for t in prefill_s],
+                         "prefill_tokens": prefill_tokens,
                          "tokens_per_s": batch / step_s})
             _log(f"decode batch {batch}: {1e3 * step_s:.3f} ms/step, roofline "
                  f"{1e3 * roof_s:.3f} ms ({100 * roof_s / step_s:.1f}%)")

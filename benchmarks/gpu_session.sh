@@ -23,7 +23,7 @@
 # runs every step, with the tiny shape on the CPU in place of the two real ones.
 # Environment: OUT (default: a new temp dir), PY (default python3; .venv/bin/python in a
 # dry run), STEPS (default "tests kernels 1b 8b"), T_TESTS / T_KERNELS / T_1B / T_8B
-# (timeouts in s), ARGS_1B / ARGS_8B (more bench flags). Choose STEPS and timeouts to
+# (timeouts in s), GPU_TESTS (default tests/gpu), ARGS_1B / ARGS_8B (more bench flags). Choose STEPS and timeouts to
 # fit one call (600 s at most).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -119,7 +119,7 @@ fi
 for step in $STEPS; do
   case $step in
     tests) run_step "pytest tests/gpu" "$T_TESTS" "$OUT/pytest-gpu.log" \
-               "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE ;;
+               "$PY" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider -rfE ;;
     kernels) if [ $DRY = 1 ]; then note "kernels: needs a GPU (skipped in a dry run)"; else
                run_step "bench kernels" "$T_KERNELS" "$OUT/kernels.log" "$PY" -m mesh.cli bench \
                    kernels --json "$OUT/kernels.json"; fi ;;

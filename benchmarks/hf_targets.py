@@ -257,7 +257,7 @@ class HFCBTarget(Target):
             tokens = self.kv_tokens
             if self.max_batch_tokens:
                 tokens = min(tokens, MASK_BUDGET_BYTES // (4 * self.max_batch_tokens))
-            cb.num_blocks = max(1, -(-tokens // cb.page_size))
+            cb.num_blocks = max(1, -(-tokens // _page_size(cb)))
         self.cb_config = cb
         self._cm = model.continuous_batching_context_manager(
             generation_config=gc, block=True, timeout=30, continuous_batching_config=cb)
@@ -296,7 +296,7 @@ class HFCBTarget(Target):
 
     async def end_run(self) -> dict:
         cb = self.cb_config
-        return {"config": {"num_blocks": cb.num_blocks, "page_size": cb.page_size,
+        return {"config": {"num_blocks": cb.num_blocks, "page_size": _page_size(cb),
                            "max_batch_tokens": cb.max_batch_tokens,
                            "max_requests_per_batch": cb.max_requests_per_batch}}
 
@@ -331,3 +331,10 @@ class HFCBTarget(Target):
             self._cm.__exit__(None, None, None)
             self._cm = None
         self.manager = None
+
+
+def _page_size(cb) -> int:
+    """Tokens per KV block of transformers' continuous batching config: `page_size`
+    in transformers 5.2x, `block_size` in earlier 5.x releases (5.17 has no page_size)."""
+    size = getattr(cb, "page_size", None) or getattr(cb, "block_size", None)
+    return int(size or 256)

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent
-NUM_WARPS = 4
+NUM_THREADS = 128  # the decode kernel's CTA (paged_attention.cu)
 MAX_GROUP = 8
+GROUP_KERNELS = (1, 2, 4, 8)  # each kernel serves GQA groups up to its size
+HEAD_DIMS = (64, 128, 256)
+BLOCK_SIZES = (16, 32, 64)
 _DTYPE_TAG = {torch.float16: "f16", torch.bfloat16: "bf16"}
 NVRTC_OPTIONS = ["-std=c++17"]  # what CuPy's NVRTC gets (the CPU compile test uses the same)
 
@@ -69,9 +72,11 @@ def check_decode_args(q, k_cache, v_cache, block_tables, context_lens) -> None:
     _check(q.dtype in _DTYPE_TAG and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
            f"paged decode: q and the caches must share fp16 or bf16; got {q.dtype}, "
            f"{k_cache.dtype}, {v_cache.dtype}")
-    _check(cache_dim == head_dim and head_dim in (64, 128),
-           f"paged decode: head_dim {head_dim} (cache {cache_dim}); supported: 64, 128")
-    _check(block_size in (16, 32), f"paged decode: block size {block_size}; supported: 16, 32")
+    _check(cache_dim == head_dim and head_dim in HEAD_DIMS,
+           f"paged decode: head_dim {head_dim} (cache {cache_dim}); supported: "
+           f"{', '.join(map(str, HEAD_DIMS))}")
+    _check(block_size in BLOCK_SIZES, f"paged decode: block size {block_size}; supported: "
+           f"{', '.join(map(str, BLOCK_SIZES))}")
     _check(num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP,
            f"paged decode: {num_heads} query heads over {num_kv_heads} KV heads; a group of "
            f"at most {MAX_GROUP} that divides evenly")
@@ -133,6 +138,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    group_kernel = next(g for g in GROUP_KERNELS if g >= group)
     max_context = max_context or int(context_lens.max())
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context,
@@ -148,12 +154,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out = part_max = part_sum = torch.empty(0, device=q.device)
     import numpy as np
     with _stream():
-        _kernel("paged_attention.cu", f"paged_decode_{tag}_b{block_size}")(
-            (num_kv_heads, num_seqs, num_splits), (NUM_WARPS * 32,),
+        _kernel("paged_attention.cu", f"paged_decode_{tag}_g{group_kernel}")(
+            (num_kv_heads, num_seqs, num_splits), (NUM_THREADS,),
             (_ptr(out), _ptr(part_out), _ptr(part_max), _ptr(part_sum), _ptr(q), _ptr(k_cache),
              _ptr(v_cache), _ptr(block_tables), _ptr(context_lens),
              np.int32(block_tables.shape[1]), np.int32(num_kv_heads), np.int32(group),
-             np.float32(scale), np.int32(num_splits), np.int32(0)))
+             np.float32(scale), np.int32(num_splits),
+             np.int32(block_size.bit_length() - 1)))
         if num_splits > 1:
             _kernel("paged_attention.cu", f"paged_decode_reduce_{tag}")(
                 (num_heads, num_seqs), (head_dim,),

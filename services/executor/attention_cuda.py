@@ -11,7 +11,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 def kernels_support(dtype: torch.dtype, head_dim: int, block_size: int, num_heads: int,
                     num_kv_heads: int, sliding_window: int | None) -> bool:
-    return (dtype in KERNEL_DTYPES and head_dim in (64, 128) and block_size in (16, 32)
+    from kernels.ops import BLOCK_SIZES, HEAD_DIMS
+    return (dtype in KERNEL_DTYPES and head_dim in HEAD_DIMS and block_size in BLOCK_SIZES
             and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 8
             and sliding_window is None)
 
