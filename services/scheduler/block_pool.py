@@ -41,6 +41,9 @@ class BlockPool:
         self._cached: dict[bytes, int] = {}
         self.num_evictions = 0
         self.on_event = on_event
+        # filled slots of the blocks in use, kept as they change: KV stats are O(1)
+        # (a GPU cache has hundreds of thousands of blocks)
+        self.num_filled_used = 0
 
     @property
     def num_free(self) -> int:
@@ -74,6 +77,7 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self._free[block_id]
+                self.num_filled_used += block.num_filled
             block.ref_count += 1
 
     def free(self, block_ids: list[int]) -> None:
@@ -88,6 +92,15 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                self.num_filled_used -= block.num_filled
+
+    def fill(self, block_id: int, num_filled: int) -> None:
+        """The block holds computed tokens in at least its first `num_filled` slots."""
+        block = self.blocks[block_id]
+        if num_filled > block.num_filled:
+            if block.ref_count > 0:
+                self.num_filled_used += num_filled - block.num_filled
+            block.num_filled = num_filled
 
     def cache(self, block_id: int, block_hash: bytes, parent_hash: bytes = b"") -> None:
         """Register a full block under its hash (first writer wins)."""
@@ -131,3 +144,4 @@ class BlockPool:
             if block.block_hash is not None:
                 assert self._cached[block.block_hash] == block.block_id
         assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)
+        assert self.num_filled_used == sum(b.num_filled for b in self.blocks if b.ref_count > 0)

@@ -91,8 +91,7 @@ class KVCacheManager:
         table = self.tables[seq_id]
         bs = self.block_size
         for i in range((num_computed - num_new) // bs, -(-num_computed // bs)):
-            block = self.pool.blocks[table[i]]
-            block.num_filled = max(block.num_filled, min(bs, num_computed - i * bs))
+            self.pool.fill(table[i], min(bs, num_computed - i * bs))
         if not self.enable_prefix_caching:
             return
         hashes = self._hashes.setdefault(seq_id, [])
@@ -111,10 +110,16 @@ class KVCacheManager:
         `cached_block_ids`. Returns None (changing nothing) when blocks run out.
         """
         table = self.tables.get(seq_id)
+        bs = self.block_size
+        if table is not None and num_total_tokens <= len(table) * bs:
+            # the common decode step: the table covers it already, and unless a block
+            # it writes is shared (copy-on-write, below) nothing changes
+            blocks = self.pool.blocks
+            if all(blocks[table[i]].ref_count <= 1 for i in range(write_from // bs, len(table))):
+                return Allocation(len(table), [])
         is_new = table is None
         if is_new:
             table = list(cached_block_ids or [])
-        bs = self.block_size
         num_needed = max(0, -(-num_total_tokens // bs) - len(table))
         shared = [i for i in range(write_from // bs, len(table))
                   if self.pool.blocks[table[i]].ref_count > (0 if is_new else 1)]
@@ -155,13 +160,13 @@ class KVCacheManager:
         return self.tables[seq_id]
 
     def stats(self) -> KVStats:
-        used = [b for b in self.pool.blocks if b.ref_count > 0]
-        allocated = len(used) * self.block_size
-        filled = sum(b.num_filled for b in used)
+        num_used = self.pool.num_used
+        allocated = num_used * self.block_size
+        filled = self.pool.num_filled_used
         return KVStats(
             num_blocks=self.pool.num_blocks,
-            num_used_blocks=len(used),
-            usage=len(used) / self.pool.num_blocks,
+            num_used_blocks=num_used,
+            usage=num_used / self.pool.num_blocks,
             num_allocated_slots=allocated,
             num_filled_slots=filled,
             waste=(allocated - filled) / allocated if allocated else 0.0,
