@@ -114,8 +114,9 @@ class KVCacheManager:
         if table is not None and num_total_tokens <= len(table) * bs:
             # the common decode step: the table covers it already, and unless a block
             # it writes is shared (copy-on-write, below) nothing changes
-            blocks = self.pool.blocks
-            if all(blocks[table[i]].ref_count <= 1 for i in range(write_from // bs, len(table))):
+            blocks, first = self.pool.blocks, write_from // bs
+            if (blocks[table[-1]].ref_count <= 1 if first == len(table) - 1 else
+                    all(blocks[table[i]].ref_count <= 1 for i in range(first, len(table)))):
                 return Allocation(len(table), [])
         is_new = table is None
         if is_new:

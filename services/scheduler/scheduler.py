@@ -26,6 +26,7 @@ they were planned are stale and ignored.
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass, field
 
 from services.common.finish_reason import FinishReason
@@ -59,6 +60,9 @@ class SeqOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     text: str = ""  # text of new_token_ids (when the replica makes text)
+
+
+_BY_ORDER = operator.attrgetter("order")
 
 
 @dataclass
@@ -172,7 +176,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # highest effective priority first: the tail is what preemption takes
         step = self._step_id
-        self.running.sort(key=lambda s: (-self.waiting.effective_priority(s, step), s.order))
+        if self.policy.priorities and len({s.priority for s in self.running}) > 1:
+            self.running.sort(key=lambda s: (-self.waiting.effective_priority(s, step), s.order))
+        else:  # one class: aging alone, which orders them as they arrived (cheaper)
+            self.running.sort(key=_BY_ORDER)
         self._retire_finishing(plan)
         if self.policy.priorities:
             self._preempt_for_priority(plan, budget)
