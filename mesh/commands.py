@@ -46,9 +46,14 @@ def read_state(run_dir: Path) -> dict | None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-        return True
     except OSError:
         return False
+    # A zombie has exited: the detached supervisor is nobody's child once `up` returns,
+    # and its exit status waits for init to collect it (up to a second or two).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def cmd_up(args) -> int:
@@ -95,7 +100,7 @@ def cmd_up(args) -> int:
             print(f"llmesh: error: mesh failed to start: {(state or {}).get('error')}; see "
                   f"{run_dir / 'supervisor.log'}", file=sys.stderr)
             return 1
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGTERM)
     print("llmesh: error: mesh did not come up in time", file=sys.stderr)
     return 1

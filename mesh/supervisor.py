@@ -40,6 +40,10 @@ class ProcSpec:
     log_path: Path | None = None
     extra: dict = field(default_factory=dict)
     group: str = ""  # processes that live and die together (a replica's TP ranks)
+    # processes that start side by side: those of one stage are all started when the
+    # first of them is reached in the start order, then all waited for (each needs
+    # only what earlier stages started)
+    stage: str = ""
     env: dict = field(default_factory=dict)  # added to the process environment
 
 
@@ -88,6 +92,16 @@ def kv_blocks_args(cfg: MeshConfig) -> list[str]:
             "--kv-memory-share", f"{e.kv_memory_share / processes:.6f}"]
 
 
+# The start stages (ProcSpec.stage): what needs nothing else up (tokenizers, the KV
+# cache index, every replica's executors, the xDS control plane), then every
+# replica's scheduler (it connects to its executors and the KV cache index), then
+# the routers (SERVING once they reach a scheduler); Envoy after them. The trace
+# collector, when there is one, starts first on its own. (Executors that size their
+# KV cache from the available memory start one replica at a time: replica_specs.)
+STAGE_BACKENDS = "backends"
+STAGE_SCHEDULERS = "schedulers"
+STAGE_ROUTERS = "routers"
+
 ROUTERS_FILE = "routers.json"
 REPLICA_SET_FILE = "replicas.json"  # the routers' replicas (services/router/replica_set.py)
 
@@ -123,6 +137,11 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
     specs = []
     tp = len(ports.executors)
     threads = cfg.executor_threads or (max(1, (os.cpu_count() or 1) // tp) if tp > 1 else 0)
+    # The replicas start side by side, but not when each executor sizes its KV cache
+    # from the memory it finds available: then one replica after the other, so that
+    # each measures what the ones before it left.
+    executors_stage, scheduler_stage = ((STAGE_BACKENDS, STAGE_SCHEDULERS) if e.num_kv_blocks
+                                        else ("", ""))
     for rank, port in enumerate(ports.executors):
         dist = (["--rank", str(rank), "--world-size", str(tp),
                  "--dist-addr", f"127.0.0.1:{ports.dist_port}"] if tp > 1 else [])
@@ -133,7 +152,7 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
             "--bench-step-ms", str(e.bench_step_ms),
             "--test-corrupt-after-steps", str(e.test_corrupt_after_steps),
             "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)] + dist, port,
-            group=f"executors-{r}" if tp > 1 else ""))
+            group=f"executors-{r}" if tp > 1 else "", stage=executors_stage))
     specs.append(ProcSpec(f"scheduler-{r}", py + [
         "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
         "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{cfg.kvcache_port}",
@@ -152,7 +171,8 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
         "--leak-warmup-s", str(e.leak_warmup_s),
         "--test-leak-kv-blocks", str(e.test_leak_kv_blocks),
         "--admission", json.dumps(dataclasses.asdict(cfg.admission))]
-        + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler))
+        + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler,
+        stage=scheduler_stage))
     add_env(cfg, specs)
     return specs
 
@@ -177,11 +197,12 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--out", str(run_dir / "traces.jsonl")], obs.collector_port))
     for i, port in enumerate(cfg.tokenizer_ports):
         specs.append(ProcSpec(f"tokenizer-{i}", py + ["services.tokenizer", "--port", str(port),
-                                                        "--model", model_dir], port))
+                                                        "--model", model_dir], port,
+                              stage=STAGE_BACKENDS))
     admission = json.dumps(dataclasses.asdict(cfg.admission))
     write_replica_set(run_dir / REPLICA_SET_FILE, replica_entries(cfg, standby_names(cfg)))
     specs.append(ProcSpec("kvcache", py + ["services.kvcache", "--port", str(cfg.kvcache_port)],
-                          cfg.kvcache_port))
+                          cfg.kvcache_port, stage=STAGE_BACKENDS))
     for ports in cfg.replica_ports:
         specs += replica_specs(cfg, ports, model_dir)
     for i, port in enumerate(cfg.router_ports):
@@ -197,7 +218,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--prefix-load-ratio", str(cfg.routing.prefix_load_ratio)]
             + (["--test-fail-requests"] if i == cfg.routing.test_failing_router else [])
             + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
-               if cfg.http_ports else []), port))
+               if cfg.http_ports else []), port, stage=STAGE_ROUTERS))
     if cfg.envoy.xds:  # the control plane serves the routers' clusters to Envoy
         clusters = run_dir / "xds-clusters.json"
         clusters.write_text(json.dumps(xds_clusters(cfg)))
@@ -205,7 +226,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
         specs.append(ProcSpec("xds", py + ["mesh.xds", "--port", str(cfg.envoy.xds_port),
                                            "--clusters", str(clusters),
                                            "--routers", str(run_dir / ROUTERS_FILE)],
-                              cfg.envoy.xds_port))
+                              cfg.envoy.xds_port, stage=STAGE_BACKENDS))
     envoy_yaml = run_dir / "envoy.yaml"
     envoy_yaml.write_text(render_envoy_yaml(cfg, cfg.envoy.xds_port))
     specs.append(ProcSpec("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
@@ -242,15 +263,26 @@ class Supervisor:
         return envoy_ready(spec.extra["admin_port"], spec.extra["clusters"])
 
     def wait_ready(self, spec: ProcSpec, timeout_s: float) -> None:
+        self.wait_all_ready([spec], timeout_s)
+
+    def wait_all_ready(self, specs: list[ProcSpec], timeout_s: float) -> None:
+        """Wait until every one of `specs` is SERVING; raise as soon as one exits, or
+        when some are still not SERVING after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if spec.proc.poll() is not None:
-                raise RuntimeError(f"{spec.name} exited with {spec.proc.returncode}; "
-                                   f"see {spec.log_path}")
-            if self._ready(spec):
+        waiting = list(specs)
+        while True:
+            for spec in waiting:
+                if spec.proc.poll() is not None:
+                    raise RuntimeError(f"{spec.name} exited with {spec.proc.returncode}; "
+                                       f"see {spec.log_path}")
+            waiting = [s for s in waiting if not self._ready(s)]
+            if not waiting:
                 return
-            time.sleep(0.1)
-        raise TimeoutError(f"{spec.name} not SERVING after {timeout_s:.0f}s; see {spec.log_path}")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        raise TimeoutError(f"{', '.join(s.name for s in waiting)} not SERVING after "
+                           f"{timeout_s:.0f}s; see {waiting[0].log_path}")
 
     @property
     def is_stopping(self) -> bool:
@@ -261,7 +293,8 @@ class Supervisor:
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start every process in order, each SERVING before the next starts (the
-        ranks of a group start together: they rendezvous before serving)."""
+        ranks of a group start together: they rendezvous before serving; so do the
+        processes of a stage, which need nothing from each other)."""
         try:
             self._start_in_order(self.specs, timeout_s)
         except Exception:
@@ -275,16 +308,19 @@ class Supervisor:
         for spec in specs:
             if spec.name in started:
                 continue
-            group = [s for s in specs if s.group == spec.group] if spec.group else [spec]
-            for member in group:
+            batch = [s for s in specs if s.stage == spec.stage] if spec.stage else [spec]
+            batch = [m for s in batch  # with the whole group of each
+                     for m in ([g for g in specs if g.group == s.group] if s.group else [s])]
+            batch = [s for i, s in enumerate(batch) if s.name not in started
+                     and s.name not in {b.name for b in batch[:i]}]
+            for member in batch:
                 self._spawn(member)
                 started.add(member.name)
-            for member in group:
-                self.wait_ready(member, timeout_s)
+            self.wait_all_ready(batch, timeout_s)
 
     def add(self, specs: list[ProcSpec], timeout_s: float = 120.0) -> None:
-        """Start more processes while the others run (a replica joining), in order,
-        each SERVING before the next; supervised (restarted) from then on. If one
+        """Start more processes while the others run (a replica joining), in order
+        (by stage), each SERVING before the next; supervised (restarted) from then on. If one
         fails to start, those started here are stopped and the error raised."""
         try:
             self._start_in_order(specs, timeout_s)

@@ -22,3 +22,23 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_model(tiny_model_dir):
     from services.executor.weights import load_model
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _meshes_down_at_the_end():
+    """The last module's mesh goes down in the background too: wait for it and check it."""
+    yield
+    import mesh_downs
+    mesh_downs.finish()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _previous_mesh_down(request):
+    """A module whose first test brings up no `mesh` (a module fixture that waits for
+    the previous module's mesh after its own is up) first waits for that mesh to be
+    down and checked, so its tests never run beside a mesh stopping."""
+    first = next((item for item in request.session.items
+                  if getattr(item, "module", None) is request.module), None)
+    if first is None or "mesh" not in first.fixturenames:
+        import mesh_downs
+        mesh_downs.finish()

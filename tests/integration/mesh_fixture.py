@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+import mesh_downs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -73,15 +75,22 @@ class Mesh:
 
 def serving(mesh: Mesh):
     """A module fixture's body: up, yield the mesh, down, and check that no process
-    it ran (restarted ones included) is left behind."""
-    mesh.up()
+    it ran (restarted ones included) is left behind. The down runs in the background
+    beside the next mesh's start, and is checked once that mesh is up (tests/mesh_downs.py)."""
+    try:
+        mesh.up()
+    finally:
+        try:
+            mesh_downs.finish()  # the previous module's mesh
+        except BaseException:
+            mesh.down()  # (this one goes too: no teardown runs for a fixture that failed)
+            raise
     yield mesh
     pids = dict(mesh.state["pids"])
     state_path = mesh.run_dir / "state.json"
     if state_path.exists():
         pids.update(json.loads(state_path.read_text()).get("pids", {}))  # after restarts
-    mesh.down()
-    assert not [n for n, pid in pids.items() if _alive(pid)], "processes left behind"
+    mesh_downs.going_down(mesh.run_dir.name, mesh.down, pids, _alive)
 
 
 def _alive(pid: int) -> bool:

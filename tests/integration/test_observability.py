@@ -55,20 +55,30 @@ def collector():
 
 
 @pytest.fixture(scope="module")
-def otlp_mesh(tiny_model_dir, tmp_path_factory, collector):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("otlp-mesh"),
-             observability={"tracing": "otlp", "otlp_endpoint": collector.endpoint})
-    m.up()
-    yield m
-    m.down()
+def meshes(tiny_model_dir, tmp_path_factory, collector):
+    """Both meshes (the module's tests take turns on them), brought up side by side
+    and down again side by side: (the OTLP one, the local-file one)."""
+    both = (Mesh(tiny_model_dir, tmp_path_factory.mktemp("otlp-mesh"),
+                 observability={"tracing": "otlp", "otlp_endpoint": collector.endpoint}),
+            Mesh(tiny_model_dir, tmp_path_factory.mktemp("file-mesh")))
+    try:
+        with futures.ThreadPoolExecutor(2) as pool:
+            for up in [pool.submit(m.up) for m in both]:
+                up.result()
+        yield both
+    finally:
+        with futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda m: m.down(), both))
 
 
 @pytest.fixture(scope="module")
-def file_mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("file-mesh"))
-    m.up()
-    yield m
-    m.down()
+def otlp_mesh(meshes):
+    return meshes[0]
+
+
+@pytest.fixture(scope="module")
+def file_mesh(meshes):
+    return meshes[1]
 
 
 def _complete(endpoint, prompt, max_tokens, metadata=None):

@@ -80,15 +80,44 @@ def test_a_host_header_fails_the_nvrtc_compile():
     assert result != 0 and "INFINITY" in log
 
 
+NVCC_ARCHS = ["sm_90a", "sm_80"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nvcc_builds(tmp_path_factory):
+    """Every (kernel, arch) nvcc compile, started side by side when the module's first
+    test starts (each nvcc is one thread, like the NVRTC compiles here, which run
+    meanwhile); a test waits for its own. Those still running at the end are killed."""
+    if NVCC is None:
+        yield {}
+        return
+    root = tmp_path_factory.mktemp("nvcc")
+    builds = {}
+    try:
+        for source in KERNELS:
+            for arch in NVCC_ARCHS:
+                cubin = root / f"{source.stem}-{arch}.cubin"
+                proc = subprocess.Popen([NVCC, "-std=c++17", f"-arch={arch}", "-cubin", "-Werror",
+                                         "all-warnings", "-o", str(cubin), str(source)],
+                                        cwd=root, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                builds[source.name, arch] = (proc, cubin)
+        yield builds
+    finally:
+        for proc, _ in builds.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
-@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+@pytest.mark.parametrize("arch", NVCC_ARCHS)
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
-def test_kernel_compiles(source, arch, tmp_path):
-    proc = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", "-cubin", "-Werror",
-                           "all-warnings", "-o", str(tmp_path / "k.cubin"), str(source)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "k.cubin").stat().st_size > 0
+def test_kernel_compiles(source, arch, nvcc_builds):
+    proc, cubin = nvcc_builds[source.name, arch]
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert cubin.stat().st_size > 0
 
 
 def test_reference_decode_matches_dense_attention():
