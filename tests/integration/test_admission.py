@@ -37,8 +37,13 @@ def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, run_dir, engine={"max_num_seqs": 2},
              observability={"tracing": "off"},
              admission={"keys_file": str(keys_file), "max_output_tokens": 4000,
+                        # (a standard request waits for a slot held by a 1,500-token
+                        # stream here: on a loaded box the default 15 s TTFT budget
+                        # would refuse it as `slo` before its own deadline could pass;
+                        # SLO admission has its own tests)
                         "classes": {"batch": {"max_queued_requests": 2},
-                                    "standard": {"max_queued_requests": 4}}})
+                                    "standard": {"max_queued_requests": 4,
+                                                 "ttft_budget_s": 600.0}}})
     yield from serving(m)
 
 
