@@ -90,11 +90,14 @@ class KVCacheManager:
         filled slots and register the blocks that are now full."""
         table = self.tables[seq_id]
         bs = self.block_size
+        fill = self.pool.fill
         for i in range((num_computed - num_new) // bs, -(-num_computed // bs)):
-            self.pool.fill(table[i], min(bs, num_computed - i * bs))
-        if not self.enable_prefix_caching:
+            fill(table[i], min(bs, num_computed - i * bs))
+        if not self.enable_prefix_caching or num_computed < bs:
             return
         hashes = self._hashes.setdefault(seq_id, [])
+        if len(hashes) >= num_computed // bs:
+            return  # (most steps: no block became full)
         for i in range(len(hashes), num_computed // bs):
             parent = hashes[-1] if hashes else b""
             hashes.append(hash_block(parent, token_ids[i * bs:(i + 1) * bs], salt))

@@ -342,25 +342,30 @@ class Scheduler:
         """Apply a step's sampled tokens (steps complete in plan order); returns
         per-sequence deltas."""
         outputs = []
+        sampled, all_logprobs = result.sampled, result.logprobs
+        cache_blocks, charge = self.kv.cache_blocks, self.waiting.charge
+        running, finishing = SeqStatus.RUNNING, SeqStatus.FINISHING
         for p in self._in_flight.pop(plan.step_id, ()):
             seq = p.seq
-            is_finishing = seq.status is SeqStatus.FINISHING
-            if not (is_finishing or seq.status is SeqStatus.RUNNING) \
-                    or seq.incarnation != p.incarnation:
+            is_finishing = seq.status is finishing
+            if not (is_finishing or seq.status is running) or seq.incarnation != p.incarnation:
                 continue  # finished, aborted or preempted since it was planned
             if p.samples:
                 seq.num_pending -= 1
             seq.num_failures = 0
             first = p.num_computed - p.num_new_tokens
-            num_prompt_new = max(0, min(seq.num_prompt_tokens, p.num_computed) - first)
+            num_prompt_new = max(0, min(len(seq.prompt_token_ids), p.num_computed) - first)
             if not is_finishing:  # (a finishing one cached its blocks when it retired)
-                self.kv.cache_blocks(seq.seq_id, seq.token_ids, p.num_computed,
-                                     p.num_new_tokens, seq.salt)
-            tokens = result.sampled.get(seq.seq_id) if p.samples else None
-            self.waiting.charge(seq.tenant, num_prompt_new, len(tokens or ()))
+                cache_blocks(seq.seq_id, seq.token_ids, p.num_computed, p.num_new_tokens,
+                             seq.salt)
+            tokens = sampled.get(seq.seq_id) if p.samples else None
+            charge(seq.tenant, num_prompt_new, len(tokens) if tokens else 0)
             if not tokens:
                 continue
-            logprobs = result.logprobs.get(seq.seq_id, [])
+            logprobs = all_logprobs.get(seq.seq_id, [])
+            if len(tokens) == 1:  # (the common case: no fork)
+                outputs.append(self._append(seq, tokens[0], logprobs[:1], is_finishing))
+                continue
             family = [seq] + [self._fork(seq, i) for i in range(1, len(tokens))]
             for j, (member, token) in enumerate(zip(family, tokens)):
                 outputs.append(self._append(member, token, logprobs[j:j + 1], is_finishing))
