@@ -125,3 +125,23 @@ def test_peak_bandwidth_by_gpu_name():
     assert gpu_decode.spec_bandwidth("NVIDIA H100 NVL")[0] == 3.9
     assert gpu_decode.spec_bandwidth("NVIDIA A100-SXM4-80GB") is None
     assert gpu_decode.spec_bandwidth(None) is None
+
+
+def test_bench_kernels_says_it_needs_a_gpu_here(capsys):
+    """`llmesh bench kernels` is registered; without CUDA it exits 2 and says why
+    (it ran on an H200: BENCHMARKS.md)."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the command would run")
+    assert main(["bench", "kernels", "--batches", "1", "--contexts", "64"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_kernel_bench_table_from_a_report():
+    from benchmarks.gpu_kernels import markdown
+    row = {"head_dim": 128, "batch": 64, "context": 4096, "kv_bytes": 1.07e9,
+           "paged_s": 374.4e-6, "paged_host_s": 46e-6, "sdpa_s": 245.5e-6,
+           "paged_share": 0.733, "sdpa_share": 1.117}
+    table = markdown({"dtype": "bfloat16", "gpu": "NVIDIA H200", "kv_heads": 8, "group": 4,
+                      "block_size": 16, "copy_bytes_per_s": 3.91e12, "rows": [row]})
+    assert "| 128 | 64 | 4096 | 374.4 us | 73.3% | 46.0 us | 245.5 us | 111.7% |" in table
