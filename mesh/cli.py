@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--timeout", type=float, default=300.0)
     down = sub.add_parser("down", help="stop the mesh brought up with --detach")
     down.add_argument("--config")
+    down.add_argument("--timeout", type=float, default=30.0,
+                      help="seconds the supervisor has to stop every process; after them "
+                           "it and what it ran are killed (exit status 1)")
     status = sub.add_parser("status", help="health, queue depth and KV usage per replica")
     status.add_argument("--config")
     status.add_argument("--json", action="store_true")

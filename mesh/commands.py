@@ -114,14 +114,39 @@ def cmd_down(args) -> int:
         print("llmesh: no mesh is up")
         return 0
     pid = state["supervisor_pid"]
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + args.timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if not _alive(pid):
+        print("llmesh: mesh down")
+        return 0
+    # The supervisor did not stop in time: it goes, and so does every process it ran
+    # (its process group when it leads one, as `up --detach` starts it, and the pids it
+    # last wrote), so that nothing is left serving without it.
+    latest = read_state(run_dir) or state
+    left = {name: p for name, p in {**state.get("pids", {}), **latest.get("pids", {})}.items()
+            if _alive(p)}
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in [pid, *left.values()]:
+        _kill(p)
+    print(f"llmesh: the supervisor did not stop in {args.timeout:g} s; killed it and {len(left)} "
+          f"processes ({', '.join(sorted(left)) or 'none'})", file=sys.stderr)
+    return 1
+
+
+def _kill(pid: int) -> None:
+    try:
         os.kill(pid, signal.SIGKILL)
-    print("llmesh: mesh down")
-    return 0
+    except ProcessLookupError:
+        pass
 
 
 def cmd_scale(args) -> int:

@@ -9,26 +9,40 @@ does the end of the session (tests/conftest.py). One registry for the process
 from __future__ import annotations
 
 import threading
+import warnings
 
-_pending: list[tuple[threading.Thread, str, dict, object]] = []
+_pending: list[tuple[threading.Thread, str, dict]] = []
 _lock = threading.Lock()
 
 
-def going_down(name: str, down, pids: dict, alive) -> None:
-    """Run `down()` in the background; `pids` (name -> pid) must all be gone after it."""
-    thread = threading.Thread(target=down, name=f"down-{name}")
+def going_down(name: str, down) -> None:
+    """Run `down()` in the background: it returns what `llmesh down` said when that was
+    not a plain stop, and the processes it left up (which it then killed by pid)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["said"], outcome["left"] = down()
+        except BaseException as e:  # (reported by finish, not lost in a thread)
+            outcome["error"] = repr(e)
+    thread = threading.Thread(target=run, name=f"down-{name}")
     thread.start()
     with _lock:
-        _pending.append((thread, name, pids, alive))
+        _pending.append((thread, name, outcome))
 
 
 def finish() -> None:
-    """Wait for every mesh going down; assert that none left a process behind."""
+    """Wait for every mesh going down; assert that `llmesh down` stopped every process
+    the mesh ran (restarted ones included) and did not fail."""
     while True:
         with _lock:
             if not _pending:
                 return
-            thread, name, pids, alive = _pending.pop(0)
+            thread, name, outcome = _pending.pop(0)
         thread.join()
-        left = [n for n, pid in pids.items() if alive(pid)]
-        assert not left, f"processes left behind by the mesh in {name}: {left}"
+        assert "error" not in outcome, f"taking the mesh in {name} down failed: {outcome['error']}"
+        assert not outcome["left"], (
+            f"processes left behind by `llmesh down` of the mesh in {name} (killed since): "
+            f"{outcome['left']}; {outcome['said']}")
+        if outcome["said"]:
+            warnings.warn(f"the mesh in {name}: {outcome['said']}")

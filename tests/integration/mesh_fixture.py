@@ -52,19 +52,34 @@ class Mesh:
     def config(self) -> dict:
         return self.state["config"]
 
-    def down(self) -> None:
-        self.cli("down", timeout=60)
-        # whatever the supervisor left behind is killed by pid
-        state_path = self.run_dir / "state.json"
-        pids = list(self.state.get("pids", {}).values()) + [self.state.get("supervisor_pid", 0)]
-        if state_path.exists():
+    def down(self) -> tuple[str, list[str]]:
+        """`llmesh down`, then whatever it left behind is killed by pid. Returns what
+        `llmesh down` said when it was not a plain stop (its exit status and output, or
+        the exception; '' for a plain stop) and the processes still up when it returned.
+        The kill pass runs whatever happened."""
+        t0, left = time.monotonic(), []
+        try:
+            proc = self.cli("down", timeout=90)
+            said = "" if proc.returncode == 0 else (
+                f"llmesh down exited {proc.returncode} after {time.monotonic() - t0:.1f} s: "
+                f"{proc.stdout}{proc.stderr}")
+        except Exception as e:  # (the kill pass below still runs)
+            said = f"llmesh down raised after {time.monotonic() - t0:.1f} s: {e!r}"
+        finally:
+            pids = {**self.state.get("pids", {}),
+                    "supervisor": self.state.get("supervisor_pid", 0)}
             try:
-                pids += list(json.loads(state_path.read_text()).get("pids", {}).values())
-            except ValueError:
+                pids.update(json.loads((self.run_dir / "state.json").read_text())
+                            .get("pids", {}))  # (restarted ones)
+            except (OSError, ValueError):
                 pass
-        for pid in pids:
-            if pid and _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            left = [name for name, pid in pids.items() if pid and _alive(pid)]
+            for name in left:
+                try:
+                    os.kill(pids[name], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return said, left
 
     def logs(self) -> str:
         out = []
@@ -86,11 +101,7 @@ def serving(mesh: Mesh):
             mesh.down()  # (this one goes too: no teardown runs for a fixture that failed)
             raise
     yield mesh
-    pids = dict(mesh.state["pids"])
-    state_path = mesh.run_dir / "state.json"
-    if state_path.exists():
-        pids.update(json.loads(state_path.read_text()).get("pids", {}))  # after restarts
-    mesh_downs.going_down(mesh.run_dir.name, mesh.down, pids, _alive)
+    mesh_downs.going_down(mesh.run_dir.name, mesh.down)
 
 
 def _alive(pid: int) -> bool:
@@ -98,8 +109,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
