@@ -3,7 +3,8 @@ order, and the prefix index (block hash -> cached block).
 
 A freed block keeps its hash and stays findable until it is handed out again:
 allocation takes blocks from the head of the free queue (least recently
-freed), which evicts whatever prefix they cached. `allocate` returns None
+freed, after the freed blocks that cache nothing), which evicts whatever
+prefix they cached. `allocate` returns None
 instead of raising when the pool cannot satisfy a request.
 
 Every change to the prefix index is reported to `on_event` as it happens
@@ -81,17 +82,22 @@ class BlockPool:
             block.ref_count += 1
 
     def free(self, block_ids: list[int]) -> None:
-        """Drop one reference on each; blocks reaching 0 join the free queue's tail.
+        """Drop one reference on each; blocks reaching 0 join the free queue's tail,
+        or its head when they cache nothing (a partial block: no one can hit it, so
+        it goes before any block that holds a prefix).
 
         Callers pass a request's blocks tail first so a sequence's last blocks
         (the least shareable) are evicted before its first ones.
         """
+        free = self._free
         for block_id in block_ids:
             block = self.blocks[block_id]
             assert block.ref_count > 0, f"double free of block {block_id}"
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._free[block_id] = None
+                free[block_id] = None
+                if block.block_hash is None:
+                    free.move_to_end(block_id, last=False)
                 self.num_filled_used -= block.num_filled
 
     def fill(self, block_id: int, num_filled: int) -> None:

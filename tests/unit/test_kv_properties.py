@@ -22,13 +22,31 @@ def test_lru_eviction_of_cached_blocks():
     kv.free("a")  # freed blocks stay cached and findable
     assert len(kv.find_cached_prefix(a)) == 2
     assert kv.stats().num_used_blocks == 0
-    # the never-used block is handed out first, then the freed ones (tail first)
-    assert kv.allocate_slots("b", 2, 0).new_block_ids == [3]
+    # a's partial block (it caches nothing) is handed out first, then the never-used
+    # one, then the freed cached ones (tail first)
+    assert kv.allocate_slots("b", 2, 0).new_block_ids == [2]
     assert len(kv.find_cached_prefix(a)) == 2 and kv.pool.num_evictions == 0
-    kv.allocate_slots("c", 2, 0)  # takes a's partial block (never cached)
+    assert kv.allocate_slots("c", 2, 0).new_block_ids == [3]
     assert len(kv.find_cached_prefix(a)) == 2
     kv.allocate_slots("d", 2, 0)  # evicts a's second full block
     assert len(kv.find_cached_prefix(a)) == 1 and kv.pool.num_evictions == 1
+    kv.pool.check_invariants()
+
+
+def test_a_freed_block_that_caches_nothing_is_handed_out_before_cached_ones():
+    kv = KVCacheManager(num_blocks=3, block_size=2)
+    a, b = [1, 2, 3, 4], [7]
+    kv.allocate_slots("a", 4, 0)
+    kv.cache_blocks("a", a, 4, 4)  # two full blocks, cached
+    kv.allocate_slots("b", 1, 0)
+    kv.cache_blocks("b", b, 1, 1)  # one partial block: nothing to cache
+    partial = kv.block_ids("b")[0]
+    kv.free("a")
+    kv.free("b")  # freed last, but it holds no prefix anyone can hit
+    assert kv.allocate_slots("c", 2, 0).new_block_ids == [partial]
+    assert len(kv.find_cached_prefix(a + [5])) == 2 and kv.pool.num_evictions == 0
+    kv.allocate_slots("d", 2, 0)  # then the least recently freed cached block
+    assert len(kv.find_cached_prefix(a + [5])) == 1 and kv.pool.num_evictions == 1
     kv.pool.check_invariants()
 
 
