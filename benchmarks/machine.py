@@ -44,9 +44,13 @@ def versions() -> dict:
         except ImportError:
             pass
     try:
-        out["llmesh_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                              capture_output=True, text=True, timeout=10,
-                                              cwd=Path(__file__).parent).stdout.strip() or None
+        git = ["git", "-C", str(Path(__file__).parent)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        if commit and subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip():
+            commit += "+dirty"  # (tracked files changed since that commit)
+        out["llmesh_commit"] = commit
     except (OSError, subprocess.SubprocessError):
         pass
     return out
