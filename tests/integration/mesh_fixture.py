@@ -1,6 +1,7 @@
 """Bring a real mesh up on loopback (ports picked at run time) and down again by pid."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -52,17 +53,26 @@ class Mesh:
     def config(self) -> dict:
         return self.state["config"]
 
-    def down(self) -> tuple[str, list[str]]:
+    def down(self, in_process: bool = False) -> tuple[str, list[str]]:
         """`llmesh down`, then whatever it left behind is killed by pid. Returns what
         `llmesh down` said when it was not a plain stop (its exit status and output, or
         the exception; '' for a plain stop) and the processes still up when it returned.
-        The kill pass runs whatever happened."""
+        The kill pass runs whatever happened. `in_process` runs the command's function
+        here instead of the CLI: for a down in a background thread, which must not
+        spawn a process while the main thread spawns the next mesh's (twice such a
+        spawn failed with EFAULT, once in CI, once in a full local run)."""
         t0, left = time.monotonic(), []
         try:
-            proc = self.cli("down", timeout=90)
-            said = "" if proc.returncode == 0 else (
-                f"llmesh down exited {proc.returncode} after {time.monotonic() - t0:.1f} s: "
-                f"{proc.stdout}{proc.stderr}")
+            if in_process:
+                from mesh.commands import cmd_down
+                rc = cmd_down(argparse.Namespace(config=str(self.config_path), timeout=30.0))
+                said = "" if rc == 0 else (
+                    f"llmesh down returned {rc} after {time.monotonic() - t0:.1f} s")
+            else:
+                proc = self.cli("down", timeout=90)
+                said = "" if proc.returncode == 0 else (
+                    f"llmesh down exited {proc.returncode} after {time.monotonic() - t0:.1f} s: "
+                    f"{proc.stdout}{proc.stderr}")
         except Exception as e:  # (the kill pass below still runs)
             said = f"llmesh down raised after {time.monotonic() - t0:.1f} s: {e!r}"
         finally:
@@ -73,6 +83,8 @@ class Mesh:
                             .get("pids", {}))  # (restarted ones)
             except (OSError, ValueError):
                 pass
+            # (a process `llmesh down` had to kill may take a moment to go)
+            wait_until(lambda: not any(pid and _alive(pid) for pid in pids.values()), 5)
             left = [name for name, pid in pids.items() if pid and _alive(pid)]
             for name in left:
                 try:
@@ -101,7 +113,7 @@ def serving(mesh: Mesh):
             mesh.down()  # (this one goes too: no teardown runs for a fixture that failed)
             raise
     yield mesh
-    mesh_downs.going_down(mesh.run_dir.name, mesh.down)
+    mesh_downs.going_down(mesh.run_dir.name, lambda: mesh.down(in_process=True))
 
 
 def _alive(pid: int) -> bool:

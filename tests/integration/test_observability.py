@@ -68,7 +68,7 @@ def meshes(tiny_model_dir, tmp_path_factory, collector):
         yield both
     finally:
         with futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda m: m.down(), both))
+            list(pool.map(lambda m: m.down(in_process=True), both))
 
 
 @pytest.fixture(scope="module")
