@@ -4,14 +4,15 @@ tokens is resumed by its client (`resume_token_ids`, and the seed the stream
 reported): every request completes, each with the tokens of a fault-free run."""
 import pytest
 
-from chaos.load import (assert_all_exact, kill_during, replica_serving, run_load,
+from chaos.load import (NO_TTFT_BUDGET, assert_all_exact, kill_during, replica_serving, run_load,
                         run_resuming_load)
 from integration.mesh_fixture import Mesh, serving, wait_until
 
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("front"), routers=2, tokenizers=1,
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("front"),
+             admission=NO_TTFT_BUDGET, routers=2, tokenizers=1,
              observability={"tracing": "off"})
     yield from serving(m)
 

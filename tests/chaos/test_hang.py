@@ -10,7 +10,7 @@ import time
 import pytest
 from grpc_health.v1 import health_pb2
 
-from chaos.load import assert_all_exact, run_load, scheduler_stats
+from chaos.load import NO_TTFT_BUDGET, assert_all_exact, run_load, scheduler_stats
 from integration.mesh_fixture import Mesh, health_status, serving, wait_until
 
 STOP_S = 8.0
@@ -18,7 +18,8 @@ STOP_S = 8.0
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("hang"), observability={"tracing": "off"},
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("hang"),
+             admission=NO_TTFT_BUDGET, observability={"tracing": "off"},
              engine={"num_kv_blocks": 512, "step_timeout_s": 2.0})
     yield from serving(m)
 

@@ -7,13 +7,14 @@ import signal
 
 import pytest
 
-from chaos.load import assert_all_exact, replica_serving, run_load
+from chaos.load import NO_TTFT_BUDGET, assert_all_exact, replica_serving, run_load
 from integration.mesh_fixture import Mesh, serving, wait_until
 
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("leaks"), observability={"tracing": "off"},
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("leaks"),
+             admission=NO_TTFT_BUDGET, observability={"tracing": "off"},
              engine={"num_kv_blocks": 512, "probe_interval_s": 0,
                      "leak_check_s": 0.5, "leak_warmup_s": 2, "leak_idle_s": 2,
                      "leak_rss_growth": 0.05,

@@ -7,13 +7,15 @@ import urllib.request
 import grpc
 import pytest
 
+from chaos.load import NO_TTFT_BUDGET
 from integration.mesh_fixture import Mesh, serving
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("outlier"), routers=2, tokenizers=1,
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("outlier"),
+             admission=NO_TTFT_BUDGET, routers=2, tokenizers=1,
              observability={"tracing": "off"}, routing={"test_failing_router": 1})
     yield from serving(m)
 

@@ -9,14 +9,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from chaos.load import scheduler_stats
+from chaos.load import NO_TTFT_BUDGET, scheduler_stats
 from integration.mesh_fixture import Mesh, health_status, serving, wait_until
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("probe"), observability={"tracing": "off"},
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("probe"),
+             admission=NO_TTFT_BUDGET, observability={"tracing": "off"},
              engine={"num_kv_blocks": 512, "probe_interval_s": 1.0,
                      "test_corrupt_after_steps": 60},
              routing={"replica_wait_s": 1.0})

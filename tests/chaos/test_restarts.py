@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from chaos.load import (assert_all_exact, kill_during, make_choices_workload, replica_serving,
-                        router_migrations, run_choices_load, run_load, run_text_load,
+from chaos.load import (NO_TTFT_BUDGET, assert_all_exact, kill_during, make_choices_workload,
+                        replica_serving, router_migrations, run_choices_load, run_load, run_text_load,
                         scheduler_stats)
 from integration.mesh_fixture import Mesh, serving, wait_until
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
@@ -20,7 +20,8 @@ from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("chaos"), observability={"tracing": "off"})
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("chaos"),
+             admission=NO_TTFT_BUDGET, observability={"tracing": "off"})
     yield from serving(m)
 
 

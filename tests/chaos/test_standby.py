@@ -10,7 +10,7 @@ import time
 import pytest
 from grpc_health.v1 import health_pb2
 
-from chaos.load import assert_all_exact, run_load
+from chaos.load import NO_TTFT_BUDGET, assert_all_exact, run_load
 from integration.mesh_fixture import Mesh, health_status, serving, wait_until
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -19,7 +19,8 @@ import grpc
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("standby"), replicas=2,
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("standby"),
+             admission=NO_TTFT_BUDGET, replicas=2,
              routing={"standby_replicas": 1}, observability={"tracing": "off"},
              engine={"num_kv_blocks": 512, "step_timeout_s": 2.0, "probe_interval_s": 0})
     yield from serving(m)
