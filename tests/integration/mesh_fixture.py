@@ -61,6 +61,13 @@ class Mesh:
         here instead of the CLI: for a down in a background thread, which must not
         spawn a process while the main thread spawns the next mesh's (twice such a
         spawn failed with EFAULT, once in CI, once in a full local run)."""
+        # every process the mesh ran: as it came up, and as the supervisor last wrote
+        # them (restarted ones); read before the down, after which state.json has none
+        pids = {**self.state.get("pids", {}), "supervisor": self.state.get("supervisor_pid", 0)}
+        try:
+            pids.update(json.loads((self.run_dir / "state.json").read_text()).get("pids", {}))
+        except (OSError, ValueError):
+            pass
         t0, left = time.monotonic(), []
         try:
             if in_process:
@@ -76,13 +83,6 @@ class Mesh:
         except Exception as e:  # (the kill pass below still runs)
             said = f"llmesh down raised after {time.monotonic() - t0:.1f} s: {e!r}"
         finally:
-            pids = {**self.state.get("pids", {}),
-                    "supervisor": self.state.get("supervisor_pid", 0)}
-            try:
-                pids.update(json.loads((self.run_dir / "state.json").read_text())
-                            .get("pids", {}))  # (restarted ones)
-            except (OSError, ValueError):
-                pass
             # (a process `llmesh down` had to kill may take a moment to go)
             wait_until(lambda: not any(pid and _alive(pid) for pid in pids.values()), 5)
             left = [name for name, pid in pids.items() if pid and _alive(pid)]
