@@ -1,6 +1,6 @@
 """A 10x spike against fixed replica counts and the autoscaler.
 
-    python -m benchmarks.autoscale [--base 3] [--spike 30] [--json OUT]
+    python -m llmesh.benchmarks.autoscale [--base 3] [--spike 30] [--json OUT]
 
 Replicas run the benchmark-only sleeping model (each step sleeps 20 ms and uses
 no CPU, like a GPU step), so on this 2-core box N replicas really serve N times
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.local_mesh import write_report
-from benchmarks.overload import flood
+from llmesh.benchmarks.local_mesh import write_report
+from llmesh.benchmarks.overload import flood
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 2.0
@@ -67,7 +67,7 @@ def _run(name: str, topology: dict, autoscaler, model_dir: str, phases, out_dir:
     path.write_text(yaml.safe_dump(cfg))
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mesh.cli", *args, "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "llmesh.mesh.cli", *args, "--config", str(path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
     up = cli("up", "--detach")
     if up.returncode != 0:
@@ -109,8 +109,8 @@ def _run(name: str, topology: dict, autoscaler, model_dir: str, phases, out_dir:
 
 
 def main(argv=None) -> int:
-    from mesh.default_model import make_tiny
-    p = argparse.ArgumentParser(prog="benchmarks.autoscale")
+    from llmesh.mesh.default_model import make_tiny
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.autoscale")
     p.add_argument("--base", type=float, default=3.0)
     p.add_argument("--spike", type=float, default=30.0)
     p.add_argument("--max-replicas", type=int, default=4)

@@ -1,13 +1,13 @@
 """Chaos benchmark: a kill every few seconds across process types, under load.
 
-    python -m benchmarks.chaos [--model DIR] [--duration 300] [--kill-every 20]
+    python -m llmesh.benchmarks.chaos [--model DIR] [--duration 300] [--kill-every 20]
         [--victims executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy]
         [--concurrency 8] [--json OUT]
 
 A mesh with two routers runs a closed loop of seeded requests with known answers
 (the in-process engine's tokens for the same prompts and parameters): half
 greedy, half sampled with a seed, all through Envoy, each read by a client that
-resumes a stream the front door drops (`mesh.client.ResumingStream`). Every
+resumes a stream the front door drops (`llmesh.mesh.client.ResumingStream`). Every
 `--kill-every` seconds the next victim in the list gets SIGKILL; the supervisor
 restarts it. The report counts requests that failed (any error the client saw
 in the end), that came back with other tokens than the known answer, and that
@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from llmesh.v1 import common_pb2, inference_pb2
-from mesh.client import ResumingStream
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.mesh.client import ResumingStream
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 VICTIMS = "executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy"
 
@@ -123,9 +123,9 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
 
 
 def main(argv=None) -> int:
-    from benchmarks.local_mesh import supervised_mesh, write_report
-    from mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="benchmarks.chaos")
+    from llmesh.benchmarks.local_mesh import supervised_mesh, write_report
+    from llmesh.mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.chaos")
     p.add_argument("--model", help="model directory (default: the tiny preset)")
     p.add_argument("--duration", type=float, default=300.0)
     p.add_argument("--kill-every", type=float, default=20.0)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from benchmarks import arrivals as arrivals_mod
-from benchmarks import workload as workload_mod
-from benchmarks.gpu_bench import add_gpu_parser
-from benchmarks.gpu_kernels import add_kernels_parser
-from benchmarks.metrics import parse_slo
+from llmesh.benchmarks import arrivals as arrivals_mod
+from llmesh.benchmarks import workload as workload_mod
+from llmesh.benchmarks.gpu_bench import add_gpu_parser
+from llmesh.benchmarks.gpu_kernels import add_kernels_parser
+from llmesh.benchmarks.metrics import parse_slo
 
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
 
@@ -83,13 +83,13 @@ def run_bench_cli(args) -> int:
     if args.bench_cmd == "workload":
         return _write_workload(args)
     if args.bench_cmd == "kernels":
-        from benchmarks.gpu_kernels import run_kernels_cli
+        from llmesh.benchmarks.gpu_kernels import run_kernels_cli
         return run_kernels_cli(args)
     if args.bench_cmd == "gpu":
-        from benchmarks.gpu_bench import run_gpu_cli
+        from llmesh.benchmarks.gpu_bench import run_gpu_cli
         return run_gpu_cli(args)
-    from benchmarks.harness import run_bench
-    from benchmarks.report import default_paths, markdown, write_outputs
+    from llmesh.benchmarks.harness import run_bench
+    from llmesh.benchmarks.report import default_paths, markdown, write_outputs
     setup = build_setup(args)
     result = run_bench(setup, json_out=args.json_out)
     md_out, plots = args.markdown, args.plots
@@ -103,8 +103,8 @@ def run_bench_cli(args) -> int:
 
 
 def runs_from_args(args) -> list:
-    from benchmarks.arrivals import ArrivalSpec
-    from benchmarks.harness import RunSpec
+    from llmesh.benchmarks.arrivals import ArrivalSpec
+    from llmesh.benchmarks.harness import RunSpec
     if args.bench_cmd == "offline":
         return [RunSpec(ArrivalSpec("offline"), num_requests=args.num_requests)]
     kind = args.arrival
@@ -131,14 +131,14 @@ def runs_from_args(args) -> list:
 
 
 def build_setup(args):
-    from benchmarks.harness import (BENCH_ENGINE_CONFIG, BenchSetup, context_limit,
+    from llmesh.benchmarks.harness import (BENCH_ENGINE_CONFIG, BenchSetup, context_limit,
                                     engine_config_for)
-    from services.executor.model_config import load_model_config
+    from llmesh.services.executor.model_config import load_model_config
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     mesh_config, endpoint, schedulers = None, None, []
     model_dir = args.model
     if args.config:
-        from mesh.config import load_config
+        from llmesh.mesh.config import load_config
         mesh_config = load_config(args.config)
         model_dir = model_dir or mesh_config.model or None
     if args.endpoint:
@@ -147,7 +147,7 @@ def build_setup(args):
         mesh_config = dataclasses.replace(mesh_config, envoy=dataclasses.replace(
             mesh_config.envoy, port=0, admin_port=0))
     if not model_dir:
-        from mesh.default_model import default_model_dir
+        from llmesh.mesh.default_model import default_model_dir
         model_dir = default_model_dir("bench")
     engine_config = engine_config_for(mesh_config) if mesh_config is not None else BENCH_ENGINE_CONFIG
     if args.dtype:
@@ -173,17 +173,17 @@ def build_setup(args):
 
 def _running_schedulers(config_path: str | None) -> list[str]:
     """Scheduler addresses of the mesh `llmesh up --config FILE` brought up (for GetStats)."""
-    from mesh.commands import effective_config, read_state, run_dir_of
+    from llmesh.mesh.commands import effective_config, read_state, run_dir_of
     state = read_state(run_dir_of(effective_config(config_path))) or {}
     replicas = (state.get("config") or {}).get("replica_ports") or []
     return [f"127.0.0.1:{r['scheduler']}" for r in replicas]
 
 
 def _write_workload(args) -> int:
-    from services.executor.model_config import load_model_config
+    from llmesh.services.executor.model_config import load_model_config
     model_dir = args.model
     if not model_dir:
-        from mesh.default_model import default_model_dir
+        from llmesh.mesh.default_model import default_model_dir
         model_dir = default_model_dir("bench")
     mc = load_model_config(model_dir)
     wl = workload_mod.builtin(args.name, mc.vocab_size, mc.max_position_embeddings, args.seed,

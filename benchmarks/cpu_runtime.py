@@ -1,6 +1,6 @@
 """The CPU runtime against its peers: weight formats, KV sizing, and llama.cpp.
 
-    python -m benchmarks.cpu_runtime [--model DIR] [--num-requests 64] [--rounds 3]
+    python -m llmesh.benchmarks.cpu_runtime [--model DIR] [--num-requests 64] [--rounds 3]
         [--variants fp32-256MiB,fp32,int8,float16-weights] [--peer NAME=URL ...]
         [--single-requests 4] [--json OUT]
 
@@ -21,10 +21,10 @@ import dataclasses
 import statistics
 import sys
 
-from benchmarks.arrivals import ArrivalSpec
-from benchmarks.harness import BENCH_ENGINE_CONFIG, BenchSetup, RunSpec, context_limit, run_bench
-from benchmarks.workload import chat
-from services.executor.model_config import load_model_config
+from llmesh.benchmarks.arrivals import ArrivalSpec
+from llmesh.benchmarks.harness import BENCH_ENGINE_CONFIG, BenchSetup, RunSpec, context_limit, run_bench
+from llmesh.benchmarks.workload import chat
+from llmesh.services.executor.model_config import load_model_config
 
 ENGINE_VARIANTS = {
     # the engine's KV before it was sized from memory: 256 MiB
@@ -70,9 +70,9 @@ def _one(model_dir: str, name: str, peers: dict, args) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.local_mesh import write_report
-    from mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="benchmarks.cpu_runtime")
+    from llmesh.benchmarks.local_mesh import write_report
+    from llmesh.mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.cpu_runtime")
     p.add_argument("--model", help="model directory (default: the bench preset)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--single-requests", type=int, default=4)

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import gpu_shapes
+from llmesh.benchmarks import gpu_shapes
 
 GOALS = {  # issue 14: (shape, what, at least)
     "llama-8b": [("decode_share_b64", 0.70), ("decode_share_b1", 0.60)],
@@ -79,7 +79,7 @@ def add_gpu_parser(bench) -> None:
 
 
 def run_gpu_cli(args) -> int:
-    from benchmarks.harness import write_json
+    from llmesh.benchmarks.harness import write_json
     import torch
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("bench gpu: no CUDA device here (use --device cpu --dtype float32 "
@@ -98,8 +98,8 @@ def _log(msg: str) -> None:
 
 
 def run_gpu_bench(args, on_update=None) -> dict:
-    from benchmarks import gpu_decode, gpu_e2e, machine
-    from services.executor.model_config import load_model_config
+    from llmesh.benchmarks import gpu_decode, gpu_e2e, machine
+    from llmesh.services.executor.model_config import load_model_config
     shape = gpu_shapes.SHAPES[args.shape]
     n_req = args.requests or shape.requests
     prompt = args.prompt_tokens or shape.prompt_tokens
@@ -165,7 +165,7 @@ def run_gpu_bench(args, on_update=None) -> dict:
 def _engine_part(ckpt, engine_config, batches, prompt, targets, setup, tokens, args, report,
                  update) -> None:
     """The engine: started once, the decode sweep through its runner, then its end-to-end run."""
-    from benchmarks import gpu_decode, gpu_e2e
+    from llmesh.benchmarks import gpu_decode, gpu_e2e
     model, e2e = report["model"], report["end_to_end"]["targets"]
     shape = gpu_shapes.SHAPES[args.shape]
     t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def pick_bandwidth(device: str, override_tbs: float | None) -> dict:
     an unknown GPU) the measured copy rate; the measured copy rate is recorded always."""
     import torch
 
-    from benchmarks import machine
+    from llmesh.benchmarks import machine
     dev = torch.device(device)
     measured = machine.measure_memory_bandwidth((256 if dev.type == "cuda" else 64) * 2**20,
                                                 device=device)
@@ -63,8 +63,8 @@ def decode_sweep(engine, batches, prompt_tokens, args, bandwidth, weight_bytes, 
     """Decode steps through `engine.runner`, one batch size at a time (see the module doc)."""
     import torch
 
-    from services.common.sampling_params import SamplingParams
-    from services.common.step_plan import NewSequence, ScheduledSequence, StepPlan
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.common.step_plan import NewSequence, ScheduledSequence, StepPlan
     runner, kv = engine.runner, engine.kv
     cuda = runner.device.type == "cuda"
     step_ids = itertools.count(1 << 40)

@@ -18,8 +18,8 @@ import statistics
 import sys
 import time
 
-from benchmarks.targets import WARM_PROMPT, EngineTarget
-from services.engine.engine import Engine
+from llmesh.benchmarks.targets import WARM_PROMPT, EngineTarget
+from llmesh.services.engine.engine import Engine
 
 TARGET_LABELS = {"engine": "llmesh Engine",
                  "hf-static": "transformers generate, static batches",
@@ -33,7 +33,7 @@ def _log(msg: str) -> None:
 # ---- the workload and the targets ------------------------------------------
 def make_requests(n: int, prompt_tokens: int, output_tokens: int, vocab_size: int,
                   seed: int) -> list:
-    from benchmarks.workload import FIRST_RANDOM_TOKEN, BenchRequest
+    from llmesh.benchmarks.workload import FIRST_RANDOM_TOKEN, BenchRequest
     rng = random.Random(f"bench-gpu/{seed}")
     return [BenchRequest([rng.randrange(FIRST_RANDOM_TOKEN, vocab_size)
                           for _ in range(prompt_tokens)], output_tokens) for _ in range(n)]
@@ -42,7 +42,7 @@ def make_requests(n: int, prompt_tokens: int, output_tokens: int, vocab_size: in
 def engine_config(args, n_req: int, prompt: int, output: int, batches: list[int]):
     """Every request running at once; KV blocks for them, or for the largest decode batch
     with its prompts, warm-up, timed and profiled steps, whichever is more."""
-    from services.engine.engine import EngineConfig
+    from llmesh.services.engine.engine import EngineConfig
     bs = 16
     steps = args.warmup_steps + args.decode_steps + args.profile_steps + 1
     blocks = max(n_req * -(-(prompt + output) // bs),
@@ -54,9 +54,9 @@ def engine_config(args, n_req: int, prompt: int, output: int, batches: list[int]
 
 
 def bench_setup(ckpt, requests, targets, args):
-    from benchmarks.arrivals import ArrivalSpec
-    from benchmarks.harness import BenchSetup, RunSpec
-    from benchmarks.workload import Workload
+    from llmesh.benchmarks.arrivals import ArrivalSpec
+    from llmesh.benchmarks.harness import BenchSetup, RunSpec
+    from llmesh.benchmarks.workload import Workload
     wl = Workload("bench-gpu", {"name": "bench-gpu"}, lambda part: iter(requests))
     return BenchSetup(model_dir=str(ckpt), workload=wl, target_names=targets,
                       runs=[RunSpec(ArrivalSpec("offline"), num_requests=len(requests))],
@@ -107,8 +107,8 @@ def hf_target(name, ckpt, args, engine_config, output, sink: dict):
     request's output token ids into `sink` by the request's index."""
     import torch
 
-    from benchmarks import hf_targets
-    from services.executor.weights import DTYPES
+    from llmesh.benchmarks import hf_targets
+    from llmesh.services.executor.weights import DTYPES
     dtype = DTYPES[args.dtype]
 
     def keep(rec, token_ids: list[int]) -> None:
@@ -133,8 +133,8 @@ def hf_target(name, ckpt, args, engine_config, output, sink: dict):
 def run_target(name, target, setup, e2e, report, started_s: float | None = None) -> None:
     """One offline run of `target` into `e2e[name]`: it was started already, in
     `started_s`, or (None) it is started here and stopped after."""
-    from benchmarks.harness import _session
-    from benchmarks.metrics import summarize
+    from llmesh.benchmarks.harness import _session
+    from llmesh.benchmarks.metrics import summarize
     owned = started_s is None
     t0 = time.perf_counter()
     try:

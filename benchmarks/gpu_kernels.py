@@ -45,7 +45,7 @@ def run_kernels_cli(args) -> int:
     if not torch.cuda.is_available():
         print("bench kernels: needs a CUDA device", file=sys.stderr)
         return 2
-    from benchmarks.harness import write_json
+    from llmesh.benchmarks.harness import write_json
     report = run_kernel_bench(args, on_update=(lambda r: write_json(r, args.json_out))
                               if args.json_out else None)
     print(markdown(report), end="")
@@ -76,7 +76,7 @@ def _time_calls(fn, reps: int) -> tuple[float, float]:
 def run_kernel_bench(args, on_update=None) -> dict:
     import torch
 
-    from benchmarks import machine
+    from llmesh.benchmarks import machine
     dtype = getattr(torch, args.dtype)
     copy = machine.measure_memory_bandwidth(2**30, device="cuda")
     report = {"kind": "llmesh-bench-kernels", "gpu": torch.cuda.get_device_name(),
@@ -111,8 +111,8 @@ def _measure(args, dtype, head_dim: int, batch: int, ctx: int, check: bool) -> d
     then SDPA over contiguous K/V of the same shapes (each cache freed on return)."""
     import torch
 
-    from kernels import ops
-    from kernels.reference import paged_decode_attention_ref
+    from llmesh.kernels import ops
+    from llmesh.kernels.reference import paged_decode_attention_ref
     bs, kvh = args.block_size, args.kv_heads
     blocks_per_seq = -(-ctx // bs)
     num_blocks = batch * blocks_per_seq

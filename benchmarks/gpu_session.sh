@@ -69,8 +69,8 @@ note() { echo "[gpu-session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$SUMMARY"; 
 import importlib, sys
 print("python", sys.version.split()[0], sys.executable)
 for name in ("torch", "transformers", "safetensors", "tokenizers", "numpy", "yaml", "jinja2",
-             "opentelemetry.trace", "cupy", "services.engine.engine", "benchmarks.gpu_bench",
-             "benchmarks.gpu_decode", "benchmarks.gpu_e2e", "benchmarks.hf_targets",
+             "opentelemetry.trace", "cupy", "llmesh.services.engine.engine", "llmesh.benchmarks.gpu_bench",
+             "llmesh.benchmarks.gpu_decode", "llmesh.benchmarks.gpu_e2e", "llmesh.benchmarks.hf_targets",
              "transformers.generation.configuration_utils:ContinuousBatchingConfig"):
     try:
         name, _, attr = name.partition(":")
@@ -121,13 +121,13 @@ for step in $STEPS; do
     tests) run_step "pytest tests/gpu" "$T_TESTS" "$OUT/pytest-gpu.log" \
                "$PY" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider -rfE ;;
     kernels) if [ $DRY = 1 ]; then note "kernels: needs a GPU (skipped in a dry run)"; else
-               run_step "bench kernels" "$T_KERNELS" "$OUT/kernels.log" "$PY" -m mesh.cli bench \
+               run_step "bench kernels" "$T_KERNELS" "$OUT/kernels.log" "$PY" -m llmesh.mesh.cli bench \
                    kernels --json "$OUT/kernels.json"; fi ;;
     1b) # shellcheck disable=SC2086
-        run_step "bench gpu 1b" "$T_1B" "$OUT/gpu-1b.log" "$PY" -m mesh.cli bench gpu \
+        run_step "bench gpu 1b" "$T_1B" "$OUT/gpu-1b.log" "$PY" -m llmesh.mesh.cli bench gpu \
             $SHAPE_1B --no-progress --json "$OUT/gpu-1b.json" ${ARGS_1B:-} ;;
     8b) # shellcheck disable=SC2086
-        run_step "bench gpu 8b" "$T_8B" "$OUT/gpu-8b.log" "$PY" -m mesh.cli bench gpu \
+        run_step "bench gpu 8b" "$T_8B" "$OUT/gpu-8b.log" "$PY" -m llmesh.mesh.cli bench gpu \
             $SHAPE_8B --no-progress --json "$OUT/gpu-8b.json" ${ARGS_8B:-} ;;
     *) note "unknown step $step (tests, kernels, 1b, 8b)" ;;
   esac

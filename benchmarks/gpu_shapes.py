@@ -131,7 +131,7 @@ def make_checkpoint(shape: Shape, out_dir: str | Path, device: str = "cpu",
     import torch
     from safetensors.torch import save_file
 
-    from services.executor.weights import DTYPES
+    from llmesh.services.executor.weights import DTYPES
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import machine
-from benchmarks.arrivals import ArrivalSpec, schedule
-from benchmarks.metrics import RequestRecord, request_rows, summarize
-from benchmarks.progress import Progress
-from benchmarks.workload import Workload
-from services.engine.engine import EngineConfig
-from services.executor.model_config import load_model_config
+from llmesh.benchmarks import machine
+from llmesh.benchmarks.arrivals import ArrivalSpec, schedule
+from llmesh.benchmarks.metrics import RequestRecord, request_rows, summarize
+from llmesh.benchmarks.progress import Progress
+from llmesh.benchmarks.workload import Workload
+from llmesh.services.engine.engine import EngineConfig
+from llmesh.services.executor.model_config import load_model_config
 
 TARGETS = ("engine", "mesh", "openai", "hf-static", "hf-cb")
 BENCH_ENGINE_CONFIG = EngineConfig(kv_cache_bytes=1 << 30, max_num_batched_tokens=1024,
@@ -146,27 +146,27 @@ def write_json(report: dict, path: str | Path) -> None:
 
 def make_target(name: str, setup: BenchSetup, model_config):
     if name == "engine":
-        from benchmarks.targets import EngineTarget
+        from llmesh.benchmarks.targets import EngineTarget
         return EngineTarget(setup.model_dir, setup.engine_config, setup.sample_interval_s)
     if name == "mesh":
-        from benchmarks.targets import MeshTarget
+        from llmesh.benchmarks.targets import MeshTarget
         cfg = setup.mesh_config or mesh_config_for(setup.engine_config, model_config)
         return MeshTarget(cfg, setup.model_dir, setup.mesh_endpoint, setup.mesh_schedulers,
                           setup.sample_interval_s)
     if name == "openai":
-        from benchmarks.openai_target import OpenAITarget
+        from llmesh.benchmarks.openai_target import OpenAITarget
         cfg = setup.mesh_config or mesh_config_for(setup.engine_config, model_config)
         url = setup.openai_url or (f"http://{setup.mesh_endpoint}/v1" if setup.mesh_endpoint
                                    else None)
         return OpenAITarget(cfg, setup.model_dir, url, setup.openai_model, setup.openai_api_key,
                             scheduler_addrs=None if setup.openai_url else setup.mesh_schedulers,
                             sample_interval_s=setup.sample_interval_s)
-    from services.executor.weights import resolve_dtype
+    from llmesh.services.executor.weights import resolve_dtype
     dtype = resolve_dtype(model_config, setup.engine_config.dtype)
     if name == "hf-static":
-        from benchmarks.hf_targets import HFStaticTarget
+        from llmesh.benchmarks.hf_targets import HFStaticTarget
         return HFStaticTarget(setup.model_dir, setup.hf_batch_size, dtype)
-    from benchmarks.hf_targets import HFCBTarget
+    from llmesh.benchmarks.hf_targets import HFCBTarget
     e = setup.engine_config
     return HFCBTarget(setup.model_dir, setup.max_output, dtype,
                       kv_tokens=kv_blocks(e, model_config) * e.block_size,
@@ -176,8 +176,8 @@ def make_target(name: str, setup: BenchSetup, model_config):
 
 def kv_blocks(engine_config: EngineConfig, model_config) -> int:
     """The configured KV blocks (0: sized from memory when the engine starts)."""
-    from services.executor.runner import ModelRunner
-    from services.executor.weights import resolve_dtype
+    from llmesh.services.executor.runner import ModelRunner
+    from llmesh.services.executor.weights import resolve_dtype
     e = engine_config
     if e.num_kv_blocks or not e.kv_cache_bytes:
         return e.num_kv_blocks or 0
@@ -188,7 +188,7 @@ def kv_blocks(engine_config: EngineConfig, model_config) -> int:
 
 def mesh_config_for(engine_config: EngineConfig, model_config):
     """A one-replica mesh with the same engine limits as the in-process target, on free ports."""
-    from mesh.config import EngineLimits, EnvoyConfig, MeshConfig
+    from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig
     e = engine_config
     return MeshConfig(engine=EngineLimits(
         block_size=e.block_size, num_kv_blocks=kv_blocks(e, model_config),

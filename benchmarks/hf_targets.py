@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.targets import NEVER_EOS, WARM_PROMPT, Target, resolve
-from benchmarks.workload import BenchRequest
+from llmesh.benchmarks.metrics import RequestRecord
+from llmesh.benchmarks.targets import NEVER_EOS, WARM_PROMPT, Target, resolve
+from llmesh.benchmarks.workload import BenchRequest
 
 
 TokenSink = Callable[[RequestRecord, list[int]], None]

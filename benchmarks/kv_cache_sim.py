@@ -1,10 +1,10 @@
 """The KV-routing benchmark's workload replayed over the replicas' real KV managers,
 without a mesh: how much of the prefix hit rate is placement and how much eviction.
 
-    python -m benchmarks.kv_cache_sim [--replicas 4] [--requests 600] [--groups 32]
+    python -m llmesh.benchmarks.kv_cache_sim [--replicas 4] [--requests 600] [--groups 32]
         [--prefix-tokens 128] [--kv-blocks 64] [--in-flight 2] [--json OUT]
 
-Requests arrive one at a time (`benchmarks.kv_routing.workload`, the same seed);
+Requests arrive one at a time (`llmesh.benchmarks.kv_routing.workload`, the same seed);
 each replica keeps `--in-flight` requests holding their blocks (the benchmark's 8
 clients over 4 replicas), and a request's blocks are freed when the replica takes
 its `--in-flight`-th next one. Placements:
@@ -23,8 +23,8 @@ import argparse
 import json
 import random
 
-from benchmarks.kv_routing import workload
-from services.scheduler.kv_manager import KVCacheManager
+from llmesh.benchmarks.kv_routing import workload
+from llmesh.services.scheduler.kv_manager import KVCacheManager
 
 PLACEMENTS = ("round_robin", "kv_aware", "partition")
 OUTPUT_TOKENS = 16
@@ -66,7 +66,7 @@ def replay(placement: str, prompts: list[list[int]], prefix_tokens: int, replica
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kv_cache_sim")
+    p = argparse.ArgumentParser(prog="python -m llmesh.benchmarks.kv_cache_sim")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--groups", type=int, default=32)

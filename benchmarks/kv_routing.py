@@ -1,6 +1,6 @@
 """KV-aware routing against least-loaded and round-robin, on a shared-prefix workload.
 
-    python -m benchmarks.kv_routing [--model DIR] [--replicas 4] [--requests 600]
+    python -m llmesh.benchmarks.kv_routing [--model DIR] [--replicas 4] [--requests 600]
         [--groups 32] [--prefix-tokens 128] [--kv-blocks 64] [--rate 0] [--json OUT]
 
 Each policy gets its own mesh of `--replicas` replicas of the tiny model (one
@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from benchmarks.chaos import _percentiles
+from llmesh.benchmarks.chaos import _percentiles
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from services.router.core import POLICIES
+from llmesh.services.router.core import POLICIES
 
 
 def workload(num: int, groups: int, prefix_tokens: int, seed: int = 1) -> list[list[int]]:
@@ -77,10 +77,10 @@ def run(endpoint: str, prompts: list[list[int]], concurrency: int, rate: float) 
 
 
 def main(argv=None) -> int:
-    from benchmarks.local_mesh import supervised_mesh, write_report
-    from mesh.config import RoutingConfig
-    from mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="benchmarks.kv_routing")
+    from llmesh.benchmarks.local_mesh import supervised_mesh, write_report
+    from llmesh.mesh.config import RoutingConfig
+    from llmesh.mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.kv_routing")
     p.add_argument("--model", help="model directory (default: the tiny preset)")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--requests", type=int, default=600)

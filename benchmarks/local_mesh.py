@@ -7,8 +7,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
-from mesh.supervisor import Supervisor, build_specs
+from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
+from llmesh.mesh.supervisor import Supervisor, build_specs
 
 
 @contextlib.contextmanager
@@ -38,7 +38,7 @@ def local_mesh(model_dir: str, **engine):
 def write_report(args, result: dict) -> dict:
     """The machine, versions and arguments with `result`: printed, and written to
     `args.json` when given."""
-    from benchmarks.machine import machine_info, versions
+    from llmesh.benchmarks.machine import machine_info, versions
     report = {"machine": machine_info(), "versions": versions(), "args": vars(args), **result}
     text = json.dumps(report, indent=2)
     print(text)

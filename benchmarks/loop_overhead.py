@@ -1,6 +1,6 @@
 """What the in-process engine's loop costs per step at a large batch.
 
-    python -m benchmarks.loop_overhead [--batch 256] [--step-ms 5] [--rounds 3] [--json OUT]
+    python -m llmesh.benchmarks.loop_overhead [--batch 256] [--step-ms 5] [--rounds 3] [--json OUT]
 
 The Engine runs the benchmark-only SleepModel (its forward sleeps `step_ms`
 and uses no CPU, like a GPU step of that length) over `batch` requests of
@@ -26,10 +26,10 @@ CONFIGS = [(1, 0.005), (2, 0.005), (1, 0.001), (2, 0.001)]  # (pipeline depth, s
 
 def run_once(model_dir: str, batch: int, step_ms: float, depth: int, switch_s: float,
              prompt: int, output: int) -> dict:
-    from services.common.sampling_params import SamplingParams
-    from services.engine.engine import Engine, EngineConfig
-    from services.executor.sleep_model import SleepModel
-    from services.executor.weights import load_model
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.engine.engine import Engine, EngineConfig
+    from llmesh.services.executor.sleep_model import SleepModel
+    from llmesh.services.executor.weights import load_model
     model = SleepModel(load_model(model_dir).config, step_ms / 1000)
     blocks = batch * (-(-(prompt + output) // 16) + 1)
     engine = Engine(model, EngineConfig(num_kv_blocks=blocks, max_num_seqs=batch,
@@ -55,7 +55,7 @@ def run_once(model_dir: str, batch: int, step_ms: float, depth: int, switch_s: f
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.loop_overhead", description=__doc__,
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.loop_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (default: the tiny preset; only its "
                                    "config is used)")
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from mesh.default_model import default_model_dir
+    from llmesh.mesh.default_model import default_model_dir
     model_dir = args.model or str(default_model_dir())
     runs: dict[tuple, list[dict]] = {c: [] for c in CONFIGS}
     for r in range(args.rounds):

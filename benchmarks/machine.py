@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from services.executor.weights import DTYPES
+from llmesh.services.executor.weights import DTYPES
 
 
 def machine_info() -> dict:

@@ -5,12 +5,12 @@ a function for scripts that call it directly.
 """
 from __future__ import annotations
 
-from benchmarks.arrivals import ArrivalSpec
-from benchmarks.harness import BENCH_ENGINE_CONFIG, BenchSetup, RunSpec, context_limit, run_bench
-from benchmarks.machine import machine_info, versions  # noqa: F401 (used by benchmarks/tp.py)
-from benchmarks.workload import chat
-from services.engine.engine import EngineConfig
-from services.executor.model_config import load_model_config
+from llmesh.benchmarks.arrivals import ArrivalSpec
+from llmesh.benchmarks.harness import BENCH_ENGINE_CONFIG, BenchSetup, RunSpec, context_limit, run_bench
+from llmesh.benchmarks.machine import machine_info, versions  # noqa: F401 (used by benchmarks/tp.py)
+from llmesh.benchmarks.workload import chat
+from llmesh.services.engine.engine import EngineConfig
+from llmesh.services.executor.model_config import load_model_config
 
 
 def run_offline(model_dir, num_requests: int, target_names: list[str], seed: int = 0,

@@ -16,9 +16,9 @@ import asyncio
 import json
 import time
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.targets import WARM_PROMPT, MeshTarget
-from benchmarks.workload import BenchRequest
+from llmesh.benchmarks.metrics import RequestRecord
+from llmesh.benchmarks.targets import WARM_PROMPT, MeshTarget
+from llmesh.benchmarks.workload import BenchRequest
 
 
 class OpenAITarget(MeshTarget):

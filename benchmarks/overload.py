@@ -1,6 +1,6 @@
 """Overload far past capacity: what admission lets in, and how long those wait.
 
-    python -m benchmarks.overload [--rate 150] [--duration 6] [--priority interactive]
+    python -m llmesh.benchmarks.overload [--rate 150] [--duration 6] [--priority interactive]
                                   [--max-tokens 24] [--json OUT]
 
 An open-loop flood of gRPC `Generate` requests through Envoy into one tiny
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.local_mesh import local_mesh, write_report
+from llmesh.benchmarks.local_mesh import local_mesh, write_report
 
 PRIORITIES = {"interactive": 1, "standard": 2, "batch": 3}
 
@@ -63,8 +63,8 @@ async def flood(endpoint: str, rate: float, duration_s: float, priority: int,
 
 
 def main(argv=None) -> int:
-    from mesh.default_model import make_tiny
-    p = argparse.ArgumentParser(prog="benchmarks.overload")
+    from llmesh.mesh.default_model import make_tiny
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.overload")
     p.add_argument("--rate", type=float, default=150.0)
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--priority", choices=list(PRIORITIES), default="interactive")

@@ -1,7 +1,7 @@
 """Priority classes on versus off: the same mesh, the same seeded bursty workload of
 interactive and batch requests, alternating rounds in one run.
 
-    python -m benchmarks.priorities [--model DIR | --preset bench|tiny] [--rate 1] [--duration 50]
+    python -m llmesh.benchmarks.priorities [--model DIR | --preset bench|tiny] [--rate 1] [--duration 50]
         [--rounds 2] [--interactive-share 0.3] [--slo-interactive ttft_ms=1000,tpot_ms=200]
         [--slo-batch ""] [--json benchmarks/results/priorities.json]
 
@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from benchmarks.metrics import RequestRecord, distribution, meets_slo, parse_slo, summarize
-from benchmarks.workload import (BURST, BenchRequest, Workload, _fit, _random_tokens, _rng,
+from llmesh.benchmarks.metrics import RequestRecord, distribution, meets_slo, parse_slo, summarize
+from llmesh.benchmarks.workload import (BURST, BenchRequest, Workload, _fit, _random_tokens, _rng,
                                  long_tailed)
 
 CLASSES = ("interactive", "batch")
@@ -233,7 +233,7 @@ def _log(msg: str) -> None:
 
 
 def mesh_config(limits, priorities: bool):
-    from mesh.config import AdmissionConfig, EnvoyConfig, MeshConfig, ObservabilityConfig
+    from llmesh.mesh.config import AdmissionConfig, EnvoyConfig, MeshConfig, ObservabilityConfig
     return MeshConfig(engine=limits, envoy=EnvoyConfig(port=0, admin_port=0),
                       observability=ObservabilityConfig(tracing="off"),
                       admission=AdmissionConfig(priorities=priorities, classes=UNBOUNDED))
@@ -242,7 +242,7 @@ def mesh_config(limits, priorities: bool):
 def run_once(model_dir: str, workload: Workload, classes: list[str], offsets: list[float], cfg,
              spec, args, slos: dict) -> dict:
     """Bring the mesh up, play the run through Envoy, bring it down; this run's figures."""
-    from benchmarks.harness import BenchSetup, run_bench
+    from llmesh.benchmarks.harness import BenchSetup, run_bench
     setup = BenchSetup(model_dir=model_dir, workload=workload, target_names=["mesh"],
                        runs=[spec], mesh_config=cfg, seed=args.seed,
                        drain_timeout_s=args.drain_timeout, show_progress=False,
@@ -321,7 +321,7 @@ def timeline(samples: list[list], every_s: float = 1.0) -> list[list]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.priorities", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.priorities", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model directory (default: the --preset checkpoint)")
     p.add_argument("--preset", default="bench", choices=("bench", "tiny"),
                    help="embedded checkpoint when --model is not given (default: bench, "
@@ -349,12 +349,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from benchmarks.arrivals import ArrivalSpec, schedule
-    from benchmarks.harness import RunSpec, write_json
-    from benchmarks.machine import machine_info, versions
-    from mesh.config import EngineLimits
-    from mesh.default_model import default_model_dir
-    from services.executor.model_config import load_model_config
+    from llmesh.benchmarks.arrivals import ArrivalSpec, schedule
+    from llmesh.benchmarks.harness import RunSpec, write_json
+    from llmesh.benchmarks.machine import machine_info, versions
+    from llmesh.mesh.config import EngineLimits
+    from llmesh.mesh.default_model import default_model_dir
+    from llmesh.services.executor.model_config import load_model_config
 
     args = parse_args(argv)
     slos = {"interactive": parse_slo(args.slo_interactive), "batch": parse_slo(args.slo_batch)}
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
               "seed": args.seed, "drain_timeout_s": args.drain_timeout,
               "limits": dataclasses.asdict(limits),
               "mesh": {m: mesh_config(limits, m == "on").to_dict() for m in MODES},
-              "command": " ".join(["python -m benchmarks.priorities"]
+              "command": " ".join(["python -m llmesh.benchmarks.priorities"]
                                   + list(sys.argv[1:] if argv is None else argv)),
               "runs": runs}
     report["loadavg_start"] = os.getloadavg()

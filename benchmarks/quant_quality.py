@@ -1,7 +1,7 @@
 """What the CPU weight formats cost in quality, against float32, on checkpoints of
 real architectures and shapes (random weights: nothing is downloaded).
 
-    python -m benchmarks.quant_quality [--shapes qwen2.5-0.5b,llama-3.2-1b]
+    python -m llmesh.benchmarks.quant_quality [--shapes qwen2.5-0.5b,llama-3.2-1b]
         [--tokens 256] [--prompts 4] [--json OUT]
 
 For each shape a random checkpoint is made with transformers (its own
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
-from services.executor.weights import load_model
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+from llmesh.services.executor.weights import load_model
 
 # the published configurations' shapes
 SHAPES = {
@@ -122,8 +122,8 @@ def measure(model_dir: Path, num_prompts: int, num_tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.local_mesh import write_report
-    p = argparse.ArgumentParser(prog="benchmarks.quant_quality")
+    from llmesh.benchmarks.local_mesh import write_report
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.quant_quality")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--prompts", type=int, default=4)

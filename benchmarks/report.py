@@ -1,6 +1,6 @@
 """Render a benchmark JSON as Markdown (and its plots).
 
-    python -m benchmarks.report OUT.json [--plots DIR]
+    python -m llmesh.benchmarks.report OUT.json [--plots DIR]
 
 Reads both the serving-benchmark reports (`runs`) and the older offline reports
 (top-level `targets`).
@@ -160,7 +160,7 @@ def legacy_offline(report: dict) -> str:
 def write_outputs(report: dict, json_out: str | Path | None, md_out: str | Path | None,
                   plots_dir: str | Path | None) -> list[Path]:
     """JSON, Markdown and PNG plots; returns the paths written."""
-    from benchmarks.harness import write_json
+    from llmesh.benchmarks.harness import write_json
     written = []
     if json_out:
         write_json(report, json_out)
@@ -170,7 +170,7 @@ def write_outputs(report: dict, json_out: str | Path | None, md_out: str | Path 
         Path(md_out).write_text(markdown(report))
         written.append(Path(md_out))
     if plots_dir and "runs" in report:
-        from benchmarks.plots import write_plots
+        from llmesh.benchmarks.plots import write_plots
         written += write_plots(report, plots_dir)
     return written
 
@@ -183,14 +183,14 @@ def default_paths(json_out: str | Path) -> tuple[Path, Path]:
 
 def main(argv: list[str]) -> int:
     import json
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.report")
+    ap = argparse.ArgumentParser(prog="python -m llmesh.benchmarks.report")
     ap.add_argument("json")
     ap.add_argument("--plots", help="also write the PNG plots into this directory")
     args = ap.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
     print(markdown(report), end="")
     if args.plots and "runs" in report:
-        from benchmarks.plots import write_plots
+        from llmesh.benchmarks.plots import write_plots
         for path in write_plots(report, args.plots):
             print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -1,6 +1,6 @@
 """Soak benchmark: a long run at a steady share of capacity, looking for drift.
 
-    python -m benchmarks.soak [--model DIR] [--duration 1800] [--load 0.7]
+    python -m llmesh.benchmarks.soak [--model DIR] [--duration 1800] [--load 0.7]
         [--warmup 120] [--sample-every 30] [--json OUT]
 
 A one-replica mesh on the tiny model first runs a closed loop (16 clients, 30 s)
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from benchmarks.chaos import _percentiles, known_answers
+from llmesh.benchmarks.chaos import _percentiles, known_answers
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        scheduler_pb2_grpc)
 
@@ -140,9 +140,9 @@ def summarize(run: dict, warmup_s: float, idle: scheduler_pb2.ReplicaStats) -> d
 
 
 def main(argv=None) -> int:
-    from benchmarks.local_mesh import supervised_mesh, write_report
-    from mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="benchmarks.soak")
+    from llmesh.benchmarks.local_mesh import supervised_mesh, write_report
+    from llmesh.mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.soak")
     p.add_argument("--model", help="model directory (default: the tiny preset)")
     p.add_argument("--duration", type=float, default=1800.0)
     p.add_argument("--load", type=float, default=0.7, help="share of the measured capacity")

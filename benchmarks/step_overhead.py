@@ -1,6 +1,6 @@
 """What the mesh adds to each step: executors whose forward sleeps a fixed time.
 
-    python -m benchmarks.step_overhead [--step-ms 5] [--batch 32] [--rounds 3] [--json OUT]
+    python -m llmesh.benchmarks.step_overhead [--step-ms 5] [--batch 32] [--rounds 3] [--json OUT]
 
 On this CPU box a real forward is either much shorter than a GPU step (the tiny
 model) or much longer (the bench model). Here every executor runs the
@@ -28,9 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.tp import _cpu_s, _stats, log
-from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
-from mesh.supervisor import Supervisor, build_specs
+from llmesh.benchmarks.tp import _cpu_s, _stats, log
+from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
+from llmesh.mesh.supervisor import Supervisor, build_specs
 
 CONFIGS = [(1, 2), (1, 1), (2, 2), (2, 1)]  # (tensor parallel, pipeline depth)
 
@@ -41,8 +41,8 @@ async def _load_direct(scheduler: str, batch: int, max_tokens: int) -> int:
     streams: what is left is the step's own critical path)."""
     import grpc
     from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-    from services.common import convert
-    from services.common.sampling_params import SamplingParams
+    from llmesh.services.common import convert
+    from llmesh.services.common.sampling_params import SamplingParams
     params = convert.sampling_to_wire(SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                                                      seed=0))
     async with grpc.aio.insecure_channel(scheduler) as ch:
@@ -80,11 +80,11 @@ async def _load(endpoint: str, batch: int, max_tokens: int) -> int:
 def run_engine(model_dir: str, depth: int, step_ms: float, batch: int, max_tokens: int) -> dict:
     """The same sleeping model in the in-process Engine: the reference the mesh's
     critical path is compared with (same loop, no transport)."""
-    from services.common.sampling_params import SamplingParams
-    from services.common.tokenizer import TextTokenizer
-    from services.engine.engine import Engine, EngineConfig
-    from services.executor.model_config import load_model_config
-    from services.executor.sleep_model import SleepModel
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.common.tokenizer import TextTokenizer
+    from llmesh.services.engine.engine import Engine, EngineConfig
+    from llmesh.services.executor.model_config import load_model_config
+    from llmesh.services.executor.sleep_model import SleepModel
     engine = Engine(SleepModel(load_model_config(model_dir), step_ms / 1e3),
                     EngineConfig(num_kv_blocks=4096, max_num_seqs=batch, pipeline_depth=depth),
                     TextTokenizer(model_dir))
@@ -165,7 +165,7 @@ def run_once(model_dir: str, tp: int, depth: int, step_ms: float, batch: int,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.step_overhead")
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.step_overhead")
     p.add_argument("--model", help="model directory (default: the tiny model; only its config "
                                    "and tokenizer are used)")
     p.add_argument("--step-ms", type=float, default=5.0)
@@ -182,8 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from benchmarks.machine import machine_info, versions
-    from mesh.default_model import default_model_dir
+    from llmesh.benchmarks.machine import machine_info, versions
+    from llmesh.mesh.default_model import default_model_dir
     args = parse_args(argv)
     model_dir = str(args.model or default_model_dir())
     configs = [(path, *(int(x) for x in c.split("x"))) for path in args.paths.split(",")

@@ -1,6 +1,6 @@
 """What the HTTP (SSE) path adds to each streamed token, against gRPC, in one run.
 
-    python -m benchmarks.stream_latency [--streams 32] [--max-tokens 64] [--step-ms 20]
+    python -m llmesh.benchmarks.stream_latency [--streams 32] [--max-tokens 64] [--step-ms 20]
                                         [--rounds 3] [--json OUT]
 
 Per token: the wall-clock gap between the scheduler emitting its delta (the
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.local_mesh import local_mesh, write_report
+from llmesh.benchmarks.local_mesh import local_mesh, write_report
 
 PROMPT = [1, 17, 29, 31, 37]
 STALL_S = 0.040
@@ -113,8 +113,8 @@ def run(model_dir: str, streams: int, max_tokens: int, step_ms: float, rounds: i
 
 
 def main(argv=None) -> int:
-    from mesh.default_model import make_tiny
-    p = argparse.ArgumentParser(prog="benchmarks.stream_latency")
+    from llmesh.mesh.default_model import make_tiny
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.stream_latency")
     p.add_argument("--model", help="model directory (default: the tiny model)")
     p.add_argument("--streams", type=int, default=32, help="half gRPC, half SSE")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -1,6 +1,6 @@
 """What structured output costs: the same requests with and without a JSON schema.
 
-    python -m benchmarks.structured_cost [--model DIR] [--num-requests 64] [--rounds 3]
+    python -m llmesh.benchmarks.structured_cost [--model DIR] [--num-requests 64] [--rounds 3]
                                          [--json OUT]
 
 The in-process Engine (the step path every executor runs) generates a batch of
@@ -19,9 +19,9 @@ import statistics
 import sys
 import time
 
-from services.common.grammar_spec import GrammarSpec
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.services.common.grammar_spec import GrammarSpec
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 SCHEMA = {"type": "object", "additionalProperties": False,
           "required": ["title", "year", "rating", "genres", "summary"],
@@ -40,9 +40,9 @@ def _timed(engine: Engine, prompts, params) -> tuple[float, list]:
 
 
 def main(argv=None) -> int:
-    from benchmarks.local_mesh import write_report
-    from mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="benchmarks.structured_cost")
+    from llmesh.benchmarks.local_mesh import write_report
+    from llmesh.mesh.default_model import default_model_dir
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.structured_cost")
     p.add_argument("--model", help="model directory (default: the bench preset)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)

@@ -19,11 +19,11 @@ import threading
 import time
 import uuid
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.workload import BenchRequest
-from services.common.errors import LlmeshError
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig, StepStats
+from llmesh.benchmarks.metrics import RequestRecord
+from llmesh.benchmarks.workload import BenchRequest
+from llmesh.services.common.errors import LlmeshError
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig, StepStats
 
 NEVER_EOS = -1  # an id no model produces: lengths fixed by max_tokens
 WARM_PROMPT = [0] + list(range(8, 40))
@@ -254,8 +254,8 @@ class MeshTarget(Target):
         import tempfile
         from pathlib import Path
 
-        from mesh.config import resolve_ports
-        from mesh.supervisor import Supervisor, build_specs
+        from llmesh.mesh.config import resolve_ports
+        from llmesh.mesh.supervisor import Supervisor, build_specs
         cfg = resolve_ports(self.mesh_config)
         self.run_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
         self.supervisor = Supervisor(build_specs(cfg, str(self.model_dir), self.run_dir), self.run_dir)
@@ -326,7 +326,7 @@ class MeshTarget(Target):
         import grpc
 
         from llmesh.v1 import common_pb2, inference_pb2
-        from services.common.convert import PRIORITY_VALUES
+        from llmesh.services.common.convert import PRIORITY_VALUES
         msg = inference_pb2.GenerateRequest(
             token_ids=inference_pb2.TokenIds(ids=req.prompt_token_ids),
             sampling=common_pb2.SamplingParams(max_tokens=req.max_tokens, ignore_eos=True),

@@ -1,7 +1,7 @@
 """Tensor-parallel overhead: the same workload through a TP=1 mesh and a TP=2 mesh,
 alternating, in one run.
 
-    python -m benchmarks.tp [--model DIR] [--requests 64] [--rounds 3] [--json OUT]
+    python -m llmesh.benchmarks.tp [--model DIR] [--requests 64] [--rounds 3] [--json OUT]
 
 On a CPU machine the two ranks share the cores the single rank had (each rank
 gets cores / ranks torch threads), so the ratio is an overhead figure: what the
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import grpc
 
-from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, resolve_ports
-from mesh.supervisor import Supervisor, build_specs
-from services.executor.model_config import load_model_config
+from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig, resolve_ports
+from llmesh.mesh.supervisor import Supervisor, build_specs
+from llmesh.services.executor.model_config import load_model_config
 
 
 def _cpu_s(pid: int) -> float:
@@ -138,7 +138,7 @@ def ab_args(prog: str, argv=None) -> argparse.Namespace:
 
 def ab_setup(args):
     """(model dir, model config, requests, warm-up requests, engine limits) for an A/B run."""
-    from mesh.default_model import default_model_dir
+    from llmesh.mesh.default_model import default_model_dir
     model_dir = str(args.model or default_model_dir("bench"))
     mc = load_model_config(model_dir)
     limits = EngineLimits(num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64)
@@ -151,8 +151,8 @@ def log(msg: str) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.machine import machine_info, versions
-    args = ab_args("benchmarks.tp", argv)
+    from llmesh.benchmarks.machine import machine_info, versions
+    args = ab_args("llmesh.benchmarks.tp", argv)
     model_dir, mc, reqs, warm, limits = ab_setup(args)
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for round_ in range(args.rounds):

@@ -1,7 +1,7 @@
 """What tracing costs: throughput and CPU with tracing on (every request sampled,
 exported to the local collector) against off, as interleaved pairs in one run.
 
-    python -m benchmarks.tracing_overhead [--model DIR] [--requests 16] [--pairs 12] [--json OUT]
+    python -m llmesh.benchmarks.tracing_overhead [--model DIR] [--requests 16] [--pairs 12] [--json OUT]
 
 Both meshes are up at once. While one serves a segment of requests, every
 process of the other is frozen (SIGSTOP), so it takes no CPU at all. Each pair
@@ -29,11 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.tp import _cpu_s, _drive, _stats, log, workload
-from mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
-from mesh.supervisor import Supervisor, build_specs, envoy_ready
-from observability.telemetry import EXPORT_INTERVAL_MS
-from services.executor.model_config import load_model_config
+from llmesh.benchmarks.tp import _cpu_s, _drive, _stats, log, workload
+from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
+from llmesh.mesh.supervisor import Supervisor, build_specs, envoy_ready
+from llmesh.observability.telemetry import EXPORT_INTERVAL_MS
+from llmesh.services.executor.model_config import load_model_config
 
 
 class _Mesh:
@@ -104,7 +104,7 @@ class _Mesh:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.tracing_overhead")
+    p = argparse.ArgumentParser(prog="llmesh.benchmarks.tracing_overhead")
     p.add_argument("--model", help="model directory (default: the bench preset)")
     p.add_argument("--requests", type=int, default=16, help="requests per segment")
     p.add_argument("--pairs", type=int, default=12)
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mesh.default_model import default_model_dir
+    from llmesh.mesh.default_model import default_model_dir
     model_dir = str(args.model or default_model_dir("bench"))
     mc = load_model_config(model_dir)
     limits = EngineLimits(num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64)

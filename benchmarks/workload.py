@@ -230,7 +230,7 @@ def load(spec: str, vocab_size: int, max_model_len: int, seed: int = 0, max_prom
                          "a .jsonl file or a ShareGPT .json file")
     tok = None
     if model_dir is not None:
-        from services.common.tokenizer import TextTokenizer
+        from llmesh.services.common.tokenizer import TextTokenizer
         tok = TextTokenizer(model_dir)
     if path.suffix == ".jsonl":
         return read_jsonl(path, tok.encode if tok else None, seed)

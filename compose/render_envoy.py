@@ -34,7 +34,7 @@ from pathlib import Path
 
 
 def compose_config():
-    from mesh.config import parse_config
+    from llmesh.mesh.config import parse_config
     tracing = os.environ.get("LLMESH_TRACING", "otlp")
     observability = {"tracing": tracing,
                      "sample_ratio": float(os.environ.get("LLMESH_TRACE_SAMPLE", "1.0"))}
@@ -50,7 +50,7 @@ def compose_config():
 
 
 def render() -> dict:
-    from mesh.envoy import render_envoy
+    from llmesh.mesh.envoy import render_envoy
     bootstrap = render_envoy(compose_config())
     router_host = os.environ.get("LLMESH_ROUTER_HOST", "router")
     resources = bootstrap["static_resources"]
@@ -78,7 +78,7 @@ def main() -> None:
         sys.stdout.write(text)
         return
     Path(args.out).write_text(text)
-    from mesh.envoy import envoy_binary
+    from llmesh.mesh.envoy import envoy_binary
     binary = envoy_binary()
     os.execv(binary, [binary, "-c", args.out, "--disable-hot-restart", "--concurrency", "1",
                       "--log-level", os.environ.get("LLMESH_ENVOY_LOG_LEVEL", "warn")])

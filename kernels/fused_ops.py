@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.ops import _DTYPE_TAG, _check, _kernel, _ptr, _stream
+from llmesh.kernels.ops import _DTYPE_TAG, _check, _kernel, _ptr, _stream
 
 MODULE = "fused.cu"
 VEC = 8  # elements per 16-byte load in the kernels

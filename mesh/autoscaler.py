@@ -34,7 +34,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mesh.config import AutoscalerConfig
+from llmesh.mesh.config import AutoscalerConfig
 
 log = logging.getLogger("llmesh.autoscaler")
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from services.common.errors import LlmeshError
+from llmesh.services.common.errors import LlmeshError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,40 +69,40 @@ def main(argv: list[str] | None = None) -> int:
     new = keys.add_parser("new", help="make a key and print it with its hash for the keys file")
     new.add_argument("--json", action="store_true")
 
-    from mesh.deadletters_cli import add_parser as add_deadletters_parser
+    from llmesh.mesh.deadletters_cli import add_parser as add_deadletters_parser
     add_deadletters_parser(sub)
 
-    from benchmarks.commands import add_bench_parsers
+    from llmesh.benchmarks.commands import add_bench_parsers
     add_bench_parsers(sub)
 
     args = parser.parse_args(argv)
     try:
         if args.command == "trace":
-            from mesh.commands import cmd_trace
+            from llmesh.mesh.commands import cmd_trace
             return cmd_trace(args)
         if args.command == "keys":
-            from mesh.commands import cmd_keys_new
+            from llmesh.mesh.commands import cmd_keys_new
             return cmd_keys_new(args)
         if args.command == "deadletters":
-            from mesh.deadletters_cli import cmd_deadletters
+            from llmesh.mesh.deadletters_cli import cmd_deadletters
             return cmd_deadletters(args)
         if args.command == "model":
-            from mesh.default_model import make_tiny
+            from llmesh.mesh.default_model import make_tiny
             print(make_tiny(args.dir, args.preset))
             return 0
         if args.command == "generate":
             if not args.local:
-                from mesh.commands import cmd_generate_mesh
+                from llmesh.mesh.commands import cmd_generate_mesh
                 return cmd_generate_mesh(args)
             return _generate(args)
         if args.command in ("up", "down", "status", "config", "scale"):
-            from mesh import commands
+            from llmesh.mesh import commands
             handler = {"up": commands.cmd_up, "down": commands.cmd_down,
                        "status": commands.cmd_status, "config": commands.cmd_config_show,
                        "scale": commands.cmd_scale}
             return handler[args.command](args)
         if args.command == "bench":
-            from benchmarks.commands import run_bench_cli
+            from llmesh.benchmarks.commands import run_bench_cli
             return run_bench_cli(args)
     except (LlmeshError, ValueError) as e:
         print(f"llmesh: error: {e}", file=sys.stderr)
@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> int:
-    from mesh.default_model import default_model_dir
-    from services.common.sampling_params import SamplingParams
-    from services.engine.engine import Engine, EngineConfig
-    from services.common.tokenizer import TextTokenizer
+    from llmesh.mesh.default_model import default_model_dir
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.engine.engine import Engine, EngineConfig
+    from llmesh.services.common.tokenizer import TextTokenizer
 
     model_dir = args.model or default_model_dir()
     engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=args.dtype))

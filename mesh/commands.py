@@ -12,7 +12,9 @@ from pathlib import Path
 import grpc
 import yaml
 
-from mesh.config import MeshConfig, load_config, resolve_ports
+import llmesh
+
+from llmesh.mesh.config import MeshConfig, load_config, resolve_ports
 
 DEFAULT_CONFIG = Path(__file__).parent / "mesh.yaml"
 
@@ -32,7 +34,7 @@ def effective_config(path: str | None) -> MeshConfig:
 def model_dir_of(cfg: MeshConfig) -> str:
     if cfg.model:
         return cfg.model
-    from mesh.default_model import default_model_dir
+    from llmesh.mesh.default_model import default_model_dir
     return str(default_model_dir())
 
 
@@ -67,9 +69,9 @@ def cmd_up(args) -> int:
         return 2
     model_dir = model_dir_of(cfg)
     if cfg.tensor_parallel > 1:
-        from services.common.errors import LlmeshError
-        from services.executor.model_config import load_model_config
-        from services.executor.parallel import check_shardable
+        from llmesh.services.common.errors import LlmeshError
+        from llmesh.services.executor.model_config import load_model_config
+        from llmesh.services.executor.parallel import check_shardable
         try:
             check_shardable(load_model_config(model_dir), cfg.tensor_parallel)
         except LlmeshError as e:
@@ -79,15 +81,15 @@ def cmd_up(args) -> int:
     resolved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / "state.json").unlink(missing_ok=True)
     if not args.detach:
-        from mesh.supervisor import run_foreground
+        from llmesh.mesh.supervisor import run_foreground
         return run_foreground(cfg, model_dir, run_dir, on_ready=lambda: print(
             f"llmesh: mesh up on 127.0.0.1:{cfg.envoy.port} (logs in {run_dir / 'logs'}); "
             "Ctrl-C to stop", flush=True))
     log = open(run_dir / "supervisor.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.supervisor", "--config", str(resolved), "--model-dir",
+        [sys.executable, "-m", "llmesh.mesh.supervisor", "--config", str(resolved), "--model-dir",
          model_dir, "--run-dir", str(run_dir)],
-        cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT,
+        cwd=Path(llmesh.__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -151,7 +153,7 @@ def _kill(pid: int) -> None:
 
 def cmd_scale(args) -> int:
     """Ask the running mesh for --replicas regular replicas; wait for the outcome."""
-    from mesh.scaling import request_scale
+    from llmesh.mesh.scaling import request_scale
     run_dir = run_dir_of(effective_config(args.config))
     state = read_state(run_dir)
     if not state or state.get("status") != "ready" or not _alive(state["supervisor_pid"]):
@@ -184,7 +186,7 @@ def cmd_config_show(args) -> int:
 
 def cmd_status(args) -> int:
     from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-    from mesh.supervisor import is_serving
+    from llmesh.mesh.supervisor import is_serving
     cfg = effective_config(args.config)
     state = read_state(run_dir_of(cfg))
     if not state or state.get("status") != "ready" or not _alive(state["supervisor_pid"]):
@@ -242,14 +244,14 @@ def cmd_status(args) -> int:
 
 
 def load_config_dict(raw: dict) -> MeshConfig:
-    from mesh.config import parse_config
+    from llmesh.mesh.config import parse_config
     return parse_config(raw)
 
 
 def cmd_generate_mesh(args) -> int:
     from llmesh.v1 import common_pb2, inference_pb2
-    from mesh.client import ResumingStream
-    from services.common import convert
+    from llmesh.mesh.client import ResumingStream
+    from llmesh.services.common import convert
     endpoint = args.endpoint
     if not endpoint:
         state = read_state(run_dir_of(effective_config(args.config)))
@@ -290,7 +292,7 @@ def cmd_generate_mesh(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from observability import trace_view
+    from llmesh.observability import trace_view
     if not args.last and not args.request_id:
         print("llmesh: error: give a REQUEST_ID or --last", file=sys.stderr)
         return 2
@@ -304,7 +306,7 @@ def cmd_trace(args) -> int:
     if trace_id is None:
         print(f"llmesh: error: no trace for request {args.request_id!r} in {path}", file=sys.stderr)
         return 1
-    from observability.telemetry import EXPORT_INTERVAL_MS
+    from llmesh.observability.telemetry import EXPORT_INTERVAL_MS
     spans = trace_view.settle(path, spans, trace_id, EXPORT_INTERVAL_MS / 1e3 + 1.0)
     found = trace_view.trace_spans(spans, trace_id)
     print(trace_view.as_json(found) if args.json else trace_view.render(found))
@@ -364,7 +366,7 @@ def _scrape_summary(cfg: MeshConfig) -> dict:
 
 def cmd_keys_new(args) -> int:
     """A new API key and the hash that goes in the keys file (the key itself is never stored)."""
-    from services.router.tenants import hash_key, new_key
+    from llmesh.services.router.tenants import hash_key, new_key
     key = new_key()
     if args.json:
         print(json.dumps({"key": key, "hash": hash_key(key)}))

@@ -6,7 +6,7 @@ import sys
 
 import grpc
 
-from services.router.deadletters import STREAM
+from llmesh.services.router.deadletters import STREAM
 
 
 def add_parser(sub) -> None:
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 def cmd_deadletters(args) -> int:
     import redis
-    from mesh.commands import effective_config, read_state, run_dir_of
+    from llmesh.mesh.commands import effective_config, read_state, run_dir_of
     cfg = effective_config(args.config)
     if cfg.admission.state != "redis" or not cfg.admission.redis_url:
         print("llmesh: error: dead letters are kept in Redis: set admission.state: redis and "
@@ -51,7 +51,7 @@ def _replay(r, entries, endpoint: str, only: set[str], api_key: str | None, as_j
     """Send each replayable entry again (same tokens, same sampling); an entry that
     completes leaves the stream, one that fails again stays."""
     from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-    from services.common.convert import PRIORITY_VALUES
+    from llmesh.services.common.convert import PRIORITY_VALUES
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     results = []
     with grpc.insecure_channel(endpoint) as ch:

@@ -5,8 +5,8 @@ import copy
 
 import yaml
 
-from mesh.config import MeshConfig
-from services.router.admission import GATEWAY_START_HEADER
+from llmesh.mesh.config import MeshConfig
+from llmesh.services.router.admission import GATEWAY_START_HEADER
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -120,7 +120,7 @@ def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
                            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
             "cds_config": {"ads": {}, "resource_api_version": "V3"}}
     if obs.tracing != "off":  # export the gateway's spans on the services' interval, batched
-        from observability.telemetry import EXPORT_INTERVAL_MS
+        from llmesh.observability.telemetry import EXPORT_INTERVAL_MS
         out["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
             "tracing.opentelemetry.flush_interval_ms": EXPORT_INTERVAL_MS,
             "tracing.opentelemetry.min_flush_spans": 1024}}]}

@@ -1,8 +1,8 @@
 """preStop hooks for Kubernetes pods (deploy/kubernetes): hold a pod's SIGTERM back
 until the requests it streams have finished, so deleting the pod cuts none.
 
-    python -m mesh.k8s_drain router --metrics 127.0.0.1:9400 [--settle-s 5] [--max-s 120]
-    python -m mesh.k8s_drain envoy --admin 127.0.0.1:9901 [--settle-s 5] [--max-s 120]
+    python -m llmesh.mesh.k8s_drain router --metrics 127.0.0.1:9400 [--settle-s 5] [--max-s 120]
+    python -m llmesh.mesh.k8s_drain envoy --admin 127.0.0.1:9901 [--settle-s 5] [--max-s 120]
 
 Kubernetes runs the hook when the pod starts terminating, and sends SIGTERM when it
 returns. First `settle_s` pass: the pod's endpoint turns terminating and the
@@ -88,7 +88,7 @@ def drain(kind: str, address: str, settle_s: float, max_s: float, every_s: float
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesh.k8s_drain")
+    p = argparse.ArgumentParser(prog="llmesh.mesh.k8s_drain")
     sub = p.add_subparsers(dest="kind", required=True)
     router = sub.add_parser("router", help="wait for the router's requests in flight")
     router.add_argument("--metrics", default="127.0.0.1:9400", help="its /metrics host:port")

@@ -1,5 +1,5 @@
 """The routers' endpoints from the Kubernetes API: the xDS control plane's source in
-a cluster (`python -m mesh.xds ... --endpointslices NAMESPACE/SERVICE`).
+a cluster (`python -m llmesh.mesh.xds ... --endpointslices NAMESPACE/SERVICE`).
 
 Every `every_s` the control plane lists the EndpointSlices (discovery.k8s.io/v1)
 of the routers' Service with the pod's service account (its token and CA under

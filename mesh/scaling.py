@@ -25,11 +25,11 @@ from pathlib import Path
 import grpc
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from mesh.autoscaler import AutoscalerPolicy, DecisionLog, Signals
-from mesh.config import MeshConfig, ReplicaPorts, free_port, replica_process_names
-from mesh.supervisor import (REPLICA_SET_FILE, Supervisor, replica_entries, replica_specs,
+from llmesh.mesh.autoscaler import AutoscalerPolicy, DecisionLog, Signals
+from llmesh.mesh.config import MeshConfig, ReplicaPorts, free_port, replica_process_names
+from llmesh.mesh.supervisor import (REPLICA_SET_FILE, Supervisor, replica_entries, replica_specs,
                              standby_names)
-from services.router.replica_set import write_replica_set
+from llmesh.services.router.replica_set import write_replica_set
 
 log = logging.getLogger("llmesh.mesh")
 

@@ -1,7 +1,7 @@
 """Local supervisor: starts every service as a process, in order, waits for each to
 report SERVING, restarts crashed processes with backoff, stops them all by pid.
 
-`python -m mesh.supervisor --config RESOLVED.yaml` is what `llmesh up --detach`
+`python -m llmesh.mesh.supervisor --config RESOLVED.yaml` is what `llmesh up --detach`
 runs in the background; it writes `state.json` in the run directory.
 """
 from __future__ import annotations
@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import llmesh
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.config import MeshConfig, ReplicaPorts, load_config
-from mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
-from services.router.replica_set import ReplicaEntry, write_replica_set
+from llmesh.mesh.config import MeshConfig, ReplicaPorts, load_config
+from llmesh.mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
+from llmesh.services.router.replica_set import ReplicaEntry, write_replica_set
 
-ROOT = Path(__file__).resolve().parents[1]
+# the folder the llmesh package is imported from (the repository root in a checkout):
+# children start there and find the same code
+ROOT = Path(llmesh.__file__).resolve().parents[1]
 
 
 @dataclass
@@ -146,7 +149,7 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
         dist = (["--rank", str(rank), "--world-size", str(tp),
                  "--dist-addr", f"127.0.0.1:{ports.dist_port}"] if tp > 1 else [])
         specs.append(ProcSpec(f"executor-{r}-{rank}", py + [
-            "services.executor", "--port", str(port), "--model", model_dir,
+            "llmesh.services.executor", "--port", str(port), "--model", model_dir,
             "--dtype", e.dtype, "--device", e.device, *kv_blocks_args(cfg),
             "--block-size", str(e.block_size), "--threads", str(threads),
             "--bench-step-ms", str(e.bench_step_ms),
@@ -154,7 +157,7 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
             "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)] + dist, port,
             group=f"executors-{r}" if tp > 1 else "", stage=executors_stage))
     specs.append(ProcSpec(f"scheduler-{r}", py + [
-        "services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
+        "llmesh.services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,
         "--model-name", cfg.model_name, "--kvcache", f"127.0.0.1:{cfg.kvcache_port}",
         "--replica-name", f"replica-{r}",
         "--executors", ",".join(f"127.0.0.1:{p}" for p in ports.executors),
@@ -193,22 +196,22 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
     obs = cfg.observability
     if obs.tracing == "file":
         specs.append(ProcSpec("collector", py + [
-            "observability.collector", "--port", str(obs.collector_port),
+            "llmesh.observability.collector", "--port", str(obs.collector_port),
             "--out", str(run_dir / "traces.jsonl")], obs.collector_port))
     for i, port in enumerate(cfg.tokenizer_ports):
-        specs.append(ProcSpec(f"tokenizer-{i}", py + ["services.tokenizer", "--port", str(port),
+        specs.append(ProcSpec(f"tokenizer-{i}", py + ["llmesh.services.tokenizer", "--port", str(port),
                                                         "--model", model_dir], port,
                               stage=STAGE_BACKENDS))
     admission = json.dumps(dataclasses.asdict(cfg.admission))
     write_replica_set(run_dir / REPLICA_SET_FILE, replica_entries(cfg, standby_names(cfg)))
-    specs.append(ProcSpec("kvcache", py + ["services.kvcache", "--port", str(cfg.kvcache_port)],
+    specs.append(ProcSpec("kvcache", py + ["llmesh.services.kvcache", "--port", str(cfg.kvcache_port)],
                           cfg.kvcache_port, stage=STAGE_BACKENDS))
     for ports in cfg.replica_ports:
         specs += replica_specs(cfg, ports, model_dir)
     for i, port in enumerate(cfg.router_ports):
         tok = cfg.tokenizer_ports[i % len(cfg.tokenizer_ports)]
         specs.append(ProcSpec(f"router-{i}", py + [
-            "services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
+            "llmesh.services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
             "--replica-set", str(run_dir / REPLICA_SET_FILE), "--model-name", cfg.model_name,
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
@@ -223,7 +226,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
         clusters = run_dir / "xds-clusters.json"
         clusters.write_text(json.dumps(xds_clusters(cfg)))
         write_routers(run_dir, cfg.router_ports, cfg.http_ports)
-        specs.append(ProcSpec("xds", py + ["mesh.xds", "--port", str(cfg.envoy.xds_port),
+        specs.append(ProcSpec("xds", py + ["llmesh.mesh.xds", "--port", str(cfg.envoy.xds_port),
                                            "--clusters", str(clusters),
                                            "--routers", str(run_dir / ROUTERS_FILE)],
                               cfg.envoy.xds_port, stage=STAGE_BACKENDS))
@@ -420,7 +423,7 @@ def write_state(run_dir: Path, state: dict) -> None:
 def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None) -> int:
     """Bring the mesh up, write state.json, scale on request (`llmesh scale`), wait for
     SIGTERM / SIGINT, bring it down."""
-    from mesh.scaling import Scaler
+    from llmesh.mesh.scaling import Scaler
     sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -434,7 +437,7 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
     scaler = Scaler(cfg, sup, model_dir, run_dir)
     autoscale = None
     if cfg.autoscaler.enabled:
-        from mesh.scaling import Autoscale
+        from llmesh.mesh.scaling import Autoscale
         autoscale = Autoscale(scaler, run_dir)
         if "autoscaler" in cfg.observability.metrics_ports:
             from prometheus_client import start_http_server
@@ -467,7 +470,7 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mesh.supervisor")
+    p = argparse.ArgumentParser(prog="llmesh.mesh.supervisor")
     p.add_argument("--config", required=True, help="resolved mesh config (ports filled in)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--run-dir", required=True)

@@ -2,8 +2,8 @@
 (EDS) over one ADS stream from here, so routers can be added or drained with no
 Envoy restart.
 
-    python -m mesh.xds --port P --clusters CLUSTERS.json --routers FILE
-    python -m mesh.xds --port P --clusters CLUSTERS.json --endpointslices NAMESPACE/SERVICE
+    python -m llmesh.mesh.xds --port P --clusters CLUSTERS.json --routers FILE
+    python -m llmesh.mesh.xds --port P --clusters CLUSTERS.json --endpointslices NAMESPACE/SERVICE
 
 FILE (JSON, rewritten by the supervisor or `llmesh scale`) lists the routers:
 `{"routers": [gRPC port, ...], "http": [HTTP port, ...], "draining": [gRPC port, ...]}`.
@@ -30,8 +30,8 @@ import logging
 import sys
 from pathlib import Path
 
-from observability import telemetry  # noqa: F401 (first: its opentelemetry is the venv's)
-from services.common.server import Service
+from llmesh.observability import telemetry  # noqa: F401 (first: its opentelemetry is the venv's)
+from llmesh.services.common.server import Service
 
 # The Envoy API messages (xds-protos) live in a folder of their own (see the
 # Makefile): the package also carries copies of opentelemetry-proto and of
@@ -215,17 +215,17 @@ def main(argv=None) -> None:
 
 def _endpoint_slices(args):
     """The routers from the Kubernetes API: a source for `serve`."""
-    from mesh import k8s_endpoints as k8s
+    from llmesh.mesh import k8s_endpoints as k8s
     try:
         namespace, service = k8s.parse_target(args.endpointslices)
         api = k8s.KubeApi.in_cluster(args.k8s_api, args.k8s_token_file, args.k8s_ca_file)
     except k8s.KubeApiError as e:
-        raise SystemExit(f"mesh.xds: {e}")
+        raise SystemExit(f"llmesh.mesh.xds: {e}")
     return lambda plane: k8s.watch_endpoint_slices(plane, api, namespace, service, args.poll_s)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesh.xds")
+    p = argparse.ArgumentParser(prog="llmesh.mesh.xds")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1",
                    help="the address ADS and health listen on (a pod: 0.0.0.0, for its probes)")

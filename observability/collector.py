@@ -1,7 +1,7 @@
 """The mesh's local trace collector: an OTLP/gRPC TraceService on loopback that
 appends every span it receives, as one JSON object per line, to a file.
 
-    python -m observability.collector --port P --out RUN_DIR/traces.jsonl
+    python -m llmesh.observability.collector --port P --out RUN_DIR/traces.jsonl
 
 With `observability.tracing: file` (the default) every service and Envoy export
 here, and `llmesh trace` reads the file. Each line has trace_id, span_id,
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from observability import telemetry
-from services.common.server import Service
+from llmesh.observability import telemetry
+from llmesh.services.common.server import Service
 
 
 def _value(v):
@@ -79,7 +79,7 @@ async def main(args) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="observability.collector")
+    p = argparse.ArgumentParser(prog="llmesh.observability.collector")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", required=True)
     args = p.parse_args()

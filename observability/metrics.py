@@ -47,6 +47,8 @@ class RouterMetrics:
                                      "Tokens served per tenant (prompt or output)", ["tenant", "kind"])
         self.migrations = Counter("llmesh_request_migrations",
                                   "Requests resubmitted after their replica was lost")
+        self.tokenizer_retries = Counter("llmesh_tokenizer_retries",
+                                         "Encode calls made again after the tokenizer failed them")
         self.standby_active = Gauge("llmesh_router_standby_active",
                                     "1 while the warm standby replicas take requests")
 

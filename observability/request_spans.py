@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from observability import telemetry
+from llmesh.observability import telemetry
 
 MAX_LINKS = 64
 

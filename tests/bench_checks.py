@@ -2,8 +2,8 @@
 import json
 import struct
 
-from benchmarks.harness import BenchSetup
-from services.engine.engine import EngineConfig
+from llmesh.benchmarks.harness import BenchSetup
+from llmesh.services.engine.engine import EngineConfig
 
 SMALL = 16 * 2**20  # bandwidth probe buffer: enough to measure, quick on 2 cores
 

@@ -14,13 +14,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from mesh.default_model import make_tiny
+    from llmesh.mesh.default_model import make_tiny
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from services.executor.weights import load_model
+    from llmesh.services.executor.weights import load_model
     return load_model(tiny_model_dir)
 
 

@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.sampling_params import SamplingParams  # noqa: E402
-from services.engine.engine import Engine, EngineConfig  # noqa: E402
-from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata  # noqa: E402
-from services.executor.weights import load_model  # noqa: E402
+from llmesh.services.common.sampling_params import SamplingParams  # noqa: E402
+from llmesh.services.engine.engine import Engine, EngineConfig  # noqa: E402
+from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata  # noqa: E402
+from llmesh.services.executor.weights import load_model  # noqa: E402
 
 
 def weight_bytes(model) -> int:
@@ -68,8 +68,8 @@ def run_model(model_dir: str, group) -> dict:
                                                          seed=11, n=2, ignore_eos=True))
     structured = None
     if (Path(model_dir) / "tokenizer.json").is_file():  # structured output: grammar on rank 0
-        from services.common.grammar_spec import GrammarSpec
-        from services.common.tokenizer import TextTokenizer
+        from llmesh.services.common.grammar_spec import GrammarSpec
+        from llmesh.services.common.tokenizer import TextTokenizer
         with_text = Engine(model, EngineConfig(num_kv_blocks=64, max_num_batched_tokens=48,
                                                max_num_seqs=8), TextTokenizer(model_dir))
         structured = [[c.token_ids for c in cs] for cs in with_text.generate(
@@ -105,7 +105,7 @@ def main() -> None:
     torch.set_num_threads(1)
     group = None
     if args.world_size > 1:
-        from services.executor.parallel import init_group
+        from llmesh.services.executor.parallel import init_group
         group = init_group(args.rank, args.world_size, args.dist_addr, timeout_s=60)
     try:
         results = {m: run_model(m, group) for m in args.models}

@@ -111,10 +111,10 @@ if ! $DOCKER image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     timeout 300 $DOCKER load -i "$CACHE/bookworm-base.tar" >/dev/null \
       || die "docker load of $CACHE/bookworm-base.tar failed"
   else
-    # the mirror apt already uses
+    # the mirror this machine's apt is configured with; the project names no package host
     MIRROR=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -n1 || true)
     [ -n "$MIRROR" ] || MIRROR=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' | grep -v security | head -n1 || true)
-    MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+    [ -n "$MIRROR" ] || die "no Debian mirror found for debootstrap: looked for a 'URIs:' line in /etc/apt/sources.list.d/*.sources and a 'deb' line in /etc/apt/sources.list"
     ROOTFS=$(mktemp -d /tmp/llmesh-rootfs.XXXXXX)
     log "debootstrap bookworm from $MIRROR"
     timeout 900 $SUDO debootstrap --variant=minbase bookworm "$ROOTFS" "$MIRROR" \

@@ -8,11 +8,11 @@ doubles carry it exactly, so no hop rounds or re-validates it.
 from __future__ import annotations
 
 from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
-from services.common.finish_reason import FinishReason
-from services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
-from services.common.grammar_spec import GrammarSpec
-from services.common.sampling_params import SamplingParams
-from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
+from llmesh.services.common.finish_reason import FinishReason
+from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
+from llmesh.services.common.grammar_spec import GrammarSpec
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 
 _PUBLIC_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from services.common.errors import InvalidRequestError, UnsupportedModelError
+from llmesh.services.common.errors import InvalidRequestError, UnsupportedModelError
 
 GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "ebnf")
 MAX_GRAMMAR_SOURCE_CHARS = 64 * 1024

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from services.common.errors import InvalidRequestError
-from services.common.grammar_spec import GrammarSpec
+from llmesh.services.common.errors import InvalidRequestError
+from llmesh.services.common.grammar_spec import GrammarSpec
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import LlmeshError
+from llmesh.services.common.errors import LlmeshError
 
 MAX_MESSAGE_BYTES = 4 * 2**20
 log = logging.getLogger("llmesh")
@@ -54,7 +54,7 @@ class Service:
                  max_message_bytes: int = MAX_MESSAGE_BYTES, traced: bool = False):
         self.name = name
         host = host or bind_host()
-        from observability import telemetry
+        from llmesh.observability import telemetry
         interceptors = telemetry.server_interceptors() if traced else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -74,7 +74,7 @@ class Service:
 
     def add_public(self, servicer, service_descriptor) -> None:
         """A service facing untrusted clients: undecodable requests get INVALID_ARGUMENT."""
-        from services.common.public_handlers import public_service_handler
+        from llmesh.services.common.public_handlers import public_service_handler
         self.server.add_generic_rpc_handlers((public_service_handler(servicer,
                                                                       service_descriptor),))
         self._service_names.append(service_descriptor.full_name)

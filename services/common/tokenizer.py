@@ -11,8 +11,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from services.common.chat_template import ChatTemplate, special_tokens_of
-from services.common.errors import InvalidRequestError, UnsupportedModelError
+from llmesh.services.common.chat_template import ChatTemplate, special_tokens_of
+from llmesh.services.common.errors import InvalidRequestError, UnsupportedModelError
 
 
 class TextTokenizer:

@@ -20,20 +20,20 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import DuplicateRequestError, LlmeshError
-from services.common.sampling_params import SamplingParams, validate_request
-from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
+from llmesh.services.common.errors import DuplicateRequestError, LlmeshError
+from llmesh.services.common.sampling_params import SamplingParams, validate_request
+from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
-from services.common.tokenizer import TextTokenizer
-from services.executor.kv_memory import (DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, peak_rss_bytes,
+from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.executor.kv_memory import (DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, peak_rss_bytes,
                                          size_kv_cache)
-from services.executor.model import CausalLM
-from services.executor.runner import ModelRunner
-from services.executor.weights import load_model
-from services.scheduler.kv_manager import KVCacheManager, KVStats
-from services.scheduler.loop import EngineLoop
-from services.scheduler.policy import SchedulingPolicy
-from services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
+from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.runner import ModelRunner
+from llmesh.services.executor.weights import load_model
+from llmesh.services.scheduler.kv_manager import KVCacheManager, KVStats
+from llmesh.services.scheduler.loop import EngineLoop
+from llmesh.services.scheduler.policy import SchedulingPolicy
+from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
 
 
 @dataclass(frozen=True)

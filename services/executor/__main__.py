@@ -1,4 +1,4 @@
-"""python -m services.executor --port P --model DIR --num-kv-blocks N
+"""python -m llmesh.services.executor --port P --model DIR --num-kv-blocks N
     [--rank R --world-size W --dist-addr HOST:PORT]   (tensor parallel)"""
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import signal
 import torch
 
 from llmesh.v1 import executor_pb2_grpc
-from observability import telemetry
-from services.common.server import Service
-from services.executor.kv_memory import DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, size_kv_cache
-from services.executor.runner import ModelRunner
-from services.executor.servicer import ExecutorServicer
-from services.executor.weights import load_model
+from llmesh.observability import telemetry
+from llmesh.services.common.server import Service
+from llmesh.services.executor.kv_memory import DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, size_kv_cache
+from llmesh.services.executor.runner import ModelRunner
+from llmesh.services.executor.servicer import ExecutorServicer
+from llmesh.services.executor.weights import load_model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="services.executor")
+    p = argparse.ArgumentParser(prog="llmesh.services.executor")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--dtype", default="float32")
@@ -77,12 +77,12 @@ async def main(args) -> None:
     await service.start()  # health answers NOT_SERVING while the group forms and the model loads
     group = None
     if tp:
-        from services.executor.parallel import init_group
+        from llmesh.services.executor.parallel import init_group
         group = await asyncio.to_thread(init_group, args.rank, args.world_size, args.dist_addr,
                                         device, args.dist_timeout_s)
     if args.bench_step_ms:
-        from services.executor.model_config import load_model_config
-        from services.executor.sleep_model import SleepModel
+        from llmesh.services.executor.model_config import load_model_config
+        from llmesh.services.executor.sleep_model import SleepModel
         model = SleepModel(load_model_config(args.model), args.bench_step_ms / 1000)
     else:
         model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.executor.staging import Staging
+from llmesh.services.executor.staging import Staging
 
 # a group of single-query rows is padded to its longest context; a new group
 # starts when padding would exceed this share of the group's real keys

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from services.executor.attention import AttentionMetadata, TorchPagedAttention
+from llmesh.services.executor.attention import AttentionMetadata, TorchPagedAttention
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def kernels_support(dtype: torch.dtype, head_dim: int, block_size: int, num_heads: int,
                     num_kv_heads: int, sliding_window: int | None) -> bool:
-    from kernels.ops import BLOCK_SIZES, HEAD_DIMS
+    from llmesh.kernels.ops import BLOCK_SIZES, HEAD_DIMS
     return (dtype in KERNEL_DTYPES and head_dim in HEAD_DIMS and block_size in BLOCK_SIZES
             and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 8
             and sliding_window is None)
@@ -30,11 +30,11 @@ class CudaPagedAttention(TorchPagedAttention):
         self.context_bound = context_bound
 
     def write_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata):
-        from kernels import ops
+        from llmesh.kernels import ops
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
-        from kernels import ops
+        from llmesh.kernels import ops
         out = torch.empty_like(q)
         if meta.num_single:
             n = meta.num_single

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from services.executor.attention import AttentionMetadata
+from llmesh.services.executor.attention import AttentionMetadata
 
 log = logging.getLogger("llmesh.executor")
 

@@ -24,8 +24,8 @@ import torch
 import xgrammar as xgr
 from tokenizers import Tokenizer
 
-from services.common.errors import InvalidRequestError, UnsupportedModelError
-from services.common.grammar_spec import GrammarSpec, clean_error
+from llmesh.services.common.errors import InvalidRequestError, UnsupportedModelError
+from llmesh.services.common.grammar_spec import GrammarSpec, clean_error
 
 def load_tokenizer_info(model_dir: str | Path, vocab_size: int,
                         stop_token_ids: Sequence[int]) -> xgr.TokenizerInfo:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from services.executor.attention import AttentionBackend, AttentionMetadata
-from services.executor.model_config import ModelConfig, RopeScaling
-from services.executor.projection import Projection
+from llmesh.services.executor.attention import AttentionBackend, AttentionMetadata
+from llmesh.services.executor.model_config import ModelConfig, RopeScaling
+from llmesh.services.executor.projection import Projection
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
         residual add and the next norm (in place, one kernel, on a GPU)."""
         fused = use_kernels(x) and x.dim() == 2
         if fused:
-            from kernels import fused_ops
+            from llmesh.kernels import fused_ops
             if residual is None:
                 return fused_ops.rms_norm(x, self.weight, self.eps)
             fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
@@ -137,7 +137,7 @@ class Attention(nn.Module):
             k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
             q, k = apply_rope(q, *rotary.rows()), apply_rope(k, *rotary.rows())
         elif use_kernels(qkv):  # query and key heads rotated in place, one kernel
-            from kernels import fused_ops
+            from llmesh.kernels import fused_ops
             fused_ops.rope_neox_(qkv, rotary.positions, rotary.table_cos, rotary.table_sin,
                                  self.num_heads + self.num_kv_heads, self.head_dim)
             q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
@@ -161,7 +161,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         if use_kernels(gate_up):
-            from kernels import fused_ops
+            from llmesh.kernels import fused_ops
             return self.down_proj(fused_ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

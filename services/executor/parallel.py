@@ -28,10 +28,10 @@ from torch import nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from services.common.errors import UnsupportedModelError
-from services.executor.model import CausalLM
-from services.executor.model_config import ModelConfig
-from services.executor.projection import Projection
+from llmesh.services.common.errors import UnsupportedModelError
+from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.model_config import ModelConfig
+from llmesh.services.executor.projection import Projection
 
 
 class TPGroup:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from services.common.errors import UnsupportedModelError
+from llmesh.services.common.errors import UnsupportedModelError
 
 PACKED_FORMATS = ("int8", "float16-weights")
 

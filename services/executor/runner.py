@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
-from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
-from services.executor.model import CausalLM
-from services.executor.sampler import SampleRow, SamplingBatch, sample
-from services.executor.staging import Staged, Staging
+from llmesh.services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
+from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.sampler import SampleRow, SamplingBatch, sample
+from llmesh.services.executor.staging import Staged, Staging
 
 
 log = logging.getLogger("llmesh.executor")
@@ -84,7 +84,7 @@ class ModelRunner:
         self._eager = False  # set inside `eager()`: graphs are not replayed
         if (cuda_graph_batch > 0 and self.device.type == "cuda" and self.tp is None
                 and getattr(self.backend, "wants_block_tables", False)):
-            from services.executor.cuda_graphs import DecodeGraphs
+            from llmesh.services.executor.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_batch,
                                        self.max_model_len, block_size, self.device)
             with torch.inference_mode():
@@ -108,7 +108,7 @@ class ModelRunner:
             self.seqs.clear()
 
     def _pick_backend(self, dtype: torch.dtype):
-        from services.executor.attention_cuda import CudaPagedAttention, kernels_support
+        from llmesh.services.executor.attention_cuda import CudaPagedAttention, kernels_support
         c = self.config
         if self.device.type == "cuda" and kernels_support(
                 dtype, c.head_dim, self.block_size, c.num_heads, c.num_kv_heads, c.sliding_window):
@@ -204,7 +204,7 @@ class ModelRunner:
     def grammars(self):
         """The grammar compiler for this model's vocabulary (xgrammar; made once)."""
         if self._grammar_compiler is None:
-            from services.executor.grammar import GrammarCompiler
+            from llmesh.services.executor.grammar import GrammarCompiler
             if self.tokenizer_dir is None:
                 raise RuntimeError("structured output needs the model's tokenizer directory")
             self._grammar_compiler = GrammarCompiler(self.tokenizer_dir, self.config.vocab_size,
@@ -217,7 +217,7 @@ class ModelRunner:
             return
         pairs = copies.tensor
         if self.device.type == "cuda":
-            from kernels import ops
+            from llmesh.kernels import ops
             for k_cache, v_cache in self.kv_caches:
                 ops.copy_blocks(k_cache, pairs)
                 ops.copy_blocks(v_cache, pairs)

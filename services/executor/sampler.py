@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.common.step_plan import TokenLogprobs
-from services.executor.staging import Staged, Staging
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.common.step_plan import TokenLogprobs
+from llmesh.services.executor.staging import Staged, Staging
 
 _M32 = 0xFFFFFFFF
 
@@ -154,7 +154,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], grammars: list | None = 
     num_rows, vocab = logits.shape
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.logprob_rows else None
     if grammars is not None and any(g is not None for g in grammars):
-        from services.executor.grammar import apply_masks
+        from llmesh.services.executor.grammar import apply_masks
         apply_masks(logits, grammars)
     logits = _apply_penalties(logits, batch)
     tokens = logits.argmax(dim=-1)

@@ -16,12 +16,12 @@ import time
 import grpc
 
 from llmesh.v1 import executor_pb2, executor_pb2_grpc
-from observability import telemetry
-from observability.metrics import executor_metrics
-from services.common import convert
-from services.common.rss import current_rss_bytes
-from services.common.step_plan import StepPlan
-from services.executor.runner import ModelRunner
+from llmesh.observability import telemetry
+from llmesh.observability.metrics import executor_metrics
+from llmesh.services.common import convert
+from llmesh.services.common.rss import current_rss_bytes
+from llmesh.services.common.step_plan import StepPlan
+from llmesh.services.executor.runner import ModelRunner
 
 log = logging.getLogger("llmesh.executor")
 _END = object()

@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from services.executor.model_config import ModelConfig
+from llmesh.services.executor.model_config import ModelConfig
 
 
 class _Attention:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from services.common.errors import UnsupportedModelError
-from services.executor.model import CausalLM
-from services.executor.model_config import ModelConfig, load_model_config
-from services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
+from llmesh.services.common.errors import UnsupportedModelError
+from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.model_config import ModelConfig, load_model_config
+from llmesh.services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,11 +99,11 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     with torch.device("meta"):
         model = CausalLM(config)
         if tp_group is not None:
-            from services.executor.parallel import shard_model
+            from llmesh.services.executor.parallel import shard_model
             shard_model(model, tp_group)
     slices = {}
     if tp_group is not None:
-        from services.executor.parallel import shard_slices
+        from llmesh.services.executor.parallel import shard_slices
         slices = shard_slices(model)
     index = SafetensorsIndex(model_dir)
     state = {}

@@ -1,15 +1,15 @@
-"""python -m services.kvcache --port P"""
+"""python -m llmesh.services.kvcache --port P"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 
 from llmesh.v1 import kvcache_pb2_grpc
-from observability import telemetry
-from observability.metrics import register_kvcache
-from services.common.server import Service
-from services.kvcache.index import PrefixIndex
-from services.kvcache.servicer import KVCacheServicer
+from llmesh.observability import telemetry
+from llmesh.observability.metrics import register_kvcache
+from llmesh.services.common.server import Service
+from llmesh.services.kvcache.index import PrefixIndex
+from llmesh.services.kvcache.servicer import KVCacheServicer
 
 
 async def main(args) -> None:
@@ -24,7 +24,7 @@ async def main(args) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="services.kvcache")
+    p = argparse.ArgumentParser(prog="llmesh.services.kvcache")
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args()
     telemetry.init("kvcache")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.block_hash import prefix_hashes
-from services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, Snapshot
+from llmesh.services.common.block_hash import prefix_hashes
+from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, Snapshot
 
 
 @dataclass

@@ -5,8 +5,8 @@ import itertools
 import logging
 
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
-from services.common import convert
-from services.kvcache.index import PrefixIndex
+from llmesh.services.common import convert
+from llmesh.services.kvcache.index import PrefixIndex
 
 log = logging.getLogger("llmesh.kvcache")
 

@@ -1,4 +1,4 @@
-"""python -m services.router --port P --tokenizer ADDR (--schedulers ADDR[,ADDR...] | --replica-set FILE)
+"""python -m llmesh.services.router --port P --tokenizer ADDR (--schedulers ADDR[,ADDR...] | --replica-set FILE)
 [--http-port H --model DIR]"""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import grpc
 import uvicorn
 
 from llmesh.v1 import inference_pb2
-from observability import telemetry
-from services.common.server import Service, bind_host
-from services.router.admission import Admission
-from services.router.deadletters import dead_letters_from
-from services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
-from services.router.dispatch import Dispatcher
-from services.router.replica_set import read_replica_set, watch_replica_set
-from services.router.servicer import Inference
+from llmesh.observability import telemetry
+from llmesh.services.common.server import Service, bind_host
+from llmesh.services.router.admission import Admission
+from llmesh.services.router.deadletters import dead_letters_from
+from llmesh.services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
+from llmesh.services.router.dispatch import Dispatcher
+from llmesh.services.router.replica_set import read_replica_set, watch_replica_set
+from llmesh.services.router.servicer import Inference
 
 
 async def main(args) -> None:
@@ -81,9 +81,9 @@ def _http_server(args, inference: Inference) -> uvicorn.Server:
     router's handlers in-process (docs/http-api.md)."""
     from functools import lru_cache
 
-    from services.common.tokenizer import TextTokenizer
-    from services.router.http_api.app import OpenAIApi
-    from services.router.local_calls import LocalHealth, LocalInference
+    from llmesh.services.common.tokenizer import TextTokenizer
+    from llmesh.services.router.http_api.app import OpenAIApi
+    from llmesh.services.router.local_calls import LocalHealth, LocalInference
     tokenizer = TextTokenizer(args.model)
 
     @lru_cache(maxsize=65536)
@@ -109,7 +109,7 @@ async def _track_health(service: Service, inference: Inference) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="services.router")
+    p = argparse.ArgumentParser(prog="llmesh.services.router")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--schedulers", default="",

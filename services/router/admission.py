@@ -15,11 +15,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.common.errors import (InvalidRequestError, LimitExceededError, LlmeshError,
+from llmesh.services.common.errors import (InvalidRequestError, LimitExceededError, LlmeshError,
                                     PermissionDeniedError, UnauthenticatedError)
-from services.common.sampling_params import SamplingParams
-from services.router.limits import Limiter, LimiterUnavailable, Reservation, make_limiter
-from services.router.tenants import TenantDirectory, TenantPolicy, key_from_metadata
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.router.limits import Limiter, LimiterUnavailable, Reservation, make_limiter
+from llmesh.services.router.tenants import TenantDirectory, TenantPolicy, key_from_metadata
 
 class LimitsUnavailableError(LlmeshError):
     """The shared limit state (Redis) cannot be reached: fail closed, retryable."""

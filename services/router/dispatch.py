@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import grpc
 
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc, scheduler_pb2
-from observability.metrics import router_metrics
-from services.router.breaker import BROKEN, CircuitBreaker
-from services.router.core import ReplicaChooser, ReplicaLoad, standby_active
-from services.router.replica_set import ReplicaEntry
-from services.router.replicas import Replica
+from llmesh.observability.metrics import router_metrics
+from llmesh.services.router.breaker import BROKEN, CircuitBreaker
+from llmesh.services.router.core import ReplicaChooser, ReplicaLoad, standby_active
+from llmesh.services.router.replica_set import ReplicaEntry
+from llmesh.services.router.replicas import Replica
 
 log = logging.getLogger("llmesh.router")
 

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
-from services.router.tenants import TenantPolicy
+from llmesh.services.router.tenants import TenantPolicy
 
 REASONS = ("rate_limit_requests", "rate_limit_tokens", "quota_input_tokens", "quota_output_tokens",
            "exceeds_rate_limit")

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.router.breaker import CircuitBreaker
+from llmesh.services.router.breaker import CircuitBreaker
 
 log = logging.getLogger("llmesh.router")
 

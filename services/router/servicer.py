@@ -12,20 +12,20 @@ import grpc
 
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        tokenizer_pb2, tokenizer_pb2_grpc)
-from services.common import convert
-from services.common.errors import (InvalidRequestError, LimitExceededError, LlmeshError,
+from llmesh.services.common import convert
+from llmesh.services.common.errors import (InvalidRequestError, LimitExceededError, LlmeshError,
                                     PermissionDeniedError, UnauthenticatedError)
-from services.common.sampling_params import validate_request, validate_resume
-from services.common.server import abort_with
-from services.router.admission import Admission, Ticket, arrival_time
-from services.router.breaker import BUSY, OK
-from services.router.deadletters import DeadLetters, make_entry
-from services.router.dispatch import Dispatcher, Route, coalesce
-from services.router.limits import MemoryLimiter
-from services.router.tenants import TenantDirectory
+from llmesh.services.common.sampling_params import validate_request, validate_resume
+from llmesh.services.common.server import abort_with
+from llmesh.services.router.admission import Admission, Ticket, arrival_time
+from llmesh.services.router.breaker import BUSY, OK
+from llmesh.services.router.deadletters import DeadLetters, make_entry
+from llmesh.services.router.dispatch import Dispatcher, Route, coalesce
+from llmesh.services.router.limits import MemoryLimiter
+from llmesh.services.router.tenants import TenantDirectory
 
-from observability import telemetry
-from observability.metrics import router_metrics
+from llmesh.observability import telemetry
+from llmesh.observability.metrics import router_metrics
 from opentelemetry import trace
 
 log = logging.getLogger("llmesh.router")
@@ -329,6 +329,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    router_metrics().tokenizer_retries.inc()
                     await asyncio.sleep(0.1)
                     continue
                 if code != grpc.StatusCode.INVALID_ARGUMENT:

@@ -8,7 +8,7 @@ guess can't be made cheaper than guessing 256 random bits).
 Without a keys file the mesh runs open: every request is the ANONYMOUS tenant.
 
 Generate a key and its hash for the keys file:
-    python -m services.router.tenants new-key
+    python -m llmesh.services.router.tenants new-key
 """
 from __future__ import annotations
 
@@ -280,7 +280,7 @@ def _main(argv: list[str] | None = None) -> int:
     import sys
     args = sys.argv[1:] if argv is None else argv
     if args != ["new-key"]:
-        print("usage: python -m services.router.tenants new-key", file=sys.stderr)
+        print("usage: python -m llmesh.services.router.tenants new-key", file=sys.stderr)
         return 2
     key = new_key()
     print(f"key:  {key}\nhash: {hash_key(key)}   # put this in the keys file; give the key to the tenant")

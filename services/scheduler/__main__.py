@@ -1,4 +1,4 @@
-"""python -m services.scheduler --port P --model DIR --kvcache ADDR --replica-name NAME
+"""python -m llmesh.services.scheduler --port P --model DIR --kvcache ADDR --replica-name NAME
     --executors ADDR[,ADDR...] --num-kv-blocks N"""
 from __future__ import annotations
 
@@ -10,29 +10,29 @@ import signal
 import time
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
-from observability import telemetry
-from observability.metrics import register_scheduler, step_histogram
-from services.common.server import Service
-from services.common.tokenizer import TextTokenizer
-from services.executor.kv_memory import kv_cap_blocks
-from services.executor.model_config import load_model_config
-from services.scheduler.executor_client import ExecutorGroup
-from services.scheduler.kv_events import KVEventLog
-from services.scheduler.kv_manager import KVCacheManager
-from services.scheduler.kv_publisher import KVPublisher
-from services.scheduler.loop import EngineLoop, ExecutorFailed
-from services.scheduler.policy import policy_from_dict
-from services.scheduler.scheduler import Scheduler, SchedulerConfig
-from services.scheduler import probe
-from services.scheduler.drain import LeakGuard, drain, restart_executors
-from services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
-from services.scheduler.servicer import OutputHub, SchedulerServicer, replica_load
+from llmesh.observability import telemetry
+from llmesh.observability.metrics import register_scheduler, step_histogram
+from llmesh.services.common.server import Service
+from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.executor.kv_memory import kv_cap_blocks
+from llmesh.services.executor.model_config import load_model_config
+from llmesh.services.scheduler.executor_client import ExecutorGroup
+from llmesh.services.scheduler.kv_events import KVEventLog
+from llmesh.services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.scheduler.kv_publisher import KVPublisher
+from llmesh.services.scheduler.loop import EngineLoop, ExecutorFailed
+from llmesh.services.scheduler.policy import policy_from_dict
+from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
+from llmesh.services.scheduler import probe
+from llmesh.services.scheduler.drain import LeakGuard, drain, restart_executors
+from llmesh.services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
+from llmesh.services.scheduler.servicer import OutputHub, SchedulerServicer, replica_load
 
 log = logging.getLogger("llmesh.scheduler")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="services.scheduler")
+    p = argparse.ArgumentParser(prog="llmesh.services.scheduler")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--model-name", default="")

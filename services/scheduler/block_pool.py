@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.kv_events import CLEARED, REMOVED, STORED
+from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED
 
 # (kind, block_hash, parent_hash): b"" where a field does not apply
 EventSink = Callable[[str, bytes, bytes], None]

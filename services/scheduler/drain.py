@@ -10,11 +10,11 @@ import asyncio
 import logging
 import time
 
-from observability.metrics import leak_restarts
-from services.common.rss import current_rss_bytes
-from services.scheduler.executor_client import ExecutorGroup
-from services.scheduler.leak_watchdog import SCHEDULER, LeakWatchdog
-from services.scheduler.loop import EngineLoop
+from llmesh.observability.metrics import leak_restarts
+from llmesh.services.common.rss import current_rss_bytes
+from llmesh.services.scheduler.executor_client import ExecutorGroup
+from llmesh.services.scheduler.leak_watchdog import SCHEDULER, LeakWatchdog
+from llmesh.services.scheduler.loop import EngineLoop
 
 log = logging.getLogger("llmesh.scheduler")
 

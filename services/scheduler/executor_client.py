@@ -12,9 +12,9 @@ import asyncio
 import grpc
 
 from llmesh.v1 import executor_pb2, executor_pb2_grpc
-from services.common import convert
-from services.common.step_plan import StepPlan, StepResult
-from services.scheduler.loop import ExecutorFailed
+from llmesh.services.common import convert
+from llmesh.services.common.step_plan import StepPlan, StepResult
+from llmesh.services.scheduler.loop import ExecutorFailed
 
 
 class ExecutorGroup:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import secrets
 
-from services.common.kv_events import EventBatch, KVEvent, Snapshot
-from services.scheduler.block_pool import BlockPool
+from llmesh.services.common.kv_events import EventBatch, KVEvent, Snapshot
+from llmesh.services.scheduler.block_pool import BlockPool
 
 
 class KVEventLog:

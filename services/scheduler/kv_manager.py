@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.block_hash import hash_block
-from services.scheduler.block_pool import BlockPool, EventSink
+from llmesh.services.common.block_hash import hash_block
+from llmesh.services.scheduler.block_pool import BlockPool, EventSink
 
 
 @dataclass

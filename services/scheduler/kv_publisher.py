@@ -14,9 +14,9 @@ import logging
 import grpc
 
 from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
-from services.common import convert
-from services.scheduler.kv_events import KVEventLog
-from services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.common import convert
+from llmesh.services.scheduler.kv_events import KVEventLog
+from llmesh.services.scheduler.kv_manager import KVCacheManager
 
 log = logging.getLogger("llmesh.scheduler")
 

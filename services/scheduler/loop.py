@@ -22,19 +22,19 @@ from typing import Protocol
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from observability import telemetry
-from observability.request_spans import RequestSpans, StepSpans
-from services.common.errors import DrainingError, DuplicateRequestError, InvalidRequestError
-from services.common.finish_reason import FinishReason
-from services.common.sampling_params import SamplingParams
-from services.common.step_plan import StepPlan, StepResult, sequence_id
-from services.common.tokenizer import TextTokenizer
-from services.scheduler.kv_manager import KVCacheManager
-from services.scheduler.policy import QueueFullError
-from services.scheduler.scheduler import Scheduler, SeqOutput
-from services.scheduler.sequence import Sequence
-from services.scheduler.slo import DrainRate, WaitCalibration
-from services.scheduler.text_stream import TextStream
+from llmesh.observability import telemetry
+from llmesh.observability.request_spans import RequestSpans, StepSpans
+from llmesh.services.common.errors import DrainingError, DuplicateRequestError, InvalidRequestError
+from llmesh.services.common.finish_reason import FinishReason
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.common.step_plan import StepPlan, StepResult, sequence_id
+from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.scheduler.policy import QueueFullError
+from llmesh.services.scheduler.scheduler import Scheduler, SeqOutput
+from llmesh.services.scheduler.sequence import Sequence
+from llmesh.services.scheduler.slo import DrainRate, WaitCalibration
+from llmesh.services.scheduler.text_stream import TextStream
 
 log = logging.getLogger("llmesh.scheduler")
 # admission aims at this share of a class's TTFT budget: the rest is headroom for

@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from services.common.errors import LlmeshError
-from services.scheduler.sequence import Sequence
+from llmesh.services.common.errors import LlmeshError
+from llmesh.services.scheduler.sequence import Sequence
 
 CLASSES = ("interactive", "standard", "batch")
 DEFAULT_CLASS = "standard"

@@ -15,9 +15,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from services.common.finish_reason import FinishReason
-from services.common.sampling_params import SamplingParams
-from services.scheduler.loop import EngineLoop
+from llmesh.services.common.finish_reason import FinishReason
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.scheduler.loop import EngineLoop
 
 log = logging.getLogger("llmesh.scheduler")
 OWNER = "known-answer-probe"

@@ -29,13 +29,13 @@ import itertools
 import operator
 from dataclasses import dataclass, field
 
-from services.common.finish_reason import FinishReason
-from services.common.sampling_params import ends_in_repetition
-from services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
+from llmesh.services.common.finish_reason import FinishReason
+from llmesh.services.common.sampling_params import ends_in_repetition
+from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs, sequence_id)
-from services.scheduler.kv_manager import KVCacheManager
-from services.scheduler.policy import SchedulingPolicy, WaitQueue
-from services.scheduler.sequence import Sequence, SeqStatus
+from llmesh.services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.scheduler.policy import SchedulingPolicy, WaitQueue
+from llmesh.services.scheduler.sequence import Sequence, SeqStatus
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from services.common.finish_reason import FinishReason  # noqa: F401 (re-exported)
-from services.common.sampling_params import SamplingParams
+from llmesh.services.common.finish_reason import FinishReason  # noqa: F401 (re-exported)
+from llmesh.services.common.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

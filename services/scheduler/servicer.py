@@ -7,13 +7,13 @@ import random
 import time
 
 from llmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.common import convert
-from services.common.errors import LlmeshError
-from services.scheduler.executor_client import ExecutorGroup
-from services.scheduler.loop import EngineLoop, FinishedInfo
-from services.scheduler.policy import CLASSES
-from services.scheduler.probe import KnownAnswerProbe
-from services.scheduler.scheduler import SeqOutput
+from llmesh.services.common import convert
+from llmesh.services.common.errors import LlmeshError
+from llmesh.services.scheduler.executor_client import ExecutorGroup
+from llmesh.services.scheduler.loop import EngineLoop, FinishedInfo
+from llmesh.services.scheduler.policy import CLASSES
+from llmesh.services.scheduler.probe import KnownAnswerProbe
+from llmesh.services.scheduler.scheduler import SeqOutput
 
 
 class OutputHub:

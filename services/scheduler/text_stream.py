@@ -3,7 +3,7 @@ stop strings, in the scheduler, so a sequence that hits a stop string finishes
 in the step that produced it and the text leaves the replica with its tokens."""
 from __future__ import annotations
 
-from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from llmesh.services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 class StopMatcher:

@@ -1,14 +1,14 @@
-"""python -m services.tokenizer --port P --model DIR"""
+"""python -m llmesh.services.tokenizer --port P --model DIR"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 
 from llmesh.v1 import tokenizer_pb2_grpc
-from observability import telemetry
-from services.common.server import Service
-from services.tokenizer.servicer import TokenizerServicer
-from services.common.tokenizer import TextTokenizer
+from llmesh.observability import telemetry
+from llmesh.services.common.server import Service
+from llmesh.services.tokenizer.servicer import TokenizerServicer
+from llmesh.services.common.tokenizer import TextTokenizer
 
 
 async def main(args) -> None:
@@ -21,7 +21,7 @@ async def main(args) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="services.tokenizer")
+    p = argparse.ArgumentParser(prog="llmesh.services.tokenizer")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True)
     args = p.parse_args()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from observability.metrics import tokenizer_requests
+from llmesh.observability.metrics import tokenizer_requests
 from llmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.errors import LlmeshError
-from services.common.server import abort_with
-from services.common.tokenizer import TextTokenizer
+from llmesh.services.common.errors import LlmeshError
+from llmesh.services.common.server import abort_with
+from llmesh.services.common.tokenizer import TextTokenizer
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):

@@ -13,12 +13,51 @@ import grpc
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        scheduler_pb2_grpc)
 from integration.mesh_fixture import wait_until
-from mesh.client import ResumingStream
-from mesh.supervisor import is_serving
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.mesh.client import ResumingStream
+from llmesh.mesh.supervisor import is_serving
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 NUM_REQUESTS = 40
+# How long a fault test waits for its load to have streams in flight before it strikes.
+IN_FLIGHT_WAIT_S = 60.0
+
+
+class InFlight:
+    """The load's requests as they start, stream and end, so that a fault is timed to
+    land on work in flight and the test can say how much it hit: a request counts as
+    streaming from its first chunk with tokens until its call returns."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._streaming: set[int] = set()
+        self.num_done = 0
+
+    def streamed(self, i: int) -> None:
+        with self._cond:
+            self._streaming.add(i)
+            self._cond.notify_all()
+
+    def ended(self, i: int) -> None:
+        with self._cond:
+            self._streaming.discard(i)
+            self.num_done += 1
+            self._cond.notify_all()
+
+    def strike(self, fault, at_least: int = 2, ready=lambda: True,
+               timeout_s: float = IN_FLIGHT_WAIT_S) -> int:
+        """Wait (bounded) until `at_least` requests are streaming and `ready()` holds,
+        then call `fault()` with no request able to end meanwhile; the number that were
+        streaming when it struck (0: the load never got there, and nothing was done)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while len(self._streaming) < at_least or not ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return 0
+                self._cond.wait(min(left, 0.05))
+            fault()
+            return len(self._streaming)
 # For the meshes of tests that restart parts under load: a request that waits out a
 # restart at the router must not be refused for the standard class's TTFT budget
 # (15 s, which a restart on a loaded 2-core box can take; seen once in CI-like runs).
@@ -61,10 +100,11 @@ def make_choices_workload(tiny_model, num_requests: int = 16, n: int = 3):
     return prompts, params, expect
 
 
-def run_choices_load(mesh, workload, concurrency=8):
+def run_choices_load(mesh, workload, concurrency=8, in_flight: InFlight | None = None):
     """Every n > 1 request once, streamed; per request (status, tokens by choice,
     whether a chunk said incomplete)."""
     prompts, params, _ = workload
+    in_flight = in_flight or InFlight()
 
     def call(i):
         p = params[i]
@@ -76,34 +116,69 @@ def run_choices_load(mesh, workload, concurrency=8):
                 for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
                     choices[chunk.index].extend(chunk.token_ids)
                     incomplete |= chunk.incomplete
+                    if chunk.token_ids:
+                        in_flight.streamed(i)
         except grpc.RpcError as e:
             return e.code(), choices, incomplete
+        finally:
+            in_flight.ended(i)
         return "ok", choices, incomplete
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(call, range(len(prompts))))
 
 
-def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8):
-    """Text prompts (each goes through the tokenizer's Encode); per prompt the status
-    and the tokens."""
-    def call(prompt):
-        req = inference_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
+def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8,
+                  in_flight: InFlight | None = None):
+    """Text prompts, streamed (each goes through the tokenizer's Encode first); per
+    prompt the status and the tokens."""
+    in_flight = in_flight or InFlight()
+
+    def call(i):
+        req = inference_pb2.GenerateRequest(prompt=prompts[i], sampling=common_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        tokens = []
         try:
             with grpc.insecure_channel(mesh.endpoint) as ch:
-                out = inference_pb2_grpc.InferenceStub(ch).Complete(req, timeout=60)
+                for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
+                    tokens.extend(chunk.token_ids)
+                    if chunk.token_ids:
+                        in_flight.streamed(i)
+            return "ok", tokens
+        except grpc.RpcError as e:
+            return e.code(), []
+        finally:
+            in_flight.ended(i)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(call, range(len(prompts))))
+
+
+def run_tokenize_load(mesh, texts: list[str], concurrency=8, in_flight: InFlight | None = None):
+    """Tokenize calls (the router's Encode on the tokenizer, nothing else); per text the
+    status and the ids. A call counts as in flight from its start."""
+    in_flight = in_flight or InFlight()
+
+    def call(i):
+        in_flight.streamed(i)
+        try:
+            with grpc.insecure_channel(mesh.endpoint) as ch:
+                out = inference_pb2_grpc.InferenceStub(ch).Tokenize(
+                    inference_pb2.TokenizeRequest(text=texts[i]), timeout=60)
             return "ok", list(out.token_ids)
         except grpc.RpcError as e:
             return e.code(), []
+        finally:
+            in_flight.ended(i)
 
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(call, prompts))
+        return list(pool.map(call, range(len(texts))))
 
 
-def run_load(mesh, workload, concurrency=8):
+def run_load(mesh, workload, concurrency=8, in_flight: InFlight | None = None):
     """Every request once; per request ("ok", tokens) or (status, tokens so far, last chunk)."""
     prompts, params, _ = workload
+    in_flight = in_flight or InFlight()
 
     def call(i):
         p = params[i]
@@ -113,19 +188,25 @@ def run_load(mesh, workload, concurrency=8):
             with grpc.insecure_channel(mesh.endpoint) as ch:
                 for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
                     chunks.append(chunk)
+                    if chunk.token_ids:
+                        in_flight.streamed(i)
         except grpc.RpcError as e:
             return e.code(), [t for c in chunks for t in c.token_ids], chunks[-1] if chunks else None
+        finally:
+            in_flight.ended(i)
         return "ok", [t for c in chunks for t in c.token_ids], chunks[-1]
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(call, range(len(prompts))))
 
 
-def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0):
+def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0,
+                      in_flight: InFlight | None = None):
     """Every request once, by a client that survives the front door going away
-    (`mesh.client.ResumingStream`: a broken stream is sent again with the tokens it
+    (`llmesh.mesh.client.ResumingStream`: a broken stream is sent again with the tokens it
     has and the seed it was told). Per request (status, tokens, last chunk, attempts)."""
     prompts, params, _ = workload
+    in_flight = in_flight or InFlight()
 
     def call(i):
         p = params[i]
@@ -134,29 +215,35 @@ def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0):
         last = None
         try:
             for last in stream:
-                pass
+                if last.token_ids:
+                    in_flight.streamed(i)
         except grpc.RpcError as e:
             return e.code(), stream.received, last, stream.attempts
+        finally:
+            in_flight.ended(i)
         return "ok", stream.received, last, stream.attempts
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(call, range(len(prompts))))
 
 
-def kill_during(mesh, load, victim: str, after_s: float = 1.0, join_s: float = 150.0):
-    """Run `load()` in a thread, SIGKILL `victim` `after_s` into it; the load's result,
-    once the supervisor has restarted the victim."""
+def kill_during(mesh, load, victim: str, at_least: int = 2, ready=lambda: True,
+                join_s: float = 150.0):
+    """Run `load(in_flight)` in a thread and SIGKILL `victim` once `at_least` of its
+    requests are streaming (and `ready()` holds); (the load's result, how many requests
+    were streaming when the kill landed), once the supervisor has restarted the victim.
+    Fails when the kill could not land on work in flight."""
     pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
-    box = []
-    thread = threading.Thread(target=lambda: box.append(load()))
+    box, in_flight = [], InFlight()
+    thread = threading.Thread(target=lambda: box.append(load(in_flight)))
     thread.start()
-    time.sleep(after_s)
-    os.kill(pids[victim], signal.SIGKILL)
+    hit = in_flight.strike(lambda: os.kill(pids[victim], signal.SIGKILL), at_least, ready)
     thread.join(join_s)
     assert not thread.is_alive(), "the load hung"
+    assert hit > 0, f"the load ended before {at_least} of its requests streamed at once"
     assert wait_until(lambda: json.loads((mesh.run_dir / "state.json").read_text())["pids"]
                       [victim] != pids[victim], 30), f"{victim} was not restarted"
-    return box[0]
+    return box[0], hit
 
 
 def replica_serving(mesh) -> bool:
@@ -180,12 +267,17 @@ def scheduler_stats(mesh):
                                                              timeout=5)
 
 
-def router_migrations(mesh) -> float:
-    """How many requests router-0 has moved to another replica (its metric)."""
-    port = mesh.config["observability"]["metrics_ports"]["router-0"]
+def metric(mesh, process: str, name: str) -> float:
+    """The sum of a Prometheus series over its labels, as `process` exports it."""
+    port = mesh.config["observability"]["metrics_ports"][process]
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("llmesh_request_migrations_total"))
+               if line.startswith(name) and line[len(name)] in " {")
+
+
+def router_migrations(mesh) -> float:
+    """How many requests router-0 has moved to another replica (its metric)."""
+    return metric(mesh, "router-0", "llmesh_request_migrations_total")
 
 
 def assert_all_exact(results, expect):

@@ -4,8 +4,8 @@ tokens is resumed by its client (`resume_token_ids`, and the seed the stream
 reported): every request completes, each with the tokens of a fault-free run."""
 import pytest
 
-from chaos.load import (NO_TTFT_BUDGET, assert_all_exact, kill_during, replica_serving, run_load,
-                        run_resuming_load)
+from chaos.load import (NO_TTFT_BUDGET, assert_all_exact, kill_during, metric, replica_serving,
+                        run_load, run_resuming_load)
 from integration.mesh_fixture import Mesh, serving, wait_until
 
 
@@ -32,7 +32,12 @@ def test_fault_free_run_reports_seeds_and_matches(mesh, workload):
 
 @pytest.mark.parametrize("victim", ["router-0", "envoy"])
 def test_front_door_kill_loses_nothing_and_changes_nothing(mesh, workload, victim):
-    results = kill_during(mesh, lambda: run_resuming_load(mesh, workload), victim)
+    # router-0 dies only once it streams some of the load (Envoy spreads it over two)
+    on_victim = ((lambda: metric(mesh, "router-0", "llmesh_requests_in_flight") >= 2)
+                 if victim == "router-0" else (lambda: True))
+    results, hit = kill_during(mesh, lambda t: run_resuming_load(mesh, workload, in_flight=t),
+                               victim, ready=on_victim)
+    assert hit > 0
     _assert_exact(results, workload[2])
     assert sum(attempts > 1 for *_, attempts in results) >= 1, "the kill hit no stream"
     # after recovery, plain clients are served as before

@@ -10,7 +10,7 @@ import time
 import pytest
 from grpc_health.v1 import health_pb2
 
-from chaos.load import NO_TTFT_BUDGET, assert_all_exact, run_load, scheduler_stats
+from chaos.load import NO_TTFT_BUDGET, InFlight, assert_all_exact, run_load, scheduler_stats
 from integration.mesh_fixture import Mesh, health_status, serving, wait_until
 
 STOP_S = 8.0
@@ -29,14 +29,13 @@ def test_a_stopped_executor_is_detected_and_its_requests_complete(mesh, workload
     pid = json.loads((mesh.run_dir / "state.json").read_text())["pids"]["executor-0-0"]
     port = mesh.config["replica_ports"][0]["scheduler"]
     router_port = mesh.config["router_ports"][0]
-    box, seen, seen_router = [], [], []
-    load = threading.Thread(target=lambda: box.append(run_load(mesh, workload)))
+    box, seen, seen_router, in_flight = [], [], [], InFlight()
+    load = threading.Thread(target=lambda: box.append(run_load(mesh, workload, in_flight=in_flight)))
     load.start()
-    time.sleep(1.0)
-    os.kill(pid, signal.SIGSTOP)
+    hit = in_flight.strike(lambda: os.kill(pid, signal.SIGSTOP))
     try:
         deadline = time.monotonic() + STOP_S
-        while time.monotonic() < deadline:  # bounded: the stop's length
+        while hit and time.monotonic() < deadline:  # bounded: the stop's length
             seen.append(health_status(port))
             seen_router.append(health_status(router_port))
             time.sleep(0.1)
@@ -44,6 +43,7 @@ def test_a_stopped_executor_is_detected_and_its_requests_complete(mesh, workload
         os.kill(pid, signal.SIGCONT)
     load.join(120)
     assert not load.is_alive(), "the load hung"
+    assert hit > 0, "the load ended before its requests streamed"
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen  # the watchdog saw it
     # the router follows the scheduler's health: with its only replica out, it says so
     # (Envoy's check), and new requests wait for the replica instead of queueing on it

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hf_models import make_hf_model
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.cuda_graphs import graph_batch_sizes
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.cuda_graphs import graph_batch_sizes
 
 MAX_SEQS = 12  # graphs for batches 1, 2, 4, 8 and 12
 GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)

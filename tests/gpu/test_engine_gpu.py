@@ -3,9 +3,9 @@ import random
 
 
 from hf_models import make_hf_model
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.attention_cuda import CudaPagedAttention
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.attention_cuda import CudaPagedAttention
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 

@@ -4,8 +4,8 @@ once, as the kernels do, so what is left is RMSNorm's reduction order (rare one-
 import pytest
 import torch
 
-from kernels import fused_ops
-from kernels.reference import (fused_add_rms_norm_ref, rms_norm_ref, rope_neox_ref,
+from llmesh.kernels import fused_ops
+from llmesh.kernels.reference import (fused_add_rms_norm_ref, rms_norm_ref, rope_neox_ref,
                                silu_and_mul_ref)
 
 DTYPES = [torch.float16, torch.bfloat16]

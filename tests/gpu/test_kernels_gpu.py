@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from kernels import ops
-from kernels.reference import copy_blocks_ref, paged_decode_attention_ref, reshape_and_cache_ref
+from llmesh.kernels import ops
+from llmesh.kernels.reference import copy_blocks_ref, paged_decode_attention_ref, reshape_and_cache_ref
 
 CASES = [
     # batch, max context, kv heads, group, block size, head dim

@@ -33,7 +33,7 @@ class Mesh:
         self.state: dict = {}
 
     def cli(self, *args, timeout=120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mesh.cli", *args, "--config",
+        return subprocess.run([sys.executable, "-m", "llmesh.mesh.cli", *args, "--config",
                                str(self.config_path)], capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
 
@@ -71,7 +71,7 @@ class Mesh:
         t0, left = time.monotonic(), []
         try:
             if in_process:
-                from mesh.commands import cmd_down
+                from llmesh.mesh.commands import cmd_down
                 rc = cmd_down(argparse.Namespace(config=str(self.config_path), timeout=30.0))
                 said = "" if rc == 0 else (
                     f"llmesh down returned {rc} after {time.monotonic() - t0:.1f} s")

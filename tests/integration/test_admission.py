@@ -14,7 +14,7 @@ import yaml
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from mesh_fixture import Mesh, serving, wait_until
-from services.router.tenants import hash_key, new_key
+from llmesh.services.router.tenants import hash_key, new_key
 
 TENANTS = {
     "alice": {"output_tokens_per_window": 40, "quota_window_s": 3600},

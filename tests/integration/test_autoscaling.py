@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 
-from benchmarks.overload import flood
+from llmesh.benchmarks.overload import flood
 from integration.mesh_fixture import Mesh, serving, wait_until
 
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from benchmarks import workload as wl
-from benchmarks.arrivals import ArrivalSpec
-from benchmarks.harness import RunSpec, run_bench
+from llmesh.benchmarks import workload as wl
+from llmesh.benchmarks.arrivals import ArrivalSpec
+from llmesh.benchmarks.harness import RunSpec, run_bench
 from mesh_fixture import Mesh, serving
-from services.executor.model_config import load_model_config
+from llmesh.services.executor.model_config import load_model_config
 from bench_checks import check_consistent, is_png, setup_for
 
 
@@ -65,7 +65,7 @@ def test_jsonl_workload_file_through_the_mesh(mesh, tiny_model_dir, tmp_path):
 
 
 def test_llmesh_bench_online_rate_sweep_with_its_own_mesh(tiny_model_dir, tmp_path, capsys):
-    from mesh.cli import main
+    from llmesh.mesh.cli import main
     out = tmp_path / "sweep.json"
     config = tmp_path / "mesh.yaml"  # fixed ports here must not matter: the bench picks free ones
     config.write_text(f"model: {tiny_model_dir}\nenvoy: {{port: 8080, admin_port: 9901}}\n"

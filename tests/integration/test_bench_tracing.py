@@ -3,7 +3,7 @@ the idle one frozen, one pair of segments; every process it started is gone afte
 import json
 import subprocess
 
-from benchmarks import tracing_overhead
+from llmesh.benchmarks import tracing_overhead
 
 
 def _mesh_processes() -> set[str]:

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integration.mesh_fixture import ROOT, wait_until
-from mesh.config import free_port
+from llmesh.mesh.config import free_port
 
 
 def _serving(address: str) -> bool:
@@ -27,7 +27,7 @@ def test_a_service_listens_where_llmesh_bind_host_says(tmp_path):
     port, metrics = free_port(), free_port()
     env = dict(os.environ, LLMESH_BIND_HOST="127.0.0.2", LLMESH_METRICS_PORT=str(metrics),
                PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "services.kvcache", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "llmesh.services.kvcache", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "kvcache.log", "wb"))
     try:

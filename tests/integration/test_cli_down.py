@@ -38,7 +38,7 @@ def test_down_kills_a_supervisor_that_does_not_stop_and_what_it_ran(tmp_path):
         assert wait_until(lambda: (tmp_path / "state.json").exists(), 30)
         pids.update(json.loads((tmp_path / "state.json").read_text())["pids"])
         t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "mesh.cli", "down", "--config", str(config),
+        out = subprocess.run([sys.executable, "-m", "llmesh.mesh.cli", "down", "--config", str(config),
                               "--timeout", "1"], capture_output=True, text=True, timeout=60,
                              cwd=ROOT)
         assert time.monotonic() - t0 < 30

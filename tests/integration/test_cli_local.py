@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine
-from services.common.tokenizer import TextTokenizer
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine
+from llmesh.services.common.tokenizer import TextTokenizer
 
-LLMESH = [sys.executable, "-m", "mesh.cli"]
+LLMESH = [sys.executable, "-m", "llmesh.mesh.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

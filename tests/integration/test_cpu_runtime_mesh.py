@@ -12,10 +12,10 @@ import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from mesh_fixture import Mesh, serving
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.kv_memory import kv_cap_blocks
-from services.executor.weights import load_model
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.kv_memory import kv_cap_blocks
+from llmesh.services.executor.weights import load_model
 
 MAX_SEQS, MAX_LEN = 8, 512
 

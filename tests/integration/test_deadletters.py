@@ -21,7 +21,7 @@ def redis():
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory, redis):
-    from services.router.tenants import hash_key
+    from llmesh.services.router.tenants import hash_key
     run_dir = tmp_path_factory.mktemp("deadletters")
     keys = run_dir / "keys.yaml"
     keys.write_text(json.dumps({"tenants": {
@@ -33,7 +33,7 @@ def mesh(tiny_model_dir, tmp_path_factory, redis):
 
 
 def _cli(mesh, *args):
-    return subprocess.run([sys.executable, "-m", "mesh.cli", "deadletters", *args, "--config",
+    return subprocess.run([sys.executable, "-m", "llmesh.mesh.cli", "deadletters", *args, "--config",
                            str(mesh.config_path)], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
 

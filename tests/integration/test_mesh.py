@@ -11,9 +11,9 @@ import pytest
 from llmesh.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2,
                        scheduler_pb2_grpc)
 from mesh_fixture import Mesh, serving, wait_until
-from mesh.supervisor import is_serving
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.mesh.supervisor import is_serving
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_streams_match_in_process_engine_for_32_concurrent_requests(mesh, stub, 
 
 
 def test_text_prompt_and_complete(mesh, stub, tiny_model_dir):
-    from services.common.tokenizer import TextTokenizer
+    from llmesh.services.common.tokenizer import TextTokenizer
     tok = TextTokenizer(tiny_model_dir)
     req = inference_pb2.GenerateRequest(prompt="The lighthouse keeper", sampling=_greedy(10))
     streamed = list(stub.Generate(req, timeout=60))

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from mesh.config import free_port
+from llmesh.mesh.config import free_port
 from mesh_fixture import Mesh, wait_until
 
 SECRET_PROMPT = "zebra quartz lighthouse"

@@ -16,7 +16,7 @@ from mesh_fixture import Mesh, serving
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
-    from services.router.tenants import hash_key
+    from llmesh.services.router.tenants import hash_key
     run_dir = tmp_path_factory.mktemp("openai")
     keys = run_dir / "keys.yaml"
     keys.write_text(json.dumps({"tenants": {

@@ -13,9 +13,9 @@ import pytest
 from llmesh.v1 import common_pb2, inference_pb2, scheduler_pb2, scheduler_pb2_grpc
 from mesh_fixture import Mesh, _alive, health_status, serving, wait_until
 from grpc_health.v1 import health_pb2
-from mesh.supervisor import is_serving
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.mesh.supervisor import is_serving
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from integration.mesh_fixture import Mesh, serving, wait_until
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from mesh.supervisor import write_routers
+from llmesh.mesh.supervisor import write_routers
 
 
 @pytest.fixture(scope="module")

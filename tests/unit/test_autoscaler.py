@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from mesh.autoscaler import AutoscalerPolicy, Signals
-from mesh.config import AutoscalerConfig
+from llmesh.mesh.autoscaler import AutoscalerPolicy, Signals
+from llmesh.mesh.config import AutoscalerConfig
 
 CFG = AutoscalerConfig(enabled=True, min_replicas=1, max_replicas=4, scale_in_after_s=10,
                        cooldown_s=3)
@@ -94,7 +94,7 @@ def test_a_noisy_steady_load_does_not_flap(seed):
 
 
 def _recorded():
-    """Signals recorded by `python -m benchmarks.autoscale` (autoscaler-warm: one
+    """Signals recorded by `python -m llmesh.benchmarks.autoscale` (autoscaler-warm: one
     sleeping-model replica, base 3 req/s, then 30 req/s), every 0.5 s tick."""
     import json
     from pathlib import Path

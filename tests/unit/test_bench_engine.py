@@ -5,12 +5,12 @@ import json
 import pytest
 
 from bench_checks import check_consistent, is_png, setup_for
-from benchmarks import workload as wl
-from benchmarks.arrivals import ArrivalSpec
-from benchmarks.harness import RunSpec, run_bench
-from benchmarks.metrics import parse_slo
-from benchmarks.report import markdown, write_outputs
-from services.executor.model_config import load_model_config
+from llmesh.benchmarks import workload as wl
+from llmesh.benchmarks.arrivals import ArrivalSpec
+from llmesh.benchmarks.harness import RunSpec, run_bench
+from llmesh.benchmarks.metrics import parse_slo
+from llmesh.benchmarks.report import markdown, write_outputs
+from llmesh.services.executor.model_config import load_model_config
 
 ARRIVALS = [RunSpec(ArrivalSpec("offline"), num_requests=8),
             RunSpec(ArrivalSpec("poisson", rate=80.0), num_requests=8),
@@ -91,7 +91,7 @@ def test_sweep_with_slo_writes_json_markdown_and_plots(tiny_model_dir, tmp_path)
 
 
 def test_bench_offline_cli_keeps_its_figures(tiny_model_dir, tmp_path, capsys):
-    from mesh.cli import main
+    from llmesh.mesh.cli import main
     out = tmp_path / "off.json"
     rc = main(["bench", "offline", "--model", str(tiny_model_dir), "--num-requests", "6",
                "--targets", "engine", "--max-prompt", "64", "--max-output", "12", "--json",
@@ -106,7 +106,7 @@ def test_bench_offline_cli_keeps_its_figures(tiny_model_dir, tmp_path, capsys):
     assert fig["engine_speedup"] == pytest.approx(1.0) and fig["wall_s"] > 0
     assert (tmp_path / "off.md").is_file() and is_png(tmp_path / "off-plots" / "ttft_cdf.png")
     assert "| engine |" in capsys.readouterr().out
-    from benchmarks.report import main as report_main
+    from llmesh.benchmarks.report import main as report_main
     assert report_main([str(out)]) == 0
     assert capsys.readouterr().out == (tmp_path / "off.md").read_text()
     assert main(["bench", "workload", "shared-prefix", "--model", str(tiny_model_dir),
@@ -148,7 +148,7 @@ def test_refused_and_timed_out_requests_are_counted_by_status(tiny_model_dir, tm
 
 
 def test_a_failing_target_is_reported_and_the_others_still_run(tiny_model_dir, tmp_path):
-    from mesh.config import free_port
+    from llmesh.mesh.config import free_port
     mc = load_model_config(tiny_model_dir)
     w = wl.builtin("chat", mc.vocab_size, 2048, seed=0, max_prompt=64, max_output=8)
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there

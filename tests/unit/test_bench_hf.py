@@ -1,9 +1,9 @@
 """The Hugging Face baselines plug into the same harness: static batches and transformers'
 continuous batching, served the same workload as the engine in one run."""
-from benchmarks import workload as wl
-from benchmarks.arrivals import ArrivalSpec
-from benchmarks.harness import RunSpec, run_bench
-from services.executor.model_config import load_model_config
+from llmesh.benchmarks import workload as wl
+from llmesh.benchmarks.arrivals import ArrivalSpec
+from llmesh.benchmarks.harness import RunSpec, run_bench
+from llmesh.services.executor.model_config import load_model_config
 from bench_checks import check_consistent, setup_for
 
 

@@ -1,7 +1,7 @@
 """Per-request latencies and run figures, on records with known timestamps."""
 import pytest
 
-from benchmarks.metrics import RequestRecord, meets_slo, parse_slo, summarize
+from llmesh.benchmarks.metrics import RequestRecord, meets_slo, parse_slo, summarize
 
 
 def _rec(i, arrival, chunks, done=None, status="OK", max_tokens=None):

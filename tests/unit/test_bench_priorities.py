@@ -2,8 +2,8 @@
 goodput under per-class SLOs, medians and on/off ratios (synthetic records, no mesh)."""
 import pytest
 
-from benchmarks import priorities as pr
-from benchmarks.metrics import RequestRecord
+from llmesh.benchmarks import priorities as pr
+from llmesh.benchmarks.metrics import RequestRecord
 
 VOCAB, CTX = 3072, 2048
 

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from benchmarks import workload as wl
-from benchmarks.arrivals import ArrivalSpec, parse_rates, schedule
+from llmesh.benchmarks import workload as wl
+from llmesh.benchmarks.arrivals import ArrivalSpec, parse_rates, schedule
 
 VOCAB, CTX = 3072, 2048
 
@@ -62,7 +62,7 @@ def test_jsonl_round_trip_keeps_requests_and_burst(tmp_path):
 
 
 def test_jsonl_text_prompts_and_sharegpt_need_the_tokenizer(tmp_path, tiny_model_dir):
-    from services.common.tokenizer import TextTokenizer
+    from llmesh.services.common.tokenizer import TextTokenizer
     tok = TextTokenizer(tiny_model_dir)
     (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "The lighthouse keeper",
                                                   "max_tokens": 7}) + "\n")

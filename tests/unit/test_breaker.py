@@ -1,5 +1,5 @@
 """The router's per-replica circuit breaker, on a clock the test moves."""
-from services.router.breaker import BROKEN, BUSY, OK, CircuitBreaker, State
+from llmesh.services.router.breaker import BROKEN, BUSY, OK, CircuitBreaker, State
 
 
 def test_opens_on_consecutive_failures_and_half_opens_with_one_trial():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.chat_template import ChatTemplate, special_tokens_of
-from services.common.errors import InvalidRequestError
-from services.common.tokenizer import TextTokenizer
+from llmesh.services.common.chat_template import ChatTemplate, special_tokens_of
+from llmesh.services.common.errors import InvalidRequestError
+from llmesh.services.common.tokenizer import TextTokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 

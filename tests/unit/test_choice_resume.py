@@ -3,10 +3,10 @@ own sequence after the tokens its client has, with the tokens an unmoved run giv
 import pytest
 
 from llmesh.v1 import engine_pb2, scheduler_pb2
-from services.common.errors import InvalidRequestError
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.router.dispatch import resumed
+from llmesh.services.common.errors import InvalidRequestError
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.router.dispatch import resumed
 
 PROMPT = [0] + list(range(40, 75))  # two full blocks and a bit (the prefix cache shares them)
 PARAMS = SamplingParams(n=3, max_tokens=24, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)

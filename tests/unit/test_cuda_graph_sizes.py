@@ -2,8 +2,8 @@
 tests/gpu/test_cuda_graphs_gpu.py)."""
 import pytest
 
-from services.engine.engine import Engine, EngineConfig
-from services.executor.cuda_graphs import graph_batch_sizes
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.cuda_graphs import graph_batch_sizes
 
 
 @pytest.mark.parametrize("max_batch, sizes", [

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=50,
@@ -143,7 +143,7 @@ def test_logprobs(tiny_model):
         assert lp.top_logprobs == sorted(lp.top_logprobs, reverse=True) and len(lp.top_ids) == 3
         assert lp.logprob == pytest.approx(lp.top_logprobs[0]) and lp.logprob <= 0
     # the reported distribution is the model's: matches a teacher-forced forward
-    from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+    from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
     c = tiny_model.config
     seq = prompt + out.token_ids[:1]
     caches = [(torch.zeros(8, 16, c.num_kv_heads, c.head_dim),

@@ -4,13 +4,13 @@ gets exactly the tokens of a fault-free run."""
 import asyncio
 import random
 
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.runner import ModelRunner
-from services.scheduler.kv_manager import KVCacheManager
-from services.scheduler.loop import EngineLoop, ExecutorFailed
-from services.scheduler.scheduler import Scheduler, SchedulerConfig
-from services.scheduler.sequence import FinishReason
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.runner import ModelRunner
+from llmesh.services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.scheduler.loop import EngineLoop, ExecutorFailed
+from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
+from llmesh.services.scheduler.sequence import FinishReason
 
 NUM_BLOCKS, BLOCK = 256, 16
 

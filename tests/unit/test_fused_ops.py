@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fused_ops
-from kernels.reference import (fused_add_rms_norm_ref, rms_norm_ref, rope_neox_ref,
+from llmesh.kernels import fused_ops
+from llmesh.kernels.reference import (fused_add_rms_norm_ref, rms_norm_ref, rope_neox_ref,
                                silu_and_mul_ref)
-from services.executor.model import MLP, RMSNorm, apply_rope, rope_tables
+from llmesh.services.executor.model import MLP, RMSNorm, apply_rope, rope_tables
 
 BF16, F16 = torch.bfloat16, torch.float16
 

@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from benchmarks import gpu_decode, gpu_shapes
-from mesh.cli import main
-from services.executor.model_config import parse_model_config
+from llmesh.benchmarks import gpu_decode, gpu_shapes
+from llmesh.mesh.cli import main
+from llmesh.services.executor.model_config import parse_model_config
 
 REQUESTS, PROMPT, OUTPUT, BATCHES, STEPS = 6, 24, 8, (1, 4), 4
 
@@ -141,7 +141,7 @@ def test_bench_kernels_runs_on_a_gpu_and_says_it_needs_one_elsewhere(capsys):
 
 
 def test_kernel_bench_table_from_a_report():
-    from benchmarks.gpu_kernels import markdown
+    from llmesh.benchmarks.gpu_kernels import markdown
     row = {"head_dim": 128, "batch": 64, "context": 4096, "kv_bytes": 1.07e9,
            "paged_s": 374.4e-6, "paged_host_s": 46e-6, "sdpa_s": 245.5e-6,
            "paged_share": 0.733, "sdpa_share": 1.117}

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from services.common.errors import InvalidRequestError
-from services.common.tokenizer import TextTokenizer
-from services.executor.grammar import GrammarCompiler, GrammarSpec, SequenceGrammar, apply_masks
-from services.executor.model_config import load_model_config
+from llmesh.services.common.errors import InvalidRequestError
+from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.executor.grammar import GrammarCompiler, GrammarSpec, SequenceGrammar, apply_masks
+from llmesh.services.executor.model_config import load_model_config
 
 SCHEMA = {
     "type": "object",

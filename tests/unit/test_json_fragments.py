@@ -5,7 +5,7 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from services.router.http_api.json_fragments import JsonFragments, member_path
+from llmesh.services.router.http_api.json_fragments import JsonFragments, member_path
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
                     st.floats(allow_nan=False, allow_infinity=False, width=32),

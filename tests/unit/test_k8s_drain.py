@@ -13,9 +13,9 @@ import pytest
 import yaml
 from prometheus_client import make_wsgi_app
 
-from mesh import k8s_drain
-from mesh.config import free_port
-from observability.metrics import router_metrics
+from llmesh.mesh import k8s_drain
+from llmesh.mesh.config import free_port
+from llmesh.observability.metrics import router_metrics
 
 
 class _Quiet(WSGIRequestHandler):
@@ -88,7 +88,7 @@ def _envoy_config(admin: int, listener: int, upstream: int) -> dict:
 
 
 def test_envoy_drains_its_listeners_and_waits_for_active_requests(tmp_path):
-    from mesh.envoy import envoy_binary
+    from llmesh.mesh.envoy import envoy_binary
     binary = envoy_binary()
     upstream = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     admin, listener = free_port(), free_port()

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
-from mesh import k8s_endpoints as k8s
-from mesh.config import parse_config
-from mesh.envoy import xds_clusters
+from llmesh.mesh import k8s_endpoints as k8s
+from llmesh.mesh.config import parse_config
+from llmesh.mesh.envoy import xds_clusters
 
 TOKEN = "test-token-1"
 
@@ -109,12 +109,12 @@ def token_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def xds_module():
-    """mesh.xds, whose Envoy messages come from xds-protos' own folder: they leave
+    """llmesh.mesh.xds, whose Envoy messages come from xds-protos' own folder: they leave
     sys.modules afterwards, so that its `envoy` package does not hide the Envoy
     binary's (mesh.envoy.envoy_binary) from the tests that run after these."""
     global xds
     before = set(sys.modules)
-    xds = importlib.import_module("mesh.xds")
+    xds = importlib.import_module("llmesh.mesh.xds")
     yield xds
     for name in set(sys.modules) - before:
         module = sys.modules[name]
@@ -323,10 +323,10 @@ def test_https_with_the_service_account_ca(tmp_path, token_file):
 
 
 def test_the_control_plane_process_serves_the_slices_over_ads(fake_api, token_file, tmp_path):
-    """`python -m mesh.xds --endpointslices`: an ADS client gets the slices' routers."""
+    """`python -m llmesh.mesh.xds --endpointslices`: an ADS client gets the slices' routers."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from mesh.config import free_port
+    from llmesh.mesh.config import free_port
     fake_api.body = slice_list(slice_of("a", [endpoint("10.0.0.1"),
                                               endpoint("10.0.0.2", terminating=True)]))
     clusters = tmp_path / "clusters.json"
@@ -334,7 +334,7 @@ def test_the_control_plane_process_serves_the_slices_over_ads(fake_api, token_fi
                                                               "http_ports": [8081]}))))
     port = free_port()
     log = (tmp_path / "xds.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.xds", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "llmesh.mesh.xds", "--port", str(port),
                              "--clusters", str(clusters), "--endpointslices", "llmesh/llmesh-router",
                              "--k8s-api", f"http://127.0.0.1:{fake_api.port}",
                              "--k8s-token-file", str(token_file), "--poll-s", "0.05"],

@@ -23,10 +23,10 @@ import pytest
 import yaml
 from kubernetes_validate.utils import ValidationError, validate, latest_version
 
-from mesh.config import load_config, parse_config, resolve_ports
-from mesh.envoy import envoy_binary, render_envoy, xds_clusters
-from mesh.supervisor import build_specs
-from observability.metrics import SchedulerCollector
+from llmesh.mesh.config import load_config, parse_config, resolve_ports
+from llmesh.mesh.envoy import envoy_binary, render_envoy, xds_clusters
+from llmesh.mesh.supervisor import build_specs
+from llmesh.observability.metrics import SchedulerCollector
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -166,7 +166,7 @@ def test_every_container_has_probes_on_the_port_it_serves_health_on():
                 args = parse_with_entry_point(line[2], line[3:])
                 port = args.port
                 # kubelet probes the pod's address: the service is told to listen there
-                host = args.host if line[2] == "mesh.xds" else argv_env(c)["LLMESH_BIND_HOST"]
+                host = args.host if line[2] == "llmesh.mesh.xds" else argv_env(c)["LLMESH_BIND_HOST"]
                 assert host == "0.0.0.0", c["name"]
             else:  # Envoy: gRPC health is answered by a router through its listener
                 port = envoy_bootstrap()["static_resources"]["listeners"][0]["address"][
@@ -194,8 +194,8 @@ def test_the_executor_has_a_gpu():
 
 def pre_stop_max_s(c: dict) -> float:
     line = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert line[:3] == ["python", "-m", "mesh.k8s_drain"]
-    return parse_with_entry_point("mesh.k8s_drain", line[3:]).max_s
+    assert line[:3] == ["python", "-m", "llmesh.mesh.k8s_drain"]
+    return parse_with_entry_point("llmesh.mesh.k8s_drain", line[3:]).max_s
 
 
 def test_grace_periods_outlast_the_drains():

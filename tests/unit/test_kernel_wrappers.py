@@ -3,7 +3,7 @@ shape, dtype or device is a clear ValueError (here on CPU, where no kernel runs)
 import pytest
 import torch
 
-from kernels import ops
+from llmesh.kernels import ops
 
 BF16 = torch.bfloat16
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.reference import copy_blocks_ref, paged_decode_attention_ref, reshape_and_cache_ref
+from llmesh.kernels.reference import copy_blocks_ref, paged_decode_attention_ref, reshape_and_cache_ref
 
 KERNELS = sorted((Path(__file__).resolve().parents[2] / "kernels").glob("*.cu"))
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
@@ -62,7 +62,7 @@ def test_there_are_kernels():
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
 def test_kernel_compiles_with_nvrtc_as_cupy_runs_it(source, arch):
-    from kernels.ops import NVRTC_OPTIONS
+    from llmesh.kernels.ops import NVRTC_OPTIONS
     result, log, ptx_size = nvrtc_compile(source.read_text(), source.name,
                                           [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
     assert result == 0, log

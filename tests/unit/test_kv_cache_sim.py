@@ -1,8 +1,8 @@
 """benchmarks/kv_cache_sim: with room for every prefix, each placement misses exactly
 the first request of a system prompt on each replica that gets it; under pressure
 the placements that keep a prompt on one replica hit more than round-robin."""
-from benchmarks.kv_cache_sim import PLACEMENTS, replay
-from benchmarks.kv_routing import workload
+from llmesh.benchmarks.kv_cache_sim import PLACEMENTS, replay
+from llmesh.benchmarks.kv_routing import workload
 
 
 def _cold_rate(prompts, replica_of) -> float:

@@ -3,10 +3,10 @@ any sequence of operations, lost batches, scheduler restarts and index restarts,
 it holds exactly the pool's cached blocks (hypothesis)."""
 from hypothesis import given, settings, strategies as st
 
-from services.common.block_hash import prefix_hashes
-from services.kvcache.index import PrefixIndex
-from services.scheduler.kv_events import KVEventLog
-from services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.common.block_hash import prefix_hashes
+from llmesh.services.kvcache.index import PrefixIndex
+from llmesh.services.scheduler.kv_events import KVEventLog
+from llmesh.services.scheduler.kv_manager import KVCacheManager
 
 BLOCK = 4
 

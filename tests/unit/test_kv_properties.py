@@ -2,8 +2,8 @@
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.scheduler.block_pool import BlockPool
-from services.scheduler.kv_manager import KVCacheManager
+from llmesh.services.scheduler.block_pool import BlockPool
+from llmesh.services.scheduler.kv_manager import KVCacheManager
 
 
 def test_allocate_returns_none_when_full_and_changes_nothing():

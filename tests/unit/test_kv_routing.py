@@ -1,7 +1,7 @@
 """The router's KV-aware, load-aware replica choice (services/router/core.py)."""
 import random
 
-from services.router.core import ReplicaChooser, ReplicaLoad, RoutingPolicy
+from llmesh.services.router.core import ReplicaChooser, ReplicaLoad, RoutingPolicy
 
 
 def _replicas(loads, cached=(), kv=()):

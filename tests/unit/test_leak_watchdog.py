@@ -1,8 +1,8 @@
 """The leak watchdog's rule, on a moved clock."""
 import mmap
 
-from services.common.rss import current_rss_bytes
-from services.scheduler.leak_watchdog import EXECUTORS, SCHEDULER, LeakLimits, LeakWatchdog
+from llmesh.services.common.rss import current_rss_bytes
+from llmesh.services.scheduler.leak_watchdog import EXECUTORS, SCHEDULER, LeakLimits, LeakWatchdog
 
 MIB = 2**20
 

@@ -7,8 +7,8 @@ import uuid
 import pytest
 
 from redis_server import start_redis_or_skip
-from services.router.limits import (Decision, LimiterUnavailable, MemoryLimiter, RedisLimiter, make_limiter)
-from services.router.tenants import TenantPolicy
+from llmesh.services.router.limits import (Decision, LimiterUnavailable, MemoryLimiter, RedisLimiter, make_limiter)
+from llmesh.services.router.tenants import TenantPolicy
 
 T0 = 3_600_000.0          # a quota window boundary for windows of 100 s and 3600 s
 

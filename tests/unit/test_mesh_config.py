@@ -1,8 +1,8 @@
 """mesh.yaml parsing: defaults, tensor-parallel ports, and clear errors."""
 import pytest
 
-from mesh.config import ConfigError, parse_config, resolve_ports
-from mesh.supervisor import build_specs
+from llmesh.mesh.config import ConfigError, parse_config, resolve_ports
+from llmesh.mesh.supervisor import build_specs
 
 
 def test_tensor_parallel_gives_each_replica_a_rank_port_each_and_a_rendezvous_port(tmp_path):
@@ -48,7 +48,7 @@ def test_up_refuses_a_tensor_parallel_size_the_model_cannot_split(tiny_model_dir
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "tensor_parallel": 3,
                                    "run_dir": str(tmp_path / "run")}))
-    proc = subprocess.run([sys.executable, "-m", "mesh.cli", "up", "--detach", "--config", str(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "llmesh.mesh.cli", "up", "--detach", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "tensor_parallel=3 does not divide 4 attention heads" in proc.stderr
@@ -71,10 +71,10 @@ def test_automatic_ports_are_all_distinct():
 def test_admission_section_reaches_router_and_scheduler(tmp_path):
     import json
 
-    from mesh.config import load_config
-    from services.router.admission import Admission
-    from services.router.tenants import hash_key
-    from services.scheduler.policy import policy_from_dict
+    from llmesh.mesh.config import load_config
+    from llmesh.services.router.admission import Admission
+    from llmesh.services.router.tenants import hash_key
+    from llmesh.services.scheduler.policy import policy_from_dict
 
     (tmp_path / "keys.yaml").write_text(
         f"tenants:\n  acme:\n    keys: ['{hash_key('k1')}']\n    classes: [batch]\n")
@@ -119,8 +119,8 @@ def test_bad_admission_config_is_a_clear_error(admission, message):
 def test_keys_new_prints_a_key_and_its_hash(capsys):
     import json
 
-    from mesh.cli import main
-    from services.router.tenants import hash_key
+    from llmesh.mesh.cli import main
+    from llmesh.services.router.tenants import hash_key
     assert main(["keys", "new", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["hash"] == hash_key(out["key"]) and out["key"] not in out["hash"]

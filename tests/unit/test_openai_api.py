@@ -8,10 +8,10 @@ import json
 import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2
-from services.router.http_api.errors import ApiError
-from services.router.http_api.requests import parse_chat, parse_completion
-from services.router.http_api.responses import Formatter
-from services.router.http_api.streams import _END, DONE, HEARTBEAT, SseStream
+from llmesh.services.router.http_api.errors import ApiError
+from llmesh.services.router.http_api.requests import parse_chat, parse_completion
+from llmesh.services.router.http_api.responses import Formatter
+from llmesh.services.router.http_api.streams import _END, DONE, HEARTBEAT, SseStream
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -173,7 +173,7 @@ def test_json_fragments_need_a_json_response_format_and_a_stream():
 def test_sse_response_sends_heartbeats_when_idle_and_stops_on_disconnect():
     """The ASGI response: chunks go out as yielded, a comment heartbeat whenever
     nothing was sent for heartbeat_s, and a disconnect cancels the iterator."""
-    from services.router.http_api.streams import SseResponse
+    from llmesh.services.router.http_api.streams import SseResponse
     sent, closed = [], []
 
     async def body():
@@ -207,8 +207,8 @@ def test_router_statuses_map_to_http_statuses():
     it) becomes OpenAI's status and error type; a 429 carries its retry hint."""
     import grpc
 
-    from services.router.http_api.errors import from_rpc_error
-    from services.router.local_calls import LocalRpcError
+    from llmesh.services.router.http_api.errors import from_rpc_error
+    from llmesh.services.router.local_calls import LocalRpcError
     cases = {grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
              grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
              grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
@@ -225,7 +225,7 @@ def test_router_statuses_map_to_http_statuses():
 
 
 def test_vllm_guided_fields_map_to_structured_output():
-    from services.common.grammar_spec import GrammarSpec
+    from llmesh.services.common.grammar_spec import GrammarSpec
     s = parse_chat({**CHAT, "guided_choice": ["yes please", "no. (never)"]}, {}).requests[0] \
         .sampling.structured
     GrammarSpec("regex", s.regex).validate()  # a regex xgrammar accepts

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from hf_models import ARCHS, make_hf_model
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
-from services.executor.weights import load_model
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+from llmesh.services.executor.weights import load_model
 
 LOGIT_ATOL = 1e-4  # fp32, same weights: only summation order differs
 

@@ -5,10 +5,10 @@ deadlines mid-flight, stop strings, n > 1, priority preemption and prefix hits
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from services.common.finish_reason import FinishReason
-from services.common.sampling_params import SamplingParams
-from services.common.tokenizer import TextTokenizer
-from services.engine.engine import Engine, EngineConfig
+from llmesh.services.common.finish_reason import FinishReason
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 SYSTEM = [0] + [(7 * j) % 2900 + 5 for j in range(24)]  # a shared prefix: prefix-cache hits
 STOPS = ["e", "a ", "th", "in"]  # common in the tiny model's gibberish, so stops happen
@@ -119,11 +119,11 @@ def test_every_sequence_reaches_its_owner(tiny_model, n, max_tokens):
     request to its end, also when several finish in the same step (the request's
     track must outlive all of their outputs)."""
     import asyncio
-    from services.engine.engine import InProcessExecutor
-    from services.executor.runner import ModelRunner
-    from services.scheduler.kv_manager import KVCacheManager
-    from services.scheduler.loop import EngineLoop
-    from services.scheduler.scheduler import Scheduler, SchedulerConfig
+    from llmesh.services.engine.engine import InProcessExecutor
+    from llmesh.services.executor.runner import ModelRunner
+    from llmesh.services.scheduler.kv_manager import KVCacheManager
+    from llmesh.services.scheduler.loop import EngineLoop
+    from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
     params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, seed=5, ignore_eos=True)
     prompt = [1, 50, 60, 70]
     expected = [c.token_ids for c in Engine(tiny_model).generate([prompt], params)[0]]

@@ -1,6 +1,6 @@
 """Warm standby in the router's replica choice: idle while every regular replica
 is ready, used the moment one is not, idle again once it is back."""
-from services.router.core import ReplicaChooser, ReplicaLoad, RoutingPolicy, standby_active
+from llmesh.services.router.core import ReplicaChooser, ReplicaLoad, RoutingPolicy, standby_active
 
 
 def pick_replica(loads):

@@ -2,7 +2,7 @@
 from collections import deque
 
 from llmesh.v1 import common_pb2, scheduler_pb2
-from services.router.dispatch import coalesce as _coalesce
+from llmesh.services.router.dispatch import coalesce as _coalesce
 
 
 def _d(index, tokens, text, finish=0, **kw):

@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.executor.sampler import SampleRow, exponential_noise, row_key, sample
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.executor.sampler import SampleRow, exponential_noise, row_key, sample
 
 
 def _row(seed=1, position=10, prompt=(), output=(), **params):
@@ -86,7 +86,7 @@ def test_logprobs_of_the_raw_distribution():
 
 def test_vectorised_noise_keys_are_the_per_row_ones():
     import numpy as np
-    from services.executor.sampler import row_keys
+    from llmesh.services.executor.sampler import row_keys
     rng = np.random.default_rng(1)
     seeds = [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1] + rng.integers(0, 2 ** 63, 50).tolist()
     idx = [i % 5 for i in range(len(seeds))]

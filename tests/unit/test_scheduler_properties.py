@@ -1,9 +1,9 @@
 """Scheduler invariants, with the real engine and tiny model, under random workloads."""
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.scheduler.sequence import SeqStatus
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.scheduler.sequence import SeqStatus
 
 request = st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(1, 3),
                     st.booleans())  # prompt len, max tokens, n, sampled

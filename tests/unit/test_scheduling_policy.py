@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 
-from services.common.sampling_params import SamplingParams, ends_in_repetition
-from services.engine.engine import Engine, EngineConfig
-from services.scheduler.policy import ClassLimits, QueueFullError, SchedulingPolicy
-from services.scheduler.sequence import FinishReason
+from llmesh.services.common.sampling_params import SamplingParams, ends_in_repetition
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.scheduler.policy import ClassLimits, QueueFullError, SchedulingPolicy
+from llmesh.services.scheduler.sequence import FinishReason
 
 
 def _engine(tiny_model, policy=SchedulingPolicy(), **kw):

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.model_config import load_model_config
-from services.executor.sleep_model import SleepModel
-from services.scheduler.policy import ClassLimits, QueueFullError, SchedulingPolicy
-from services.scheduler.slo import DrainRate, WaitCalibration
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.model_config import load_model_config
+from llmesh.services.executor.sleep_model import SleepModel
+from llmesh.services.scheduler.policy import ClassLimits, QueueFullError, SchedulingPolicy
+from llmesh.services.scheduler.slo import DrainRate, WaitCalibration
 
 BUDGET_S = 0.3
 

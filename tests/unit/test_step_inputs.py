@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.executor.attention import SeqSlice, build_metadata
-from services.executor.staging import Staging
+from llmesh.services.executor.attention import SeqSlice, build_metadata
+from llmesh.services.executor.staging import Staging
 
 BS = 4
 

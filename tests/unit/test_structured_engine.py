@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from services.common.errors import InvalidRequestError
-from services.common.grammar_spec import GrammarSpec
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.services.common.errors import InvalidRequestError
+from llmesh.services.common.grammar_spec import GrammarSpec
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 from structured_checks import SCHEMA, conforms
 
 @pytest.fixture(scope="module")

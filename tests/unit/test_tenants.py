@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from services.router.tenants import (ANONYMOUS, CLASSES, TenantConfigError, TenantDirectory, TenantPolicy,
+from llmesh.services.router.tenants import (ANONYMOUS, CLASSES, TenantConfigError, TenantDirectory, TenantPolicy,
                                      hash_key, key_from_metadata, new_key)
 
 KEY_A1, KEY_A2, KEY_B, KEY_C = new_key(), new_key(), new_key(), new_key()

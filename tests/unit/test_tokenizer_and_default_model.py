@@ -4,9 +4,9 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from mesh.default_model import EOS, END, make_tiny
-from services.executor.model_config import load_model_config
-from services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from llmesh.mesh.default_model import EOS, END, make_tiny
+from llmesh.services.executor.model_config import load_model_config
+from llmesh.services.common.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 def _digest(path):

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from hf_models import make_hf_model
-from mesh.config import free_port
-from services.common.errors import UnsupportedModelError
-from services.executor.model_config import load_model_config
-from services.executor.parallel import check_shardable, kv_head_range, vocab_range
+from llmesh.mesh.config import free_port
+from llmesh.services.common.errors import UnsupportedModelError
+from llmesh.services.executor.model_config import load_model_config
+from llmesh.services.executor.parallel import check_shardable, kv_head_range, vocab_range
 
 WORKER = Path(__file__).resolve().parents[1] / "tp_worker.py"
 LOGIT_ATOL = 1e-4  # fp32; only the order of the all-reduce sums differs

@@ -1,9 +1,9 @@
 """Every bad request is a typed error naming the field, and nothing is allocated."""
 import pytest
 
-from services.common.errors import DuplicateRequestError, InvalidRequestError
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
+from llmesh.services.common.errors import DuplicateRequestError, InvalidRequestError
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
 
 
 @pytest.fixture

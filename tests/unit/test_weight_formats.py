@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
-from services.common.errors import UnsupportedModelError
-from services.common.sampling_params import SamplingParams
-from services.engine.engine import Engine, EngineConfig
-from services.executor.projection import (PACKED_FORMATS, Projection, check_packed_format,
+from llmesh.services.common.errors import UnsupportedModelError
+from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.services.executor.projection import (PACKED_FORMATS, Projection, check_packed_format,
                                           projection_bytes)
-from services.executor.weights import load_model
+from llmesh.services.executor.weights import load_model
 from tp_worker import teacher_forced_logits
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,

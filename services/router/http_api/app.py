@@ -25,12 +25,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmesh.v1 import inference_pb2
-from observability import telemetry
-from services.router.admission import GATEWAY_START_HEADER
-from services.router.http_api.errors import ApiError, from_rpc_error, invalid
-from services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
-from services.router.http_api.responses import Formatter, TokenText, usage_dict
-from services.router.http_api.streams import DirectUpstream, SseResponse, SseStream, Upstream
+from llmesh.observability import telemetry
+from llmesh.services.router.admission import GATEWAY_START_HEADER
+from llmesh.services.router.http_api.errors import ApiError, from_rpc_error, invalid
+from llmesh.services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
+from llmesh.services.router.http_api.responses import Formatter, TokenText, usage_dict
+from llmesh.services.router.http_api.streams import DirectUpstream, SseResponse, SseStream, Upstream
 
 log = logging.getLogger("llmesh.router.http")
 MAX_BODY_BYTES = 32 * 1024 * 1024

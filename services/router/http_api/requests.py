@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from llmesh.v1 import common_pb2, inference_pb2
-from services.router.http_api.errors import ApiError, invalid
+from llmesh.services.router.http_api.errors import ApiError, invalid
 
 PRIORITIES = {"interactive": common_pb2.PRIORITY_INTERACTIVE,
               "standard": common_pb2.PRIORITY_STANDARD, "batch": common_pb2.PRIORITY_BATCH}

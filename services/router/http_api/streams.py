@@ -16,9 +16,9 @@ import time
 
 import grpc
 
-from services.router.http_api.errors import ApiError, from_rpc_error
-from services.router.http_api.json_fragments import JsonFragments
-from services.router.http_api.responses import FINISH, Formatter, usage_dict
+from llmesh.services.router.http_api.errors import ApiError, from_rpc_error
+from llmesh.services.router.http_api.json_fragments import JsonFragments
+from llmesh.services.router.http_api.responses import FINISH, Formatter, usage_dict
 
 log = logging.getLogger("llmesh.router.http")
 _END = object()
