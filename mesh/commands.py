@@ -32,10 +32,8 @@ def effective_config(path: str | None) -> MeshConfig:
 
 
 def model_dir_of(cfg: MeshConfig) -> str:
-    if cfg.model:
-        return cfg.model
-    from llmesh.mesh.default_model import default_model_dir
-    return str(default_model_dir())
+    from llmesh.mesh.default_model import resolve_model
+    return str(resolve_model(cfg.model))
 
 
 def read_state(run_dir: Path) -> dict | None:

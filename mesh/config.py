@@ -148,7 +148,7 @@ class AdmissionConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    model: str = ""  # local Hugging Face directory; "" = the embedded tiny model
+    model: str = ""  # a Hugging Face directory, a .gguf, tiny or bench; "" = SmolLM2-135M-Instruct
     model_name: str = "default"
     replicas: int = 1
     routers: int = 1

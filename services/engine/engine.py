@@ -25,6 +25,7 @@ from llmesh.services.common.sampling_params import SamplingParams, validate_requ
 from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.common.gguf_file import model_path
 from llmesh.services.executor.kv_memory import (DEFAULT_KV_MEMORY_SHARE, kv_cap_blocks, peak_rss_bytes,
                                          size_kv_cache)
 from llmesh.services.executor.model import CausalLM
@@ -153,6 +154,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
+        """An engine for a Hugging Face directory or a GGUF file (or a directory holding one)."""
+        model_dir = model_path(model_dir)
         tokenizer = TextTokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() \
             else None
         return cls(load_model(model_dir, config.dtype, config.device), config, tokenizer)

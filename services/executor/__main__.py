@@ -17,12 +17,13 @@ from llmesh.services.executor.kv_memory import DEFAULT_KV_MEMORY_SHARE, kv_cap_b
 from llmesh.services.executor.runner import ModelRunner
 from llmesh.services.executor.servicer import ExecutorServicer
 from llmesh.services.executor.weights import load_model
+from llmesh.services.common.gguf_file import model_arg
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="llmesh.services.executor")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, type=model_arg)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-kv-blocks", type=int, required=True,

@@ -10,9 +10,13 @@ limit is respected. An explicit block count or byte size always wins.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger("llmesh.executor")
 
@@ -85,3 +89,16 @@ def size_kv_cache(per_block: int, cap_blocks: int, share: float = DEFAULT_KV_MEM
     sizing = KVSizing(blocks, available, activation_bytes, share, cap_blocks)
     log.info(sizing.describe(per_block))
     return sizing
+
+
+def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV tensor. On the CPU it lies in an anonymous memory map, so its pages
+    are committed as blocks are first written: resident memory grows with the blocks
+    used, not with the capacity, and making it costs nothing however large it is."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if num_bytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, num_bytes)  # the tensor keeps the map alive
+    return torch.frombuffer(buf, dtype=dtype).view(shape)

@@ -20,6 +20,7 @@ import torch
 
 from llmesh.services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
 from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+from llmesh.services.executor.kv_memory import kv_zeros
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.sampler import SampleRow, SamplingBatch, sample
 from llmesh.services.executor.staging import Staged, Staging
@@ -66,8 +67,7 @@ class ModelRunner:
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
         shape = (num_blocks, block_size, num_kv_heads, self.config.head_dim)
         # per layer: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device))
+        self.kv_caches = [(kv_zeros(shape, dtype, self.device), kv_zeros(shape, dtype, self.device))
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
         self.tokenizer_dir = tokenizer_dir

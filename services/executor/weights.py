@@ -1,4 +1,4 @@
-"""Load a Hugging Face checkpoint into `CausalLM`, reading safetensors lazily.
+"""Load a Hugging Face checkpoint (or a GGUF file) into `CausalLM`, reading tensors lazily.
 
 Tensors are read one at a time from memory-mapped safetensors files (single
 file or sharded with `model.safetensors.index.json`), converted to the target
@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from llmesh.services.common.errors import UnsupportedModelError
+from llmesh.services.common.gguf_file import model_path
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.model_config import ModelConfig, load_model_config
 from llmesh.services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
@@ -64,6 +65,16 @@ class SafetensorsIndex:
         self._handles.clear()
 
 
+def open_tensors(model_dir: Path, config: ModelConfig):
+    """The checkpoint's tensors: its safetensors files, or the GGUF file its config.json
+    names (a directory rendered from a GGUF file, services/common/gguf_file.py)."""
+    gguf = json.loads((model_dir / "config.json").read_text()).get("gguf_file")
+    if gguf:
+        from llmesh.services.executor.gguf_weights import GGUFTensors
+        return GGUFTensors(gguf, config.model_type, config.num_heads, config.num_kv_heads)
+    return SafetensorsIndex(model_dir)
+
+
 def checkpoint_names(param_name: str) -> list[str]:
     """Hugging Face tensor names that make up one of our parameters (concatenated on dim 0)."""
     for fused, parts in ((".qkv_proj.", ("q_proj", "k_proj", "v_proj")),
@@ -91,7 +102,9 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
                device: str | torch.device = "cpu", tp_group=None) -> CausalLM:
     """Build the model for `model_dir` with weights in `dtype` on `device`; with a
     tensor-parallel group, only this rank's shard, read slice by slice. A packed
-    format (`int8`, `float16-weights`) converts the linear layers once loaded."""
+    format (`int8`, `float16-weights`) converts the linear layers once loaded.
+    `model_dir` may be a GGUF file (or a directory holding one)."""
+    model_dir = model_path(model_dir)
     config = load_model_config(model_dir)
     torch_dtype = resolve_dtype(config, dtype)
     if dtype in PACKED_FORMATS:
@@ -105,7 +118,7 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     if tp_group is not None:
         from llmesh.services.executor.parallel import shard_slices
         slices = shard_slices(model)
-    index = SafetensorsIndex(model_dir)
+    index = open_tensors(model_dir, config)
     state = {}
     for name in model.state_dict():
         if name == "lm_head.weight" and (config.tie_word_embeddings or name not in index):

@@ -20,6 +20,7 @@ from llmesh.services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
 from llmesh.services.router.dispatch import Dispatcher
 from llmesh.services.router.replica_set import read_replica_set, watch_replica_set
 from llmesh.services.router.servicer import Inference
+from llmesh.services.common.gguf_file import model_arg
 
 
 async def main(args) -> None:
@@ -137,7 +138,7 @@ if __name__ == "__main__":
                    help="tests only: fail every request while reporting SERVING")
     p.add_argument("--http-port", type=int, default=0,
                    help="serve the OpenAI-compatible HTTP API here too (0: gRPC only)")
-    p.add_argument("--model", help="the model directory (its tokenizer: logprob token text)")
+    p.add_argument("--model", type=model_arg, help="the model directory (its tokenizer: logprob token text)")
     p.add_argument("--heartbeat-s", type=float, default=15.0,
                    help="SSE comment heartbeat while a stream has nothing to send")
     args = p.parse_args()

@@ -27,6 +27,7 @@ from llmesh.services.scheduler import probe
 from llmesh.services.scheduler.drain import LeakGuard, drain, restart_executors
 from llmesh.services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
 from llmesh.services.scheduler.servicer import OutputHub, SchedulerServicer, replica_load
+from llmesh.services.common.gguf_file import model_arg
 
 log = logging.getLogger("llmesh.scheduler")
 
@@ -34,7 +35,7 @@ log = logging.getLogger("llmesh.scheduler")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="llmesh.services.scheduler")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, type=model_arg)
     p.add_argument("--model-name", default="")
     p.add_argument("--kvcache", required=True, help="the kvcache index's address")
     p.add_argument("--replica-name", default="replica-0", help="this replica, in the index")

@@ -9,6 +9,7 @@ from llmesh.observability import telemetry
 from llmesh.services.common.server import Service
 from llmesh.services.tokenizer.servicer import TokenizerServicer
 from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.common.gguf_file import model_arg
 
 
 async def main(args) -> None:
@@ -23,7 +24,7 @@ async def main(args) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="llmesh.services.tokenizer")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, type=model_arg)
     args = p.parse_args()
     telemetry.init("tokenizer")
     try:
