@@ -33,7 +33,7 @@ from llmesh.services.executor.runner import ModelRunner
 from llmesh.services.executor.weights import load_model
 from llmesh.services.scheduler.kv_manager import KVCacheManager, KVStats
 from llmesh.services.scheduler.loop import EngineLoop
-from llmesh.services.scheduler.policy import SchedulingPolicy
+from llmesh.services.scheduler.policy import QueueFullError, SchedulingPolicy
 from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
 
 
@@ -166,16 +166,17 @@ class Engine:
     # ---- requests -----------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams = SamplingParams(),
                     request_id: str | None = None, salt: str = "", tenant: str = "",
-                    priority: str = "standard") -> str:
+                    priority: str = "standard", is_offline: bool = False) -> str:
         """Validate and queue a request; raises InvalidRequestError naming the field, or
-        QueueFullError when the priority class's queue is at its bound."""
+        QueueFullError when the priority class's queue is at its bound (or, unless
+        `is_offline`, when its predicted wait passes the class's TTFT budget)."""
         request_id = request_id or uuid.uuid4().hex
         self.validate(prompt_token_ids, params)
         if self.scheduler.has_request(request_id):
             raise DuplicateRequestError(request_id)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         self.loop.add(request_id, list(prompt_token_ids), params, "engine", seed, salt=salt,
-                      tenant=tenant, priority=priority)
+                      tenant=tenant, priority=priority, has_ttft_budget=not is_offline)
         return request_id
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -217,15 +218,30 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                  = SamplingParams(), priority: str = "standard") -> list[list[Completion]]:
         """Run prompts to completion together; per prompt, its n completions by index.
-        (`priority="batch"` for an offline job: its class's queue waits longest.)"""
+        An offline call: never refused for a latency budget, and prompts beyond the
+        class's queue bound wait for room. (`priority="batch"` for an offline job: its
+        class's queue waits longest.)"""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp, priority=priority) for p, sp in zip(prompts, params_list)]
+        for p, sp in zip(prompts, params_list):  # all of them checked before any runs
+            self.validate(p, sp)
+        ids = [uuid.uuid4().hex for _ in prompts]
+        pending = deque(zip(ids, prompts, params_list))
         prompt_of = dict(zip(ids, prompts))
         tokens: dict[tuple[str, int], list[int]] = {}
         texts: dict[tuple[str, int], list[str]] = {}
         logprobs: dict[tuple[str, int], list[TokenLogprobs]] = {}
         done: dict[str, list[Completion]] = {i: [] for i in ids}
-        while self.has_unfinished():
+        while pending or self.has_unfinished():
+            # an offline call waits for room in its class's queue instead of failing
+            while pending:
+                request_id, p, sp = pending[0]
+                try:
+                    self.add_request(p, sp, request_id, priority=priority, is_offline=True)
+                except QueueFullError:
+                    if not self.has_unfinished():
+                        raise
+                    break
+                pending.popleft()
             for out in self.step():
                 key = (out.request_id, out.index)
                 tokens.setdefault(key, []).extend(out.new_token_ids)

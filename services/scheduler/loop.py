@@ -152,12 +152,14 @@ class EngineLoop:
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
             seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
             tenant: str = "", priority: str = "standard",
-            resume: dict[int, list[int]] | None = None, arrival_unix_s: float = 0.0) -> None:
+            resume: dict[int, list[int]] | None = None, arrival_unix_s: float = 0.0,
+            has_ttft_budget: bool = True) -> None:
         """Queue a request validated at the edge (router or Engine). `resume`: a
         request moved from a failed replica; per unfinished choice (index) the output
         it already produced there, which it continues after. Only those choices run,
         each as its own sequence (n = 1: {0: tokens}). `arrival_unix_s`: when the edge
-        received it (the TTFT budget counts from there). Raises DuplicateRequestError,
+        received it (the TTFT budget counts from there); `has_ttft_budget=False`: an
+        offline request, never refused for its class's latency budget. Raises DuplicateRequestError,
         InvalidRequestError when it cannot fit this replica, or QueueFullError (with
         retry_after_s) when its class's queue is full, or DrainingError while the
         replica drains."""
@@ -181,7 +183,7 @@ class EngineLoop:
         try:
             spent_s = min(max(0.0, now - arrival_unix_s), 3600.0) if arrival_unix_s else 0.0
             predicted_ttft_s = self._check_slo(priority, sum(q.num_tokens for q in seqs),
-                                               spent_s)
+                                               spent_s) if has_ttft_budget else None
             self.scheduler.add(*seqs)
         except QueueFullError as e:
             self.stats.num_rejected += 1

@@ -154,3 +154,18 @@ def test_logprobs(tiny_model):
                                                       caches, meta, TorchPagedAttention()))
     expect = torch.log_softmax(logits[-1], -1)[out.token_ids[1]].item()
     assert out.logprobs[1].logprob == pytest.approx(expect, abs=1e-4)
+
+
+def test_offline_generate_is_never_refused_and_serving_still_is(tiny_model, baseline):
+    """A class that admits 2 queued requests and budgets 1 ms to the first token:
+    `generate` (offline) still answers every prompt, the same as one at a time; a
+    served request past the bound or the budget is refused."""
+    from llmesh.services.scheduler.policy import ClassLimits, QueueFullError, SchedulingPolicy
+    tight = ClassLimits(weight=2.0, max_queued_requests=2, ttft_budget_s=0.001)
+    policy = SchedulingPolicy(classes={**SchedulingPolicy().classes, "standard": tight})
+    prompts, _, greedy, _ = baseline
+    out, engine = _run(tiny_model, prompts * 2, GREEDY, policy=policy, max_num_seqs=2)
+    assert out == greedy * 2
+    with pytest.raises(QueueFullError):
+        for p in prompts:
+            engine.add_request(p, GREEDY)
