@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--model", help="with --local: a Hugging Face directory, a .gguf file, tiny or "
                      "bench (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="sent as one user message through the "
+                     "model's chat template")
+    gen.add_argument("--raw", action="store_true",
+                     help="send --prompt as plain text to complete, without the chat template")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -123,7 +126,9 @@ def _generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
-    request_id = engine.add_request(tokenizer.encode(args.prompt), params)
+    prompt = tokenizer.encode(args.prompt) if args.raw else \
+        tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    request_id = engine.add_request(prompt, params)
     token_ids, text, finish = [], [], None
     while engine.has_unfinished():
         for out in engine.step():  # the engine's outputs carry their text

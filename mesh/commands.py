@@ -262,8 +262,12 @@ def cmd_generate_mesh(args) -> int:
                                          ignore_eos=args.ignore_eos)
     if args.seed is not None:
         sampling.seed = args.seed
-    req = inference_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling,
+    req = inference_pb2.GenerateRequest(sampling=sampling,
                                         priority=convert.PRIORITY_VALUES.get(args.priority, 0))
+    if args.raw:
+        req.prompt = args.prompt
+    else:
+        req.chat.messages.add(role="user", content=args.prompt)
     api_key = args.api_key or os.environ.get("LLMESH_API_KEY", "")
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     token_ids, text, finish = [], [], None

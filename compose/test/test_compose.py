@@ -220,7 +220,7 @@ def test_streamed_generation_through_envoy(stack, generation):
     # the same request in-process (the Engine on the image's model, run in the
     # tokenizer's container): the mesh must give exactly its tokens
     local = stack.run("exec", "-T", "tokenizer", "llmesh", "generate", "--local", "--model",
-                      "/models/tiny", "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
+                      "/models/tiny", "--raw", "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
                       "--temperature", "0", "--ignore-eos", "--json", timeout=180)
     expected = json.loads(local.stdout.strip().splitlines()[-1])
     assert tokens == expected["token_ids"]

