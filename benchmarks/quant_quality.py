@@ -67,7 +67,9 @@ def teacher_forced_logits(model, token_ids: list[int]) -> torch.Tensor:
     attn = model.model.layers[0].self_attn
     num_blocks = -(-len(token_ids) // block_size)
     shape = (num_blocks, block_size, attn.num_kv_heads, model.config.head_dim)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.config.num_layers)]
+    dtype = model.model.embed_tokens.weight.dtype
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+              for _ in range(model.config.num_layers)]
     meta = build_metadata([SeqSlice(0, len(token_ids), list(range(num_blocks)))], block_size,
                           model.config.sliding_window, torch.device("cpu"))
     hidden = model(torch.tensor(token_ids), torch.arange(len(token_ids)), caches, meta,
