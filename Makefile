@@ -58,7 +58,7 @@ lock:
 	$(LOCK_VENV)/bin/pip install -q --no-deps $(XGRAMMAR) $(SMOLLM2)
 	{ echo "# The lock: exact versions of every dependency, for Linux x86_64, CPython 3.11,"; \
 	  echo "# torch's CPU build. Made by \`make lock\` on $$(date -u +%F); used by make install."; \
-	  $(LOCK_VENV)/bin/pip freeze | grep -v '^llmesh[= @]'; } > constraints.txt
+	  $(LOCK_VENV)/bin/pip freeze --all | grep -vE '^(llmesh|pip)[= @]'; } > constraints.txt
 	rm -rf $(LOCK_VENV)
 
 test: install

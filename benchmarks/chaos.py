@@ -2,16 +2,19 @@
 
     python -m llmesh.benchmarks.chaos [--model DIR] [--duration 300] [--kill-every 20]
         [--victims executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy]
-        [--concurrency 8] [--json OUT]
+        [--concurrency 8] [--clients resuming|plain] [--json OUT]
 
 A mesh with two routers runs a closed loop of seeded requests with known answers
 (the in-process engine's tokens for the same prompts and parameters): half
 greedy, half sampled with a seed, all through Envoy, each read by a client that
-resumes a stream the front door drops (`llmesh.mesh.client.ResumingStream`). Every
+resumes a stream the front door drops (`llmesh.mesh.client.ResumingStream`), or
+with `--clients plain` by a plain gRPC stub that does not (as grpcurl or any
+generated client: what a fault costs those who never resume). Every
 `--kill-every` seconds the next victim in the list gets SIGKILL; the supervisor
 restarts it. The report counts requests that failed (any error the client saw
-in the end), that came back with other tokens than the known answer, and that
-had to resume; and the pause a fault adds: per request, the longest wait for a
+in the end), also by the victim of the last kill before each failure, that came
+back with other tokens than the known answer, and that had to resume; and the
+pause a fault adds: per request, the longest wait for a
 token (the first included), for requests in flight during a kill against those
 that were not.
 """
@@ -57,8 +60,24 @@ def _percentiles(values: list[float]) -> dict:
             "max_ms": values[-1] * 1e3}
 
 
+class PlainStream:
+    """One Generate call, read as it comes: no retry, no resume."""
+
+    def __init__(self, endpoint: str, req):
+        self.endpoint, self.req = endpoint, req
+        self.received: list[int] = []
+        self.attempts = 1
+
+    def __iter__(self):
+        from llmesh.v1 import inference_pb2_grpc
+        with grpc.insecure_channel(self.endpoint) as ch:
+            for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(self.req, timeout=120):
+                self.received.extend(chunk.token_ids)
+                yield chunk
+
+
 def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
-        victims: list[str], concurrency: int) -> dict:
+        victims: list[str], concurrency: int, resume: bool = True) -> dict:
     prompts, params, expect = answers
     stop_at = time.monotonic() + duration_s
     counter = iter(range(10**9))
@@ -75,7 +94,8 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
                 sampling=common_pb2.SamplingParams(max_tokens=p.max_tokens,
                                                    temperature=p.temperature, top_p=p.top_p,
                                                    ignore_eos=True, seed=p.seed))
-            stream = ResumingStream(endpoint, req, give_up_s=120)
+            stream = ResumingStream(endpoint, req, give_up_s=120) if resume else \
+                PlainStream(endpoint, req)
             t0 = last = time.monotonic()
             longest, status = 0.0, "OK"
             try:
@@ -110,9 +130,21 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
     kill_thread.join()
     hit = [r for r in records if any(r["start"] <= t <= r["end"] for t, _ in kills)]
     calm = [r for r in records if r not in hit]
+    # a failure is charged to the last kill before it: "in_flight" if the request had
+    # started before that kill, "sent_after" if it was sent while the victim was down
+    # (a closed loop: a client that fails at once sends its next request at once)
+    lost = {v: {"in_flight": 0, "sent_after": 0} for v in victims}
+    for r in records:
+        if r["status"] != "OK":
+            before = [(t, v) for t, v in kills if t <= r["end"]]
+            t, v = before[-1] if before else (0.0, "none")
+            lost.setdefault(v, {"in_flight": 0, "sent_after": 0})[
+                "in_flight" if r["start"] <= t else "sent_after"] += 1
     return {
+        "clients": "resuming" if resume else "plain",
         "requests": len(records),
         "failed": sum(r["status"] != "OK" for r in records),
+        "failed_by_last_kill": lost,
         "failed_statuses": sorted({r["status"] for r in records if r["status"] != "OK"}),
         "wrong": sum(r["status"] == "OK" and not r["correct"] for r in records),
         "resumed": sum(r["attempts"] > 1 for r in records),
@@ -131,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--kill-every", type=float, default=20.0)
     p.add_argument("--victims", default=VICTIMS)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--clients", choices=["resuming", "plain"], default="resuming")
     p.add_argument("--requests", type=int, default=64, help="distinct prompts (cycled)")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -138,7 +171,7 @@ def main(argv=None) -> int:
     answers = known_answers(model_dir, args.requests)
     with supervised_mesh(model_dir, {"routers": 2}, num_kv_blocks=1024) as (endpoint, sup):
         result = run(endpoint, sup, answers, args.duration, args.kill_every,
-                     args.victims.split(","), args.concurrency)
+                     args.victims.split(","), args.concurrency, args.clients == "resuming")
     write_report(args, {"model": model_dir, **result})
     return 0 if not result["failed"] and not result["wrong"] else 1
 

@@ -93,7 +93,16 @@ class EnvoyConfig:
     port: int = 8080
     admin_port: int = 9901
     stream_idle_timeout_s: float = 300.0
-    max_retries: int = 2
+    # retries of a request no router has started answering (connect failure, refused
+    # stream, reset, UNAVAILABLE), with a jittered backoff from retry_backoff_base_s
+    # doubling up to retry_backoff_max_s: together about 6 s on average, which
+    # spans a router's restart, and never past the request's own gRPC deadline
+    max_retries: int = 10
+    retry_backoff_base_s: float = 0.1
+    retry_backoff_max_s: float = 1.0
+    # at most this share of the requests in flight may be retries at once (at least
+    # 32): a dead fleet is not hammered by every client's retries
+    retry_budget_percent: float = 50.0
     max_connections: int = 1024
     max_pending_requests: int = 1024
     max_requests: int = 1024

@@ -24,6 +24,30 @@ OTHER_HOST_ON_RETRY = {
 }
 
 
+def retry_policy(e, retry_on: str, **extra) -> dict:
+    """Retries of a request no router has answered yet, spaced so that together they
+    outlast a router's restart (the supervisor brings it back in about a second)."""
+    return {"retry_on": retry_on, "num_retries": e.max_retries,
+            "retry_back_off": {"base_interval": f"{e.retry_backoff_base_s:g}s",
+                               "max_interval": f"{e.retry_backoff_max_s:g}s"},
+            **extra, **OTHER_HOST_ON_RETRY}
+
+
+def _thresholds(e) -> dict:
+    return {"thresholds": [{
+        "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
+        "max_requests": e.max_requests,
+        "retry_budget": {"budget_percent": {"value": e.retry_budget_percent},
+                         "min_retry_concurrency": 32}}]}
+
+
+# a dead router is out after one failed check; a restarted one is back at its first
+# SERVING (checked every 0.25 s while it is out)
+def _health_check(check: dict) -> list[dict]:
+    return [{"timeout": "1s", "interval": "1s", "unhealthy_interval": "0.25s",
+             "unhealthy_threshold": 1, "healthy_threshold": 1, **check}]
+
+
 def _address(port: int) -> dict:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
@@ -40,13 +64,11 @@ def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
     route = {
         "cluster": "routers",
         "timeout": "0s",  # the default 15 s would cut long token streams
+        # a client's grpc-timeout bounds the request here too, retries included
+        "max_grpc_timeout": "0s",
         "idle_timeout": idle,
-        "retry_policy": {
-            # Envoy retries only before the response starts; mid-stream failures surface
-            "retry_on": "connect-failure,refused-stream,reset,unavailable",
-            "num_retries": e.max_retries,
-            **OTHER_HOST_ON_RETRY,
-        },
+        # Envoy retries only before the response starts; mid-stream failures surface
+        "retry_policy": retry_policy(e, "connect-failure,refused-stream,reset,unavailable"),
     }
     http_routes = _http_routes(cfg, idle)
     hcm = {
@@ -135,8 +157,9 @@ def _http_routes(cfg: MeshConfig, idle: str) -> list:
     if not cfg.http_ports:
         return []
     route = {"cluster": "http", "timeout": "0s", "idle_timeout": idle,
-             "retry_policy": {"retry_on": "connect-failure,refused-stream,reset",
-                              "num_retries": cfg.envoy.max_retries, **OTHER_HOST_ON_RETRY}}
+             "retry_policy": retry_policy(cfg.envoy, "connect-failure,refused-stream,reset,"
+                                                     "retriable-status-codes",
+                                          retriable_status_codes=[503])}
     return [{"match": {"prefix": "/v1/"}, "route": route},
             {"match": {"path": "/v1"}, "route": route},
             {"match": {"path": "/health"}, "route": route}]
@@ -156,16 +179,12 @@ def router_clusters(cfg: MeshConfig) -> list[dict]:
                 "@type": HTTP_OPTS, "explicit_http_config": {"http2_protocol_options": {}}}},
         "load_assignment": {"cluster_name": "routers", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _address(p)}} for p in cfg.router_ports]}]},
-        "health_checks": [{
-            "timeout": "1s", "interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "grpc_health_check": {}}],
+        "health_checks": _health_check({"grpc_health_check": {}}),
         "outlier_detection": {
             "consecutive_5xx": 5, "consecutive_gateway_failure": 3,
             "enforcing_consecutive_gateway_failure": 100,  # defaults to 0: never ejects
             "interval": "5s", "base_ejection_time": "10s", "max_ejection_percent": 50},
-        "circuit_breakers": {"thresholds": [{
-            "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
-            "max_requests": e.max_requests, "max_retries": 3}]},
+        "circuit_breakers": _thresholds(e),
     }
     if not cfg.http_ports:
         return [cluster]
@@ -173,11 +192,8 @@ def router_clusters(cfg: MeshConfig) -> list[dict]:
         "name": "http", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "LEAST_REQUEST",
         "load_assignment": {"cluster_name": "http", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _address(p)}} for p in cfg.http_ports]}]},
-        "health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 2,
-                           "healthy_threshold": 1, "http_health_check": {"path": "/health"}}],
-        "circuit_breakers": {"thresholds": [{
-            "max_connections": e.max_connections, "max_pending_requests": e.max_pending_requests,
-            "max_requests": e.max_requests, "max_retries": 3}]},
+        "health_checks": _health_check({"http_health_check": {"path": "/health"}}),
+        "circuit_breakers": _thresholds(e),
     }
     return [cluster, http]
 

@@ -26,12 +26,14 @@ IN_FLIGHT_WAIT_S = 60.0
 class InFlight:
     """The load's requests as they start, stream and end, so that a fault is timed to
     land on work in flight and the test can say how much it hit: a request counts as
-    streaming from its first chunk with tokens until its call returns."""
+    streaming from its first chunk (its first byte: gRPC sends the headers with it)
+    until its call returns."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._streaming: set[int] = set()
         self.num_done = 0
+        self.at_strike: frozenset[int] = frozenset()  # the requests streaming when it struck
 
     def streamed(self, i: int) -> None:
         with self._cond:
@@ -57,6 +59,7 @@ class InFlight:
                     return 0
                 self._cond.wait(min(left, 0.05))
             fault()
+            self.at_strike = frozenset(self._streaming)
             return len(self._streaming)
 # For the meshes of tests that restart parts under load: a request that waits out a
 # restart at the router must not be refused for the standard class's TTFT budget
@@ -116,8 +119,7 @@ def run_choices_load(mesh, workload, concurrency=8, in_flight: InFlight | None =
                 for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
                     choices[chunk.index].extend(chunk.token_ids)
                     incomplete |= chunk.incomplete
-                    if chunk.token_ids:
-                        in_flight.streamed(i)
+                    in_flight.streamed(i)
         except grpc.RpcError as e:
             return e.code(), choices, incomplete
         finally:
@@ -142,8 +144,7 @@ def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8,
             with grpc.insecure_channel(mesh.endpoint) as ch:
                 for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
                     tokens.extend(chunk.token_ids)
-                    if chunk.token_ids:
-                        in_flight.streamed(i)
+                    in_flight.streamed(i)
             return "ok", tokens
         except grpc.RpcError as e:
             return e.code(), []
@@ -188,8 +189,7 @@ def run_load(mesh, workload, concurrency=8, in_flight: InFlight | None = None):
             with grpc.insecure_channel(mesh.endpoint) as ch:
                 for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
                     chunks.append(chunk)
-                    if chunk.token_ids:
-                        in_flight.streamed(i)
+                    in_flight.streamed(i)
         except grpc.RpcError as e:
             return e.code(), [t for c in chunks for t in c.token_ids], chunks[-1] if chunks else None
         finally:
@@ -215,8 +215,7 @@ def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0,
         last = None
         try:
             for last in stream:
-                if last.token_ids:
-                    in_flight.streamed(i)
+                in_flight.streamed(i)
         except grpc.RpcError as e:
             return e.code(), stream.received, last, stream.attempts
         finally:
@@ -228,13 +227,13 @@ def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0,
 
 
 def kill_during(mesh, load, victim: str, at_least: int = 2, ready=lambda: True,
-                join_s: float = 150.0):
+                join_s: float = 150.0, in_flight: InFlight | None = None):
     """Run `load(in_flight)` in a thread and SIGKILL `victim` once `at_least` of its
     requests are streaming (and `ready()` holds); (the load's result, how many requests
     were streaming when the kill landed), once the supervisor has restarted the victim.
     Fails when the kill could not land on work in flight."""
     pids = json.loads((mesh.run_dir / "state.json").read_text())["pids"]
-    box, in_flight = [], InFlight()
+    box, in_flight = [], in_flight or InFlight()
     thread = threading.Thread(target=lambda: box.append(load(in_flight)))
     thread.start()
     hit = in_flight.strike(lambda: os.kill(pids[victim], signal.SIGKILL), at_least, ready)

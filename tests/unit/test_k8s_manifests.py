@@ -321,7 +321,7 @@ def mounted(c: dict, workload: dict, path: str) -> tuple[str, str]:
 
 def test_the_gateway_runs_what_mesh_envoy_renders(tmp_path):
     _, xds = service_args("xds")
-    cfg = parse_config({**yaml.safe_load(MESH_YAML.read_text()), "router_ports": [50051],
+    cfg = parse_config({**yaml.safe_load(MESH_YAML.read_text()), "routers": 1, "router_ports": [50051],
                         "http_ports": [8081], "observability": {"tracing": "off"}})
     expected = render_envoy(cfg, xds.port)
     expected["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "0.0.0.0"
