@@ -85,17 +85,20 @@ def tracer(name: str = "llmesh") -> trace.Tracer:
     return trace.get_tracer(name)
 
 
-def _rpc_filter():
+def _rpc_filter(untraced_methods: tuple[str, ...] = ()):
     from opentelemetry.instrumentation.grpc import filters
     return filters.negate(filters.any_of(
-        filters.health_check(), filters.service_prefix("grpc.reflection")))
+        filters.health_check(), filters.service_prefix("grpc.reflection"),
+        *(filters.method_name(m) for m in untraced_methods)))
 
 
-def server_interceptors() -> list:
+def server_interceptors(untraced_methods: tuple[str, ...] = ()) -> list:
+    """`untraced_methods`: long-lived streams that would be one span for the life of
+    the process (the kvcache index's Publish)."""
     if not tracing_enabled():
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
-    return [aio_server_interceptor(filter_=_rpc_filter())]
+    return [aio_server_interceptor(filter_=_rpc_filter(untraced_methods))]
 
 
 def client_interceptors() -> list:

@@ -11,45 +11,39 @@ from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
 from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
 from llmesh.services.common.grammar_spec import GrammarSpec
-from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.services.common.sampling_params import RANGES, SamplingParams
 from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 
-_PUBLIC_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                  "presence_penalty", "frequency_penalty", "seed", "logprobs", "n")
+def _numeric_fields(msg) -> dict:
+    """The numeric sampling parameters (RANGES: their one declaration) a message
+    carries; an optional field left unset keeps the domain default."""
+    fields = msg.DESCRIPTOR.fields_by_name
+    return {name: getattr(msg, name) for name in RANGES
+            if not fields[name].has_presence or msg.HasField(name)}
 
 
 def sampling_from_public(msg: common_pb2.SamplingParams) -> SamplingParams:
     """The client's parameters: unset optional fields keep the domain defaults;
     float32 wire values are rounded to the nearest short decimal so 0.9 stays 0.9."""
-    kwargs = {}
-    for name in _PUBLIC_FIELDS:
-        if msg.HasField(name):
-            value = getattr(msg, name)
-            kwargs[name] = float(f"{value:.7g}") if isinstance(value, float) else value
+    kwargs = {name: float(f"{value:.7g}") if isinstance(value, float) else value
+              for name, value in _numeric_fields(msg).items()}
     grammar = None
     kind = msg.structured.WhichOneof("kind") if msg.HasField("structured") else None
     if kind is not None:
         source = "" if kind == "json_object" else getattr(msg.structured, kind)
         grammar = GrammarSpec(kind, source)
     return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
-                          ignore_eos=msg.ignore_eos, grammar=grammar,
-                          repetition_max_ngram=msg.repetition_max_ngram,
-                          repetition_min_repeats=msg.repetition_min_repeats, **kwargs)
+                          ignore_eos=msg.ignore_eos, grammar=grammar, **kwargs)
 
 
 def sampling_to_wire(p: SamplingParams) -> engine_pb2.SamplingConfig:
-    msg = engine_pb2.SamplingConfig(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, n=p.n, stop=p.stop,
-        repetition_max_ngram=p.repetition_max_ngram,
-        repetition_min_repeats=p.repetition_min_repeats)
-    if p.seed is not None:
-        msg.seed = p.seed
-    if p.logprobs is not None:
-        msg.logprobs = p.logprobs
+    msg = engine_pb2.SamplingConfig(stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
+                                    stop=p.stop)
+    for name in RANGES:
+        value = getattr(p, name)
+        if value is not None:
+            setattr(msg, name, value)
     if p.grammar is not None:
         msg.grammar_kind, msg.grammar_source = p.grammar.kind, p.grammar.source
     return msg
@@ -57,15 +51,9 @@ def sampling_to_wire(p: SamplingParams) -> engine_pb2.SamplingConfig:
 
 def sampling_from_wire(msg: engine_pb2.SamplingConfig) -> SamplingParams:
     return SamplingParams(
-        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
-        top_k=msg.top_k, min_p=msg.min_p, repetition_penalty=msg.repetition_penalty,
-        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        seed=msg.seed if msg.HasField("seed") else None,
-        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
-        ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-        n=msg.n, repetition_max_ngram=msg.repetition_max_ngram,
-        repetition_min_repeats=msg.repetition_min_repeats,
-        grammar=GrammarSpec(msg.grammar_kind, msg.grammar_source) if msg.grammar_kind else None)
+        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
+        grammar=GrammarSpec(msg.grammar_kind, msg.grammar_source) if msg.grammar_kind else None,
+        **_numeric_fields(msg))
 
 
 def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:

@@ -20,6 +20,53 @@ MAX_STOP_STRING_CHARS = 256
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric sampling parameter accepts, on every edge alike."""
+
+    lo: float
+    hi: float
+    is_int: bool = False
+    lo_open: bool = False  # lo itself is refused
+
+    def check(self, name: str, value: object) -> None:
+        """Raise InvalidRequestError naming `name` unless `value` is in range."""
+        if self.is_int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequestError(name, f"must be an integer, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequestError(name, f"must be a number, got {value!r}")
+        elif value != value:  # NaN
+            raise InvalidRequestError(name, "must not be NaN")
+        if (value <= self.lo if self.lo_open else value < self.lo) or value > self.hi:
+            raise InvalidRequestError(name, f"must be in {self.describe()}, got {value}")
+
+    def describe(self) -> str:
+        lo, hi = (self.lo, self.hi) if self.is_int else (f"{self.lo:g}", f"{self.hi:g}")
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}]"
+
+
+# The one declaration of each numeric parameter's range (the name is the
+# SamplingParams field, the proto fields' name and the OpenAI body key): the
+# Engine and gRPC check it in SamplingParams.validate, the HTTP API when it parses
+# a body (services/router/http_api/requests.py), so both accept the same values.
+RANGES = {
+    "max_tokens": Range(1, 2**31 - 1, is_int=True),
+    "temperature": Range(0.0, 2.0),
+    "top_p": Range(0.0, 1.0, lo_open=True),
+    "top_k": Range(0, 2**31 - 1, is_int=True),  # 0 = off
+    "min_p": Range(0.0, 1.0),
+    "repetition_penalty": Range(0.0, 100.0, lo_open=True),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "seed": Range(0, 2**63 - 1, is_int=True),
+    "n": Range(1, MAX_N, is_int=True),
+    "logprobs": Range(0, MAX_TOP_LOGPROBS, is_int=True),
+    "repetition_max_ngram": Range(0, MAX_REPETITION_NGRAM, is_int=True),
+    "repetition_min_repeats": Range(0, 16, is_int=True),
+}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. Defaults are greedy, 16 tokens."""
 
@@ -52,21 +99,10 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the first bad field."""
-        _check_int("max_tokens", self.max_tokens, lo=1)
-        _check_float("temperature", self.temperature, lo=0.0, hi=100.0)
-        _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        _check_int("top_k", self.top_k, lo=0)
-        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, hi=100.0, lo_open=True)
-        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
-        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, lo=0, hi=2**63 - 1)
-        _check_int("n", self.n, lo=1, hi=MAX_N)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, lo=0, hi=MAX_TOP_LOGPROBS)
-        _check_int("repetition_max_ngram", self.repetition_max_ngram, lo=0, hi=MAX_REPETITION_NGRAM)
-        _check_int("repetition_min_repeats", self.repetition_min_repeats, lo=0, hi=16)
+        for name, bounds in RANGES.items():
+            value = getattr(self, name)
+            if value is not None:  # (seed and logprobs are optional)
+                bounds.check(name, value)
         if self.repetition_max_ngram and self.repetition_min_repeats < 2:
             raise InvalidRequestError("repetition_min_repeats",
                                       "must be at least 2 when repetition_max_ngram is set")
@@ -94,25 +130,6 @@ def check_token_id(field_name: str, token_id: object, vocab_size: int) -> None:
         raise InvalidRequestError(
             field_name, f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
         )
-
-
-def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(name, f"must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise InvalidRequestError(name, f"must be {bound}, got {value}")
-
-
-def _check_float(name: str, value: object, lo: float, hi: float, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(name, f"must be a number, got {value!r}")
-    if value != value:  # NaN
-        raise InvalidRequestError(name, "must not be NaN")
-    too_low = value <= lo if lo_open else value < lo
-    if too_low or value > hi:
-        left = "(" if lo_open else "["
-        raise InvalidRequestError(name, f"must be in {left}{lo}, {hi}], got {value}")
 
 
 def validate_request(prompt_token_ids: object, params: SamplingParams, vocab_size: int,

@@ -47,15 +47,17 @@ class Service:
 
     `traced`: install the OpenTelemetry server interceptor (when tracing is on).
     Only services that receive a request over a unary hop need it (router,
-    tokenizer); the others get trace context inside their stream messages and
-    would only pay the interceptor's call path on every step."""
+    tokenizer, the kvcache index's Match); the others get trace context inside
+    their stream messages and would only pay the interceptor's call path on every
+    step. `untraced_methods`: methods of a traced service left out."""
 
     def __init__(self, name: str, port: int, host: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, traced: bool = False):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, traced: bool = False,
+                 untraced_methods: tuple[str, ...] = ()):
         self.name = name
         host = host or bind_host()
         from llmesh.observability import telemetry
-        interceptors = telemetry.server_interceptors() if traced else []
+        interceptors = telemetry.server_interceptors(untraced_methods) if traced else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

@@ -13,7 +13,10 @@ from llmesh.services.kvcache.servicer import KVCacheServicer
 
 
 async def main(args) -> None:
-    service = Service("kvcache", args.port, max_message_bytes=64 * 2**20)  # snapshots
+    # (snapshots are large; Match is a traced hop of a request, Publish a stream
+    # for the scheduler's life)
+    service = Service("kvcache", args.port, max_message_bytes=64 * 2**20, traced=True,
+                      untraced_methods=("Publish",))
     index = PrefixIndex()
     register_kvcache(index)
     service.add(kvcache_pb2_grpc.add_KVCacheServicer_to_server, KVCacheServicer(index),

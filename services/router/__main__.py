@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import uvicorn
 
-from llmesh.v1 import inference_pb2
+from llmesh.v1 import inference_pb2, kvcache_pb2_grpc
 from llmesh.observability import telemetry
 from llmesh.services.common.server import Service, bind_host
 from llmesh.services.router.admission import Admission
@@ -27,12 +27,15 @@ async def main(args) -> None:
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes,
                       traced=True)
     channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
+    # the kvcache index: a traced hop like the tokenizer's
+    kvcache = kvcache_pb2_grpc.KVCacheStub(grpc.aio.insecure_channel(
+        args.kvcache, interceptors=telemetry.client_interceptors())) if args.kvcache else None
     chooser = ReplicaChooser(RoutingPolicy(args.routing_policy, args.prefix_load_bound,
                                            args.prefix_load_ratio))
     dispatcher = Dispatcher(args.schedulers.split(",") if args.schedulers else [],
                             max_migrations=args.max_migrations,
                             replica_wait_s=args.replica_wait_s, num_standby=args.standby,
-                            chooser=chooser, kvcache_address=args.kvcache)
+                            chooser=chooser, kvcache=kvcache)
     if args.replica_set:  # the replicas come and go: this file says which are there
         dispatcher.set_replicas(read_replica_set(args.replica_set))
     admission = json.loads(args.admission)

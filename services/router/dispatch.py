@@ -107,16 +107,15 @@ class Route:
 class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
                  replica_wait_s: float = 30.0, num_standby: int = 0,
-                 chooser: ReplicaChooser | None = None, kvcache_address: str = ""):
+                 chooser: ReplicaChooser | None = None,
+                 kvcache: kvcache_pb2_grpc.KVCacheStub | None = None):
         """`scheduler_addresses`: the replicas at start (replica-0, ...; the last
         `num_standby` of them warm standbys), until `set_replicas` says otherwise.
-        `chooser` decides among the replicas that take a request; with
-        `kvcache_address` (and a kv_aware chooser) it knows what each holds of
-        the prompt, from the kvcache index."""
+        `chooser` decides among the replicas that take a request; with `kvcache`
+        (the index's stub, and a kv_aware chooser) it knows what each holds of the
+        prompt."""
         self.chooser = chooser or ReplicaChooser()
-        self._kvcache = (kvcache_pb2_grpc.KVCacheStub(grpc.aio.insecure_channel(kvcache_address))
-                         if kvcache_address and self.chooser.policy.policy == "kv_aware"
-                         else None)
+        self._kvcache = kvcache if self.chooser.policy.policy == "kv_aware" else None
         self.replicas: list[Replica] = []
         # warm, probed, used only while another is not ready
         self.standby: set[str] = set()

@@ -58,7 +58,9 @@ def collector():
 def meshes(tiny_model_dir, tmp_path_factory, collector):
     """Both meshes (the module's tests take turns on them), brought up side by side
     and down again side by side: (the OTLP one, the local-file one)."""
-    both = (Mesh(tiny_model_dir, tmp_path_factory.mktemp("otlp-mesh"),
+    # (two replicas in the OTLP one: the router asks the kvcache index where a
+    # prompt's prefix is, a traced hop)
+    both = (Mesh(tiny_model_dir, tmp_path_factory.mktemp("otlp-mesh"), replicas=2,
                  observability={"tracing": "otlp", "otlp_endpoint": collector.endpoint}),
             Mesh(tiny_model_dir, tmp_path_factory.mktemp("file-mesh")))
     try:
@@ -121,7 +123,7 @@ def test_one_trace_from_the_gateway_to_the_executor_step(otlp_mesh, collector):
         if not chain or chain[-1]["parent"]:
             return False
         spans = [s for s in collector.spans if s["trace_id"] == trace_id]
-        return ALL_SERVICES <= {s["service"] for s in spans}
+        return ALL_SERVICES | {"kvcache"} <= {s["service"] for s in spans}
     assert wait_until(complete_trace, 30), \
         [(s["service"], s["name"]) for s in chain_from_step()[1]]
     trace_id, chain = chain_from_step()
@@ -141,6 +143,11 @@ def test_one_trace_from_the_gateway_to_the_executor_step(otlp_mesh, collector):
         == ["length"]
     assert {"queue", "prefill", "prefill.chunk", "decode"} <= {s["name"] for s in spans}
     assert any(s["service"] == "tokenizer" and "Encode" in s["name"] for s in spans)
+    # the kvcache hop: the router's client span and the index's server span under it
+    match = [s for s in spans if s["name"] == "/llmesh.v1.KVCache/Match"]
+    assert {s["service"] for s in match} == {"router", "kvcache"}, names
+    server = next(s for s in match if s["service"] == "kvcache")
+    assert {s["span_id"]: s for s in spans}[server["parent"]]["service"] == "router"
     # no prompt or output text anywhere in what was exported
     blob = b"".join(collector.raw)
     for word in SECRET_PROMPT.split() + [out.text.strip()[:12]]:

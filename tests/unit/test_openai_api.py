@@ -242,3 +242,29 @@ def test_vllm_guided_fields_map_to_structured_output():
         with pytest.raises(ApiError) as info:
             parse_chat(body, {})
         assert info.value.param == param
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "temperature", "top_p", "min_p",
+                                  "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty", "n"])
+def test_http_and_grpc_accept_the_same_ranges(name):
+    """One declaration (sampling_params.RANGES): a value at each end of the range is
+    accepted over HTTP and by the domain check behind gRPC; one past it is refused
+    by both, naming the field."""
+    from llmesh.services.common.errors import InvalidRequestError
+    from llmesh.services.common.sampling_params import RANGES, SamplingParams
+    bounds = RANGES[name]
+    step = 1 if bounds.is_int else 1e-3
+    inside = [bounds.lo + (step if bounds.lo_open else 0), bounds.hi]
+    outside = [bounds.lo - (0 if bounds.lo_open else step), bounds.hi + step]
+    for value in inside:
+        sampling = parse_completion({"prompt": "x", name: value}, {}).requests[0].sampling
+        assert getattr(sampling, name) == pytest.approx(value)
+        SamplingParams(**{name: value}).validate(vocab_size=100)
+    for value in outside:
+        with pytest.raises(ApiError) as http:
+            parse_completion({"prompt": "x", name: value}, {})
+        assert http.value.param == name
+        with pytest.raises(InvalidRequestError) as grpc_side:
+            SamplingParams(**{name: value}).validate(vocab_size=100)
+        assert grpc_side.value.field == name

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 
 from llmesh.v1 import common_pb2, inference_pb2
+from llmesh.services.common.errors import InvalidRequestError
+from llmesh.services.common.sampling_params import RANGES
 from llmesh.services.router.http_api.errors import ApiError, invalid
 
 PRIORITIES = {"interactive": common_pb2.PRIORITY_INTERACTIVE,
@@ -87,6 +89,21 @@ def _number(body: dict, name: str, lo: float, hi: float):
     return float(value)
 
 
+def _ranged(body: dict, name: str, key: str | None = None):
+    """Body field `key` (default: `name`), checked against the range the sampling
+    parameter `name` declares (the same values the gRPC API accepts)."""
+    key = key or name
+    bounds = RANGES[name]
+    value = _int(body, key, -2**63, 2**64) if bounds.is_int else \
+        _number(body, key, -math.inf, math.inf)
+    if value is not None:
+        try:
+            bounds.check(key, value)
+        except InvalidRequestError as e:
+            raise invalid(key, e.message) from None
+    return value
+
+
 def _unsupported(body: dict, name: str, allowed=()) -> None:
     value = _get(body, name)
     if value is not _MISSING and value not in allowed and value not in ([], {}):
@@ -96,21 +113,18 @@ def _unsupported(body: dict, name: str, allowed=()) -> None:
 
 def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.SamplingParams:
     s = common_pb2.SamplingParams()
-    max_tokens = _int(body, "max_completion_tokens", 1, 2**31)
+    max_tokens = _ranged(body, "max_tokens", "max_completion_tokens")
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1, 2**31)
+        max_tokens = _ranged(body, "max_tokens")
     s.max_tokens = max_tokens if max_tokens is not None else (max_tokens_default or 0)
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    s.temperature = 1.0 if temperature is None else temperature
-    for name, lo, hi in (("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
-                         ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0),
-                         ("repetition_penalty", 0.01, 100.0)):
-        value = _number(body, name, lo, hi)
+    temperature = _ranged(body, "temperature")
+    s.temperature = 1.0 if temperature is None else temperature  # (OpenAI's default)
+    for name in ("top_p", "presence_penalty", "frequency_penalty", "min_p",
+                 "repetition_penalty"):
+        value = _ranged(body, name)
         if value is not None:
             setattr(s, name, value)
-    if s.HasField("top_p") and s.top_p == 0.0:
-        raise invalid("top_p", "must be greater than 0")
-    top_k = _int(body, "top_k", -1, 2**31 - 1)
+    top_k = _int(body, "top_k", -1, int(RANGES["top_k"].hi))  # (-1, as 0: off)
     if top_k is not None and top_k > 0:  # -1 and 0: off
         s.top_k = top_k
     seed = _int(body, "seed", -2**63, 2**64 - 1)
@@ -129,10 +143,10 @@ def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.Sampling
             raise invalid("stop_token_ids", "must be a list of token ids")
         s.stop_token_ids.extend(ids)
     s.ignore_eos = _bool(body, "ignore_eos")
-    n = _int(body, "n", 1, 16)
+    n = _ranged(body, "n")
     if n is not None:
         s.n = n
-    best_of = _int(body, "best_of", 1, 16)
+    best_of = _ranged(body, "n", "best_of")
     if best_of is not None and best_of != (n or 1):
         raise ApiError(400, "best_of: only best_of == n is supported", param="best_of",
                        code="unsupported_parameter")
@@ -279,7 +293,7 @@ def parse_chat(body, headers) -> ParsedRequest:
     fragments = _fragments(body, req, stream)
     logprobs = None
     if _bool(body, "logprobs"):
-        logprobs = _int(body, "top_logprobs", 0, 20) or 0
+        logprobs = _ranged(body, "logprobs", "top_logprobs") or 0
     elif _get(body, "top_logprobs") not in (_MISSING, 0):
         raise invalid("top_logprobs", "needs logprobs: true")
     if logprobs is not None:
@@ -325,7 +339,7 @@ def parse_completion(body, headers) -> ParsedRequest:
     _response_format(body, base)
     _guided(body, base)
     fragments = _fragments(body, base, stream)
-    logprobs = _int(body, "logprobs", 0, 20)
+    logprobs = _ranged(body, "logprobs")
     if logprobs is not None:
         base.sampling.logprobs = logprobs
     requests = []
