@@ -114,33 +114,29 @@ def test_the_rendered_directory_is_made_once(gguf_files, cache, tmp_path):
     assert model_path(first, cache) == first
 
 
-def test_what_is_not_supported_is_named(tiny_model_dir, gguf_files, tmp_path, cache):
+def _small_gguf(path, arch: str, **keys):
+    """A GGUF file with one tensor and the metadata `keys` (writer method -> value)."""
     import gguf
-    with pytest.raises(UnsupportedModelError, match="6 GGUF files"):
-        find_gguf(gguf_files["F32"].parent)  # which one?
-    path = tmp_path / "phi.gguf"
-    w = gguf.GGUFWriter(str(path), "phi2")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(UnsupportedModelError, match="architecture 'phi2'"):
-        model_path(path, cache)
-    spm = tmp_path / "spm.gguf"
-    w = gguf.GGUFWriter(str(spm), "llama")
-    w.add_block_count(1)
-    w.add_embedding_length(32)
-    w.add_feed_forward_length(64)
-    w.add_head_count(2)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "a"])
+    for method, value in keys.items():
+        getattr(w, f"add_{method}")(value)
     w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_what_is_not_supported_is_named(gguf_files, tmp_path, cache):
+    with pytest.raises(UnsupportedModelError, match="6 GGUF files"):
+        find_gguf(gguf_files["F32"].parent)  # which one?
+    with pytest.raises(UnsupportedModelError, match="architecture 'phi2'"):
+        model_path(_small_gguf(tmp_path / "phi.gguf", "phi2"), cache)
+    spm = _small_gguf(tmp_path / "spm.gguf", "llama", embedding_length=32,
+                      feed_forward_length=64, head_count=2, tokenizer_model="llama",
+                      token_list=["<unk>", "a"])
     with pytest.raises(UnsupportedModelError, match="tokenizer.ggml.model 'llama'"):
         model_path(spm, cache)
     not_gguf = tmp_path / "x.gguf"
