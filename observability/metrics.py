@@ -85,7 +85,7 @@ class SchedulerCollector:
                                   "their class's TTFT budget", s.num_slo_rejected)
         yield GaugeMetricFamily("llmesh_queue_drain_tokens_per_second",
                                 "Prompt tokens the replica admits per second while requests wait",
-                                loop.drain.tokens_per_s)
+                                loop.waits.drain.tokens_per_s)
         yield CounterMetricFamily("llmesh_deadline_expired_in_queue",
                                   "Requests whose deadline passed while queued (never computed)",
                                   s.num_deadline_expired)

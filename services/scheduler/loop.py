@@ -11,7 +11,6 @@ runs in the step.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 from collections import deque
@@ -33,13 +32,10 @@ from llmesh.services.scheduler.kv_manager import KVCacheManager
 from llmesh.services.scheduler.policy import QueueFullError
 from llmesh.services.scheduler.scheduler import Scheduler, SeqOutput
 from llmesh.services.scheduler.sequence import Sequence
-from llmesh.services.scheduler.slo import DrainRate, WaitCalibration
+from llmesh.services.scheduler.slo import WaitPredictor
 from llmesh.services.scheduler.text_stream import TextStream
 
 log = logging.getLogger("llmesh.scheduler")
-# admission aims at this share of a class's TTFT budget: the rest is headroom for
-# what no prediction sees (a pause of the host, a burst of other work)
-SLO_HEADROOM = 0.9
 
 
 class ExecutorFailed(Exception):
@@ -115,9 +111,13 @@ class EngineLoop:
                  emit: Emit | None = None, tokenizer: TextTokenizer | None = None,
                  model: str = "", pipeline_depth: int = 2, max_step_failures: int = 2,
                  step_timeout_s: float = 0.0,
-                 observe_step: Callable[[float], None] | None = None):
+                 observe_step: Callable[[float], None] | None = None,
+                 waits: WaitPredictor | None = None):
         """`emit(owner, [(output, finished_info)])` receives each step's outputs per
         owner; `observe_step(seconds)` each step's wall time (metrics, publishers).
+        `waits` measures the replica's rates and predicts queue waits (SLO
+        admission, retry pushback, the hung-step timeout); by default one over
+        `scheduler`.
         `step_timeout_s` (0 = none): a step whose result takes longer (or 20 times
         what its tokens should take, if more) fails the executor as hung."""
         assert pipeline_depth >= 1
@@ -134,11 +134,7 @@ class EngineLoop:
         self.tracks: dict[str, RequestTrack] = {}
         self.stats = LoopStats()
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
-        self.token_rate = 0.0  # tokens per second computed, smoothed (retry pushback)
-        self.step_s = 0.0  # wall time per step, smoothed
-        self.drain = DrainRate()  # the queue's drain rate under backlog (SLO) ...
-        self.calibration = WaitCalibration()  # ... and how far off its waits were
-        self._left_waiting = False  # the last scheduling round left requests queued
+        self.waits = waits or WaitPredictor(scheduler)
         self.is_draining = False  # new requests are refused: the replica is about to restart
         self._in_flight: deque[_InFlight] = deque()
         self._last_result_s = 0.0
@@ -182,16 +178,14 @@ class EngineLoop:
                                  priority=priority, output_token_ids=list(output), text=text))
         try:
             spent_s = min(max(0.0, now - arrival_unix_s), 3600.0) if arrival_unix_s else 0.0
-            predicted_ttft_s = self._check_slo(priority, sum(q.num_tokens for q in seqs),
-                                               spent_s) if has_ttft_budget else None
+            predicted_ttft_s = self.waits.check_budget(
+                priority, sum(q.num_tokens for q in seqs), spent_s) if has_ttft_budget else None
             self.scheduler.add(*seqs)
         except QueueFullError as e:
             self.stats.num_rejected += 1
+            self.stats.num_slo_rejected += e.reason == "slo"
             if not e.retry_after_s:
-                queued = self.scheduler.waiting.queued_tokens.get(priority, 0)
-                # pushback: about the time the class's queued prompt tokens take to compute
-                e.retry_after_s = min(30.0, max(0.05, queued / self.token_rate
-                                                if self.token_rate else 1.0))
+                e.retry_after_s = self.waits.pushback_s(priority)
             raise
         self.stats.num_admitted += 1
         self.tracks[request_id] = RequestTrack(owner, now, deadline_s,
@@ -211,62 +205,6 @@ class EngineLoop:
             raise InvalidRequestError("resume", "only unfinished choices of this request "
                                       "(n > 1: each with its first token) with tokens of "
                                       "this vocabulary can resume")
-
-    def _check_slo(self, priority: str, num_tokens: int, spent_s: float = 0.0
-                   ) -> float | None:
-        """Refuse now what would wait in the queue past its class's TTFT budget,
-        less `spent_s` already spent on the way here; the uncorrected prediction
-        for what is admitted (None: no estimate).
-
-        The wait is `predict_wait`, plus the margin by which recent predictions
-        fell short of the real time to first token (WaitCalibration)."""
-        budget = self.scheduler.waiting.policy.limits(priority).ttft_budget_s
-        if not budget:
-            return None
-        wait = self.predict_wait(priority, num_tokens)
-        # (no estimate yet: what it already spent on the way)
-        margin = self.calibration.margin_s(prior_s=self.step_s) if wait is not None else 0.0
-        late = spent_s + (wait or 0.0) + margin
-        if late > SLO_HEADROOM * budget:
-            self.stats.num_slo_rejected += 1
-            raise QueueFullError(priority, f"predicted time to first token {late:.1f}s ({spent_s:.1f}s "
-                                 f"of it before this replica) > the class's {budget:g}s "
-                                 f"TTFT budget",
-                                 retry_after_s=min(60.0, max(0.05, late - budget)),
-                                 reason="slo")
-        return wait  # (uncorrected: the calibration learns from it)
-
-    def predict_wait(self, priority: str, num_tokens: int = 0) -> float | None:
-        """How long a new request of `priority` with `num_tokens` would wait for its
-        first token now, uncorrected (None: no estimate yet). What is queued ahead
-        (its class and those above) over the measured drain rate; before that rate
-        is known, their prompts at the token rate plus the slots played forward;
-        with nothing queued, the wait for a slot if every one is taken."""
-        waiting = self.scheduler.waiting
-        if waiting:
-            prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
-            wait = self.drain.predict_wait(prompt_ahead + num_tokens)
-            if wait is None and self.token_rate and self.step_s:
-                wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
-            return wait
-        return self._slot_wait(priority, 0) if self.step_s else None
-
-    def _slot_wait(self, priority: str, decode_ahead: int) -> float:
-        """When a slot frees for a new request of `priority`: the running requests
-        hold theirs for the rest of their `max_tokens` (a ceiling: EOS ends some
-        sooner), each request queued ahead takes the first slot to free for its
-        share of `decode_ahead`, and the new one the next (at the measured step time)."""
-        waiting = self.scheduler.waiting
-        weight = waiting.policy.weight(priority)
-        num_ahead = sum(n for c, n in waiting.depth.items() if waiting.policy.weight(c) >= weight)
-        slots = [max(0, s.params.max_tokens - len(s.output_token_ids))
-                 for s in self.scheduler.running]
-        slots += [0] * max(0, self.scheduler.config.max_num_seqs - len(slots))
-        heapq.heapify(slots)
-        each = decode_ahead / num_ahead if num_ahead else 0.0
-        for _ in range(min(num_ahead, 4096)):
-            heapq.heappush(slots, heapq.heappop(slots) + each)
-        return slots[0] * self.step_s
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
         """What the edge cannot know for sure: this replica's own limits."""
@@ -368,8 +306,7 @@ class EngineLoop:
         plan = self.scheduler.schedule()
         # capacity shows only while requests are left waiting: since the last round
         # left some behind, what leaves now left as fast as the replica could take it
-        self.drain.observe(queued_before - waiting.num_queued_tokens, self._left_waiting)
-        self._left_waiting = bool(waiting)
+        self.waits.observe_round(queued_before - waiting.num_queued_tokens)
         if not plan.scheduled and not plan.finished_seq_ids:
             self.stats.schedule_s += time.perf_counter() - t0
             return False
@@ -401,7 +338,8 @@ class EngineLoop:
         if not self.step_timeout_s:
             return None
         oldest = self._in_flight[0]
-        expected = oldest.plan.num_tokens / self.token_rate if self.token_rate else 0.0
+        rate = self.waits.token_rate
+        expected = oldest.plan.num_tokens / rate if rate else 0.0
         waited = time.perf_counter() - oldest.planned_s
         return max(self.step_timeout_s, 20 * expected) - waited
 
@@ -421,10 +359,7 @@ class EngineLoop:
         if num_tokens:
             since = t1 - max(self._last_result_s, done.planned_s)
             if since > 0:
-                rate = num_tokens / since
-                self.token_rate = rate if not self.token_rate else \
-                    0.9 * self.token_rate + 0.1 * rate
-                self.step_s = since if not self.step_s else 0.9 * self.step_s + 0.1 * since
+                self.waits.observe_step(num_tokens, since)
             self._last_result_s = t1
         for sched in plan.scheduled:
             seq = self.scheduler.seqs.get(sched.seq_id)
@@ -472,7 +407,7 @@ class EngineLoop:
             if out.new_token_ids and not track.first_token_s:
                 track.first_token_s = now
                 if track.predicted_ttft_s is not None:
-                    self.calibration.record(track.predicted_ttft_s, now - track.arrival_s)
+                    self.waits.calibration.record(track.predicted_ttft_s, now - track.arrival_s)
             info = None
             if out.finish_reason is not None:
                 info = FinishedInfo(

@@ -131,7 +131,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_plan_messages=self.executors.num_plan_messages,
             num_result_messages=self.executors.num_result_messages,
             num_admitted=s.num_admitted, max_num_seqs=sched.config.max_num_seqs,
-            predicted_wait_s={c: self.loop.predict_wait(c) or 0.0 for c in CLASSES},
+            predicted_wait_s={c: self.loop.waits.predict_wait(c) or 0.0 for c in CLASSES},
             ttft_budget_s={c: sched.waiting.policy.limits(c).ttft_budget_s for c in CLASSES})
 
 

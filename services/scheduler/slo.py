@@ -11,8 +11,19 @@ queue means no wait.
 """
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
+from typing import TYPE_CHECKING
+
+from llmesh.services.scheduler.policy import QueueFullError
+
+if TYPE_CHECKING:
+    from llmesh.services.scheduler.scheduler import Scheduler
+
+# admission aims at this share of a class's TTFT budget: the rest is headroom for
+# what no prediction sees (a pause of the host, a burst of other work)
+SLO_HEADROOM = 0.9
 
 
 class DrainRate:
@@ -84,3 +95,90 @@ class WaitCalibration:
         self._errors.append(actual_s - predicted_s)
         ranked = sorted(self._errors)
         self._margin_s = max(0.0, ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))])
+
+
+class WaitPredictor:
+    """The replica's measured rates and what they predict: the wait for a first
+    token (SLO admission refuses what would pass its class's budget), the retry
+    pushback of a refused request, and a step's expected length. The engine loop
+    feeds it (`observe_round`, `observe_step`, `calibration.record`)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.token_rate = 0.0  # tokens per second computed, smoothed
+        self.step_s = 0.0  # wall time per step, smoothed
+        self.drain = DrainRate()  # the queue's drain rate under backlog ...
+        self.calibration = WaitCalibration()  # ... and how far off its waits were
+        self._left_waiting = False  # the last scheduling round left requests queued
+
+    def observe_round(self, num_left: int) -> None:
+        """After a scheduling round that took `num_left` prompt tokens off the queue:
+        capacity shows only while requests are left waiting, so what leaves after a
+        round that left some behind left as fast as the replica could take it."""
+        self.drain.observe(num_left, self._left_waiting)
+        self._left_waiting = bool(self.scheduler.waiting)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        rate = num_tokens / seconds
+        self.token_rate = rate if not self.token_rate else 0.9 * self.token_rate + 0.1 * rate
+        self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
+
+    def pushback_s(self, priority: str) -> float:
+        """Retry after about the time the class's queued prompt tokens take."""
+        queued = self.scheduler.waiting.queued_tokens.get(priority, 0)
+        return min(30.0, max(0.05, queued / self.token_rate if self.token_rate else 1.0))
+
+    def check_budget(self, priority: str, num_tokens: int, spent_s: float = 0.0
+                     ) -> float | None:
+        """Refuse now (QueueFullError, reason "slo") what would wait in the queue past
+        its class's TTFT budget, less `spent_s` already spent on the way here; the
+        uncorrected prediction for what is admitted (None: no estimate).
+
+        The wait is `predict_wait`, plus the margin by which recent predictions
+        fell short of the real time to first token (WaitCalibration)."""
+        budget = self.scheduler.waiting.policy.limits(priority).ttft_budget_s
+        if not budget:
+            return None
+        wait = self.predict_wait(priority, num_tokens)
+        # (no estimate yet: what it already spent on the way)
+        margin = self.calibration.margin_s(prior_s=self.step_s) if wait is not None else 0.0
+        late = spent_s + (wait or 0.0) + margin
+        if late > SLO_HEADROOM * budget:
+            raise QueueFullError(priority, f"predicted time to first token {late:.1f}s ({spent_s:.1f}s "
+                                 f"of it before this replica) > the class's {budget:g}s "
+                                 f"TTFT budget",
+                                 retry_after_s=min(60.0, max(0.05, late - budget)),
+                                 reason="slo")
+        return wait  # (uncorrected: the calibration learns from it)
+
+    def predict_wait(self, priority: str, num_tokens: int = 0) -> float | None:
+        """How long a new request of `priority` with `num_tokens` would wait for its
+        first token now, uncorrected (None: no estimate yet). What is queued ahead
+        (its class and those above) over the measured drain rate; before that rate
+        is known, their prompts at the token rate plus the slots played forward;
+        with nothing queued, the wait for a slot if every one is taken."""
+        waiting = self.scheduler.waiting
+        if waiting:
+            prompt_ahead, decode_ahead = waiting.tokens_ahead(priority)
+            wait = self.drain.predict_wait(prompt_ahead + num_tokens)
+            if wait is None and self.token_rate and self.step_s:
+                wait = prompt_ahead / self.token_rate + self._slot_wait(priority, decode_ahead)
+            return wait
+        return self._slot_wait(priority, 0) if self.step_s else None
+
+    def _slot_wait(self, priority: str, decode_ahead: int) -> float:
+        """When a slot frees for a new request of `priority`: the running requests
+        hold theirs for the rest of their `max_tokens` (a ceiling: EOS ends some
+        sooner), each request queued ahead takes the first slot to free for its
+        share of `decode_ahead`, and the new one the next (at the measured step time)."""
+        waiting = self.scheduler.waiting
+        weight = waiting.policy.weight(priority)
+        num_ahead = sum(n for c, n in waiting.depth.items() if waiting.policy.weight(c) >= weight)
+        slots = [max(0, s.params.max_tokens - len(s.output_token_ids))
+                 for s in self.scheduler.running]
+        slots += [0] * max(0, self.scheduler.config.max_num_seqs - len(slots))
+        heapq.heapify(slots)
+        each = decode_ahead / num_ahead if num_ahead else 0.0
+        for _ in range(min(num_ahead, 4096)):
+            heapq.heappush(slots, heapq.heappop(slots) + each)
+        return slots[0] * self.step_s
