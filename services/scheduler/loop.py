@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry import context as otel_context
@@ -33,6 +33,7 @@ from llmesh.services.scheduler.policy import QueueFullError
 from llmesh.services.scheduler.scheduler import Scheduler, SeqOutput
 from llmesh.services.scheduler.sequence import Sequence
 from llmesh.services.scheduler.slo import WaitPredictor
+from llmesh.services.scheduler.tracking import FinishedInfo, RequestTrack, RequestTracks
 from llmesh.services.scheduler.text_stream import TextStream
 
 log = logging.getLogger("llmesh.scheduler")
@@ -51,32 +52,6 @@ class Executor(Protocol):
 
     def check(self) -> None:
         """Raise ExecutorFailed when the executor is known to be gone."""
-
-
-@dataclass
-class RequestTrack:
-    owner: str
-    arrival_s: float
-    deadline_s: float  # time.time() based; 0 = none
-    first_scheduled_s: float = 0.0
-    first_token_s: float = 0.0
-    predicted_ttft_s: float | None = None  # SLO admission's estimate, when it made one
-    forward_s: float = 0.0
-    sample_s: float = 0.0
-    num_steps: int = 0
-    finish_reasons: list = field(default_factory=list)
-
-
-@dataclass
-class FinishedInfo:
-    """Usage and timings attached to a sequence's last delta."""
-
-    queue_s: float
-    ttft_s: float
-    e2e_s: float
-    forward_s: float
-    sample_s: float
-    num_steps: int
 
 
 @dataclass
@@ -131,10 +106,10 @@ class EngineLoop:
         self.max_step_failures = max_step_failures  # per sequence, before it fails with ERROR
         self.step_timeout_s = step_timeout_s
         self.observe_step = observe_step
-        self.tracks: dict[str, RequestTrack] = {}
         self.stats = LoopStats()
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
         self.waits = waits or WaitPredictor(scheduler)
+        self.tracks = RequestTracks(scheduler, self.waits.calibration)
         self.is_draining = False  # new requests are refused: the replica is about to restart
         self._in_flight: deque[_InFlight] = deque()
         self._last_result_s = 0.0
@@ -188,8 +163,8 @@ class EngineLoop:
                 e.retry_after_s = self.waits.pushback_s(priority)
             raise
         self.stats.num_admitted += 1
-        self.tracks[request_id] = RequestTrack(owner, now, deadline_s,
-                                               predicted_ttft_s=predicted_ttft_s)
+        self.tracks.add(request_id, RequestTrack(owner, now, deadline_s,
+                                                 predicted_ttft_s=predicted_ttft_s))
         self.spans.add(request_id, traceparent, len(prompt), params.max_tokens, params.n)
         self._wake.set()
 
@@ -225,7 +200,7 @@ class EngineLoop:
         return outputs
 
     def cancel_owner(self, owner: str) -> None:
-        for request_id in [r for r, t in self.tracks.items() if t.owner == owner]:
+        for request_id in self.tracks.of_owner(owner):
             self.cancel(request_id)
 
     def fail_all(self, reason: FinishReason = FinishReason.ERROR) -> None:
@@ -317,12 +292,7 @@ class EngineLoop:
                 ctx = trace.set_span_in_context(spans.span)
                 plan.traceparent = telemetry.inject(ctx)
                 token = otel_context.attach(ctx)
-        now = time.time()
-        for sched in plan.scheduled:
-            seq = self.scheduler.seqs.get(sched.seq_id)
-            track = self.tracks.get(seq.request_id) if seq is not None else None
-            if track is not None and not track.first_scheduled_s:
-                track.first_scheduled_s = now
+        self.tracks.on_planned(plan, time.time())
         self.stats.schedule_s += time.perf_counter() - t0
         try:
             self._in_flight.append(_InFlight(plan, time.perf_counter(), spans))
@@ -361,13 +331,7 @@ class EngineLoop:
             if since > 0:
                 self.waits.observe_step(num_tokens, since)
             self._last_result_s = t1
-        for sched in plan.scheduled:
-            seq = self.scheduler.seqs.get(sched.seq_id)
-            track = self.tracks.get(seq.request_id) if seq is not None else None
-            if track is not None:
-                track.forward_s += result.forward_s
-                track.sample_s += result.sample_s
-                track.num_steps += 1
+        self.tracks.on_result(plan, result)
         outputs = self.scheduler.update(plan, result)
         self._deliver(outputs)
         self.spans.step_finished(done.spans, time.time_ns())
@@ -387,11 +351,10 @@ class EngineLoop:
         """Requests past their deadline stop: still queued ones were never computed
         (they leave with DEADLINE and no tokens), running ones keep their partial output."""
         now = time.time()
-        for request_id, track in list(self.tracks.items()):
-            if track.deadline_s and now >= track.deadline_s:
-                if not track.first_scheduled_s:
-                    self.stats.num_deadline_expired += 1
-                self.cancel(request_id, FinishReason.DEADLINE)
+        for request_id, track in self.tracks.past_deadline(now):
+            if not track.first_scheduled_s:
+                self.stats.num_deadline_expired += 1
+            self.cancel(request_id, FinishReason.DEADLINE)
 
     def _deliver(self, outputs: list[SeqOutput]) -> None:
         by_owner: dict[str, list] = {}
@@ -404,20 +367,9 @@ class EngineLoop:
                 continue
             if spans is not None:
                 spans.on_output(out.request_id, len(out.new_token_ids), int(now * 1e9))
-            if out.new_token_ids and not track.first_token_s:
-                track.first_token_s = now
-                if track.predicted_ttft_s is not None:
-                    self.waits.calibration.record(track.predicted_ttft_s, now - track.arrival_s)
-            info = None
-            if out.finish_reason is not None:
-                info = FinishedInfo(
-                    queue_s=(track.first_scheduled_s or now) - track.arrival_s,
-                    ttft_s=(track.first_token_s or now) - track.arrival_s,
-                    e2e_s=now - track.arrival_s, forward_s=track.forward_s,
-                    sample_s=track.sample_s, num_steps=track.num_steps)
+            info = self.tracks.on_output(track, out, now)
             by_owner.setdefault(track.owner, []).append((out, info))
-            if out.finish_reason is not None:
-                track.finish_reasons.append(out.finish_reason.value)
+            if info is not None:
                 finished[out.request_id] = out.num_cached_tokens
         # (after every output: sequences of one request can finish in the same step)
         for request_id, num_cached in finished.items():

@@ -10,7 +10,8 @@ from llmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from llmesh.services.common import convert
 from llmesh.services.common.errors import LlmeshError
 from llmesh.services.scheduler.executor_client import ExecutorGroup
-from llmesh.services.scheduler.loop import EngineLoop, FinishedInfo
+from llmesh.services.scheduler.loop import EngineLoop
+from llmesh.services.scheduler.tracking import FinishedInfo
 from llmesh.services.scheduler.policy import CLASSES
 from llmesh.services.scheduler.probe import KnownAnswerProbe
 from llmesh.services.scheduler.scheduler import SeqOutput
