@@ -4,10 +4,13 @@
         [--victims executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy]
         [--concurrency 8] [--clients resuming|plain] [--json OUT]
 
-A mesh with two routers runs a closed loop of seeded requests with known answers
-(the in-process engine's tokens for the same prompts and parameters): half
-greedy, half sampled with a seed, all through Envoy, each read by a client that
-resumes a stream the front door drops (`llmesh.mesh.client.ResumingStream`), or
+A mesh with two routers and two replicas runs a closed loop of seeded requests
+with known answers (the in-process engine's tokens for the same prompts and
+parameters): half greedy, half sampled with a seed, half sent as text (the
+tokenizer encodes them) and half as token ids, all through Envoy (with two
+replicas the routers ask the kvcache index where each prompt's prefix is),
+each read by a client that resumes a stream the front door drops
+(`llmesh.mesh.client.ResumingStream`), or
 with `--clients plain` by a plain gRPC stub that does not (as grpcurl or any
 generated client: what a fault costs those who never resume). Every
 `--kill-every` seconds the next victim in the list gets SIGKILL; the supervisor
@@ -40,15 +43,23 @@ VICTIMS = "executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy"
 
 
 def known_answers(model_dir: str, num: int, seed: int = 3):
+    """`num` requests with the in-process engine's answers: even ones as text (the
+    router asks the tokenizer to encode them), odd ones as token ids, all sharing a
+    system prefix (prefix-cache hits, and with two replicas the router asks the
+    kvcache index where it is cached)."""
+    from llmesh.services.common.tokenizer import TextTokenizer
     rng = random.Random(seed)
-    system = [0] + rng.choices(range(5, 3000), k=40)  # a shared prefix: prefix-cache hits
-    prompts = [system + rng.choices(range(5, 3000), k=rng.randint(1, 60)) for _ in range(num)]
+    words = "the keeper lit the lamp at dusk and wound the weight before the storm".split()
+    system = " ".join(rng.choices(words, k=40))
+    texts = [f"{system} {' '.join(rng.choices(words, k=rng.randint(1, 30)))}" for _ in range(num)]
+    tok = TextTokenizer(model_dir)
+    prompts = [tok.encode(t) for t in texts]
     params = [SamplingParams(max_tokens=rng.randint(16, 64), ignore_eos=True, seed=900 + i,
                              temperature=0.8 if i % 2 else 0.0, top_p=0.95) for i in range(num)]
     engine = Engine.from_pretrained(model_dir, EngineConfig(num_kv_blocks=1024))
     expect = [c[0].token_ids for c in engine.generate(prompts, params)]
     engine.close()
-    return prompts, params, expect
+    return [t if i % 2 == 0 else p for i, (t, p) in enumerate(zip(texts, prompts))], params, expect
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -90,10 +101,13 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
                 i = next(counter) % len(prompts)
             p = params[i]
             req = inference_pb2.GenerateRequest(
-                token_ids=inference_pb2.TokenIds(ids=prompts[i]),
                 sampling=common_pb2.SamplingParams(max_tokens=p.max_tokens,
                                                    temperature=p.temperature, top_p=p.top_p,
                                                    ignore_eos=True, seed=p.seed))
+            if isinstance(prompts[i], str):
+                req.prompt = prompts[i]
+            else:
+                req.token_ids.ids.extend(prompts[i])
             stream = ResumingStream(endpoint, req, give_up_s=120) if resume else \
                 PlainStream(endpoint, req)
             t0 = last = time.monotonic()
@@ -169,7 +183,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model_dir = args.model or str(default_model_dir("tiny"))
     answers = known_answers(model_dir, args.requests)
-    with supervised_mesh(model_dir, {"routers": 2}, num_kv_blocks=1024) as (endpoint, sup):
+    with supervised_mesh(model_dir, {"routers": 2, "replicas": 2},
+                         num_kv_blocks=1024) as (endpoint, sup):
         result = run(endpoint, sup, answers, args.duration, args.kill_every,
                      args.victims.split(","), args.concurrency, args.clients == "resuming")
     write_report(args, {"model": model_dir, **result})

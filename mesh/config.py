@@ -96,7 +96,7 @@ class EnvoyConfig:
     # retries of a request no router has started answering (connect failure, refused
     # stream, reset, UNAVAILABLE), with a jittered backoff from retry_backoff_base_s
     # doubling up to retry_backoff_max_s: together about 6 s on average, which
-    # spans a router's restart, and never past the request's own gRPC deadline
+    # spans a router's restart; they end when the client gives up (its deadline)
     max_retries: int = 10
     retry_backoff_base_s: float = 0.1
     retry_backoff_max_s: float = 1.0

@@ -64,8 +64,9 @@ def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
     route = {
         "cluster": "routers",
         "timeout": "0s",  # the default 15 s would cut long token streams
-        # a client's grpc-timeout bounds the request here too, retries included
-        "max_grpc_timeout": "0s",
+        # (no max_grpc_timeout: Envoy would reset a stream at the client's deadline
+        # and the client would see INTERNAL, not DEADLINE_EXCEEDED; retries end when
+        # the client cancels at its deadline)
         "idle_timeout": idle,
         # Envoy retries only before the response starts; mid-stream failures surface
         "retry_policy": retry_policy(e, "connect-failure,refused-stream,reset,unavailable"),
