@@ -1,10 +1,12 @@
 """kill -9 of the processes that hold engine state, under load: no request fails,
 none is answered with tokens other than a fault-free run's, and the kvcache
 index follows the scheduler's pool through restarts of either."""
+import contextlib
 import json
 import os
 import random
 import signal
+import time
 
 import grpc
 import pytest
@@ -77,16 +79,26 @@ def test_scheduler_kill_moves_n_gt_1_requests_choice_by_choice(mesh, tiny_model)
 
 def test_tokenizer_kill_loses_nothing(mesh):
     """Encoding has no side effects: a call the tokenizer's death cuts off is made
-    again, against the restarted tokenizer. The load keeps the tokenizer busy (long
-    texts), and the router's retry counter shows the kill cut calls off."""
+    again, against the restarted tokenizer. The tokenizer is stopped while a load of
+    long texts starts, so calls are waiting at it when it is killed; the router's
+    retry counter shows the kill cut them off."""
     rng = random.Random(5)
     words = "lighthouse keeper climbed stairs lamp storm harbour ship night rope".split()
     texts = [" ".join(rng.choices(words, k=20_000)) + f" {i}" for i in range(48)]
     expect = run_tokenize_load(mesh, texts)
     assert all(status == "ok" and ids for status, ids in expect)
     retries = metric(mesh, "router-0", "llmesh_tokenizer_retries_total")
-    results, hit = kill_during(mesh, lambda t: run_tokenize_load(mesh, texts, in_flight=t),
-                               "tokenizer-0", at_least=4)
+    # stopped first, so that the calls in flight wait at the tokenizer when it dies
+    pid = json.loads((mesh.run_dir / "state.json").read_text())["pids"]["tokenizer-0"]
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        results, hit = kill_during(mesh, lambda t: run_tokenize_load(mesh, texts, in_flight=t),
+                                   "tokenizer-0", at_least=4,
+                                   ready=lambda: time.monotonic() - stopped_at > 0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (if the kill never came)
+            os.kill(pid, signal.SIGCONT)
     assert hit > 0
     assert results == expect
     assert metric(mesh, "router-0", "llmesh_tokenizer_retries_total") > retries, \
