@@ -130,6 +130,21 @@ def run_choices_load(mesh, workload, concurrency=8, in_flight: InFlight | None =
         return list(pool.map(call, range(len(prompts))))
 
 
+def _run_each(num: int, concurrency: int, in_flight: InFlight, call) -> list:
+    """`call(i)` for every i < num, `concurrency` at a time: per i ("ok", what it
+    returned) or (its status, [])."""
+    def one(i):
+        try:
+            return "ok", call(i)
+        except grpc.RpcError as e:
+            return e.code(), []
+        finally:
+            in_flight.ended(i)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(num)))
+
+
 def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8,
                   in_flight: InFlight | None = None):
     """Text prompts, streamed (each goes through the tokenizer's Encode first); per
@@ -140,19 +155,13 @@ def run_text_load(mesh, prompts: list[str], max_tokens: int = 16, concurrency=8,
         req = inference_pb2.GenerateRequest(prompt=prompts[i], sampling=common_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         tokens = []
-        try:
-            with grpc.insecure_channel(mesh.endpoint) as ch:
-                for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
-                    tokens.extend(chunk.token_ids)
-                    in_flight.streamed(i)
-            return "ok", tokens
-        except grpc.RpcError as e:
-            return e.code(), []
-        finally:
-            in_flight.ended(i)
+        with grpc.insecure_channel(mesh.endpoint) as ch:
+            for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=60):
+                tokens.extend(chunk.token_ids)
+                in_flight.streamed(i)
+        return tokens
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(call, range(len(prompts))))
+    return _run_each(len(prompts), concurrency, in_flight, call)
 
 
 def run_tokenize_load(mesh, texts: list[str], concurrency=8, in_flight: InFlight | None = None):
@@ -162,18 +171,12 @@ def run_tokenize_load(mesh, texts: list[str], concurrency=8, in_flight: InFlight
 
     def call(i):
         in_flight.streamed(i)
-        try:
-            with grpc.insecure_channel(mesh.endpoint) as ch:
-                out = inference_pb2_grpc.InferenceStub(ch).Tokenize(
-                    inference_pb2.TokenizeRequest(text=texts[i]), timeout=60)
-            return "ok", list(out.token_ids)
-        except grpc.RpcError as e:
-            return e.code(), []
-        finally:
-            in_flight.ended(i)
+        with grpc.insecure_channel(mesh.endpoint) as ch:
+            out = inference_pb2_grpc.InferenceStub(ch).Tokenize(
+                inference_pb2.TokenizeRequest(text=texts[i]), timeout=60)
+        return list(out.token_ids)
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(call, range(len(texts))))
+    return _run_each(len(texts), concurrency, in_flight, call)
 
 
 def run_load(mesh, workload, concurrency=8, in_flight: InFlight | None = None):
