@@ -95,7 +95,7 @@ class EnvoyConfig:
     stream_idle_timeout_s: float = 300.0
     # retries of a request no router has started answering (connect failure, refused
     # stream, reset, UNAVAILABLE), with a jittered backoff from retry_backoff_base_s
-    # doubling up to retry_backoff_max_s: together about 6 s on average, which
+    # doubling up to retry_backoff_max_s: together about 4 s on average (8 s at most), which
     # spans a router's restart; they end when the client gives up (its deadline)
     max_retries: int = 10
     retry_backoff_base_s: float = 0.1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -93,13 +94,16 @@ def model_path(path: str | Path, cache_dir: str | Path | None = None) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    render_directory(gguf, tmp)
     try:
-        tmp.rename(out)
-    except OSError:  # another process rendered it first: theirs is the same
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        render_directory(gguf, tmp)  # (an unsupported file raises here, leaving nothing)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+            # (another process rendered it first: theirs is the same)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -182,11 +186,12 @@ def hf_tokenizer(meta: GGUFMetadata) -> tuple[Tokenizer, dict]:
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos, eos = token("bos"), token("eos")
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tokens.index(bos))])
+            special_tokens=[(bos, bos_id)])
     config = {"bos_token": bos, "eos_token": eos, "unk_token": token("unknown"),
               "pad_token": token("padding"), "add_bos_token": add_bos,
               "chat_template": meta.get("tokenizer.chat_template")}

@@ -1,7 +1,7 @@
 """The GGUF container read from a memory map: metadata, and tensors as raw bytes.
 
 gguf's own reader builds a numpy view per value, which takes seconds for a
-vocabulary's 100k strings; this one parses the header with `struct` (about 0.1 s
+vocabulary's 100k strings; this one parses the header with `struct` (about 50 ms
 for SmolLM2) and leaves tensor bytes in the map until they are asked for. The
 quant formats' arithmetic stays the gguf package's (`gguf.quants`).
 """

@@ -65,12 +65,16 @@ class GGUFTensors:
         key = gguf_name(name)
         if key not in self.file.tensors:
             raise UnsupportedModelError(f"GGUF file has no tensor {key!r} (for {name!r})")
+        type_id = self.file.tensors[key].type_id
+        if type_id not in GGMLQuantizationType._value2member_map_:
+            raise UnsupportedModelError(f"GGUF tensor {key!r}: unknown quant type id {type_id}")
+        qtype = GGMLQuantizationType(type_id)
         info, raw = self.file.raw(key)
         try:
-            data = dequantize(raw, GGMLQuantizationType(info.type_id))
-        except (NotImplementedError, ValueError):
-            raise UnsupportedModelError(f"GGUF tensor {key!r}: quant type {info.type_id} "
-                                        "is not supported")
+            data = dequantize(raw, qtype)
+        except NotImplementedError:  # (gguf reads most types; a few it cannot dequantize)
+            raise UnsupportedModelError(f"GGUF tensor {key!r}: quant type {qtype.name} "
+                                        "is not supported") from None
         # GGML lists dimensions fastest first; numpy's order is the reverse
         data = np.asarray(data).reshape(info.dims[::-1])
         kind = key.split(".")[2] if key.startswith("blk.") else ""

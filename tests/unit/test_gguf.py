@@ -134,6 +134,7 @@ def test_what_is_not_supported_is_named(gguf_files, tmp_path, cache):
         find_gguf(gguf_files["F32"].parent)  # which one?
     with pytest.raises(UnsupportedModelError, match="architecture 'phi2'"):
         model_path(_small_gguf(tmp_path / "phi.gguf", "phi2"), cache)
+    assert not list(cache.iterdir())  # nothing half-rendered is left behind
     spm = _small_gguf(tmp_path / "spm.gguf", "llama", embedding_length=32,
                       feed_forward_length=64, head_count=2, tokenizer_model="llama",
                       token_list=["<unk>", "a"])
