@@ -79,13 +79,13 @@ def cmd_up(args) -> int:
     resolved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / "state.json").unlink(missing_ok=True)
     if not args.detach:
-        from llmesh.mesh.supervisor import run_foreground
+        from llmesh.mesh.foreground import run_foreground
         return run_foreground(cfg, model_dir, run_dir, on_ready=lambda: print(
             f"llmesh: mesh up on 127.0.0.1:{cfg.envoy.port} (logs in {run_dir / 'logs'}); "
             "Ctrl-C to stop", flush=True))
     log = open(run_dir / "supervisor.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmesh.mesh.supervisor", "--config", str(resolved), "--model-dir",
+        [sys.executable, "-m", "llmesh.mesh.foreground", "--config", str(resolved), "--model-dir",
          model_dir, "--run-dir", str(run_dir)],
         cwd=Path(llmesh.__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True)

@@ -51,7 +51,7 @@ def init(service: str) -> None:
     if port:
         from prometheus_client import start_http_server
 
-        from llmesh.services.common.server import bind_host
+        from llmesh.services.common.net import bind_host
         start_http_server(int(port), addr=bind_host())
 
 

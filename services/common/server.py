@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable
 
@@ -17,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmesh.services.common.errors import LlmeshError
+from llmesh.services.common.net import bind_host
 
 MAX_MESSAGE_BYTES = 4 * 2**20
 log = logging.getLogger("llmesh")
@@ -34,12 +34,6 @@ async def abort_with(context: grpc.aio.ServicerContext, error: LlmeshError):
         ms = str(max(1, int(retry_after_s * 1000)))
         context.set_trailing_metadata((("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms)))
     await context.abort(status_of(error), str(error))
-
-
-def bind_host() -> str:
-    """Where servers listen: loopback, unless LLMESH_BIND_HOST says otherwise (in
-    a container, 0.0.0.0: its peers, probes and Prometheus come from outside)."""
-    return os.environ.get("LLMESH_BIND_HOST", "127.0.0.1")
 
 
 class Service:

@@ -1,0 +1,81 @@
+"""The supervisor process: the mesh brought up, scaled on request (`llmesh scale`) and
+by the autoscaler, brought down on SIGTERM / SIGINT.
+
+`python -m llmesh.mesh.foreground --config RESOLVED.yaml` is what `llmesh up --detach`
+runs in the background; it writes `state.json` in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from llmesh.mesh.config import MeshConfig, load_config
+from llmesh.mesh.scaling import Autoscale, Scaler
+from llmesh.mesh.supervisor import Supervisor, build_specs, write_state
+
+
+def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None) -> int:
+    """Bring the mesh up, write state.json, scale on request (`llmesh scale`), wait for
+    SIGTERM / SIGINT, bring it down."""
+    sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        sup.start()
+    except Exception as e:
+        write_state(run_dir, {"status": "failed", "error": str(e), "supervisor_pid": os.getpid()})
+        print(f"llmesh: error: {e}", file=sys.stderr)
+        return 1
+    scaler = Scaler(cfg, sup, model_dir, run_dir)
+    autoscale = None
+    if cfg.autoscaler.enabled:
+        autoscale = Autoscale(scaler, run_dir)
+        if "autoscaler" in cfg.observability.metrics_ports:
+            from prometheus_client import start_http_server
+            start_http_server(cfg.observability.metrics_ports["autoscaler"], addr="127.0.0.1")
+        scaler.fill_pool()
+    state_lock = threading.Lock()  # (written from this thread and the supervisor's)
+
+    def ready_state():
+        live = scaler.cfg
+        with state_lock:
+            write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(),
+                                  "pids": sup.pids(),
+                                  "config": live.to_dict(), "model_dir": model_dir,
+                                  "endpoint": f"127.0.0.1:{live.envoy.port}",
+                                  "replicas": scaler.num_replicas, "scale": scaler.last,
+                                  "warm_pool": [f"replica-{p.index}" for p in scaler.pool],
+                                  "autoscaler": autoscale.last if autoscale else None,
+                                  "joins": scaler.joins})
+    ready_state()
+    scaler.on_change = sup.on_change = ready_state
+    if on_ready:
+        on_ready()
+    while not stop.wait(0.2):
+        scaler.poll()
+        if autoscale is not None:
+            autoscale.tick(time.monotonic())
+    sup.stop()
+    write_state(run_dir, {"status": "stopped", "supervisor_pid": os.getpid()})
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llmesh.mesh.foreground")
+    p.add_argument("--config", required=True, help="resolved mesh config (ports filled in)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--run-dir", required=True)
+    args = p.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_foreground(load_config(args.config), args.model_dir, Path(args.run_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
