@@ -1,9 +1,5 @@
 """Chaos benchmark: a kill every few seconds across process types, under load.
 
-    python -m llmesh.benchmarks.chaos [--model DIR] [--duration 300] [--kill-every 20]
-        [--victims executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy]
-        [--concurrency 8] [--clients resuming|plain] [--json OUT]
-
 A mesh with two routers and two replicas runs a closed loop of seeded requests
 with known answers (the in-process engine's tokens for the same prompts and
 parameters): half greedy, half sampled with a seed, half sent as text (the
@@ -23,21 +19,14 @@ that were not.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
-
-from llmesh.v1 import common_pb2, inference_pb2
-from llmesh.mesh.client import ResumingStream
-from llmesh.services.common.sampling_params import SamplingParams
-from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.benchmarks import kit
 
 VICTIMS = "executor-0-0,scheduler-0,tokenizer-0,kvcache,router-0,envoy"
 
@@ -47,7 +36,9 @@ def known_answers(model_dir: str, num: int, seed: int = 3):
     router asks the tokenizer to encode them), odd ones as token ids, all sharing a
     system prefix (prefix-cache hits, and with two replicas the router asks the
     kvcache index where it is cached)."""
+    from llmesh.services.common.sampling_params import SamplingParams
     from llmesh.services.common.tokenizer import TextTokenizer
+    from llmesh.services.engine.engine import Engine, EngineConfig
     rng = random.Random(seed)
     words = "the keeper lit the lamp at dusk and wound the weight before the storm".split()
     system = " ".join(rng.choices(words, k=40))
@@ -62,15 +53,6 @@ def known_answers(model_dir: str, num: int, seed: int = 3):
     return [t if i % 2 == 0 else p for i, (t, p) in enumerate(zip(texts, prompts))], params, expect
 
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"count": 0}
-    values = sorted(values)
-    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
-    return {"count": len(values), "p50_ms": pick(0.5) * 1e3, "p99_ms": pick(0.99) * 1e3,
-            "max_ms": values[-1] * 1e3}
-
-
 class PlainStream:
     """One Generate call, read as it comes: no retry, no resume."""
 
@@ -80,6 +62,7 @@ class PlainStream:
         self.attempts = 1
 
     def __iter__(self):
+        import grpc
         from llmesh.v1 import inference_pb2_grpc
         with grpc.insecure_channel(self.endpoint) as ch:
             for chunk in inference_pb2_grpc.InferenceStub(ch).Generate(self.req, timeout=120):
@@ -87,8 +70,10 @@ class PlainStream:
                 yield chunk
 
 
-def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
-        victims: list[str], concurrency: int, resume: bool = True) -> dict:
+def run_chaos(mesh: kit.BenchMesh, answers, duration_s: float, kill_every_s: float,
+              victims: list[str], concurrency: int, resume: bool = True) -> dict:
+    import grpc
+    from llmesh.mesh.client import ResumingStream
     prompts, params, expect = answers
     stop_at = time.monotonic() + duration_s
     counter = iter(range(10**9))
@@ -100,16 +85,10 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
             with lock:
                 i = next(counter) % len(prompts)
             p = params[i]
-            req = inference_pb2.GenerateRequest(
-                sampling=common_pb2.SamplingParams(max_tokens=p.max_tokens,
-                                                   temperature=p.temperature, top_p=p.top_p,
-                                                   ignore_eos=True, seed=p.seed))
-            if isinstance(prompts[i], str):
-                req.prompt = prompts[i]
-            else:
-                req.token_ids.ids.extend(prompts[i])
-            stream = ResumingStream(endpoint, req, give_up_s=120) if resume else \
-                PlainStream(endpoint, req)
+            req = kit.request(prompts[i], p.max_tokens, temperature=p.temperature,
+                              top_p=p.top_p, seed=p.seed)
+            stream = ResumingStream(mesh.endpoint, req, give_up_s=120) if resume else \
+                PlainStream(mesh.endpoint, req)
             t0 = last = time.monotonic()
             longest, status = 0.0, "OK"
             try:
@@ -128,11 +107,11 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
         while not stop_evt.wait(kill_every_s):
             victim = victims[n % len(victims)]
             n += 1
-            pid = sup.pids().get(victim)
+            pid = mesh.pids().get(victim)
             if pid:
                 os.kill(pid, signal.SIGKILL)
                 kills.append((time.monotonic(), victim))
-                print(f"[chaos] killed {victim} (pid {pid})", file=sys.stderr)
+                kit.log(f"[chaos] killed {victim} (pid {pid})")
 
     stop_evt = threading.Event()
     kill_thread = threading.Thread(target=killer, daemon=True)
@@ -163,33 +142,29 @@ def run(endpoint: str, sup, answers, duration_s: float, kill_every_s: float,
         "wrong": sum(r["status"] == "OK" and not r["correct"] for r in records),
         "resumed": sum(r["attempts"] > 1 for r in records),
         "kills": [v for _, v in kills],
-        "longest_wait_in_flight_during_a_kill": _percentiles([r["longest_wait_s"] for r in hit]),
-        "longest_wait_otherwise": _percentiles([r["longest_wait_s"] for r in calm]),
+        "longest_wait_in_flight_during_a_kill": kit.percentiles([r["longest_wait_s"] for r in hit]),
+        "longest_wait_otherwise": kit.percentiles([r["longest_wait_s"] for r in calm]),
     }
 
 
-def main(argv=None) -> int:
-    from llmesh.benchmarks.local_mesh import supervised_mesh, write_report
-    from llmesh.mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="llmesh.benchmarks.chaos")
-    p.add_argument("--model", help="model directory (default: the tiny preset)")
+def options(p) -> None:
     p.add_argument("--duration", type=float, default=300.0)
     p.add_argument("--kill-every", type=float, default=20.0)
     p.add_argument("--victims", default=VICTIMS)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--clients", choices=["resuming", "plain"], default="resuming")
     p.add_argument("--requests", type=int, default=64, help="distinct prompts (cycled)")
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    model_dir = args.model or str(default_model_dir("tiny"))
-    answers = known_answers(model_dir, args.requests)
-    with supervised_mesh(model_dir, {"routers": 2, "replicas": 2},
-                         num_kv_blocks=1024) as (endpoint, sup):
-        result = run(endpoint, sup, answers, args.duration, args.kill_every,
-                     args.victims.split(","), args.concurrency, args.clients == "resuming")
-    write_report(args, {"model": model_dir, **result})
-    return 0 if not result["failed"] and not result["wrong"] else 1
 
+
+def run(args) -> dict:
+    answers = known_answers(args.model, args.requests)
+    with kit.BenchMesh(args.model, routers=2, replicas=2, engine={"num_kv_blocks": 1024}) as mesh:
+        return run_chaos(mesh, answers, args.duration, args.kill_every, args.victims.split(","),
+                         args.concurrency, args.clients == "resuming")
+
+
+SPEC = kit.Spec("chaos", __doc__, options, run,
+                passed=lambda r: not r["failed"] and not r["wrong"])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(kit.main(SPEC))

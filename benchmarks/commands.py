@@ -1,7 +1,13 @@
-"""`llmesh bench offline | online | workload | gpu | kernels`: argument parsing and the glue to the harness."""
+"""`llmesh bench`: offline | online (the serving harness), workload, gpu, kernels, and
+every standalone benchmark's spec (`llmesh bench chaos ...` is `python -m
+llmesh.benchmarks.chaos ...`). Registered with `llmesh` by the `llmesh.cli` entry point."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
+import importlib.util
+import shlex
 import sys
 
 from llmesh.benchmarks import arrivals as arrivals_mod
@@ -11,10 +17,15 @@ from llmesh.benchmarks.gpu_kernels import add_kernels_parser
 from llmesh.benchmarks.metrics import parse_slo
 
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
+SPECS = ("autoscale", "chaos", "cpu_runtime", "kv_cache_sim", "kv_routing", "loop_overhead",
+         "model_quality", "overload", "priorities", "quant_quality", "soak", "step_overhead",
+         "stream_latency", "structured_cost", "tp", "tracing_overhead")
 
 
 def add_bench_parsers(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    parser = sub.add_parser("bench", help="benchmarks")
+    parser.set_defaults(run=run_bench_cli)
+    bench = parser.add_subparsers(dest="bench_cmd", required=True, parser_class=BenchParser)
 
     off = bench.add_parser("offline", help="offline throughput: all requests at once")
     _common(off, default_targets="engine,hf-static,hf-cb")
@@ -44,6 +55,35 @@ def add_bench_parsers(sub) -> None:
     wl.add_argument("--seed", type=int, default=0)
     wl.add_argument("--max-prompt", type=int, default=1024)
     wl.add_argument("--max-output", type=int, default=512)
+
+    for module in SPECS:
+        bench.add_parser(module.replace("_", "-"), help=_first_line(module), spec_module=module)
+
+
+class BenchParser(argparse.ArgumentParser):
+    """A `llmesh bench` subcommand's parser. A spec's flags are added, and so its module
+    imported (torch, often), only when that subcommand runs."""
+
+    def __init__(self, *args, spec_module: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec_module = spec_module
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.spec_module:
+            from llmesh.benchmarks import kit
+            spec = importlib.import_module(f"llmesh.benchmarks.{self.spec_module}").SPEC
+            self.description, self.spec_module = spec.doc, None
+            self.formatter_class = argparse.RawDescriptionHelpFormatter
+            kit.add_options(self, spec)
+            self.set_defaults(run=lambda a: kit.execute(spec, a, shlex.join(["llmesh", *sys.argv[1:]])))
+        return super().parse_known_args(args, namespace)
+
+
+def _first_line(module: str) -> str:
+    """A spec's help line, read from its docstring without importing it."""
+    import ast
+    origin = importlib.util.find_spec(f"llmesh.benchmarks.{module}").origin
+    return " ".join(ast.get_docstring(ast.parse(open(origin).read())).split("\n\n")[0].split())
 
 
 def _common(p, default_targets: str) -> None:
@@ -168,7 +208,8 @@ def build_setup(args):
         openai_api_key=args.openai_api_key, slo=parse_slo(args.slo), baseline=args.baseline,
         seed=args.seed, sample_interval_s=args.sample_interval,
         drain_timeout_s=args.drain_timeout, hf_batch_size=args.hf_batch_size,
-        max_output=args.max_output, show_progress=not args.no_progress)
+        max_output=args.max_output, show_progress=not args.no_progress,
+        command=shlex.join(["llmesh", *sys.argv[1:]]))
 
 
 def _running_schedulers(config_path: str | None) -> list[str]:

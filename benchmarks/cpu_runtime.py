@@ -1,26 +1,20 @@
 """The CPU runtime against its peers: weight formats, KV sizing, and llama.cpp.
 
-    python -m llmesh.benchmarks.cpu_runtime [--model DIR] [--num-requests 64] [--rounds 3]
-        [--variants fp32-256MiB,fp32,int8,float16-weights] [--peer NAME=URL ...]
-        [--single-requests 4] [--json OUT]
-
 Every variant runs the same seeded `chat` workload (its first `--num-requests`
 requests, greedy, ignore EOS) twice per round: all at once (offline output
 tokens per second), then one at a time (single stream: median inter-token
 latency and TTFT). Engine variants are the in-process Engine with a weight
 format and a KV setting; a peer is any OpenAI-compatible server already running
 (llama.cpp's `llama-server`, say), driven through the `openai` target with the
-same prompts as token ids. Rounds rotate the order of the variants so no one
-always runs first or last; the report gives each figure's median over rounds
+same prompts as token ids. Rounds reverse the order of the variants every other
+round, so no one always runs first or last; the report gives each figure's median over rounds
 and its ratio to the first variant.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import statistics
-import sys
 
+from llmesh.benchmarks import kit
 from llmesh.benchmarks.arrivals import ArrivalSpec
 from llmesh.benchmarks.harness import BENCH_ENGINE_CONFIG, BenchSetup, RunSpec, context_limit, run_bench
 from llmesh.benchmarks.workload import chat
@@ -69,11 +63,7 @@ def _one(model_dir: str, name: str, peers: dict, args) -> dict:
             "single_ttft_ms_p50": single["ttft_ms"]["p50"]}
 
 
-def main(argv=None) -> int:
-    from llmesh.benchmarks.local_mesh import write_report
-    from llmesh.mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="llmesh.benchmarks.cpu_runtime")
-    p.add_argument("--model", help="model directory (default: the bench preset)")
+def options(p) -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--single-requests", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
@@ -84,31 +74,30 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--max-output", type=int, default=512)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    model_dir = args.model or str(default_model_dir("bench"))
+
+
+def run(args) -> dict:
     peers = dict(item.split("=", 1) for item in args.peer)
     names = [v for v in args.variants.split(",") if v] + list(peers)
     unknown = [v for v in names if v not in ENGINE_VARIANTS and v not in peers]
     if unknown:
-        p.error(f"unknown variants {unknown}")
-    rounds: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            print(f"[cpu_runtime] round {r + 1}/{args.rounds}: {name} ...", file=sys.stderr)
-            rounds[name].append(_one(model_dir, name, peers, args))
-            print(f"[cpu_runtime]   {rounds[name][-1]}", file=sys.stderr)
-    medians = {n: {f: statistics.median(x[f] for x in rows) for f in FIGURES}
-               for n, rows in rounds.items()}
+        raise ValueError(f"unknown variants {unknown}")
+
+    def once(name: str) -> dict:
+        kit.log(f"[cpu_runtime] {name} ...")
+        out = _one(args.model, name, peers, args)
+        kit.log(f"[cpu_runtime]   {out}")
+        return out
+    rounds = kit.alternate(args.rounds, names, once)
+    medians = {n: kit.medians(rows, FIGURES) for n, rows in rounds.items()}
     base = medians[names[0]]
     for m in medians.values():
         m["offline_vs_first"] = m["offline_output_tokens_per_s"] / base["offline_output_tokens_per_s"]
         m["single_itl_vs_first"] = m["single_itl_ms_p50"] / base["single_itl_ms_p50"]
-    write_report(args, {"model": model_dir, "peers": peers, "medians": medians,
-                        "rounds": rounds})
-    return 0
+    return {"peers": peers, "medians": medians, "rounds": rounds}
 
+
+SPEC = kit.Spec("cpu_runtime", __doc__, options, run, model="bench")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(kit.main(SPEC))

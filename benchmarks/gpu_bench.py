@@ -37,6 +37,7 @@ gpu_shapes.py.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 import tempfile
 import time
@@ -79,8 +80,9 @@ def add_gpu_parser(bench) -> None:
 
 
 def run_gpu_cli(args) -> int:
-    from llmesh.benchmarks.harness import write_json
     import torch
+
+    from llmesh.benchmarks.kit import write_json
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("bench gpu: no CUDA device here (use --device cpu --dtype float32 "
               "--shape tiny-llama to try it on a CPU)", file=sys.stderr)
@@ -99,6 +101,7 @@ def _log(msg: str) -> None:
 
 def run_gpu_bench(args, on_update=None) -> dict:
     from llmesh.benchmarks import gpu_decode, gpu_e2e, machine
+    from llmesh.benchmarks.kit import stamp
     from llmesh.services.executor.model_config import load_model_config
     shape = gpu_shapes.SHAPES[args.shape]
     n_req = args.requests or shape.requests
@@ -111,9 +114,7 @@ def run_gpu_bench(args, on_update=None) -> dict:
               "workload": {"requests": n_req, "prompt_tokens": prompt, "output_tokens": output,
                            "greedy": True, "ignore_eos": True, "arrivals": "all at once",
                            "seed": args.seed},
-              "machine": machine.machine_info(), "versions": machine.versions(),
-              "timings_s": {}, "errors": {},
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              **stamp(shlex.join(["llmesh", *sys.argv[1:]])), "timings_s": {}, "errors": {}}
 
     def update() -> None:
         if on_update is not None:

@@ -15,6 +15,7 @@ checked against the torch reference (max abs error reported).
 """
 from __future__ import annotations
 
+import shlex
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ def run_kernels_cli(args) -> int:
     if not torch.cuda.is_available():
         print("bench kernels: needs a CUDA device", file=sys.stderr)
         return 2
-    from llmesh.benchmarks.harness import write_json
+    from llmesh.benchmarks.kit import write_json
     report = run_kernel_bench(args, on_update=(lambda r: write_json(r, args.json_out))
                               if args.json_out else None)
     print(markdown(report), end="")
@@ -77,12 +78,13 @@ def run_kernel_bench(args, on_update=None) -> dict:
     import torch
 
     from llmesh.benchmarks import machine
+    from llmesh.benchmarks.kit import stamp
     dtype = getattr(torch, args.dtype)
     copy = machine.measure_memory_bandwidth(2**30, device="cuda")
     report = {"kind": "llmesh-bench-kernels", "gpu": torch.cuda.get_device_name(),
               "dtype": args.dtype, "kv_heads": args.kv_heads, "group": args.group,
               "block_size": args.block_size, "copy_bytes_per_s": copy["bytes_per_s"],
-              "versions": machine.versions(), "rows": []}
+              **stamp(shlex.join(["llmesh", *sys.argv[1:]])), "rows": []}
     checked = 0
     for head_dim in (int(x) for x in args.head_dims.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):

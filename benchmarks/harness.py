@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import Callable
 
 from llmesh.benchmarks import machine
 from llmesh.benchmarks.arrivals import ArrivalSpec, schedule
+from llmesh.benchmarks.kit import stamp, write_json
 from llmesh.benchmarks.metrics import RequestRecord, request_rows, summarize
 from llmesh.benchmarks.progress import Progress
 from llmesh.benchmarks.workload import Workload
@@ -70,6 +69,7 @@ class BenchSetup:
     bandwidth_bytes: int = 256 * 2**20
     show_progress: bool = True
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+    command: str = ""  # the command line that ran it, recorded in the report
 
 
 @dataclass
@@ -95,8 +95,7 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
         "model": _model_info(setup, model_config),
         "memory_bandwidth": machine.measure_memory_bandwidth(setup.bandwidth_bytes,
                                                              device=setup.engine_config.device),
-        "machine": machine.machine_info(),
-        "versions": machine.versions(),
+        **stamp(setup.command),
     }
     results: dict[str, list[dict]] = {}
     records: dict[str, list[list[RequestRecord]]] = {}
@@ -133,15 +132,6 @@ def run_bench(setup: BenchSetup, json_out: str | Path | None = None) -> BenchRes
         if json_out:  # after every target, so a long run keeps what it measured
             write_json(_report(setup, context, results, failures), json_out)
     return BenchResult(_report(setup, context, results, failures), records)
-
-
-def write_json(report: dict, path: str | Path) -> None:
-    """Indented, with the innermost lists (quantiles, samples, request rows) on one line."""
-    text = json.dumps(report, indent=1)
-    text = re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\n\s*", " ", m.group(0)), text)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 def make_target(name: str, setup: BenchSetup, model_config):

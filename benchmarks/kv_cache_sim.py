@@ -1,9 +1,6 @@
 """The KV-routing benchmark's workload replayed over the replicas' real KV managers,
 without a mesh: how much of the prefix hit rate is placement and how much eviction.
 
-    python -m llmesh.benchmarks.kv_cache_sim [--replicas 4] [--requests 600] [--groups 32]
-        [--prefix-tokens 128] [--kv-blocks 64] [--in-flight 2] [--json OUT]
-
 Requests arrive one at a time (`llmesh.benchmarks.kv_routing.workload`, the same seed);
 each replica keeps `--in-flight` requests holding their blocks (the benchmark's 8
 clients over 4 replicas), and a request's blocks are freed when the replica takes
@@ -19,12 +16,10 @@ The hit rate is cached prompt tokens / prompt tokens, as the mesh's usage report
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 
+from llmesh.benchmarks import kit
 from llmesh.benchmarks.kv_routing import workload
-from llmesh.services.scheduler.kv_manager import KVCacheManager
 
 PLACEMENTS = ("round_robin", "kv_aware", "partition")
 OUTPUT_TOKENS = 16
@@ -32,6 +27,7 @@ OUTPUT_TOKENS = 16
 
 def replay(placement: str, prompts: list[list[int]], prefix_tokens: int, replicas: int,
            kv_blocks: int, in_flight: int, block_size: int = 16, seed: int = 5) -> float:
+    from llmesh.services.scheduler.kv_manager import KVCacheManager
     rng = random.Random(seed)
     kvs = [KVCacheManager(kv_blocks, block_size) for _ in range(replicas)]
     running: list[list[str]] = [[] for _ in range(replicas)]
@@ -65,28 +61,39 @@ def replay(placement: str, prompts: list[list[int]], prefix_tokens: int, replica
     return hit / total
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmesh.benchmarks.kv_cache_sim")
+def options(p) -> None:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--prefix-tokens", type=int, default=128)
-    p.add_argument("--kv-blocks", type=int, default=64)
+    p.add_argument("--kv-blocks", default="48,64,80,96,128",
+                   help="KV blocks per replica: one row of the table each")
     p.add_argument("--in-flight", type=int, default=2)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    prompts = workload(args.requests, args.groups, args.prefix_tokens)
-    rates = {name: replay(name, prompts, args.prefix_tokens, args.replicas, args.kv_blocks,
-                          args.in_flight) for name in PLACEMENTS}
-    out = {"args": vars(args), "prefix_hit_rate": rates,
-           "kv_aware_over_round_robin": rates["kv_aware"] / rates["round_robin"],
-           "partition_over_round_robin": rates["partition"] / rates["round_robin"]}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return 0
 
+
+def run(args) -> dict:
+    prompts = workload(args.requests, args.groups, args.prefix_tokens)
+    rows = []
+    for blocks in (int(b) for b in args.kv_blocks.split(",")):
+        rates = {name: replay(name, prompts, args.prefix_tokens, args.replicas, blocks,
+                              args.in_flight) for name in PLACEMENTS}
+        rows.append({"kv_blocks": blocks, "prefix_hit_rate": rates,
+                     "kv_aware_over_round_robin": rates["kv_aware"] / rates["round_robin"],
+                     "partition_over_round_robin": rates["partition"] / rates["round_robin"]})
+    return {"rows": rows}
+
+
+def table(report: dict) -> str:
+    lines = ["| KV blocks per replica | round_robin | kv_aware | fixed split | kv_aware / round_robin |",
+             "|---|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        rate = r["prefix_hit_rate"]
+        lines.append(f"| {r['kv_blocks']} | {rate['round_robin']:.3f} | {rate['kv_aware']:.3f} "
+                     f"| {rate['partition']:.3f} | {r['kv_aware_over_round_robin']:.2f} |")
+    return "\n".join(lines)
+
+
+SPEC = kit.Spec("kv_cache_sim", __doc__, options, run, model=None, table=table)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(kit.main(SPEC))

@@ -1,9 +1,6 @@
 """What each CPU weight format costs in quality on a trained model, against
 float32 transformers on the same dequantized weights.
 
-    python -m llmesh.benchmarks.model_quality [--model smollm2] [--prompts 32]
-        [--tokens 128] [--json OUT]
-
 The reference is transformers' own GGUF loader (float32) for a GGUF model, else
 its safetensors loader. For llmesh's float32, bfloat16, float16-weights and int8:
 
@@ -20,15 +17,14 @@ A format whose perplexity is more than 2% above float32's is lossy
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from llmesh.benchmarks import kit
 from llmesh.benchmarks.quant_quality import first_difference, greedy, teacher_forced_logits
 from llmesh.services.common.tokenizer import TextTokenizer
 from llmesh.services.executor.weights import load_model
@@ -105,8 +101,7 @@ def measure(model_dir: Path, num_prompts: int, num_tokens: int, window: int) -> 
                             "seconds": time.perf_counter() - t0},
               "text_tokens": sum(map(len, text_windows)), "prompts": len(prompts),
               "max_tokens": num_tokens}
-    print(f"[model_quality] transformers float32: ppl {result['reference']['perplexity']:.3f}",
-          file=sys.stderr)
+    kit.log(f"[model_quality] transformers float32: ppl {result['reference']['perplexity']:.3f}")
     for fmt in FORMATS:
         t0 = time.perf_counter()
         model = load_model(model_dir, fmt)
@@ -122,7 +117,7 @@ def measure(model_dir: Path, num_prompts: int, num_tokens: int, window: int) -> 
                        "greedy_mean_share_before_difference": statistics.mean(agree),
                        "seconds": time.perf_counter() - t0}
         del model
-        print(f"[model_quality] {fmt}: {result[fmt]}", file=sys.stderr)
+        kit.log(f"[model_quality] {fmt}: {result[fmt]}")
     base = result["float32"]["perplexity"]
     for fmt in FORMATS:
         result[fmt]["perplexity_vs_float32"] = result[fmt]["perplexity"] / base
@@ -130,23 +125,18 @@ def measure(model_dir: Path, num_prompts: int, num_tokens: int, window: int) -> 
     return result
 
 
-def main(argv=None) -> int:
-    from llmesh.benchmarks.local_mesh import write_report
-    from llmesh.mesh.default_model import resolve_model
-    p = argparse.ArgumentParser(prog="python -m llmesh.benchmarks.model_quality",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 (default), a Hugging Face directory or a .gguf file")
+def options(p) -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    results = measure(resolve_model(args.model), min(args.prompts, len(QUESTIONS)), args.tokens,
-                      args.window)
-    write_report(args, {"model": args.model, "results": results})
-    return 0
 
+
+def run(args) -> dict:
+    return {"results": measure(Path(args.model), min(args.prompts, len(QUESTIONS)), args.tokens,
+                               args.window)}
+
+
+SPEC = kit.Spec("model_quality", __doc__, options, run, model="smollm2")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(kit.main(SPEC))

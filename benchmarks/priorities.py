@@ -1,10 +1,6 @@
 """Priority classes on versus off: the same mesh, the same seeded bursty workload of
 interactive and batch requests, alternating rounds in one run.
 
-    python -m llmesh.benchmarks.priorities [--model DIR | --preset bench|tiny] [--rate 1] [--duration 50]
-        [--rounds 2] [--interactive-share 0.3] [--slo-interactive ttft_ms=1000,tpot_ms=200]
-        [--slo-batch ""] [--json benchmarks/results/priorities.json]
-
 Each request is tagged with a class, drawn from the seed: `--interactive-share` of them
 interactive (short prompts, short outputs), the rest batch (chat-length prompts, longer
 outputs). Arrivals are Poisson at `--rate` requests/s with the `bursty` workload's spike
@@ -24,20 +20,19 @@ Sizing (bench checkpoint, 2-core CPU machine, default limits): this mix saturate
 mesh at about 2.7 requests/s (280 output tok/s, 64 sequences running; 200 requests sent
 at once), and less when the machine is shared. The default 1 request/s is well under
 that outside the burst and about 4x over it inside, and a default run (2 rounds, 4
-meshes) takes about 5 to 8 minutes. With --preset tiny the mesh saturates near 28
+meshes) takes about 5 to 8 minutes. With --model tiny the mesh saturates near 28
 requests/s, and the Python client, router and Envoy then share the 2 cores with it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
+from llmesh.benchmarks import kit
+from llmesh.benchmarks.kit import medians
 from llmesh.benchmarks.metrics import RequestRecord, distribution, meets_slo, parse_slo, summarize
 from llmesh.benchmarks.workload import (BURST, BenchRequest, Workload, _fit, _random_tokens, _rng,
                                  long_tailed)
@@ -159,15 +154,6 @@ def headline(run: dict) -> dict:
     }
 
 
-def medians(flats: list[dict]) -> dict:
-    """Per key, the median over the rounds (of the rounds that have a number)."""
-    out = {}
-    for key in (flats[0] if flats else {}):
-        values = [f[key] for f in flats if f.get(key) is not None]
-        out[key] = statistics.median(values) if values else None
-    return out
-
-
 def ratios(on: dict, off: dict) -> dict:
     """on / off per key (None where off is 0 or either is missing)."""
     return {k: (on[k] / off[k] if on.get(k) is not None and off.get(k) else None) for k in on}
@@ -228,10 +214,6 @@ def summarize_rounds(runs: dict[str, list[dict]]) -> dict:
 
 
 # ---- running it -------------------------------------------------------------------
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def mesh_config(limits, priorities: bool):
     from llmesh.mesh.config import AdmissionConfig, EnvoyConfig, MeshConfig, ObservabilityConfig
     return MeshConfig(engine=limits, envoy=EnvoyConfig(port=0, admin_port=0),
@@ -246,7 +228,7 @@ def run_once(model_dir: str, workload: Workload, classes: list[str], offsets: li
     setup = BenchSetup(model_dir=model_dir, workload=workload, target_names=["mesh"],
                        runs=[spec], mesh_config=cfg, seed=args.seed,
                        drain_timeout_s=args.drain_timeout, show_progress=False,
-                       bandwidth_bytes=16 * 2**20, log=_log)
+                       bandwidth_bytes=16 * 2**20, log=kit.log)
     cpu0 = cpu_times()
     res = run_bench(setup)
     cpu = cpu_share(cpu0, cpu_times())
@@ -279,7 +261,7 @@ def run_once(model_dir: str, workload: Workload, classes: list[str], offsets: li
                         r.num_output_tokens, r.status] for r in sorted(recs, key=lambda r: r.index)]
     h = out["headline"]
     ms = {k: _fmt("{:.0f}", v) for k, v in h.items()}
-    _log(f"[priorities] {'on' if cfg.admission.priorities else 'off'}: interactive TTFT p50/p99 "
+    kit.log(f"[priorities] {'on' if cfg.admission.priorities else 'off'}: interactive TTFT p50/p99 "
          f"{ms['interactive_ttft_p50_ms']}/{ms['interactive_ttft_p99_ms']} ms, "
          f"batch {ms['batch_ttft_p50_ms']}/{ms['batch_ttft_p99_ms']} ms, "
          f"{h['output_tokens_per_s']:.1f} tok/s, good {h['goodput_fraction']:.1%}, "
@@ -320,12 +302,7 @@ def timeline(samples: list[list], every_s: float = 1.0) -> list[list]:
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmesh.benchmarks.priorities", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default: the --preset checkpoint)")
-    p.add_argument("--preset", default="bench", choices=("bench", "tiny"),
-                   help="embedded checkpoint when --model is not given (default: bench, "
-                        "like the other A/B benchmarks)")
+def options(p) -> None:
     p.add_argument("--rate", type=float, default=1.0,
                    help="base Poisson rate, requests/s (10x during the burst)")
     p.add_argument("--duration", type=float, default=50.0, help="seconds of arrivals per run")
@@ -341,25 +318,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--drain-timeout", type=float, default=240.0,
                    help="seconds after the last arrival before stragglers are cancelled (TIMEOUT)")
-    p.add_argument("--json", default=DEFAULT_JSON, help="write the results here ('' = nowhere)")
-    args = p.parse_args(argv)
-    if args.rounds < 1 or args.rate <= 0 or args.duration <= 0:
-        p.error("--rounds, --rate and --duration must be positive")
-    return args
 
 
-def main(argv=None) -> int:
+def run(args) -> dict:
     from llmesh.benchmarks.arrivals import ArrivalSpec, schedule
-    from llmesh.benchmarks.harness import RunSpec, write_json
-    from llmesh.benchmarks.machine import machine_info, versions
+    from llmesh.benchmarks.harness import RunSpec
     from llmesh.mesh.config import EngineLimits
-    from llmesh.mesh.default_model import default_model_dir
     from llmesh.services.executor.model_config import load_model_config
-
-    args = parse_args(argv)
+    if args.rounds < 1 or args.rate <= 0 or args.duration <= 0:
+        raise ValueError("--rounds, --rate and --duration must be positive")
     slos = {"interactive": parse_slo(args.slo_interactive), "batch": parse_slo(args.slo_batch)}
-    model_dir = str(args.model or default_model_dir(args.preset))
-    mc = load_model_config(model_dir)
+    mc = load_model_config(args.model)
     limits = EngineLimits(num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_num_seqs=args.max_num_seqs)
@@ -369,43 +338,33 @@ def main(argv=None) -> int:
     # the harness's schedule for run 0: the same arrivals in every run of both meshes
     offsets = schedule(spec.arrivals, None, args.duration, f"{args.seed}/0", workload.burst)
     classes = [r.priority for r in workload.take(len(offsets))]
-    _log(f"[priorities] {len(offsets)} requests per run ({classes.count('interactive')} "
-         f"interactive, {classes.count('batch')} batch), poisson {args.rate:g}/s, 10x from "
-         f"{BURST['start_frac'] * args.duration:g} s to {BURST['end_frac'] * args.duration:g} s, "
-         f"model {model_dir}")
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    report = {"kind": "llmesh-bench-priorities", "machine": machine_info(), "versions": versions(),
-              "model_dir": model_dir, "model": dataclasses.asdict(mc),
+    kit.log(f"[priorities] {len(offsets)} requests per run ({classes.count('interactive')} "
+            f"interactive, {classes.count('batch')} batch), poisson {args.rate:g}/s, 10x from "
+            f"{BURST['start_frac'] * args.duration:g} s to {BURST['end_frac'] * args.duration:g} s, "
+            f"model {args.model}")
+    report = {"kind": "llmesh-bench-priorities", "model": dataclasses.asdict(mc),
               "workload": workload.meta, "arrivals": spec.to_dict(),
               "num_requests": len(offsets), "num_interactive": classes.count("interactive"),
-              "num_batch": classes.count("batch"), "slo": slos, "rounds": args.rounds,
-              "seed": args.seed, "drain_timeout_s": args.drain_timeout,
+              "num_batch": classes.count("batch"), "slo": slos,
               "limits": dataclasses.asdict(limits),
               "mesh": {m: mesh_config(limits, m == "on").to_dict() for m in MODES},
-              "command": " ".join(["python -m llmesh.benchmarks.priorities"]
-                                  + list(sys.argv[1:] if argv is None else argv)),
-              "runs": runs}
-    report["loadavg_start"] = os.getloadavg()
+              "loadavg_start": os.getloadavg()}
     t0 = time.perf_counter()
-    for round_ in range(args.rounds):
-        for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):  # alternate who goes first
-            _log(f"[priorities] round {round_}, priorities {mode} ...")
-            run = run_once(model_dir, workload, classes, offsets,
-                           mesh_config(limits, mode == "on"), spec, args, slos)
-            run["round"] = round_
-            runs[mode].append(run)
-    report["summary"] = summarize_rounds(runs)
-    report["wall_s"] = time.perf_counter() - t0
-    report["loadavg_end"] = os.getloadavg()
-    report["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if args.json:
-        write_json(report, args.json)
-        _log(f"[priorities] wrote {args.json}")
-    print(markdown(report["summary"]))
-    print()
-    print(markdown_rounds(runs))
-    return 0
 
+    def once(mode: str) -> dict:
+        kit.log(f"[priorities] priorities {mode} ...")
+        return run_once(args.model, workload, classes, offsets,
+                        mesh_config(limits, mode == "on"), spec, args, slos)
+    runs = kit.alternate(args.rounds, list(MODES), once)
+    for mode_runs in runs.values():
+        for round_, run_ in enumerate(mode_runs):
+            run_["round"] = round_
+    return {**report, "runs": runs, "summary": summarize_rounds(runs),
+            "wall_s": time.perf_counter() - t0, "loadavg_end": os.getloadavg()}
+
+
+SPEC = kit.Spec("priorities", __doc__, options, run, model="bench", json=DEFAULT_JSON,
+                table=lambda r: markdown(r["summary"]) + "\n\n" + markdown_rounds(r["runs"]))
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(kit.main(SPEC))

@@ -1,9 +1,6 @@
 """What the CPU weight formats cost in quality, against float32, on checkpoints of
 real architectures and shapes (random weights: nothing is downloaded).
 
-    python -m llmesh.benchmarks.quant_quality [--shapes qwen2.5-0.5b,llama-3.2-1b]
-        [--tokens 256] [--prompts 4] [--json OUT]
-
 For each shape a random checkpoint is made with transformers (its own
 initialisation, saved as safetensors in a temporary directory), then:
 
@@ -19,16 +16,15 @@ any rounding flips, so greedy agreement here is a pessimistic figure.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from llmesh.benchmarks import kit
 from llmesh.services.common.sampling_params import SamplingParams
 from llmesh.services.engine.engine import Engine, EngineConfig
 from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
@@ -123,24 +119,23 @@ def measure(model_dir: Path, num_prompts: int, num_tokens: int) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    from llmesh.benchmarks.local_mesh import write_report
-    p = argparse.ArgumentParser(prog="llmesh.benchmarks.quant_quality")
+def options(p) -> None:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+
+
+def run(args) -> dict:
     results = {}
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory(prefix=f"llmesh-{shape}-") as tmp:
-            print(f"[quant_quality] {shape}: making a random checkpoint ...", file=sys.stderr)
-            model_dir = make_checkpoint(shape, Path(tmp))
-            results[shape] = measure(model_dir, args.prompts, args.tokens)
-            print(f"[quant_quality]   {results[shape]}", file=sys.stderr)
-    write_report(args, {"results": results})
-    return 0
+            kit.log(f"[quant_quality] {shape}: making a random checkpoint ...")
+            results[shape] = measure(make_checkpoint(shape, Path(tmp)), args.prompts, args.tokens)
+            kit.log(f"[quant_quality]   {results[shape]}")
+    return {"results": results}
 
+
+SPEC = kit.Spec("quant_quality", __doc__, options, run, model=None)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(kit.main(SPEC))

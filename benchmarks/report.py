@@ -160,7 +160,7 @@ def legacy_offline(report: dict) -> str:
 def write_outputs(report: dict, json_out: str | Path | None, md_out: str | Path | None,
                   plots_dir: str | Path | None) -> list[Path]:
     """JSON, Markdown and PNG plots; returns the paths written."""
-    from llmesh.benchmarks.harness import write_json
+    from llmesh.benchmarks.kit import write_json
     written = []
     if json_out:
         write_json(report, json_out)

@@ -1,14 +1,12 @@
 """What the mesh adds to each step: executors whose forward sleeps a fixed time.
 
-    python -m llmesh.benchmarks.step_overhead [--step-ms 5] [--batch 32] [--rounds 3] [--json OUT]
-
 On this CPU box a real forward is either much shorter than a GPU step (the tiny
 model) or much longer (the bench model). Here every executor runs the
-benchmark-only SleepModel: its forward sleeps `step_ms` and uses no CPU, like
-a GPU step of that length, so the steps the replica completes per `step_ms`
+benchmark-only SleepModel: its forward sleeps `--step-ms` and uses no CPU, like
+a GPU step of that length, so the steps the replica completes per step_ms
 show what scheduling, transport and reconciliation add to the critical path
-(1.0 = nothing). `batch` requests decode together through Envoy and the router,
-as clients would; the window measured is the one where all of them run.
+(1.0 = nothing). `--batch` requests decode together through Envoy and the
+router, as clients would; the window measured is the one where all of them run.
 
 Each configuration (TP 1 or 2, pipelined or serial scheduling; through Envoy,
 straight to the scheduler, or the in-process Engine with the same model as the
@@ -18,21 +16,15 @@ path: one out and one back per rank).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import statistics
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from llmesh.benchmarks.tp import _cpu_s, _stats, log
-from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig, ObservabilityConfig, resolve_ports
-from llmesh.mesh.supervisor import Supervisor, build_specs
+from llmesh.benchmarks import kit
+from llmesh.benchmarks.loop_overhead import sleep_engine, timed
 
-CONFIGS = [(1, 2), (1, 1), (2, 2), (2, 1)]  # (tensor parallel, pipeline depth)
+FIGURES = ("steps_per_step_time", "wall_ms_per_step", "messages_per_step", "loop_ms_per_step")
 
 
 async def _load_direct(scheduler: str, batch: int, max_tokens: int) -> int:
@@ -62,112 +54,75 @@ async def _load_direct(scheduler: str, batch: int, max_tokens: int) -> int:
         return tokens
 
 
-async def _load(endpoint: str, batch: int, max_tokens: int) -> int:
-    import grpc
-    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-    async with grpc.aio.insecure_channel(endpoint) as ch:
-        stub = inference_pb2_grpc.InferenceStub(ch)
-
-        async def one(i: int) -> int:
-            req = inference_pb2.GenerateRequest(
-                token_ids=inference_pb2.TokenIds(ids=[1, 10 + i, 20 + i, 30 + i]),
-                sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-            return sum([len(c.token_ids) async for c in stub.Generate(req, timeout=600)])
-
-        return sum(await asyncio.gather(*(one(i) for i in range(batch))))
+def _load(endpoint: str, batch: int, max_tokens: int) -> int:
+    return kit.num_tokens(asyncio.run(kit.load(endpoint, lambda i: kit.request(
+        [1, 10 + i, 20 + i, 30 + i], max_tokens), count=batch)))
 
 
-def run_engine(model_dir: str, depth: int, step_ms: float, batch: int, max_tokens: int) -> dict:
+def run_engine(args, depth: int) -> dict:
     """The same sleeping model in the in-process Engine: the reference the mesh's
     critical path is compared with (same loop, no transport)."""
-    from llmesh.services.common.sampling_params import SamplingParams
-    from llmesh.services.common.tokenizer import TextTokenizer
-    from llmesh.services.engine.engine import Engine, EngineConfig
-    from llmesh.services.executor.model_config import load_model_config
-    from llmesh.services.executor.sleep_model import SleepModel
-    engine = Engine(SleepModel(load_model_config(model_dir), step_ms / 1e3),
-                    EngineConfig(num_kv_blocks=4096, max_num_seqs=batch, pipeline_depth=depth),
-                    TextTokenizer(model_dir))
-    engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
-    steps0 = engine.stats.num_steps
-    t0 = time.perf_counter()
-    engine.generate([[1, 10 + i, 20 + i] for i in range(batch)],
-                    SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    wall = time.perf_counter() - t0
+    engine = sleep_engine(args.model, args.step_ms, tokenizer=True, num_kv_blocks=4096,
+                          max_num_seqs=args.batch, pipeline_depth=depth)
+    timed(engine, [[1, 2, 3]] * 4, 8)
+    schedule0 = engine.stats.schedule_s
+    wall, steps = timed(engine, [[1, 10 + i, 20 + i] for i in range(args.batch)],
+                        args.max_tokens)
     engine.close()
-    steps = engine.stats.num_steps - steps0
-    res = {"tensor_parallel": 1, "pipeline_depth": depth, "step_ms": step_ms, "batch": batch,
-           "path": "engine", "window_s": wall, "steps": steps,
-           "steps_per_step_time": steps * step_ms / 1e3 / wall,
-           "wall_ms_per_step": 1e3 * wall / steps, "messages_per_step": 0.0,
-           "loop_ms_per_step": 1e3 * engine.stats.schedule_s / steps, "wait_ms_per_step": None}
-    log(f"[step] engine depth={depth}: {res['steps_per_step_time']:.3f} steps per {step_ms:g} ms, "
-        f"{res['wall_ms_per_step']:.2f} ms/step")
-    return res
+    return {"window_s": wall, "steps": steps, "messages_per_step": 0.0,
+            "loop_ms_per_step": 1e3 * (engine.stats.schedule_s - schedule0) / steps,
+            "wait_ms_per_step": None}
 
 
-def run_once(model_dir: str, tp: int, depth: int, step_ms: float, batch: int,
-             max_tokens: int, direct: bool = False) -> dict:
-    limits = EngineLimits(num_kv_blocks=4096, max_num_seqs=batch, max_num_batched_tokens=2048,
-                          pipeline_depth=depth, bench_step_ms=step_ms)
-    cfg = resolve_ports(MeshConfig(tensor_parallel=tp, engine=limits, executor_threads=1,
-                                   envoy=EnvoyConfig(port=0, admin_port=0),
-                                   observability=ObservabilityConfig(tracing="off")))
-    endpoint = f"127.0.0.1:{cfg.envoy.port}"
-    sched = cfg.replica_ports[0].scheduler
-    with tempfile.TemporaryDirectory(prefix="llmesh-step-") as run_dir:
-        sup = Supervisor(build_specs(cfg, model_dir, Path(run_dir)), Path(run_dir))
-        sup.start(timeout_s=300)
-        try:
-            asyncio.run(_load(endpoint, 4, 8))  # warm every hop
-            samples: list[tuple] = []
-            done = threading.Event()
+def run_mesh(args, tp: int, depth: int, direct: bool) -> dict:
+    with kit.BenchMesh(args.model, name="step", tensor_parallel=tp, executor_threads=1,
+                       observability={"tracing": "off", "metrics": True},
+                       engine={"num_kv_blocks": 4096, "max_num_seqs": args.batch,
+                               "max_num_batched_tokens": 2048, "pipeline_depth": depth,
+                               "bench_step_ms": args.step_ms}) as mesh:
+        _load(mesh.endpoint, 4, 8)  # warm every hop
+        samples: list[tuple] = []
+        done = threading.Event()
 
-            def sample() -> None:  # bounded: ends with the load, or after 10 minutes
-                deadline = time.monotonic() + 600
-                while not done.is_set() and time.monotonic() < deadline:
-                    samples.append((time.perf_counter(), _stats(sched)))
-                    time.sleep(0.25)
-            pids = sup.pids()
-            cpu0 = {n: _cpu_s(p) for n, p in pids.items()}
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            tokens = asyncio.run(_load_direct(f"127.0.0.1:{sched}", batch, max_tokens) if direct
-                                 else _load(endpoint, batch, max_tokens))
-            done.set()
-            sampler.join()
-            cpu = {n: _cpu_s(p) - cpu0[n] for n, p in pids.items()}
-        finally:
-            sup.stop()
-    full = [(t, s) for t, s in samples if s.num_running == batch]
+        def sample() -> None:  # bounded: ends with the load, or after 10 minutes
+            deadline = time.monotonic() + 600
+            while not done.is_set() and time.monotonic() < deadline:
+                samples.append((time.perf_counter(), mesh.stats()))
+                time.sleep(0.25)
+        cpu0 = mesh.cpu_s()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        tokens = asyncio.run(_load_direct(mesh.schedulers[0], args.batch, args.max_tokens)) \
+            if direct else _load(mesh.endpoint, args.batch, args.max_tokens)
+        done.set()
+        sampler.join()
+        cpu = {n: v - cpu0.get(n, 0.0) for n, v in mesh.cpu_s().items()}
+    full = [(t, s) for t, s in samples if s.num_running == args.batch]
     if len(full) < 2:
-        raise RuntimeError(f"TP={tp} depth={depth}: never saw all {batch} requests running")
+        raise RuntimeError(f"TP={tp} depth={depth}: never saw all {args.batch} requests running")
     (t0, a), (t1, b) = full[0], full[-1]
     steps = b.num_steps - a.num_steps
-    messages = (b.num_plan_messages + b.num_result_messages
-                - a.num_plan_messages - a.num_result_messages)
-    res = {
-        "tensor_parallel": tp, "pipeline_depth": depth, "step_ms": step_ms, "batch": batch,
-        "path": "scheduler" if direct else "envoy",
-        "window_s": t1 - t0, "steps": steps,
-        "steps_per_step_time": steps * step_ms / 1e3 / (t1 - t0),
-        "wall_ms_per_step": 1e3 * (t1 - t0) / steps,
-        "messages_per_step": messages / steps,
-        "loop_ms_per_step": 1e3 * (b.schedule_s - a.schedule_s) / steps,
-        "wait_ms_per_step": 1e3 * (b.executor_rpc_s - a.executor_rpc_s) / steps,
-        "output_tokens": tokens,
-        "cpu_s": cpu,
-    }
-    log(f"[step] {res['path']} TP={tp} depth={depth}: {res['steps_per_step_time']:.3f} steps per "
-        f"{step_ms:g} ms, {res['wall_ms_per_step']:.2f} ms/step, "
-        f"{res['messages_per_step']:.2f} messages/step, loop {res['loop_ms_per_step']:.2f} ms/step")
+    return {"window_s": t1 - t0, "steps": steps,
+            "messages_per_step": (b.num_plan_messages + b.num_result_messages
+                                  - a.num_plan_messages - a.num_result_messages) / steps,
+            "loop_ms_per_step": 1e3 * (b.schedule_s - a.schedule_s) / steps,
+            "wait_ms_per_step": 1e3 * (b.executor_rpc_s - a.executor_rpc_s) / steps,
+            "output_tokens": tokens, "cpu_s": cpu}
+
+
+def run_once(args, path: str, tp: int, depth: int) -> dict:
+    res = run_engine(args, depth) if path == "engine" else \
+        run_mesh(args, tp, depth, direct=path == "scheduler")
+    res.update({"path": path, "tensor_parallel": tp, "pipeline_depth": depth,
+                "steps_per_step_time": res["steps"] * args.step_ms / 1e3 / res["window_s"],
+                "wall_ms_per_step": 1e3 * res["window_s"] / res["steps"]})
+    kit.log(f"[step] {path} TP={tp} depth={depth}: {res['steps_per_step_time']:.3f} steps per "
+            f"{args.step_ms:g} ms, {res['wall_ms_per_step']:.2f} ms/step, "
+            f"{res['messages_per_step']:.2f} messages/step, loop {res['loop_ms_per_step']:.2f} ms/step")
     return res
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmesh.benchmarks.step_overhead")
-    p.add_argument("--model", help="model directory (default: the tiny model; only its config "
-                                   "and tokenizer are used)")
+def options(p) -> None:
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=600)
@@ -177,36 +132,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="envoy: clients stream through Envoy and the router; scheduler: one "
                         "Connect stream straight to the scheduler; engine: the in-process "
                         "Engine with the same model (TP 1 only)")
-    p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    from llmesh.benchmarks.machine import machine_info, versions
-    from llmesh.mesh.default_model import default_model_dir
-    args = parse_args(argv)
-    model_dir = str(args.model or default_model_dir())
+def run(args) -> dict:
     configs = [(path, *(int(x) for x in c.split("x"))) for path in args.paths.split(",")
                for c in args.configs.split(",") if path != "engine" or c.startswith("1x")]
-    runs: dict[str, list[dict]] = {f"{p}-tp{tp}-depth{d}": [] for p, tp, d in configs}
-    for round_ in range(args.rounds):
-        for path, tp, depth in (configs if round_ % 2 == 0 else configs[::-1]):
-            runs[f"{path}-tp{tp}-depth{depth}"].append(
-                run_engine(model_dir, depth, args.step_ms, args.batch, args.max_tokens)
-                if path == "engine" else
-                run_once(model_dir, tp, depth, args.step_ms, args.batch, args.max_tokens,
-                         direct=path == "scheduler"))
-    summary = {name: {k: statistics.median(r[k] for r in rs)
-                      for k in ("steps_per_step_time", "wall_ms_per_step", "messages_per_step",
-                                "loop_ms_per_step") if rs}
-               for name, rs in runs.items()}
-    report = {"machine": machine_info(), "versions": versions(), "args": vars(args),
-              "runs": runs, "summary": summary}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps(summary, indent=2))
-    return 0
+    runs = kit.alternate(args.rounds, configs, lambda c: run_once(args, *c))
+    runs = {f"{p}-tp{tp}-depth{d}": rs for (p, tp, d), rs in runs.items()}
+    return {"runs": runs, "summary": {name: kit.medians(rs, FIGURES) for name, rs in runs.items()}}
 
+
+SPEC = kit.Spec("step_overhead", __doc__, options, run,
+                table=lambda report: json.dumps(report["summary"], indent=2))
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(kit.main(SPEC))

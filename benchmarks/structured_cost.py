@@ -1,8 +1,5 @@
 """What structured output costs: the same requests with and without a JSON schema.
 
-    python -m llmesh.benchmarks.structured_cost [--model DIR] [--num-requests 64] [--rounds 3]
-                                         [--json OUT]
-
 The in-process Engine (the step path every executor runs) generates a batch of
 requests constrained by a JSON schema, then the same prompts unconstrained with
 `max_tokens` set to each constrained output's length and `ignore_eos`, so both
@@ -13,15 +10,11 @@ acceptance).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 
-from llmesh.services.common.grammar_spec import GrammarSpec
-from llmesh.services.common.sampling_params import SamplingParams
-from llmesh.services.engine.engine import Engine, EngineConfig
+from llmesh.benchmarks import kit
 
 SCHEMA = {"type": "object", "additionalProperties": False,
           "required": ["title", "year", "rating", "genres", "summary"],
@@ -33,23 +26,22 @@ SCHEMA = {"type": "object", "additionalProperties": False,
                          "summary": {"type": "string", "maxLength": 160}}}
 
 
-def _timed(engine: Engine, prompts, params) -> tuple[float, list]:
+def _timed(engine, prompts, params) -> tuple[float, list]:
     t0 = time.perf_counter()
     out = engine.generate(prompts, params, priority="batch")
     return time.perf_counter() - t0, out
 
 
-def main(argv=None) -> int:
-    from llmesh.benchmarks.local_mesh import write_report
-    from llmesh.mesh.default_model import default_model_dir
-    p = argparse.ArgumentParser(prog="llmesh.benchmarks.structured_cost")
-    p.add_argument("--model", help="model directory (default: the bench preset)")
+def options(p) -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    model_dir = args.model or str(default_model_dir("bench"))
-    engine = Engine.from_pretrained(model_dir, EngineConfig(kv_cache_bytes=1 << 30))
+
+
+def run(args) -> dict:
+    from llmesh.services.common.grammar_spec import GrammarSpec
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.engine.engine import Engine, EngineConfig
+    engine = Engine.from_pretrained(args.model, EngineConfig(kv_cache_bytes=1 << 30))
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
     prompts = [[1] + [(17 * i + 31 * j) % 3000 + 5 for j in range(48)]
                for i in range(args.num_requests)]
@@ -76,14 +68,11 @@ def main(argv=None) -> int:
         rows.append({"tokens": tokens, "valid_json": valid,
                      "schema_tok_s": tokens / times["schema"], "free_tok_s": tokens / times["free"],
                      "ratio": times["free"] / times["schema"]})
-        print(f"round {r + 1}: {rows[-1]}", file=sys.stderr)
+        kit.log(f"round {r + 1}: {rows[-1]}")
     engine.close()
-    write_report(args, {
-        "model": model_dir, "rounds": rows,
-        "median_ratio": statistics.median(r["ratio"] for r in rows),
-        "median_schema_tok_s": statistics.median(r["schema_tok_s"] for r in rows),
-        "median_free_tok_s": statistics.median(r["free_tok_s"] for r in rows)})
-    return 0
+    return {"rounds": rows, "median_ratio": statistics.median(r["ratio"] for r in rows),
+            "median_schema_tok_s": statistics.median(r["schema_tok_s"] for r in rows),
+            "median_free_tok_s": statistics.median(r["free_tok_s"] for r in rows)}
 
 
 def _is_json(text: str) -> bool:
@@ -93,5 +82,7 @@ def _is_json(text: str) -> bool:
         return False
 
 
+SPEC = kit.Spec("structured_cost", __doc__, options, run, model="bench")
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(kit.main(SPEC))

@@ -242,8 +242,7 @@ class MeshTarget(Target):
         self.request_timeout_s = request_timeout_s
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.supervisor = None
-        self.run_dir = None
+        self.mesh = None
         self._channels: list = []
         self._samples: list[list] = []
         self._sampler: asyncio.Task | None = None
@@ -251,17 +250,10 @@ class MeshTarget(Target):
     def start(self) -> None:
         if self.endpoint:
             return  # attached to a running mesh
-        import tempfile
-        from pathlib import Path
-
-        from llmesh.mesh.config import resolve_ports
-        from llmesh.mesh.supervisor import Supervisor, build_specs
-        cfg = resolve_ports(self.mesh_config)
-        self.run_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
-        self.supervisor = Supervisor(build_specs(cfg, str(self.model_dir), self.run_dir), self.run_dir)
-        self.supervisor.start(timeout_s=self.start_timeout_s)
-        self.endpoint = f"127.0.0.1:{cfg.envoy.port}"
-        self.scheduler_addrs = [f"127.0.0.1:{r.scheduler}" for r in cfg.replica_ports]
+        from llmesh.benchmarks.kit import BenchMesh
+        self.mesh = BenchMesh(self.model_dir, self.mesh_config, start_timeout_s=self.start_timeout_s,
+                              stop_timeout_s=self.stop_timeout_s).start()
+        self.endpoint, self.scheduler_addrs = self.mesh.endpoint, self.mesh.schedulers
 
     async def open(self) -> None:
         import grpc
@@ -392,8 +384,8 @@ class MeshTarget(Target):
         self._channels = []
 
     def stop(self) -> None:
-        if self.supervisor is not None:
+        if self.mesh is not None:
             # the services drain open streams for up to 5 s on SIGTERM; nothing is left to
             # drain once the benchmark is over, so stragglers are killed sooner
-            self.supervisor.stop(timeout_s=self.stop_timeout_s)
-            self.supervisor = None
+            self.mesh.__exit__()
+            self.mesh = None

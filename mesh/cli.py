@@ -1,7 +1,9 @@
-"""`llmesh` command line: model tools, local generation, benchmarks."""
+"""`llmesh` command line: model tools, local generation, and the commands other parts of
+the package register under the `llmesh.cli` entry point group (pyproject.toml)."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmesh.mesh.deadletters_cli import add_parser as add_deadletters_parser
     add_deadletters_parser(sub)
 
-    from llmesh.benchmarks.commands import add_bench_parsers
-    add_bench_parsers(sub)
+    for plugin in importlib.metadata.entry_points(group="llmesh.cli"):
+        plugin.load()(sub)  # adds its subcommand; the parser's `run` default handles it
 
     args = parser.parse_args(argv)
     try:
@@ -105,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                        "status": commands.cmd_status, "config": commands.cmd_config_show,
                        "scale": commands.cmd_scale}
             return handler[args.command](args)
-        if args.command == "bench":
-            from llmesh.benchmarks.commands import run_bench_cli
-            return run_bench_cli(args)
+        if getattr(args, "run", None) is not None:
+            return args.run(args)
     except (LlmeshError, ValueError) as e:
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 2

@@ -5,11 +5,9 @@ The process that holds a Supervisor (and scales the mesh) is mesh/foreground.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +20,7 @@ import grpc
 import llmesh
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmesh.mesh.config import MeshConfig, ReplicaPorts, load_config
+from llmesh.mesh.config import MeshConfig, ReplicaPorts
 from llmesh.mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
 from llmesh.services.router.replica_set import ReplicaEntry, write_replica_set
 
