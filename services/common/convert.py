@@ -70,7 +70,7 @@ def plan_to_proto(plan: StepPlan) -> executor_pb2.StepPlan:
         step_id=plan.step_id,
         new=[executor_pb2.NewSequence(
             seq_id=n.seq_id, token_ids=n.token_ids, num_prompt_tokens=n.num_prompt_tokens,
-            sampling=sampling_to_wire(n.params), seed=n.seed, index=n.index,
+            sampling=sampling_to_wire(n.params), index=n.index,
             num_computed=n.num_computed, block_ids=n.block_ids) for n in plan.new],
         scheduled=[executor_pb2.ScheduledSequence(
             seq_id=s.seq_id, num_new_tokens=s.num_new_tokens, num_kept_blocks=s.num_kept_blocks,
@@ -85,7 +85,7 @@ def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
         step_id=msg.step_id,
         new=[NewSequence(seq_id=n.seq_id, token_ids=list(n.token_ids),
                          num_prompt_tokens=n.num_prompt_tokens,
-                         params=sampling_from_wire(n.sampling), seed=n.seed, index=n.index,
+                         params=sampling_from_wire(n.sampling), index=n.index,
                          num_computed=n.num_computed, block_ids=list(n.block_ids))
              for n in msg.new],
         scheduled=[ScheduledSequence(s.seq_id, s.num_new_tokens, s.num_kept_blocks,

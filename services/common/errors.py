@@ -68,3 +68,29 @@ class LimitExceededError(LlmeshError):
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+class NotFoundError(LlmeshError):
+    """A model (or other named thing) this service does not serve. Maps to NOT_FOUND."""
+
+    code = "NOT_FOUND"
+
+
+class UnavailableError(LlmeshError):
+    """No replica can take or finish the request now. Maps to UNAVAILABLE."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceededError(LlmeshError):
+    """The request's deadline passed. Maps to DEADLINE_EXCEEDED."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class UpstreamError(LlmeshError):
+    """An error another service answered with, passed on with its status name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code

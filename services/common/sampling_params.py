@@ -6,6 +6,7 @@ every error names the offending field and nothing has been allocated yet.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 
 from llmesh.services.common.errors import InvalidRequestError
@@ -93,6 +94,15 @@ class SamplingParams:
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
 
+    def with_seed(self) -> "SamplingParams":
+        """These parameters with a seed: the user's, or one drawn now. The one place
+        a seed is drawn: the router calls it (so a request keeps its seed wherever it
+        moves), and a replica for a request that comes without one (the offline
+        Engine). Seeded sampling is keyed by (seed, choice, position)."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=_SEEDS.getrandbits(63))
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
@@ -121,6 +131,9 @@ class SamplingParams:
             if not isinstance(text, str) or not text or len(text) > MAX_STOP_STRING_CHARS:
                 raise InvalidRequestError(
                     "stop", f"stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters")
+
+
+_SEEDS = random.Random()
 
 
 def check_token_id(field_name: str, token_id: object, vocab_size: int) -> None:

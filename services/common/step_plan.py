@@ -22,9 +22,8 @@ class NewSequence:
     seq_id: str
     token_ids: list[int]  # prompt, plus outputs so far when resuming after preemption
     num_prompt_tokens: int
-    params: SamplingParams
-    seed: int  # the request's seed (drawn at random when the user gave none)
-    index: int  # which of the request's n sequences (keys the RNG)
+    params: SamplingParams  # (seeded: params.seed keys the RNG with index and position)
+    index: int  # which of the request's n sequences
     num_computed: int  # prefix-cache hits
     block_ids: list[int]
 

@@ -10,7 +10,6 @@ next step while the worker thread computes the current one.
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 import weakref
 from collections import deque
@@ -148,7 +147,6 @@ class Engine:
                                pipeline_depth=config.pipeline_depth)
         self.stats = StepStats()
         self._aio = asyncio.new_event_loop()
-        self._rng = random.Random()
         # the worker thread and the event loop go with the engine, closed or not
         self._finalizer = weakref.finalize(self, _release, self.executor, self._aio)
 
@@ -174,8 +172,7 @@ class Engine:
         self.validate(prompt_token_ids, params)
         if self.scheduler.has_request(request_id):
             raise DuplicateRequestError(request_id)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        self.loop.add(request_id, list(prompt_token_ids), params, "engine", seed, salt=salt,
+        self.loop.add(request_id, list(prompt_token_ids), params, "engine", salt=salt,
                       tenant=tenant, priority=priority, has_ttft_budget=not is_offline)
         return request_id
 
@@ -273,7 +270,7 @@ def profile_forward(model: CausalLM, config: EngineConfig) -> int:
     probe = ModelRunner(model, probe_blocks, config.block_size, config.device)
     probe.execute(StepPlan(step_id=0, new=[NewSequence(
         seq_id="probe", token_ids=[0] * num_tokens, num_prompt_tokens=num_tokens,
-        params=SamplingParams(), seed=0, index=0, num_computed=0,
+        params=SamplingParams(seed=0), index=0, num_computed=0,
         block_ids=list(range(probe_blocks)))],
         scheduled=[ScheduledSequence("probe", num_tokens, probe_blocks, [])]))
     return probe_blocks

@@ -33,8 +33,7 @@ class SeqState:
     seq_id: str
     token_ids: list[int]
     num_prompt_tokens: int
-    params: object
-    seed: int
+    params: object  # (seeded)
     index: int
     num_computed: int
     block_ids: list[int]
@@ -196,7 +195,7 @@ class ModelRunner:
                                                new.token_ids[new.num_prompt_tokens:])
         self.seqs[new.seq_id] = SeqState(
             seq_id=new.seq_id, token_ids=list(new.token_ids),
-            num_prompt_tokens=new.num_prompt_tokens, params=new.params, seed=new.seed,
+            num_prompt_tokens=new.num_prompt_tokens, params=new.params,
             index=new.index, num_computed=new.num_computed, block_ids=list(new.block_ids),
             grammar=grammar,
         )
@@ -236,7 +235,7 @@ class ModelRunner:
             fan_out = seq.params.n if is_unforked else 1
             for index in range(seq.index, seq.index + fan_out):
                 rows.append(SampleRow(
-                    params=seq.params, seed=seq.seed, index=index,
+                    params=seq.params, index=index,
                     position=len(seq.token_ids), token_ids=seq.token_ids,
                     num_prompt_tokens=seq.num_prompt_tokens,
                 ))
@@ -279,7 +278,7 @@ class ModelRunner:
             _advance(grammar, token)
             self.seqs[child_id] = SeqState(
                 seq_id=child_id, token_ids=base_tokens + [token],
-                num_prompt_tokens=seq.num_prompt_tokens, params=seq.params, seed=seq.seed,
+                num_prompt_tokens=seq.num_prompt_tokens, params=seq.params,
                 index=i, num_computed=seq.num_computed, block_ids=list(seq.block_ids),
                 grammar=grammar,
             )

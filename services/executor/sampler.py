@@ -71,8 +71,7 @@ def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 @dataclass
 class SampleRow:
-    params: SamplingParams
-    seed: int
+    params: SamplingParams  # (seeded: params.seed)
     index: int
     position: int  # position of the token being drawn
     token_ids: list[int]  # the sequence so far (not copied: sliced only for penalties)
@@ -100,7 +99,7 @@ class SamplingBatch:
         if self.draws:
             d = [rows[i] for i in self.draws]
             u64 = np.uint64
-            keys = row_keys(np.fromiter((r.seed for r in d), u64, len(d)),
+            keys = row_keys(np.fromiter((r.params.seed for r in d), u64, len(d)),
                             np.fromiter((r.index for r in d), u64, len(d)),
                             np.fromiter((r.position for r in d), u64, len(d)))
             dp = [r.params for r in d]

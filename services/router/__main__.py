@@ -11,14 +11,17 @@ from pathlib import Path
 import grpc
 import uvicorn
 
-from llmesh.v1 import inference_pb2, kvcache_pb2_grpc
+from llmesh.v1 import inference_pb2
 from llmesh.observability import telemetry
 from llmesh.services.common.server import Service, bind_host
+from llmesh.services.common.errors import UnavailableError
 from llmesh.services.router.admission import Admission
+from llmesh.services.router.clients import PrefixIndex, TokenizerClient
 from llmesh.services.router.deadletters import dead_letters_from
 from llmesh.services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
 from llmesh.services.router.dispatch import Dispatcher
 from llmesh.services.router.replica_set import read_replica_set, watch_replica_set
+from llmesh.services.router.generation import Call, Generation
 from llmesh.services.router.servicer import Inference
 from llmesh.services.common.gguf_file import model_arg
 
@@ -26,29 +29,31 @@ from llmesh.services.common.gguf_file import model_arg
 async def main(args) -> None:
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes,
                       traced=True)
-    channel = grpc.aio.insecure_channel(args.tokenizer, interceptors=telemetry.client_interceptors())
-    # the kvcache index: a traced hop like the tokenizer's
-    kvcache = kvcache_pb2_grpc.KVCacheStub(grpc.aio.insecure_channel(
+    # the tokenizer and the kvcache index: traced hops
+    tokenizer = TokenizerClient(grpc.aio.insecure_channel(
+        args.tokenizer, interceptors=telemetry.client_interceptors()))
+    prefix_index = PrefixIndex(grpc.aio.insecure_channel(
         args.kvcache, interceptors=telemetry.client_interceptors())) if args.kvcache else None
     chooser = ReplicaChooser(RoutingPolicy(args.routing_policy, args.prefix_load_bound,
                                            args.prefix_load_ratio))
     dispatcher = Dispatcher(args.schedulers.split(",") if args.schedulers else [],
                             max_migrations=args.max_migrations,
                             replica_wait_s=args.replica_wait_s, num_standby=args.standby,
-                            chooser=chooser, kvcache=kvcache)
+                            chooser=chooser, prefix_index=prefix_index)
     if args.replica_set:  # the replicas come and go: this file says which are there
         dispatcher.set_replicas(read_replica_set(args.replica_set))
     admission = json.loads(args.admission)
-    inference = (_FailingInference if args.test_fail_requests else Inference)(
-        channel, dispatcher, args.model_name, Admission.from_dict(admission),
-                          dead_letters_from(admission))
+    generation = (_FailingGeneration if args.test_fail_requests else Generation)(
+        tokenizer, dispatcher, args.model_name, Admission.from_dict(admission),
+        dead_letters_from(admission))
+    inference = Inference(generation)
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
-    http = _http_server(args, inference) if args.http_port else None
+    http = _http_server(args, generation) if args.http_port else None
     await service.start()
     dispatcher.start()
     serving_http = asyncio.ensure_future(http.serve()) if http else None
-    watchers = [asyncio.ensure_future(_track_health(service, inference))]
+    watchers = [asyncio.ensure_future(_track_health(service, generation))]
     if args.replica_set:
         watchers.append(asyncio.ensure_future(
             watch_replica_set(args.replica_set, dispatcher.set_replicas)))
@@ -60,15 +65,15 @@ async def main(args) -> None:
         await asyncio.wait_for(serving_http, 10)
 
 
-class _FailingInference(Inference):
+class _FailingGeneration(Generation):
     """Tests only: a router that fails every request (UNAVAILABLE) while its health
     says SERVING, for Envoy's outlier detection to find."""
 
-    async def Complete(self, request, context):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "test: this router fails every request")
+    async def complete(self, request, call=Call()):
+        raise UnavailableError("test: this router fails every request")
 
-    async def Generate(self, request, context):
-        await self.Complete(request, context)
+    async def _observed(self, request, call, partial_ok: bool = False):
+        await self.complete(request, call)
         yield  # (an async generator, like the real one)
 
 
@@ -80,34 +85,32 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _http_server(args, inference: Inference) -> uvicorn.Server:
-    """The OpenAI-compatible HTTP API on --http-port (where gRPC listens), calling this
-    router's handlers in-process (docs/http-api.md)."""
+def _http_server(args, generation: Generation) -> uvicorn.Server:
+    """The OpenAI-compatible HTTP API on --http-port (where gRPC listens), over this
+    router's request core (docs/http-api.md)."""
     from functools import lru_cache
 
     from llmesh.services.common.tokenizer import TextTokenizer
     from llmesh.services.router.http_api.app import OpenAIApi
-    from llmesh.services.router.local_calls import LocalHealth, LocalInference
     tokenizer = TextTokenizer(args.model)
 
     @lru_cache(maxsize=65536)
     def token_text(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False)
 
-    api = OpenAIApi(LocalInference(inference), LocalHealth(inference.dispatcher),
-                    args.model_name, token_text, heartbeat_s=args.heartbeat_s)
+    api = OpenAIApi(generation, args.model_name, token_text, heartbeat_s=args.heartbeat_s)
     config = uvicorn.Config(api.app, host=bind_host(), port=args.http_port, http="httptools",
                             loop="none", lifespan="off", log_level="warning", access_log=False,
                             timeout_keep_alive=75, timeout_graceful_shutdown=5)
     return _EmbeddedServer(config)
 
 
-async def _track_health(service: Service, inference: Inference) -> None:
+async def _track_health(service: Service, generation: Generation) -> None:
     """SERVING while at least one replica is connected."""
     serving = None
     while True:
-        if inference.dispatcher.is_ready != serving:
-            serving = inference.dispatcher.is_ready
+        if generation.is_ready != serving:
+            serving = generation.is_ready
             await service.set_serving(serving)
         await asyncio.sleep(0.1)
 

@@ -17,9 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import grpc
-
-from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc, scheduler_pb2
+from llmesh.v1 import scheduler_pb2
 from llmesh.observability.metrics import router_metrics
 from llmesh.services.router.breaker import BROKEN, CircuitBreaker
 from llmesh.services.router.core import ReplicaChooser, ReplicaLoad, standby_active
@@ -107,15 +105,14 @@ class Route:
 class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
                  replica_wait_s: float = 30.0, num_standby: int = 0,
-                 chooser: ReplicaChooser | None = None,
-                 kvcache: kvcache_pb2_grpc.KVCacheStub | None = None):
+                 chooser: ReplicaChooser | None = None, prefix_index=None):
         """`scheduler_addresses`: the replicas at start (replica-0, ...; the last
         `num_standby` of them warm standbys), until `set_replicas` says otherwise.
-        `chooser` decides among the replicas that take a request; with `kvcache`
-        (the index's stub, and a kv_aware chooser) it knows what each holds of the
-        prompt."""
+        `chooser` decides among the replicas that take a request; with
+        `prefix_index` (services/router/clients.py, and a kv_aware chooser) it knows
+        what each holds of the prompt."""
         self.chooser = chooser or ReplicaChooser()
-        self._kvcache = kvcache if self.chooser.policy.policy == "kv_aware" else None
+        self._prefix_index = prefix_index if self.chooser.policy.policy == "kv_aware" else None
         self.replicas: list[Replica] = []
         # warm, probed, used only while another is not ready
         self.standby: set[str] = set()
@@ -216,13 +213,9 @@ class Dispatcher:
         choice goes by load alone), waiting like `wait_ready` when no replica
         takes requests."""
         cached = {}
-        if self._kvcache is not None and sum(r.takes_requests() for r in self.replicas) > 1:
-            try:
-                resp = await self._kvcache.Match(
-                    kvcache_pb2.MatchRequest(token_ids=prompt, salt=salt), timeout=0.05)
-                cached = {m.replica: m.num_tokens for m in resp.replicas}
-            except grpc.aio.AioRpcError:
-                pass
+        if self._prefix_index is not None \
+                and sum(r.takes_requests() for r in self.replicas) > 1:
+            cached = await self._prefix_index.match(prompt, salt)
         replica = self.pick(cached)
         return replica if replica is not None else await self.wait_ready(deadline_s)
 

@@ -121,7 +121,7 @@ class EngineLoop:
 
     # ---- requests -----------------------------------------------------
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, owner: str,
-            seed: int, deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
+            deadline_s: float = 0.0, salt: str = "", traceparent: str = "",
             tenant: str = "", priority: str = "standard",
             resume: dict[int, list[int]] | None = None, arrival_unix_s: float = 0.0,
             has_ttft_budget: bool = True) -> None:
@@ -139,6 +139,7 @@ class EngineLoop:
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)
         self._check_fits(prompt, params)
+        params = params.with_seed()  # (the router's requests come with theirs)
         if resume:
             self._check_resume(resume, params)
         now = time.time()
@@ -149,7 +150,7 @@ class EngineLoop:
                 text.push(list(output))  # the client has this text (or it is held back, as before)
             seqs.append(Sequence(seq_id=sequence_id(request_id, index), request_id=request_id,
                                  index=index, prompt_token_ids=list(prompt), params=params,
-                                 seed=seed, arrival_s=now, salt=salt, tenant=tenant,
+                                 arrival_s=now, salt=salt, tenant=tenant,
                                  priority=priority, output_token_ids=list(output), text=text))
         try:
             spent_s = min(max(0.0, now - arrival_unix_s), 3600.0) if arrival_unix_s else 0.0

@@ -92,7 +92,7 @@ class KnownAnswerProbe:
         while not self.outputs.empty():
             self.outputs.get_nowait()
         try:
-            self.loop.add(request_id, self.prompt, self.params, OWNER, seed=0,
+            self.loop.add(request_id, self.prompt, self.params, OWNER,
                           priority="interactive")
         except Exception as e:  # a full queue is not a wrong answer
             return self.expected, None if "queue" in str(e) else repr(e)

@@ -312,7 +312,7 @@ class Scheduler:
         plan.new.append(NewSequence(
             seq_id=seq.seq_id, token_ids=list(seq.token_ids),
             num_prompt_tokens=seq.num_prompt_tokens,
-            params=seq.params, seed=seq.seed, index=seq.index, num_computed=num_hit,
+            params=seq.params, index=seq.index, num_computed=num_hit,
             block_ids=block_ids,
         ))
         plan.scheduled.append(ScheduledSequence(seq.seq_id, num_new, len(block_ids), []))
@@ -397,7 +397,7 @@ class Scheduler:
         child = Sequence(
             seq_id=sequence_id(parent.request_id, index), request_id=parent.request_id,
             index=index, prompt_token_ids=parent.prompt_token_ids, params=parent.params,
-            seed=parent.seed, arrival_s=parent.arrival_s, salt=parent.salt,
+            arrival_s=parent.arrival_s, salt=parent.salt,
             tenant=parent.tenant, priority=parent.priority, arrival_step=parent.arrival_step,
             order=parent.order, num_computed=parent.num_computed, status=SeqStatus.RUNNING,
             text=parent.text.fresh() if parent.text is not None else None,

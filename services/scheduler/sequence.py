@@ -23,8 +23,7 @@ class Sequence:
     request_id: str
     index: int
     prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int
+    params: SamplingParams  # seeded (SamplingParams.with_seed)
     arrival_s: float
     salt: str = ""
     tenant: str = ""  # fairness accounting

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import time
 
 from llmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -54,7 +53,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.info = info
         self.prober = prober
         self._owner_ids = itertools.count()
-        self._rng = random.Random()
 
     async def Connect(self, request_iterator, context):
         owner = f"router-{next(self._owner_ids)}"
@@ -86,9 +84,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if kind == "add":
                 add = msg.add
                 params = convert.sampling_from_wire(add.sampling)
-                seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
                 try:
-                    self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner, seed,
+                    self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner,
                                   add.deadline_unix_s, add.salt, add.traceparent, add.tenant,
                                   convert.priority_from_proto(add.priority),
                                   resume=_resume(add),

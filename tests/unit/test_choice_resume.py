@@ -30,7 +30,7 @@ def test_resumed_choices_continue_with_the_unmoved_tokens(tiny_model, whole, cut
     """Choices at different lengths (some finished: not listed) resume exactly, and
     only the listed ones run."""
     engine = Engine(tiny_model, EngineConfig())
-    engine.loop.add("moved", PROMPT, PARAMS, "engine", PARAMS.seed,
+    engine.loop.add("moved", PROMPT, PARAMS, "engine",
                     resume={i: whole[i][:k] for i, k in cut.items()})
     rest = _run(engine)
     assert rest == {i: whole[i][k:] for i, k in cut.items()}
@@ -44,10 +44,10 @@ def test_resumed_choices_continue_with_the_unmoved_tokens(tiny_model, whole, cut
 def test_a_resume_that_cannot_be_the_requests_is_refused(tiny_model, resume):
     engine = Engine(tiny_model, EngineConfig())
     with pytest.raises(InvalidRequestError):
-        engine.loop.add("bad", PROMPT, PARAMS, "engine", 7, resume=resume)
+        engine.loop.add("bad", PROMPT, PARAMS, "engine", resume=resume)
     assert not engine.has_unfinished()
     with pytest.raises(InvalidRequestError):  # n = 1 resumes choice 0 only
-        engine.loop.add("bad1", PROMPT, PARAMS.replace(n=1), "engine", 7, resume={1: [5]})
+        engine.loop.add("bad1", PROMPT, PARAMS.replace(n=1), "engine", resume={1: [5]})
 
 
 def _add(n: int) -> scheduler_pb2.AddRequest:

@@ -82,7 +82,9 @@ async def _serve(model, prompts, executor, max_step_failures=2):
     loop = EngineLoop(scheduler, executor, model.config.vocab_size, emit=emit,
                       max_step_failures=max_step_failures)
     for i, p in enumerate(prompts):
-        loop.add(f"r{i}", p, _params(i), "router", seed=_params(i).seed or 7)
+        params = _params(i)
+        loop.add(f"r{i}", p, params if params.seed is not None else params.replace(seed=7),
+                 "router")
     while loop.has_work:
         try:
             await loop.step()

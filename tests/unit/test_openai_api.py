@@ -202,26 +202,29 @@ def test_sse_response_sends_heartbeats_when_idle_and_stops_on_disconnect():
     assert b"data: never\n\n" not in chunks and closed == [True]
 
 
-def test_router_statuses_map_to_http_statuses():
-    """What the router aborts with (here raised in-process, as the HTTP layer sees
-    it) becomes OpenAI's status and error type; a 429 carries its retry hint."""
-    import grpc
-
-    from llmesh.services.router.http_api.errors import from_rpc_error
-    from llmesh.services.router.local_calls import LocalRpcError
-    cases = {grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-             grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-             grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-             grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-             grpc.StatusCode.INTERNAL: (500, "server_error")}
-    for code, (status, type_) in cases.items():
-        e = from_rpc_error(LocalRpcError(code, "no replica is ready"))
-        assert (e.status, e.type, e.code) == (status, type_, code.name.lower())
-    e = from_rpc_error(LocalRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota",
-                                     (("retry-after-ms", "2500"),)))
+def test_router_errors_map_to_http_statuses():
+    """What the router's core raises becomes OpenAI's status and error type (each
+    error names a gRPC status, which the gRPC API aborts with); a 429 carries its
+    retry hint; a bad field is the `param`."""
+    from llmesh.services.common import errors
+    from llmesh.services.router.http_api.errors import from_error
+    cases = [(errors.UnavailableError("no replica is ready"), 503, "service_unavailable"),
+             (errors.DeadlineExceededError("deadline exceeded"), 504, "timeout"),
+             (errors.UnauthenticatedError("no API key"), 401, "authentication_error"),
+             (errors.PermissionDeniedError("model: not yours"), 403, "permission_error"),
+             (errors.NotFoundError("model: 'x' is not served"), 404, "not_found_error"),
+             (errors.DuplicateRequestError("r1"), 409, "conflict_error"),
+             (errors.UpstreamError("INTERNAL", "no output"), 500, "server_error")]
+    for e, status, type_ in cases:
+        got = from_error(e)
+        assert (got.status, got.type, got.code, got.message) == \
+            (status, type_, e.code.lower(), str(e))
+    e = from_error(errors.LimitExceededError("quota", "over quota", retry_after_s=2.5))
     assert e.status == 429 and e.headers() == {"retry-after": "2", "retry-after-ms": "2500"}
-    e = from_rpc_error(LocalRpcError(grpc.StatusCode.INVALID_ARGUMENT, "temperature: too hot"))
-    assert e.status == 400 and e.param == "temperature"
+    e = from_error(errors.InvalidRequestError("temperature", "too hot"))
+    assert e.status == 400 and e.param == "temperature" and e.message == "temperature: too hot"
+    e = from_error(errors.UpstreamError("INVALID_ARGUMENT", "tokenizer: bad input"))
+    assert e.status == 400 and e.param == "tokenizer"
 
 
 def test_vllm_guided_fields_map_to_structured_output():

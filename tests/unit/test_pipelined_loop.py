@@ -143,7 +143,7 @@ def test_every_sequence_reaches_its_owner(tiny_model, n, max_tokens):
     loop = EngineLoop(sched, executor, tiny_model.config.vocab_size, emit=emit)
 
     async def run():
-        loop.add("r", prompt, params, "router-0", seed=5)
+        loop.add("r", prompt, params.replace(seed=5), "router-0")
         while loop.has_work:
             await loop.step()
     try:

@@ -8,7 +8,7 @@ from llmesh.services.executor.sampler import SampleRow, exponential_noise, row_k
 
 
 def _row(seed=1, position=10, prompt=(), output=(), **params):
-    return SampleRow(SamplingParams(**params), seed, 0, position, list(prompt) + list(output),
+    return SampleRow(SamplingParams(seed=seed, **params), 0, position, list(prompt) + list(output),
                      len(prompt))
 
 

@@ -115,13 +115,13 @@ def test_time_spent_before_the_replica_counts_even_with_nothing_queued(tiny_mode
     classes["interactive"] = ClassLimits(weight=4.0, ttft_budget_s=1.0)
     engine = Engine(SleepModel(load_model_config(tiny_model_dir), 0.001),
                     EngineConfig(num_kv_blocks=64, policy=SchedulingPolicy(classes=classes)))
-    params, seed = SamplingParams(max_tokens=2, ignore_eos=True), 1
+    params = SamplingParams(max_tokens=2, ignore_eos=True, seed=1)
     with pytest.raises(QueueFullError) as e:
-        engine.loop.add("late", [1, 2, 3], params, "t", seed, priority="interactive",
+        engine.loop.add("late", [1, 2, 3], params, "t", priority="interactive",
                         arrival_unix_s=time.time() - 0.95)
     assert e.value.reason == "slo" and "of it before this replica" in str(e.value)
-    engine.loop.add("on-time", [1, 2, 3], params, "t", seed, priority="interactive",
+    engine.loop.add("on-time", [1, 2, 3], params, "t", priority="interactive",
                     arrival_unix_s=time.time() - 0.5)
-    engine.loop.add("no-stamp", [1, 2, 3], params, "t", seed, priority="interactive")
+    engine.loop.add("no-stamp", [1, 2, 3], params, "t", priority="interactive")
     assert engine.loop.stats.num_slo_rejected == 1 and engine.has_unfinished()
     engine.close()

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API (Starlette): thin handlers that parse a body,
-call the Inference API (the router serves both, calling its own handlers
-in-process), and answer in OpenAI's shapes.
+call the router's request core (services/router/generation.py, the same one
+its gRPC API adapts), and answer in OpenAI's shapes.
 
     POST /v1/chat/completions   POST /v1/completions   (stream: true | false)
     GET  /v1/models   GET /v1/models/{id}   GET /health
@@ -15,8 +15,6 @@ import json
 import logging
 import uuid
 
-import grpc
-from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 from prometheus_client import Counter
 from starlette.applications import Starlette
@@ -24,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmesh.v1 import inference_pb2
 from llmesh.observability import telemetry
+from llmesh.services.common.errors import LlmeshError
 from llmesh.services.router.admission import GATEWAY_START_HEADER
-from llmesh.services.router.http_api.errors import ApiError, from_rpc_error, invalid
+from llmesh.services.router.generation import Call, Generation
+from llmesh.services.router.http_api.errors import ApiError, from_error, invalid
 from llmesh.services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
 from llmesh.services.router.http_api.responses import Formatter, TokenText, usage_dict
 from llmesh.services.router.http_api.streams import DirectUpstream, SseResponse, SseStream, Upstream
@@ -42,15 +41,12 @@ def _reject_constant(name: str):
 
 
 class OpenAIApi:
-    """Collaborators: `inference`, a client of the Inference API (a gRPC stub, or
-    the router's own handlers called in-process: services/router/local_calls.py),
-    `health` (its health Check), the served model's name, and `token_text` (a
-    token id's text, for logprobs)."""
+    """Collaborators: `generation`, the router's request core, the served model's
+    name, and `token_text` (a token id's text, for logprobs)."""
 
-    def __init__(self, inference, health, model_name: str, token_text: TokenText,
+    def __init__(self, generation: Generation, model_name: str, token_text: TokenText,
                  heartbeat_s: float = 15.0, first_event_wait_s: float = 5.0):
-        self.stub = inference
-        self.health = health
+        self.generation = generation
         self.model_name = model_name
         self.token_text = token_text
         self.heartbeat_s = heartbeat_s
@@ -95,18 +91,18 @@ class OpenAIApi:
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise invalid("", f"the body is not valid JSON: {str(e)[:200]}") from None
 
-    def _metadata(self, request: Request) -> tuple:
-        """What the gRPC handlers read of the headers: the API key, and when the
-        request reached the gateway."""
+    def _call(self, request: Request) -> Call:
+        """What the core reads of the headers (as of gRPC metadata): the API key,
+        and when the request reached the gateway."""
         stamp = request.headers.get(GATEWAY_START_HEADER)
         metadata = ((GATEWAY_START_HEADER, stamp),) if stamp is not None else ()
         auth = request.headers.get("authorization")
         if auth is None:
-            return metadata
+            return Call(metadata)
         if not auth.isascii() or not auth.isprintable():
             raise ApiError(401, "the Authorization header is not a valid API key",
                            "authentication_error")
-        return (("authorization", auth),) + metadata
+        return Call((("authorization", auth),) + metadata)
 
     # ---- endpoints ---------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -117,7 +113,7 @@ class OpenAIApi:
                                  parse_completion(await self._body(request), request.headers))
 
     async def _serve(self, request: Request, parsed: ParsedRequest) -> Response:
-        metadata = self._metadata(request)
+        call = self._call(request)
         request_id = uuid.uuid4().hex
         for i, req in enumerate(parsed.requests):
             req.request_id = request_id if len(parsed.requests) == 1 else f"{request_id}-{i}"
@@ -129,18 +125,19 @@ class OpenAIApi:
         path = request.url.path
         with trace.use_span(span, end_on_exit=False):
             if parsed.stream:
-                return await self._stream(path, parsed, fmt, metadata, span)
+                return await self._stream(path, parsed, fmt, call, span)
         try:
             with trace.use_span(span, end_on_exit=False):
-                body = await self._whole(request, parsed, fmt, metadata)
+                body = await self._whole(request, parsed, fmt, call)
         finally:
             span.end()
         self.requests.labels(path, "200").inc()
         return JSONResponse(body)
 
-    async def _stream(self, path, parsed, fmt, metadata, span) -> Response:
-        upstream = (DirectUpstream(self.stub, parsed.requests[0], metadata)
-                    if len(parsed.requests) == 1 else Upstream(self.stub, parsed.requests, metadata))
+    async def _stream(self, path, parsed, fmt, call: Call, span) -> Response:
+        upstream = (DirectUpstream(self.generation, parsed.requests[0], call)
+                    if len(parsed.requests) == 1
+                    else Upstream(self.generation, parsed.requests, call))
         # an error before the first event (validation, auth, limits) is an HTTP status
         first = await upstream.next(self.first_event_wait_s)
         if first is not None and isinstance(first[1], ApiError):
@@ -157,9 +154,10 @@ class OpenAIApi:
                            first, on_end, parsed.include_timing, parsed.json_fragments)
         return SseResponse(stream.__aiter__(), self.heartbeat_s, SSE_HEADERS)
 
-    async def _whole(self, request: Request, parsed, fmt, metadata) -> dict:
-        calls = [self.stub.Complete(req, metadata=metadata) for req in parsed.requests]
-        results = asyncio.ensure_future(asyncio.gather(*calls))
+    async def _whole(self, request: Request, parsed, fmt, call: Call) -> dict:
+        tasks = [asyncio.ensure_future(self.generation.complete(req, call))
+                 for req in parsed.requests]
+        results = asyncio.ensure_future(asyncio.gather(*tasks))
         results.add_done_callback(lambda f: f.cancelled() or f.exception())  # (retrieved)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -168,12 +166,12 @@ class OpenAIApi:
                 raise ApiError(499, "the client closed the connection", "cancelled")
             try:
                 responses = results.result()
-            except grpc.RpcError as e:
-                raise from_rpc_error(e) from None
+            except LlmeshError as e:
+                raise from_error(e) from None
         finally:
             gone.cancel()
-            for call in calls:
-                call.cancel()
+            for task in tasks:
+                task.cancel()
         choices, usage = [], [0, 0, 0]
         for p, resp in enumerate(responses):
             seqs = list(resp.choices) or [resp]
@@ -198,20 +196,14 @@ class OpenAIApi:
         raise ApiError(404, f"model {wanted!r} is not served", "not_found_error", "model")
 
     async def _model_list(self) -> list[dict]:
-        try:
-            resp = await self.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        resp = self.generation.list_models()
         return [{"id": m.name, "object": "model", "created": 0, "owned_by": "llmesh",
                  "max_model_len": m.max_model_len} for m in resp.models]
 
     async def healthz(self, request: Request) -> Response:
-        """200 while a router says SERVING (Envoy's health check of this service)."""
-        try:
-            resp = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            ok = resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            ok = False
+        """200 while the router has a replica that takes requests (what its gRPC
+        health says: Envoy's health check of this API)."""
+        ok = self.generation.is_ready
         return JSONResponse({"status": "ok" if ok else "unavailable"},
                             status_code=200 if ok else 503)
 

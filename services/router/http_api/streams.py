@@ -14,9 +14,9 @@ import json
 import logging
 import time
 
-import grpc
-
-from llmesh.services.router.http_api.errors import ApiError, from_rpc_error
+from llmesh.services.common.errors import LlmeshError
+from llmesh.services.router.generation import Call
+from llmesh.services.router.http_api.errors import ApiError, from_error
 from llmesh.services.router.http_api.json_fragments import JsonFragments
 from llmesh.services.router.http_api.responses import FINISH, Formatter, usage_dict
 
@@ -32,17 +32,17 @@ def event(obj: dict) -> bytes:
 
 def _failure(e: Exception) -> ApiError:
     """What ended a router call early, as the stream's error event."""
-    if isinstance(e, grpc.RpcError):
-        return from_rpc_error(e)
+    if isinstance(e, LlmeshError):
+        return from_error(e)
     return ApiError(502, f"router stream failed: {e!r}", "server_error")
 
 
 class Upstream:
-    """The streaming router calls of one request, read into one queue."""
+    """The router streams of one request, read into one queue."""
 
-    def __init__(self, stub, requests: list, metadata: tuple):
+    def __init__(self, generation, requests: list, call: Call):
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.calls = [stub.Generate(req, metadata=metadata) for req in requests]
+        self.calls = [generation.generate(req, call) for req in requests]
         self.num_open = len(self.calls)
         self._tasks = [asyncio.ensure_future(self._pump(i, call))
                        for i, call in enumerate(self.calls)]
@@ -66,19 +66,16 @@ class Upstream:
             return None
 
     def cancel(self) -> None:
-        for call in self.calls:
-            call.cancel()
-        for task in self._tasks:
+        for task in self._tasks:  # (a stream cancelled in its read runs its cleanup)
             task.cancel()
 
 
 class DirectUpstream:
-    """One streaming call read in the response's own task: no pump task and no
+    """One router stream read in the response's own task: no pump task and no
     queue hop per event (the common case: one prompt)."""
 
-    def __init__(self, stub, request, metadata: tuple):
-        self.call = stub.Generate(request, metadata=metadata)
-        self._it = self.call.__aiter__()
+    def __init__(self, generation, request, call: Call):
+        self._it = generation.generate(request, call)
         self.num_open = 1
         self._pending: asyncio.Future | None = None  # a read that outlived a timed wait
 
@@ -105,13 +102,11 @@ class DirectUpstream:
         return task.result()
 
     def cancel(self) -> None:
-        self.call.cancel()
         if self._pending is not None:
             self._pending.cancel()
-        aclose = getattr(self._it, "aclose", None)
-        if aclose is not None:  # an in-process handler: run its cleanup now
-            asyncio.ensure_future(aclose()).add_done_callback(
-                lambda f: f.cancelled() or f.exception())
+        # the stream's cleanup (cancel upstream, settle) runs now, not when collected
+        asyncio.ensure_future(self._it.aclose()).add_done_callback(
+            lambda f: f.cancelled() or f.exception())
 
 
 class SseResponse:
