@@ -91,7 +91,7 @@ def decode_sweep(engine, batches, prompt_tokens, args, bandwidth, weight_bytes, 
                     blocks = list(kv.block_ids(sid))
                     plan.new.append(NewSequence(sid, [rng.randrange(vocab_size) for _ in
                                                       range(prompt_tokens)],
-                                                prompt_tokens, params, 0, 0, 0, blocks))
+                                                prompt_tokens, params, 0, 0, blocks))
                     plan.scheduled.append(ScheduledSequence(sid, prompt_tokens, len(blocks), []))
                     done[sid] = prompt_tokens
                 sync()
