@@ -86,6 +86,7 @@ def options(p) -> None:
 def run(args) -> dict:
     steps = [(args.base, 8.0), (args.spike, 10.0), (args.base, 12.0)]
     out_dir = Path(args.json).parent if args.json else Path(tempfile.mkdtemp())
+    out_dir.mkdir(parents=True, exist_ok=True)
     every = targets(args.max_replicas)
     chosen = args.targets.split(",") if args.targets else list(every)
     return {"phases_rps_s": steps, "ttft_budget_s": BUDGET_S,
