@@ -50,8 +50,9 @@ def cmd_deadletters(args) -> int:
 def _replay(r, entries, endpoint: str, only: set[str], api_key: str | None, as_json: bool) -> int:
     """Send each replayable entry again (same tokens, same sampling); an entry that
     completes leaves the stream, one that fails again stays."""
-    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-    from llmesh.services.common.convert import PRIORITY_VALUES
+    from llmesh.v1 import inference_pb2, inference_pb2_grpc
+    from llmesh.services.common.convert import PRIORITY_VALUES, sampling_to_public
+    from llmesh.services.common.sampling_params import SamplingParams
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     results = []
     with grpc.insecure_channel(endpoint) as ch:
@@ -62,23 +63,8 @@ def _replay(r, entries, endpoint: str, only: set[str], api_key: str | None, as_j
             if "prompt_token_ids" not in f:
                 results.append({"id": eid, "status": "SKIPPED", "why": "inputs were not kept"})
                 continue
-            p = json.loads(f["sampling"])
-            sampling = common_pb2.SamplingParams(
-                max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                top_k=p["top_k"], min_p=p["min_p"], repetition_penalty=p["repetition_penalty"],
-                presence_penalty=p["presence_penalty"], frequency_penalty=p["frequency_penalty"],
-                seed=p["seed"], stop=p["stop"], stop_token_ids=p["stop_token_ids"],
-                ignore_eos=p["ignore_eos"], n=p["n"],
-                repetition_max_ngram=p["repetition_max_ngram"],
-                repetition_min_repeats=p["repetition_min_repeats"])
-            if p["logprobs"] is not None:
-                sampling.logprobs = p["logprobs"]
-            grammar = p.get("grammar")
-            if grammar:  # structured output: the same constraint again
-                if grammar["kind"] == "json_object":
-                    sampling.structured.json_object = True
-                else:
-                    setattr(sampling.structured, grammar["kind"], grammar["source"])
+            # the same parameters again (seed and structured output included)
+            sampling = sampling_to_public(SamplingParams.from_dict(json.loads(f["sampling"])))
             req = inference_pb2.GenerateRequest(
                 token_ids=inference_pb2.TokenIds(ids=json.loads(f["prompt_token_ids"])),
                 sampling=sampling, priority=PRIORITY_VALUES.get(f["priority"], 0))

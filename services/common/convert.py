@@ -3,7 +3,9 @@
 The public `SamplingParams` message becomes the domain `SamplingParams` once,
 at the router (`sampling_from_public`). Inside the mesh the domain value
 travels as `SamplingConfig` (`sampling_to_wire` / `sampling_from_wire`), whose
-doubles carry it exactly, so no hop rounds or re-validates it.
+doubles carry it exactly, so no hop rounds or re-validates it. Every declared
+parameter (services/common/sampling_params.py) is carried field for field by
+name; only structured output has its own shape in each message.
 """
 from __future__ import annotations
 
@@ -11,39 +13,66 @@ from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
 from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
 from llmesh.services.common.grammar_spec import GrammarSpec
-from llmesh.services.common.sampling_params import RANGES, SamplingParams
+from llmesh.services.common.sampling_params import PARAMS, SamplingParams
 from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
 
-def _numeric_fields(msg) -> dict:
-    """The numeric sampling parameters (RANGES: their one declaration) a message
-    carries; an optional field left unset keeps the domain default."""
+_CARRIED = tuple(name for name in PARAMS if name != "grammar")  # field for field, by name
+
+
+def _params_of(msg) -> dict:
+    """The declared sampling parameters a message carries: an optional field left
+    unset keeps the domain default; repeated fields become tuples; float32 values
+    (the public message's) are rounded to the nearest short decimal, so 0.9 stays 0.9."""
     fields = msg.DESCRIPTOR.fields_by_name
-    return {name: getattr(msg, name) for name in RANGES
-            if not fields[name].has_presence or msg.HasField(name)}
+    out = {}
+    for name in _CARRIED:
+        f = fields[name]
+        if f.is_repeated:
+            out[name] = tuple(getattr(msg, name))
+        elif not f.has_presence or msg.HasField(name):
+            value = getattr(msg, name)
+            out[name] = float(f"{value:.7g}") if f.type == f.TYPE_FLOAT else value
+    return out
+
+
+def _with_params(msg, p: SamplingParams):
+    """`msg` with every declared parameter of `p` set (None: left unset)."""
+    fields = msg.DESCRIPTOR.fields_by_name
+    for name in _CARRIED:
+        value = getattr(p, name)
+        if value is None:
+            continue
+        if fields[name].is_repeated:
+            getattr(msg, name).extend(value)
+        else:
+            setattr(msg, name, value)
+    return msg
 
 
 def sampling_from_public(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """The client's parameters: unset optional fields keep the domain defaults;
-    float32 wire values are rounded to the nearest short decimal so 0.9 stays 0.9."""
-    kwargs = {name: float(f"{value:.7g}") if isinstance(value, float) else value
-              for name, value in _numeric_fields(msg).items()}
+    """The client's parameters (unset optional fields keep the domain defaults)."""
     grammar = None
     kind = msg.structured.WhichOneof("kind") if msg.HasField("structured") else None
     if kind is not None:
         source = "" if kind == "json_object" else getattr(msg.structured, kind)
         grammar = GrammarSpec(kind, source)
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop),
-                          ignore_eos=msg.ignore_eos, grammar=grammar, **kwargs)
+    return SamplingParams(grammar=grammar, **_params_of(msg))
+
+
+def sampling_to_public(p: SamplingParams) -> common_pb2.SamplingParams:
+    """The parameters as a client sends them (a dead letter's replay)."""
+    msg = _with_params(common_pb2.SamplingParams(), p)
+    if p.grammar is not None:
+        if p.grammar.kind == "json_object":
+            msg.structured.json_object = True
+        else:
+            setattr(msg.structured, p.grammar.kind, p.grammar.source)
+    return msg
 
 
 def sampling_to_wire(p: SamplingParams) -> engine_pb2.SamplingConfig:
-    msg = engine_pb2.SamplingConfig(stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-                                    stop=p.stop)
-    for name in RANGES:
-        value = getattr(p, name)
-        if value is not None:
-            setattr(msg, name, value)
+    msg = _with_params(engine_pb2.SamplingConfig(), p)
     if p.grammar is not None:
         msg.grammar_kind, msg.grammar_source = p.grammar.kind, p.grammar.source
     return msg
@@ -51,9 +80,8 @@ def sampling_to_wire(p: SamplingParams) -> engine_pb2.SamplingConfig:
 
 def sampling_from_wire(msg: engine_pb2.SamplingConfig) -> SamplingParams:
     return SamplingParams(
-        stop_token_ids=tuple(msg.stop_token_ids), stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
         grammar=GrammarSpec(msg.grammar_kind, msg.grammar_source) if msg.grammar_kind else None,
-        **_numeric_fields(msg))
+        **_params_of(msg))
 
 
 def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:

@@ -46,53 +46,59 @@ class Range:
         return f"{'(' if self.lo_open else '['}{lo}, {hi}]"
 
 
-# The one declaration of each numeric parameter's range (the name is the
-# SamplingParams field, the proto fields' name and the OpenAI body key): the
-# Engine and gRPC check it in SamplingParams.validate, the HTTP API when it parses
-# a body (services/router/http_api/requests.py), so both accept the same values.
-RANGES = {
-    "max_tokens": Range(1, 2**31 - 1, is_int=True),
-    "temperature": Range(0.0, 2.0),
-    "top_p": Range(0.0, 1.0, lo_open=True),
-    "top_k": Range(0, 2**31 - 1, is_int=True),  # 0 = off
-    "min_p": Range(0.0, 1.0),
-    "repetition_penalty": Range(0.0, 100.0, lo_open=True),
-    "presence_penalty": Range(-2.0, 2.0),
-    "frequency_penalty": Range(-2.0, 2.0),
-    "seed": Range(0, 2**63 - 1, is_int=True),
-    "n": Range(1, MAX_N, is_int=True),
-    "logprobs": Range(0, MAX_TOP_LOGPROBS, is_int=True),
-    "repetition_max_ngram": Range(0, MAX_REPETITION_NGRAM, is_int=True),
-    "repetition_min_repeats": Range(0, 16, is_int=True),
-}
+def param(default, range_: Range | None = None, *, http: str | None = "",
+          sampler: bool = False):
+    """A declared sampling parameter: a SamplingParams field whose name is also its
+    field in the protos (common.SamplingParams, engine.SamplingConfig) and, with
+    `http` "" (the default), its key in OpenAI bodies (None: HTTP has its own
+    fields for it). `range_`: the values every edge accepts. `sampler`: the
+    executor's sampler reads it (the others act in the scheduler)."""
+    return dataclasses.field(default=default, metadata={
+        "range": range_, "http": http, "sampler": sampler})
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. Defaults are greedy, 16 tokens."""
+    """How to pick tokens for one request: the one declaration of every sampling
+    parameter (name, type, default, range, HTTP key, who reads it). Conversion
+    (services/common/convert.py), validation (`validate`) and the HTTP API's
+    parsing (services/router/http_api/requests.py) derive from it; adding a
+    parameter is docs/sampling-parameters.md's recipe. Defaults: greedy, 16 tokens."""
 
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings, matched on the generated text (not included)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None = off; k = chosen token plus k alternatives
-    n: int = 1
+    max_tokens: int = param(16, Range(1, 2**31 - 1, is_int=True))
+    temperature: float = param(0.0, Range(0.0, 2.0), sampler=True)  # 0 = greedy
+    top_p: float = param(1.0, Range(0.0, 1.0, lo_open=True), sampler=True)
+    top_k: int = param(0, Range(0, 2**31 - 1, is_int=True), sampler=True)  # 0 = off
+    min_p: float = param(0.0, Range(0.0, 1.0), sampler=True)
+    repetition_penalty: float = param(1.0, Range(0.0, 100.0, lo_open=True), sampler=True)
+    presence_penalty: float = param(0.0, Range(-2.0, 2.0), sampler=True)
+    frequency_penalty: float = param(0.0, Range(-2.0, 2.0), sampler=True)
+    # None until drawn (`with_seed`); sampling is keyed by (seed, choice, position)
+    seed: int | None = param(None, Range(0, 2**63 - 1, is_int=True), sampler=True)
+    stop_token_ids: tuple[int, ...] = param(())
+    stop: tuple[str, ...] = param(())  # stop strings, matched on the generated text (not included)
+    ignore_eos: bool = param(False)
+    # None = off; k = chosen token plus k alternatives
+    logprobs: int | None = param(None, Range(0, MAX_TOP_LOGPROBS, is_int=True), sampler=True)
+    n: int = param(1, Range(1, MAX_N, is_int=True))
     # opt-in early stop: the output ends with an n-gram (n <= repetition_max_ngram)
     # repeated repetition_min_repeats times in a row; 0 = off
-    repetition_max_ngram: int = 0
-    repetition_min_repeats: int = 0
-    grammar: GrammarSpec | None = None  # structured output: the output must match it
+    repetition_max_ngram: int = param(0, Range(0, MAX_REPETITION_NGRAM, is_int=True))
+    repetition_min_repeats: int = param(0, Range(0, 16, is_int=True))
+    # structured output: the output must match it (protos: `structured` / grammar_kind
+    # and grammar_source; HTTP: response_format and vLLM's guided_* fields)
+    grammar: GrammarSpec | None = param(None, http=None)
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """What `dataclasses.asdict` made of one (a dead letter's JSON)."""
+        grammar = d.get("grammar")
+        return cls(**{name: tuple(d[name]) if isinstance(d[name], list) else d[name]
+                      for name in PARAMS if name != "grammar" and name in d},
+                   grammar=GrammarSpec(**grammar) if grammar else None)
 
     def with_seed(self) -> "SamplingParams":
         """These parameters with a seed: the user's, or one drawn now. The one place
@@ -133,6 +139,11 @@ class SamplingParams:
                     "stop", f"stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters")
 
 
+PARAMS = {f.name: f for f in dataclasses.fields(SamplingParams)}
+# each numeric parameter's range: what the Engine and gRPC check (`validate`) and
+# the HTTP API when it parses a body, so both accept the same values
+RANGES = {name: f.metadata["range"] for name, f in PARAMS.items() if f.metadata["range"]}
+SAMPLER_PARAMS = tuple(name for name, f in PARAMS.items() if f.metadata["sampler"])
 _SEEDS = random.Random()
 
 

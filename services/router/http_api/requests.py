@@ -5,19 +5,20 @@ Unknown fields are ignored, as OpenAI-compatible servers do. Defaults follow
 OpenAI: temperature 1, top_p 1; chat generates up to the end of the context
 unless `max_tokens` / `max_completion_tokens` says otherwise, completions 16.
 
-Extensions (not in OpenAI's API): `top_k`, `min_p`, `repetition_penalty`,
-`ignore_eos`, `stop_token_ids`, `priority` (interactive | standard | batch; the
+Extensions (not in OpenAI's API): every other sampling parameter llmesh declares
+(services/common/sampling_params.py: `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`, `stop_token_ids`, `repetition_max_ngram`, ...), `priority` (interactive | standard | batch; the
 `x-llmesh-priority` header does the same) and `timeout_ms`.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmesh.v1 import common_pb2, inference_pb2
 from llmesh.services.common.errors import InvalidRequestError
-from llmesh.services.common.sampling_params import RANGES
+from llmesh.services.common.sampling_params import PARAMS, RANGES
 from llmesh.services.router.http_api.errors import ApiError, invalid
 
 PRIORITIES = {"interactive": common_pb2.PRIORITY_INTERACTIVE,
@@ -38,7 +39,6 @@ class ParsedRequest:
     logprobs: int | None = None  # None = off; k = top-k alternatives
     include_timing: bool = False  # stream chunks carry the scheduler's emitted_unix_s
     json_fragments: bool = False  # stream completed JSON values, not text deltas
-    extra_metadata: list = field(default_factory=list)
 
 
 def _get(body: dict, name: str):
@@ -111,6 +111,12 @@ def _unsupported(body: dict, name: str, allowed=()) -> None:
                        code="unsupported_parameter")
 
 
+# the parameters whose HTTP shape is not their declared one (the rest are read
+# field for field: a number in its declared range, or a boolean)
+_OWN_SHAPE = {"max_tokens", "temperature", "top_k", "seed", "stop", "stop_token_ids",
+              "logprobs"}
+
+
 def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.SamplingParams:
     s = common_pb2.SamplingParams()
     max_tokens = _ranged(body, "max_tokens", "max_completion_tokens")
@@ -119,11 +125,6 @@ def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.Sampling
     s.max_tokens = max_tokens if max_tokens is not None else (max_tokens_default or 0)
     temperature = _ranged(body, "temperature")
     s.temperature = 1.0 if temperature is None else temperature  # (OpenAI's default)
-    for name in ("top_p", "presence_penalty", "frequency_penalty", "min_p",
-                 "repetition_penalty"):
-        value = _ranged(body, name)
-        if value is not None:
-            setattr(s, name, value)
     top_k = _int(body, "top_k", -1, int(RANGES["top_k"].hi))  # (-1, as 0: off)
     if top_k is not None and top_k > 0:  # -1 and 0: off
         s.top_k = top_k
@@ -142,12 +143,17 @@ def _sampling(body: dict, max_tokens_default: int | None) -> common_pb2.Sampling
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in ids):
             raise invalid("stop_token_ids", "must be a list of token ids")
         s.stop_token_ids.extend(ids)
-    s.ignore_eos = _bool(body, "ignore_eos")
-    n = _ranged(body, "n")
-    if n is not None:
-        s.n = n
+    for name, f in PARAMS.items():
+        key = f.metadata["http"]
+        if name in _OWN_SHAPE or key is None:
+            continue
+        key = key or name
+        value = _ranged(body, name, key) if name in RANGES else \
+            (_bool(body, key) if _get(body, key) is not _MISSING else None)
+        if value is not None:
+            setattr(s, name, value)
     best_of = _ranged(body, "n", "best_of")
-    if best_of is not None and best_of != (n or 1):
+    if best_of is not None and best_of != (s.n or 1):
         raise ApiError(400, "best_of: only best_of == n is supported", param="best_of",
                        code="unsupported_parameter")
     return s
