@@ -1,6 +1,7 @@
-"""`llmesh bench`: offline | online (the serving harness), workload, gpu, kernels, and
-every standalone benchmark's spec (`llmesh bench chaos ...` is `python -m
-llmesh.benchmarks.chaos ...`). Registered with `llmesh` by the `llmesh.cli` entry point."""
+"""`llmesh bench`: offline | online (the serving harness), workload, and every
+standalone benchmark's spec (`llmesh bench chaos ...` is `python -m llmesh.benchmarks.chaos
+...`; gpu and kernels are gpu_bench and gpu_kernels). Registered with `llmesh` by the
+`llmesh.cli` entry point."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,13 @@ import sys
 
 from llmesh.benchmarks import arrivals as arrivals_mod
 from llmesh.benchmarks import workload as workload_mod
-from llmesh.benchmarks.gpu_bench import add_gpu_parser
-from llmesh.benchmarks.gpu_kernels import add_kernels_parser
 from llmesh.benchmarks.metrics import parse_slo
 
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
-SPECS = ("autoscale", "chaos", "cpu_runtime", "kv_cache_sim", "kv_routing", "loop_overhead",
-         "model_quality", "overload", "priorities", "quant_quality", "soak", "step_overhead",
-         "stream_latency", "structured_cost", "tp", "tracing_overhead")
+SPECS = {"gpu": "gpu_bench", "kernels": "gpu_kernels", **{m.replace("_", "-"): m for m in (
+    "autoscale", "chaos", "cpu_runtime", "kv_cache_sim", "kv_routing", "loop_overhead",
+    "model_quality", "overload", "priorities", "quant_quality", "soak", "step_overhead",
+    "stream_latency", "structured_cost", "tp", "tracing_overhead")}}  # command -> module
 
 
 def add_bench_parsers(sub) -> None:
@@ -44,9 +44,6 @@ def add_bench_parsers(sub) -> None:
     on.add_argument("--num-requests", type=int, help="requests per run (with or instead of "
                                                      "--duration; needed for offline arrivals)")
 
-    add_gpu_parser(bench)
-    add_kernels_parser(bench)
-
     wl = bench.add_parser("workload", help="write a seeded workload as JSONL")
     wl.add_argument("name", choices=workload_mod.BUILTIN)
     wl.add_argument("--out", required=True)
@@ -56,8 +53,8 @@ def add_bench_parsers(sub) -> None:
     wl.add_argument("--max-prompt", type=int, default=1024)
     wl.add_argument("--max-output", type=int, default=512)
 
-    for module in SPECS:
-        bench.add_parser(module.replace("_", "-"), help=_first_line(module), spec_module=module)
+    for command, module in SPECS.items():
+        bench.add_parser(command, help=_first_line(module), spec_module=module)
 
 
 class BenchParser(argparse.ArgumentParser):
@@ -122,12 +119,6 @@ def _common(p, default_targets: str) -> None:
 def run_bench_cli(args) -> int:
     if args.bench_cmd == "workload":
         return _write_workload(args)
-    if args.bench_cmd == "kernels":
-        from llmesh.benchmarks.gpu_kernels import run_kernels_cli
-        return run_kernels_cli(args)
-    if args.bench_cmd == "gpu":
-        from llmesh.benchmarks.gpu_bench import run_gpu_cli
-        return run_gpu_cli(args)
     from llmesh.benchmarks.harness import run_bench
     from llmesh.benchmarks.report import default_paths, markdown, write_outputs
     setup = build_setup(args)

@@ -1,16 +1,6 @@
-"""`llmesh bench gpu`, parts 1 and 2: decode steps against the memory roofline, and the
-profile split of one batch's steps.
-
-Decode steps at each batch size are driven straight through the engine's own
-ModelRunner (`engine.runner`, blocks from `engine.kv`) with decode-only StepPlans: the
-batch is prefilled, `warmup_steps` run, then `decode_steps` timed one by one (each
-`execute` ends with the sampled tokens' copy to the host; torch.cuda.synchronize
-around the loop); the median is the step. roofline = (weight bytes + KV bytes read) /
-peak memory bandwidth; share = roofline / step. The profile split, at one batch: wall
-time per step against the GPU time the runner reports (forward_s + sample_s), and the
-GPU's busy time per step from torch.profiler, with the top kernels and host ops.
-
-The caller keeps the engine's own loop out of the runner while these run.
+"""`llmesh bench gpu`, parts 1 and 2 (gpu_bench.py describes them): decode steps
+through the engine's ModelRunner against the memory roofline, and the profile split of
+one batch's steps. The caller keeps the engine's own loop out of the runner meanwhile.
 """
 from __future__ import annotations
 
@@ -18,15 +8,12 @@ import itertools
 import math
 import random
 import statistics
-import sys
 import time
+
+from llmesh.benchmarks.kit import log
 
 PEAK_TBS = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35}  # spec sheets
 ISSUE_TABLE_TBS = 4.3  # what issue 14's first table divided by (an H200's measured copy rate)
-
-
-def _log(msg: str) -> None:
-    print(f"[bench gpu] {msg}", file=sys.stderr, flush=True)
 
 
 def spec_bandwidth(gpu_name: str | None) -> tuple[float, str] | None:
@@ -143,7 +130,7 @@ def decode_sweep(engine, batches, prompt_tokens, args, bandwidth, weight_bytes, 
                          "prefill_ms": [round(1e3 * t, 3) for t in prefill_s],
                          "prefill_tokens": prefill_tokens,
                          "tokens_per_s": batch / step_s})
-            _log(f"decode batch {batch}: {1e3 * step_s:.3f} ms/step, roofline "
+            log(f"[bench gpu] decode batch {batch}: {1e3 * step_s:.3f} ms/step, roofline "
                  f"{1e3 * roof_s:.3f} ms ({100 * roof_s / step_s:.1f}%)")
             if batch == profile_batch:
                 profile = _profile(runner, [decode_plan()[0] for _ in range(args.profile_steps)],

@@ -1,4 +1,5 @@
-"""`llmesh bench kernels`: the paged decode kernel against the bytes it must read.
+"""The paged decode kernel against the memory roofline and torch SDPA on contiguous
+K/V (GPU).
 
     llmesh bench kernels [--batches 1,16,64,256] [--contexts 1024,4096,16384]
                          [--head-dims 64,128] [--json OUT]
@@ -20,10 +21,10 @@ import statistics
 import sys
 import time
 
+from llmesh.benchmarks import kit
 
-def add_kernels_parser(bench) -> None:
-    p = bench.add_parser("kernels", help="the paged decode kernel against the memory roofline "
-                                         "and torch SDPA on contiguous K/V (GPU)")
+
+def options(p) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--contexts", default="1024,4096,16384")
@@ -34,23 +35,15 @@ def add_kernels_parser(bench) -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--max-gib", type=float, default=24.0,
                    help="skip cases whose K/V cache is larger than this")
-    p.add_argument("--json", dest="json_out")
 
 
-def _log(msg: str) -> None:
-    print(f"[bench kernels] {msg}", file=sys.stderr, flush=True)
-
-
-def run_kernels_cli(args) -> int:
+def run(args) -> dict:
+    """The report, also written to --json after each case."""
     import torch
     if not torch.cuda.is_available():
-        print("bench kernels: needs a CUDA device", file=sys.stderr)
-        return 2
-    from llmesh.benchmarks.kit import write_json
-    report = run_kernel_bench(args, on_update=(lambda r: write_json(r, args.json_out))
-                              if args.json_out else None)
-    print(markdown(report), end="")
-    return 0
+        raise ValueError("bench kernels: needs a CUDA device")
+    return run_kernel_bench(args, on_update=(lambda r: kit.write_json(r, args.json))
+                            if args.json else None)
 
 
 def _time_calls(fn, reps: int) -> tuple[float, float]:
@@ -78,13 +71,12 @@ def run_kernel_bench(args, on_update=None) -> dict:
     import torch
 
     from llmesh.benchmarks import machine
-    from llmesh.benchmarks.kit import stamp
     dtype = getattr(torch, args.dtype)
     copy = machine.measure_memory_bandwidth(2**30, device="cuda")
     report = {"kind": "llmesh-bench-kernels", "gpu": torch.cuda.get_device_name(),
               "dtype": args.dtype, "kv_heads": args.kv_heads, "group": args.group,
               "block_size": args.block_size, "copy_bytes_per_s": copy["bytes_per_s"],
-              **stamp(shlex.join(["llmesh", *sys.argv[1:]])), "rows": []}
+              **kit.stamp(shlex.join(["llmesh", *sys.argv[1:]])), "rows": []}
     checked = 0
     for head_dim in (int(x) for x in args.head_dims.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
@@ -100,9 +92,10 @@ def run_kernel_bench(args, on_update=None) -> dict:
                     row[f"{name}_share"] = kv_bytes / row[f"{name}_s"] / copy["bytes_per_s"]
                 report["rows"].append(row)
                 torch.cuda.empty_cache()
-                _log(f"d{head_dim} b{batch} ctx{ctx}: paged {1e6 * row['paged_s']:.1f} us "
-                     f"({100 * row['paged_share']:.1f}%), sdpa {1e6 * row['sdpa_s']:.1f} us "
-                     f"({100 * row['sdpa_share']:.1f}%), host {1e6 * row['paged_host_s']:.1f} us")
+                kit.log(f"[bench kernels] d{head_dim} b{batch} ctx{ctx}: paged "
+                        f"{1e6 * row['paged_s']:.1f} us ({100 * row['paged_share']:.1f}%), sdpa "
+                        f"{1e6 * row['sdpa_s']:.1f} us ({100 * row['sdpa_share']:.1f}%), host "
+                        f"{1e6 * row['paged_host_s']:.1f} us")
                 if on_update:
                     on_update(report)
     return report
@@ -159,3 +152,9 @@ def markdown(report) -> str:
                      f"{1e6 * r['paged_host_s']:.1f} us | {1e6 * r['sdpa_s']:.1f} us | "
                      f"{100 * r['sdpa_share']:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+SPEC = kit.Spec("gpu_kernels", __doc__, options, run, model=None, table=markdown)
+
+if __name__ == "__main__":
+    raise SystemExit(kit.main(SPEC))

@@ -70,7 +70,7 @@ import importlib, sys
 print("python", sys.version.split()[0], sys.executable)
 for name in ("torch", "transformers", "safetensors", "tokenizers", "numpy", "yaml", "jinja2",
              "opentelemetry.trace", "cupy", "llmesh.services.engine.engine", "llmesh.benchmarks.gpu_bench",
-             "llmesh.benchmarks.gpu_decode", "llmesh.benchmarks.gpu_e2e", "llmesh.benchmarks.hf_targets",
+             "llmesh.benchmarks.gpu_decode", "llmesh.benchmarks.hf_targets",
              "transformers.generation.configuration_utils:ContinuousBatchingConfig"):
     try:
         name, _, attr = name.partition(":")

@@ -60,10 +60,15 @@ def add_options(p: argparse.ArgumentParser, spec: Spec) -> None:
 
 
 def main(spec: Spec, argv: list[str] | None = None) -> int:
-    """`python -m llmesh.benchmarks.MODULE`: parse, then `execute`."""
+    """`python -m llmesh.benchmarks.MODULE`: parse, then `execute` (exit status 2, as
+    `llmesh bench`'s, when it refuses its arguments or the machine with a ValueError)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser(spec)
-    return execute(spec, p.parse_args(argv), " ".join([p.prog, shlex.join(argv)]).strip())
+    try:
+        return execute(spec, p.parse_args(argv), " ".join([p.prog, shlex.join(argv)]).strip())
+    except ValueError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def execute(spec: Spec, args: argparse.Namespace, command: str) -> int:
