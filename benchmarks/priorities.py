@@ -33,7 +33,7 @@ from typing import Iterator
 
 from llmesh.benchmarks import kit
 from llmesh.benchmarks.kit import medians
-from llmesh.benchmarks.metrics import RequestRecord, distribution, meets_slo, parse_slo, summarize
+from llmesh.benchmarks.metrics import RequestRecord, meets_slo, parse_slo, summarize
 from llmesh.benchmarks.workload import (BURST, BenchRequest, Workload, _fit, _random_tokens, _rng,
                                  long_tailed)
 
@@ -76,11 +76,6 @@ def classed(vocab_size: int, max_model_len: int, seed: int = 0, interactive_shar
 
 
 # ---- the figures (pure: records in, numbers out) -------------------------------------
-def _pcts(values_s: list[float]) -> dict:
-    d = distribution(values_s)
-    return {k: d[k] for k in ("count", "mean", "p50", "p90", "p99", "max") if k in d}
-
-
 def summarize_run(records: list[RequestRecord], classes: list[str], start_s: float,
                   slos: dict[str, dict]) -> dict:
     """One run's figures: overall (throughput, errors, goodput) and per class (TTFT, TPOT,
@@ -92,35 +87,23 @@ def summarize_run(records: list[RequestRecord], classes: list[str], start_s: flo
         by_class.setdefault(classes[rec.index], []).append(rec)
     per_class, num_good = {}, 0
     for cls in [c for c in CLASSES if c in by_class] + sorted(set(by_class) - set(CLASSES)):
-        recs = by_class[cls]
-        ok = [r for r in recs if r.status == "OK"]
-        slo = slos.get(cls, {})
+        recs, slo = by_class[cls], slos.get(cls, {})
+        fig = summarize(recs, start_s, {})
         met = sum(meets_slo(r, slo) for r in recs)
         num_good += met
-        statuses: dict[str, int] = {}
-        for r in recs:
-            statuses[r.status] = statuses.get(r.status, 0) + 1
         per_class[cls] = {
-            "num_requests": len(recs), "num_ok": len(ok),
-            "status_counts": dict(sorted(statuses.items())),
-            "output_tokens": sum(r.num_output_tokens for r in recs),
-            "ttft_ms": _pcts([r.ttft_s for r in ok if r.ttft_s is not None]),
-            "tpot_ms": _pcts([r.tpot_s for r in ok if r.tpot_s is not None]),
-            "e2e_ms": _pcts([r.e2e_s for r in ok if r.e2e_s is not None]),
-            "goodput": {"slo": dict(slo), "num_met": met,
-                        "fraction": met / len(recs) if recs else 0.0},
-        }
+            **{k: fig[k] for k in ("num_requests", "num_ok", "status_counts", "output_tokens")},
+            **{k: {q: v for q, v in fig[k].items() if q != "quantiles"}
+               for k in ("ttft_ms", "tpot_ms", "e2e_ms")},
+            "goodput": {"slo": dict(slo), "num_met": met, "fraction": met / len(recs)}}
         if "ttft_ms" in slo:  # the TTFT part alone: ordering, apart from step time
             met_ttft = sum(meets_slo(r, {"ttft_ms": slo["ttft_ms"]}) for r in recs)
             per_class[cls]["goodput"]["ttft_only_fraction"] = met_ttft / len(recs)
     duration = overall["duration_s"]
     return {
-        "num_requests": overall["num_requests"], "num_ok": overall["num_ok"],
-        "status_counts": overall["status_counts"],
+        **{k: overall[k] for k in ("num_requests", "num_ok", "status_counts", "duration_s",
+                                   "output_tokens", "output_tokens_per_s", "request_throughput")},
         "errors": {k: v for k, v in overall["status_counts"].items() if k != "OK"},
-        "duration_s": duration, "output_tokens": overall["output_tokens"],
-        "output_tokens_per_s": overall["output_tokens_per_s"],
-        "request_throughput": overall["request_throughput"],
         "goodput": {"num_met": num_good,
                     "fraction": num_good / len(records) if records else 0.0,
                     "requests_per_s": num_good / duration},
@@ -128,53 +111,44 @@ def summarize_run(records: list[RequestRecord], classes: list[str], start_s: flo
     }
 
 
+# the table's rows: (label, key in a run's headline, format, where the run's figures hold it)
+ROWS = (
+    ("interactive TTFT p50 (ms)", "interactive_ttft_p50_ms", "{:.0f}",
+     ("classes", "interactive", "ttft_ms", "p50")),
+    ("interactive TTFT p99 (ms)", "interactive_ttft_p99_ms", "{:.0f}",
+     ("classes", "interactive", "ttft_ms", "p99")),
+    ("batch TTFT p50 (ms)", "batch_ttft_p50_ms", "{:.0f}", ("classes", "batch", "ttft_ms", "p50")),
+    ("batch TTFT p99 (ms)", "batch_ttft_p99_ms", "{:.0f}", ("classes", "batch", "ttft_ms", "p99")),
+    ("interactive TPOT p99 (ms)", "interactive_tpot_p99_ms", "{:.0f}",
+     ("classes", "interactive", "tpot_ms", "p99")),
+    ("output tok/s", "output_tokens_per_s", "{:.1f}", ("output_tokens_per_s",)),
+    ("goodput, all (% good)", "goodput_fraction", "{:.1%}", ("goodput", "fraction")),
+    ("goodput, interactive (% good)", "interactive_goodput_fraction", "{:.1%}",
+     ("classes", "interactive", "goodput", "fraction")),
+    ("interactive within the TTFT part of its SLO (%)", "interactive_ttft_slo_fraction",
+     "{:.1%}", ("classes", "interactive", "goodput", "ttft_only_fraction")),
+    ("goodput, batch (% good)", "batch_goodput_fraction", "{:.1%}",
+     ("classes", "batch", "goodput", "fraction")),
+    ("goodput (good req/s)", "goodput_requests_per_s", "{:.2f}", ("goodput", "requests_per_s")),
+    ("errors (not OK)", "errors", "{:g}", ("errors",)),
+    ("preemptions", "preemptions", "{:g}", ("preemptions",)),
+    ("mean step (ms)", "mean_step_ms", "{:.0f}", ("mean_step_ms",)),
+    ("CPU steal (% of machine)", "cpu_steal", "{:.1%}", ("cpu_share", "steal")))
+
+
 def headline(run: dict) -> dict:
     """The figures the table shows, flat: one number (or None) per key."""
-    def cls(name: str, *path):
-        v = run["classes"].get(name, {})
+    def get(path):
+        v = run
         for p in path:
             v = v.get(p) if isinstance(v, dict) else None
-        return v
-    return {
-        "interactive_ttft_p50_ms": cls("interactive", "ttft_ms", "p50"),
-        "interactive_ttft_p99_ms": cls("interactive", "ttft_ms", "p99"),
-        "batch_ttft_p50_ms": cls("batch", "ttft_ms", "p50"),
-        "batch_ttft_p99_ms": cls("batch", "ttft_ms", "p99"),
-        "interactive_tpot_p99_ms": cls("interactive", "tpot_ms", "p99"),
-        "output_tokens_per_s": run["output_tokens_per_s"],
-        "goodput_fraction": run["goodput"]["fraction"],
-        "interactive_goodput_fraction": cls("interactive", "goodput", "fraction"),
-        "interactive_ttft_slo_fraction": cls("interactive", "goodput", "ttft_only_fraction"),
-        "batch_goodput_fraction": cls("batch", "goodput", "fraction"),
-        "goodput_requests_per_s": run["goodput"]["requests_per_s"],
-        "errors": sum(run["errors"].values()),
-        "preemptions": run.get("preemptions"),
-        "mean_step_ms": run.get("mean_step_ms"),
-        "cpu_steal": (run.get("cpu_share") or {}).get("steal"),
-    }
+        return sum(v.values()) if isinstance(v, dict) else v  # (errors: by status)
+    return {key: get(path) for _, key, _, path in ROWS}
 
 
 def ratios(on: dict, off: dict) -> dict:
     """on / off per key (None where off is 0 or either is missing)."""
     return {k: (on[k] / off[k] if on.get(k) is not None and off.get(k) else None) for k in on}
-
-
-ROWS = (("interactive TTFT p50 (ms)", "interactive_ttft_p50_ms", "{:.0f}"),
-        ("interactive TTFT p99 (ms)", "interactive_ttft_p99_ms", "{:.0f}"),
-        ("batch TTFT p50 (ms)", "batch_ttft_p50_ms", "{:.0f}"),
-        ("batch TTFT p99 (ms)", "batch_ttft_p99_ms", "{:.0f}"),
-        ("interactive TPOT p99 (ms)", "interactive_tpot_p99_ms", "{:.0f}"),
-        ("output tok/s", "output_tokens_per_s", "{:.1f}"),
-        ("goodput, all (% good)", "goodput_fraction", "{:.1%}"),
-        ("goodput, interactive (% good)", "interactive_goodput_fraction", "{:.1%}"),
-        ("interactive within the TTFT part of its SLO (%)", "interactive_ttft_slo_fraction",
-         "{:.1%}"),
-        ("goodput, batch (% good)", "batch_goodput_fraction", "{:.1%}"),
-        ("goodput (good req/s)", "goodput_requests_per_s", "{:.2f}"),
-        ("errors (not OK)", "errors", "{:g}"),
-        ("preemptions", "preemptions", "{:g}"),
-        ("mean step (ms)", "mean_step_ms", "{:.0f}"),
-        ("CPU steal (% of machine)", "cpu_steal", "{:.1%}"))
 
 
 def _fmt(fmt: str, v) -> str:
@@ -185,7 +159,7 @@ def markdown(summary: dict) -> str:
     med, ratio = summary["median"], summary["on_over_off"]
     lines = [f"| median of {summary['rounds']} rounds | priorities on | priorities off | on/off |",
              "|---|---:|---:|---:|"]
-    for label, key, fmt in ROWS:
+    for label, key, fmt, _ in ROWS:
         r = ratio.get(key)
         lines.append(f"| {label} | {_fmt(fmt, med['on'].get(key))} "
                      f"| {_fmt(fmt, med['off'].get(key))} | {'n/a' if r is None else f'{r:.2f}'} |")
@@ -198,7 +172,7 @@ def markdown_rounds(runs: dict[str, list[dict]]) -> str:
     lines = ["| round | priorities | int. TTFT p50 | int. TTFT p99 | batch TTFT p50 "
              "| batch TTFT p99 | tok/s | good | preemptions | statuses |",
              "|---|---|" + "---:|" * 7 + "---|"]
-    fmts = dict((k, f) for _, k, f in ROWS)
+    fmts = {k: f for _, k, f, _ in ROWS}
     for mode in MODES:
         for i, run in enumerate(runs[mode]):
             h = run["headline"]
@@ -259,16 +233,9 @@ def run_once(model_dir: str, workload: Workload, classes: list[str], offsets: li
                         None if r.tpot_s is None else round(1e3 * r.tpot_s, 2),
                         None if r.e2e_s is None else round(1e3 * r.e2e_s, 1),
                         r.num_output_tokens, r.status] for r in sorted(recs, key=lambda r: r.index)]
-    h = out["headline"]
-    ms = {k: _fmt("{:.0f}", v) for k, v in h.items()}
-    kit.log(f"[priorities] {'on' if cfg.admission.priorities else 'off'}: interactive TTFT p50/p99 "
-         f"{ms['interactive_ttft_p50_ms']}/{ms['interactive_ttft_p99_ms']} ms, "
-         f"batch {ms['batch_ttft_p50_ms']}/{ms['batch_ttft_p99_ms']} ms, "
-         f"{h['output_tokens_per_s']:.1f} tok/s, good {h['goodput_fraction']:.1%}, "
-         f"preemptions {h['preemptions']}, peak waiting {out['peak_waiting']}, "
-         f"{_fmt('{:.0f}', out['mean_step_ms'])} ms/step (forward "
-         f"{_fmt('{:.0f}', (out['per_step_ms'] or {}).get('forward_s'))}), steal "
-         f"{_fmt('{:.1%}', (cpu or {}).get('steal'))}, statuses {out['status_counts']}")
+    kit.log(f"[priorities] {'on' if cfg.admission.priorities else 'off'}: " + ", ".join(
+        f"{label} {_fmt(fmt, out['headline'][key])}" for label, key, fmt, _ in ROWS)
+        + f", peak waiting {out['peak_waiting']}, statuses {out['status_counts']}")
     return out
 
 
