@@ -420,29 +420,26 @@ def markdown(report) -> str:
              "greedy, ignore_eos", ""]
     e2e = report.get("end_to_end", {})
     if e2e.get("targets"):
-        lines += ["| target | output tok/s | engine / this | same tokens as engine |",
-                  "|---|---:|---:|---:|"]
+        rows = []
         for name, fig in e2e["targets"].items():
             ratio = e2e.get("ratios", {}).get(f"engine/{name}")
             agree = e2e.get("token_agreement", {}).get(name)
-            ratio_s = "" if ratio is None else f"{ratio:.2f}x"
-            agree_s = "" if not agree else f"{agree['identical']}/{agree['compared']}"
-            lines.append(f"| {name}: {fig['label']} | {fig['output_tokens_per_s']:,.1f} | "
-                         f"{ratio_s} | {agree_s} |")
-        lines.append("")
+            rows.append([f"{name}: {fig['label']}", f"{fig['output_tokens_per_s']:,.1f}",
+                         "" if ratio is None else f"{ratio:.2f}x",
+                         "" if not agree else f"{agree['identical']}/{agree['compared']}"])
+        lines += [kit.md_table(["target", "output tok/s", "engine / this",
+                                "same tokens as engine"], rows), ""]
     dec = report.get("decode")
     if dec:
         lines += [f"Decode step vs roofline = (weight + KV bytes) / {bw['bytes_per_s'] / 1e12:.3g}"
                   f" TB/s ({bw['source']}); measured copy rate "
                   f"{bw['measured_copy_bytes_per_s'] / 1e12:.3g} TB/s", "",
-                  "| mode | batch | step | GPU (events) | roofline | share | tok/s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in dec["rows"]:
-            lines.append(f"| {r['mode']} | {r['batch']} | {r['step_ms']:.3f} ms | "
-                         f"{r['gpu_ms']:.3f} ms | "
-                         f"{r['roofline_ms']:.3f} ms | {100 * r['share']:.1f}% | "
-                         f"{r['tokens_per_s']:,.0f} |")
-        lines.append("")
+                  kit.md_table(["mode", "batch", "step", "GPU (events)", "roofline", "share",
+                                "tok/s"],
+                               [[r["mode"], r["batch"], f"{r['step_ms']:.3f} ms",
+                                 f"{r['gpu_ms']:.3f} ms", f"{r['roofline_ms']:.3f} ms",
+                                 f"{100 * r['share']:.1f}%", f"{r['tokens_per_s']:,.0f}"]
+                                for r in dec["rows"]]), ""]
     for prof in (report.get("profile"), report.get("profile_eager")):
         if not prof:
             continue

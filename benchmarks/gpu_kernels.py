@@ -140,18 +140,17 @@ def _sdpa(q, batch, kvh, ctx, head_dim, dtype, scale, reps) -> float:
 
 
 def markdown(report) -> str:
-    lines = [f"## llmesh bench kernels: paged decode, {report['dtype']} on {report['gpu']}", "",
-             f"{report['kv_heads']} KV heads x group {report['group']}, block "
-             f"{report['block_size']}; share of the measured copy rate "
-             f"{report['copy_bytes_per_s'] / 1e12:.3g} TB/s", "",
-             "| head dim | batch | context | paged | share | host/call | SDPA contiguous | share |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['head_dim']} | {r['batch']} | {r['context']} | "
-                     f"{1e6 * r['paged_s']:.1f} us | {100 * r['paged_share']:.1f}% | "
-                     f"{1e6 * r['paged_host_s']:.1f} us | {1e6 * r['sdpa_s']:.1f} us | "
-                     f"{100 * r['sdpa_share']:.1f}% |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([
+        f"## llmesh bench kernels: paged decode, {report['dtype']} on {report['gpu']}", "",
+        f"{report['kv_heads']} KV heads x group {report['group']}, block "
+        f"{report['block_size']}; share of the measured copy rate "
+        f"{report['copy_bytes_per_s'] / 1e12:.3g} TB/s", "",
+        kit.md_table(["head dim", "batch", "context", "paged", "share", "host/call",
+                      "SDPA contiguous", "share"],
+                     [[r["head_dim"], r["batch"], r["context"], f"{1e6 * r['paged_s']:.1f} us",
+                       f"{100 * r['paged_share']:.1f}%", f"{1e6 * r['paged_host_s']:.1f} us",
+                       f"{1e6 * r['sdpa_s']:.1f} us", f"{100 * r['sdpa_share']:.1f}%"]
+                      for r in report["rows"]], "r" * 8)]) + "\n"
 
 
 SPEC = kit.Spec("gpu_kernels", __doc__, options, run, model=None, table=markdown)

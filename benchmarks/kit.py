@@ -341,6 +341,15 @@ def alternate(rounds: int, configs: list, run: Callable) -> dict:
     return out
 
 
+def md_table(head: list[str], rows: list[list], align: str | None = None) -> str:
+    """A Markdown table; `align` one letter a column, l or r (default: the first column
+    left, the others right)."""
+    align = align or "l" + "r" * (len(head) - 1)
+    return "\n".join(["| " + " | ".join(head) + " |",
+                      "|" + "".join("---|" if a == "l" else "---:|" for a in align)]
+                     + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def medians(rows: list[dict], keys=None) -> dict:
     """Per key, the median over the rows that have a number for it."""
     out = {}

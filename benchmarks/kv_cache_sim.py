@@ -84,13 +84,11 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| KV blocks per replica | round_robin | kv_aware | fixed split | kv_aware / round_robin |",
-             "|---|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        rate = r["prefix_hit_rate"]
-        lines.append(f"| {r['kv_blocks']} | {rate['round_robin']:.3f} | {rate['kv_aware']:.3f} "
-                     f"| {rate['partition']:.3f} | {r['kv_aware_over_round_robin']:.2f} |")
-    return "\n".join(lines)
+    return kit.md_table(
+        ["KV blocks per replica", "round_robin", "kv_aware", "fixed split",
+         "kv_aware / round_robin"],
+        [[r["kv_blocks"], *(f"{r['prefix_hit_rate'][p]:.3f}" for p in PLACEMENTS),
+          f"{r['kv_aware_over_round_robin']:.2f}"] for r in report["rows"]])
 
 
 SPEC = kit.Spec("kv_cache_sim", __doc__, options, run, model=None, table=table)

@@ -77,13 +77,12 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| depth | GIL switch | ms/step | x step | schedule | forward | sample | tok/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['depth']:.0f} | {r['switch_ms']:g} ms | {r['ms_per_step']:.2f} | "
-                     f"{r['over_step']:.2f} | {r['schedule_ms']:.2f} | {r['forward_ms']:.2f} | "
-                     f"{r['sample_ms']:.2f} | {r['tokens_per_s']:,.0f} |")
-    return "\n".join(lines)
+    return kit.md_table(
+        ["depth", "GIL switch", "ms/step", "x step", "schedule", "forward", "sample", "tok/s"],
+        [[f"{r['depth']:.0f}", f"{r['switch_ms']:g} ms", f"{r['ms_per_step']:.2f}",
+          f"{r['over_step']:.2f}", f"{r['schedule_ms']:.2f}", f"{r['forward_ms']:.2f}",
+          f"{r['sample_ms']:.2f}", f"{r['tokens_per_s']:,.0f}"] for r in report["rows"]],
+        "r" * 8)
 
 
 SPEC = kit.Spec("loop_overhead", __doc__, options, run, table=table)

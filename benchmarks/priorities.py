@@ -157,28 +157,21 @@ def _fmt(fmt: str, v) -> str:
 
 def markdown(summary: dict) -> str:
     med, ratio = summary["median"], summary["on_over_off"]
-    lines = [f"| median of {summary['rounds']} rounds | priorities on | priorities off | on/off |",
-             "|---|---:|---:|---:|"]
-    for label, key, fmt, _ in ROWS:
-        r = ratio.get(key)
-        lines.append(f"| {label} | {_fmt(fmt, med['on'].get(key))} "
-                     f"| {_fmt(fmt, med['off'].get(key))} | {'n/a' if r is None else f'{r:.2f}'} |")
-    return "\n".join(lines)
+    return kit.md_table(
+        [f"median of {summary['rounds']} rounds", "priorities on", "priorities off", "on/off"],
+        [[label, _fmt(fmt, med["on"].get(key)), _fmt(fmt, med["off"].get(key)),
+          _fmt("{:.2f}", ratio.get(key))] for label, key, fmt, _ in ROWS])
 
 
 def markdown_rounds(runs: dict[str, list[dict]]) -> str:
     keys = ("interactive_ttft_p50_ms", "interactive_ttft_p99_ms", "batch_ttft_p50_ms",
             "batch_ttft_p99_ms", "output_tokens_per_s", "goodput_fraction", "preemptions")
-    lines = ["| round | priorities | int. TTFT p50 | int. TTFT p99 | batch TTFT p50 "
-             "| batch TTFT p99 | tok/s | good | preemptions | statuses |",
-             "|---|---|" + "---:|" * 7 + "---|"]
     fmts = {k: f for _, k, f, _ in ROWS}
-    for mode in MODES:
-        for i, run in enumerate(runs[mode]):
-            h = run["headline"]
-            lines.append(f"| {i} | {mode} | " + " | ".join(_fmt(fmts[k], h[k]) for k in keys)
-                         + f" | {run['status_counts']} |")
-    return "\n".join(lines)
+    return kit.md_table(
+        ["round", "priorities", "int. TTFT p50", "int. TTFT p99", "batch TTFT p50",
+         "batch TTFT p99", "tok/s", "good", "preemptions", "statuses"],
+        [[i, mode, *(_fmt(fmts[k], run["headline"][k]) for k in keys), run["status_counts"]]
+         for mode in MODES for i, run in enumerate(runs[mode])], "ll" + "r" * 7 + "l")
 
 
 def summarize_rounds(runs: dict[str, list[dict]]) -> dict:

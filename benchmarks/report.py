@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from llmesh.benchmarks.kit import md_table
+
 
 def _ms(d: dict, key: str) -> str:
     v = d.get(key)
@@ -37,7 +39,7 @@ def run_table(run: dict, baseline: str | None, slo: dict) -> str:
     if slo:
         head.append("goodput req/s (met)")
     head += ["errors", "peak KV", "KV waste at peak", "preemptions", "step ms (memory bound)"]
-    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rows = []
     for name, t in run["targets"].items():
         kv = t.get("kv", {})
         ratio = t.get("vs_baseline", {}).get("output_tokens_per_s")
@@ -55,8 +57,7 @@ def run_table(run: dict, baseline: str | None, slo: dict) -> str:
             cells.append(f"{g.get('requests_per_s', 0):.2f} ({g.get('fraction', 0):.0%})")
         cells += [_errors(t["status_counts"]), _pct(kv.get("peak_usage")), _pct(waste),
                   str(kv.get("preemptions", ""))]
-        cells.append(step)
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells + [step])
     notes = []
     if any(t.get("kv", {}).get("slot_utilisation") is not None for t in run["targets"].values()):
         notes.append("Static batching's KV waste is over the whole run: every row holds a slot "
@@ -64,28 +65,21 @@ def run_table(run: dict, baseline: str | None, slo: dict) -> str:
     if any(t.get("roofline", {}).get("measured_step_ms") for t in run["targets"].values()):
         notes.append("Step ms: mean measured step (prefill chunks included); in brackets the "
                      "time its bytes (weights + mean KV) take at the measured memory bandwidth.")
-    return "\n".join(rows) + "".join("\n\n" + n for n in notes)
+    return md_table(head, rows) + "".join("\n\n" + n for n in notes)
 
 
 def sweep_table(report: dict) -> str:
     """Per target and load point: throughput, p99 TTFT, goodput (a latency-throughput curve)."""
     slo = report.get("slo") or {}
-    head = "| target | load | req/s | output tok/s | TTFT p99 ms | ITL p99 ms |" + \
-        (" goodput req/s |" if slo else "")
-    rows = [head, "|---|---:|---:|---:|---:|---:|" + ("---:|" if slo else "")]
-    names = list(dict.fromkeys(n for r in report["runs"] for n in r["targets"]))
-    for name in names:
-        for run in report["runs"]:
-            t = run["targets"].get(name)
-            if t is None:
-                continue
-            row = (f"| {name} | {run['label']} | {t['request_throughput']:.2f} | "
-                   f"{t['output_tokens_per_s']:.1f} | {_ms(t['ttft_ms'], 'p99')} | "
-                   f"{_ms(t['itl_ms'], 'p99')} |")
-            if slo:
-                row += f" {t.get('goodput', {}).get('requests_per_s', 0):.2f} |"
-            rows.append(row)
-    return "\n".join(rows)
+    names = dict.fromkeys(n for r in report["runs"] for n in r["targets"])
+    return md_table(
+        ["target", "load", "req/s", "output tok/s", "TTFT p99 ms", "ITL p99 ms"]
+        + ["goodput req/s"] * bool(slo),
+        [[name, run["label"], f"{t['request_throughput']:.2f}", f"{t['output_tokens_per_s']:.1f}",
+          _ms(t["ttft_ms"], "p99"), _ms(t["itl_ms"], "p99")]
+         + [f"{t.get('goodput', {}).get('requests_per_s', 0):.2f}"] * bool(slo)
+         for name in names for run in report["runs"]
+         if (t := run["targets"].get(name)) is not None])
 
 
 def roofline_line(report: dict) -> str:
@@ -145,16 +139,14 @@ def markdown(report: dict) -> str:
 
 def legacy_offline(report: dict) -> str:
     """The table of an offline report written before the serving benchmark existed."""
-    rows = ["| target | output tok/s | wall s | engine speedup | peak KV usage | KV slot utilisation |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = []
     for name, t in report["targets"].items():
         util = t.get("kv_slot_utilisation_at_peak", t.get("kv_slot_utilisation"))
-        peak = t.get("peak_kv_usage")
-        rows.append(
-            f"| {name} | {t['output_tokens_per_s']:.1f} | {t['wall_s']:.1f} | "
-            f"{t.get('engine_speedup', float('nan')):.2f}x | "
-            f"{'' if peak is None else f'{peak:.1%}'} | {'' if util is None else f'{util:.1%}'} |")
-    return "\n".join(rows) + "\n"
+        rows.append([name, f"{t['output_tokens_per_s']:.1f}", f"{t['wall_s']:.1f}",
+                     f"{t.get('engine_speedup', float('nan')):.2f}x",
+                     _pct(t.get("peak_kv_usage")), _pct(util)])
+    return md_table(["target", "output tok/s", "wall s", "engine speedup", "peak KV usage",
+                     "KV slot utilisation"], rows) + "\n"
 
 
 def write_outputs(report: dict, json_out: str | Path | None, md_out: str | Path | None,
