@@ -19,10 +19,25 @@ from llmesh.mesh.scaling import Autoscale, Scaler
 from llmesh.mesh.supervisor import Supervisor, build_specs, write_state
 
 
+class _Listeners:
+    """Called (from any thread) when the mesh changes; calls what listens by then."""
+
+    def __init__(self):
+        self._listeners: list = []
+
+    def listen(self, fn) -> None:
+        self._listeners.append(fn)
+
+    def __call__(self) -> None:
+        for fn in list(self._listeners):
+            fn()
+
+
 def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None) -> int:
     """Bring the mesh up, write state.json, scale on request (`llmesh scale`), wait for
     SIGTERM / SIGINT, bring it down."""
-    sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir)
+    changed = _Listeners()  # a restart or a scale: state.json is written again
+    sup = Supervisor(build_specs(cfg, model_dir, run_dir), run_dir, on_change=changed)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -32,7 +47,7 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
         write_state(run_dir, {"status": "failed", "error": str(e), "supervisor_pid": os.getpid()})
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 1
-    scaler = Scaler(cfg, sup, model_dir, run_dir)
+    scaler = Scaler(cfg, sup, model_dir, run_dir, on_change=changed)
     autoscale = None
     if cfg.autoscaler.enabled:
         autoscale = Autoscale(scaler, run_dir)
@@ -54,7 +69,7 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
                                   "autoscaler": autoscale.last if autoscale else None,
                                   "joins": scaler.joins})
     ready_state()
-    scaler.on_change = sup.on_change = ready_state
+    changed.listen(ready_state)
     if on_ready:
         on_ready()
     while not stop.wait(0.2):

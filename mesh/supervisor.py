@@ -238,7 +238,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
 
 
 class Supervisor:
-    def __init__(self, specs: list[ProcSpec], run_dir: Path, max_backoff_s: float = 10.0):
+    def __init__(self, specs: list[ProcSpec], run_dir: Path, max_backoff_s: float = 10.0,
+                 on_change=None):
+        """`on_change()` is called after a restart (new pids)."""
         self.specs = specs
         self.run_dir = run_dir
         self.log_dir = run_dir / "logs"
@@ -247,7 +249,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
-        self.on_change = None  # called after a restart
+        self.on_change = on_change
 
     def _spawn(self, spec: ProcSpec) -> None:
         spec.log_path = self.log_dir / f"{spec.name}.log"

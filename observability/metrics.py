@@ -112,7 +112,7 @@ class SchedulerCollector:
                                       self.prober.num_failures)
             yield GaugeMetricFamily("llmesh_replica_ejected",
                                     "1 while the last known-answer probe failed",
-                                    1 if self.prober.is_ejected else 0)
+                                    1 if self.loop.state.is_ejected else 0)
         phases = CounterMetricFamily("llmesh_step_phase_seconds",
                                      "Time spent in each phase of the engine steps", labels=["phase"])
         for phase in ("schedule", "executor_rpc", "forward", "sample", "comm"):

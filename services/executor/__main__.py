@@ -68,13 +68,14 @@ async def main(args) -> None:
     if device == "cuda" and args.world_size > 1:
         device = f"cuda:{args.rank % torch.cuda.device_count()}"
     tp = args.world_size > 1 and not args.bench_step_ms
-    servicer = ExecutorServicer(None, on_fatal=_exit_group if tp else None, rank=args.rank,
+    runner: asyncio.Future = asyncio.get_running_loop().create_future()  # (once loaded)
+    servicer = ExecutorServicer(runner, on_fatal=_exit_group if tp else None, rank=args.rank,
                                 on_exit=service.stop,
                                 test_leak_mb_per_step=args.test_leak_mb_per_step)
     service.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, "llmesh.v1.Executor")
     if args.test_leak_mb_per_step:
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGUSR1, lambda: setattr(servicer, "is_test_leaking", True))
+            signal.SIGUSR1, servicer.start_test_leak)
     await service.start()  # health answers NOT_SERVING while the group forms and the model loads
     group = None
     if tp:
@@ -100,11 +101,11 @@ async def main(args) -> None:
                         mc.max_position_embeddings)
         cap = kv_cap_blocks(args.max_num_seqs, model_len, args.block_size)
         num_blocks = size_kv_cache(per_block, cap, args.kv_memory_share).num_blocks
-    servicer.runner = ModelRunner(model, num_blocks, args.block_size, device,
-                                  test_corrupt_after_steps=args.test_corrupt_after_steps,
-                                  tokenizer_dir=args.model,
-                                  cuda_graph_batch=0 if args.enforce_eager else args.max_num_seqs,
-                                  max_model_len=args.max_model_len or None)
+    runner.set_result(ModelRunner(
+        model, num_blocks, args.block_size, device,
+        test_corrupt_after_steps=args.test_corrupt_after_steps, tokenizer_dir=args.model,
+        cuda_graph_batch=0 if args.enforce_eager else args.max_num_seqs,
+        max_model_len=args.max_model_len or None))
     await service.set_serving(True)
     await service.wait_for_termination()
 

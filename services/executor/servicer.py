@@ -63,15 +63,17 @@ class StepThread:
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner | None, on_fatal=None, rank: int = 0,
+    def __init__(self, runner: asyncio.Future, on_fatal=None, rank: int = 0,
                  on_exit=None, test_leak_mb_per_step: float = 0.0):
-        self.runner = runner  # set once the model is loaded
+        """`runner`: the ModelRunner, once the model is loaded (until then a stream
+        is refused UNAVAILABLE)."""
+        self._runner = runner
         self.rank = rank
         self.on_exit = on_exit  # a plan asked this rank to restart (the scheduler drained)
         self._exit_step: int | None = None
         self._rss_sampled_s = 0.0
         self.test_leak_bytes = int(test_leak_mb_per_step * 2**20)
-        self.is_test_leaking = False  # (turned on by SIGUSR1, see __main__)
+        self.is_test_leaking = False  # (turned on by start_test_leak)
         self._test_leaked: list[bytes] = []
         self._forward_hist, self._comm_counter = executor_metrics()
         self._lock = asyncio.Lock()  # one scheduler drives a rank at a time
@@ -80,14 +82,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         # the supervisor restarts the whole group.
         self.on_fatal = on_fatal
 
+    def start_test_leak(self) -> None:
+        """Tests only: from now on each step keeps `test_leak_mb_per_step` MiB."""
+        self.is_test_leaking = True
+
     async def Run(self, request_iterator, context):
-        if self.runner is None:
+        if not self._runner.done():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "executor is still loading the model")
+        runner: ModelRunner = self._runner.result()
         async with self._lock:
             # a new stream means a (re)started scheduler: forget every sequence
-            await asyncio.to_thread(self.runner.reset)
+            await asyncio.to_thread(runner.reset)
             results: asyncio.Queue = asyncio.Queue()
-            worker = StepThread(self.runner, asyncio.get_running_loop(), results)
+            worker = StepThread(runner, asyncio.get_running_loop(), results)
             spans: dict[int, object] = {}
             reader = asyncio.ensure_future(self._read(request_iterator, worker, spans))
             try:

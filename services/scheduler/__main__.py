@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -22,6 +23,7 @@ from llmesh.services.scheduler.kv_manager import KVCacheManager
 from llmesh.services.scheduler.kv_publisher import KVPublisher
 from llmesh.services.scheduler.loop import EngineLoop, ExecutorFailed
 from llmesh.services.scheduler.policy import policy_from_dict
+from llmesh.services.scheduler.replica_state import ReplicaState, State
 from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
 from llmesh.services.scheduler import probe
 from llmesh.services.scheduler.drain import LeakGuard, drain, restart_executors
@@ -95,7 +97,10 @@ async def main(args) -> None:
                                           policy=policy_from_dict(json.loads(args.admission))),
                           kv)
     executors = ExecutorGroup(args.executors.split(","))
-    hub = OutputHub(load=lambda: replica_load(loop))  # (`loop` is made below)
+    service = Service("scheduler", args.port)
+    # the replica's lifecycle; its health status follows it (SERVING only when serving)
+    state = ReplicaState(on_change=lambda s: service.set_serving(s is State.SERVING))
+    hub = OutputHub(load=functools.partial(replica_load, scheduler, state))
     publisher = KVPublisher(args.kvcache, args.replica_name, events, kv)
     step_hist = step_histogram()
     probe_outputs: asyncio.Queue = asyncio.Queue()
@@ -114,15 +119,13 @@ async def main(args) -> None:
     loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=emit,
                       tokenizer=TextTokenizer(args.model), model=args.model_name or mc.model_type,
                       pipeline_depth=args.pipeline_depth, step_timeout_s=args.step_timeout_s,
-                      observe_step=after_step)
+                      observe_step=after_step, state=state)
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,
         num_kv_blocks=num_kv_blocks, block_size=args.block_size)
-    service = Service("scheduler", args.port)
-    health = ReplicaHealth(service)
     prober = probe.KnownAnswerProbe(
-        loop, probe_outputs, lambda ok: health.set(probe=ok), mc.vocab_size,
+        loop, probe_outputs, state, mc.vocab_size,
         interval_s=args.probe_interval_s, timeout_s=args.probe_timeout_s,
         expected=json.loads(args.probe_expected) if args.probe_expected else None,
         restart=lambda: restart_executors(loop, executors, args.drain_timeout_s))
@@ -132,11 +135,10 @@ async def main(args) -> None:
                 "llmesh.v1.Scheduler")
     await service.start()
     tasks = [asyncio.ensure_future(publisher.run()), asyncio.ensure_future(hub.report_load()),
-             asyncio.ensure_future(_drive(loop, executors, health, info, publisher.notify,
+             asyncio.ensure_future(_drive(loop, executors, info, publisher.notify,
                                           args.executor_recovery_s))]
     if args.probe_interval_s:
-        tasks.append(asyncio.ensure_future(
-            prober.run(lambda: health.executors_ok and not loop.is_draining)))
+        tasks.append(asyncio.ensure_future(prober.run()))
     if args.leak_check_s:
         limits = LeakLimits(args.leak_check_s, args.leak_idle_s, 0, args.leak_rss_growth,
                             args.leak_rss_floor_mb, args.leak_warmup_s)
@@ -149,31 +151,17 @@ async def main(args) -> None:
     async def drain_then_close():
         await drain(loop, args.drain_timeout_s)
         servicer.close_streams()
+        await state.stopped()
     # (drained: what is left are health watches, which need no grace)
     await service.wait_for_termination(grace_s=0.5, before_stop=drain_then_close)
     for task in tasks:
         task.cancel()
 
 
-class ReplicaHealth:
-    """SERVING while the executors answer and the known-answer probe passes."""
-
-    def __init__(self, service: Service):
-        self.service = service
-        self.executors_ok = False
-        self.probe_ok = True
-
-    async def set(self, executors: bool | None = None, probe: bool | None = None) -> None:
-        if executors is not None:
-            self.executors_ok = executors
-        if probe is not None:
-            self.probe_ok = probe
-        await self.service.set_serving(self.executors_ok and self.probe_ok)
-
-
-async def _drive(loop: EngineLoop, executors: ExecutorGroup, health: ReplicaHealth,
-                 info: scheduler_pb2.ReplicaInfo, kv_changed, recovery_s: float) -> None:
-    """Run the engine loop; when the executor group fails, go NOT_SERVING, put
+async def _drive(loop: EngineLoop, executors: ExecutorGroup, info: scheduler_pb2.ReplicaInfo,
+                 kv_changed, recovery_s: float) -> None:
+    """Run the engine loop; when the executor group fails, go NOT_SERVING (the
+    replica's state: executors down), put
     the running requests back in the queue (they resume from their tokens so far
     once the group is back), forget the KV cache, reconnect, and serve again."""
     kv_epochs: tuple[int, ...] = ()  # the executor KV that the prefix cache describes
@@ -209,23 +197,20 @@ async def _drive(loop: EngineLoop, executors: ExecutorGroup, health: ReplicaHeal
                      executors.capacity)
             loop.kv.limit_blocks(executors.capacity)
             info.num_kv_blocks = executors.capacity
-        if executors.is_exit_requested:  # back from a drained restart: take requests again
-            executors.is_exit_requested = False
-            loop.is_draining = False
-            log.info("the executor group restarted; taking requests again")
-        await health.set(executors=True)
+        # (back from a drained restart, the replica takes requests again)
+        await loop.state.executors_up()
         watch = asyncio.ensure_future(executors.watch(loop.wake))
         try:
             await loop.run()
         except ExecutorFailed as e:
             log.error("executor group failed: %s; requeueing running requests", e)
-            await health.set(executors=False)
+            await loop.state.executors_down()
             # a failed step may have half-written blocks, and a rank that dies takes its
             # KV with it: nothing cached survives
             loop.invalidate_kv(f"executor group failed: {e}")
         except Exception:  # a bug: never leave requests hanging on a dead loop
             log.exception("engine loop failed; failing in-flight requests and restarting it")
-            await health.set(executors=False)
+            await loop.state.executors_down()
             loop.invalidate_kv("engine loop failed", requeue=False)
         finally:
             watch.cancel()

@@ -15,14 +15,19 @@ from llmesh.services.common.rss import current_rss_bytes
 from llmesh.services.scheduler.executor_client import ExecutorGroup
 from llmesh.services.scheduler.leak_watchdog import SCHEDULER, LeakWatchdog
 from llmesh.services.scheduler.loop import EngineLoop
+from llmesh.services.scheduler.replica_state import State
 
 log = logging.getLogger("llmesh.scheduler")
 
 
-async def drain(loop: EngineLoop, timeout_s: float) -> bool:
-    """No new requests from now; True once nothing runs, False if `timeout_s` passed
-    first (what still runs is then lost to the restart, and routers move it)."""
-    loop.is_draining = True
+async def drain(loop: EngineLoop, timeout_s: float, restart: bool = False) -> bool:
+    """No new requests from now (until the executors are back, with `restart`;
+    for good otherwise); True once nothing runs, False if `timeout_s` passed first
+    (what still runs is then lost to the restart, and routers move it)."""
+    if restart:
+        await loop.state.restart("draining for an executor restart")
+    else:
+        await loop.state.drain("draining to stop")
     until = time.monotonic() + timeout_s
     while not loop.is_idle and time.monotonic() < until:
         await asyncio.sleep(0.05)
@@ -82,9 +87,10 @@ class LeakGuard:
 async def restart_executors(loop: EngineLoop, executors: ExecutorGroup,
                             drain_timeout_s: float) -> None:
     """Drain, then ask the ranks to restart; returns once they are back (the
-    engine's driver takes requests again before it says SERVING)."""
-    await drain(loop, drain_timeout_s)
+    engine's driver reports them up: the replica takes requests again), or after
+    180 s."""
+    await drain(loop, drain_timeout_s, restart=True)
     await executors.request_exit()
-    until = time.monotonic() + 180
-    while executors.is_exit_requested and time.monotonic() < until:
-        await asyncio.sleep(0.1)
+    if not await loop.state.wait_for(State.SERVING, State.EJECTED, State.DRAINING,
+                                     State.STOPPED, timeout_s=180):
+        log.error("the executor group is not back 180s after its restart")

@@ -29,7 +29,6 @@ class ExecutorGroup:
         self.num_plan_messages = 0  # written, all ranks: the critical path out ...
         self.num_result_messages = 0  # ... and back
         self.rss_bytes: dict[str, int] = {}  # each rank's last reported resident memory
-        self.is_exit_requested = False  # the ranks were asked to restart (request_exit)
 
     async def connect(self) -> None:
         self.broken = ""
@@ -119,7 +118,6 @@ class ExecutorGroup:
         """Ask every rank to restart (the replica is drained): each answers an empty
         plan and shuts down, and its supervisor starts it afresh; the group's loss is
         then seen as any other (the KV is gone, the scheduler reconnects)."""
-        self.is_exit_requested = True
         msg = executor_pb2.StepPlan(step_id=0, exit_after=True)
         try:
             await asyncio.gather(*(s.write(msg) for s in self._streams))

@@ -28,6 +28,7 @@ from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.sampling_params import SamplingParams
 from llmesh.services.common.step_plan import StepPlan, StepResult, sequence_id
 from llmesh.services.common.tokenizer import TextTokenizer
+from llmesh.services.scheduler.replica_state import ReplicaState, State
 from llmesh.services.scheduler.kv_manager import KVCacheManager
 from llmesh.services.scheduler.policy import QueueFullError
 from llmesh.services.scheduler.scheduler import Scheduler, SeqOutput
@@ -87,12 +88,14 @@ class EngineLoop:
                  model: str = "", pipeline_depth: int = 2, max_step_failures: int = 2,
                  step_timeout_s: float = 0.0,
                  observe_step: Callable[[float], None] | None = None,
-                 waits: WaitPredictor | None = None):
+                 waits: WaitPredictor | None = None, state: ReplicaState | None = None):
         """`emit(owner, [(output, finished_info)])` receives each step's outputs per
         owner; `observe_step(seconds)` each step's wall time (metrics, publishers).
         `waits` measures the replica's rates and predicts queue waits (SLO
         admission, retry pushback, the hung-step timeout); by default one over
-        `scheduler`.
+        `scheduler`. `state`: the replica's lifecycle (services/scheduler/
+        replica_state.py), which says whether it takes new requests; by default
+        always SERVING (the in-process Engine).
         `step_timeout_s` (0 = none): a step whose result takes longer (or 20 times
         what its tokens should take, if more) fails the executor as hung."""
         assert pipeline_depth >= 1
@@ -110,7 +113,7 @@ class EngineLoop:
         self.spans = RequestSpans(model)  # no-op unless tracing is on and requests carry context
         self.waits = waits or WaitPredictor(scheduler)
         self.tracks = RequestTracks(scheduler, self.waits.calibration)
-        self.is_draining = False  # new requests are refused: the replica is about to restart
+        self.state = state or ReplicaState(State.SERVING)
         self._in_flight: deque[_InFlight] = deque()
         self._last_result_s = 0.0
         self._wake = asyncio.Event()
@@ -134,7 +137,7 @@ class EngineLoop:
         InvalidRequestError when it cannot fit this replica, or QueueFullError (with
         retry_after_s) when its class's queue is full, or DrainingError while the
         replica drains."""
-        if self.is_draining:
+        if not self.state.takes_requests:
             raise DrainingError("this replica is draining to restart; another one takes it")
         if request_id in self.tracks:
             raise DuplicateRequestError(request_id)

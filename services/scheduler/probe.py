@@ -18,40 +18,39 @@ from collections.abc import Awaitable, Callable
 from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.sampling_params import SamplingParams
 from llmesh.services.scheduler.loop import EngineLoop
+from llmesh.services.scheduler.replica_state import ReplicaState
 
 log = logging.getLogger("llmesh.scheduler")
 OWNER = "known-answer-probe"
 
 
 class KnownAnswerProbe:
-    def __init__(self, loop: EngineLoop, outputs: asyncio.Queue,
-                 set_healthy: Callable[[bool], Awaitable[None]], vocab_size: int,
-                 interval_s: float = 30.0, timeout_s: float = 10.0, num_tokens: int = 8,
-                 expected: list[int] | None = None,
+    def __init__(self, loop: EngineLoop, outputs: asyncio.Queue, state: ReplicaState,
+                 vocab_size: int, interval_s: float = 30.0, timeout_s: float = 10.0,
+                 num_tokens: int = 8, expected: list[int] | None = None,
                  restart: Callable[[], Awaitable[None]] | None = None):
-        """`outputs` receives the loop's outputs for OWNER; `set_healthy(False)` ejects;
-        `restart()` restarts the executors of an ejected replica (returns once they
-        are back)."""
+        """`outputs` receives the loop's outputs for OWNER; the verdicts go to the
+        replica's `state` (a fail ejects it, a pass readmits it); `restart()`
+        restarts the executors of an ejected replica (returns once they are back)."""
         self.restart = restart
         self.loop = loop
         self.outputs = outputs
-        self.set_healthy = set_healthy
+        self.state = state
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         # a fixed prompt of ordinary ids, the same on every replica of a model
         self.prompt = [(7919 * i + 13) % vocab_size for i in range(1, 17)]
         self.params = SamplingParams(max_tokens=num_tokens, ignore_eos=True, seed=0)
         self.expected = expected
-        self.is_ejected = False
         self.num_probes = 0
         self.num_failures = 0
         self._ids = itertools.count(1)
 
-    async def run(self, can_probe: Callable[[], bool]) -> None:
-        """Probe every `interval_s` while `can_probe()` (the executors are up)."""
+    async def run(self) -> None:
+        """Probe every `interval_s` while the state allows (executors up, no drain)."""
         while True:
             await asyncio.sleep(self.interval_s)
-            if can_probe():
+            if self.state.can_probe:
                 await self.probe_once()
 
     async def probe_once(self) -> bool:
@@ -68,10 +67,9 @@ class KnownAnswerProbe:
             why = f"answered in {elapsed:.1f}s (limit {self.timeout_s:g}s)"
         if why is not None:
             self.num_failures += 1
-            if not self.is_ejected:
+            if not self.state.is_ejected:
                 log.error("known-answer probe failed (%s): ejecting this replica", why)
-                self.is_ejected = True
-                await self.set_healthy(False)
+                await self.state.probe_failed()
                 # its answers cannot be trusted: what runs ends (routers move it), and
                 # no later request may hit KV it computed (steps in flight still report
                 # back in order; their results are for finished sequences, ignored)
@@ -81,10 +79,9 @@ class KnownAnswerProbe:
                     log.warning("restarting the executors of the ejected replica")
                     await self.restart()
             return False
-        if self.is_ejected:
+        if self.state.is_ejected:
             log.warning("known-answer probe passed again: readmitting this replica")
-            self.is_ejected = False
-            await self.set_healthy(True)
+            await self.state.probe_passed()
         return True
 
     async def _ask(self) -> tuple[list[int] | None, str | None]:

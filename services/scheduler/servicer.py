@@ -13,7 +13,8 @@ from llmesh.services.scheduler.loop import EngineLoop
 from llmesh.services.scheduler.tracking import FinishedInfo
 from llmesh.services.scheduler.policy import CLASSES
 from llmesh.services.scheduler.probe import KnownAnswerProbe
-from llmesh.services.scheduler.scheduler import SeqOutput
+from llmesh.services.scheduler.replica_state import ReplicaState
+from llmesh.services.scheduler.scheduler import Scheduler, SeqOutput
 
 
 class OutputHub:
@@ -124,7 +125,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_deadline_expired=s.num_deadline_expired, num_kv_resets=s.num_kv_resets,
             num_requeued=s.num_requeued, num_slo_rejected=s.num_slo_rejected,
             num_probes=self.prober.num_probes, num_probe_failures=self.prober.num_failures,
-            is_ejected=self.prober.is_ejected, is_draining=self.loop.is_draining,
+            is_ejected=self.loop.state.is_ejected, is_draining=self.loop.state.is_draining,
             pipeline_depth=self.loop.pipeline_depth,
             num_plan_messages=self.executors.num_plan_messages,
             num_result_messages=self.executors.num_result_messages,
@@ -133,13 +134,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             ttft_budget_s={c: sched.waiting.policy.limits(c).ttft_budget_s for c in CLASSES})
 
 
-def replica_load(loop: EngineLoop) -> scheduler_pb2.ReplicaLoad:
+def replica_load(sched: Scheduler, state: ReplicaState) -> scheduler_pb2.ReplicaLoad:
     """The replica's load now (cheap: it rides on every StepOutputs)."""
-    sched, pool = loop.scheduler, loop.kv.pool
+    pool = sched.kv.pool
     return scheduler_pb2.ReplicaLoad(
         num_running=len(sched.running), num_waiting=len(sched.waiting),
         kv_usage=pool.num_used / pool.num_blocks if pool.num_blocks else 0.0,
-        max_num_seqs=sched.config.max_num_seqs, is_draining=loop.is_draining)
+        max_num_seqs=sched.config.max_num_seqs, is_draining=state.is_draining)
 
 
 def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:
