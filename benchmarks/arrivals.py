@@ -40,15 +40,6 @@ class ArrivalSpec:
             raise ValueError("concurrency arrivals need a concurrency >= 1")
 
     @property
-    def is_rate_based(self) -> bool:
-        return self.kind in ("poisson", "gamma")
-
-    @property
-    def load(self) -> float | None:
-        """The offered load of this point of a sweep (rate or concurrency)."""
-        return self.rate if self.is_rate_based else self.concurrency
-
-    @property
     def label(self) -> str:
         if self.kind == "poisson":
             return f"poisson {self.rate:g}/s"

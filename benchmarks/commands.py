@@ -136,9 +136,7 @@ def run_bench_cli(args) -> int:
 def runs_from_args(args) -> list:
     from llmesh.benchmarks.arrivals import ArrivalSpec
     from llmesh.benchmarks.harness import RunSpec
-    if args.bench_cmd == "offline":
-        return [RunSpec(ArrivalSpec("offline"), num_requests=args.num_requests)]
-    kind = args.arrival
+    kind = "offline" if args.bench_cmd == "offline" else args.arrival
     if kind == "offline":
         if not args.num_requests:
             raise ValueError("offline arrivals need --num-requests")
@@ -148,17 +146,14 @@ def runs_from_args(args) -> list:
     if kind == "concurrency":
         if not args.concurrency:
             raise ValueError("concurrency arrivals need --concurrency")
-        levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
-        return [RunSpec(ArrivalSpec("concurrency", concurrency=c), args.num_requests,
-                        args.duration) for c in levels]
-    if args.rates:
-        rates = arrivals_mod.parse_rates(args.rates)
-    elif args.rate is not None:
-        rates = arrivals_mod.parse_rates(str(args.rate))
+        points = [ArrivalSpec("concurrency", concurrency=int(c))
+                  for c in str(args.concurrency).split(",") if c.strip()]
+    elif args.rates or args.rate is not None:
+        points = [ArrivalSpec(kind, rate=r, burstiness=args.burstiness)
+                  for r in arrivals_mod.parse_rates(args.rates or str(args.rate))]
     else:
         raise ValueError(f"{kind} arrivals need --rate or --rates")
-    return [RunSpec(ArrivalSpec(kind, rate=r, burstiness=args.burstiness), args.num_requests,
-                    args.duration) for r in rates]
+    return [RunSpec(a, args.num_requests, args.duration) for a in points]
 
 
 def build_setup(args):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -76,10 +76,6 @@ SHAPES = {
 }
 
 SHARD_BYTES = 2 * 2**30
-
-
-def shape_dict(shape: Shape) -> dict:
-    return asdict(shape)
 
 
 def param_counts(shape: Shape) -> dict:

@@ -176,26 +176,25 @@ def kv_blocks(engine_config: EngineConfig, model_config) -> int:
     return e.kv_cache_bytes // per_block
 
 
+# the limits an in-process Engine and a mesh replica share, by the same names
+SHARED_LIMITS = ("block_size", "max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching",
+                 "dtype", "device")
+
+
 def mesh_config_for(engine_config: EngineConfig, model_config):
     """A one-replica mesh with the same engine limits as the in-process target, on free ports."""
     from llmesh.mesh.config import EngineLimits, EnvoyConfig, MeshConfig
     e = engine_config
     return MeshConfig(engine=EngineLimits(
-        block_size=e.block_size, num_kv_blocks=kv_blocks(e, model_config),
-        max_model_len=e.max_model_len or 0,
-        max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
-        enable_prefix_caching=e.enable_prefix_caching, dtype=e.dtype, device=e.device),
-        envoy=EnvoyConfig(port=0, admin_port=0))
+        num_kv_blocks=kv_blocks(e, model_config), max_model_len=e.max_model_len or 0,
+        **{k: getattr(e, k) for k in SHARED_LIMITS}), envoy=EnvoyConfig(port=0, admin_port=0))
 
 
 def engine_config_for(mesh_config) -> EngineConfig:
     """The in-process engine with a mesh replica's limits (so the two compare like for like)."""
-    e = mesh_config.engine
-    return EngineConfig(block_size=e.block_size, num_kv_blocks=e.num_kv_blocks,
-                        max_model_len=e.max_model_len or None,
-                        max_num_batched_tokens=e.max_num_batched_tokens,
-                        max_num_seqs=e.max_num_seqs, enable_prefix_caching=e.enable_prefix_caching,
-                        dtype=e.dtype, device=e.device)
+    m = mesh_config.engine
+    return EngineConfig(num_kv_blocks=m.num_kv_blocks, max_model_len=m.max_model_len or None,
+                        **{k: getattr(m, k) for k in SHARED_LIMITS})
 
 
 def context_limit(model_config, engine_config: EngineConfig, mesh_config=None) -> int:

@@ -56,8 +56,7 @@ def segment(mesh: kit.BenchMesh, reqs: list, settle_s: float = 0.0) -> dict:
             "services_cpu_ms_per_output_token": 1e3 * services / tokens}
 
 
-def ab_options(p) -> None:
-    """The command line shared by the alternating mesh A/B benchmarks."""
+def options(p) -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +93,7 @@ def run(args) -> dict:
     return {"limits": LIMITS, "runs": runs, "summary": summary}
 
 
-SPEC = kit.Spec("tp", __doc__, ab_options, run, model="bench")
+SPEC = kit.Spec("tp", __doc__, options, run, model="bench")
 
 if __name__ == "__main__":
     raise SystemExit(kit.main(SPEC))
