@@ -61,7 +61,9 @@ class ModelRunner:
         dtype = model.model.embed_tokens.weight.dtype
         self.tp = getattr(model, "tp_group", None)  # None: the whole model is here
         self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.backend = backend or self._pick_backend(dtype)
+        # (a model may name its own: the benchmarks' SleepModel takes the GPU kernels' inputs)
+        self.backend = backend or getattr(model, "attention_backend", None) \
+            or self._pick_backend(dtype)
         # this rank's KV heads (all of them without tensor parallelism)
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
         shape = (num_blocks, block_size, num_kv_heads, self.config.head_dim)

@@ -6,6 +6,15 @@ model), so a forward that sleeps `step_s` (no CPU used) stands in for a GPU
 step of that length. It plugs into the ModelRunner as a model does, with KV
 caches of one element per slot, and its greedy token is a fixed function of
 the input token, so the scheduler sees ordinary outputs.
+
+It keeps the host honest: what the host does around a GPU step (the plan's
+diffs, the step's inputs and block tables, the sampling rows, reading tokens
+back, the bookkeeping) runs as it would there, and what a GPU would do on the
+device costs the host next to nothing. So its attention inputs are the GPU
+kernels' (block tables and context lengths, `attention_backend`), not the CPU
+reference backend's masks, and its logits cover a stand-in vocabulary of
+`STAND_IN_VOCAB` ids (sampling them is a few microseconds, like launching the
+sampler on a GPU), not a host-side one-hot over the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -18,8 +27,18 @@ from torch import nn
 from llmesh.services.executor.model_config import ModelConfig
 
 
+STAND_IN_VOCAB = 64  # the ids the stand-in logits cover (its outputs are below it)
+
+
 class _Attention:
     num_kv_heads = 1
+
+
+class BlockTableInputs:
+    """The attention inputs the GPU kernels take (block tables, context lengths)
+    are built for each step; nothing reads them (the forward sleeps)."""
+
+    wants_block_tables = True
 
 
 class _Layer:
@@ -40,7 +59,7 @@ class SleepModel(nn.Module):
                                           sliding_window=None)
         self.model = _Body(1)
         self.step_s = step_s
-        self.vocab_size = config.vocab_size
+        self.attention_backend = BlockTableInputs()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta,
                 backend) -> torch.Tensor:
@@ -48,6 +67,6 @@ class SleepModel(nn.Module):
         return input_ids.float().unsqueeze(-1)  # [num_tokens, 1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # the next token is (token * 31 + 7) mod vocab: [num_rows, vocab_size]
-        nxt = (hidden[:, 0].long() * 31 + 7) % self.vocab_size
-        return torch.nn.functional.one_hot(nxt, self.vocab_size).float()
+        # the next token is (token * 31 + 7) mod STAND_IN_VOCAB: [num_rows, STAND_IN_VOCAB]
+        nxt = (hidden[:, 0].long() * 31 + 7) % STAND_IN_VOCAB
+        return torch.nn.functional.one_hot(nxt, STAND_IN_VOCAB).float()
