@@ -13,7 +13,7 @@ import asyncio
 import uuid
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from llmesh.services.executor.kv_memory import (DEFAULT_KV_MEMORY_SHARE, kv_cap_
                                          size_kv_cache)
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.runner import ModelRunner
+from llmesh.services.executor.step_lane import StepLane
 from llmesh.services.executor.weights import load_model
 from llmesh.services.scheduler.kv_manager import KVCacheManager, KVStats
 from llmesh.services.scheduler.loop import EngineLoop
@@ -86,17 +87,36 @@ class StepStats:
 
 
 class InProcessExecutor:
-    """The model runner on one worker thread: plans run in submission order while
-    the loop plans the next one (torch releases the GIL inside its ops)."""
+    """The model runner on one worker thread (a StepLane): plans run in submission
+    order while the loop plans the next one, and the next plan is prepared before
+    a result is handed back (torch releases the GIL inside its ops)."""
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmesh-runner")
-        self._results: deque[asyncio.Future] = deque()
+        self._results: deque[asyncio.Future] = deque()  # one per plan, to hand out in order
+        self._unsettled: deque[asyncio.Future] = deque()  # the same, to settle in order
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lane = StepLane(runner, self._post, name="llmesh-runner")
 
     async def submit(self, plan: StepPlan) -> None:
-        self._results.append(asyncio.get_running_loop().run_in_executor(
-            self._pool, self.runner.execute, plan))
+        self._loop = asyncio.get_running_loop()
+        future = self._loop.create_future()
+        self._results.append(future)
+        self._unsettled.append(future)
+        self._lane.submit(plan)
+
+    def _post(self, plan, outcome) -> None:
+        if plan is not None:
+            self._loop.call_soon_threadsafe(self._settle, outcome)
+
+    def _settle(self, outcome) -> None:
+        future = self._unsettled.popleft()
+        if future.cancelled():  # (its waiter gave up: a hung-step timeout)
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
     async def result(self) -> StepResult:
         return await self._results.popleft()
@@ -105,10 +125,9 @@ class InProcessExecutor:
         pass
 
     def close(self) -> None:
-        try:
-            self._pool.shutdown(wait=True)
-        except RuntimeError:  # finalized on the runner thread itself (a GC there)
-            self._pool.shutdown(wait=False)
+        self._lane.stop()
+        if threading.current_thread() is not self._lane._thread:
+            self._lane.join(60)
 
 
 class Engine:

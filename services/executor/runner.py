@@ -3,7 +3,12 @@
 Keeps per-sequence state (tokens, block table, sampling params) keyed by
 sequence id, so after a sequence's first step the plan carries only diffs.
 One `execute` = block copies, one forward over the flat batch, one sampling
-pass over the rows that produce a token.
+pass over the rows that produce a token. It comes in two halves, `prepare` (the
+plan's diffs applied, the step's inputs built and on the device) and `finish`
+(the forward, sampling, the sampled tokens appended), so that a caller holding
+the next plan can prepare it before it hands back this step's result (`StepLane`
+below): the host work of step N+1 then happens before the loop that reads step
+N's result wakes, not against it for the GIL, and the next forward starts at once.
 """
 from __future__ import annotations
 
@@ -129,11 +134,21 @@ class ModelRunner:
         return 2 * config.num_layers * block_size * heads * config.head_dim * elem
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.finish(self.prepare(plan))
+
+    def prepare(self, plan: StepPlan) -> "_Prepared":
+        """The plan's diffs applied and its inputs staged (on the device): everything
+        of the step before its forward. `finish` must follow, before the next prepare."""
         with self._step_lock:
-            return self._execute(plan)
+            return self._prepare(plan)
+
+    def finish(self, prepared: "_Prepared") -> StepResult:
+        """The step's forward and sampling; its result."""
+        with self._step_lock:
+            return self._finish(prepared)
 
     @torch.inference_mode()
-    def _execute(self, plan: StepPlan) -> StepResult:
+    def _prepare(self, plan: StepPlan) -> "_Prepared":
         for seq_id in plan.finished_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new:
@@ -146,7 +161,7 @@ class ModelRunner:
         if not plan.scheduled:
             self.staging.flush()
             self._copy_blocks(copies)
-            return result
+            return _Prepared(result)
         # single-query sequences first, longest context first (the backend batches
         # them in groups of similar length), then prefill chunks
         order = sorted(plan.scheduled, key=lambda s: (s.num_new_tokens != 1,
@@ -176,17 +191,26 @@ class ModelRunner:
                               with_block_tables=self.backend.wants_block_tables,
                               staging=self.staging)
         self._copy_blocks(copies)
-        if self.graphs is not None and not self._eager and self.graphs.fits(meta, num_tokens):
-            hidden = self.graphs.run(input_ids.tensor, meta)
+        return _Prepared(result, input_ids, meta, num_tokens, draws, timer, comm0)
+
+    @torch.inference_mode()
+    def _finish(self, p: "_Prepared") -> StepResult:
+        result = p.result
+        if p.meta is None:  # (nothing scheduled: the plan only told what to forget)
+            return result
+        meta, timer = p.meta, p.timer
+        timer.start()
+        if self.graphs is not None and not self._eager and self.graphs.fits(meta, p.num_tokens):
+            hidden = self.graphs.run(p.input_ids.tensor, meta)
         else:
-            hidden = self.model(input_ids.tensor, meta.positions, self.kv_caches, meta,
+            hidden = self.model(p.input_ids.tensor, meta.positions, self.kv_caches, meta,
                                 self.backend)
         timer.mark()
-        if draws is not None:
-            self._sample(hidden, draws, result)
+        if p.draws is not None:
+            self._sample(hidden, p.draws, result)
         result.forward_s, result.sample_s = timer.finish()
         if self.tp:
-            result.comm_s = self.tp.comm_s - comm0
+            result.comm_s = self.tp.comm_s - p.comm0
         return result
 
     def _add(self, new: NewSequence) -> None:
@@ -293,6 +317,19 @@ def _advance(grammar, token: int) -> None:
 
 
 @dataclass
+class _Prepared:
+    """A step between `prepare` and `finish` (`meta` None: nothing to compute)."""
+
+    result: StepResult
+    input_ids: Staged | None = None
+    meta: object = None
+    num_tokens: int = 0
+    draws: "_Draws | None" = None
+    timer: "_StepTimer | None" = None
+    comm0: float = 0.0
+
+
+@dataclass
 class _Draws:
     """A step's sampling rows (a parent that forks has n), prepared before its forward."""
 
@@ -312,6 +349,10 @@ class _StepTimer:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+
+    def start(self) -> None:
+        """The forward begins (after the step was prepared)."""
+        if self.cuda:
             self._events[0].record()
         self._t = [time.perf_counter()]
 

@@ -2,15 +2,14 @@
 
 Plans are pipelined: the scheduler sends the next one while the current step
 runs. A reader task converts each plan as it arrives and hands it to the step
-thread, which runs plans back to back, in order, with no event-loop round trip
-between them; results are converted and sent by the event loop while the
-next step already runs."""
+lane (services/executor/step_lane.py), which runs plans back to back, in order,
+with no event-loop round trip between them, and prepares the next plan before
+it hands back a result; results are converted and sent by the event loop while
+the next step already runs."""
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 
 import grpc
@@ -22,44 +21,10 @@ from llmesh.services.common import convert
 from llmesh.services.common.rss import current_rss_bytes
 from llmesh.services.common.step_plan import StepPlan
 from llmesh.services.executor.runner import ModelRunner
+from llmesh.services.executor.step_lane import StepLane
 
 log = logging.getLogger("llmesh.executor")
 _END = object()
-
-
-class StepThread:
-    """Runs `runner.execute` on one thread for one stream's plans, in order; each
-    outcome (a StepResult or the exception) goes to `results` on the event loop.
-    After a failure it runs nothing more: the scheduler starts over."""
-
-    def __init__(self, runner: ModelRunner, loop: asyncio.AbstractEventLoop,
-                 results: asyncio.Queue):
-        self.runner = runner
-        self._plans: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopped = threading.Event()
-        self._post = lambda item: loop.call_soon_threadsafe(results.put_nowait, item)
-        self._thread = threading.Thread(target=self._run, name="llmesh-step", daemon=True)
-        self._thread.start()
-
-    def submit(self, plan) -> None:
-        self._plans.put(plan)
-
-    def stop(self) -> None:
-        """No plan starts after this (one running finishes): a stream that ended must
-        not touch the runner that the next scheduler's stream resets and drives."""
-        self._stopped.set()
-        self._plans.put(_END)
-
-    def _run(self) -> None:
-        while (plan := self._plans.get()) is not _END and not self._stopped.is_set():
-            try:
-                self._post((plan, self.runner.execute(plan)))
-            except Exception as e:  # a bug: report it on this step
-                log.exception("step %d failed", plan.step_id)
-                self.runner.reset()
-                self._post((plan, e))
-                return
-        self._post(_END)
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
@@ -94,7 +59,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             # a new stream means a (re)started scheduler: forget every sequence
             await asyncio.to_thread(runner.reset)
             results: asyncio.Queue = asyncio.Queue()
-            worker = StepThread(runner, asyncio.get_running_loop(), results)
+            loop = asyncio.get_running_loop()
+            worker = StepLane(runner, lambda plan, outcome: loop.call_soon_threadsafe(
+                results.put_nowait, _END if plan is None else (plan, outcome)))
             spans: dict[int, object] = {}
             reader = asyncio.ensure_future(self._read(request_iterator, worker, spans))
             try:
@@ -114,7 +81,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 reader.cancel()
                 worker.stop()
 
-    async def _read(self, request_iterator, worker: StepThread, spans: dict) -> None:
+    async def _read(self, request_iterator, worker: StepLane, spans: dict) -> None:
         try:
             async for msg in request_iterator:
                 plan = convert.plan_from_proto(msg)
