@@ -144,7 +144,6 @@ def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | 
     are built on the host with vectorised code and reach the device through
     `staging`, in the one copy of its next flush (made here: put the step's
     other arrays before calling); masks are then made on the device."""
-    staging = staging or Staging(device)
     n = len(seqs)
     starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
     counts = np.fromiter((s.num_new for s in seqs), np.int64, n)
@@ -153,6 +152,20 @@ def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | 
     table = np.zeros((n, max(1, int(lens.max(initial=0)))), np.int64)
     table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
         itertools.chain.from_iterable(s.block_ids for s in seqs), np.int64, int(lens.sum()))
+    return metadata_from_arrays(starts, counts, table, block_size, sliding_window, device,
+                                with_block_tables, staging)
+
+
+def metadata_from_arrays(starts: np.ndarray, counts: np.ndarray, table: np.ndarray,
+                         block_size: int, sliding_window: int | None, device: torch.device,
+                         with_block_tables: bool = False,
+                         staging: Staging | None = None) -> AttentionMetadata:
+    """`build_metadata` from arrays: per sequence (in the step's order) the tokens
+    already cached (`starts`) and computed now (`counts`), and its block table
+    (`table`, one row each, at least as wide as its blocks; entries past them are
+    never read)."""
+    staging = staging or Staging(device)
+    n = starts.size
     multi = counts != 1
     num_single = int(np.argmax(multi)) if multi.any() else n
     assert multi[num_single:].all(), "single-query sequences must come first"

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from llmesh.services.common.step_plan import NewSequence, StepPlan, StepResult, sequence_id
-from llmesh.services.executor.attention import SeqSlice, TorchPagedAttention, build_metadata
+from llmesh.services.executor.attention import TorchPagedAttention, metadata_from_arrays
+from llmesh.services.executor.batch_state import BatchState
 from llmesh.services.executor.kv_memory import kv_zeros
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.sampler import SampleRow, SamplingBatch, sample
@@ -35,13 +36,15 @@ log = logging.getLogger("llmesh.executor")
 
 @dataclass
 class SeqState:
+    """A live sequence: its whole token list and what samples it; its step state
+    (tokens computed, block table, last token) is in the batch arrays at `slot`."""
+
     seq_id: str
     token_ids: list[int]
     num_prompt_tokens: int
     params: object  # (seeded)
     index: int
-    num_computed: int
-    block_ids: list[int]
+    slot: int
     grammar: object = None  # structured output: its SequenceGrammar (on the sampling rank)
 
 
@@ -76,6 +79,7 @@ class ModelRunner:
         self.kv_caches = [(kv_zeros(shape, dtype, self.device), kv_zeros(shape, dtype, self.device))
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
+        self.batch = BatchState()  # the live sequences' step state, by slot
         self.tokenizer_dir = tokenizer_dir
         self._grammar_compiler = None  # made on the first request with a grammar
         self.test_corrupt_after_steps = test_corrupt_after_steps
@@ -112,6 +116,7 @@ class ModelRunner:
         still running has finished."""
         with self._step_lock:
             self.seqs.clear()
+            self.batch = BatchState()
 
     def _pick_backend(self, dtype: torch.dtype):
         from llmesh.services.executor.attention_cuda import CudaPagedAttention, kernels_support
@@ -149,8 +154,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _prepare(self, plan: StepPlan) -> "_Prepared":
+        b = self.batch
         for seq_id in plan.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
+            seq = self.seqs.pop(seq_id, None)
+            if seq is not None:
+                b.free(seq.slot)
         for new in plan.new:
             self._add(new)
         # (copy-on-write block copies: staged with the step's inputs, made before its forward)
@@ -162,34 +170,50 @@ class ModelRunner:
             self.staging.flush()
             self._copy_blocks(copies)
             return _Prepared(result)
-        # single-query sequences first, longest context first (the backend batches
-        # them in groups of similar length), then prefill chunks
-        order = sorted(plan.scheduled, key=lambda s: (s.num_new_tokens != 1,
-                                                      -self.seqs[s.seq_id].num_computed))
-        inputs, slices, sample_seqs = [], [], []
-        num_tokens = 0
-        for sched in order:
-            seq = self.seqs[sched.seq_id]
-            del seq.block_ids[sched.num_kept_blocks:]
-            seq.block_ids.extend(sched.new_block_ids)
-            start, end = seq.num_computed, seq.num_computed + sched.num_new_tokens
-            assert end <= len(seq.token_ids), (sched.seq_id, end, len(seq.token_ids))
-            inputs.append(seq.token_ids[start:end])
-            slices.append(SeqSlice(start, sched.num_new_tokens, seq.block_ids))
-            seq.num_computed = end
-            num_tokens += sched.num_new_tokens
-            if end == len(seq.token_ids):
-                sample_seqs.append((seq, num_tokens - 1))
+        sched = plan.scheduled
+        n = len(sched)
+        seqs = [self.seqs[s.seq_id] for s in sched]
+        slots = np.fromiter((q.slot for q in seqs), np.int64, n)
+        counts = np.fromiter((s.num_new_tokens for s in sched), np.int64, n)
+        # the plan's block diffs (a decode step: the few sequences that start a block)
+        kept = np.fromiter((s.num_kept_blocks for s in sched), np.int64, n)
+        grows = np.fromiter((bool(s.new_block_ids) for s in sched), bool, n)
+        for i in np.flatnonzero(grows | (kept != b.num_blocks[slots])).tolist():
+            b.set_blocks(int(slots[i]), int(kept[i]), sched[i].new_block_ids)
+        starts = b.num_computed[slots]
+        single = counts == 1
+        if not (single.all() and self.backend.wants_block_tables):
+            # single-query sequences first, longest context first (the CPU backend
+            # batches them in groups of similar length), then prefill chunks
+            order = np.lexsort((-starts, ~single))
+            slots, counts, starts, single = slots[order], counts[order], starts[order], \
+                single[order]
+            seqs = [seqs[i] for i in order.tolist()]
+        ends = starts + counts
+        num_tokens_now = b.num_tokens[slots]
+        assert (ends <= num_tokens_now).all(), "a step past a sequence's tokens"
+        b.num_computed[slots] = ends
+        num_tokens = int(counts.sum())
+        if single.all():  # (a decode step: each sequence's last token)
+            ids = b.last_token[slots]
+            for i in np.flatnonzero(starts != num_tokens_now - 1).tolist():
+                ids[i] = seqs[i].token_ids[int(starts[i])]  # (a one-token prefill chunk)
+        else:
+            ids = np.fromiter(itertools.chain.from_iterable(
+                q.token_ids[lo:hi] for q, lo, hi in zip(seqs, starts.tolist(), ends.tolist())),
+                np.int64, num_tokens)
         timer = _StepTimer(self.device)
         comm0 = self.tp.comm_s if self.tp else 0.0
-        input_ids = self.staging.put(np.fromiter(itertools.chain.from_iterable(inputs),
-                                                 np.int64, num_tokens))
-        draws = self._sample_rows(sample_seqs) if sample_seqs else None
+        input_ids = self.staging.put(ids)
+        samples = np.flatnonzero(ends == num_tokens_now)
+        draws = self._draws(seqs, slots, samples, np.cumsum(counts) - 1) if samples.size \
+            else None
         # (the token ids, the metadata's arrays and the sampling inputs reach the
-        # device in one copy, made by build_metadata)
-        meta = build_metadata(slices, self.block_size, self.config.sliding_window, self.device,
-                              with_block_tables=self.backend.wants_block_tables,
-                              staging=self.staging)
+        # device in one copy, made by metadata_from_arrays)
+        meta = metadata_from_arrays(starts, counts, b.table[slots], self.block_size,
+                                    self.config.sliding_window, self.device,
+                                    with_block_tables=self.backend.wants_block_tables,
+                                    staging=self.staging)
         self._copy_blocks(copies)
         return _Prepared(result, input_ids, meta, num_tokens, draws, timer, comm0)
 
@@ -219,11 +243,12 @@ class ModelRunner:
             # (a recomputed sequence replays the output it has so far)
             grammar = self.grammars().sequence(new.params.grammar,
                                                new.token_ids[new.num_prompt_tokens:])
+        slot = self.batch.add(new.token_ids, new.num_computed, new.block_ids, new.params,
+                              new.index, new.params.grammar is not None)
         self.seqs[new.seq_id] = SeqState(
             seq_id=new.seq_id, token_ids=list(new.token_ids),
             num_prompt_tokens=new.num_prompt_tokens, params=new.params,
-            index=new.index, num_computed=new.num_computed, block_ids=list(new.block_ids),
-            grammar=grammar,
+            index=new.index, slot=slot, grammar=grammar,
         )
 
     def grammars(self):
@@ -252,8 +277,26 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
+    def _draws(self, seqs: list[SeqState], slots: np.ndarray, samples: np.ndarray,
+               last_rows: np.ndarray) -> "_Draws":
+        """The step's sampling rows (the sequences at `samples`, whose last token is
+        row `last_rows[i]` of the batch), their inputs staged with the step's. Plain
+        ones come straight from the batch arrays; a grammar, penalties, logprobs or
+        n > 1 among them take the per-row path."""
+        b, samples_here = self.batch, self.tp is None or self.tp.rank == 0
+        sample_slots = slots[samples]
+        owners = [seqs[i] for i in samples.tolist()]
+        row_hidden = self.staging.put(last_rows[samples])
+        if b.plain[sample_slots].all():
+            batch = SamplingBatch.plain(
+                self.staging, b.temperature[sample_slots], b.top_k[sample_slots],
+                b.top_p[sample_slots], b.min_p[sample_slots], b.seed[sample_slots],
+                b.index[sample_slots], b.num_tokens[sample_slots]) if samples_here else None
+            return _Draws([], owners, row_hidden, None, batch, sample_slots)
+        return self._sample_rows(list(zip(owners, last_rows[samples].tolist())))
+
     def _sample_rows(self, sample_seqs) -> "_Draws":
-        """The step's sampling rows, and their inputs staged with the step's."""
+        """The step's sampling rows one by one, and their inputs staged with the step's."""
         rows, row_hidden, owners, grammars = [], [], [], []
         for seq, row in sample_seqs:
             # a sequence that still has to fork draws n tokens from the same logits
@@ -274,17 +317,25 @@ class ModelRunner:
                       SamplingBatch(rows, self.staging) if samples_here else None)
 
     def _sample(self, hidden, draws: "_Draws", result: StepResult) -> None:
-        rows, grammars = draws.rows, draws.grammars
+        rows, grammars, num_rows = draws.rows, draws.grammars, len(draws.owners)
         logits = self.model.compute_logits(hidden[draws.row_hidden.tensor])
         if self.tp is None:
             tokens, logprobs = sample(logits, rows, grammars, draws.batch)
         else:  # rank 0 holds the full logits and samples; every rank appends its tokens
             tokens, logprobs = (sample(logits, rows, grammars, draws.batch) if self.tp.rank == 0
-                                else (None, [None] * len(rows)))
-            tokens = self.tp.broadcast_tokens(tokens, len(rows), self.device)
+                                else (None, [None] * num_rows))
+            tokens = self.tp.broadcast_tokens(tokens, num_rows, self.device)
         self._num_sampling_steps += 1
         if 0 < self.test_corrupt_after_steps < self._num_sampling_steps:
             tokens = [(t + 1) % self.config.vocab_size for t in tokens]
+        if draws.slots is not None:  # plain rows: one token per sequence, no logprobs
+            b = self.batch
+            b.last_token[draws.slots] = tokens
+            b.num_tokens[draws.slots] += 1
+            for seq, token in zip(draws.owners, tokens):
+                seq.token_ids.append(token)
+            result.sampled = {seq.seq_id: [token] for seq, token in zip(draws.owners, tokens)}
+            return
         for seq, token, lp in zip(draws.owners, tokens, logprobs):
             result.sampled.setdefault(seq.seq_id, []).append(token)
             if lp is not None:
@@ -294,19 +345,22 @@ class ModelRunner:
 
     def _append(self, seq: SeqState, tokens: list[int]) -> None:
         """Append the sampled token; a parent with n > 1 forks into n sequences here."""
+        b = self.batch
         base_tokens = list(seq.token_ids) if len(tokens) > 1 else []
         # children's grammars fork from the parent's state before it takes its token
         forks = [seq.grammar.fork() if seq.grammar is not None else None for _ in tokens[1:]]
         seq.token_ids.append(tokens[0])
+        b.last_token[seq.slot], b.num_tokens[seq.slot] = tokens[0], len(seq.token_ids)
         _advance(seq.grammar, tokens[0])
         for i, (token, grammar) in enumerate(zip(tokens[1:], forks), start=1):
             child_id = sequence_id(seq.seq_id, i)
             _advance(grammar, token)
+            slot = b.copy(seq.slot, i)  # (its blocks and tokens computed: the parent's)
+            b.last_token[slot], b.num_tokens[slot] = token, len(base_tokens) + 1
             self.seqs[child_id] = SeqState(
                 seq_id=child_id, token_ids=base_tokens + [token],
                 num_prompt_tokens=seq.num_prompt_tokens, params=seq.params,
-                index=i, num_computed=seq.num_computed, block_ids=list(seq.block_ids),
-                grammar=grammar,
+                index=i, slot=slot, grammar=grammar,
             )
 
 
@@ -333,11 +387,12 @@ class _Prepared:
 class _Draws:
     """A step's sampling rows (a parent that forks has n), prepared before its forward."""
 
-    rows: list[SampleRow]
+    rows: list[SampleRow]  # ([] for plain rows, read from the batch arrays)
     owners: list[SeqState]  # the sequence each row's token goes to
     row_hidden: Staged  # each row's hidden state in the step's batch
     grammars: list | None
     batch: SamplingBatch | None  # None on a rank that does not sample
+    slots: np.ndarray | None = None  # plain rows: each owner's batch slot
 
 
 class _StepTimer:

@@ -132,6 +132,36 @@ class SamplingBatch:
             if self.logprob_rows else None
 
 
+    @classmethod
+    def plain(cls, staging: Staging, temperature: np.ndarray, top_k: np.ndarray,
+              top_p: np.ndarray, min_p: np.ndarray, seeds: np.ndarray, indices: np.ndarray,
+              positions: np.ndarray) -> "SamplingBatch":
+        """The inputs of rows with neither penalties nor logprobs, from per-row arrays
+        (the runner's persistent batch) instead of SampleRows: the same keys and
+        parameters, with no Python per row."""
+        self = cls.__new__(cls)
+        self.rows = []
+        draws = np.flatnonzero(temperature != 0.0)
+        self.draws = draws.tolist()
+        self.random = {}
+        if self.draws:
+            self.random = {
+                "rows": staging.put(draws.astype(np.int64)),
+                "keys": staging.put(row_keys(seeds[draws], indices[draws],
+                                             positions[draws].astype(np.uint64))),
+                "temperature": staging.put(temperature[draws]),
+                "top_k": staging.put(top_k[draws]),
+                "top_p": staging.put(top_p[draws]),
+                "min_p": staging.put(min_p[draws])}
+            self.any_top_k = bool(top_k[draws].any())
+            self.any_top_p = bool((top_p[draws] < 1.0).any())
+            self.any_min_p = bool(min_p[draws].any())
+        self.any_rep = self.any_counts = False
+        self.penalties = {}
+        self.logprob_rows, self.logprob_k, self.staged_logprob_rows = [], 0, None
+        return self
+
+
 def _stage_ids(id_lists: list[list[int]], staging: Staging) -> tuple[Staged, Staged]:
     """(row of each id, id) flattened, for counting tokens per row on the device."""
     lens = np.fromiter((len(ids) for ids in id_lists), np.int64, len(id_lists))
