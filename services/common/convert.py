@@ -9,6 +9,8 @@ name; only structured output has its own shape in each message.
 """
 from __future__ import annotations
 
+import itertools
+
 from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
 from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
@@ -94,21 +96,30 @@ def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprobs:
 
 
 def plan_to_proto(plan: StepPlan) -> executor_pb2.StepPlan:
+    sched = plan.scheduled
+    cols = executor_pb2.ScheduledColumns(
+        seq_ids=[s.seq_id for s in sched], num_new_tokens=[s.num_new_tokens for s in sched],
+        num_kept_blocks=[s.num_kept_blocks for s in sched],
+        num_new_blocks=[len(s.new_block_ids) for s in sched],
+        new_block_ids=[b for s in sched if s.new_block_ids for b in s.new_block_ids])
     return executor_pb2.StepPlan(
         step_id=plan.step_id,
         new=[executor_pb2.NewSequence(
             seq_id=n.seq_id, token_ids=n.token_ids, num_prompt_tokens=n.num_prompt_tokens,
             sampling=sampling_to_wire(n.params), index=n.index,
             num_computed=n.num_computed, block_ids=n.block_ids) for n in plan.new],
-        scheduled=[executor_pb2.ScheduledSequence(
-            seq_id=s.seq_id, num_new_tokens=s.num_new_tokens, num_kept_blocks=s.num_kept_blocks,
-            new_block_ids=s.new_block_ids) for s in plan.scheduled],
-        finished_seq_ids=plan.finished_seq_ids,
+        scheduled=cols, finished_seq_ids=plan.finished_seq_ids,
         block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in plan.block_copies],
         traceparent=plan.traceparent)
 
 
 def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
+    c = msg.scheduled
+    new_ids = list(c.new_block_ids)
+    ends = list(itertools.accumulate(c.num_new_blocks))
+    scheduled = [ScheduledSequence(seq_id, num_new, kept, new_ids[end - count:end])
+                 for seq_id, num_new, kept, count, end in zip(
+                     c.seq_ids, c.num_new_tokens, c.num_kept_blocks, c.num_new_blocks, ends)]
     return StepPlan(
         step_id=msg.step_id,
         new=[NewSequence(seq_id=n.seq_id, token_ids=list(n.token_ids),
@@ -116,31 +127,42 @@ def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
                          params=sampling_from_wire(n.sampling), index=n.index,
                          num_computed=n.num_computed, block_ids=list(n.block_ids))
              for n in msg.new],
-        scheduled=[ScheduledSequence(s.seq_id, s.num_new_tokens, s.num_kept_blocks,
-                                     list(s.new_block_ids)) for s in msg.scheduled],
-        finished_seq_ids=list(msg.finished_seq_ids),
+        scheduled=scheduled, finished_seq_ids=list(msg.finished_seq_ids),
         block_copies=[(c.src, c.dst) for c in msg.block_copies],
         traceparent=msg.traceparent)
 
 
 def result_to_proto(result: StepResult) -> executor_pb2.StepResult:
+    sampled = result.sampled
+    if all(len(tokens) == 1 for tokens in sampled.values()):  # (no fork: one token each)
+        cols = executor_pb2.SampledColumns(seq_ids=sampled, num_tokens=[1] * len(sampled),
+                                           token_ids=[t for t, in sampled.values()])
+    else:
+        cols = executor_pb2.SampledColumns(
+            seq_ids=sampled, num_tokens=[len(t) for t in sampled.values()],
+            token_ids=[t for tokens in sampled.values() for t in tokens])
     return executor_pb2.StepResult(
         step_id=result.step_id, forward_s=result.forward_s, sample_s=result.sample_s,
         comm_s=result.comm_s, num_kv_blocks=result.num_kv_blocks, kv_epoch=result.kv_epoch,
-        sampled=[executor_pb2.SampledTokens(
-            seq_id=seq_id, token_ids=tokens,
-            logprobs=[logprob_to_proto(lp) for lp in result.logprobs.get(seq_id, [])])
-            for seq_id, tokens in result.sampled.items()])
+        sampled=cols, logprobs=[executor_pb2.SeqLogprobs(
+            seq_id=seq_id, logprobs=[logprob_to_proto(lp) for lp in lps])
+            for seq_id, lps in result.logprobs.items()])
 
 
 def result_from_proto(msg: executor_pb2.StepResult) -> StepResult:
     result = StepResult(step_id=msg.step_id, forward_s=msg.forward_s, sample_s=msg.sample_s,
                         comm_s=msg.comm_s, num_kv_blocks=msg.num_kv_blocks,
                         kv_epoch=msg.kv_epoch)
-    for s in msg.sampled:
-        result.sampled[s.seq_id] = list(s.token_ids)
-        if s.logprobs:
-            result.logprobs[s.seq_id] = [logprob_from_proto(lp) for lp in s.logprobs]
+    c = msg.sampled
+    tokens = list(c.token_ids)
+    if len(tokens) == len(c.seq_ids):  # (one token each)
+        result.sampled = {seq_id: [t] for seq_id, t in zip(c.seq_ids, tokens)}
+    else:
+        ends = itertools.accumulate(c.num_tokens)
+        result.sampled = {seq_id: tokens[end - n:end]
+                          for seq_id, n, end in zip(c.seq_ids, c.num_tokens, ends)}
+    for s in msg.logprobs:
+        result.logprobs[s.seq_id] = [logprob_from_proto(lp) for lp in s.logprobs]
     return result
 
 

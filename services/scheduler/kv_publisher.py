@@ -1,7 +1,10 @@
 """Sends the block pool's events to the kvcache index, beside the step loop.
 
 The loop only calls `notify()` after it changed the pool; this task drains the
-event log and writes batches on a Publish stream. Every connection starts with
+event log and writes batches on a Publish stream, at most one every
+`batch_interval_s` (a busy replica changes its pool every step: one batch per
+step would cost its loop a wake-up and a message each time, for an index that
+routers only consult). Every connection starts with
 a snapshot, and the index asks for another when it sees a gap, so a restart of
 either side (or a lost batch) resynchronises it; a kvcache that is down costs
 the scheduler nothing but a reconnect now and then.
@@ -22,8 +25,10 @@ log = logging.getLogger("llmesh.scheduler")
 
 
 class KVPublisher:
-    def __init__(self, address: str, replica: str, events: KVEventLog, kv: KVCacheManager):
+    def __init__(self, address: str, replica: str, events: KVEventLog, kv: KVCacheManager,
+                 batch_interval_s: float = 0.02):
         self.replica = replica
+        self.batch_interval_s = batch_interval_s
         self.events = events
         self.kv = kv
         self.stub = kvcache_pb2_grpc.KVCacheStub(grpc.aio.insecure_channel(address))
@@ -64,6 +69,7 @@ class KVPublisher:
                     await call.write(kvcache_pb2.PublishRequest(
                         replica=self.replica, batch=convert.batch_to_proto(batch)))
                     self.num_batches += 1
+                    await asyncio.sleep(self.batch_interval_s)  # (what comes meanwhile: one batch)
                     continue
                 self._wake.clear()
                 waits = {asyncio.ensure_future(self._wake.wait()),

@@ -101,3 +101,26 @@ def test_staging_gives_each_array_back_with_its_shape_and_dtype(pack):
     assert staging.num_copies == (5 if pack else 0)
     with pytest.raises(TypeError):
         staging.put(np.zeros(2, dtype=np.float16))
+
+
+def test_plans_and_results_cross_the_wire_unchanged():
+    """The packed wire form (columns, not a message per sequence) gives back the
+    same plan and result: blocks per sequence, forks' several tokens, logprobs."""
+    from llmesh.v1 import executor_pb2
+    from llmesh.services.common import convert
+    from llmesh.services.common.step_plan import (ScheduledSequence, StepPlan, StepResult,
+                                                  TokenLogprobs)
+    plan = StepPlan(step_id=7, scheduled=[
+        ScheduledSequence("a", 1, 3, []), ScheduledSequence("b", 17, 0, [4, 5]),
+        ScheduledSequence("c#1", 1, 2, [9]), ScheduledSequence("d", 1, 1, [])],
+        finished_seq_ids=["x"], block_copies=[(1, 2)], traceparent="00-ab-cd-01")
+    wire = executor_pb2.StepPlan.FromString(convert.plan_to_proto(plan).SerializeToString())
+    assert convert.plan_from_proto(wire) == plan
+    for sampled, logprobs in [({"a": [3], "b": [4]}, {}),
+                              ({"a": [3, 8, 9], "b": [4]},
+                               {"b": [TokenLogprobs(4, -0.5, [4, 5], [-0.5, -1.25])]})]:
+        result = StepResult(step_id=7, forward_s=0.5, num_kv_blocks=64, kv_epoch=11)
+        result.sampled, result.logprobs = sampled, logprobs
+        back = convert.result_from_proto(executor_pb2.StepResult.FromString(
+            convert.result_to_proto(result).SerializeToString()))
+        assert back == result
