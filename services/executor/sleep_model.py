@@ -12,9 +12,11 @@ diffs, the step's inputs and block tables, the sampling rows, reading tokens
 back, the bookkeeping) runs as it would there, and what a GPU would do on the
 device costs the host next to nothing. So its attention inputs are the GPU
 kernels' (block tables and context lengths, `attention_backend`), not the CPU
-reference backend's masks, and its logits cover a stand-in vocabulary of
-`STAND_IN_VOCAB` ids (sampling them is a few microseconds, like launching the
-sampler on a GPU), not a host-side one-hot over the whole vocabulary.
+reference backend's masks, and its logits cover only the first
+`2 * STAND_IN_VOCAB` ids (sampling them is a few microseconds, like launching
+the sampler on a GPU), not a host-side one-hot over the whole vocabulary. Its
+tokens are ids `STAND_IN_VOCAB` to `2 * STAND_IN_VOCAB - 1`: never the special
+ids (EOS, BOS, padding) at the start of a vocabulary.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import nn
 from llmesh.services.executor.model_config import ModelConfig
 
 
-STAND_IN_VOCAB = 64  # the ids the stand-in logits cover (its outputs are below it)
+STAND_IN_VOCAB = 64  # how many ids its tokens take (from STAND_IN_VOCAB on)
 
 
 class _Attention:
@@ -67,6 +69,7 @@ class SleepModel(nn.Module):
         return input_ids.float().unsqueeze(-1)  # [num_tokens, 1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # the next token is (token * 31 + 7) mod STAND_IN_VOCAB: [num_rows, STAND_IN_VOCAB]
-        nxt = (hidden[:, 0].long() * 31 + 7) % STAND_IN_VOCAB
-        return torch.nn.functional.one_hot(nxt, STAND_IN_VOCAB).float()
+        # the next token is STAND_IN_VOCAB + (token * 31 + 7) mod STAND_IN_VOCAB:
+        # [num_rows, 2 * STAND_IN_VOCAB]
+        nxt = STAND_IN_VOCAB + (hidden[:, 0].long() * 31 + 7) % STAND_IN_VOCAB
+        return torch.nn.functional.one_hot(nxt, 2 * STAND_IN_VOCAB).float()
