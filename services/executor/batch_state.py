@@ -60,7 +60,7 @@ class BatchState:
         self.num_computed[slot] = num_computed
         self.num_blocks[slot] = 0
         self.set_blocks(slot, 0, block_ids)
-        self.seed[slot] = params.seed
+        self.seed[slot] = params.seed or 0  # (unseeded: greedy, which never draws)
         self.index[slot] = index
         self.temperature[slot] = params.temperature
         self.top_k[slot] = params.top_k
