@@ -46,16 +46,17 @@ class StepLane:
         self._thread.join(timeout_s)
 
     def _next(self, block: bool):
+        """The next plan; _END once stopped; None when `block` is off and none waits."""
         try:
             plan = self._plans.get(block=block)
         except queue.Empty:
             return None
-        return None if plan is _END or self._stopped.is_set() else plan
+        return _END if plan is _END or self._stopped.is_set() else plan
 
     def _run(self) -> None:
         plan = self._next(block=True)
-        prepared, error = self._prepare(plan) if plan is not None else (None, None)
-        while plan is not None:
+        prepared, error = self._prepare(plan) if plan is not _END else (None, None)
+        while plan is not _END:
             if error is not None:
                 self._post(plan, error)
                 break
@@ -67,11 +68,12 @@ class StepLane:
                 self._post(plan, e)
                 break
             nxt = self._next(block=False)  # (already queued: prepare it before posting)
-            nxt_prepared, nxt_error = self._prepare(nxt) if nxt is not None else (None, None)
+            nxt_prepared, nxt_error = (self._prepare(nxt) if nxt not in (None, _END)
+                                       else (None, None))
             self._post(plan, outcome)
             if nxt is None:
                 nxt = self._next(block=True)
-                nxt_prepared, nxt_error = (self._prepare(nxt) if nxt is not None
+                nxt_prepared, nxt_error = (self._prepare(nxt) if nxt is not _END
                                            else (None, None))
             plan, prepared, error = nxt, nxt_prepared, nxt_error
         self._post(None, None)

@@ -153,3 +153,63 @@ def test_every_sequence_reaches_its_owner(tiny_model, n, max_tokens):
     assert sorted(finished) == list(range(n))
     assert [got[i] for i in range(n)] == expected
     assert not loop.tracks
+
+
+def test_a_step_lane_stops_whether_or_not_a_plan_is_queued():
+    """A lane told to stop exits, and says so, whether the stop arrives while a
+    step runs (it then finds the stop when it looks for a queued plan before
+    posting) or while it waits for a plan; what it ran is posted in order, each
+    next plan prepared before the one before is posted."""
+    import threading
+    import time
+
+    from llmesh.services.common.step_plan import StepPlan, StepResult
+    from llmesh.services.executor.step_lane import StepLane
+
+    class Runner:
+        def __init__(self):
+            self.log, self.running, self.release = [], threading.Event(), threading.Event()
+
+        def prepare(self, plan):
+            self.log.append(("prepare", plan.step_id))
+            return plan
+
+        def finish(self, plan):
+            self.running.set()
+            assert self.release.wait(5)
+            self.log.append(("finish", plan.step_id))
+            return StepResult(step_id=plan.step_id)
+
+        def reset(self):
+            pass
+
+    for stop_while_running in (True, False):
+        runner, posted, done = Runner(), [], threading.Event()
+
+        def post(plan, outcome):
+            if plan is None:
+                done.set()
+            else:
+                posted.append((plan.step_id, outcome.step_id))
+                runner.log.append(("post", plan.step_id))
+        lane = StepLane(runner, post)
+        if stop_while_running:
+            lane.submit(StepPlan(step_id=1))
+            assert runner.running.wait(5)
+            lane.stop()  # (queued while step 1 runs)
+            runner.release.set()
+            expected = [(1, 1)]
+        else:
+            lane.submit(StepPlan(step_id=1))
+            lane.submit(StepPlan(step_id=2))
+            runner.release.set()
+            deadline = time.monotonic() + 5
+            while len(posted) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            lane.stop()  # (the lane waits for a plan)
+            expected = [(1, 1), (2, 2)]
+        assert done.wait(5), "the lane did not stop"
+        lane.join(5)
+        assert posted == expected
+        if not stop_while_running:
+            assert runner.log.index(("prepare", 2)) < runner.log.index(("post", 1))
