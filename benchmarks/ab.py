@@ -6,7 +6,7 @@ before, e.g. `git worktree add DIR COMMIT`; its protos are generated there
 first) and in this checkout, `--rounds` times each, the order alternating per
 round, on the same machine in one run. Each run's results file is kept whole;
 the report also gives, per tree, the median over rounds of every number in the
-results' `rows` (matched by position) or top-level figures.
+results' `rows` (matched by position), or of every number in the results.
 """
 from __future__ import annotations
 
@@ -47,11 +47,23 @@ def _once(tree: Path, bench: list[str]) -> dict:
 
 
 def _figures(report: dict) -> list[dict]:
-    """The numbers to take medians of: each row, or the top-level numbers."""
+    """The numbers to take medians of: each row, or every number in the results
+    (nested keys joined by dots; the stamp left out)."""
     rows = report.get("rows")
     if isinstance(rows, list):
         return rows
-    return [{k: v for k, v in report.items() if isinstance(v, (int, float))}]
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix[:-1]] = value
+    for key, value in report.items():
+        if key not in ("command", "args", "machine", "versions", "timestamp"):
+            walk(f"{key}.", value)
+    return [flat]
 
 
 def run(args) -> dict:
