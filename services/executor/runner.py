@@ -17,7 +17,6 @@ import itertools
 import logging
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +29,7 @@ from llmesh.services.executor.kv_memory import kv_zeros
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.sampler import SampleRow, SamplingBatch, sample
 from llmesh.services.executor.staging import Staged, Staging
+from llmesh.services.executor.step_timer import StepTimer
 
 
 log = logging.getLogger("llmesh.executor")
@@ -202,7 +202,7 @@ class ModelRunner:
             ids = np.fromiter(itertools.chain.from_iterable(
                 q.token_ids[lo:hi] for q, lo, hi in zip(seqs, starts.tolist(), ends.tolist())),
                 np.int64, num_tokens)
-        timer = _StepTimer(self.device)
+        timer = StepTimer(self.device)
         comm0 = self.tp.comm_s if self.tp else 0.0
         input_ids = self.staging.put(ids)
         samples = np.flatnonzero(ends == num_tokens_now)
@@ -379,7 +379,7 @@ class _Prepared:
     meta: object = None
     num_tokens: int = 0
     draws: "_Draws | None" = None
-    timer: "_StepTimer | None" = None
+    timer: "StepTimer | None" = None
     comm0: float = 0.0
 
 
@@ -393,35 +393,3 @@ class _Draws:
     grammars: list | None
     batch: SamplingBatch | None  # None on a rank that does not sample
     slots: np.ndarray | None = None  # plain rows: each owner's batch slot
-
-
-class _StepTimer:
-    """What a step's forward and sampling took. On a GPU, from CUDA events (the
-    device's own time: launching returns long before the work is done), read
-    after the step's one synchronising copy; on the CPU, the wall clock."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-
-    def start(self) -> None:
-        """The forward begins (after the step was prepared)."""
-        if self.cuda:
-            self._events[0].record()
-        self._t = [time.perf_counter()]
-
-    def mark(self) -> None:
-        if self.cuda:
-            self._events[1].record()
-        self._t.append(time.perf_counter())
-
-    def finish(self) -> tuple[float, float]:
-        """(forward_s, sample_s)"""
-        self._t.append(time.perf_counter())
-        if not self.cuda:
-            return self._t[1] - self._t[0], self._t[2] - self._t[1]
-        start, mid, end = self._events
-        end.record()
-        end.synchronize()  # (the sampled tokens' copy already waited for the step)
-        return start.elapsed_time(mid) / 1000, mid.elapsed_time(end) / 1000
