@@ -13,7 +13,6 @@ import asyncio
 import uuid
 import weakref
 from collections import deque
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,8 +125,7 @@ class InProcessExecutor:
 
     def close(self) -> None:
         self._lane.stop()
-        if threading.current_thread() is not self._lane._thread:
-            self._lane.join(60)
+        self._lane.join(60)
 
 
 class Engine:

@@ -43,7 +43,10 @@ class StepLane:
         self._plans.put(_END)
 
     def join(self, timeout_s: float | None = None) -> None:
-        self._thread.join(timeout_s)
+        """Wait for the lane's thread to end (at once when called on that thread:
+        an engine collected there)."""
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
 
     def _next(self, block: bool):
         """The next plan; _END once stopped; None when `block` is off and none waits."""
