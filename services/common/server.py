@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmesh.services.common.errors import LlmeshError
+from llmesh.services.common.heap import freeze_startup
 from llmesh.services.common.net import bind_host
 
 MAX_MESSAGE_BYTES = 4 * 2**20
@@ -63,6 +64,7 @@ class Service:
         self.server.add_insecure_port(self.address)
         self._service_names: list[str] = []
         self._stop = asyncio.Event()
+        self._started_up = False
 
     def add(self, adder: Callable, servicer, service_name: str) -> None:
         adder(servicer, self.server)
@@ -80,6 +82,11 @@ class Service:
             self._service_names + [reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
 
     async def set_serving(self, is_serving: bool) -> None:
+        """SERVING or NOT_SERVING on every service; the first SERVING ends start-up, and
+        what start-up made leaves the collector's way (heap.freeze_startup)."""
+        if is_serving and not self._started_up:
+            self._started_up = True
+            freeze_startup()
         status = (health_pb2.HealthCheckResponse.SERVING if is_serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ["", *self._service_names]:

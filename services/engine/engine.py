@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from llmesh.services.common.errors import DuplicateRequestError, LlmeshError
+from llmesh.services.common.heap import freeze_startup, thaw
 from llmesh.services.common.sampling_params import SamplingParams, validate_request
 from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, StepPlan, StepResult,
                                        TokenLogprobs)
@@ -166,6 +167,7 @@ class Engine:
         self._aio = asyncio.new_event_loop()
         # the worker thread and the event loop go with the engine, closed or not
         self._finalizer = weakref.finalize(self, _release, self.executor, self._aio)
+        freeze_startup()  # (until it closes: the model's cycles go back to the collector then)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
@@ -272,6 +274,7 @@ class Engine:
 def _release(executor: InProcessExecutor, aio: asyncio.AbstractEventLoop) -> None:
     executor.close()
     aio.close()
+    thaw()
 
 
 class InsufficientMemoryError(LlmeshError):
