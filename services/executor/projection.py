@@ -34,6 +34,11 @@ import torch.nn.functional as F
 from llmesh.services.common.errors import UnsupportedModelError
 
 PACKED_FORMATS = ("int8", "float16-weights")
+# float32 on a CPU through oneDNN's linear, not F.linear's BLAS call: on the bench
+# box (AMD EPYC, torch's MKL) F.linear reads weights at 16 GB/s at batch 1 on one
+# thread, oneDNN at 33 GB/s on both (BENCHMARKS.md, "CPU decode")
+ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                   "_linear_pointwise")
 
 
 class Projection(nn.Module):
@@ -49,6 +54,8 @@ class Projection(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
+            if x.dtype == torch.float32 and ONEDNN_FLOAT32 and x.device.type == "cpu":
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return F.linear(x, self.weight, self.bias)
         out = self.kernel.run(x.reshape(-1, x.shape[-1]).float())
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -29,6 +29,7 @@ from llmesh.services.executor.kv_memory import kv_zeros
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.sampler import SampleRow, SamplingBatch, sample
 from llmesh.services.executor.staging import Staged, Staging
+from llmesh.services.executor.step_threads import StepThreads
 from llmesh.services.executor.step_timer import StepTimer
 
 
@@ -80,6 +81,7 @@ class ModelRunner:
                           for _ in range(self.config.num_layers)]
         self.seqs: dict[str, SeqState] = {}
         self.batch = BatchState()  # the live sequences' step state, by slot
+        self.threads = StepThreads(self.device)
         self.tokenizer_dir = tokenizer_dir
         self._grammar_compiler = None  # made on the first request with a grammar
         self.test_corrupt_after_steps = test_corrupt_after_steps
@@ -227,8 +229,9 @@ class ModelRunner:
         if self.graphs is not None and not self._eager and self.graphs.fits(meta, p.num_tokens):
             hidden = self.graphs.run(p.input_ids.tensor, meta)
         else:
-            hidden = self.model(p.input_ids.tensor, meta.positions, self.kv_caches, meta,
-                                self.backend)
+            with self.threads.step(p.num_tokens):
+                hidden = self.model(p.input_ids.tensor, meta.positions, self.kv_caches, meta,
+                                    self.backend)
         timer.mark()
         if p.draws is not None:
             self._sample(hidden, p.draws, result)

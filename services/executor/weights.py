@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from llmesh.services.common.errors import UnsupportedModelError
 from llmesh.services.common.gguf_file import model_path
+from llmesh.services.executor.auto_format import resolve_format
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.model_config import ModelConfig, load_model_config
 from llmesh.services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
@@ -84,12 +85,11 @@ def checkpoint_names(param_name: str) -> list[str]:
     return [param_name]
 
 
-def resolve_dtype(config: ModelConfig, dtype: str | None) -> torch.dtype:
+def resolve_dtype(config: ModelConfig, dtype: str | None,
+                  device: str | torch.device = "cpu") -> torch.dtype:
     """The dtype of activations, the KV cache and unpacked weights (float32 under a
-    packed weight format)."""
-    name = dtype or "float32"
-    if name == "auto":
-        name = config.torch_dtype
+    packed weight format); `auto` as chosen for `device`'s machine."""
+    name = resolve_format(config.torch_dtype, dtype, device)
     if name in PACKED_FORMATS:
         return torch.float32
     if name not in DTYPES:
@@ -106,7 +106,8 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     `model_dir` may be a GGUF file (or a directory holding one)."""
     model_dir = model_path(model_dir)
     config = load_model_config(model_dir)
-    torch_dtype = resolve_dtype(config, dtype)
+    dtype = resolve_format(config.torch_dtype, dtype, device)
+    torch_dtype = resolve_dtype(config, dtype, device)
     if dtype in PACKED_FORMATS:
         check_packed_format(dtype, torch.device(device))
     with torch.device("meta"):

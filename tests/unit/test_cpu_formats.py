@@ -1,0 +1,64 @@
+"""float32 on a CPU through oneDNN's linear, and what `dtype: auto` picks on this machine."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmesh.services.executor.auto_format import BF16_FLAGS, auto_format, cpu_flags
+from llmesh.services.executor.projection import ONEDNN_FLOAT32, Projection
+from llmesh.services.executor.weights import load_model
+
+
+@pytest.mark.skipif(not ONEDNN_FLOAT32, reason="this torch build has no oneDNN")
+def test_float32_projection_is_onednn_within_float32_rounding_of_f_linear():
+    torch.manual_seed(0)
+    layer = Projection(512, 1536, bias=True)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(64, 512)
+    with torch.inference_mode():
+        out = layer(x)
+        ref = F.linear(x, layer.weight, layer.bias)
+        direct = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    assert torch.equal(out, direct)  # (the oneDNN call, not F.linear)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # rows of a batch of two or more do not depend on what else is in it
+    with torch.inference_mode():
+        assert torch.equal(layer(x[:5]), out[:5])
+
+
+def test_auto_picks_bfloat16_exactly_on_cpus_with_bfloat16_instructions(tiny_model_dir, caplog):
+    has_bf16 = bool(cpu_flags() & set(BF16_FLAGS))
+    expected = torch.bfloat16 if has_bf16 else torch.float32
+    with caplog.at_level(logging.INFO, logger="llmesh.executor"):
+        model = load_model(tiny_model_dir, "auto")
+    assert model.model.embed_tokens.weight.dtype == expected
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == expected
+    assert any(f"dtype auto: {'bfloat16' if has_bf16 else 'float32'}" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_auto_keeps_the_checkpoint_dtype_on_a_gpu():
+    assert auto_format("float16", "cuda")[0] == "float16"
+    assert auto_format("bfloat16", "cuda:1")[0] == "bfloat16"
+
+
+def test_small_steps_leave_a_core_to_the_host_and_the_count_is_put_back(tiny_model_dir):
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.engine.engine import Engine, EngineConfig
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(max_num_batched_tokens=64))
+        seen = []  # (tokens in the step, torch's threads while its layers ran)
+        engine.runner.model.model.layers[0].register_forward_pre_hook(
+            lambda mod, args: seen.append((args[0].shape[0], torch.get_num_threads())))
+        engine.generate([[1] + list(range(5, 40))], SamplingParams(max_tokens=4))
+        engine.close()
+        assert (36, 2) in seen  # the prefill: every thread
+        assert seen.count((1, 1)) >= 2  # decode steps of one token: one fewer
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
