@@ -161,8 +161,13 @@ def _one(model_dir: str, name: str, peers: dict, args) -> dict:
         stop()
     report = result.report
     offline, single = (run["targets"][target] for run in report["runs"])
-    return {"offline_output_tokens_per_s": offline["output_tokens_per_s"],
-            "offline_output_tokens": offline["output_tokens"],
+    # tokens/s from the tokens the server made (its usage; checked above to be the
+    # requested ones): a client counting SSE events can miss some (_check_counts)
+    seconds = offline["output_tokens"] / offline["output_tokens_per_s"]
+    made = sum(r.server_output_tokens if r.server_output_tokens is not None
+               else r.num_output_tokens for r in result.records[target][0])
+    return {"offline_output_tokens_per_s": made / seconds,
+            "offline_output_tokens": made, "offline_streamed_tokens": offline["output_tokens"],
             "offline_prompt_tokens": offline["prompt_tokens"],
             "offline_steps": offline.get("steps"),
             "kv_blocks": (offline.get("kv") or {}).get("num_blocks"),

@@ -1,12 +1,16 @@
 """What `dtype: auto` runs a model in on this machine.
 
-On a GPU: the checkpoint's own dtype. On a CPU: bfloat16 when the CPU has
-bfloat16 instructions (AVX512-BF16 or AMX; oneDNN then multiplies bfloat16
-weights natively and reads half the bytes of float32), float32 elsewhere
-(oneDNN's float32 linear, services/executor/projection.py). The packed
-`float16-weights` format is not chosen: with oneDNN's float32 linear it is
-no faster than float32 on the bench box. Quality per format on the trained
-model is in BENCHMARKS.md ("Quality on a trained model").
+On a GPU: the checkpoint's own dtype. On a CPU: bfloat16 when the CPU has AMX
+(oneDNN's bfloat16 matrix tiles; half the bytes of float32 to read), float32
+elsewhere (oneDNN's float32 linear, services/executor/projection.py). On a CPU
+with AVX512-BF16 but no AMX (the bench box, an AMD EPYC) llmesh's bfloat16 was
+slower than its float32 in the served comparison (BENCHMARKS.md, "CPU decode":
+single stream 9.3 against 8.1 ms a token, offline 287 against 401 tokens/s in
+one round): the norms and rotary embeddings cast to float32 and back in every
+layer, and oneDNN's bfloat16 matrix-vector product read weights no faster per
+byte. The packed `float16-weights` format is not chosen either: it needs
+fbgemm and is no faster than oneDNN's float32. Quality per format on the
+trained model is in BENCHMARKS.md ("Quality on a trained model").
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("llmesh.executor")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_FLAGS = ("amx_bf16",)
 
 
 def cpu_flags() -> set[str]:
@@ -36,7 +40,7 @@ def auto_format(checkpoint_dtype: str, device: str | torch.device) -> tuple[str,
     found = sorted(cpu_flags() & set(BF16_FLAGS))
     if found:
         return "bfloat16", f"this CPU has {', '.join(found)}"
-    return "float32", "this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16)"
+    return "float32", "this CPU has no AMX (amx_bf16): float32 through oneDNN is faster"
 
 
 def resolve_format(checkpoint_dtype: str, dtype: str | None, device: str | torch.device) -> str:

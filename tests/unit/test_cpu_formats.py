@@ -29,7 +29,7 @@ def test_float32_projection_is_onednn_within_float32_rounding_of_f_linear():
         assert torch.equal(layer(x[:5]), out[:5])
 
 
-def test_auto_picks_bfloat16_exactly_on_cpus_with_bfloat16_instructions(tiny_model_dir, caplog):
+def test_auto_picks_bfloat16_exactly_on_cpus_with_amx(tiny_model_dir, caplog):
     has_bf16 = bool(cpu_flags() & set(BF16_FLAGS))
     expected = torch.bfloat16 if has_bf16 else torch.float32
     with caplog.at_level(logging.INFO, logger="llmesh.executor"):
