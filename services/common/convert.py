@@ -174,6 +174,7 @@ FINISH_TO_PROTO = {
     FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
     FinishReason.DEADLINE: common_pb2.FINISH_REASON_DEADLINE,
     FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+    FinishReason.TOOL_CALLS: common_pb2.FINISH_REASON_TOOL_CALLS,
 }
 FINISH_NAMES = {value: (reason.value if reason else "none")
                 for reason, value in FINISH_TO_PROTO.items()}
@@ -222,3 +223,38 @@ def snapshot_to_proto(snap: Snapshot) -> kvcache_pb2.Snapshot:
 def snapshot_from_proto(msg: kvcache_pb2.Snapshot) -> Snapshot:
     return Snapshot(msg.epoch, msg.next_event_id, msg.block_size,
                     [(b.block_hash, b.parent_hash) for b in msg.blocks])
+
+
+# ---- chat messages and tools (inference.proto ChatMessages) ---------------------
+def _arguments(text: str):
+    """A call's arguments for a chat template: the object (templates render it with
+    `tojson`), or the text as it came when it is not JSON."""
+    import json
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return text
+
+
+def chat_from_proto(chat) -> tuple[list[dict], list[dict] | None]:
+    """(the messages as chat templates take them, the tools to show the model: None
+    without tools or with tool_choice "none")."""
+    import json
+    messages = []
+    for m in chat.messages:
+        msg = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": _arguments(c.arguments)}} for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name:
+            msg["name"] = m.name
+        messages.append(msg)
+    if not chat.tools or chat.tool_choice == "none":
+        return messages, None
+    tools = [{"type": "function", "function": {
+        "name": t.name, **({"description": t.description} if t.description else {}),
+        "parameters": json.loads(t.parameters) if t.parameters else {"type": "object"}}}
+        for t in chat.tools]
+    return messages, tools

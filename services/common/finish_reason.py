@@ -10,3 +10,4 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
     DEADLINE = "deadline"  # the request's deadline passed
     ERROR = "error"  # the replica failed under it
+    TOOL_CALLS = "tool_calls"  # the model called tools (set by the router, which reads calls)

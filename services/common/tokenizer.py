@@ -13,6 +13,7 @@ from tokenizers.decoders import DecodeStream
 
 from llmesh.services.common.chat_template import ChatTemplate, special_tokens_of
 from llmesh.services.common.errors import InvalidRequestError, UnsupportedModelError
+from llmesh.services.common.tool_calls import generic_system_prompt, tool_format_of
 
 
 class TextTokenizer:
@@ -34,6 +35,8 @@ class TextTokenizer:
             template = (model_dir / "chat_template.jinja").read_text()
         if template:
             self._template = ChatTemplate(template, special_tokens_of(self.config))
+        # how this model writes tool calls, and whether its template shows it tools
+        self.tool_format, self._renders_tools = tool_format_of(template)
 
     @property
     def vocab_size(self) -> int:
@@ -45,14 +48,27 @@ class TextTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render the chat template to text, then encode it (no extra BOS)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """Render the chat template to text, then encode it (no extra BOS). `tools`
+        (OpenAI's `tools`: {"type": "function", "function": {...}}) go to the template,
+        or, when it does not show tools, into a system message that describes them
+        (services/common/tool_calls.py)."""
         if self._template is None:
             raise InvalidRequestError("messages", "this model has no chat template")
         for i, m in enumerate(messages):
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError(f"messages[{i}]", "needs string 'role' and 'content'")
-        text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
+        if tools and not self._renders_tools:
+            prompt = generic_system_prompt(tools)
+            if messages and messages[0]["role"] == "system":
+                messages = [{**messages[0], "content": messages[0]["content"] + "\n\n" + prompt},
+                            *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": prompt}, *messages]
+            tools = None
+        text = self._template.render(messages, add_generation_prompt=add_generation_prompt,
+                                     tools=tools or None)
         return self.encode(text, add_special_tokens=False)
 
 

@@ -18,14 +18,18 @@ class TokenizerClient:
         self.attempts = attempts
 
     async def encode(self, request: tokenizer_pb2.EncodeRequest) -> list[int]:
-        """The request's token ids. Encoding has no side effects, so a call the
-        tokenizer's death cut off is made again (it waits for the restarted one).
-        Raises UpstreamError: INVALID_ARGUMENT for input the tokenizer refuses,
-        UNAVAILABLE for anything else."""
+        """The request's token ids (see `encode_response`)."""
+        return list((await self.encode_response(request)).token_ids)
+
+    async def encode_response(self, request: tokenizer_pb2.EncodeRequest
+                              ) -> tokenizer_pb2.EncodeResponse:
+        """The request's token ids (and, for a chat with tools, the model's tool-call
+        format). Encoding has no side effects, so a call the tokenizer's death cut
+        off is made again (it waits for the restarted one). Raises UpstreamError:
+        INVALID_ARGUMENT for input the tokenizer refuses, UNAVAILABLE for anything else."""
         for attempt in range(self.attempts):
             try:
-                resp = await self.stub.Encode(request, timeout=30, wait_for_ready=True)
-                return list(resp.token_ids)
+                return await self.stub.Encode(request, timeout=30, wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self.attempts:

@@ -29,6 +29,7 @@ from llmesh.services.router.admission import Admission, Ticket, arrival_time
 from llmesh.services.router.breaker import BUSY, OK
 from llmesh.services.router.deadletters import DeadLetters, make_entry
 from llmesh.services.router.dispatch import Dispatcher, Route, coalesce
+from llmesh.services.router.tools import ToolUse
 from llmesh.services.router.observer import RequestObserver
 
 log = logging.getLogger("llmesh.router")
@@ -90,6 +91,7 @@ class Generation:
                 request_id=chunk.request_id, index=chunk.index))
             agg.token_ids.extend(chunk.token_ids)
             agg.logprobs.extend(chunk.logprobs)
+            agg.tool_calls.extend(chunk.tool_calls)
             if chunk.finish_reason:
                 agg.finish_reason = chunk.finish_reason
                 agg.usage.CopyFrom(chunk.usage)
@@ -103,7 +105,8 @@ class Generation:
         for index in sorted(final):
             seq = final[index]
             out.choices.add(index=index, text="".join(texts[index]), token_ids=seq.token_ids,
-                            logprobs=seq.logprobs, finish_reason=seq.finish_reason)
+                            logprobs=seq.logprobs, finish_reason=seq.finish_reason,
+                            tool_calls=seq.tool_calls)
             if index != out.index:  # usage counts every sequence; timings the slowest
                 out.usage.completion_tokens += seq.usage.completion_tokens
                 if seq.timings.e2e_s > out.timings.e2e_s:
@@ -125,7 +128,9 @@ class Generation:
         metrics.in_flight.inc()
         status = "OK"
         try:
-            async for response in self._generate(request, request_id, call, partial_ok):
+            tools = ToolUse.of(request)
+            responses = self._generate(request, request_id, call, partial_ok, tools)
+            async for response in (tools.parse(responses) if tools else responses):
                 obs.on_chunk(response)
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
@@ -145,7 +150,8 @@ class Generation:
         if model and model != self.model_name:
             raise NotFoundError(f"model: {model!r} is not served")
 
-    async def _generate(self, request, request_id: str, call: Call, partial_ok: bool):
+    async def _generate(self, request, request_id: str, call: Call, partial_ok: bool,
+                        tools: ToolUse | None):
         arrival_unix_s = arrival_time(call.metadata, time.time())
         adm = self.admission
         metrics = router_metrics()
@@ -165,7 +171,11 @@ class Generation:
             span.set_attribute("llmesh.replica", replica.name if replica else "")
         if replica is None:
             raise UnavailableError("no replica is ready")
-        prompt = await self._prompt_ids(request)
+        if tools:
+            tools.constrain(request)
+        prompt, tool_format = await self._prompt_ids(request)
+        if tools:
+            tools.format = tool_format or tools.format
         # the public parameters become the domain's once, here; the seed is fixed here
         # too, so the request gives the same tokens wherever (and however often) it runs
         params = convert.sampling_from_public(request.sampling).with_seed()
@@ -319,10 +329,11 @@ class Generation:
                 raise UnavailableError("request aborted by the replica")
             yield resp
 
-    async def _prompt_ids(self, request) -> list[int]:
+    async def _prompt_ids(self, request) -> tuple[list[int], str]:
+        """(the prompt's token ids, how the model writes tool calls: for a chat with tools)"""
         kind = request.WhichOneof("input")
         if kind == "token_ids":
-            return list(request.token_ids.ids)
+            return list(request.token_ids.ids), ""
         if kind is None:
             raise InvalidRequestError("input", "one of prompt, chat or token_ids is required")
         enc = tokenizer_pb2.EncodeRequest(add_special_tokens=True)
@@ -330,7 +341,8 @@ class Generation:
             enc.chat.CopyFrom(request.chat)
         else:
             enc.text = request.prompt
-        return await self.tokenizer.encode(enc)
+        resp = await self.tokenizer.encode_response(enc)
+        return list(resp.token_ids), resp.tool_format
 
 
 def _reason(e: LlmeshError) -> str:

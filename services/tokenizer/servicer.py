@@ -6,6 +6,7 @@ import grpc
 
 from llmesh.observability.metrics import tokenizer_requests
 from llmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from llmesh.services.common.convert import chat_from_proto
 from llmesh.services.common.errors import LlmeshError
 from llmesh.services.common.server import abort_with
 from llmesh.services.common.tokenizer import TextTokenizer
@@ -18,14 +19,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Encode(self, request, context):
         tokenizer_requests().labels("encode").inc()
         try:
+            tool_format = ""
             if request.WhichOneof("input") == "chat":
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in request.chat.messages])
+                messages, tools = chat_from_proto(request.chat)
+                ids = self.tokenizer.apply_chat_template(messages, tools=tools)
+                tool_format = self.tokenizer.tool_format if tools else ""
             else:
                 ids = self.tokenizer.encode(request.text, request.add_special_tokens)
         except LlmeshError as e:
             await abort_with(context, e)
-        return tokenizer_pb2.EncodeResponse(token_ids=ids)
+        return tokenizer_pb2.EncodeResponse(token_ids=ids, tool_format=tool_format)
 
     async def Decode(self, request, context):
         tokenizer_requests().labels("decode").inc()

@@ -112,3 +112,124 @@ def test_a_stop_string_ends_the_answer(client):
     text = resp.choices[0].message.content
     assert resp.choices[0].finish_reason == "stop"
     assert "5" not in text and full.startswith(text) and "4" in text
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "current_time", "description": "The time now in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                   "required": ["zone"], "additionalProperties": False}}}
+
+
+def _streamed_calls(stream) -> tuple[dict, str | None]:
+    """A chat stream's tool calls as the openai client's users assemble them (by index)
+    and its finish reason."""
+    calls, finish = {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or ():
+                call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += d.id or ""
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return calls, finish
+
+
+def test_a_named_tool_call_always_parses_and_fits_its_schema(client):
+    resp = client.chat.completions.create(
+        model="default", max_tokens=64, temperature=0, tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=_chat("What is the weather like in Paris?"))
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city"} and isinstance(args["city"], str)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_calls_stream_as_openai_deltas(client, parallel):
+    stream = client.chat.completions.create(
+        model="default", max_tokens=96, temperature=0, tools=[WEATHER, CLOCK],
+        tool_choice="required", parallel_tool_calls=parallel, stream=True,
+        messages=_chat("What time is it in Tokyo?"))
+    calls, finish = _streamed_calls(stream)
+    assert finish == "tool_calls" and calls and (parallel or len(calls) == 1)
+    for call in calls.values():
+        assert call["name"] in ("get_weather", "current_time") and call["id"]
+        args = json.loads(call["arguments"])
+        assert set(args) == ({"city"} if call["name"] == "get_weather" else {"zone"})
+
+
+def test_an_agent_loop_call_result_answer(client):
+    """A scripted agent: the model calls the tool, gets its result, and answers."""
+    messages = _chat("What is the weather in Paris? Use the tool.")
+    first = client.chat.completions.create(
+        model="default", max_tokens=64, temperature=0, tools=[WEATHER], tool_choice="required",
+        parallel_tool_calls=False, messages=messages).choices[0]
+    (call,) = first.message.tool_calls
+    assert json.loads(call.function.arguments)["city"]
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(
+            {"city": "Paris", "sky": "sunny", "temperature_c": 21})}]
+    answer = client.chat.completions.create(
+        model="default", max_tokens=48, temperature=0, tools=[WEATHER], tool_choice="none",
+        messages=messages).choices[0]
+    assert answer.finish_reason in ("stop", "length") and not answer.message.tool_calls
+    assert answer.message.content  # an answer in words, after the tool's result
+
+
+def test_auto_reads_what_the_model_wrote(client):
+    """`auto` leaves the choice to the model: whatever it writes parses into content
+    and, for each well-formed call, a tool call of a known function."""
+    for stream in (False, True):
+        out = client.chat.completions.create(
+            model="default", max_tokens=64, temperature=0, tools=[WEATHER, CLOCK], stream=stream,
+            messages=_chat("What is the weather in Oslo?"))
+        if stream:
+            calls, finish = _streamed_calls(out)
+            names = [c["name"] for c in calls.values()]
+        else:
+            finish = out.choices[0].finish_reason
+            names = [c.function.name for c in out.choices[0].message.tool_calls or ()]
+        assert set(names) <= {"get_weather", "current_time"}
+        assert finish == ("tool_calls" if names else finish) and finish in (
+            "stop", "length", "tool_calls")
+
+
+def test_tool_errors_are_400_naming_the_field(client):
+    base = {"model": "default", "messages": _chat("hi"), "max_tokens": 4}
+    for extra, param in [
+            ({"tools": [WEATHER], "tool_choice": {"type": "function",
+                                                  "function": {"name": "send_mail"}}},
+             "tool_choice"),
+            ({"tool_choice": "required"}, "tool_choice"),
+            ({"tools": [WEATHER, WEATHER]}, "tools"),
+            ({"tools": [WEATHER], "tool_choice": "required",
+              "response_format": {"type": "json_object"}}, "tool_choice")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**base, **extra)
+        assert info.value.status_code == 400 and info.value.param == param
+
+
+def test_grpc_gets_the_tool_calls_in_its_messages(mesh):
+    import grpc
+    from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+    req = inference_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=64))
+    req.chat.messages.add(role="user", content="Weather in Rome?")
+    fn = WEATHER["function"]
+    req.chat.tools.add(name=fn["name"], description=fn["description"],
+                       parameters=json.dumps(fn["parameters"]))
+    req.chat.tool_choice = "get_weather"
+    with grpc.insecure_channel(mesh.endpoint) as channel:
+        resp = inference_pb2_grpc.InferenceStub(channel).Complete(req, timeout=120)
+    assert resp.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+    (call,) = resp.tool_calls
+    assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+    assert list(resp.choices[0].tool_calls) == [call]

@@ -20,12 +20,13 @@ from llmesh.v1 import common_pb2, inference_pb2
 from llmesh.services.common.errors import InvalidRequestError
 from llmesh.services.common.sampling_params import PARAMS, RANGES
 from llmesh.services.router.http_api.errors import ApiError, invalid
+from llmesh.services.router.http_api.fields import _MISSING, _bool, _get, _int, _number, _text
+from llmesh.services.router.http_api.tool_requests import message_tools, tools_of
 
 PRIORITIES = {"interactive": common_pb2.PRIORITY_INTERACTIVE,
               "standard": common_pb2.PRIORITY_STANDARD, "batch": common_pb2.PRIORITY_BATCH}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_PROMPTS = 64
-_MISSING = object()
 
 
 @dataclass
@@ -39,54 +40,6 @@ class ParsedRequest:
     logprobs: int | None = None  # None = off; k = top-k alternatives
     include_timing: bool = False  # stream chunks carry the scheduler's emitted_unix_s
     json_fragments: bool = False  # stream completed JSON values, not text deltas
-
-
-def _get(body: dict, name: str):
-    value = body.get(name, _MISSING)
-    return _MISSING if value is None else value
-
-
-def _text(name: str, value) -> str:
-    if not isinstance(value, str):
-        raise invalid(name, f"must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(name, "is not valid UTF-8 (lone surrogate)") from None
-    return value
-
-
-def _bool(body: dict, name: str, default: bool = False) -> bool:
-    value = _get(body, name)
-    if value is _MISSING:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(name, "must be true or false")
-    return value
-
-
-def _int(body: dict, name: str, lo: int, hi: int):
-    value = _get(body, name)
-    if value is _MISSING:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, "must be an integer")
-    if not lo <= value <= hi:
-        raise invalid(name, f"must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _number(body: dict, name: str, lo: float, hi: float):
-    value = _get(body, name)
-    if value is _MISSING:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise invalid(name, "must be a finite number")
-    if not lo <= value <= hi:
-        raise invalid(name, f"must be between {lo:g} and {hi:g}, got {value:g}")
-    return float(value)
 
 
 def _ranged(body: dict, name: str, key: str | None = None):
@@ -279,9 +232,7 @@ def parse_chat(body, headers) -> ParsedRequest:
     messages = _get(body, "messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list")
-    _unsupported(body, "tools")
     _unsupported(body, "functions")
-    _unsupported(body, "tool_choice", allowed=("none", "auto"))
     req = inference_pb2.GenerateRequest()
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -291,7 +242,9 @@ def parse_chat(body, headers) -> ParsedRequest:
             raise invalid(f"messages[{i}].role", f"must be one of {', '.join(sorted(ROLES))}")
         content = m.get("content")
         text = "" if content is None and role == "assistant" else _content(i, content)
-        req.chat.messages.add(role="system" if role == "developer" else role, content=text)
+        msg = req.chat.messages.add(role="system" if role == "developer" else role, content=text)
+        message_tools(i, m, msg)
+    tools_of(body, req.chat)
     stream, include_usage, include_timing = _common(body, headers, req)
     req.sampling.CopyFrom(_sampling(body, None))
     _response_format(body, req)

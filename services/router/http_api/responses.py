@@ -6,7 +6,8 @@ from typing import Callable
 
 from llmesh.v1 import common_pb2
 
-FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+          common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 # how a whole (non-streamed) response that ended early says so
 EARLY_FINISH = {common_pb2.FINISH_REASON_DEADLINE: "deadline", common_pb2.FINISH_REASON_ABORT: "abort",
                 common_pb2.FINISH_REASON_ERROR: "error"}
@@ -54,12 +55,21 @@ class Formatter:
                                  for lp in logprobs],
                 "text_offset": offsets}
 
+    # ---- tool calls ----------------------------------------------------------
+    def _tool_call(self, call, position: int | None = None) -> dict:
+        out = {"id": call.id, "type": "function",
+               "function": {"name": call.name, "arguments": call.arguments}}
+        return out if position is None else {"index": position, **out}
+
     # ---- streams -------------------------------------------------------------
     def chunk(self, index: int, text: str, logprobs, finish_reason: str | None,
-              first: bool = False) -> dict:
+              first: bool = False, tool_calls=(), num_calls_before: int = 0) -> dict:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": text} if first else (
-                {"content": text} if text or not finish_reason else {})
+                {"content": text} if text or not (finish_reason or tool_calls) else {})
+            if tool_calls:  # each call whole, at its position in the message's list
+                delta["tool_calls"] = [self._tool_call(c, num_calls_before + i)
+                                       for i, c in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta}
             obj = "chat.completion.chunk"
         else:
@@ -84,7 +94,11 @@ class Formatter:
         for index, c in sorted(choices, key=lambda ic: ic[0]):
             finish = FINISH.get(c.finish_reason) or EARLY_FINISH.get(c.finish_reason, "stop")
             if self.kind == "chat":
-                item = {"index": index, "message": {"role": "assistant", "content": c.text},
+                message = {"role": "assistant", "content": c.text}
+                if c.tool_calls:
+                    message["content"] = c.text or None
+                    message["tool_calls"] = [self._tool_call(t) for t in c.tool_calls]
+                item = {"index": index, "message": message,
                         "logprobs": self._logprobs(index, c.logprobs), "finish_reason": finish}
             else:
                 item = {"index": index, "text": c.text,

@@ -179,6 +179,7 @@ class SseStream:
     async def __aiter__(self):
         outcome = "cancelled"
         started: set[int] = set()
+        num_calls: dict[int, int] = {}  # per choice: tool calls sent so far
         usage = [0, 0, 0]  # prompt, completion, cached
         counted_prompts: set[int] = set()
         incomplete = ""
@@ -221,9 +222,12 @@ class SseStream:
                     text = ""
                     if not resp.finish_reason:
                         continue
-                if text or resp.finish_reason or index not in started or resp.logprobs:
+                if text or resp.finish_reason or index not in started or resp.logprobs \
+                        or resp.tool_calls:
                     chunk = self.fmt.chunk(index, text, resp.logprobs, reason,
-                                           first=index not in started)
+                                           first=index not in started, tool_calls=resp.tool_calls,
+                                           num_calls_before=num_calls.get(index, 0))
+                    num_calls[index] = num_calls.get(index, 0) + len(resp.tool_calls)
                     if self.include_timing:
                         chunk["emitted_unix_s"] = resp.emitted_unix_s
                     yield event(chunk)
