@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--local", action="store_true", help="run the in-process Engine")
     gen.add_argument("--config", help="mesh.yaml of the running mesh")
     gen.add_argument("--endpoint", help="host:port of Envoy (default: the running mesh)")
+    gen.add_argument("--tls", action="store_true",
+                     help="the endpoint speaks TLS (the running mesh: from its state)")
+    gen.add_argument("--tls-ca", help="PEM file of the certificate to trust (default: the "
+                     "running mesh's self-signed one, else the system's roots)")
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--model", help="with --local: a Hugging Face directory, a .gguf file, tiny or "
                      "bench (default: SmolLM2-135M-Instruct)")

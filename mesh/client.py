@@ -21,9 +21,19 @@ from llmesh.v1 import inference_pb2, inference_pb2_grpc
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 
 
+def open_channel(endpoint: str, credentials=None) -> grpc.Channel:
+    """A channel to the gateway: TLS with `credentials`, else plaintext."""
+    if credentials is None:
+        return grpc.insecure_channel(endpoint)
+    return grpc.secure_channel(endpoint, credentials)
+
+
 class ResumingStream:
     def __init__(self, endpoint: str, request: inference_pb2.GenerateRequest,
-                 metadata=None, give_up_s: float = 60.0, pause_s: float = 0.2):
+                 metadata=None, give_up_s: float = 60.0, pause_s: float = 0.2,
+                 tls: bool = False, tls_ca: str | None = None):
+        """`tls`: the gateway speaks TLS; `tls_ca`: a PEM file of the certificate(s) to
+        trust (a self-signed gateway's own certificate; None: the system's roots)."""
         if request.sampling.n > 1:
             raise ValueError("only n = 1 streams can resume")
         self.endpoint = endpoint
@@ -32,6 +42,8 @@ class ResumingStream:
         self.metadata = metadata
         self.give_up_s = give_up_s
         self.pause_s = pause_s
+        self.credentials = grpc.ssl_channel_credentials(
+            open(tls_ca, "rb").read() if tls_ca else None) if tls or tls_ca else None
         self.attempts = 0  # calls made (1 when nothing broke)
         self.received: list[int] = []  # output tokens so far (after any the request resumed)
 
@@ -42,7 +54,7 @@ class ResumingStream:
             self.attempts += 1
             finished = False
             try:
-                with grpc.insecure_channel(self.endpoint) as channel:
+                with open_channel(self.endpoint, self.credentials) as channel:
                     stub = inference_pb2_grpc.InferenceStub(channel)
                     for chunk in stub.Generate(self.request, metadata=self.metadata,
                                                timeout=max(1.0, deadline - time.monotonic())):

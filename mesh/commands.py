@@ -14,7 +14,7 @@ import yaml
 
 import llmesh
 
-from llmesh.mesh.config import MeshConfig, load_config, resolve_ports
+from llmesh.mesh.config import ConfigError, MeshConfig, load_config, resolve_ports
 
 DEFAULT_CONFIG = Path(__file__).parent / "mesh.yaml"
 
@@ -75,6 +75,15 @@ def cmd_up(args) -> int:
         except LlmeshError as e:
             print(f"llmesh: error: {e}", file=sys.stderr)
             return 2
+    from llmesh.mesh.tls import tls_state, with_certificate
+    try:
+        cfg = with_certificate(cfg, run_dir)
+    except ConfigError as e:
+        print(f"llmesh: error: {e}", file=sys.stderr)
+        return 2
+    tls = tls_state(cfg)
+    if tls:
+        print(f"llmesh: TLS on {cfg.envoy.tls_cert_file}, SHA-256 fingerprint {tls['fingerprint']}")
     resolved = run_dir / "mesh.resolved.yaml"
     resolved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / "state.json").unlink(missing_ok=True)
@@ -217,12 +226,13 @@ def cmd_status(args) -> int:
         except grpc.RpcError as e:
             entry["error"] = e.code().name
         replicas.append(entry)
-    out = {"endpoint": state["endpoint"], "services": services, "replicas": replicas,
-           "metrics": _scrape_summary(live)}
+    out = {"endpoint": state["endpoint"], "tls": state.get("tls"), "services": services,
+           "replicas": replicas, "metrics": _scrape_summary(live)}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"endpoint {out['endpoint']}")
+        print(f"endpoint {out['endpoint']}" + (
+            f" (TLS, certificate SHA-256 {out['tls']['fingerprint']})" if out["tls"] else ""))
         for name, ok in services.items():
             print(f"  {name:14s} {'SERVING' if ok else 'NOT_SERVING'}")
         for r in replicas:
@@ -250,13 +260,15 @@ def cmd_generate_mesh(args) -> int:
     from llmesh.v1 import common_pb2, inference_pb2
     from llmesh.mesh.client import ResumingStream
     from llmesh.services.common import convert
-    endpoint = args.endpoint
+    endpoint, tls, tls_ca = args.endpoint, args.tls, args.tls_ca
     if not endpoint:
         state = read_state(run_dir_of(effective_config(args.config)))
         if not state or state.get("status") != "ready":
             print("llmesh: error: no mesh is up (run `llmesh up`, or use --local)", file=sys.stderr)
             return 2
         endpoint = state["endpoint"]
+        if state.get("tls"):
+            tls, tls_ca = True, tls_ca or state["tls"]["ca_file"]
     sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                          top_p=args.top_p, top_k=args.top_k,
                                          ignore_eos=args.ignore_eos)
@@ -272,7 +284,8 @@ def cmd_generate_mesh(args) -> int:
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     token_ids, text, finish = [], [], None
     # a stream the front door drops (a router or Envoy restarting) resumes where it broke
-    stream = ResumingStream(endpoint, req, metadata=metadata, give_up_s=args.timeout)
+    stream = ResumingStream(endpoint, req, metadata=metadata, give_up_s=args.timeout,
+                            tls=tls, tls_ca=tls_ca)
     try:
         for chunk in stream:
             token_ids.extend(chunk.token_ids)

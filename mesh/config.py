@@ -111,6 +111,11 @@ class EnvoyConfig:
     # in Envoy's static bootstrap file
     xds: bool = True
     xds_port: int = 0
+    # TLS on the public port (mesh/tls.py): a PEM certificate and key, or (with
+    # neither named) a self-signed pair `llmesh up` makes for localhost
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_self_signed: bool = False
 
 
 TRACING_MODES = ("file", "otlp", "off")
@@ -244,6 +249,9 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError("observability.sample_ratio must be within [0, 1]")
     _check_admission(cfg.admission)
     _check_engine(cfg.engine)
+    e = cfg.envoy
+    if bool(e.tls_cert_file) != bool(e.tls_key_file):
+        raise ConfigError("envoy.tls_cert_file and envoy.tls_key_file go together")
     if not 0 <= cfg.routing.standby_replicas < cfg.replicas:
         raise ConfigError(f"routing.standby_replicas must be at least 0 and fewer than the "
                           f"{cfg.replicas} replicas")

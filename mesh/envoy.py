@@ -9,6 +9,7 @@ from llmesh.mesh.config import MeshConfig
 from llmesh.services.router.admission import GATEWAY_START_HEADER
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
@@ -126,13 +127,19 @@ def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
             "load_assignment": {"cluster_name": "otel_collector", "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {
                     "address": host, "port_value": int(port)}}}}]}]}})
+    chain = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                          "typed_config": hcm}]}
+    if e.tls_cert_file:  # TLS only; HTTP/2 (gRPC) or HTTP/1.1 (the OpenAI API) by ALPN
+        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": TLS_CONTEXT, "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [{"certificate_chain": {"filename": e.tls_cert_file},
+                                      "private_key": {"filename": e.tls_key_file}}]}}}
     out = {
         "admin": {"address": _address(e.admin_port)},
         "static_resources": {
             "listeners": [{"name": "public", "address": _address(e.port),
-                           "filter_chains": [{"filters": [{
-                               "name": "envoy.filters.network.http_connection_manager",
-                               "typed_config": hcm}]}]}],
+                           "filter_chains": [chain]}],
             "clusters": clusters,
         },
     }

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from llmesh.mesh.tls import tls_state
 from llmesh.mesh.config import MeshConfig, load_config
 from llmesh.mesh.scaling import Autoscale, Scaler
 from llmesh.mesh.supervisor import Supervisor, build_specs, write_state
@@ -64,6 +65,7 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
                                   "pids": sup.pids(),
                                   "config": live.to_dict(), "model_dir": model_dir,
                                   "endpoint": f"127.0.0.1:{live.envoy.port}",
+                                  "tls": tls_state(live),
                                   "replicas": scaler.num_replicas, "scale": scaler.last,
                                   "warm_pool": [f"replica-{p.index}" for p in scaler.pool],
                                   "autoscaler": autoscale.last if autoscale else None,

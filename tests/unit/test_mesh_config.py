@@ -124,3 +124,26 @@ def test_keys_new_prints_a_key_and_its_hash(capsys):
     assert main(["keys", "new", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["hash"] == hash_key(out["key"]) and out["key"] not in out["hash"]
+
+
+def test_tls_listener_and_its_config_checks(tmp_path):
+    from llmesh.mesh.envoy import render_envoy
+    from llmesh.mesh.tls import with_certificate
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"envoy": {"tls_cert_file": "/x.crt"}})
+    plain = render_envoy(resolve_ports(parse_config({})))
+    assert "transport_socket" not in plain["static_resources"]["listeners"][0]["filter_chains"][0]
+    cfg = parse_config({"envoy": {"tls_cert_file": str(tmp_path / "missing.crt"),
+                                  "tls_key_file": str(tmp_path / "missing.key")}})
+    with pytest.raises(ConfigError, match="is not a file"):
+        with_certificate(cfg, tmp_path)
+    (tmp_path / "a.crt").write_text("cert")
+    (tmp_path / "a.key").write_text("key")
+    cfg = with_certificate(parse_config({"envoy": {"tls_cert_file": str(tmp_path / "a.crt"),
+                                                   "tls_key_file": str(tmp_path / "a.key")}}),
+                           tmp_path)
+    chain = render_envoy(resolve_ports(cfg))["static_resources"]["listeners"][0]["filter_chains"][0]
+    tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["alpn_protocols"] == ["h2", "http/1.1"]
+    assert tls["tls_certificates"] == [{"certificate_chain": {"filename": str(tmp_path / "a.crt")},
+                                        "private_key": {"filename": str(tmp_path / "a.key")}}]
