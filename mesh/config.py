@@ -53,6 +53,9 @@ class RoutingConfig:
     # while some other replica is not ready (down, hung, ejected)
     standby_replicas: int = 0
     test_failing_router: int = -1  # tests only: this router fails every request, SERVING
+    # tests only: this replica's scheduler fails every other request it is sent (as a
+    # replica that lost them) until a SIGUSR2
+    test_half_failing_replica: int = -1
     # replica choice (services/router/core.py): kv_aware (prefix hits within a load
     # bound), least_loaded or round_robin
     policy: str = "kv_aware"

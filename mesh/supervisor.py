@@ -171,7 +171,9 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
         "--leak-warmup-s", str(e.leak_warmup_s),
         "--test-leak-kv-blocks", str(e.test_leak_kv_blocks),
         "--admission", json.dumps(dataclasses.asdict(cfg.admission))]
-        + ([] if e.enable_prefix_caching else ["--no-prefix-caching"]), ports.scheduler,
+        + ([] if e.enable_prefix_caching else ["--no-prefix-caching"])
+        + (["--test-fail-half"] if ports.index == cfg.routing.test_half_failing_replica else []),
+        ports.scheduler,
         stage=scheduler_stage))
     add_env(cfg, specs)
     return specs

@@ -51,6 +51,11 @@ class RouterMetrics:
                                          "Encode calls made again after the tokenizer failed them")
         self.standby_active = Gauge("llmesh_router_standby_active",
                                     "1 while the warm standby replicas take requests")
+        self.breaker_open = Gauge("llmesh_router_breaker_open", "1 while a replica's circuit "
+                                  "breaker keeps new requests away (open or half-open)",
+                                  ["replica"])
+        self.breaker_opened = Counter("llmesh_router_breaker_opened",
+                                      "Times a replica's circuit breaker opened", ["replica"])
 
 
 class SchedulerCollector:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from llmesh.v1 import scheduler_pb2
 from llmesh.observability.metrics import router_metrics
-from llmesh.services.router.breaker import BROKEN, CircuitBreaker
+from llmesh.services.router.breaker import BROKEN, CircuitBreaker, State as BreakerState
 from llmesh.services.router.core import ReplicaChooser, ReplicaLoad, standby_active
 from llmesh.services.router.replica_set import ReplicaEntry
 from llmesh.services.router.replicas import Replica
@@ -294,11 +294,19 @@ class Dispatcher:
         replica = route.replica
         if replica is None:
             return
-        opened = replica.breaker.num_opened
-        replica.breaker.record(outcome)
-        if replica.breaker.num_opened > opened:
+        breaker = replica.breaker
+        opened, was_closed = breaker.num_opened, breaker.state is BreakerState.CLOSED
+        breaker.record(outcome)
+        metrics = router_metrics()
+        if breaker.num_opened > opened:
+            metrics.breaker_opened.labels(replica.name).inc()
+            metrics.breaker_open.labels(replica.name).set(1)
             log.warning("replica %s: circuit breaker open (error rate %.1f%%): no new requests "
-                        "until a trial succeeds", replica.name, 100 * replica.breaker.error_rate)
+                        "until a trial succeeds", replica.name, 100 * breaker.error_rate)
+        elif not was_closed and breaker.state is BreakerState.CLOSED:
+            metrics.breaker_open.labels(replica.name).set(0)
+            log.warning("replica %s: circuit breaker closed (its trial request succeeded)",
+                        replica.name)
 
     async def cancel(self, route: Route) -> None:
         """The client went away: free the request upstream now."""

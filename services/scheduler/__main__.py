@@ -28,6 +28,7 @@ from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
 from llmesh.services.scheduler import probe
 from llmesh.services.scheduler.drain import LeakGuard, drain, restart_executors
 from llmesh.services.scheduler.leak_watchdog import LeakLimits, LeakWatchdog
+from llmesh.services.scheduler.faults import HalfFailing
 from llmesh.services.scheduler.servicer import OutputHub, SchedulerServicer, replica_load
 from llmesh.services.common.gguf_file import model_arg
 
@@ -76,6 +77,8 @@ def parse_args(argv=None):
                    help="the RSS baselines are taken after this")
     p.add_argument("--test-leak-kv-blocks", type=int, default=0,
                    help="tests only: after a SIGUSR1, lose this many KV blocks once idle")
+    p.add_argument("--test-fail-half", action="store_true",
+                   help="tests only: fail every other request sent here until a SIGUSR2")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
     return p.parse_args(argv)
 
@@ -130,7 +133,10 @@ async def main(args) -> None:
         expected=json.loads(args.probe_expected) if args.probe_expected else None,
         restart=lambda: restart_executors(loop, executors, args.drain_timeout_s))
     register_scheduler(loop, prober)
-    servicer = SchedulerServicer(loop, hub, executors, info, prober)
+    faults = HalfFailing() if args.test_fail_half else None
+    servicer = SchedulerServicer(loop, hub, executors, info, prober, faults)
+    if faults is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, faults.stop)
     service.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer,
                 "llmesh.v1.Scheduler")
     await service.start()

@@ -47,7 +47,9 @@ class OutputHub:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, loop: EngineLoop, hub: OutputHub, executors: ExecutorGroup,
-                 info: scheduler_pb2.ReplicaInfo, prober: KnownAnswerProbe):
+                 info: scheduler_pb2.ReplicaInfo, prober: KnownAnswerProbe, faults=None):
+        """`faults` (tests only): a HalfFailing that fails some requests as lost."""
+        self.faults = faults
         self.loop = loop
         self.hub = hub
         self.executors = executors
@@ -84,6 +86,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             kind = msg.WhichOneof("msg")
             if kind == "add":
                 add = msg.add
+                if self.faults is not None and self.faults.fails_next():
+                    queue.put_nowait(scheduler_pb2.StepOutputs(deltas=[scheduler_pb2.SeqDelta(
+                        request_id=add.request_id, finish_reason=common_pb2.FINISH_REASON_ERROR)]))
+                    continue
                 params = convert.sampling_from_wire(add.sampling)
                 try:
                     self.loop.add(add.request_id, list(add.prompt_token_ids), params, owner,
