@@ -29,6 +29,7 @@ from llmesh.services.router.admission import Admission, Ticket, arrival_time
 from llmesh.services.router.breaker import BUSY, OK
 from llmesh.services.router.deadletters import DeadLetters, make_entry
 from llmesh.services.router.dispatch import Dispatcher, Route, coalesce
+from llmesh.services.router.return_lag import ReturnLag
 from llmesh.services.router.tools import ToolUse
 from llmesh.services.router.observer import RequestObserver
 
@@ -56,6 +57,7 @@ class Generation:
         self.dispatcher = dispatcher
         self.dead_letters = dead_letters or DeadLetters()
         self._settling: set[asyncio.Task] = set()
+        self.return_lag = ReturnLag()
 
     @property
     def is_ready(self) -> bool:
@@ -152,7 +154,9 @@ class Generation:
 
     async def _generate(self, request, request_id: str, call: Call, partial_ok: bool,
                         tools: ToolUse | None):
-        arrival_unix_s = arrival_time(call.metadata, time.time())
+        # (earlier by how late this router passes first tokens on: the replica's TTFT
+        # budget then covers the way back too)
+        arrival_unix_s = arrival_time(call.metadata, time.time()) - self.return_lag.margin_s()
         adm = self.admission
         metrics = router_metrics()
         tracer = telemetry.tracer("llmesh.router")
@@ -234,6 +238,7 @@ class Generation:
                                                partial_ok, dead_letter, resume):
                 if first:  # what a client needs to resume this stream if it breaks
                     response.seed, first = params.seed, False
+                    self.return_lag.observe(response.emitted_unix_s)
                 yield response
         except LimitExceededError as e:  # the replica's queue is full: nothing was computed
             refused = True
