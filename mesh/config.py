@@ -49,6 +49,9 @@ class EngineLimits:
 class RoutingConfig:
     max_migrations: int = 3  # moves of one request to another replica when its own is lost
     replica_wait_s: float = 30.0  # how long a request waits for a ready replica in recovery
+    # a scheduler reports its load ten times a second: one silent this long is hung (a
+    # stopped process, a cut link) and lost; its requests move to another replica
+    replica_silence_s: float = 5.0
     # warm standby: the last N replicas are loaded and probed but take requests only
     # while some other replica is not ready (down, hung, ejected)
     standby_replicas: int = 0

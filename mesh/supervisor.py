@@ -215,6 +215,7 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--max-message-bytes", str(cfg.max_message_bytes), "--admission", admission,
             "--max-migrations", str(cfg.routing.max_migrations),
             "--replica-wait-s", str(cfg.routing.replica_wait_s),
+            "--replica-silence-s", str(cfg.routing.replica_silence_s),
             "--kvcache", f"127.0.0.1:{cfg.kvcache_port}", "--routing-policy", cfg.routing.policy,
             "--prefix-load-bound", str(cfg.routing.prefix_load_bound),
             "--prefix-load-ratio", str(cfg.routing.prefix_load_ratio)]

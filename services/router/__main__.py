@@ -39,6 +39,7 @@ async def main(args) -> None:
     dispatcher = Dispatcher(args.schedulers.split(",") if args.schedulers else [],
                             max_migrations=args.max_migrations,
                             replica_wait_s=args.replica_wait_s, num_standby=args.standby,
+                            replica_silence_s=args.replica_silence_s,
                             chooser=chooser, prefix_index=prefix_index)
     if args.replica_set:  # the replicas come and go: this file says which are there
         dispatcher.set_replicas(read_replica_set(args.replica_set))
@@ -145,6 +146,8 @@ if __name__ == "__main__":
     p.add_argument("--http-port", type=int, default=0,
                    help="serve the OpenAI-compatible HTTP API here too (0: gRPC only)")
     p.add_argument("--model", type=model_arg, help="the model directory (its tokenizer: logprob token text)")
+    p.add_argument("--replica-silence-s", type=float, default=5.0,
+                   help="a scheduler that sends nothing for this long is lost (hung)")
     p.add_argument("--heartbeat-s", type=float, default=15.0,
                    help="SSE comment heartbeat while a stream has nothing to send")
     args = p.parse_args()

@@ -105,12 +105,15 @@ class Route:
 class Dispatcher:
     def __init__(self, scheduler_addresses: list[str], max_migrations: int = 3,
                  replica_wait_s: float = 30.0, num_standby: int = 0,
-                 chooser: ReplicaChooser | None = None, prefix_index=None):
+                 chooser: ReplicaChooser | None = None, prefix_index=None,
+                 replica_silence_s: float = 5.0):
         """`scheduler_addresses`: the replicas at start (replica-0, ...; the last
         `num_standby` of them warm standbys), until `set_replicas` says otherwise.
         `chooser` decides among the replicas that take a request; with
         `prefix_index` (services/router/clients.py, and a kv_aware chooser) it knows
-        what each holds of the prompt."""
+        what each holds of the prompt. A replica silent for `replica_silence_s` is
+        lost (services/router/replicas.py)."""
+        self.replica_silence_s = replica_silence_s
         self.chooser = chooser or ReplicaChooser()
         self._prefix_index = prefix_index if self.chooser.policy.policy == "kv_aware" else None
         self.replicas: list[Replica] = []
@@ -148,7 +151,7 @@ class Dispatcher:
                 if replica is not None:  # (the same name elsewhere: a new replica)
                     self._retire(replica)
                 replica = Replica(e.name, e.address, self._on_outputs, self._on_lost,
-                                  CircuitBreaker(), self._on_unready)
+                                  CircuitBreaker(), self._on_unready, self.replica_silence_s)
                 self.replicas.append(replica)
                 log.info("replica %s (%s) joins%s", e.name, e.address,
                          " as a warm standby" if e.standby else "")

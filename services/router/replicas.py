@@ -21,8 +21,12 @@ class Replica:
     up and the scheduler says SERVING (its executors answer)."""
 
     def __init__(self, name: str, address: str, on_outputs, on_lost, breaker: CircuitBreaker,
-                 on_unready=None):
+                 on_unready=None, silence_s: float = 5.0):
+        """`silence_s`: a connected scheduler reports its load ten times a second; one
+        silent this long is hung (stopped, or cut off) and counts as lost: its
+        requests move, and the stream is made again."""
         self.name = name
+        self.silence_s = silence_s
         self.breaker = breaker
         self.address = address
         self.channel = grpc.aio.insecure_channel(address)
@@ -93,9 +97,7 @@ class Replica:
                 self.draining_until = 0.0
                 self.breaker.reset()  # a new scheduler (or stream): judged afresh
                 backoff = 0.1
-                async for outputs in self._call:
-                    self._on_outputs(self, outputs)
-                reason = "scheduler closed the stream"
+                reason = await self._read(self._call)
             except grpc.aio.AioRpcError as e:
                 reason = f"scheduler stream failed ({e.code().name})"
             except asyncio.CancelledError:
@@ -113,6 +115,18 @@ class Replica:
                 self._on_lost(self, lost, reason)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _read(self, call) -> str:
+        """Hand on the stream's StepOutputs until it ends or goes silent; why it stopped."""
+        messages = call.__aiter__()
+        while True:
+            try:
+                outputs = await asyncio.wait_for(messages.__anext__(), self.silence_s)
+            except StopAsyncIteration:
+                return "scheduler closed the stream"
+            except asyncio.TimeoutError:
+                return f"scheduler silent for {self.silence_s:g} s (hung or cut off)"
+            self._on_outputs(self, outputs)
 
     async def send(self, msg: scheduler_pb2.RouterMessage) -> bool:
         """False when the stream is gone (the reader reports the loss)."""
