@@ -123,7 +123,8 @@ class Dispatcher:
         self.max_migrations = max_migrations
         self.replica_wait_s = replica_wait_s
         self._inboxes: dict[str, Inbox] = {}
-        self._tasks: dict[str, list[asyncio.Task]] = {}
+        # per replica (the object: a name can move to another address and come back)
+        self._tasks: dict[Replica, list[asyncio.Task]] = {}
         self._started = False
         n = len(scheduler_addresses)
         self.set_replicas([ReplicaEntry(f"replica-{i}", a, standby=i >= n - num_standby)
@@ -135,7 +136,7 @@ class Dispatcher:
             self._run(r)
 
     def _run(self, replica: Replica) -> None:
-        self._tasks[replica.name] = [asyncio.ensure_future(t)
+        self._tasks[replica] = [asyncio.ensure_future(t)
                                      for t in (replica.run(), replica.watch_health())]
 
     def set_replicas(self, entries: list[ReplicaEntry]) -> None:
@@ -177,7 +178,7 @@ class Dispatcher:
         """Drop the replicas that left and have nothing in flight."""
         for replica in [r for r in self.replicas if r.retired and not r.in_flight]:
             self.replicas.remove(replica)
-            for task in self._tasks.pop(replica.name, ()):
+            for task in self._tasks.pop(replica, ()):
                 task.cancel()
             if self._started:
                 asyncio.ensure_future(replica.channel.close())
