@@ -8,9 +8,16 @@ message reported, so the mesh continues where the stream broke: the caller
 iterates one stream, with the tokens a fault-free run gives. It gives up (and
 raises the last error) after `give_up_s`, or at once on any error that is not
 the front door's (a bad request, a quota, a deadline).
+
+A front door that hangs (a stopped router) breaks nothing: its stream just goes
+quiet. So a stream that brings nothing for `stall_s` is cancelled and resumed
+the same way, through a new connection (Envoy's health check has taken the hung
+router out by then). Set `stall_s` above the longest wait for a first token the
+mesh may impose (its queue), or None to wait forever.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -31,7 +38,7 @@ def open_channel(endpoint: str, credentials=None) -> grpc.Channel:
 class ResumingStream:
     def __init__(self, endpoint: str, request: inference_pb2.GenerateRequest,
                  metadata=None, give_up_s: float = 60.0, pause_s: float = 0.2,
-                 tls: bool = False, tls_ca: str | None = None):
+                 tls: bool = False, tls_ca: str | None = None, stall_s: float | None = 30.0):
         """`tls`: the gateway speaks TLS; `tls_ca`: a PEM file of the certificate(s) to
         trust (a self-signed gateway's own certificate; None: the system's roots)."""
         if request.sampling.n > 1:
@@ -42,6 +49,8 @@ class ResumingStream:
         self.metadata = metadata
         self.give_up_s = give_up_s
         self.pause_s = pause_s
+        self.stall_s = stall_s
+        self.num_stalls = 0  # streams cancelled for bringing nothing for stall_s
         self.credentials = grpc.ssl_channel_credentials(
             open(tls_ca, "rb").read() if tls_ca else None) if tls or tls_ca else None
         self.attempts = 0  # calls made (1 when nothing broke)
@@ -52,22 +61,32 @@ class ResumingStream:
         first_resume = list(self.request.resume_token_ids)
         while True:
             self.attempts += 1
-            finished = False
+            finished, watch = False, None
             try:
                 with open_channel(self.endpoint, self.credentials) as channel:
                     stub = inference_pb2_grpc.InferenceStub(channel)
-                    for chunk in stub.Generate(self.request, metadata=self.metadata,
-                                               timeout=max(1.0, deadline - time.monotonic())):
-                        if chunk.seed and not self.request.sampling.HasField("seed"):
-                            self.request.sampling.seed = chunk.seed
-                        self.received.extend(chunk.token_ids)
-                        finished = bool(chunk.finish_reason)
-                        yield chunk
+                    call = stub.Generate(self.request, metadata=self.metadata,
+                                         timeout=max(1.0, deadline - time.monotonic()))
+                    watch = _StallWatch(call, self.stall_s)
+                    try:
+                        for chunk in call:
+                            watch.heard()
+                            if chunk.seed and not self.request.sampling.HasField("seed"):
+                                self.request.sampling.seed = chunk.seed
+                            self.received.extend(chunk.token_ids)
+                            finished = bool(chunk.finish_reason)
+                            yield chunk
+                    finally:
+                        watch.stop()
                 return
             except grpc.RpcError as e:
                 if finished and not chunk.incomplete:
                     return  # the last message arrived; only the call's ending was lost
-                if e.code() not in RESUMABLE or time.monotonic() + self.pause_s > deadline:
+                stalled = watch is not None and watch.stalled \
+                    and e.code() == grpc.StatusCode.CANCELLED
+                self.num_stalls += stalled
+                if (e.code() not in RESUMABLE and not stalled) \
+                        or time.monotonic() + self.pause_s > deadline:
                     raise
             resume = first_resume + self.received
             if 0 < self.request.sampling.max_tokens <= len(resume):
@@ -75,3 +94,28 @@ class ResumingStream:
             time.sleep(self.pause_s)
             self.request.resume_token_ids[:] = resume
             self.request.request_id = ""  # the broken call's id may still be winding down
+
+
+class _StallWatch:
+    """Cancels `call` when `stall_s` pass with no message (None: never)."""
+
+    def __init__(self, call, stall_s: float | None):
+        self.call, self.stall_s = call, stall_s
+        self.stalled = False
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        if stall_s:
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def heard(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(0.25, self.stall_s / 4)):
+            if time.monotonic() - self._last > self.stall_s:
+                self.stalled = True
+                self.call.cancel()
+                return

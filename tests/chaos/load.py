@@ -204,7 +204,7 @@ def run_load(mesh, workload, concurrency=8, in_flight: InFlight | None = None):
 
 
 def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0,
-                      in_flight: InFlight | None = None):
+                      in_flight: InFlight | None = None, stall_s: float | None = 30.0):
     """Every request once, by a client that survives the front door going away
     (`llmesh.mesh.client.ResumingStream`: a broken stream is sent again with the tokens it
     has and the seed it was told). Per request (status, tokens, last chunk, attempts)."""
@@ -214,7 +214,7 @@ def run_resuming_load(mesh, workload, concurrency=8, give_up_s=60.0,
     def call(i):
         p = params[i]
         req = workload_request(prompts[i], p)
-        stream = ResumingStream(mesh.endpoint, req, give_up_s=give_up_s)
+        stream = ResumingStream(mesh.endpoint, req, give_up_s=give_up_s, stall_s=stall_s)
         last = None
         try:
             for last in stream:
