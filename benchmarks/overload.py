@@ -31,6 +31,8 @@ def summary(answers: list[dict]) -> dict:
     return {"statuses": dict(collections.Counter(a["status"] for a in answers)),
             "refused_share": round(len(refused) / len(answers), 3),
             "refusals_with_retry_hint": sum(a["retry_hint"] for a in refused),
+            # how long a refusal took to come back (sent to the RESOURCE_EXHAUSTED)
+            "refused_ms": kit.percentiles([a["end"] - a["start"] for a in refused]),
             "admitted_ttft_ms": kit.percentiles([a["ttft_s"] for a in answers
                                                  if a["status"] == "OK"])}
 
