@@ -262,8 +262,9 @@ def replica_serving(mesh) -> bool:
         return False
 
 
-def scheduler_stats(mesh):
-    port = mesh.config["replica_ports"][0]["scheduler"]
+def scheduler_stats(mesh, replica: int = 0):
+    """The replica's scheduler's GetStats."""
+    port = mesh.config["replica_ports"][replica]["scheduler"]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         return scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
                                                              timeout=5)

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 
-import grpc
 import pytest
 
-from chaos.load import NO_TTFT_BUDGET, assert_all_exact, metric, router_migrations, run_load
+from chaos.load import (NO_TTFT_BUDGET, assert_all_exact, metric, router_migrations, run_load,
+                        scheduler_stats)
 from integration.mesh_fixture import Mesh, serving, wait_until
-from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,6 @@ def mesh(tiny_model_dir, tmp_path_factory):
              routing={"test_half_failing_replica": 0, "policy": "round_robin"},
              engine={"num_kv_blocks": 512, "probe_interval_s": 0})
     yield from serving(m)
-
-
-def _admitted(mesh, replica: int) -> int:
-    port = mesh.config["replica_ports"][replica]["scheduler"]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return scheduler_pb2_grpc.SchedulerStub(ch).GetStats(
-            scheduler_pb2.GetStatsRequest(), timeout=5).num_admitted
 
 
 def _breaker(mesh, name: str) -> float:
@@ -45,7 +37,7 @@ def test_a_half_failing_replica_is_bypassed_then_readmitted(mesh, workload):
     # replica-0 recovers; the next trial request closes the breaker and it serves again
     pid = json.loads((mesh.run_dir / "state.json").read_text())["pids"]["scheduler-0"]
     os.kill(pid, signal.SIGUSR2)
-    before = _admitted(mesh, 0)
+    before = scheduler_stats(mesh, 0).num_admitted
     small = tuple(part[:16] for part in workload)
     rounds = 0
 
@@ -53,7 +45,8 @@ def test_a_half_failing_replica_is_bypassed_then_readmitted(mesh, workload):
         nonlocal rounds
         rounds += 1
         assert_all_exact(run_load(mesh, small), small[2])
-        return _breaker(mesh, "breaker_open") == 0 and _admitted(mesh, 0) > before
+        return (_breaker(mesh, "breaker_open") == 0
+                and scheduler_stats(mesh, 0).num_admitted > before)
     assert wait_until(readmitted, 60, interval_s=0.5), f"not readmitted after {rounds} loads"
     moved = router_migrations(mesh)
     assert_all_exact(run_load(mesh, small), small[2])

@@ -10,13 +10,11 @@ import signal
 import threading
 import time
 
-import grpc
 import pytest
 
 from chaos.load import (NO_TTFT_BUDGET, InFlight, assert_all_exact, router_migrations,
-                        run_load)
+                        run_load, scheduler_stats)
 from integration.mesh_fixture import Mesh, serving, wait_until
-from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 SILENCE_S = 2.0
 STOP_S = 6.0
@@ -29,13 +27,6 @@ def mesh(tiny_model_dir, tmp_path_factory):
              routing={"policy": "round_robin", "replica_silence_s": SILENCE_S},
              engine={"num_kv_blocks": 512, "probe_interval_s": 0})
     yield from serving(m)
-
-
-def _admitted(mesh, replica: int) -> int:
-    port = mesh.config["replica_ports"][replica]["scheduler"]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return scheduler_pb2_grpc.SchedulerStub(ch).GetStats(
-            scheduler_pb2.GetStatsRequest(), timeout=5).num_admitted
 
 
 def test_a_silent_scheduler_is_lost_and_its_requests_move(mesh, workload):
@@ -54,12 +45,12 @@ def test_a_silent_scheduler_is_lost_and_its_requests_move(mesh, workload):
     assert hit > 0, "the load ended before its requests streamed"
     assert router_migrations(mesh) > moved  # requests were streaming from the hung one
     assert_all_exact(box[0], workload[2])
-    before = _admitted(mesh, 0)
+    before = scheduler_stats(mesh, 0).num_admitted
     small = tuple(part[:8] for part in workload)
 
     def serves_again() -> bool:
         assert_all_exact(run_load(mesh, small), small[2])
-        return _admitted(mesh, 0) > before
+        return scheduler_stats(mesh, 0).num_admitted > before
     assert wait_until(serves_again, 60, interval_s=0.5), "replica-0 did not come back"
 
 
@@ -136,11 +127,11 @@ def test_a_partition_between_router_and_scheduler_moves_the_requests(mesh, workl
                                  type(e)(e.name, f"127.0.0.1:{proxy.port}", e.standby, e.draining)
                                  for e in entries])
         small = tuple(part[:8] for part in workload)
-        before = _admitted(mesh, 0)
+        before = scheduler_stats(mesh, 0).num_admitted
 
         def through_proxy() -> bool:  # the router uses the proxied address
             assert_all_exact(run_load(mesh, small), small[2])
-            return _admitted(mesh, 0) > before
+            return scheduler_stats(mesh, 0).num_admitted > before
         assert wait_until(through_proxy, 60, interval_s=0.5)
         moved = router_migrations(mesh)
         box, in_flight = [], InFlight()
@@ -155,7 +146,7 @@ def test_a_partition_between_router_and_scheduler_moves_the_requests(mesh, workl
         assert hit > 0
         assert router_migrations(mesh) > moved  # requests were streaming through the proxy
         assert_all_exact(box[0], workload[2])
-        before = _admitted(mesh, 0)
+        before = scheduler_stats(mesh, 0).num_admitted
         assert wait_until(through_proxy, 60, interval_s=0.5), "replica-0 did not come back"
     finally:
         write_replica_set(path, entries)
