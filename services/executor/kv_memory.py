@@ -15,8 +15,10 @@ import mmap
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # (the scheduler reads kv_cap_blocks: it must not load torch for that)
+    import torch
 
 log = logging.getLogger("llmesh.executor")
 
@@ -95,6 +97,7 @@ def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     """A zeroed KV tensor. On the CPU it lies in an anonymous memory map, so its pages
     are committed as blocks are first written: resident memory grows with the blocks
     used, not with the capacity, and making it costs nothing however large it is."""
+    import torch
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
