@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 from llmesh.v1 import common_pb2, engine_pb2, executor_pb2, kvcache_pb2
+from llmesh.services.common.errors import InvalidRequestError
 from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.kv_events import CLEARED, REMOVED, STORED, EventBatch, KVEvent, Snapshot
 from llmesh.services.common.grammar_spec import GrammarSpec
@@ -253,8 +254,13 @@ def chat_from_proto(chat) -> tuple[list[dict], list[dict] | None]:
         messages.append(msg)
     if not chat.tools or chat.tool_choice == "none":
         return messages, None
-    tools = [{"type": "function", "function": {
-        "name": t.name, **({"description": t.description} if t.description else {}),
-        "parameters": json.loads(t.parameters) if t.parameters else {"type": "object"}}}
-        for t in chat.tools]
+    tools = []
+    for i, t in enumerate(chat.tools):
+        try:
+            params = json.loads(t.parameters) if t.parameters else {"type": "object"}
+        except json.JSONDecodeError:
+            raise InvalidRequestError(f"tools[{i}].parameters", "is not JSON") from None
+        tools.append({"type": "function", "function": {
+            "name": t.name, **({"description": t.description} if t.description else {}),
+            "parameters": params}})
     return messages, tools

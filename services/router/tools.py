@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from llmesh.v1 import common_pb2
+from llmesh.services.common.convert import chat_from_proto
 from llmesh.services.common.errors import InvalidRequestError
 from llmesh.services.common.tool_calls import HERMES, ToolCallParser, constraint_schema
 
@@ -38,18 +39,12 @@ class ToolUse:
         names = [t.name for t in chat.tools]
         if not all(names) or len(set(names)) != len(names):
             raise InvalidRequestError("tools", "every tool needs a name, and names must differ")
-        tools = []
-        for i, t in enumerate(chat.tools):
-            try:
-                params = json.loads(t.parameters) if t.parameters else {"type": "object"}
-            except json.JSONDecodeError:
-                raise InvalidRequestError(f"tools[{i}].parameters", "is not JSON") from None
-            if not isinstance(params, dict):
-                raise InvalidRequestError(f"tools[{i}].parameters", "must be a JSON schema object")
-            tools.append({"type": "function", "function": {
-                "name": t.name, "description": t.description, "parameters": params}})
-        if chat.tool_choice == "none":
+        _, tools = chat_from_proto(chat)  # (each one's parameters parsed, or refused)
+        if tools is None:  # tool_choice "none": the model does not see them
             return None
+        for i, t in enumerate(tools):
+            if not isinstance(t["function"]["parameters"], dict):
+                raise InvalidRequestError(f"tools[{i}].parameters", "must be a JSON schema object")
         parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
         return cls(tools, chat.tool_choice or "auto", parallel)
 
