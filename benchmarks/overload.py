@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from pathlib import Path
 
 from llmesh.benchmarks import kit
 
@@ -44,10 +45,45 @@ def options(p) -> None:
     p.add_argument("--max-tokens", type=int, default=24)
 
 
+def plot(answers: list[dict], rate: float, budget_s: float, path: Path) -> Path | None:
+    """When each request was sent against how long it took: the admitted ones to
+    their first token, the refused ones to their refusal; the class's budget marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    t0 = min(a["start"] for a in answers)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for status, label, color in (("OK", "admitted: time to first token", "tab:blue"),
+                                 ("RESOURCE_EXHAUSTED", "refused: time to the refusal",
+                                  "tab:red")):
+        pts = [(a["start"] - t0, (a["ttft_s"] if status == "OK" else a["end"] - a["start"]))
+               for a in answers if a["status"] == status]
+        if pts:
+            ax.scatter(*zip(*pts), s=4, alpha=0.5, color=color, label=f"{label} ({len(pts)})")
+    ax.axhline(budget_s, color="black", linestyle="--", linewidth=1, label="TTFT budget")
+    ax.set_xlabel("sent at (s)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"overload: {rate:g} requests/s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def run(args) -> dict:
     with kit.BenchMesh(args.model, engine={"num_kv_blocks": 256}) as mesh:
-        return summary(asyncio.run(flood(mesh.endpoint, args.rate, args.duration,
-                                         PRIORITIES[args.priority], args.max_tokens)))
+        answers = asyncio.run(flood(mesh.endpoint, args.rate, args.duration,
+                                    PRIORITIES[args.priority], args.max_tokens))
+    out = summary(answers)
+    if args.json:
+        from llmesh.services.scheduler.policy import SchedulingPolicy
+        budget = SchedulingPolicy().classes[args.priority].ttft_budget_s  # (the mesh's default)
+        out["plot"] = str(plot(answers, args.rate, budget, Path(args.json).with_suffix(".png")))
+    return out
 
 
 SPEC = kit.Spec("overload", __doc__, options, run)
