@@ -5,11 +5,11 @@ On a GPU: the checkpoint's own dtype. On a CPU: bfloat16 when the CPU has AMX
 elsewhere (oneDNN's float32 linear, services/executor/projection.py). On a CPU
 with AVX512-BF16 but no AMX (the bench box, an AMD EPYC) llmesh's bfloat16 was
 slower than its float32 in the served comparison (BENCHMARKS.md, "CPU decode":
-single stream 9.3 against 8.1 ms a token, offline 287 against 401 tokens/s in
-one round): the norms and rotary embeddings cast to float32 and back in every
+single stream 9.75 against 8.72 ms a token, offline 277 against 395 tokens/s,
+medians of 3 rounds): the norms and rotary embeddings cast to float32 and back in every
 layer, and oneDNN's bfloat16 matrix-vector product read weights no faster per
 byte. The packed `float16-weights` format is not chosen either: it needs
-fbgemm and is no faster than oneDNN's float32. Quality per format on the
+fbgemm, and it was not measured against oneDNN's float32. Quality per format on the
 trained model is in BENCHMARKS.md ("Quality on a trained model").
 """
 from __future__ import annotations

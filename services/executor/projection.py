@@ -35,8 +35,9 @@ from llmesh.services.common.errors import UnsupportedModelError
 
 PACKED_FORMATS = ("int8", "float16-weights")
 # float32 on a CPU through oneDNN's linear, not F.linear's BLAS call: on the bench
-# box (AMD EPYC, torch's MKL) F.linear reads weights at 16 GB/s at batch 1 on one
-# thread, oneDNN at 33 GB/s on both (BENCHMARKS.md, "CPU decode")
+# box (AMD EPYC, torch's MKL) F.linear read the bench model's weights at about 18 GB/s
+# at batch 1 with one thread or two, oneDNN at 38.6 GB/s on two, and 1.9-2.3x
+# faster at batch 1 to 256 (benchmarks/results/cpu-decode/linear-microbench.log)
 ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                    "_linear_pointwise")
 

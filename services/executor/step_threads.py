@@ -4,10 +4,11 @@ A decode step of a few sequences is a chain of small matrix-vector products:
 its host work (the loop, the sampler, and on a small machine the scheduler,
 router and gateway processes) runs beside it, and when torch's OpenMP team
 holds every core, that work preempts a team member in the middle of a parallel
-region and the whole team waits for it. On the bench box (2 cores) a
-single-stream step of the bench model took 8.4 ms with 2 threads in the
-in-process engine against 5.0 ms for the same forward alone, and 6.6 ms with 1
-thread (BENCHMARKS.md, "CPU decode"). So steps of at most `small_tokens` tokens
+region and the whole team waits for it. On the bench box (2 cores) the bench
+model's forward alone took 5.3 ms with 2 threads and 6.9 ms with 1
+(benchmarks/results/cpu-decode/forward-profile.log), yet in the in-process
+engine a single stream went from 9.47 to 7.63 ms a token when its small steps
+ran on 1 thread (cpu-decode/engine-ab.log). So steps of at most `small_tokens` tokens
 run on one thread fewer than the process has, leaving a core to the host;
 larger steps (prefills, big batches), whose compute dominates, use them all.
 On a GPU this changes nothing (the host threads only launch kernels).
