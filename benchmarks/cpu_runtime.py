@@ -120,7 +120,7 @@ def _served(name: str, model_dir: str, args, mc) -> tuple[str, str, callable, di
         gguf = llama_cpp.convert(build, model_dir, outtype)
     # each slot holds a whole request of the workload, and a 512-token prompt
     ctx = parallel * min(mc.max_position_embeddings, max(args.max_prompt + args.max_output, 528))
-    from llmesh.mesh.config import free_port
+    from llmesh.mesh.ports import free_port
     port = free_port()
     proc, command = llama_cpp.serve(build, gguf["path"], port, parallel, args.threads, ctx)
     return (f"http://127.0.0.1:{port}/v1", "", lambda: llama_cpp.stop(proc),

@@ -129,7 +129,8 @@ class BenchMesh:
 
     def __init__(self, model_dir, cfg=None, name: str = "bench", start_timeout_s: float = 300,
                  stop_timeout_s: float = 10.0, **overrides):
-        from llmesh.mesh.config import parse_config, resolve_ports
+        from llmesh.mesh.config import parse_config
+        from llmesh.mesh.ports import resolve_ports
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"llmesh-{name}-"))
         raw = cfg.to_dict() if cfg is not None else {
             "observability": {"tracing": "off", "metrics": False}}

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "(new ones join once SERVING, removed ones drain)")
     scale.add_argument("--replicas", type=int, required=True,
                        help="regular replicas wanted (warm standbys not counted)")
+    scale.add_argument("--model", default="",
+                       help="the model to scale (a name from mesh.yaml's models:); "
+                            "default: the top-level model")
     scale.add_argument("--config")
     scale.add_argument("--timeout", type=float, default=300.0)
     config = sub.add_parser("config", help="mesh config").add_subparsers(dest="config_cmd",

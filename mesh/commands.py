@@ -1,6 +1,7 @@
 """`llmesh up / down / status / config show / generate` against a running mesh."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,8 @@ import yaml
 
 import llmesh
 
-from llmesh.mesh.config import ConfigError, MeshConfig, load_config, resolve_ports
+from llmesh.mesh.config import ConfigError, MeshConfig, load_config
+from llmesh.mesh.ports import resolve_ports
 
 DEFAULT_CONFIG = Path(__file__).parent / "mesh.yaml"
 
@@ -34,6 +36,12 @@ def effective_config(path: str | None) -> MeshConfig:
 def model_dir_of(cfg: MeshConfig) -> str:
     from llmesh.mesh.default_model import resolve_model
     return str(resolve_model(cfg.model))
+
+
+def with_model_dirs(cfg: MeshConfig) -> MeshConfig:
+    """`models:` with each model's directory in place of what mesh.yaml names."""
+    return dataclasses.replace(cfg, models=tuple(
+        dataclasses.replace(m, model=model_dir_of(m)) for m in cfg.models))
 
 
 def read_state(run_dir: Path) -> dict | None:
@@ -65,16 +73,19 @@ def cmd_up(args) -> int:
         print(f"llmesh: error: a mesh is already up (supervisor pid {state['supervisor_pid']}); "
               "run `llmesh down` first", file=sys.stderr)
         return 2
-    model_dir = model_dir_of(cfg)
-    if cfg.tensor_parallel > 1:
-        from llmesh.services.common.errors import LlmeshError
-        from llmesh.services.executor.model_config import load_model_config
-        from llmesh.services.executor.parallel import check_shardable
-        try:
-            check_shardable(load_model_config(model_dir), cfg.tensor_parallel)
-        except LlmeshError as e:
-            print(f"llmesh: error: {e}", file=sys.stderr)
-            return 2
+    from llmesh.services.common.errors import LlmeshError
+    try:
+        model_dir = model_dir_of(cfg)
+        cfg = with_model_dirs(cfg)
+        for i, view in enumerate(cfg.served()):
+            if view.tensor_parallel > 1:
+                from llmesh.services.executor.model_config import load_model_config
+                from llmesh.services.executor.parallel import check_shardable
+                check_shardable(load_model_config(view.model if i else model_dir),
+                                view.tensor_parallel)
+    except LlmeshError as e:
+        print(f"llmesh: error: {e}", file=sys.stderr)
+        return 2
     from llmesh.mesh.tls import tls_state, with_certificate
     try:
         cfg = with_certificate(cfg, run_dir)
@@ -159,7 +170,8 @@ def _kill(pid: int) -> None:
 
 
 def cmd_scale(args) -> int:
-    """Ask the running mesh for --replicas regular replicas; wait for the outcome."""
+    """Ask the running mesh for --replicas regular replicas (of --model, or the
+    top-level model); wait for the outcome."""
     from llmesh.mesh.scaling import request_scale
     run_dir = run_dir_of(effective_config(args.config))
     state = read_state(run_dir)
@@ -169,17 +181,25 @@ def cmd_scale(args) -> int:
     if args.replicas < 1:
         print("llmesh: error: --replicas: at least 1", file=sys.stderr)
         return 2
-    request_id = request_scale(run_dir, args.replicas)
+    served = state.get("models") or {}
+    model = args.model or ""
+    if model and model not in served:
+        print(f"llmesh: error: --model: {model!r} is not served (served: "
+              f"{', '.join(served)})", file=sys.stderr)
+        return 2
+    request_id = request_scale(run_dir, args.replicas, model)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         state = read_state(run_dir) or {}
         scale = state.get("scale") or {}
         if scale.get("id") == request_id and scale.get("status") in ("ok", "failed"):
+            now = (served and (state.get("models") or {}).get(scale.get("model"), {})
+                   .get("replicas")) or state.get("replicas")
             if scale["status"] == "failed":
                 print(f"llmesh: error: scaling failed: {scale.get('error')} (now "
-                      f"{state.get('replicas')} replicas)", file=sys.stderr)
+                      f"{now} replicas)", file=sys.stderr)
                 return 1
-            print(f"llmesh: {state['replicas']} replicas")
+            print(f"llmesh: {now} replicas" + (f" of {model}" if model else ""))
             return 0
         time.sleep(0.2)
     print("llmesh: error: scaling did not finish in time", file=sys.stderr)
@@ -203,16 +223,18 @@ def cmd_status(args) -> int:
     services = {}
     for i, p in enumerate(live.router_ports):
         services[f"router-{i}"] = is_serving(p)
-    for i, p in enumerate(live.tokenizer_ports):
-        services[f"tokenizer-{i}"] = is_serving(p)
+    from llmesh.mesh.ports import tokenizer_process_name
+    for model in (None,) + live.models:
+        for i, p in enumerate((model or live).tokenizer_ports):
+            services[tokenizer_process_name(model, i)] = is_serving(p)
     services["kvcache"] = is_serving(live.kvcache_port)
     replicas = []
-    for ports in live.replica_ports:
+    for view, ports in ((v, p) for v in live.served() for p in v.replica_ports):
         r = ports.index
         for rank, p in enumerate(ports.executors):
             services[f"executor-{r}-{rank}"] = is_serving(p)
         services[f"scheduler-{r}"] = is_serving(ports.scheduler)
-        entry = {"replica": r, "serving": services[f"scheduler-{r}"]}
+        entry = {"replica": r, "model": view.model_name, "serving": services[f"scheduler-{r}"]}
         try:
             with grpc.insecure_channel(f"127.0.0.1:{ports.scheduler}") as ch:
                 s = scheduler_pb2_grpc.SchedulerStub(ch).GetStats(scheduler_pb2.GetStatsRequest(),
@@ -236,7 +258,7 @@ def cmd_status(args) -> int:
         for name, ok in services.items():
             print(f"  {name:14s} {'SERVING' if ok else 'NOT_SERVING'}")
         for r in replicas:
-            print(f"  replica {r['replica']}: running {r.get('running')} waiting {r.get('waiting')} "
+            print(f"  replica {r['replica']} ({r['model']}): running {r.get('running')} waiting {r.get('waiting')} "
                   f"kv {r.get('kv_usage', 0):.1%} ({r.get('kv_used_blocks')} of "
                   f"{r.get('kv_blocks')} blocks)"
                   + (" draining" if r.get("draining") else "")
@@ -344,6 +366,14 @@ def scrape(port: int, timeout: float = 2.0) -> dict[str, float]:
     return out
 
 
+SUMMED = {"llmesh_prompt_tokens_total": "prompt_tokens",
+          "llmesh_generation_tokens_total": "generation_tokens",
+          "llmesh_time_to_first_token_seconds_sum": "ttft_sum",
+          "llmesh_time_to_first_token_seconds_count": "ttft_count",
+          "llmesh_e2e_request_latency_seconds_sum": "e2e_sum",
+          "llmesh_e2e_request_latency_seconds_count": "e2e_count"}
+
+
 def _scrape_summary(cfg: MeshConfig) -> dict:
     """Request totals over every router and each service's memory, from /metrics."""
     ports = cfg.observability.metrics_ports
@@ -359,17 +389,15 @@ def _scrape_summary(cfg: MeshConfig) -> dict:
         if not name.startswith("router-"):
             continue
         seen_router = True
-        for series, value in m.items():
-            if series.startswith("llmesh_requests_total{"):
+        for series, value in m.items():  # (every model's series)
+            family = series.split("{", 1)[0]
+            if family == "llmesh_requests_total":
                 totals["requests"] += value
                 if 'status="OK"' not in series:
                     totals["errors"] += value
-        totals["prompt_tokens"] += m.get("llmesh_prompt_tokens_total", 0.0)
-        totals["generation_tokens"] += m.get("llmesh_generation_tokens_total", 0.0)
-        totals["ttft_sum"] += m.get("llmesh_time_to_first_token_seconds_sum", 0.0)
-        totals["ttft_count"] += m.get("llmesh_time_to_first_token_seconds_count", 0.0)
-        totals["e2e_sum"] += m.get("llmesh_e2e_request_latency_seconds_sum", 0.0)
-        totals["e2e_count"] += m.get("llmesh_e2e_request_latency_seconds_count", 0.0)
+            key = SUMMED.get(family)
+            if key:
+                totals[key] += value
     if not seen_router:
         return {"rss_bytes": rss}
     return {"requests": totals["requests"], "errors": totals["errors"],

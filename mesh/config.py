@@ -7,7 +7,7 @@ config with defaults filled in.
 from __future__ import annotations
 
 import dataclasses
-import socket
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +166,31 @@ class AdmissionConfig:
     share_prefix_cache: bool = False  # True: cached prefixes are shared across tenants
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One more model behind the gateway (`models:`), beside the top-level one: its
+    own tokenizers and replicas (each with its own executors), routed to by the
+    request's `model`. `engine`: the top-level engine section with this model's
+    overrides on top."""
+
+    name: str
+    model: str = ""  # as the top-level `model` (a directory, a .gguf, tiny or bench)
+    replicas: int = 1
+    tensor_parallel: int = 1
+    tokenizers: int = 1
+    engine: EngineLimits = EngineLimits()
+    tokenizer_ports: tuple[int, ...] = ()
+    replica_ports: tuple[ReplicaPorts, ...] = ()
+
+    @property
+    def slug(self) -> str:
+        """The name as it goes into process and file names."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     model: str = ""  # a Hugging Face directory, a .gguf, tiny or bench; "" = SmolLM2-135M-Instruct
@@ -189,9 +214,37 @@ class MeshConfig:
     admission: AdmissionConfig = AdmissionConfig()
     routing: RoutingConfig = RoutingConfig()
     autoscaler: AutoscalerConfig = AutoscalerConfig()
+    # more models behind the same gateway, routed by the request's `model`
+    models: tuple[ServedModel, ...] = ()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+    def served(self) -> tuple["MeshConfig", ...]:
+        """One config per served model, the top-level model first: this mesh with
+        that model's name, directory, replicas, TP and engine (what the processes of
+        one model are started from). The extra models have no standbys and no
+        autoscaler (those are the top-level model's); every executor of the mesh
+        takes an equal share of `kv_memory_share`."""
+        executors = self.replicas * self.tensor_parallel + sum(
+            m.replicas * m.tensor_parallel for m in self.models)
+        views = [dataclasses.replace(
+            self, models=(), engine=_share(self.engine, self.replicas * self.tensor_parallel,
+                                           executors))]
+        for m in self.models:
+            views.append(dataclasses.replace(
+                self, model=m.model, model_name=m.name, replicas=m.replicas,
+                tensor_parallel=m.tensor_parallel, tokenizers=m.tokenizers,
+                engine=_share(m.engine, m.replicas * m.tensor_parallel, executors),
+                tokenizer_ports=m.tokenizer_ports, replica_ports=m.replica_ports, models=(),
+                routing=dataclasses.replace(self.routing, standby_replicas=0,
+                                            test_half_failing_replica=-1),
+                autoscaler=dataclasses.replace(self.autoscaler, enabled=False)))
+        return tuple(views)
+
+
+def _share(engine: EngineLimits, own: int, total: int) -> EngineLimits:
+    return dataclasses.replace(engine, kv_memory_share=engine.kv_memory_share * own / total)
 
 
 def _plain(obj):
@@ -237,6 +290,8 @@ def parse_config(raw: dict) -> MeshConfig:
                      executors=tuple(r.get("executors", (0,) * raw.get("tensor_parallel", 1))),
                      dist_port=r.get("dist_port", 0), index=r.get("index", -1))
         for r in raw.get("replica_ports", ()))
+    kw["models"] = tuple(_served_model(m, i, kw["engine"]) for i, m in
+                         enumerate(raw.get("models") or ()))
     cfg = MeshConfig(**kw)
     for name in ("replicas", "routers", "tokenizers", "tensor_parallel"):
         if getattr(cfg, name) < 1:
@@ -270,11 +325,58 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError("autoscaler: need 1 <= min_replicas <= max_replicas")
     if a.warm_pool < 0 or a.tick_s <= 0:
         raise ConfigError("autoscaler: warm_pool must be >= 0 and tick_s > 0")
-    for i, r in enumerate(cfg.replica_ports):
-        if len(r.executors) != cfg.tensor_parallel:
-            raise ConfigError(f"replica_ports[{i}].executors lists {len(r.executors)} ports; "
-                              f"tensor_parallel is {cfg.tensor_parallel}")
+    for view in cfg.served():
+        where = "" if view.model_name == cfg.model_name else f"models[{view.model_name}]."
+        for i, r in enumerate(view.replica_ports):
+            if len(r.executors) != view.tensor_parallel:
+                raise ConfigError(f"{where}replica_ports[{i}].executors lists "
+                                  f"{len(r.executors)} ports; tensor_parallel is "
+                                  f"{view.tensor_parallel}")
+    _check_models(cfg)
     return cfg
+
+
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ServedModel)}
+
+
+def _served_model(raw, i: int, engine: EngineLimits) -> ServedModel:
+    if not isinstance(raw, dict) or not raw.get("name"):
+        raise ConfigError(f"models[{i}]: a mapping with a name (and model, replicas, "
+                          "tensor_parallel, tokenizers, engine)")
+    unknown = set(raw) - MODEL_FIELDS
+    if unknown:
+        raise ConfigError(f"models[{i}]: unknown keys {', '.join(sorted(unknown))}")
+    kw = dict(raw, name=str(raw["name"]))
+    overrides = raw.get("engine") or {}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(EngineLimits)}
+    if unknown:
+        raise ConfigError(f"models[{i}].engine: unknown keys {', '.join(sorted(unknown))}")
+    kw["engine"] = dataclasses.replace(engine, **overrides)
+    tp = raw.get("tensor_parallel", 1)
+    kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
+    kw["replica_ports"] = tuple(
+        ReplicaPorts(scheduler=r.get("scheduler", 0), executors=tuple(r.get("executors", (0,) * tp)),
+                     dist_port=r.get("dist_port", 0), index=r.get("index", -1))
+        for r in raw.get("replica_ports", ()))
+    return ServedModel(**kw)
+
+
+def _check_models(cfg: MeshConfig) -> None:
+    names = [cfg.model_name] + [m.name for m in cfg.models]
+    for name in names:
+        if not MODEL_NAME.match(name):
+            raise ConfigError(f"model name {name!r}: letters, digits and ._:/- (128 at most), "
+                              "starting with a letter or digit")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must differ: {', '.join(names)}")
+    slugs = [m.slug for m in cfg.models]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"models: names that differ only in / or : ({', '.join(names)})")
+    for m in cfg.models:
+        for name in ("replicas", "tokenizers", "tensor_parallel"):
+            if getattr(m, name) < 1:
+                raise ConfigError(f"models[{m.name}].{name} must be at least 1")
+        _check_engine(m.engine)
 
 
 CLASS_FIELDS = {"weight", "max_queued_requests", "max_queued_tokens", "timeout_s", "ttft_budget_s"}
@@ -332,64 +434,3 @@ def _sub(cls, raw, name):
     if unknown:
         raise ConfigError(f"unknown {name} keys: {', '.join(sorted(unknown))}")
     return cls(**raw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def replica_process_names(ports: ReplicaPorts) -> list[str]:
-    return [f"scheduler-{ports.index}"] + [f"executor-{ports.index}-{k}"
-                                           for k in range(len(ports.executors))]
-
-
-def resolve_ports(cfg: MeshConfig) -> MeshConfig:
-    """Fill every port of 0 (or missing) with a free loopback port."""
-    # ports the config names, so an automatic pick never lands on one of them
-    taken: set[int] = {cfg.envoy.port, cfg.envoy.admin_port, cfg.envoy.xds_port,
-                       cfg.observability.collector_port,
-                       cfg.kvcache_port, *cfg.router_ports, *cfg.tokenizer_ports, *cfg.http_ports,
-                       *cfg.observability.metrics_ports.values()} - {0}
-    for r in cfg.replica_ports:
-        taken |= {r.scheduler, r.dist_port, *r.executors} - {0}
-
-    def pick(p: int) -> int:
-        if p:
-            return p
-        # the kernel may hand the same free port out twice in a row: never reuse one
-        while not p or p in taken:
-            p = free_port()
-        taken.add(p)
-        return p
-
-    routers = tuple(pick(p) for p in (cfg.router_ports or (0,) * cfg.routers))
-    tokenizers = tuple(pick(p) for p in (cfg.tokenizer_ports or (0,) * cfg.tokenizers))
-    http = tuple(pick(p) for p in (cfg.http_ports or (0,) * len(routers))) if cfg.http_api else ()
-    tp = cfg.tensor_parallel
-    replicas = list(cfg.replica_ports) + [ReplicaPorts(executors=(0,) * tp)] * (
-        cfg.replicas - len(cfg.replica_ports))
-    replicas = tuple(ReplicaPorts(pick(r.scheduler), tuple(pick(p) for p in r.executors),
-                                  pick(r.dist_port) if tp > 1 else 0,
-                                  r.index if r.index >= 0 else i)
-                     for i, r in enumerate(replicas))
-    envoy = dataclasses.replace(cfg.envoy, port=pick(cfg.envoy.port),
-                                admin_port=pick(cfg.envoy.admin_port),
-                                xds_port=pick(cfg.envoy.xds_port) if cfg.envoy.xds else 0)
-    obs = cfg.observability
-    metrics_ports = {}
-    if obs.metrics:
-        names = [f"router-{i}" for i in range(len(routers))]
-        names += [f"tokenizer-{i}" for i in range(len(tokenizers))] + ["kvcache"]
-        for ports in replicas:
-            names += replica_process_names(ports)
-        if cfg.autoscaler.enabled:
-            names.append("autoscaler")  # (the supervisor's: its decisions)
-        metrics_ports = {n: pick(obs.metrics_ports.get(n, 0)) for n in names}
-    obs = dataclasses.replace(
-        obs, metrics_ports=metrics_ports,
-        collector_port=pick(obs.collector_port) if obs.tracing == "file" else 0)
-    return dataclasses.replace(cfg, router_ports=routers, tokenizer_ports=tokenizers, http_ports=http,
-                               replica_ports=replicas, kvcache_port=pick(cfg.kvcache_port),
-                               envoy=envoy, observability=obs)

@@ -128,8 +128,9 @@ def _config(preset: Preset, vocab_size: int) -> dict:
     }
 
 
-def make_tiny(out_dir: str | Path, preset: str = "tiny") -> Path:
-    """Write the checkpoint into `out_dir` (atomically: built aside, then renamed)."""
+def make_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write the checkpoint into `out_dir` (atomically: built aside, then renamed);
+    another `seed`: the same shape and tokenizer, other weights."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
@@ -150,7 +151,7 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny") -> Path:
         _write_json(tmp / "generation_config.json", {
             "bos_token_id": BOS, "eos_token_id": [EOS, END], "pad_token_id": PAD,
         })
-        save_file(_weights(PRESETS[preset], vocab_size), str(tmp / "model.safetensors"),
+        save_file(_weights(PRESETS[preset], vocab_size, seed), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         if out_dir.exists():
             shutil.rmtree(out_dir)

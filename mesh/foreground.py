@@ -7,6 +7,7 @@ runs in the background; it writes `state.json` in the run directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from llmesh.mesh.tls import tls_state
 from llmesh.mesh.config import MeshConfig, load_config
-from llmesh.mesh.scaling import Autoscale, Scaler
-from llmesh.mesh.supervisor import Supervisor, build_specs, write_state
+from llmesh.mesh.ports import replica_process_names
+from llmesh.mesh.scaling import Autoscale, ReplicaNumbers, ScaleRequests, Scaler
+from llmesh.mesh.supervisor import Supervisor, build_specs, replica_set_file, write_state
 
 
 class _Listeners:
@@ -48,7 +50,13 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
         write_state(run_dir, {"status": "failed", "error": str(e), "supervisor_pid": os.getpid()})
         print(f"llmesh: error: {e}", file=sys.stderr)
         return 1
-    scaler = Scaler(cfg, sup, model_dir, run_dir, on_change=changed)
+    numbers = ReplicaNumbers(cfg)
+    scalers = {view.model_name: Scaler(view, sup, view.model if model else model_dir,
+                                       replica_set_file(run_dir, cfg, model), numbers,
+                                       on_change=changed)
+               for model, view in zip((None,) + cfg.models, cfg.served())}
+    requests = ScaleRequests(scalers, run_dir)
+    scaler = scalers[cfg.model_name]  # (the top-level model's: the autoscaler's)
     autoscale = None
     if cfg.autoscaler.enabled:
         autoscale = Autoscale(scaler, run_dir)
@@ -59,14 +67,18 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
     state_lock = threading.Lock()  # (written from this thread and the supervisor's)
 
     def ready_state():
-        live = scaler.cfg
+        live = live_config(cfg, list(scalers.values()))
         with state_lock:
             write_state(run_dir, {"status": "ready", "supervisor_pid": os.getpid(),
                                   "pids": sup.pids(),
                                   "config": live.to_dict(), "model_dir": model_dir,
                                   "endpoint": f"127.0.0.1:{live.envoy.port}",
                                   "tls": tls_state(live),
-                                  "replicas": scaler.num_replicas, "scale": scaler.last,
+                                  "replicas": scaler.num_replicas,
+                                  "models": {name: {"replicas": s.num_replicas,
+                                                    "model_dir": s.model_dir}
+                                             for name, s in scalers.items()},
+                                  "scale": requests.last,
                                   "warm_pool": [f"replica-{p.index}" for p in scaler.pool],
                                   "autoscaler": autoscale.last if autoscale else None,
                                   "joins": scaler.joins})
@@ -75,12 +87,30 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
     if on_ready:
         on_ready()
     while not stop.wait(0.2):
-        scaler.poll()
+        requests.poll()
         if autoscale is not None:
             autoscale.tick(time.monotonic())
     sup.stop()
     write_state(run_dir, {"status": "stopped", "supervisor_pid": os.getpid()})
     return 0
+
+
+def live_config(cfg: MeshConfig, scalers: list[Scaler]) -> MeshConfig:
+    """The mesh as it runs now: each model's replicas as its Scaler has them (the
+    top-level model's first), and the metrics ports of the processes still up."""
+    replica_names = {name for s in scalers for p in (*s.cfg.replica_ports, *s.pool)
+                     for name in replica_process_names(p)}
+    metrics = {name: port for name, port in cfg.observability.metrics_ports.items()
+               if not name.startswith(("scheduler-", "executor-"))}
+    for s in scalers:
+        metrics.update({name: port for name, port in s.cfg.observability.metrics_ports.items()
+                        if name in replica_names})
+    main = scalers[0].cfg
+    return dataclasses.replace(
+        cfg, replica_ports=main.replica_ports,
+        models=tuple(dataclasses.replace(m, replica_ports=s.cfg.replica_ports)
+                     for m, s in zip(cfg.models, scalers[1:])),
+        observability=dataclasses.replace(cfg.observability, metrics_ports=metrics))
 
 
 def main(argv=None) -> int:

@@ -9,9 +9,12 @@ reaches it meanwhile is refused as draining and goes to another replica), then
 its executors stop and it leaves the set. The newest regular replicas leave
 first; warm standbys are not scaled.
 
-The supervisor's loop calls `Scaler.poll()`: it reads the desired count that
-`llmesh scale` wrote (`desired.json` in the run directory) and reports the
-outcome in state.json (`scale`).
+Each served model (mesh.yaml's top-level model and its `models:`) has its own
+Scaler and replica set; replica numbers are the mesh's, so a model's new
+replica takes the next number free in the whole mesh. The supervisor's loop
+calls `ScaleRequests.poll()`: it reads the model and desired count that
+`llmesh scale [--model NAME]` wrote (`desired.json` in the run directory) and
+reports the outcome in state.json (`scale`).
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ import grpc
 
 from llmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from llmesh.mesh.autoscaler import AutoscalerPolicy, DecisionLog, Signals
-from llmesh.mesh.config import MeshConfig, ReplicaPorts, free_port, replica_process_names
-from llmesh.mesh.supervisor import (REPLICA_SET_FILE, Supervisor, replica_entries, replica_specs,
-                             standby_names)
+from llmesh.mesh.config import MeshConfig, ReplicaPorts
+from llmesh.mesh.ports import free_port, replica_process_names
+from llmesh.mesh.supervisor import Supervisor, replica_entries, replica_specs, standby_names
 from llmesh.services.router.replica_set import write_replica_set
 
 log = logging.getLogger("llmesh.mesh")
@@ -37,21 +40,34 @@ DESIRED_FILE = "desired.json"
 ROUTERS_SEE_S = 0.6  # a replica set change reaches every router (they poll every 0.2 s)
 
 
+class ReplicaNumbers:
+    """The next replica number free in the whole mesh (every model's replicas)."""
+
+    def __init__(self, cfg: MeshConfig):
+        self._next = max((p.index for view in cfg.served() for p in view.replica_ports),
+                         default=-1) + 1
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            self._next += 1
+            return self._next - 1
+
+
 class Scaler:
-    def __init__(self, cfg: MeshConfig, sup: Supervisor, model_dir: str, run_dir: Path,
-                 on_change=None):
-        """`cfg`: the mesh as started (ports resolved); `on_change()`: the replicas
-        changed (state.json is rewritten from `self.cfg`)."""
+    def __init__(self, cfg: MeshConfig, sup: Supervisor, model_dir: str, replica_set: Path,
+                 numbers: ReplicaNumbers, on_change=None):
+        """`cfg`: one served model's view of the mesh as started (MeshConfig.served(),
+        ports resolved); `replica_set`: that model's replica set file; `numbers`:
+        the mesh's replica numbers; `on_change()`: the replicas changed (state.json
+        is rewritten from `self.cfg`)."""
         self.cfg = cfg
         self.sup = sup
         self.model_dir = model_dir
-        self.run_dir = run_dir
+        self.replica_set = replica_set
+        self.numbers = numbers
         self.on_change = on_change
         self.standby = standby_names(cfg)
-        self._next_index = max((p.index for p in cfg.replica_ports), default=-1) + 1
-        self._seen_request = None
-        (run_dir / DESIRED_FILE).unlink(missing_ok=True)  # (a request to an earlier mesh)
-        self.last: dict = {}  # the last request's outcome, for state.json
         self.warm_pool = cfg.autoscaler.warm_pool
         self.pool: list[ReplicaPorts] = []  # warm: SERVING, not in the replica set
         self._lock = threading.RLock()  # (the pool fills in a thread of its own)
@@ -62,25 +78,6 @@ class Scaler:
     def num_replicas(self) -> int:
         """Regular replicas (warm standbys not counted)."""
         return sum(f"replica-{p.index}" not in self.standby for p in self.cfg.replica_ports)
-
-    def poll(self) -> None:
-        """Act on a new request in desired.json, if there is one."""
-        try:
-            want = json.loads((self.run_dir / DESIRED_FILE).read_text())
-        except (OSError, ValueError):
-            return
-        if want.get("id") == self._seen_request:
-            return
-        self._seen_request = want.get("id")
-        self.last = {"id": want.get("id"), "desired": want.get("replicas"), "status": "scaling"}
-        self._changed()
-        try:
-            self.scale_to(int(want["replicas"]))
-            self.last["status"] = "ok"
-        except Exception as e:  # reported to `llmesh scale`, and the mesh goes on
-            log.exception("scaling to %s replicas failed", want.get("replicas"))
-            self.last.update(status="failed", error=str(e))
-        self._changed()
 
     def scale_to(self, n: int) -> None:
         if n < 1:
@@ -133,7 +130,7 @@ class Scaler:
                                "seconds": round(took, 3)})
         log.info("replica-%d joins (%s start, %.2f s to join; scheduler on %d)", ports.index,
                  kind, took, ports.scheduler)
-        self._changed()
+        self.changed()
         self.fill_pool()
         return f"replica-{ports.index}"
 
@@ -157,7 +154,7 @@ class Scaler:
             with self._lock:
                 self.pool.append(ports)
             log.info("replica-%d is warm (loaded, no traffic yet)", ports.index)
-            self._changed()
+            self.changed()
 
     def _start_replica(self) -> ReplicaPorts:
         """Start a replica's processes (SERVING when this returns), not yet listed."""
@@ -192,7 +189,7 @@ class Scaler:
                                               if f"replica-{p.index}" not in names),
                 observability=dataclasses.replace(obs, metrics_ports=metrics))
             self._write_set()
-        self._changed()
+        self.changed()
         return sorted(names)
 
     def signals(self, t: float) -> Signals | None:
@@ -224,10 +221,9 @@ class Scaler:
 
     # ---- helpers -------------------------------------------------------------
     def _write_set(self, draining=()) -> None:
-        write_replica_set(self.run_dir / REPLICA_SET_FILE,
-                          replica_entries(self.cfg, self.standby, draining))
+        write_replica_set(self.replica_set, replica_entries(self.cfg, self.standby, draining))
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
 
@@ -242,7 +238,7 @@ class Scaler:
             taken.add(p)
             return p
         tp = self.cfg.tensor_parallel
-        index, self._next_index = self._next_index, self._next_index + 1
+        index = self.numbers.take()
         return ReplicaPorts(pick(), tuple(pick() for _ in range(tp)),
                             pick() if tp > 1 else 0, index)
 
@@ -260,6 +256,44 @@ class Scaler:
             metrics[name] = p
         return dataclasses.replace(self.cfg, observability=dataclasses.replace(
             obs, metrics_ports=metrics))
+
+
+class ScaleRequests:
+    """`llmesh scale [--model NAME] --replicas N`, as desired.json says, to the
+    Scaler of that model (`scalers`: by model name, the top-level model first)."""
+
+    def __init__(self, scalers: dict[str, Scaler], run_dir: Path):
+        self.scalers = scalers
+        self.run_dir = run_dir
+        self._seen_request = None
+        (run_dir / DESIRED_FILE).unlink(missing_ok=True)  # (a request to an earlier mesh)
+        self.last: dict = {}  # the last request's outcome, for state.json
+
+    def poll(self) -> None:
+        """Act on a new request in desired.json, if there is one."""
+        try:
+            want = json.loads((self.run_dir / DESIRED_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        if want.get("id") == self._seen_request:
+            return
+        self._seen_request = want.get("id")
+        model = want.get("model") or next(iter(self.scalers))
+        self.last = {"id": want.get("id"), "model": model, "desired": want.get("replicas"),
+                     "status": "scaling"}
+        scaler = self.scalers.get(model)
+        if scaler is None:
+            self.last.update(status="failed", error=f"model {model!r} is not served (served: "
+                             f"{', '.join(self.scalers)})")
+            return
+        scaler.changed()
+        try:
+            scaler.scale_to(int(want["replicas"]))
+            self.last["status"] = "ok"
+        except Exception as e:  # reported to `llmesh scale`, and the mesh goes on
+            log.exception("scaling %s to %s replicas failed", model, want.get("replicas"))
+            self.last.update(status="failed", error=str(e))
+        scaler.changed()
 
 
 class Autoscale:
@@ -305,10 +339,11 @@ def _ports_of(cfg: MeshConfig) -> set[int]:
     return ports - {0}
 
 
-def request_scale(run_dir: Path, replicas: int) -> str:
-    """Ask the running supervisor for `replicas` regular replicas; the request's id."""
+def request_scale(run_dir: Path, replicas: int, model: str = "") -> str:
+    """Ask the running supervisor for `replicas` regular replicas of `model` ("" = the
+    top-level model); the request's id."""
     request_id = f"{time.time_ns()}"
     tmp = run_dir / (DESIRED_FILE + ".tmp")
-    tmp.write_text(json.dumps({"replicas": replicas, "id": request_id}))
+    tmp.write_text(json.dumps({"replicas": replicas, "id": request_id, "model": model}))
     tmp.replace(run_dir / DESIRED_FILE)
     return request_id

@@ -20,7 +20,8 @@ import grpc
 import llmesh
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmesh.mesh.config import MeshConfig, ReplicaPorts
+from llmesh.mesh.config import MeshConfig, ReplicaPorts, ServedModel
+from llmesh.mesh.ports import tokenizer_process_name
 from llmesh.mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
 from llmesh.services.router.replica_set import ReplicaEntry, write_replica_set
 
@@ -189,7 +190,15 @@ def add_env(cfg: MeshConfig, specs: list[ProcSpec]) -> None:
                 spec.env["LLMESH_METRICS_PORT"] = str(cfg.observability.metrics_ports[spec.name])
 
 
+def replica_set_file(run_dir: Path, cfg: MeshConfig, model: ServedModel | None) -> Path:
+    """The replica set of the top-level model (None) or of one of `models:`."""
+    return run_dir / (REPLICA_SET_FILE if model is None else f"replicas-{model.slug}.json")
+
+
 def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec]:
+    """Every process of the mesh; `model_dir`: the top-level model's directory (those
+    of `models:` are in their `model`, resolved by `llmesh up`)."""
+    model_dirs = [model_dir] + [m.model for m in cfg.models]
     py = [sys.executable, "-m"]
     specs = []
     obs = cfg.observability
@@ -197,18 +206,26 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
         specs.append(ProcSpec("collector", py + [
             "llmesh.observability.collector", "--port", str(obs.collector_port),
             "--out", str(run_dir / "traces.jsonl")], obs.collector_port))
-    for i, port in enumerate(cfg.tokenizer_ports):
-        specs.append(ProcSpec(f"tokenizer-{i}", py + ["llmesh.services.tokenizer", "--port", str(port),
-                                                        "--model", model_dir], port,
-                              stage=STAGE_BACKENDS))
+    views = cfg.served()
+    for model, view, model_dir in zip((None,) + cfg.models, views, model_dirs):
+        for i, port in enumerate(view.tokenizer_ports):
+            specs.append(ProcSpec(tokenizer_process_name(model, i), py + [
+                "llmesh.services.tokenizer", "--port", str(port), "--model", model_dir], port,
+                stage=STAGE_BACKENDS))
+        write_replica_set(replica_set_file(run_dir, cfg, model),
+                          replica_entries(view, standby_names(view)))
     admission = json.dumps(dataclasses.asdict(cfg.admission))
-    write_replica_set(run_dir / REPLICA_SET_FILE, replica_entries(cfg, standby_names(cfg)))
     specs.append(ProcSpec("kvcache", py + ["llmesh.services.kvcache", "--port", str(cfg.kvcache_port)],
                           cfg.kvcache_port, stage=STAGE_BACKENDS))
-    for ports in cfg.replica_ports:
-        specs += replica_specs(cfg, ports, model_dir)
+    for view, model_dir in zip(views, model_dirs):
+        for ports in view.replica_ports:
+            specs += replica_specs(view, ports, model_dir)
+    models = [{"name": m.name, "replica_set": str(replica_set_file(run_dir, cfg, m)),
+               "model": model_dir} for m, model_dir in zip(cfg.models, model_dirs[1:])]
     for i, port in enumerate(cfg.router_ports):
         tok = cfg.tokenizer_ports[i % len(cfg.tokenizer_ports)]
+        extra = [dict(m, tokenizer=f"127.0.0.1:{v.tokenizer_ports[i % len(v.tokenizer_ports)]}")
+                 for m, v in zip(models, views[1:])]
         specs.append(ProcSpec(f"router-{i}", py + [
             "llmesh.services.router", "--port", str(port), "--tokenizer", f"127.0.0.1:{tok}",
             "--replica-set", str(run_dir / REPLICA_SET_FILE), "--model-name", cfg.model_name,
@@ -219,8 +236,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             "--kvcache", f"127.0.0.1:{cfg.kvcache_port}", "--routing-policy", cfg.routing.policy,
             "--prefix-load-bound", str(cfg.routing.prefix_load_bound),
             "--prefix-load-ratio", str(cfg.routing.prefix_load_ratio)]
+            + (["--models", json.dumps(extra)] if extra else [])
             + (["--test-fail-requests"] if i == cfg.routing.test_failing_router else [])
-            + (["--http-port", str(cfg.http_ports[i]), "--model", model_dir]
+            + (["--http-port", str(cfg.http_ports[i]), "--model", model_dirs[0]]
                if cfg.http_ports else []), port, stage=STAGE_ROUTERS))
     if cfg.envoy.xds:  # the control plane serves the routers' clusters to Envoy
         clusters = run_dir / "xds-clusters.json"

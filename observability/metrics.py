@@ -23,20 +23,24 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1
 
 class RouterMetrics:
     def __init__(self):
+        # per served model (mesh.yaml's model names: a bounded set)
         self.requests = Counter("llmesh_requests", "Finished requests by finish reason and gRPC status",
-                                ["finish_reason", "status"])
-        self.prompt_tokens = Counter("llmesh_prompt_tokens", "Prompt tokens of finished requests")
+                                ["model", "finish_reason", "status"])
+        self.prompt_tokens = Counter("llmesh_prompt_tokens", "Prompt tokens of finished requests",
+                                     ["model"])
         self.generation_tokens = Counter("llmesh_generation_tokens",
-                                         "Output tokens returned to clients")
+                                         "Output tokens returned to clients", ["model"])
         self.ttft = Histogram("llmesh_time_to_first_token_seconds",
-                              "Request arrival at the router to its first token", buckets=LATENCY_BUCKETS)
+                              "Request arrival at the router to its first token", ["model"],
+                              buckets=LATENCY_BUCKETS)
         self.itl = Histogram("llmesh_inter_token_latency_seconds",
-                             "Gap between consecutive token chunks of a stream", buckets=ITL_BUCKETS)
+                             "Gap between consecutive token chunks of a stream", ["model"],
+                             buckets=ITL_BUCKETS)
         self.e2e = Histogram("llmesh_e2e_request_latency_seconds",
-                             "Request arrival to its last token", buckets=LATENCY_BUCKETS)
+                             "Request arrival to its last token", ["model"], buckets=LATENCY_BUCKETS)
         self.queue = Histogram("llmesh_request_queue_time_seconds",
                                "Time a request waited in the scheduler before its first step",
-                               buckets=LATENCY_BUCKETS)
+                               ["model"], buckets=LATENCY_BUCKETS)
         self.in_flight = Gauge("llmesh_requests_in_flight", "Requests streaming through this router")
         # admission: reason is a fixed enum (unauthenticated, permission_denied, request_cap,
         # rate_limit_requests, rate_limit_tokens, quota_input_tokens, quota_output_tokens,

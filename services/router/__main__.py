@@ -1,5 +1,8 @@
 """python -m llmesh.services.router --port P --tokenizer ADDR (--schedulers ADDR[,ADDR...] | --replica-set FILE)
-[--http-port H --model DIR]"""
+[--http-port H --model DIR] [--models JSON]
+
+--models: more models behind this router, each
+{"name", "tokenizer": ADDR, "replica_set": FILE, "model": DIR} (services/router/models.py)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +25,7 @@ from llmesh.services.router.core import POLICIES, ReplicaChooser, RoutingPolicy
 from llmesh.services.router.dispatch import Dispatcher
 from llmesh.services.router.replica_set import read_replica_set, watch_replica_set
 from llmesh.services.router.generation import Call, Generation
+from llmesh.services.router.models import Models
 from llmesh.services.router.servicer import Inference
 from llmesh.services.common.gguf_file import model_arg
 
@@ -29,41 +33,56 @@ from llmesh.services.common.gguf_file import model_arg
 async def main(args) -> None:
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes,
                       traced=True)
-    # the tokenizer and the kvcache index: traced hops
-    tokenizer = TokenizerClient(grpc.aio.insecure_channel(
-        args.tokenizer, interceptors=telemetry.client_interceptors()))
     prefix_index = PrefixIndex(grpc.aio.insecure_channel(
         args.kvcache, interceptors=telemetry.client_interceptors())) if args.kvcache else None
-    chooser = ReplicaChooser(RoutingPolicy(args.routing_policy, args.prefix_load_bound,
-                                           args.prefix_load_ratio))
-    dispatcher = Dispatcher(args.schedulers.split(",") if args.schedulers else [],
-                            max_migrations=args.max_migrations,
-                            replica_wait_s=args.replica_wait_s, num_standby=args.standby,
-                            replica_silence_s=args.replica_silence_s,
-                            chooser=chooser, prefix_index=prefix_index)
-    if args.replica_set:  # the replicas come and go: this file says which are there
-        dispatcher.set_replicas(read_replica_set(args.replica_set))
     admission = json.loads(args.admission)
-    generation = (_FailingGeneration if args.test_fail_requests else Generation)(
-        tokenizer, dispatcher, args.model_name, Admission.from_dict(admission),
-        dead_letters_from(admission))
-    inference = Inference(generation)
+    shared = (Admission.from_dict(admission), dead_letters_from(admission))
+    main_model = {"name": args.model_name, "tokenizer": args.tokenizer, "model": args.model,
+                  "replica_set": str(args.replica_set or ""),
+                  "schedulers": args.schedulers.split(",") if args.schedulers else [],
+                  "standby": args.standby}
+    specs = [main_model] + json.loads(args.models)
+    cores = [_core(args, spec, prefix_index, shared, failing=args.test_fail_requests)
+             for spec in specs]
+    models = Models([generation for generation, _ in cores])
+    inference = Inference(models)
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
-    http = _http_server(args, generation) if args.http_port else None
+    http = _http_server(args, models, {spec["name"]: spec["model"] for spec in specs}) \
+        if args.http_port else None
     await service.start()
-    dispatcher.start()
+    watchers = [asyncio.ensure_future(_track_health(service, models))]
+    for generation, replica_set in cores:
+        generation.dispatcher.start()
+        if replica_set:
+            watchers.append(asyncio.ensure_future(
+                watch_replica_set(replica_set, generation.dispatcher.set_replicas)))
     serving_http = asyncio.ensure_future(http.serve()) if http else None
-    watchers = [asyncio.ensure_future(_track_health(service, generation))]
-    if args.replica_set:
-        watchers.append(asyncio.ensure_future(
-            watch_replica_set(args.replica_set, dispatcher.set_replicas)))
     await service.wait_for_termination()
     for watcher in watchers:
         watcher.cancel()
     if http is not None:
         http.should_exit = True
         await asyncio.wait_for(serving_http, 10)
+
+
+def _core(args, spec: dict, prefix_index, shared, failing: bool) -> tuple[Generation, str]:
+    """One model's request core (its tokenizer and replicas), and its replica set file."""
+    tokenizer = TokenizerClient(grpc.aio.insecure_channel(
+        spec["tokenizer"], interceptors=telemetry.client_interceptors()))
+    chooser = ReplicaChooser(RoutingPolicy(args.routing_policy, args.prefix_load_bound,
+                                           args.prefix_load_ratio))
+    dispatcher = Dispatcher(spec.get("schedulers", []), max_migrations=args.max_migrations,
+                            replica_wait_s=args.replica_wait_s, num_standby=spec.get("standby", 0),
+                            replica_silence_s=args.replica_silence_s,
+                            chooser=chooser, prefix_index=prefix_index)
+    replica_set = spec.get("replica_set") or ""
+    if replica_set:  # the replicas come and go: this file says which are there
+        dispatcher.set_replicas(read_replica_set(Path(replica_set)))
+    admission, dead_letters = shared
+    generation = (_FailingGeneration if failing else Generation)(
+        tokenizer, dispatcher, spec["name"], admission, dead_letters)
+    return generation, replica_set
 
 
 class _FailingGeneration(Generation):
@@ -86,32 +105,37 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _http_server(args, generation: Generation) -> uvicorn.Server:
+def _http_server(args, models: Models, model_dirs: dict[str, str]) -> uvicorn.Server:
     """The OpenAI-compatible HTTP API on --http-port (where gRPC listens), over this
-    router's request core (docs/http-api.md)."""
-    from functools import lru_cache
-
-    from llmesh.services.common.tokenizer import TextTokenizer
+    router's request cores (docs/http-api.md)."""
     from llmesh.services.router.http_api.app import OpenAIApi
-    tokenizer = TextTokenizer(args.model)
-
-    @lru_cache(maxsize=65536)
-    def token_text(token_id: int) -> str:
-        return tokenizer.decode([token_id], skip_special_tokens=False)
-
-    api = OpenAIApi(generation, args.model_name, token_text, heartbeat_s=args.heartbeat_s)
+    api = OpenAIApi(models, {name: _token_text(d) for name, d in model_dirs.items()},
+                    heartbeat_s=args.heartbeat_s)
     config = uvicorn.Config(api.app, host=bind_host(), port=args.http_port, http="httptools",
                             loop="none", lifespan="off", log_level="warning", access_log=False,
                             timeout_keep_alive=75, timeout_graceful_shutdown=5)
     return _EmbeddedServer(config)
 
 
-async def _track_health(service: Service, generation: Generation) -> None:
-    """SERVING while at least one replica is connected."""
+def _token_text(model_dir: str):
+    """A token id's text in the tokenizer of `model_dir` (for logprobs)."""
+    from functools import lru_cache
+
+    from llmesh.services.common.tokenizer import TextTokenizer
+    tokenizer = TextTokenizer(model_dir)
+
+    @lru_cache(maxsize=65536)
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+    return token_text
+
+
+async def _track_health(service: Service, models: Models) -> None:
+    """SERVING while at least one replica (of any model) is connected."""
     serving = None
     while True:
-        if generation.is_ready != serving:
-            serving = generation.is_ready
+        if models.is_ready != serving:
+            serving = models.is_ready
             await service.set_serving(serving)
         await asyncio.sleep(0.1)
 
@@ -148,6 +172,8 @@ if __name__ == "__main__":
     p.add_argument("--model", type=model_arg, help="the model directory (its tokenizer: logprob token text)")
     p.add_argument("--replica-silence-s", type=float, default=5.0,
                    help="a scheduler that sends nothing for this long is lost (hung)")
+    p.add_argument("--models", default="[]",
+                   help="more models, as JSON: [{name, tokenizer, replica_set, model}, ...]")
     p.add_argument("--heartbeat-s", type=float, default=15.0,
                    help="SSE comment heartbeat while a stream has nothing to send")
     args = p.parse_args()

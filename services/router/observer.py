@@ -13,6 +13,7 @@ class RequestObserver:
     """Per-request metrics and span attributes, fed with each chunk sent to the client."""
 
     def __init__(self, request_id: str, model: str, max_tokens: int):
+        self.model = model
         self.t0 = time.perf_counter()
         self.first = self.last = 0.0
         self.span = trace.get_current_span()  # the gRPC server span (no-op without tracing)
@@ -43,16 +44,19 @@ class RequestObserver:
                 self.queue_s = resp.timings.queue_s
 
     def finish(self, m, status: str) -> None:
+        model = self.model
         if self.first:
-            m.ttft.observe(self.first - self.t0)
-            m.e2e.observe(self.last - self.t0)
+            m.ttft.labels(model).observe(self.first - self.t0)
+            m.e2e.labels(model).observe(self.last - self.t0)
+            itl = m.itl.labels(model)
             for gap in self.gaps:
-                m.itl.observe(gap)
+                itl.observe(gap)
         if self.queue_s is not None:
-            m.queue.observe(self.queue_s)
-        m.requests.labels(self.finish_reasons[0] if self.finish_reasons else "none", status).inc()
-        m.prompt_tokens.inc(self.prompt_tokens)
-        m.generation_tokens.inc(self.output_tokens)
+            m.queue.labels(model).observe(self.queue_s)
+        m.requests.labels(model, self.finish_reasons[0] if self.finish_reasons else "none",
+                          status).inc()
+        m.prompt_tokens.labels(model).inc(self.prompt_tokens)
+        m.generation_tokens.labels(model).inc(self.output_tokens)
         if self.stream_span is not None:
             self.stream_span.end()
         self.span.set_attributes({"gen_ai.usage.input_tokens": self.prompt_tokens,

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integration.mesh_fixture import ROOT, wait_until
-from llmesh.mesh.config import free_port
+from llmesh.mesh.ports import free_port
 
 
 def _serving(address: str) -> bool:

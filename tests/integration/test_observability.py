@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from llmesh.mesh.config import free_port
+from llmesh.mesh.ports import free_port
 from mesh_fixture import Mesh, wait_until
 
 SECRET_PROMPT = "zebra quartz lighthouse"
@@ -186,13 +186,15 @@ def test_metrics_agree_with_what_clients_received(file_mesh):
         outs = list(pool.map(lambda n: _complete(file_mesh.endpoint, f"Count {n}", n), lengths))
     after = _metrics(router)
 
-    def delta(name):
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    def delta(name, labels='model="default"'):  # (the mesh's model name: default)
+        key = f"{name}{{{labels}}}"
+        return after.get(key, 0.0) - before.get(key, 0.0)
     assert delta("llmesh_generation_tokens_total") == sum(o.usage.completion_tokens for o in outs)
     assert delta("llmesh_prompt_tokens_total") == sum(o.usage.prompt_tokens for o in outs)
     assert delta("llmesh_time_to_first_token_seconds_count") == len(lengths)
     assert delta("llmesh_e2e_request_latency_seconds_count") == len(lengths)
-    assert delta('llmesh_requests_total{finish_reason="length",status="OK"}') == len(lengths)
+    assert delta("llmesh_requests_total",
+                 'model="default",finish_reason="length",status="OK"') == len(lengths)
     assert delta("llmesh_inter_token_latency_seconds_count") <= sum(lengths) - len(lengths)
     sched = ports["scheduler-0"]
     assert wait_until(lambda: _metrics(sched)["llmesh_kv_cache_usage_ratio"] == 0.0, 5)
@@ -204,7 +206,7 @@ def test_metrics_agree_with_what_clients_received(file_mesh):
 
 def test_a_bad_request_is_counted_with_its_status(file_mesh):
     router = file_mesh.config["observability"]["metrics_ports"]["router-0"]
-    key = 'llmesh_requests_total{finish_reason="none",status="INVALID_ARGUMENT"}'
+    key = 'llmesh_requests_total{model="default",finish_reason="none",status="INVALID_ARGUMENT"}'
     before = _metrics(router).get(key, 0.0)
     with pytest.raises(grpc.RpcError):
         _complete(file_mesh.endpoint, "x", 10**6)  # past the context
@@ -265,7 +267,7 @@ def test_status_reads_the_metrics(file_mesh):
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)["metrics"]
     router = _metrics(file_mesh.config["observability"]["metrics_ports"]["router-0"])
-    assert m["generation_tokens"] == router["llmesh_generation_tokens_total"] > 0
+    assert m["generation_tokens"] == router['llmesh_generation_tokens_total{model="default"}'] > 0
     assert m["requests"] >= 1 and m["mean_ttft_s"] > 0
     assert set(m["rss_bytes"]) == set(file_mesh.config["observability"]["metrics_ports"])
 

@@ -148,7 +148,7 @@ def test_refused_and_timed_out_requests_are_counted_by_status(tiny_model_dir, tm
 
 
 def test_a_failing_target_is_reported_and_the_others_still_run(tiny_model_dir, tmp_path):
-    from llmesh.mesh.config import free_port
+    from llmesh.mesh.ports import free_port
     mc = load_model_config(tiny_model_dir)
     w = wl.builtin("chat", mc.vocab_size, 2048, seed=0, max_prompt=64, max_output=8)
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there

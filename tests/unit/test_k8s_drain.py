@@ -14,7 +14,7 @@ import yaml
 from prometheus_client import make_wsgi_app
 
 from llmesh.mesh import k8s_drain
-from llmesh.mesh.config import free_port
+from llmesh.mesh.ports import free_port
 from llmesh.observability.metrics import router_metrics
 
 

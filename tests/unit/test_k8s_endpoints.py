@@ -326,7 +326,7 @@ def test_the_control_plane_process_serves_the_slices_over_ads(fake_api, token_fi
     """`python -m llmesh.mesh.xds --endpointslices`: an ADS client gets the slices' routers."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from llmesh.mesh.config import free_port
+    from llmesh.mesh.ports import free_port
     fake_api.body = slice_list(slice_of("a", [endpoint("10.0.0.1"),
                                               endpoint("10.0.0.2", terminating=True)]))
     clusters = tmp_path / "clusters.json"

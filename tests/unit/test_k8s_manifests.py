@@ -23,7 +23,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import ValidationError, validate, latest_version
 
-from llmesh.mesh.config import load_config, parse_config, resolve_ports
+from llmesh.mesh.config import load_config, parse_config
+from llmesh.mesh.ports import resolve_ports
 from llmesh.mesh.envoy import envoy_binary, render_envoy, xds_clusters
 from llmesh.mesh.supervisor import build_specs
 from llmesh.observability.metrics import SchedulerCollector

@@ -3,7 +3,8 @@ included), the share, the cap at what the scheduler can fill, and the mesh's
 split among its executor processes."""
 import pytest
 
-from llmesh.mesh.config import ConfigError, parse_config, resolve_ports
+from llmesh.mesh.config import ConfigError, parse_config
+from llmesh.mesh.ports import resolve_ports
 from llmesh.mesh.supervisor import build_specs
 from llmesh.services.engine.engine import Engine, EngineConfig
 from llmesh.services.executor.kv_memory import available_memory_bytes, kv_cap_blocks, size_kv_cache

@@ -1,7 +1,8 @@
 """mesh.yaml parsing: defaults, tensor-parallel ports, and clear errors."""
 import pytest
 
-from llmesh.mesh.config import ConfigError, parse_config, resolve_ports
+from llmesh.mesh.config import ConfigError, parse_config
+from llmesh.mesh.ports import resolve_ports
 from llmesh.mesh.supervisor import build_specs
 
 

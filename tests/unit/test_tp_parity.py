@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_models import make_hf_model
-from llmesh.mesh.config import free_port
+from llmesh.mesh.ports import free_port
 from llmesh.services.common.errors import UnsupportedModelError
 from llmesh.services.executor.model_config import load_model_config
 from llmesh.services.executor.parallel import check_shardable, kv_head_range, vocab_range

@@ -25,11 +25,12 @@ from starlette.routing import Route
 from llmesh.observability import telemetry
 from llmesh.services.common.errors import LlmeshError
 from llmesh.services.router.admission import GATEWAY_START_HEADER
-from llmesh.services.router.generation import Call, Generation
+from llmesh.services.router.generation import Call
 from llmesh.services.router.http_api.errors import ApiError, from_error, invalid
 from llmesh.services.router.http_api.requests import ParsedRequest, parse_chat, parse_completion
 from llmesh.services.router.http_api.responses import Formatter, TokenText, usage_dict
 from llmesh.services.router.http_api.streams import DirectUpstream, SseResponse, SseStream, Upstream
+from llmesh.services.router.models import Models
 
 log = logging.getLogger("llmesh.router.http")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -41,14 +42,13 @@ def _reject_constant(name: str):
 
 
 class OpenAIApi:
-    """Collaborators: `generation`, the router's request core, the served model's
-    name, and `token_text` (a token id's text, for logprobs)."""
+    """Collaborators: `models`, the router's request core of each served model, and
+    `token_texts`: per model name, a token id's text (for logprobs)."""
 
-    def __init__(self, generation: Generation, model_name: str, token_text: TokenText,
+    def __init__(self, models: Models, token_texts: dict[str, TokenText],
                  heartbeat_s: float = 15.0, first_event_wait_s: float = 5.0):
-        self.generation = generation
-        self.model_name = model_name
-        self.token_text = token_text
+        self.served = models
+        self.token_texts = token_texts
         self.heartbeat_s = heartbeat_s
         self.first_event_wait_s = first_event_wait_s
         self.requests = Counter("llmesh_http_requests", "HTTP API requests by path and status",
@@ -117,27 +117,32 @@ class OpenAIApi:
         request_id = uuid.uuid4().hex
         for i, req in enumerate(parsed.requests):
             req.request_id = request_id if len(parsed.requests) == 1 else f"{request_id}-{i}"
-        fmt = Formatter(parsed.kind, parsed.model or self.model_name, request_id,
-                        parsed.logprobs, self.token_text)
+        try:
+            generation = self.served.get(parsed.model)
+        except LlmeshError as e:  # (OpenAI's answer to an unknown model)
+            raise ApiError(404, str(e), "invalid_request_error", "model",
+                           "model_not_found") from None
+        fmt = Formatter(parsed.kind, generation.model_name, request_id,
+                        parsed.logprobs, self.token_texts[generation.model_name])
         ctx = telemetry.extract(request.headers.get("traceparent", ""))
         span = telemetry.tracer("llmesh.router.http").start_span(
             f"POST {request.url.path}", context=ctx, kind=trace.SpanKind.SERVER)
         path = request.url.path
         with trace.use_span(span, end_on_exit=False):
             if parsed.stream:
-                return await self._stream(path, parsed, fmt, call, span)
+                return await self._stream(generation, path, parsed, fmt, call, span)
         try:
             with trace.use_span(span, end_on_exit=False):
-                body = await self._whole(request, parsed, fmt, call)
+                body = await self._whole(generation, request, parsed, fmt, call)
         finally:
             span.end()
         self.requests.labels(path, "200").inc()
         return JSONResponse(body)
 
-    async def _stream(self, path, parsed, fmt, call: Call, span) -> Response:
-        upstream = (DirectUpstream(self.generation, parsed.requests[0], call)
+    async def _stream(self, generation, path, parsed, fmt, call: Call, span) -> Response:
+        upstream = (DirectUpstream(generation, parsed.requests[0], call)
                     if len(parsed.requests) == 1
-                    else Upstream(self.generation, parsed.requests, call))
+                    else Upstream(generation, parsed.requests, call))
         # an error before the first event (validation, auth, limits) is an HTTP status
         first = await upstream.next(self.first_event_wait_s)
         if first is not None and isinstance(first[1], ApiError):
@@ -154,8 +159,8 @@ class OpenAIApi:
                            first, on_end, parsed.include_timing, parsed.json_fragments)
         return SseResponse(stream.__aiter__(), self.heartbeat_s, SSE_HEADERS)
 
-    async def _whole(self, request: Request, parsed, fmt, call: Call) -> dict:
-        tasks = [asyncio.ensure_future(self.generation.complete(req, call))
+    async def _whole(self, generation, request: Request, parsed, fmt, call: Call) -> dict:
+        tasks = [asyncio.ensure_future(generation.complete(req, call))
                  for req in parsed.requests]
         results = asyncio.ensure_future(asyncio.gather(*tasks))
         results.add_done_callback(lambda f: f.cancelled() or f.exception())  # (retrieved)
@@ -193,17 +198,19 @@ class OpenAIApi:
         for m in await self._model_list():
             if m["id"] == wanted:
                 return JSONResponse(m)
-        raise ApiError(404, f"model {wanted!r} is not served", "not_found_error", "model")
+        raise ApiError(404, f"model {wanted!r} is not served here (served: "
+                       f"{', '.join(self.served.names)})", "invalid_request_error", "model",
+                       "model_not_found")
 
     async def _model_list(self) -> list[dict]:
-        resp = self.generation.list_models()
+        resp = self.served.list_models()
         return [{"id": m.name, "object": "model", "created": 0, "owned_by": "llmesh",
                  "max_model_len": m.max_model_len} for m in resp.models]
 
     async def healthz(self, request: Request) -> Response:
         """200 while the router has a replica that takes requests (what its gRPC
         health says: Envoy's health check of this API)."""
-        ok = self.generation.is_ready
+        ok = self.served.is_ready
         return JSONResponse({"status": "ok" if ok else "unavailable"},
                             status_code=200 if ok else 503)
 
