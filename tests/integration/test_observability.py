@@ -194,7 +194,7 @@ def test_metrics_agree_with_what_clients_received(file_mesh):
     assert delta("llmesh_time_to_first_token_seconds_count") == len(lengths)
     assert delta("llmesh_e2e_request_latency_seconds_count") == len(lengths)
     assert delta("llmesh_requests_total",
-                 'model="default",finish_reason="length",status="OK"') == len(lengths)
+                 'finish_reason="length",model="default",status="OK"') == len(lengths)
     assert delta("llmesh_inter_token_latency_seconds_count") <= sum(lengths) - len(lengths)
     sched = ports["scheduler-0"]
     assert wait_until(lambda: _metrics(sched)["llmesh_kv_cache_usage_ratio"] == 0.0, 5)
@@ -206,7 +206,7 @@ def test_metrics_agree_with_what_clients_received(file_mesh):
 
 def test_a_bad_request_is_counted_with_its_status(file_mesh):
     router = file_mesh.config["observability"]["metrics_ports"]["router-0"]
-    key = 'llmesh_requests_total{model="default",finish_reason="none",status="INVALID_ARGUMENT"}'
+    key = 'llmesh_requests_total{finish_reason="none",model="default",status="INVALID_ARGUMENT"}'
     before = _metrics(router).get(key, 0.0)
     with pytest.raises(grpc.RpcError):
         _complete(file_mesh.endpoint, "x", 10**6)  # past the context
