@@ -148,3 +148,54 @@ def test_tls_listener_and_its_config_checks(tmp_path):
     assert tls["alpn_protocols"] == ["h2", "http/1.1"]
     assert tls["tls_certificates"] == [{"certificate_chain": {"filename": str(tmp_path / "a.crt")},
                                         "private_key": {"filename": str(tmp_path / "a.key")}}]
+
+
+def test_models_each_get_their_processes_numbers_and_replica_set(tmp_path):
+    import json
+    raw = {"model_name": "chat", "replicas": 2, "engine": {"max_num_seqs": 32, "num_kv_blocks": 64},
+           "envoy": {"port": 0, "admin_port": 0},
+           "models": [{"name": "org/small", "model": "/models/s", "replicas": 1,
+                       "tensor_parallel": 2, "engine": {"max_num_seqs": 8}}]}
+    cfg = resolve_ports(parse_config(raw))
+    small = cfg.models[0]
+    assert small.engine.max_num_seqs == 8 and small.engine.num_kv_blocks == 64  # (inherited)
+    # replica numbers are the mesh's: the extra model's come after the top-level ones
+    assert [p.index for p in cfg.replica_ports] == [0, 1]
+    assert [p.index for p in small.replica_ports] == [2]
+    assert len(small.replica_ports[0].executors) == 2 and small.replica_ports[0].dist_port
+    specs = {s.name: s for s in build_specs(cfg, "/models/c", tmp_path)}
+    assert "tokenizer-org_small-0" in specs and "--model /models/s" in " ".join(
+        specs["tokenizer-org_small-0"].argv)
+    sched = " ".join(specs["scheduler-2"].argv)
+    assert "--model /models/s" in sched and "--model-name org/small" in sched
+    assert "--max-num-seqs 8" in sched and "--max-num-seqs 32" in " ".join(specs["scheduler-0"].argv)
+    router = specs["router-0"].argv
+    extra = json.loads(router[router.index("--models") + 1])
+    assert [m["name"] for m in extra] == ["org/small"]
+    assert extra[0]["tokenizer"] == f"127.0.0.1:{small.tokenizer_ports[0]}"
+    listed = json.loads((tmp_path / "replicas-org_small.json").read_text())["replicas"]
+    assert [e["name"] for e in listed] == ["replica-2"]
+    assert len(json.loads((tmp_path / "replicas.json").read_text())["replicas"]) == 2
+    # the resolved config reads back the same (what the supervisor process is given)
+    assert parse_config(cfg.to_dict()) == cfg
+
+
+def test_models_share_the_kv_memory_among_all_executors():
+    cfg = parse_config({"replicas": 1, "models": [{"name": "b", "replicas": 3}]})
+    shares = [v.engine.kv_memory_share for v in cfg.served()]
+    assert shares == pytest.approx([0.5 / 4, 0.5 * 3 / 4])
+
+
+@pytest.mark.parametrize("models,match", [
+    ([{"name": "default"}], "model names must differ"),
+    ([{"name": "a"}, {"name": "a"}], "model names must differ"),
+    ([{"name": "a/b"}, {"name": "a:b"}], "differ only in"),
+    ([{"name": "bad name"}], "letters, digits"),
+    ([{"model": "tiny"}], r"models\[0\]: a mapping with a name"),
+    ([{"name": "a", "replicaz": 2}], "unknown keys replicaz"),
+    ([{"name": "a", "engine": {"blocksize": 8}}], r"models\[0\].engine: unknown keys"),
+    ([{"name": "a", "replicas": 0}], r"models\[a\].replicas must be at least 1"),
+])
+def test_bad_models_are_clear_errors(models, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"models": models})
