@@ -103,6 +103,9 @@ def plan_to_proto(plan: StepPlan) -> executor_pb2.StepPlan:
         num_kept_blocks=[s.num_kept_blocks for s in sched],
         num_new_blocks=[len(s.new_block_ids) for s in sched],
         new_block_ids=[b for s in sched if s.new_block_ids for b in s.new_block_ids])
+    if any(s.draft_token_ids for s in sched):
+        cols.num_draft_tokens.extend(len(s.draft_token_ids) for s in sched)
+        cols.draft_token_ids.extend(t for s in sched for t in s.draft_token_ids)
     return executor_pb2.StepPlan(
         step_id=plan.step_id,
         new=[executor_pb2.NewSequence(
@@ -121,6 +124,11 @@ def plan_from_proto(msg: executor_pb2.StepPlan) -> StepPlan:
     scheduled = [ScheduledSequence(seq_id, num_new, kept, new_ids[end - count:end])
                  for seq_id, num_new, kept, count, end in zip(
                      c.seq_ids, c.num_new_tokens, c.num_kept_blocks, c.num_new_blocks, ends)]
+    if c.num_draft_tokens:
+        drafts = list(c.draft_token_ids)
+        for s, count, end in zip(scheduled, c.num_draft_tokens,
+                                 itertools.accumulate(c.num_draft_tokens)):
+            s.draft_token_ids = drafts[end - count:end]
     return StepPlan(
         step_id=msg.step_id,
         new=[NewSequence(seq_id=n.seq_id, token_ids=list(n.token_ids),

@@ -18,6 +18,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_REPETITION_NGRAM = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class SamplingParams:
     # structured output: the output must match it (protos: `structured` / grammar_kind
     # and grammar_source; HTTP: response_format and vLLM's guided_* fields)
     grammar: GrammarSpec | None = param(None, http=None)
+    # speculative decoding (prompt lookup): up to this many draft tokens a step; 0 =
+    # off; None = the replica's default (engine.speculative_tokens). The output is
+    # the same either way: only how fast it comes changes
+    speculative_tokens: int | None = param(None, Range(0, MAX_SPECULATIVE_TOKENS, is_int=True))
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)

@@ -31,9 +31,13 @@ class NewSequence:
 @dataclass
 class ScheduledSequence:
     seq_id: str
-    num_new_tokens: int
+    num_new_tokens: int  # (drafts included)
     num_kept_blocks: int  # the block table keeps its first num_kept_blocks entries ...
     new_block_ids: list[int]  # ... and continues with these
+    # speculative decoding: tokens after its last one to verify (the step's last
+    # len(draft_token_ids) inputs); it samples every position and keeps the drafts
+    # up to the first that differs from its sample, and that sample
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -60,7 +64,8 @@ class TokenLogprobs:
 
 @dataclass
 class StepResult:
-    """Per sampled sequence: the new token(s). A parent with n > 1 samples n at once."""
+    """Per sampled sequence: the new token(s). A parent with n > 1 samples n at once
+    (one each); a sequence with drafts, the drafts it kept and the token after them."""
 
     step_id: int
     sampled: dict[str, list[int]] = field(default_factory=dict)

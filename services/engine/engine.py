@@ -34,6 +34,7 @@ from llmesh.services.executor.weights import load_model
 from llmesh.services.scheduler.kv_manager import KVCacheManager, KVStats
 from llmesh.services.scheduler.loop import EngineLoop
 from llmesh.services.scheduler.policy import QueueFullError, SchedulingPolicy
+from llmesh.services.scheduler.speculation import SpeculationConfig
 from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig, SeqOutput
 
 
@@ -59,6 +60,9 @@ class EngineConfig:
     # on CUDA: decode steps replay CUDA graphs captured at start for batches up to
     # max_num_seqs (False: every step runs eagerly)
     cuda_graphs: bool = True
+    # speculative decoding (prompt lookup; services/scheduler/speculation.py): the
+    # default drafts per step (0 = off; a request's speculative_tokens wins)
+    speculation: SpeculationConfig = SpeculationConfig()
 
 
 @dataclass
@@ -154,7 +158,7 @@ class Engine:
             SchedulerConfig(max_model_len=self.max_model_len,
                             max_num_batched_tokens=config.max_num_batched_tokens,
                             max_num_seqs=config.max_num_seqs, eos_token_ids=mc.eos_token_ids,
-                            policy=config.policy),
+                            policy=config.policy, speculation=config.speculation),
             self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.device,
                                   tokenizer_dir=str(tokenizer.model_dir) if tokenizer else None,

@@ -182,6 +182,9 @@ class ModelRunner:
         grows = np.fromiter((bool(s.new_block_ids) for s in sched), bool, n)
         for i in np.flatnonzero(grows | (kept != b.num_blocks[slots])).tolist():
             b.set_blocks(int(slots[i]), int(kept[i]), sched[i].new_block_ids)
+        # speculative decoding: drafts go in as tokens, to be verified once sampled
+        spec = {s.seq_id: self._put_drafts(q, s.draft_token_ids)
+                for s, q in zip(sched, seqs) if s.draft_token_ids}
         starts = b.num_computed[slots]
         single = counts == 1
         if not (single.all() and self.backend.wants_block_tables):
@@ -208,8 +211,8 @@ class ModelRunner:
         comm0 = self.tp.comm_s if self.tp else 0.0
         input_ids = self.staging.put(ids)
         samples = np.flatnonzero(ends == num_tokens_now)
-        draws = self._draws(seqs, slots, samples, np.cumsum(counts) - 1) if samples.size \
-            else None
+        draws = self._draws(seqs, slots, samples, np.cumsum(counts) - 1, spec) \
+            if samples.size else None
         # (the token ids, the metadata's arrays and the sampling inputs reach the
         # device in one copy, made by metadata_from_arrays)
         meta = metadata_from_arrays(starts, counts, b.table[slots], self.block_size,
@@ -280,15 +283,28 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
+    def _put_drafts(self, seq: SeqState, drafts: list[int]) -> int:
+        """The drafts appended to the sequence's tokens for this step (`_keep` takes
+        back those its samples do not confirm); how many."""
+        seq.token_ids.extend(drafts)
+        self.batch.num_tokens[seq.slot] = len(seq.token_ids)
+        return len(drafts)
+
     def _draws(self, seqs: list[SeqState], slots: np.ndarray, samples: np.ndarray,
-               last_rows: np.ndarray) -> "_Draws":
+               last_rows: np.ndarray, spec: dict[str, int]) -> "_Draws":
         """The step's sampling rows (the sequences at `samples`, whose last token is
         row `last_rows[i]` of the batch), their inputs staged with the step's. Plain
-        ones come straight from the batch arrays; a grammar, penalties, logprobs or
-        n > 1 among them take the per-row path."""
+        ones come straight from the batch arrays; a grammar, penalties, logprobs,
+        n > 1 or drafts (`spec`: a row per draft too) among them take the per-row path."""
         b, samples_here = self.batch, self.tp is None or self.tp.rank == 0
         sample_slots = slots[samples]
         owners = [seqs[i] for i in samples.tolist()]
+        if spec:
+            rows = [(seq, row - back, back) for seq, row in zip(owners, last_rows[samples].tolist())
+                    for back in range(spec.get(seq.seq_id, 0), -1, -1)]
+            draws = self._sample_rows(rows)
+            draws.spec = spec
+            return draws
         row_hidden = self.staging.put(last_rows[samples])
         if b.plain[sample_slots].all():
             batch = SamplingBatch.plain(
@@ -296,19 +312,23 @@ class ModelRunner:
                 b.top_p[sample_slots], b.min_p[sample_slots], b.seed[sample_slots],
                 b.index[sample_slots], b.num_tokens[sample_slots]) if samples_here else None
             return _Draws([], owners, row_hidden, None, batch, sample_slots)
-        return self._sample_rows(list(zip(owners, last_rows[samples].tolist())))
+        return self._sample_rows([(seq, row, 0) for seq, row in
+                                  zip(owners, last_rows[samples].tolist())])
 
     def _sample_rows(self, sample_seqs) -> "_Draws":
-        """The step's sampling rows one by one, and their inputs staged with the step's."""
+        """The step's sampling rows one by one, and their inputs staged with the step's:
+        (sequence, its row in the batch, `back`: how many of its tokens come after
+        that row's position; > 0 for a draft's row)."""
         rows, row_hidden, owners, grammars = [], [], [], []
-        for seq, row in sample_seqs:
+        for seq, row, back in sample_seqs:
             # a sequence that still has to fork draws n tokens from the same logits
             is_unforked = seq.index == 0 and len(seq.token_ids) == seq.num_prompt_tokens
             fan_out = seq.params.n if is_unforked else 1
+            position = len(seq.token_ids) - back
             for index in range(seq.index, seq.index + fan_out):
                 rows.append(SampleRow(
-                    params=seq.params, index=index,
-                    position=len(seq.token_ids), token_ids=seq.token_ids,
+                    params=seq.params, index=index, position=position,
+                    token_ids=seq.token_ids[:position] if back else seq.token_ids,
                     num_prompt_tokens=seq.num_prompt_tokens,
                 ))
                 row_hidden.append(row)
@@ -344,7 +364,32 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs.setdefault(seq.seq_id, []).append(lp)
         for seq_id, toks in result.sampled.items():
-            self._append(self.seqs[seq_id], toks)
+            k = draws.spec.get(seq_id) if draws.spec else None
+            if k:
+                kept = self._keep(self.seqs[seq_id], k, toks)
+                result.sampled[seq_id] = toks[:kept + 1]
+                if seq_id in result.logprobs:
+                    result.logprobs[seq_id] = result.logprobs[seq_id][:kept + 1]
+            else:
+                self._append(self.seqs[seq_id], toks)
+
+    def _keep(self, seq: SeqState, k: int, samples: list[int]) -> int:
+        """Verify a sequence's `k` drafts against its k + 1 samples (each the token
+        plain decoding would take after the drafts before it): the drafts up to the
+        first that differs from its sample stay, then that sample. Returns how many
+        drafts stay; the sequence's tokens and KV count end after them."""
+        first = len(seq.token_ids) - k
+        drafts = seq.token_ids[first:]
+        kept = 0
+        while kept < k and samples[kept] == drafts[kept]:
+            kept += 1
+        del seq.token_ids[first + kept:]
+        seq.token_ids.append(samples[kept])
+        b = self.batch
+        b.num_tokens[seq.slot] = len(seq.token_ids)
+        b.last_token[seq.slot] = samples[kept]
+        b.num_computed[seq.slot] = first + kept  # (the step wrote k + 1 positions' KV)
+        return kept
 
     def _append(self, seq: SeqState, tokens: list[int]) -> None:
         """Append the sampled token; a parent with n > 1 forks into n sequences here."""
@@ -396,3 +441,4 @@ class _Draws:
     grammars: list | None
     batch: SamplingBatch | None  # None on a rank that does not sample
     slots: np.ndarray | None = None  # plain rows: each owner's batch slot
+    spec: dict[str, int] | None = None  # drafts to verify, per sequence

@@ -24,6 +24,7 @@ from llmesh.services.scheduler.kv_publisher import KVPublisher
 from llmesh.services.scheduler.loop import EngineLoop, ExecutorFailed
 from llmesh.services.scheduler.policy import policy_from_dict
 from llmesh.services.scheduler.replica_state import ReplicaState, State
+from llmesh.services.scheduler.speculation import SpeculationConfig
 from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
 from llmesh.services.scheduler import probe
 from llmesh.services.scheduler.drain import LeakGuard, drain, restart_executors
@@ -80,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--test-fail-half", action="store_true",
                    help="tests only: fail every other request sent here until a SIGUSR2")
     p.add_argument("--admission", default="{}", help="mesh.yaml's admission section as JSON")
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="speculative decoding: default draft tokens a step (0 = off)")
+    p.add_argument("--speculative-ngram-max", type=int, default=4)
+    p.add_argument("--speculative-ngram-min", type=int, default=2)
     return p.parse_args(argv)
 
 
@@ -97,7 +102,11 @@ async def main(args) -> None:
                                           max_num_batched_tokens=args.max_num_batched_tokens,
                                           max_num_seqs=args.max_num_seqs,
                                           eos_token_ids=mc.eos_token_ids,
-                                          policy=policy_from_dict(json.loads(args.admission))),
+                                          policy=policy_from_dict(json.loads(args.admission)),
+                                          speculation=SpeculationConfig(
+                                              args.speculative_tokens,
+                                              args.speculative_ngram_max,
+                                              args.speculative_ngram_min)),
                           kv)
     executors = ExecutorGroup(args.executors.split(","))
     service = Service("scheduler", args.port)

@@ -22,6 +22,12 @@ is wasted. A sequence whose pending token is its last by length retires at
 once (`FINISHING`): it is never planned past its end, and its slot and blocks
 go to others in the very next plan. Results for a sequence preempted since
 they were planned are stale and ignored.
+
+Speculative decoding (services/scheduler/speculation.py): a decoding sequence
+that speculates is planned with draft tokens after its last one; the step
+returns the drafts the executor kept and the token after them, and only then
+does the sequence's `num_computed` count the kept drafts. It waits for each of
+its steps' results before its next (it drafts from all its tokens).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from llmesh.services.common.step_plan import (NewSequence, ScheduledSequence, St
 from llmesh.services.scheduler.kv_manager import KVCacheManager
 from llmesh.services.scheduler.policy import SchedulingPolicy, WaitQueue
 from llmesh.services.scheduler.sequence import Sequence, SeqStatus
+from llmesh.services.scheduler.speculation import SpeculationConfig, Speculator
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     eos_token_ids: tuple[int, ...] = ()
     policy: SchedulingPolicy = SchedulingPolicy()
+    speculation: SpeculationConfig = SpeculationConfig()
 
 
 @dataclass
@@ -72,8 +80,9 @@ class _Planned:
     seq: Sequence
     incarnation: int
     num_new_tokens: int
-    num_computed: int  # after this step
+    num_computed: int  # after this step (its drafts not counted)
     samples: bool
+    num_drafts: int = 0
 
 
 class Scheduler:
@@ -90,6 +99,7 @@ class Scheduler:
         self._step_id = 0
         self.num_preemptions = 0
         self._order = itertools.count()
+        self.speculator = Speculator(config.speculation, config.max_model_len)
 
     # ---- requests -----------------------------------------------------
     def add(self, *seqs: Sequence) -> None:
@@ -185,16 +195,19 @@ class Scheduler:
             self._preempt_for_priority(plan, budget)
         is_preempting = False
         planned: list[_Planned] = []
+        spec = self.speculator
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending and seq.is_fork_pending:
-                i += 1  # its pending token forks it: wait for the result
+            if seq.num_pending and (seq.is_fork_pending or spec.waits(seq)):
+                i += 1  # its pending token forks it, or it drafts from it: wait for it
                 continue
             num_new = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
             if num_new <= 0:
                 i += 1
                 continue
+            drafts = spec.drafts(seq, num_new, budget)
+            num_new += len(drafts)
             alloc = self.kv.allocate_slots(seq.seq_id, seq.num_computed + num_new, seq.num_computed)
             while alloc is None:
                 victim = self.running.pop()
@@ -207,9 +220,9 @@ class Scheduler:
             if alloc is None:
                 break
             plan.scheduled.append(ScheduledSequence(seq.seq_id, num_new, alloc.num_kept_blocks,
-                                                    alloc.new_block_ids))
+                                                    alloc.new_block_ids, drafts))
             plan.block_copies.extend(alloc.copies)
-            self._advance(planned, seq, num_new)
+            self._advance(planned, seq, num_new, len(drafts))
             budget -= num_new
             i += 1
         while (not is_preempting and self.waiting and budget > 0
@@ -221,13 +234,16 @@ class Scheduler:
             self._in_flight[plan.step_id] = planned
         return plan
 
-    def _advance(self, planned: list[_Planned], seq: Sequence, num_new: int) -> None:
-        """Advance `seq` as if this step had run: the next plan builds on it."""
-        seq.num_computed += num_new
+    def _advance(self, planned: list[_Planned], seq: Sequence, num_new: int,
+                 num_drafts: int = 0) -> None:
+        """Advance `seq` as if this step had run: the next plan builds on it (its
+        drafts count once the result says which were kept)."""
+        seq.num_computed += num_new - num_drafts
         samples = seq.num_computed == seq.num_tokens + seq.num_pending
         if samples:
             seq.num_pending += 1
-        planned.append(_Planned(seq, seq.incarnation, num_new, seq.num_computed, samples))
+        planned.append(_Planned(seq, seq.incarnation, num_new, seq.num_computed, samples,
+                                num_drafts))
 
     def _retire_finishing(self, plan: StepPlan) -> None:
         """Sequences whose pending token is their last (by length) give up their slot
@@ -353,6 +369,12 @@ class Scheduler:
             if p.samples:
                 seq.num_pending -= 1
             seq.num_failures = 0
+            if p.num_drafts:
+                tokens = sampled.get(seq.seq_id)
+                if tokens:
+                    outputs.append(self._verified(seq, p, tokens,
+                                                  all_logprobs.get(seq.seq_id, [])))
+                continue
             first = p.num_computed - p.num_new_tokens
             num_prompt_new = max(0, min(len(seq.prompt_token_ids), p.num_computed) - first)
             if not is_finishing:  # (a finishing one cached its blocks when it retired)
@@ -373,6 +395,33 @@ class Scheduler:
             if out.finish_reason is not None:
                 self._forget_if_done(out.request_id)
         return outputs
+
+    def _verified(self, seq: Sequence, p: _Planned, tokens: list[int], logprobs) -> SeqOutput:
+        """A step with drafts: the executor kept len(tokens) - 1 of them, then sampled
+        the token after; their KV counts now. The tokens are appended up to the first
+        that ends the sequence (the rest are dropped, as plain decoding never made
+        them)."""
+        kept = len(tokens) - 1
+        self.speculator.record(p.num_drafts, kept)
+        computed = p.num_computed + kept
+        seq.num_computed += kept
+        self.kv.cache_blocks(seq.seq_id, seq.token_ids + tokens[:kept], computed,
+                             p.num_new_tokens - (p.num_drafts - kept), seq.salt)
+        self.waiting.charge(seq.tenant, 0, len(tokens))
+        out = None
+        for j, token in enumerate(tokens):
+            step = self._append(seq, token, logprobs[j:j + 1], False)
+            if out is None:
+                out = step
+            else:
+                out.new_token_ids += step.new_token_ids
+                out.logprobs += step.logprobs
+                out.text += step.text
+                out.finish_reason, out.num_output_tokens = step.finish_reason, \
+                    step.num_output_tokens
+            if step.finish_reason is not None:
+                break
+        return out
 
     def _append(self, seq: Sequence, token: int, logprobs, is_finishing: bool) -> SeqOutput:
         """One sampled token: its text, and whether it ends the sequence."""

@@ -42,6 +42,8 @@ class Sequence:
     incarnation: int = 0  # +1 at each preemption: results of older steps are stale
     text: object = None  # its TextStream when the replica makes text (stop strings)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # speculative decoding: plain (pipelined) steps left before its next draft lookup
+    spec_idle: int = 0
 
     def __post_init__(self):
         self._tokens = self.prompt_token_ids + self.output_token_ids
