@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from llmesh.services.common.sampling_params import MAX_SPECULATIVE_TOKENS
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -43,6 +45,12 @@ class EngineLimits:
     test_leak_mb_per_step: float = 0.0  # tests only: executors keep this much memory per step
     test_leak_kv_blocks: int = 0  # tests only: the scheduler loses this many KV blocks when idle
     bench_step_ms: float = 0.0  # benchmark only: executors sleep this long per step, no model
+    # speculative decoding (prompt lookup): draft tokens a step by default (0 = off; a
+    # request's `speculative_tokens` wins), drafted from the longest repeated suffix
+    # of ngram_max down to ngram_min tokens (services/scheduler/speculation.py)
+    speculative_tokens: int = 0
+    speculative_ngram_max: int = 4
+    speculative_ngram_min: int = 2
 
 
 @dataclass(frozen=True)
@@ -397,6 +405,11 @@ def _check_engine(e: EngineLimits) -> None:
         raise ConfigError("engine.num_kv_blocks must be >= 0 (0 = sized from memory)")
     if not 0.0 < e.kv_memory_share <= 0.95:
         raise ConfigError("engine.kv_memory_share must be within (0, 0.95]")
+    if not 0 <= e.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ConfigError(f"engine.speculative_tokens must be within [0, "
+                          f"{MAX_SPECULATIVE_TOKENS}]")
+    if not 1 <= e.speculative_ngram_min <= e.speculative_ngram_max:
+        raise ConfigError("engine: need 1 <= speculative_ngram_min <= speculative_ngram_max")
     if not e.num_kv_blocks and e.device != "cpu":
         raise ConfigError(f"engine.num_kv_blocks: set it for device {e.device!r} (sizing "
                           "from memory is for CPU executors)")

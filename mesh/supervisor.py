@@ -171,6 +171,9 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
         "--leak-rss-floor-mb", str(e.leak_rss_floor_mb),
         "--leak-warmup-s", str(e.leak_warmup_s),
         "--test-leak-kv-blocks", str(e.test_leak_kv_blocks),
+        "--speculative-tokens", str(e.speculative_tokens),
+        "--speculative-ngram-max", str(e.speculative_ngram_max),
+        "--speculative-ngram-min", str(e.speculative_ngram_min),
         "--admission", json.dumps(dataclasses.asdict(cfg.admission))]
         + ([] if e.enable_prefix_caching else ["--no-prefix-caching"])
         + (["--test-fail-half"] if ports.index == cfg.routing.test_half_failing_replica else []),

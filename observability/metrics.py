@@ -115,6 +115,13 @@ class SchedulerCollector:
                                   "Running sequences put back in the queue when the executor "
                                   "group failed, to be recomputed", s.num_requeued)
         yield CounterMetricFamily("llmesh_engine_steps", "Engine steps run", s.num_steps)
+        spec = sched.speculator
+        yield CounterMetricFamily("llmesh_spec_draft_tokens",
+                                  "Speculative decoding: draft tokens sent to verify",
+                                  spec.num_draft_tokens)
+        yield CounterMetricFamily("llmesh_spec_accepted_tokens",
+                                  "Speculative decoding: draft tokens kept (equal to what "
+                                  "plain decoding sampled)", spec.num_accepted_tokens)
         if self.prober is not None:
             yield CounterMetricFamily("llmesh_probe_failures",
                                       "Known-answer probes answered wrong or late",

@@ -11,7 +11,9 @@
 
 Attributes follow the GenAI semantic conventions (gen_ai.request.model,
 gen_ai.request.max_tokens, gen_ai.usage.input_tokens / output_tokens,
-gen_ai.response.finish_reasons) plus llmesh.request_id. No token ids or text.
+gen_ai.response.finish_reasons) plus llmesh.request_id, and with speculative
+decoding llmesh.spec.draft_tokens / llmesh.spec.accepted_tokens on the request
+and llmesh.step.num_draft_tokens on the step. No token ids or text.
 Only requests that arrive with a sampled trace context get spans; without
 tracing every call here returns at once.
 """
@@ -125,7 +127,9 @@ class RequestSpans:
                 attributes={"llmesh.step_id": plan.step_id,
                             "llmesh.step.num_seqs": len(plan.scheduled),
                             "llmesh.step.num_tokens": plan.num_tokens,
-                            "llmesh.step.num_new_seqs": len(plan.new)})
+                            "llmesh.step.num_new_seqs": len(plan.new),
+                            "llmesh.step.num_draft_tokens": sum(
+                                len(s.draft_token_ids) for s in plan.scheduled)})
         return StepSpans(span, chunks) if span is not None or chunks else None
 
     def step_finished(self, spans: StepSpans | None, now_ns: int) -> None:
@@ -149,7 +153,8 @@ class RequestSpans:
                 "decode", context=req.ctx, start_time=now_ns)
             req.decode.add_event("first_token", timestamp=now_ns)
 
-    def finish(self, request_id: str, finish_reasons: list[str], num_cached_tokens: int) -> None:
+    def finish(self, request_id: str, finish_reasons: list[str], num_cached_tokens: int,
+               num_draft_tokens: int = 0, num_accepted_tokens: int = 0) -> None:
         req = self.live.pop(request_id, None)
         if req is None:
             return
@@ -160,6 +165,9 @@ class RequestSpans:
         req.span.set_attributes({"gen_ai.response.finish_reasons": finish_reasons,
                                  "gen_ai.usage.output_tokens": req.num_output_tokens,
                                  "llmesh.usage.cached_prompt_tokens": num_cached_tokens})
+        if num_draft_tokens:
+            req.span.set_attributes({"llmesh.spec.draft_tokens": num_draft_tokens,
+                                     "llmesh.spec.accepted_tokens": num_accepted_tokens})
         if any(r in ("error", "abort", "deadline") for r in finish_reasons):
             req.span.set_status(trace.Status(trace.StatusCode.ERROR, ",".join(finish_reasons)))
         req.span.end(end_time=now)

@@ -362,7 +362,7 @@ class EngineLoop:
 
     def _deliver(self, outputs: list[SeqOutput]) -> None:
         by_owner: dict[str, list] = {}
-        finished: dict[str, int] = {}
+        finished: dict[str, tuple[int, int, int]] = {}  # cached tokens, drafts, kept
         now = time.time()
         spans = self.spans if self.spans.active else None
         for out in outputs:
@@ -374,13 +374,15 @@ class EngineLoop:
             info = self.tracks.on_output(track, out, now)
             by_owner.setdefault(track.owner, []).append((out, info))
             if info is not None:
-                finished[out.request_id] = out.num_cached_tokens
+                _, drafts, kept = finished.get(out.request_id, (0, 0, 0))
+                finished[out.request_id] = (out.num_cached_tokens, drafts + out.num_draft_tokens,
+                                            kept + out.num_accepted_tokens)
         # (after every output: sequences of one request can finish in the same step)
-        for request_id, num_cached in finished.items():
+        for request_id, (num_cached, drafts, kept) in finished.items():
             if not self.scheduler.has_request(request_id):
                 track = self.tracks.pop(request_id)
                 if spans is not None:
-                    spans.finish(request_id, track.finish_reasons, num_cached)
+                    spans.finish(request_id, track.finish_reasons, num_cached, drafts, kept)
         if self.emit is not None:
             for owner, items in by_owner.items():
                 self.emit(owner, items)

@@ -68,6 +68,8 @@ class SeqOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     text: str = ""  # text of new_token_ids (when the replica makes text)
+    num_draft_tokens: int = 0  # speculative decoding: the sequence's drafts so far ...
+    num_accepted_tokens: int = 0  # ... and those kept
 
 
 _BY_ORDER = operator.attrgetter("order")
@@ -403,6 +405,8 @@ class Scheduler:
         them)."""
         kept = len(tokens) - 1
         self.speculator.record(p.num_drafts, kept)
+        seq.num_draft_tokens += p.num_drafts
+        seq.num_accepted_tokens += kept
         computed = p.num_computed + kept
         seq.num_computed += kept
         self.kv.cache_blocks(seq.seq_id, seq.token_ids + tokens[:kept], computed,
@@ -489,5 +493,6 @@ class Scheduler:
             request_id=seq.request_id, index=seq.index, new_token_ids=tokens,
             finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens,
-            logprobs=list(logprobs), text=text,
+            logprobs=list(logprobs), text=text, num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_tokens=seq.num_accepted_tokens,
         )

@@ -290,7 +290,7 @@ def test_every_declared_parameter_crosses_every_edge_unchanged():
                           repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5,
                           seed=123, stop_token_ids=(7, 9), stop=("END",), ignore_eos=False,
                           logprobs=3, n=2, repetition_max_ngram=4, repetition_min_repeats=3,
-                          grammar=GrammarSpec("regex", "[a-z]+"))
+                          grammar=GrammarSpec("regex", "[a-z]+"), speculative_tokens=5)
     defaults = SamplingParams()
     off_default = {n for n in PARAMS if getattr(want, n) != getattr(defaults, n)}
     assert off_default == set(PARAMS) - {"ignore_eos"}  # (tested apart: it conflicts with grammar)
