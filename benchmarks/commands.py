@@ -16,10 +16,11 @@ from llmesh.benchmarks import workload as workload_mod
 from llmesh.benchmarks.metrics import parse_slo
 
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
+# command -> module
 SPECS = {"gpu": "gpu_bench", "kernels": "gpu_kernels", **{m.replace("_", "-"): m for m in (
     "autoscale", "chaos", "cpu_runtime", "kv_cache_sim", "kv_routing", "loop_overhead",
     "model_quality", "overload", "priorities", "quant_quality", "soak", "step_overhead",
-    "stream_latency", "structured_cost", "tp", "tracing_overhead")}}  # command -> module
+    "speculative", "stream_latency", "structured_cost", "tp", "tracing_overhead")}}
 
 
 def add_bench_parsers(sub) -> None:

@@ -233,3 +233,38 @@ def test_grpc_gets_the_tool_calls_in_its_messages(mesh):
     (call,) = resp.tool_calls
     assert call.name == "get_weather" and "city" in json.loads(call.arguments)
     assert list(resp.choices[0].tool_calls) == [call]
+
+
+PASSAGE = ("The Great Barrier Reef is the world's largest coral reef system, composed of over "
+           "2,900 individual reefs and 900 islands stretching for over 2,300 kilometres off the "
+           "coast of Queensland, Australia.")
+
+
+def _scheduler_metric(mesh, name: str) -> float:
+    import urllib.request
+    port = mesh.config["observability"]["metrics_ports"]["scheduler-0"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_speculative_decoding_gives_the_same_answer_with_drafts_kept(mesh, client, stream):
+    """A request that opts in (`speculative_tokens`, the replica's default being off)
+    gets plain decoding's answer, greedy and seeded, with drafts from its passage kept."""
+    messages = _chat(f"Repeat this text word for word:\n\n{PASSAGE}")
+    for sampling in ({"temperature": 0}, {"temperature": 0.7, "seed": 11}):
+        plain = client.chat.completions.create(model="default", messages=messages,
+                                               max_tokens=64, **sampling)
+        before = (_scheduler_metric(mesh, "llmesh_spec_draft_tokens_total"),
+                  _scheduler_metric(mesh, "llmesh_spec_accepted_tokens_total"))
+        out = client.chat.completions.create(model="default", messages=messages, max_tokens=64,
+                                             stream=stream, extra_body={"speculative_tokens": 4},
+                                             **sampling)
+        text = ("".join(c.choices[0].delta.content or "" for c in out if c.choices) if stream
+                else out.choices[0].message.content)
+        assert text == plain.choices[0].message.content
+        drafts = _scheduler_metric(mesh, "llmesh_spec_draft_tokens_total") - before[0]
+        kept = _scheduler_metric(mesh, "llmesh_spec_accepted_tokens_total") - before[1]
+        assert drafts > 0 and kept > 0, (drafts, kept)
+    assert "Great Barrier Reef" in text
