@@ -18,7 +18,7 @@ from llmesh.benchmarks.metrics import parse_slo
 DEFAULT_ONLINE_TARGETS = "engine,mesh"
 # command -> module
 SPECS = {"gpu": "gpu_bench", "kernels": "gpu_kernels", **{m.replace("_", "-"): m for m in (
-    "autoscale", "chaos", "cpu_runtime", "kv_cache_sim", "kv_routing", "loop_overhead",
+    "agent_loop", "autoscale", "chaos", "cpu_runtime", "kv_cache_sim", "kv_routing", "loop_overhead",
     "model_quality", "overload", "priorities", "quant_quality", "soak", "step_overhead",
     "speculative", "stream_latency", "structured_cost", "tp", "tracing_overhead")}}
 
