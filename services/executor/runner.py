@@ -304,6 +304,8 @@ class ModelRunner:
                     for back in range(spec.get(seq.seq_id, 0), -1, -1)]
             draws = self._sample_rows(rows)
             draws.spec = spec
+            if draws.grammars is not None:
+                _draft_grammars(draws)
             return draws
         row_hidden = self.staging.put(last_rows[samples])
         if b.plain[sample_slots].all():
@@ -385,6 +387,8 @@ class ModelRunner:
             kept += 1
         del seq.token_ids[first + kept:]
         seq.token_ids.append(samples[kept])
+        for token in samples[:kept + 1]:
+            _advance(seq.grammar, token)
         b = self.batch
         b.num_tokens[seq.slot] = len(seq.token_ids)
         b.last_token[seq.slot] = samples[kept]
@@ -410,6 +414,24 @@ class ModelRunner:
                 num_prompt_tokens=seq.num_prompt_tokens, params=seq.params,
                 index=i, slot=slot, grammar=grammar,
             )
+
+
+def _draft_grammars(draws: "_Draws") -> None:
+    """Structured output with drafts: the row after draft j is masked by the grammar
+    as it stands after drafts 1..j (forks of the sequence's matcher). From the first
+    draft the grammar refuses on, nothing can be kept, and those rows stay as they are."""
+    i = 0
+    while i < len(draws.owners):
+        seq = draws.owners[i]
+        k = draws.spec.get(seq.seq_id, 0)
+        state = seq.grammar
+        if k and state is not None:
+            for j, draft in enumerate(seq.token_ids[len(seq.token_ids) - k:], start=1):
+                state = state.fork()
+                if not state.accept(draft):
+                    break
+                draws.grammars[i + j] = state
+        i += k + 1
 
 
 def _advance(grammar, token: int) -> None:

@@ -47,13 +47,11 @@ class Speculator:
 
     def k_of(self, seq) -> int:
         """The drafts `seq` may take at most (0: it does not speculate): its request's
-        `speculative_tokens`, else the replica's default; never with structured output
-        (its grammar state moves token by token) nor before an n > 1 request forks."""
+        `speculative_tokens`, else the replica's default; never before an n > 1
+        request forks."""
         p = seq.params
         k = self.config.num_tokens if p.speculative_tokens is None else p.speculative_tokens
-        if not k or p.grammar is not None or seq.is_fork_pending:
-            return 0
-        return k
+        return 0 if seq.is_fork_pending else k
 
     def waits(self, seq) -> bool:
         """`seq` skips this plan: it speculates, and its last token is in flight."""

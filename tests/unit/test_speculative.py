@@ -1,7 +1,7 @@
 """Speculative decoding (prompt lookup) gives exactly the tokens, text, logprobs and
 finish reasons of plain decoding: greedy and seeded sampling, penalties, n > 1,
-stop strings, batch mixes, chunked prefill, preemption and prefix hits
-(hypothesis), with drafts both kept and refused."""
+stop strings, structured output, batch mixes, chunked prefill, preemption and
+prefix hits (hypothesis), with drafts both kept and refused."""
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -36,10 +36,12 @@ def _prompt(i: int, r: dict) -> list[int]:
 
 
 def _params(i: int, r: dict) -> SamplingParams:
+    grammar = GrammarSpec("json_object") if r.get("json") else None
     return SamplingParams(max_tokens=r["max_tokens"], n=r["n"], seed=100 + i,
                           temperature=0.9 if r["sampled"] else 0.0, top_p=0.95,
-                          stop=r["stop"], ignore_eos=True, logprobs=r["logprobs"],
-                          repetition_penalty=r["penalty"], speculative_tokens=r["k"])
+                          stop=r["stop"], ignore_eos=grammar is None, logprobs=r["logprobs"],
+                          repetition_penalty=r["penalty"], speculative_tokens=r["k"],
+                          grammar=grammar)
 
 
 def _run(model, tokenizer, reqs, cfg) -> tuple[dict, Engine]:
@@ -76,6 +78,7 @@ request = st.fixed_dictionaries({
     "sampled": st.booleans(), "stop": st.sampled_from([(), (), (STOPS[0],), (STOPS[1], STOPS[2])]),
     "logprobs": st.sampled_from([None, None, 2]), "penalty": st.sampled_from([1.0, 1.0, 1.3]),
     "k": st.sampled_from([None, None, 0, 1, 3, 6]), "arrive": st.integers(0, 5),
+    "json": st.sampled_from([False, False, False, True]),  # structured output
 })
 
 
@@ -122,22 +125,22 @@ def test_drafts_are_kept_and_refused_and_save_steps(tiny_model, tokenizer):
     assert engine.loop.stats.num_steps < plain.loop.stats.num_steps
 
 
-def test_structured_output_decodes_plainly_beside_speculating_requests(tiny_model, tokenizer):
-    """A request with a grammar never drafts (its matcher moves token by token); the
-    others in its batch do, and every output is plain decoding's."""
+def test_structured_output_speculates_within_its_grammar(tiny_model, tokenizer):
+    """A request with a grammar drafts too: each draft's row is masked by the grammar
+    as it stands after the drafts before it, so what is kept is what plain
+    constrained decoding gives."""
     def run(k):
         engine = Engine(tiny_model, EngineConfig(
             num_kv_blocks=256, speculation=SpeculationConfig(num_tokens=k, ngram_min=1)),
             tokenizer)
-        r = dict(phrase=5, n=1, arrive=0)
-        prompts = [_prompt(i, r) for i in range(3)]
-        params = [SamplingParams(max_tokens=40, ignore_eos=True),
-                  SamplingParams(max_tokens=40, grammar=GrammarSpec("json_object", "")),
-                  SamplingParams(max_tokens=40, temperature=0.8, seed=5, ignore_eos=True)]
-        out = engine.generate(prompts, params)
-        drafts = engine.scheduler.speculator.num_draft_tokens
+        prompts = [_prompt(i, dict(phrase=5)) for i in range(3)]
+        params = [SamplingParams(max_tokens=60, grammar=GrammarSpec("json_object")),
+                  SamplingParams(max_tokens=60, temperature=0.8, seed=5,
+                                 grammar=GrammarSpec("json_object"))]
+        out = [[[c.token_ids for c in cs] for cs in engine.generate(prompts, p)] for p in params]
+        s = engine.scheduler.speculator
         engine.close()
-        return [[c.token_ids for c in cs] for cs in out], drafts
+        return out, (s.num_draft_tokens, s.num_accepted_tokens)
     plain, none = run(0)
-    spec, drafts = run(4)
-    assert spec == plain and none == 0 and drafts > 0
+    spec, (drafts, kept) = run(4)
+    assert spec == plain and none == (0, 0) and drafts > 0 and kept > 0
