@@ -42,9 +42,7 @@ class Sequence:
     incarnation: int = 0  # +1 at each preemption: results of older steps are stale
     text: object = None  # its TextStream when the replica makes text (stop strings)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
-    # speculative decoding: plain (pipelined) steps left before its next draft lookup;
-    # the drafts it sent and those kept
-    spec_idle: int = 0
+    # speculative decoding: the drafts it sent and those kept
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 

@@ -12,11 +12,12 @@ most recent occurrence first, proposes the k tokens that followed it there.
 Text that copies from its prompt (rewriting, editing, answering from a passage,
 code) repeats such runs; free chat seldom does.
 
-A speculating sequence drafts from all its tokens, so it waits for its own last
-token (it skips the plans made while a step of its own is in flight: no
-pipelining for it). Where no suffix matches, it decodes pipelined for
-`idle_steps` steps before it looks again, so text with nothing to copy keeps
-the pipeline.
+A speculating sequence drafts from all its tokens, so it must know its last
+token before its next step is planned: while a step of its own is in flight it
+waits (skips the plans made meanwhile: no pipelining for it) only when its
+known tokens already end in a suffix that occurred before (a draft is likely
+once the token in flight is known); otherwise it decodes pipelined, as plain
+decoding does, so text with nothing to copy keeps the pipeline.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ class SpeculationConfig:
     num_tokens: int = 0  # k: the default per sequence (a request's own wins); 0 = off
     ngram_max: int = 4
     ngram_min: int = 2
-    idle_steps: int = 8  # after a lookup found nothing: plain, pipelined steps before the next
 
 
 class Speculator:
@@ -54,32 +54,27 @@ class Speculator:
         return 0 if seq.is_fork_pending else k
 
     def waits(self, seq) -> bool:
-        """`seq` skips this plan: it speculates, and its last token is in flight."""
-        return bool(seq.num_pending) and seq.spec_idle == 0 and self.k_of(seq) > 0
+        """`seq` skips this plan: it speculates, its last token is in flight, and its
+        known tokens end in a suffix seen before (the lookup will likely draft)."""
+        if not seq.num_pending or not self.k_of(seq):
+            return False
+        c = self.config
+        return bool(propose(seq.token_ids, 1, c.ngram_max, c.ngram_min))
 
     def drafts(self, seq, num_new: int, budget: int) -> list[int]:
         """Drafts for `seq`'s next step, when it decodes (`num_new` 1) with its tokens
         all known: at most its k, what the token budget leaves, and what stays within
         its max_tokens and the context (the step makes one token more than it keeps
         drafts)."""
-        k = self.k_of(seq)
-        if not k:
-            return []
-        if seq.spec_idle:
-            seq.spec_idle -= 1
-            return []
         if num_new != 1 or seq.num_pending:
             return []
-        k = min(k, budget - 1,
+        k = min(self.k_of(seq), budget - 1,
                 seq.params.max_tokens - len(seq.output_token_ids) - 1,
                 self.max_model_len - seq.num_tokens - 1)
         if k <= 0:
             return []
         c = self.config
-        drafts = propose(seq.token_ids, k, c.ngram_max, c.ngram_min)
-        if not drafts:
-            seq.spec_idle = c.idle_steps
-        return drafts
+        return propose(seq.token_ids, k, c.ngram_max, c.ngram_min)
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
         self.num_steps += 1

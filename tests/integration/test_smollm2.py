@@ -268,3 +268,22 @@ def test_speculative_decoding_gives_the_same_answer_with_drafts_kept(mesh, clien
         kept = _scheduler_metric(mesh, "llmesh_spec_accepted_tokens_total") - before[1]
         assert drafts > 0 and kept > 0, (drafts, kept)
     assert "Great Barrier Reef" in text
+
+
+def test_speculative_structured_extraction_is_the_plain_answer(mesh, client):
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "location": {"type": "string"}},
+              "required": ["name", "location"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "reef", "schema": schema}}
+    record = ('Record: name "Great Barrier Reef", location "Queensland, Australia", '
+              'size "344,400 square kilometres".')
+    messages = _chat(f"{record}\n\nGive the name and the location from the record as JSON.")
+    plain = client.chat.completions.create(model="default", messages=messages, max_tokens=64,
+                                           temperature=0, response_format=fmt)
+    drafts = _scheduler_metric(mesh, "llmesh_spec_draft_tokens_total")
+    spec = client.chat.completions.create(model="default", messages=messages, max_tokens=64,
+                                          temperature=0, response_format=fmt,
+                                          extra_body={"speculative_tokens": 4})
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    assert set(json.loads(spec.choices[0].message.content)) == {"name", "location"}
+    assert _scheduler_metric(mesh, "llmesh_spec_draft_tokens_total") > drafts

@@ -86,8 +86,7 @@ request = st.fixed_dictionaries({
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(reqs=st.lists(request, min_size=1, max_size=6),
        spec=st.fixed_dictionaries({"num_tokens": st.sampled_from([2, 4, 8]),
-                                   "ngram_min": st.sampled_from([1, 2]),
-                                   "idle_steps": st.sampled_from([0, 3])}),
+                                   "ngram_min": st.sampled_from([1, 2])}),
        kv=st.sampled_from([dict(block_size=4, num_kv_blocks=30, max_num_batched_tokens=24),
                            dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=16),
                            dict(block_size=16, num_kv_blocks=64, max_num_batched_tokens=64,
