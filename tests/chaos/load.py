@@ -70,13 +70,15 @@ NO_TTFT_BUDGET = {"classes": {"standard": {"ttft_budget_s": 0.0}}}
 
 def make_workload(tiny_model):
     """40 prompts sharing a 3-block system prefix (prefix-cache hits), half greedy and
-    half seeded, with the tokens the in-process engine gives them."""
+    half seeded, a third of them speculating (prompt lookup: the same tokens), with
+    the tokens the in-process engine gives them."""
     rng = random.Random(11)
     system = [0] + rng.choices(range(5, 3000), k=50)
     prompts = [system + rng.choices(range(5, 3000), k=rng.randint(1, 40))
                for _ in range(NUM_REQUESTS)]
     params = [SamplingParams(max_tokens=rng.randint(20, 48), ignore_eos=True, seed=500 + i,
-                             temperature=0.9 if i % 2 else 0.0, top_p=0.95)
+                             temperature=0.9 if i % 2 else 0.0, top_p=0.95,
+                             speculative_tokens=4 if i % 3 == 0 else None)
               for i in range(NUM_REQUESTS)]
     expect = [c[0].token_ids for c in Engine(tiny_model, EngineConfig()).generate(prompts, params)]
     return prompts, params, expect
@@ -87,7 +89,7 @@ def workload_request(prompt: list[int], p: SamplingParams) -> inference_pb2.Gene
     return inference_pb2.GenerateRequest(
         token_ids=inference_pb2.TokenIds(ids=prompt), sampling=common_pb2.SamplingParams(
             n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-            seed=p.seed, ignore_eos=True))
+            seed=p.seed, ignore_eos=True, speculative_tokens=p.speculative_tokens))
 
 
 def make_choices_workload(tiny_model, num_requests: int = 16, n: int = 3):

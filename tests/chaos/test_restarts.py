@@ -21,13 +21,17 @@ from llmesh.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
+    # (1-token suffixes draft: the speculating third of the workload drafts often)
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("chaos"),
-             admission=NO_TTFT_BUDGET, observability={"tracing": "off"})
+             admission=NO_TTFT_BUDGET, observability={"tracing": "off"},
+             engine={"speculative_ngram_min": 1})
     yield from serving(m)
 
 
 def test_fault_free_run_matches_the_engine(mesh, workload):
+    drafts = metric(mesh, "scheduler-0", "llmesh_spec_draft_tokens_total")
     assert_all_exact(run_load(mesh, workload), workload[2])
+    assert metric(mesh, "scheduler-0", "llmesh_spec_draft_tokens_total") > drafts
 
 
 def test_executor_kill_loses_nothing_and_changes_nothing(mesh, workload):
