@@ -187,6 +187,19 @@ class Dispatcher:
     def is_ready(self) -> bool:
         return any(r.is_ready for r in self.replicas)
 
+    def refusing(self, cls: str):
+        """When every replica that takes requests reported that it would refuse a
+        request of `cls` now (its load report's `refusing`): the refusal with the
+        shortest retry hint among them; else None (one might take it, or none takes
+        requests at all)."""
+        refusals = []
+        for r in self.replicas:
+            if r.takes_requests() and (r.name not in self.standby or self._standby_was_active):
+                if r.load is None or cls not in r.load.refusing:
+                    return None
+                refusals.append(r.load.refusing[cls])
+        return min(refusals, key=lambda x: x.retry_after_s) if refusals else None
+
     def pick(self, cached: dict[str, int] | None = None) -> Replica | None:
         """The replica for a new request (None: none takes one); `cached`: prompt
         tokens each replica holds (the kvcache index's answer)."""

@@ -168,6 +168,12 @@ class Generation:
             metrics.rejections.labels(_reason(e)).inc()
             raise
         self._check_model(request.model)
+        refusal = self.dispatcher.refusing(cls)
+        if refusal is not None:  # every replica would refuse it: at once, before any work
+            metrics.rejections.labels(refusal.reason).inc()
+            why = "queue full" if refusal.reason == "queue_full" else "past its TTFT budget"
+            raise LimitExceededError(refusal.reason, f"every replica refuses {cls} requests "
+                                     f"now ({why})", refusal.retry_after_s)
         with tracer.start_as_current_span("router.route") as span:
             # while replicas recover, a request waits for one (bounded) rather than fail
             replica = await self.dispatcher.wait_ready(

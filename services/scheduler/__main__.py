@@ -24,6 +24,7 @@ from llmesh.services.scheduler.kv_publisher import KVPublisher
 from llmesh.services.scheduler.loop import EngineLoop, ExecutorFailed
 from llmesh.services.scheduler.policy import policy_from_dict
 from llmesh.services.scheduler.replica_state import ReplicaState, State
+from llmesh.services.scheduler.slo import WaitPredictor
 from llmesh.services.scheduler.speculation import SpeculationConfig
 from llmesh.services.scheduler.scheduler import Scheduler, SchedulerConfig
 from llmesh.services.scheduler import probe
@@ -112,7 +113,8 @@ async def main(args) -> None:
     service = Service("scheduler", args.port)
     # the replica's lifecycle; its health status follows it (SERVING only when serving)
     state = ReplicaState(on_change=lambda s: service.set_serving(s is State.SERVING))
-    hub = OutputHub(load=functools.partial(replica_load, scheduler, state))
+    waits = WaitPredictor(scheduler)  # (the loop's; the load reports say what it refuses)
+    hub = OutputHub(load=functools.partial(replica_load, scheduler, state, waits))
     publisher = KVPublisher(args.kvcache, args.replica_name, events, kv)
     step_hist = step_histogram()
     probe_outputs: asyncio.Queue = asyncio.Queue()
@@ -131,7 +133,7 @@ async def main(args) -> None:
     loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=emit,
                       tokenizer=TextTokenizer(args.model), model=args.model_name or mc.model_type,
                       pipeline_depth=args.pipeline_depth, step_timeout_s=args.step_timeout_s,
-                      observe_step=after_step, state=state)
+                      observe_step=after_step, state=state, waits=waits)
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,

@@ -15,6 +15,7 @@ from llmesh.services.scheduler.policy import CLASSES
 from llmesh.services.scheduler.probe import KnownAnswerProbe
 from llmesh.services.scheduler.replica_state import ReplicaState
 from llmesh.services.scheduler.scheduler import Scheduler, SeqOutput
+from llmesh.services.scheduler.slo import WaitPredictor
 
 
 class OutputHub:
@@ -140,13 +141,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             ttft_budget_s={c: sched.waiting.policy.limits(c).ttft_budget_s for c in CLASSES})
 
 
-def replica_load(sched: Scheduler, state: ReplicaState) -> scheduler_pb2.ReplicaLoad:
-    """The replica's load now (cheap: it rides on every StepOutputs)."""
+def replica_load(sched: Scheduler, state: ReplicaState, waits: WaitPredictor | None = None
+                 ) -> scheduler_pb2.ReplicaLoad:
+    """The replica's load now (cheap: it rides on every StepOutputs); with `waits`, the
+    classes it would refuse now (worked out at most every 50 ms)."""
     pool = sched.kv.pool
     return scheduler_pb2.ReplicaLoad(
         num_running=len(sched.running), num_waiting=len(sched.waiting),
         kv_usage=pool.num_used / pool.num_blocks if pool.num_blocks else 0.0,
-        max_num_seqs=sched.config.max_num_seqs, is_draining=state.is_draining)
+        max_num_seqs=sched.config.max_num_seqs, is_draining=state.is_draining,
+        refusing={c: scheduler_pb2.Refusal(reason=reason, retry_after_s=hint) for c, (reason, hint)
+                  in waits.refusing(CLASSES).items()} if waits is not None else None)
 
 
 def _delta(out: SeqOutput, info: FinishedInfo | None) -> scheduler_pb2.SeqDelta:

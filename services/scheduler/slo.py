@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # admission aims at this share of a class's TTFT budget: the rest is headroom for
 # what no prediction sees (a pause of the host, a burst of other work)
 SLO_HEADROOM = 0.9
+REFUSING_EVERY_S = 0.05
 
 
 class DrainRate:
@@ -110,6 +111,8 @@ class WaitPredictor:
         self.drain = DrainRate()  # the queue's drain rate under backlog ...
         self.calibration = WaitCalibration()  # ... and how far off its waits were
         self._left_waiting = False  # the last scheduling round left requests queued
+        self._refusing: dict[str, tuple[str, float]] = {}  # (what `refusing` last found, and when)
+        self._refusing_at = -1e9
 
     def observe_round(self, num_left: int) -> None:
         """After a scheduling round that took `num_left` prompt tokens off the queue:
@@ -150,6 +153,33 @@ class WaitPredictor:
                                  retry_after_s=min(60.0, max(0.05, late - budget)),
                                  reason="slo")
         return wait  # (uncorrected: the calibration learns from it)
+
+    def refusing(self, classes, now: float | None = None) -> dict[str, tuple[str, float]]:
+        """The classes a new request of which would be refused now whatever its
+        prompt and however early it came (its queue full, or the predicted wait with
+        the calibration's margin past the budget's headroom), each with the reason
+        and a retry hint; worked out at most every `REFUSING_EVERY_S` (it rides on
+        the load reports)."""
+        now = time.monotonic() if now is None else now
+        if now - self._refusing_at < REFUSING_EVERY_S:
+            return self._refusing
+        out = {}
+        waiting = self.scheduler.waiting
+        for cls in classes:
+            try:
+                waiting.check_room(cls, 0)
+            except QueueFullError:
+                out[cls] = ("queue_full", self.pushback_s(cls))
+                continue
+            budget = waiting.policy.limits(cls).ttft_budget_s
+            wait = self.predict_wait(cls) if budget else None
+            if wait is None:
+                continue
+            late = wait + self.calibration.margin_s(prior_s=self.step_s)
+            if late > SLO_HEADROOM * budget:
+                out[cls] = ("slo", min(60.0, max(0.05, late - budget)))
+        self._refusing, self._refusing_at = out, now
+        return out
 
     def predict_wait(self, priority: str, num_tokens: int = 0) -> float | None:
         """How long a new request of `priority` with `num_tokens` would wait for its
