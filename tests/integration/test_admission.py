@@ -179,6 +179,18 @@ def test_full_queue_and_queued_deadline(mesh, stub):
                                                      metadata=_auth("load"), timeout=30))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert time.monotonic() - t0 < 5 and int(trailers["retry-after-ms"]) > 0
+        # once the scheduler's load report (every 100 ms) says its batch queue is full,
+        # the router refuses the next one itself: the scheduler never sees it
+        time.sleep(0.5)
+        at_router = _metric(mesh, "router-0", "llmesh_admission_rejections_total",
+                            reason="queue_full")
+        at_scheduler = _metric(mesh, "scheduler-0", "llmesh_scheduler_rejections_total")
+        code, trailers = _code(lambda: stub.Complete(_req(4, priority=common_pb2.PRIORITY_BATCH),
+                                                     metadata=_auth("load"), timeout=30))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and int(trailers["retry-after-ms"]) > 0
+        assert _metric(mesh, "router-0", "llmesh_admission_rejections_total",
+                       reason="queue_full") == at_router + 1
+        assert _metric(mesh, "scheduler-0", "llmesh_scheduler_rejections_total") == at_scheduler
         # other classes still queue; a standard request whose deadline passes in the queue
         # leaves it with DEADLINE_EXCEEDED and is never computed
         expired = _stats(mesh).num_deadline_expired

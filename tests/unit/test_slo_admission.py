@@ -125,3 +125,38 @@ def test_time_spent_before_the_replica_counts_even_with_nothing_queued(tiny_mode
     engine.loop.add("no-stamp", [1, 2, 3], params, "t", priority="interactive")
     assert engine.loop.stats.num_slo_rejected == 1 and engine.has_unfinished()
     engine.close()
+
+
+def test_the_load_report_names_the_classes_it_would_refuse(tiny_model_dir):
+    """What the scheduler's load report carries for routers to refuse at once: a class
+    whose predicted wait is past its budget (slo), and one whose queue is full."""
+    classes = dict(SchedulingPolicy().classes)
+    classes["interactive"] = ClassLimits(weight=4.0, max_queued_requests=0, max_queued_tokens=0,
+                                         ttft_budget_s=BUDGET_S)
+    classes["batch"] = ClassLimits(weight=1.0, max_queued_requests=2, max_queued_tokens=0,
+                                   ttft_budget_s=0.0)
+    engine = Engine(SleepModel(load_model_config(tiny_model_dir), 0.005),
+                    EngineConfig(num_kv_blocks=1024, max_num_seqs=2, max_num_batched_tokens=64,
+                                 policy=SchedulingPolicy(classes=classes)))
+    waits = engine.loop.waits
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    assert waits.refusing(("interactive", "batch"), now=0.0) == {}
+    refused = None
+    for i in range(400):  # interactive requests until admission refuses one for its budget
+        try:
+            engine.add_request([1] + [10 + i % 50] * 31, params, priority="interactive")
+        except QueueFullError as e:
+            refused = e
+            break
+        engine.step()
+    assert refused is not None and refused.reason == "slo"
+    for i in range(2):
+        engine.add_request([1, 2, 3], params, priority="batch")
+    refusing = waits.refusing(("interactive", "standard", "batch"), now=2.0)
+    assert refusing["interactive"][0] == "slo" and refusing["interactive"][1] > 0
+    assert refusing["batch"][0] == "queue_full" and "standard" not in refusing
+    while engine.has_unfinished():
+        engine.step()
+    assert waits.refusing(("interactive", "batch"), now=2.01) == refusing  # (50 ms apart)
+    assert waits.refusing(("interactive", "batch"), now=3.0) == {}
+    engine.close()
