@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from integration.mesh_fixture import Mesh, serving
+from llmesh.benchmarks.agent_loop import CLOCK, WEATHER  # (the scripted agent's two tools)
 from llmesh.mesh.default_model import smollm2_gguf
 from llmesh.services.common.errors import UnsupportedModelError
 from llmesh.services.common.gguf_file import model_path
@@ -114,14 +115,6 @@ def test_a_stop_string_ends_the_answer(client):
     assert "5" not in text and full.startswith(text) and "4" in text
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "current_time", "description": "The time now in a time zone",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
-                   "required": ["zone"], "additionalProperties": False}}}
 
 
 def _streamed_calls(stream) -> tuple[dict, str | None]:

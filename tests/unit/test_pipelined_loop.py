@@ -9,6 +9,7 @@ from llmesh.services.common.finish_reason import FinishReason
 from llmesh.services.common.sampling_params import SamplingParams
 from llmesh.services.common.tokenizer import TextTokenizer
 from llmesh.services.engine.engine import Engine, EngineConfig
+from engine_runs import run_arrivals
 
 SYSTEM = [0] + [(7 * j) % 2900 + 5 for j in range(24)]  # a shared prefix: prefix-cache hits
 STOPS = ["e", "a ", "th", "in"]  # common in the tiny model's gibberish, so stops happen
@@ -44,30 +45,15 @@ def _run(model, tokenizer, reqs, depth, cfg, events=True):
     (as a cancel or a deadline would). Returns per (request, index): tokens, text,
     finish reason; and checks nothing leaked."""
     engine = Engine(model, EngineConfig(pipeline_depth=depth, **cfg), tokenizer)
-    ids: dict[int, str] = {}
-    out: dict[tuple[int, int], list] = {}
-    step = 0
-    while step < 8 or engine.has_unfinished():
-        step += 1
-        assert step < 2000, "no progress"
+
+    def cut(step, out):
         for i, r in enumerate(reqs):
-            if r["arrive"] == step - 1:
-                ids[i] = engine.add_request(_prompt(i, r), _params(i, r), request_id=f"r{i}",
-                                            priority=r["priority"])
-            if events and r["cut"] is not None and i in ids and step == r["arrive"] + r["cut"]:
-                for o in engine.loop.cancel(ids[i], r["cut_reason"]):
-                    out.setdefault((i, o.index), [[], "", None])[2] = o.finish_reason
-        for o in engine.step():
-            rec = out.setdefault((int(o.request_id[1:]), o.index), [[], "", None])
-            rec[0].extend(o.new_token_ids)
-            rec[1] += o.text
-            if o.finish_reason is not None:
-                rec[2] = o.finish_reason
-    assert engine.kv.pool.num_used == 0
-    assert not engine.scheduler.seqs and not engine.runner.seqs
-    engine.kv.pool.check_invariants()
-    engine.close()
-    return out, engine.scheduler.num_preemptions
+            if events and r["cut"] is not None and r["arrive"] < step \
+                    and step == r["arrive"] + r["cut"]:
+                for o in engine.loop.cancel(f"r{i}", r["cut_reason"]):
+                    out.setdefault((i, o.index), [[], "", None, []])[2] = o.finish_reason
+    out = run_arrivals(engine, reqs, _prompt, _params, cut)
+    return {key: rec[:3] for key, rec in out.items()}, engine.scheduler.num_preemptions
 
 
 @settings(max_examples=60, deadline=None,

@@ -10,6 +10,7 @@ from llmesh.services.common.sampling_params import SamplingParams
 from llmesh.services.common.tokenizer import TextTokenizer
 from llmesh.services.engine.engine import Engine, EngineConfig
 from llmesh.services.scheduler.speculation import SpeculationConfig, propose
+from engine_runs import run_arrivals
 
 STOPS = ["e", "a ", "th"]
 
@@ -46,26 +47,7 @@ def _params(i: int, r: dict) -> SamplingParams:
 
 def _run(model, tokenizer, reqs, cfg) -> tuple[dict, Engine]:
     engine = Engine(model, EngineConfig(**cfg), tokenizer)
-    out: dict = {}
-    step = 0
-    while step < 8 or engine.has_unfinished():
-        step += 1
-        assert step < 3000, "no progress"
-        for i, r in enumerate(reqs):
-            if r["arrive"] == step - 1:
-                engine.add_request(_prompt(i, r), _params(i, r), request_id=f"r{i}")
-        for o in engine.step():
-            rec = out.setdefault((int(o.request_id[1:]), o.index), [[], "", None, []])
-            rec[0].extend(o.new_token_ids)
-            rec[1] += o.text
-            rec[3].extend((lp.token_id, lp.logprob, lp.top_ids) for lp in o.logprobs)
-            if o.finish_reason is not None:
-                rec[2] = o.finish_reason
-    assert engine.kv.pool.num_used == 0
-    assert not engine.scheduler.seqs and not engine.runner.seqs
-    engine.kv.pool.check_invariants()
-    engine.close()
-    return out, engine
+    return run_arrivals(engine, reqs, _prompt, _params), engine
 
 
 def _exact(out: dict) -> dict:
