@@ -43,6 +43,8 @@ def options(p) -> None:
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--priority", choices=list(PRIORITIES), default="interactive")
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--gateway-limit", type=float, default=0.0,
+                   help="envoy.max_requests_per_s: the gateway refuses beyond it (0: none)")
 
 
 def plot(answers: list[dict], rate: float, budget_s: float, path: Path) -> Path | None:
@@ -75,7 +77,8 @@ def plot(answers: list[dict], rate: float, budget_s: float, path: Path) -> Path 
 
 
 def run(args) -> dict:
-    with kit.BenchMesh(args.model, engine={"num_kv_blocks": 256}) as mesh:
+    with kit.BenchMesh(args.model, engine={"num_kv_blocks": 256},
+                       envoy={"max_requests_per_s": args.gateway_limit}) as mesh:
         answers = asyncio.run(flood(mesh.endpoint, args.rate, args.duration,
                                     PRIORITIES[args.priority], args.max_tokens))
     out = summary(answers)

@@ -130,6 +130,11 @@ class EnvoyConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_self_signed: bool = False
+    # the gateway's own limit (0 = none): requests beyond this rate are refused by
+    # Envoy at once (RESOURCE_EXHAUSTED / 429 with a retry hint), before any router;
+    # a burst of up to rate_limit_burst (0 = one second's worth) passes
+    max_requests_per_s: float = 0.0
+    rate_limit_burst: int = 0
 
 
 TRACING_MODES = ("file", "otlp", "off")
@@ -319,6 +324,8 @@ def parse_config(raw: dict) -> MeshConfig:
     _check_admission(cfg.admission)
     _check_engine(cfg.engine)
     e = cfg.envoy
+    if e.max_requests_per_s < 0 or e.rate_limit_burst < 0:
+        raise ConfigError("envoy.max_requests_per_s and rate_limit_burst must be >= 0")
     if bool(e.tls_cert_file) != bool(e.tls_key_file):
         raise ConfigError("envoy.tls_cert_file and envoy.tls_key_file go together")
     if not 0 <= cfg.routing.standby_replicas < cfg.replicas:

@@ -13,6 +13,7 @@ TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Dow
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+LOCAL_RATE_LIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 
 
 # a retry goes to another router than the ones that already failed the request
@@ -32,6 +33,30 @@ def retry_policy(e, retry_on: str, **extra) -> dict:
             "retry_back_off": {"base_interval": f"{e.retry_backoff_base_s:g}s",
                                "max_interval": f"{e.retry_backoff_max_s:g}s"},
             **extra, **OTHER_HOST_ON_RETRY}
+
+
+def rate_limit_filters(e) -> list[dict]:
+    """`envoy.max_requests_per_s` (0: none): the gateway itself refuses what comes
+    faster than that (a token bucket, refilled every 0.1 s, holding
+    `rate_limit_burst` requests, or one second's worth), before any router sees it:
+    gRPC RESOURCE_EXHAUSTED, HTTP 429, each with a retry hint of 1 s."""
+    if not e.max_requests_per_s:
+        return []
+    per_fill = max(1, round(e.max_requests_per_s / 10))
+    burst = max(per_fill, e.rate_limit_burst or round(e.max_requests_per_s))
+    always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"},
+              "runtime_key": "llmesh.gateway_rate_limit"}
+    return [{"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+        "@type": LOCAL_RATE_LIMIT, "stat_prefix": "llmesh_gateway",
+        "token_bucket": {"max_tokens": burst, "tokens_per_fill": per_fill,
+                         "fill_interval": "0.1s"},
+        "filter_enabled": always, "filter_enforced": always,
+        "rate_limited_as_resource_exhausted": True,
+        "response_headers_to_add": [
+            {"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+             "header": {"key": "retry-after-ms", "value": "1000"}},
+            {"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+             "header": {"key": "retry-after", "value": "1"}}]}}]
 
 
 def _thresholds(e) -> dict:
@@ -96,7 +121,8 @@ def render_envoy(cfg: MeshConfig, xds_port: int = 0) -> dict:
             "virtual_hosts": [{
                 "name": "llmesh", "domains": ["*"],
                 "routes": http_routes + [{"match": {"prefix": "/"}, "route": route}]}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+        "http_filters": rate_limit_filters(e) + [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     clusters = router_clusters(cfg)
     if xds_port:
