@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                      "running mesh's self-signed one, else the system's roots)")
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--model", help="with --local: a Hugging Face directory, a .gguf file, tiny or "
-                     "bench (default: SmolLM2-135M-Instruct)")
+                     "bench (default: SmolLM2-135M-Instruct); on a mesh: the served model's "
+                     "name (default: its top-level model)")
     gen.add_argument("--prompt", required=True, help="sent as one user message through the "
                      "model's chat template")
     gen.add_argument("--raw", action="store_true",
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--speculative-tokens", type=int,
+                     help="speculative decoding: draft tokens a step (0 = off; default: the "
+                     "replica's)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto",
                                                                 "int8", "float16-weights"])
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -133,7 +137,8 @@ def _generate(args) -> int:
     tokenizer = TextTokenizer(model_dir)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+                            ignore_eos=args.ignore_eos,
+                            speculative_tokens=args.speculative_tokens)
     prompt = tokenizer.encode(args.prompt) if args.raw else \
         tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     request_id = engine.add_request(prompt, params)

@@ -296,7 +296,9 @@ def cmd_generate_mesh(args) -> int:
                                          ignore_eos=args.ignore_eos)
     if args.seed is not None:
         sampling.seed = args.seed
-    req = inference_pb2.GenerateRequest(sampling=sampling,
+    if args.speculative_tokens is not None:
+        sampling.speculative_tokens = args.speculative_tokens
+    req = inference_pb2.GenerateRequest(sampling=sampling, model=args.model or "",
                                         priority=convert.PRIORITY_VALUES.get(args.priority, 0))
     if args.raw:
         req.prompt = args.prompt

@@ -172,3 +172,13 @@ def test_scaling_one_model_leaves_the_other(mesh, own_answers):
     assert wait_until(lambda: _metrics(metrics)["llmesh_engine_steps_total"] > steps0, 10)
     out = mesh.cli("scale", "--model", "gamma", "--replicas", "2", timeout=60)
     assert out.returncode == 2 and "gamma" in out.stderr
+
+
+def test_llmesh_generate_names_the_model(mesh, own_answers):
+    out = mesh.cli("generate", "--model", "beta", "--raw", "--prompt", PROMPTS[1],
+                   "--max-tokens", "12", "--speculative-tokens", "4", "--json",
+                   "--api-key", "k-all")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["token_ids"] == own_answers["beta"][1]
+    out = mesh.cli("generate", "--model", "gamma", "--prompt", "hi", "--api-key", "k-all")
+    assert out.returncode != 0 and "NOT_FOUND" in out.stderr
