@@ -19,9 +19,10 @@ While arrivals rise, a scale-out adds as many replicas as the arrival rate grew
 (the current count times fast / slow average, up to 4x), not just one. Never
 more often than every `cooldown_s`, never outside [min, max]. Every
 decision that changes the count is logged with its reason and the signals,
-written to `autoscaler.jsonl` in the run directory, and counted in
-`llmesh_autoscaler_decisions_total{action,rule}`; `llmesh_autoscaler_desired_replicas`
-is what a HorizontalPodAutoscaler can follow.
+written to `autoscaler.jsonl` in the run directory (`autoscaler-NAME.jsonl` for a
+model of `models:` with its own autoscaler), and counted in
+`llmesh_autoscaler_decisions_total{action,model,rule}`;
+`llmesh_autoscaler_desired_replicas{model}` is what a HorizontalPodAutoscaler can follow.
 
 The policy is a pure function of the signal trace (tests replay recorded ones).
 """
@@ -137,21 +138,25 @@ class AutoscalerPolicy:
 
 
 class DecisionLog:
-    """Every change: a log line, a line of autoscaler.jsonl, and the metrics."""
+    """Every change: a log line, a line of `file` (autoscaler.jsonl; one per model
+    where several autoscale), and the metrics (labelled by model)."""
 
-    def __init__(self, run_dir: Path | None):
-        self.path = run_dir / "autoscaler.jsonl" if run_dir else None
+    def __init__(self, run_dir: Path | None, model: str = "default",
+                 file: str = "autoscaler.jsonl"):
+        self.path = run_dir / file if run_dir else None
+        self.model = model
         self.m = _metrics()
 
     def record(self, d: Decision, s: Signals) -> None:
-        self.m["desired"].set(d.desired)
-        self.m["replicas"].set(s.replicas)
-        self.m["pressure"].set(s.pressure)
+        model = self.model
+        self.m["desired"].labels(model).set(d.desired)
+        self.m["replicas"].labels(model).set(s.replicas)
+        self.m["pressure"].labels(model).set(s.pressure)
         if d.action == "hold":
             return
-        self.m["decisions"].labels(d.action, d.rule).inc()
-        log.warning("autoscaler: %d -> %d replicas (%s: %s)", d.current, d.desired, d.rule,
-                    d.reason)
+        self.m["decisions"].labels(d.action, model, d.rule).inc()
+        log.warning("autoscaler (%s): %d -> %d replicas (%s: %s)", model, d.current, d.desired,
+                    d.rule, d.reason)
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**asdict(d), "action": d.action, "signals": asdict(s)}) + "\n")
@@ -163,8 +168,10 @@ def _metrics() -> dict:
     from prometheus_client import Counter, Gauge
     return {"decisions": Counter("llmesh_autoscaler_decisions",
                                  "Autoscaler decisions that changed the replica count",
-                                 ["action", "rule"]),
-            "desired": Gauge("llmesh_autoscaler_desired_replicas", "Replicas the autoscaler wants"),
-            "replicas": Gauge("llmesh_autoscaler_replicas", "Replicas serving traffic"),
+                                 ["action", "model", "rule"]),
+            "desired": Gauge("llmesh_autoscaler_desired_replicas", "Replicas the autoscaler wants",
+                             ["model"]),
+            "replicas": Gauge("llmesh_autoscaler_replicas", "Replicas serving traffic", ["model"]),
             "pressure": Gauge("llmesh_autoscaler_ttft_pressure",
-                              "Highest predicted TTFT / budget over the priority classes")}
+                              "Highest predicted TTFT / budget over the priority classes",
+                              ["model"])}

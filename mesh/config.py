@@ -197,6 +197,7 @@ class ServedModel:
     engine: EngineLimits = EngineLimits()
     tokenizer_ports: tuple[int, ...] = ()
     replica_ports: tuple[ReplicaPorts, ...] = ()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()  # this model's own (off by default)
 
     @property
     def slug(self) -> str:
@@ -235,10 +236,10 @@ class MeshConfig:
 
     def served(self) -> tuple["MeshConfig", ...]:
         """One config per served model, the top-level model first: this mesh with
-        that model's name, directory, replicas, TP and engine (what the processes of
-        one model are started from). The extra models have no standbys and no
-        autoscaler (those are the top-level model's); every executor of the mesh
-        takes an equal share of `kv_memory_share`."""
+        that model's name, directory, replicas, TP, engine and autoscaler (what the
+        processes of one model are started from, and how it scales). The extra
+        models have no standbys (those are the top-level model's); every executor
+        of the mesh takes an equal share of `kv_memory_share`."""
         executors = self.replicas * self.tensor_parallel + sum(
             m.replicas * m.tensor_parallel for m in self.models)
         views = [dataclasses.replace(
@@ -252,7 +253,7 @@ class MeshConfig:
                 tokenizer_ports=m.tokenizer_ports, replica_ports=m.replica_ports, models=(),
                 routing=dataclasses.replace(self.routing, standby_replicas=0,
                                             test_half_failing_replica=-1),
-                autoscaler=dataclasses.replace(self.autoscaler, enabled=False)))
+                autoscaler=m.autoscaler))
         return tuple(views)
 
 
@@ -335,11 +336,7 @@ def parse_config(raw: dict) -> MeshConfig:
         raise ConfigError(f"routing.policy must be one of {', '.join(ROUTING_POLICIES)}")
     if cfg.routing.prefix_load_bound < 0 or cfg.routing.prefix_load_ratio < 1:
         raise ConfigError("routing.prefix_load_bound must be >= 0 and prefix_load_ratio >= 1")
-    a = cfg.autoscaler
-    if a.enabled and not 1 <= a.min_replicas <= a.max_replicas:
-        raise ConfigError("autoscaler: need 1 <= min_replicas <= max_replicas")
-    if a.warm_pool < 0 or a.tick_s <= 0:
-        raise ConfigError("autoscaler: warm_pool must be >= 0 and tick_s > 0")
+    _check_autoscaler(cfg.autoscaler, "autoscaler")
     for view in cfg.served():
         where = "" if view.model_name == cfg.model_name else f"models[{view.model_name}]."
         for i, r in enumerate(view.replica_ports):
@@ -367,6 +364,7 @@ def _served_model(raw, i: int, engine: EngineLimits) -> ServedModel:
     if unknown:
         raise ConfigError(f"models[{i}].engine: unknown keys {', '.join(sorted(unknown))}")
     kw["engine"] = dataclasses.replace(engine, **overrides)
+    kw["autoscaler"] = _sub(AutoscalerConfig, raw.get("autoscaler"), f"models[{i}].autoscaler")
     tp = raw.get("tensor_parallel", 1)
     kw["tokenizer_ports"] = tuple(raw.get("tokenizer_ports", ()))
     kw["replica_ports"] = tuple(
@@ -392,6 +390,14 @@ def _check_models(cfg: MeshConfig) -> None:
             if getattr(m, name) < 1:
                 raise ConfigError(f"models[{m.name}].{name} must be at least 1")
         _check_engine(m.engine)
+        _check_autoscaler(m.autoscaler, f"models[{m.name}].autoscaler")
+
+
+def _check_autoscaler(a: AutoscalerConfig, where: str) -> None:
+    if a.enabled and not 1 <= a.min_replicas <= a.max_replicas:
+        raise ConfigError(f"{where}: need 1 <= min_replicas <= max_replicas")
+    if a.warm_pool < 0 or a.tick_s <= 0:
+        raise ConfigError(f"{where}: warm_pool must be >= 0 and tick_s > 0")
 
 
 CLASS_FIELDS = {"weight", "max_queued_requests", "max_queued_tokens", "timeout_s", "ttft_budget_s"}

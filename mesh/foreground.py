@@ -56,14 +56,18 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
                                        on_change=changed)
                for model, view in zip((None,) + cfg.models, cfg.served())}
     requests = ScaleRequests(scalers, run_dir)
-    scaler = scalers[cfg.model_name]  # (the top-level model's: the autoscaler's)
-    autoscale = None
-    if cfg.autoscaler.enabled:
-        autoscale = Autoscale(scaler, run_dir)
+    scaler = scalers[cfg.model_name]
+    # each model whose autoscaler is on (mesh.yaml's `autoscaler`, or a model's own)
+    autoscales = {view.model_name: Autoscale(scalers[view.model_name], run_dir,
+                                             model.slug if model else "")
+                  for model, view in zip((None,) + cfg.models, cfg.served())
+                  if view.autoscaler.enabled}
+    if autoscales:
         if "autoscaler" in cfg.observability.metrics_ports:
             from prometheus_client import start_http_server
             start_http_server(cfg.observability.metrics_ports["autoscaler"], addr="127.0.0.1")
-        scaler.fill_pool()
+        for name in autoscales:
+            scalers[name].fill_pool()
     state_lock = threading.Lock()  # (written from this thread and the supervisor's)
 
     def ready_state():
@@ -75,12 +79,16 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
                                   "endpoint": f"127.0.0.1:{live.envoy.port}",
                                   "tls": tls_state(live),
                                   "replicas": scaler.num_replicas,
-                                  "models": {name: {"replicas": s.num_replicas,
-                                                    "model_dir": s.model_dir}
-                                             for name, s in scalers.items()},
+                                  "models": {name: {
+                                      "replicas": s.num_replicas, "model_dir": s.model_dir,
+                                      "warm_pool": [f"replica-{p.index}" for p in s.pool],
+                                      "autoscaler": autoscales[name].last
+                                      if name in autoscales else None}
+                                      for name, s in scalers.items()},
                                   "scale": requests.last,
                                   "warm_pool": [f"replica-{p.index}" for p in scaler.pool],
-                                  "autoscaler": autoscale.last if autoscale else None,
+                                  "autoscaler": autoscales[cfg.model_name].last
+                                  if cfg.model_name in autoscales else None,
                                   "joins": scaler.joins})
     ready_state()
     changed.listen(ready_state)
@@ -88,7 +96,7 @@ def run_foreground(cfg: MeshConfig, model_dir: str, run_dir: Path, on_ready=None
         on_ready()
     while not stop.wait(0.2):
         requests.poll()
-        if autoscale is not None:
+        for autoscale in autoscales.values():
             autoscale.tick(time.monotonic())
     sup.stop()
     write_state(run_dir, {"status": "stopped", "supervisor_pid": os.getpid()})

@@ -81,8 +81,8 @@ def resolve_ports(cfg: MeshConfig) -> MeshConfig:
             names += [tokenizer_process_name(m, i) for i in range(len(m.tokenizer_ports))]
             for ports in m.replica_ports:
                 names += replica_process_names(ports)
-        if cfg.autoscaler.enabled:
-            names.append("autoscaler")  # (the supervisor's: its decisions)
+        if any(view.autoscaler.enabled for view in cfg.served()):
+            names.append("autoscaler")  # (the supervisor's: its decisions, every model's)
         metrics_ports = {n: pick(obs.metrics_ports.get(n, 0)) for n in names}
     obs = dataclasses.replace(
         obs, metrics_ports=metrics_ports,

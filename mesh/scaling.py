@@ -299,12 +299,14 @@ class ScaleRequests:
 class Autoscale:
     """The autoscaler's loop: every tick_s, signals -> decision -> scale."""
 
-    def __init__(self, scaler: Scaler, run_dir: Path):
+    def __init__(self, scaler: Scaler, run_dir: Path, slug: str = ""):
+        """`slug`: a model of `models:` (its files get its name); "" the top-level one."""
         self.scaler = scaler
         self.run_dir = run_dir
         self.cfg = scaler.cfg.autoscaler
         self.policy = AutoscalerPolicy(self.cfg)
-        self.log = DecisionLog(run_dir)
+        self.suffix = f"-{slug}" if slug else ""
+        self.log = DecisionLog(run_dir, scaler.cfg.model_name, f"autoscaler{self.suffix}.jsonl")
         self.last: dict = {}  # the last change, for state.json
         self._next_t = 0.0
 
@@ -316,7 +318,7 @@ class Autoscale:
         if signals is None:
             return
         if self.cfg.record_signals:
-            with open(self.run_dir / "autoscaler-signals.jsonl", "a") as f:
+            with open(self.run_dir / f"autoscaler-signals{self.suffix}.jsonl", "a") as f:
                 f.write(json.dumps(dataclasses.asdict(signals)) + "\n")
         decision = self.policy.decide(signals)
         self.log.record(decision, signals)

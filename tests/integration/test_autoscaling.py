@@ -2,7 +2,8 @@
 model) gets a spike of 3x what it serves; the autoscaler scales out (the first
 replica from the warm pool, at once), every request is answered (OK, or refused
 with RESOURCE_EXHAUSTED at the spike's start), and once the load is gone it
-scales back in after its calm spell, one replica at a time, draining them."""
+scales back in after its calm spell, one replica at a time, draining them. A
+second model with an autoscaler of its own scales on its own load alone."""
 import asyncio
 import json
 import time
@@ -22,7 +23,11 @@ def mesh(tiny_model_dir, tmp_path_factory):
              engine={"num_kv_blocks": 256, "probe_interval_s": 0, "bench_step_ms": 20,
                      "max_num_seqs": 4},
              autoscaler={"enabled": True, "min_replicas": 1, "max_replicas": 3, "warm_pool": 1,
-                         "tick_s": 0.5, "scale_in_after_s": 2, "cooldown_s": 1})
+                         "tick_s": 0.5, "scale_in_after_s": 2, "cooldown_s": 1},
+             # a second model with an autoscaler of its own (no warm pool: cold starts)
+             models=[{"name": "small", "model": str(tiny_model_dir), "autoscaler": {
+                 "enabled": True, "min_replicas": 1, "max_replicas": 2, "tick_s": 0.5,
+                 "scale_in_after_s": 2, "cooldown_s": 1}}])
     yield from serving(m)
 
 
@@ -30,8 +35,8 @@ def _state(mesh) -> dict:
     return json.loads((mesh.run_dir / "state.json").read_text())
 
 
-def _decisions(mesh) -> list[dict]:
-    path = mesh.run_dir / "autoscaler.jsonl"
+def _decisions(mesh, file: str = "autoscaler.jsonl") -> list[dict]:
+    path = mesh.run_dir / file
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -65,3 +70,24 @@ def test_a_spike_scales_out_from_the_warm_pool_and_back_in_when_calm(mesh):
             token_ids=inference_pb2.TokenIds(ids=[0, 5, 6]),
             sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=30)
     assert len(out.choices[0].token_ids) == 3
+
+
+def test_a_second_model_scales_on_its_own_load(mesh):
+    from llmesh.benchmarks import kit
+
+    def make(i: int):
+        req = kit.request([0] + [(13 * i + 7 * j) % 2900 + 5 for j in range(40)], 20, 2)
+        req.model = "small"
+        return req
+    assert _state(mesh)["models"]["small"]["replicas"] == 1
+    results = asyncio.run(kit.load(mesh.endpoint, make, count=120, rate=30.0, timeout_s=300))
+    assert {a["status"] for a in results} <= {"OK", "RESOURCE_EXHAUSTED"}
+    outs = [d for d in _decisions(mesh, "autoscaler-small.jsonl") if d["action"] == "out"]
+    assert outs and outs[0]["desired"] == 2, mesh.logs()
+    # the top-level model saw none of it
+    assert not [d for d in _decisions(mesh) if d["t"] >= outs[0]["t"] and d["action"] == "out"]
+    assert _state(mesh)["models"]["default"]["replicas"] == 1
+    assert wait_until(lambda: _state(mesh)["models"]["small"]["replicas"] == 1, 60)
+    port = mesh.config["observability"]["metrics_ports"]["autoscaler"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'llmesh_autoscaler_decisions_total{action="out",model="small"' in text
