@@ -32,8 +32,9 @@ def mesh(tiny_model_dir, beta_dir, tmp_path_factory):
     keys.write_text(json.dumps({"tenants": {
         "all": {"keys": [hash_key("k-all")]},
         "alpha-only": {"keys": [hash_key("k-alpha")], "models": ["alpha"]}}}))
+    # (least loaded: a replica that joins takes requests at once, whatever is cached where)
     m = Mesh(tiny_model_dir, run_dir, model_name="alpha", observability={"tracing": "off"},
-             admission={"keys_file": str(keys)},
+             admission={"keys_file": str(keys)}, routing={"policy": "least_loaded"},
              models=[{"name": "beta", "model": str(beta_dir), "replicas": 1,
                       "engine": {"max_num_seqs": 8}}])
     yield from serving(m)
@@ -166,8 +167,8 @@ def test_scaling_one_model_leaves_the_other(mesh, own_answers):
     steps0 = _metrics(metrics)["llmesh_engine_steps_total"]
     # (least loaded among beta's two: concurrent requests reach the new one too)
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(6) as pool:
-        outs = list(pool.map(lambda i: _grpc(mesh, "beta", PROMPTS[i % 3]), range(12)))
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: _grpc(mesh, "beta", PROMPTS[i % 3]), range(24)))
     assert all(list(o.token_ids) == own_answers["beta"][i % 3] for i, o in enumerate(outs))
     assert wait_until(lambda: _metrics(metrics)["llmesh_engine_steps_total"] > steps0, 10)
     out = mesh.cli("scale", "--model", "gamma", "--replicas", "2", timeout=60)
