@@ -25,6 +25,9 @@ from llmesh.services.router.replica_set import ReplicaEntry
 from llmesh.services.router.replicas import Replica
 
 log = logging.getLogger("llmesh.router")
+# a replica's word that it refuses a class holds this long (its idle report comes
+# every 100 ms; a busy one reports with every step)
+REFUSAL_FRESH_S = 0.15
 
 
 class Inbox:
@@ -188,14 +191,15 @@ class Dispatcher:
         return any(r.is_ready for r in self.replicas)
 
     def refusing(self, cls: str):
-        """When every replica that takes requests reported that it would refuse a
-        request of `cls` now (its load report's `refusing`): the refusal with the
-        shortest retry hint among them; else None (one might take it, or none takes
-        requests at all)."""
+        """When every replica that takes requests said in a recent load report (at
+        most `REFUSAL_FRESH_S` old: a busy replica reports with every step) that it
+        would refuse a request of `cls` now: the refusal with the shortest retry hint
+        among them; else None (one might take it, or none takes requests at all)."""
         refusals = []
+        fresh = time.monotonic() - REFUSAL_FRESH_S
         for r in self.replicas:
             if r.takes_requests() and (r.name not in self.standby or self._standby_was_active):
-                if r.load is None or cls not in r.load.refusing:
+                if r.load is None or r.load_at < fresh or cls not in r.load.refusing:
                     return None
                 refusals.append(r.load.refusing[cls])
         return min(refusals, key=lambda x: x.retry_after_s) if refusals else None
@@ -337,7 +341,7 @@ class Dispatcher:
         """One step's deltas of one replica, to their requests' inboxes (never waits),
         and the replica's load as its scheduler reports it."""
         if outputs.HasField("load"):
-            replica.load = outputs.load
+            replica.load, replica.load_at = outputs.load, time.monotonic()
         stamp = outputs.emitted_unix_s
         for d in outputs.deltas:
             d.emitted_unix_s = stamp

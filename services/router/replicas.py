@@ -33,7 +33,8 @@ class Replica:
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.info: scheduler_pb2.ReplicaInfo | None = None
         self.in_flight: set[str] = set()
-        self.load: scheduler_pb2.ReplicaLoad | None = None  # the scheduler's last report
+        self.load: scheduler_pb2.ReplicaLoad | None = None  # the scheduler's last report ...
+        self.load_at = 0.0  # ... when it came (monotonic)
         self.is_connected = False  # the Connect stream is up
         self.is_serving = False  # the scheduler's own health
         # it refused a request as draining (about to restart): no new ones until it

@@ -111,7 +111,7 @@ class WaitPredictor:
         self.drain = DrainRate()  # the queue's drain rate under backlog ...
         self.calibration = WaitCalibration()  # ... and how far off its waits were
         self._left_waiting = False  # the last scheduling round left requests queued
-        self._refusing: dict[str, tuple[str, float]] = {}  # (what `refusing` last found, and when)
+        self._late: dict[str, float] = {}  # (classes `refusing` last found late, and when)
         self._refusing_at = -1e9
 
     def observe_round(self, num_left: int) -> None:
@@ -156,29 +156,27 @@ class WaitPredictor:
 
     def refusing(self, classes, now: float | None = None) -> dict[str, tuple[str, float]]:
         """The classes a new request of which would be refused now whatever its
-        prompt and however early it came (its queue full, or the predicted wait with
-        the calibration's margin past the budget's headroom), each with the reason
-        and a retry hint; worked out at most every `REFUSING_EVERY_S` (it rides on
-        the load reports)."""
+        prompt and however early it came, each with the reason and a retry hint:
+        its queue full (looked at on every call: it changes from step to step), or
+        the predicted wait with the calibration's margin past the budget's headroom
+        (worked out at most every `REFUSING_EVERY_S`: it rides on every load report)."""
         now = time.monotonic() if now is None else now
-        if now - self._refusing_at < REFUSING_EVERY_S:
-            return self._refusing
-        out = {}
-        waiting = self.scheduler.waiting
+        if now - self._refusing_at >= REFUSING_EVERY_S:
+            self._late, self._refusing_at = {}, now
+            for cls in classes:
+                budget = self.scheduler.waiting.policy.limits(cls).ttft_budget_s
+                wait = self.predict_wait(cls) if budget else None
+                if wait is None:
+                    continue
+                late = wait + self.calibration.margin_s(prior_s=self.step_s)
+                if late > SLO_HEADROOM * budget:
+                    self._late[cls] = min(60.0, max(0.05, late - budget))
+        out = {cls: ("slo", hint) for cls, hint in self._late.items()}
         for cls in classes:
             try:
-                waiting.check_room(cls, 0)
+                self.scheduler.waiting.check_room(cls, 0)
             except QueueFullError:
                 out[cls] = ("queue_full", self.pushback_s(cls))
-                continue
-            budget = waiting.policy.limits(cls).ttft_budget_s
-            wait = self.predict_wait(cls) if budget else None
-            if wait is None:
-                continue
-            late = wait + self.calibration.margin_s(prior_s=self.step_s)
-            if late > SLO_HEADROOM * budget:
-                out[cls] = ("slo", min(60.0, max(0.05, late - budget)))
-        self._refusing, self._refusing_at = out, now
         return out
 
     def predict_wait(self, priority: str, num_tokens: int = 0) -> float | None:
