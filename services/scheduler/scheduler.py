@@ -26,8 +26,9 @@ they were planned are stale and ignored.
 Speculative decoding (services/scheduler/speculation.py): a decoding sequence
 that speculates is planned with draft tokens after its last one; the step
 returns the drafts the executor kept and the token after them, and only then
-does the sequence's `num_computed` count the kept drafts. It waits for each of
-its steps' results before its next (it drafts from all its tokens).
+does the sequence's `num_computed` count the kept drafts. While a step of its
+own is in flight it is not planned again when its known tokens suggest a draft
+(it drafts from all its tokens); otherwise it is pipelined like any other.
 """
 from __future__ import annotations
 
@@ -198,17 +199,21 @@ class Scheduler:
         is_preempting = False
         planned: list[_Planned] = []
         spec = self.speculator
+        default_k = spec.config.num_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending and (seq.is_fork_pending or spec.waits(seq)):
+            # (no speculation anywhere near it: nothing more to look at)
+            may_speculate = default_k or seq.params.speculative_tokens
+            if seq.num_pending and (seq.is_fork_pending
+                                    or (may_speculate and spec.waits(seq))):
                 i += 1  # its pending token forks it, or it drafts from it: wait for it
                 continue
             num_new = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
             if num_new <= 0:
                 i += 1
                 continue
-            drafts = spec.drafts(seq, num_new, budget)
+            drafts = spec.drafts(seq, num_new, budget) if may_speculate else []
             num_new += len(drafts)
             alloc = self.kv.allocate_slots(seq.seq_id, seq.num_computed + num_new, seq.num_computed)
             while alloc is None:
@@ -411,7 +416,6 @@ class Scheduler:
         seq.num_computed += kept
         self.kv.cache_blocks(seq.seq_id, seq.token_ids + tokens[:kept], computed,
                              p.num_new_tokens - (p.num_drafts - kept), seq.salt)
-        self.waiting.charge(seq.tenant, 0, len(tokens))
         out = None
         for j, token in enumerate(tokens):
             step = self._append(seq, token, logprobs[j:j + 1], False)
@@ -425,6 +429,7 @@ class Scheduler:
                     step.num_output_tokens
             if step.finish_reason is not None:
                 break
+        self.waiting.charge(seq.tenant, 0, len(out.new_token_ids))  # (what it kept)
         return out
 
     def _append(self, seq: Sequence, token: int, logprobs, is_finishing: bool) -> SeqOutput:

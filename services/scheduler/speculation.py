@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_SPECULATIVE_TOKENS = 16
-
 
 @dataclass(frozen=True)
 class SpeculationConfig:
