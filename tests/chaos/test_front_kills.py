@@ -32,14 +32,23 @@ def test_fault_free_run_reports_seeds_and_matches(mesh, workload):
 
 @pytest.mark.parametrize("victim", ["router-0", "envoy"])
 def test_front_door_kill_loses_nothing_and_changes_nothing(mesh, workload, victim):
-    # router-0 dies only once it streams some of the load (Envoy spreads it over two)
+    # router-0 dies only once it has some of the load (Envoy spreads it over two). Its
+    # gauge counts requests from arrival, so the ones it held may all still be before
+    # their first token (Envoy then retries them whole, and no client resumes): the kill
+    # is tried again on a fresh load until one lands on a stream (at most three times).
     on_victim = ((lambda: metric(mesh, "router-0", "llmesh_requests_in_flight") >= 2)
                  if victim == "router-0" else (lambda: True))
-    results, hit = kill_during(mesh, lambda t: run_resuming_load(mesh, workload, in_flight=t),
-                               victim, ready=on_victim)
-    assert hit > 0
-    _assert_exact(results, workload[2])
-    assert sum(attempts > 1 for *_, attempts in results) >= 1, "the kill hit no stream"
+    resumed = 0
+    for _ in range(3):
+        results, hit = kill_during(mesh, lambda t: run_resuming_load(mesh, workload, in_flight=t),
+                                   victim, at_least=4, ready=on_victim)
+        assert hit > 0
+        _assert_exact(results, workload[2])
+        resumed = sum(attempts > 1 for *_, attempts in results)
+        if resumed:
+            break
+        assert wait_until(lambda: replica_serving(mesh), 30)
+    assert resumed >= 1, "the kill hit no stream in three tries"
     # after recovery, plain clients are served as before
     assert wait_until(lambda: replica_serving(mesh), 30)
     assert_all_exact(run_load(mesh, workload), workload[2])
