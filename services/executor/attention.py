@@ -90,12 +90,19 @@ class TorchPagedAttention:
         # q: [num_tokens, num_heads, head_dim] -> out: same shape
         out = torch.empty_like(q)
         self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
+        # single queries over a 16-bit cache on a CPU: in float32 (torch's CPU kernel for
+        # one bfloat16 query is 3-10x slower than for float32; widening the gathered
+        # keys costs less; out[rows] = o rounds back)
+        widen = q.dtype != torch.float32 and q.device.type == "cpu"
         for g in meta.groups:
             rows = slice(g.row_start, g.row_start + g.num_rows)
             k = self._gather("k", k_cache, g.block_ids).view(g.num_rows, -1, *k_cache.shape[2:])
             v = self._gather("v", v_cache, g.block_ids).view(g.num_rows, -1, *v_cache.shape[2:])
+            qg = q[rows]
+            if widen:
+                qg, k, v = qg.float(), self._widened("kf", k), self._widened("vf", v)
             o = F.scaled_dot_product_attention(
-                q[rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H|KVH, L, D]
+                qg.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H|KVH, L, D]
                 attn_mask=g.mask, scale=scale, enable_gqa=True)
             out[rows] = o.squeeze(2)
         return out
@@ -113,16 +120,22 @@ class TorchPagedAttention:
 
     def _gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """cache[block_ids] into a reused buffer: [len(block_ids), block_size, kvh, d]."""
-        shape = (block_ids.numel(), *cache.shape[1:])
-        numel = shape[0] * cache[0].numel()
-        buf = self._workspace.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != cache.dtype or buf.device != cache.device:
-            buf = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
-                              dtype=cache.dtype, device=cache.device)
-            self._workspace[name] = buf
-        out = buf[:numel].view(shape)
+        out = self._buffer(name, (block_ids.numel(), *cache.shape[1:]), cache.dtype, cache.device)
         torch.index_select(cache, 0, block_ids, out=out)
         return out
+
+    def _widened(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x as float32, in a reused buffer."""
+        return self._buffer(name, x.shape, torch.float32, x.device).copy_(x)
+
+    def _buffer(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
+                              dtype=dtype, device=device)
+            self._workspace[name] = buf
+        return buf[:numel].view(shape)
 
 
 @dataclass

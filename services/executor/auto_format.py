@@ -1,16 +1,17 @@
 """What `dtype: auto` runs a model in on this machine.
 
-On a GPU: the checkpoint's own dtype. On a CPU: bfloat16 when the CPU has AMX
-(oneDNN's bfloat16 matrix tiles; half the bytes of float32 to read), float32
-elsewhere (oneDNN's float32 linear, services/executor/projection.py). On a CPU
-with AVX512-BF16 but no AMX (the bench box, an AMD EPYC) llmesh's bfloat16 was
-slower than its float32 in the served comparison (BENCHMARKS.md, "CPU decode":
-single stream 9.75 against 8.72 ms a token, offline 277 against 395 tokens/s,
-medians of 3 rounds): the norms and rotary embeddings cast to float32 and back in every
-layer, and oneDNN's bfloat16 matrix-vector product read weights no faster per
-byte. The packed `float16-weights` format is not chosen either: it needs
-fbgemm, and it was not measured against oneDNN's float32. Quality per format on the
-trained model is in BENCHMARKS.md ("Quality on a trained model").
+On a GPU: the checkpoint's own dtype. On a CPU: bfloat16 when the CPU has
+bfloat16 instructions (AVX512-BF16 or AMX) and torch's oneDNN runs them: the
+projections then read half the bytes of float32 through oneDNN's prepacked
+bfloat16 linear (services/executor/projection.py). On the bench box (an AMD
+EPYC with AVX512-BF16, no AMX), served through the mesh, bfloat16 against float32:
+single stream 6.28 against 8.82 ms a token, offline 465 against 390 tokens/s
+(BENCHMARKS.md, "CPU decode"). Before the weights were prepacked and single
+queries attended in float32, bfloat16 was the slower of the two there. float32
+elsewhere (oneDNN's float32 linear). The packed `float16-weights` format is not
+chosen: it needs fbgemm, and it was not measured against oneDNN's float32.
+Quality per format on the trained model is in BENCHMARKS.md ("Quality on a
+trained model").
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from llmesh.services.executor.projection import onednn_bfloat16
+
 log = logging.getLogger("llmesh.executor")
-BF16_FLAGS = ("amx_bf16",)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def cpu_flags() -> set[str]:
@@ -38,9 +41,9 @@ def auto_format(checkpoint_dtype: str, device: str | torch.device) -> tuple[str,
     if torch.device(device).type != "cpu":
         return checkpoint_dtype, f"the checkpoint's dtype on {torch.device(device).type}"
     found = sorted(cpu_flags() & set(BF16_FLAGS))
-    if found:
-        return "bfloat16", f"this CPU has {', '.join(found)}"
-    return "float32", "this CPU has no AMX (amx_bf16): float32 through oneDNN is faster"
+    if found and onednn_bfloat16():
+        return "bfloat16", f"this CPU has {', '.join(found)}: oneDNN's prepacked bfloat16 linear"
+    return "float32", "this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): float32"
 
 
 def resolve_format(checkpoint_dtype: str, dtype: str | None, device: str | torch.device) -> str:

@@ -21,6 +21,13 @@ converts it, once, to the format the model was asked for:
 
 Both packed formats need fbgemm (x86 CPUs with AVX2). Activations, the KV
 cache, norms and embeddings stay float32 in both.
+
+`bfloat16` on a CPU with bfloat16 instructions (AVX512-BF16 or AMX): each weight is
+reordered once into oneDNN's blocked layout (`prepack_bfloat16`), which its
+matrix-vector product reads at about twice the speed of the plain layout (bench
+model at batch 1: 2.1 against 3.8-4.8 ms a forward's projections, one thread or
+two; `benchmarks/results/cpu-decode/bf16-prepack-microbench.log`), bit for bit the
+same results as `F.linear`, and each row's result independent of the batch.
 """
 from __future__ import annotations
 
@@ -42,6 +49,12 @@ ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
                                                                    "_linear_pointwise")
 
 
+def onednn_bfloat16() -> bool:
+    """Whether this CPU and torch build run oneDNN's prepacked bfloat16 linear."""
+    return (ONEDNN_FLOAT32 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Projection(nn.Module):
     """`x @ weight.T + bias`, in this layer's weight format."""
 
@@ -52,8 +65,11 @@ class Projection(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.format = "float"  # or the PACKED_FORMATS name it was converted to
         self.kernel: _Int8PerToken | _Float16Weights | None = None  # once packed
+        self.blocked: torch.Tensor | None = None  # bfloat16 in oneDNN's layout, once reordered
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
         if self.kernel is None:
             if x.dtype == torch.float32 and ONEDNN_FLOAT32 and x.device.type == "cpu":
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -78,6 +94,12 @@ class Projection(nn.Module):
         # the layer no longer reads its float weight (a tied LM head's stays the embedding's)
         self.weight = None
         self.bias = None
+
+    def reorder_bfloat16(self) -> None:
+        """Keep the bfloat16 weight only in oneDNN's blocked layout (the hint is batch 1:
+        decode; every batch size runs on it)."""
+        self.blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+        self.weight = None  # (a tied LM head's stays the embedding's)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.format}"
@@ -144,6 +166,19 @@ def pack_projections(model: nn.Module, fmt: str) -> int:
     layers = [m for m in model.modules() if isinstance(m, Projection)]
     for layer in layers:
         layer.pack(fmt)
+    return len(layers)
+
+
+def prepack_bfloat16(model: nn.Module) -> int:
+    """Reorder every bfloat16 projection of a CPU model for oneDNN; how many (0 where
+    the CPU has no bfloat16 instructions: `F.linear` then)."""
+    layers = [m for m in model.modules() if isinstance(m, Projection) and m.kernel is None
+              and m.weight is not None and m.weight.dtype == torch.bfloat16
+              and m.weight.device.type == "cpu"]
+    if not layers or not onednn_bfloat16():
+        return 0
+    for layer in layers:
+        layer.reorder_bfloat16()
     return len(layers)
 
 

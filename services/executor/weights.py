@@ -18,7 +18,8 @@ from llmesh.services.common.gguf_file import model_path
 from llmesh.services.executor.auto_format import resolve_format
 from llmesh.services.executor.model import CausalLM
 from llmesh.services.executor.model_config import ModelConfig, load_model_config
-from llmesh.services.executor.projection import PACKED_FORMATS, check_packed_format, pack_projections
+from llmesh.services.executor.projection import (PACKED_FORMATS, check_packed_format, pack_projections,
+                                                 prepack_bfloat16)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,4 +146,6 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     model = model.eval().requires_grad_(False)
     if dtype in PACKED_FORMATS:
         pack_projections(model, dtype)
+    elif torch_dtype == torch.bfloat16:
+        prepack_bfloat16(model)
     return model

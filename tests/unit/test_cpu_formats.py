@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from llmesh.services.executor.auto_format import BF16_FLAGS, auto_format, cpu_flags
-from llmesh.services.executor.projection import ONEDNN_FLOAT32, Projection
+from llmesh.services.executor.attention import TorchPagedAttention, build_metadata, SeqSlice
+from llmesh.services.executor.projection import ONEDNN_FLOAT32, Projection, onednn_bfloat16
 from llmesh.services.executor.weights import load_model
 
 
@@ -29,13 +30,51 @@ def test_float32_projection_is_onednn_within_float32_rounding_of_f_linear():
         assert torch.equal(layer(x[:5]), out[:5])
 
 
-def test_auto_picks_bfloat16_exactly_on_cpus_with_amx(tiny_model_dir, caplog):
-    has_bf16 = bool(cpu_flags() & set(BF16_FLAGS))
+@pytest.mark.skipif(not onednn_bfloat16(), reason="this CPU has no bfloat16 instructions")
+def test_bfloat16_projection_is_reordered_once_and_exactly_f_linear(tiny_model_dir):
+    model = load_model(tiny_model_dir, "bfloat16")
+    layers = [m for m in model.modules() if isinstance(m, Projection)]
+    assert layers and all(m.weight is None and m.blocked is not None for m in layers)
+    # the LM head tied or not, the embedding keeps its plain weight
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    torch.manual_seed(0)
+    layer = Projection(512, 1536, bias=True)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    w, b = layer.weight.detach().bfloat16(), layer.bias.detach().bfloat16()
+    layer.weight, layer.bias = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(b, requires_grad=False)
+    layer.reorder_bfloat16()
+    x = torch.randn(64, 512).bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+        assert torch.equal(out, F.linear(x, w, b))
+        # a row's result does not depend on what else is in the batch
+        assert torch.equal(layer(x[:1]), out[:1]) and torch.equal(layer(x[:7]), out[:7])
+
+
+def test_single_queries_over_a_bfloat16_cache_attend_in_float32():
+    torch.manual_seed(1)
+    block, kvh, d, heads = 4, 2, 16, 4
+    caches = [torch.randn(32, block, kvh, d).bfloat16() for _ in range(2)]
+    seqs = [SeqSlice(9, 1, [3, 7, 1]), SeqSlice(5, 1, [12, 30])]  # decode rows, ragged contexts
+    meta = build_metadata(seqs, block, None, torch.device("cpu"))
+    q = torch.randn(2, heads, d).bfloat16()
+    with torch.inference_mode():
+        out = TorchPagedAttention().attend(q, *caches, meta, 0.25)
+        wide = TorchPagedAttention().attend(q.float(), caches[0].float(), caches[1].float(), meta, 0.25)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, wide.bfloat16())  # float32 throughout, rounded once
+
+
+def test_auto_picks_bfloat16_exactly_on_cpus_with_bfloat16_instructions(tiny_model_dir, caplog):
+    has_bf16 = bool(cpu_flags() & set(BF16_FLAGS)) and onednn_bfloat16()
     expected = torch.bfloat16 if has_bf16 else torch.float32
     with caplog.at_level(logging.INFO, logger="llmesh.executor"):
         model = load_model(tiny_model_dir, "auto")
     assert model.model.embed_tokens.weight.dtype == expected
-    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == expected
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert (qkv.blocked if qkv.weight is None else qkv.weight).dtype == expected
     assert any(f"dtype auto: {'bfloat16' if has_bf16 else 'float32'}" in r.getMessage()
                for r in caplog.records)
 
