@@ -40,6 +40,7 @@ ENGINE_VARIANTS = {
     # the engine's KV before it was sized from memory: 256 MiB
     "fp32-256MiB": dict(dtype="float32", kv_cache_bytes=256 * 2**20),
     "fp32": dict(dtype="float32"),
+    "bf16": dict(dtype="bfloat16"),
     "int8": dict(dtype="int8"),
     "float16-weights": dict(dtype="float16-weights"),
 }

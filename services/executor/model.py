@@ -54,10 +54,8 @@ class RMSNorm(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op, same result
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype  # half precision: normalise in float32, scale after the cast (as HF)
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # half precision: normalise in float32 (the same fused op), scale after the cast (as HF)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
