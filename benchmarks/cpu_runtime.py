@@ -118,7 +118,7 @@ def _served(name: str, model_dir: str, args, mc) -> tuple[str, str, callable, di
         gguf_path = str(model_path(model_dir))
         gguf = {"path": gguf_path, "sha256": llama_cpp.sha256(gguf_path), "outtype": "native"}
     else:
-        gguf = llama_cpp.convert(build, model_dir, outtype)
+        gguf = llama_cpp.convert(build, str(llama_cpp.hf_checkpoint(model_dir)), outtype)
     # each slot holds a whole request of the workload, and a 512-token prompt
     ctx = parallel * min(mc.max_position_embeddings, max(args.max_prompt + args.max_output, 528))
     from llmesh.mesh.ports import free_port

@@ -8,7 +8,10 @@ and builds the `llama-server` target into a cache directory outside the repo
 (`~/.cache/llmesh/llama.cpp/<version>`; about 10 minutes on 2 cores, once). The
 record it returns (version, commit, cmake flags, binary) goes into every
 results file that uses it. `convert()` turns a model directory into a GGUF with
-llama.cpp's own converter and returns its path and SHA-256; `serve()` starts
+llama.cpp's own converter and returns its path and SHA-256 (a model llmesh
+serves from a GGUF file is first written out by `hf_checkpoint()` as the
+float32 safetensors llmesh dequantizes it to, so both servers run the same
+weights); `serve()` starts
 the server on loopback and returns the process with its full command line.
 
     python -m llmesh.benchmarks.llama_cpp        # build (or find) and print the record
@@ -107,6 +110,43 @@ sys.argv = [converter] + sys.argv[3:]
 runpy.run_path(converter, run_name="__main__")
 """
 PRE_TOKENIZER_FALLBACK = "gpt-2"
+
+
+def hf_checkpoint(model_dir: str | Path, dest_root: Path = CACHE / "hf") -> Path:
+    """A directory llama.cpp's converter reads for `model_dir`: itself, or, for a
+    directory rendered from a GGUF file (SmolLM2's package ships only Q4_1), its
+    weights as llmesh loads them (dequantized, Hugging Face names and layout) in
+    float32 safetensors, with its config and tokenizer (written once)."""
+    import torch
+    from safetensors.torch import save_file
+    from llmesh.services.executor.model import CausalLM
+    from llmesh.services.executor.model_config import load_model_config
+    from llmesh.services.executor.weights import checkpoint_names, open_tensors
+    model_dir = Path(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    if not raw.get("gguf_file"):
+        return model_dir
+    out = dest_root / model_dir.name
+    if (out / "model.safetensors").is_file():
+        return out
+    config = load_model_config(model_dir)
+    with torch.device("meta"):
+        names = [n for p in CausalLM(config).state_dict() for n in checkpoint_names(p)]
+    index = open_tensors(model_dir, config)
+    tensors = {n: index.get(n).float().contiguous() for n in names if n in index}
+    index.close()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and f.is_file():
+            shutil.copy(f, tmp / f.name)
+    raw.pop("gguf_file")
+    (tmp / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float32"}, indent=2))
+    tmp.rename(out)
+    _log(f"{model_dir} written as float32 safetensors: {out}")
+    return out
 
 
 def convert(record: dict, model_dir: str, outtype: str, dest_dir: Path = CACHE / "gguf") -> dict:
