@@ -28,7 +28,9 @@ llama.cpp's commit, cmake flags, command lines and each GGUF's SHA-256.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 from llmesh.benchmarks import kit
 from llmesh.benchmarks.arrivals import ArrivalSpec
@@ -114,8 +116,10 @@ def _served(name: str, model_dir: str, args, mc) -> tuple[str, str, callable, di
     parallel = int(np_part) if np_part else np_default
     build = llama_cpp.build()
     if outtype == "native":
-        from llmesh.services.common.gguf_file import model_path
-        gguf_path = str(model_path(model_dir))
+        # the GGUF file a rendered directory was made from (its config.json names it)
+        gguf_path = json.loads((Path(model_dir) / "config.json").read_text()).get("gguf_file")
+        if not gguf_path:
+            raise SystemExit(f"llama.cpp-native: {model_dir} was not loaded from a GGUF file")
         gguf = {"path": gguf_path, "sha256": llama_cpp.sha256(gguf_path), "outtype": "native"}
     else:
         gguf = llama_cpp.convert(build, str(llama_cpp.hf_checkpoint(model_dir)), outtype)
