@@ -79,6 +79,9 @@ class ModelRunner:
         # per layer: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = [(kv_zeros(shape, dtype, self.device), kv_zeros(shape, dtype, self.device))
                           for _ in range(self.config.num_layers)]
+        if hasattr(self.backend, "warm_up"):  # (a compiled backend compiles now, not mid-step)
+            self.backend.warm_up(*self.kv_caches[0], model.model.layers[0].self_attn.num_heads,
+                                 model.model.layers[0].self_attn.scale)
         self.seqs: dict[str, SeqState] = {}
         self.batch = BatchState()  # the live sequences' step state, by slot
         self.threads = StepThreads(self.device)
@@ -126,6 +129,9 @@ class ModelRunner:
         if self.device.type == "cuda" and kernels_support(
                 dtype, c.head_dim, self.block_size, c.num_heads, c.num_kv_heads, c.sliding_window):
             return CudaPagedAttention(context_bound=self.max_model_len)
+        from llmesh.services.executor.attention_cpu import CompiledCpuAttention, wants_compiled
+        if wants_compiled(self.device, dtype, c.sliding_window):
+            return CompiledCpuAttention()
         return TorchPagedAttention()
 
     @staticmethod
