@@ -10,8 +10,9 @@ the result rounded once to the cache's dtype (3.5x faster per layer at 64 x 256
 on the bench box; `benchmarks/results/cpu-decode/compiled-attention.log`).
 
 Compiled at start (`warm_up`), once per thread count a step may use, with the
-rows and the blocks dynamic; tables of fewer than 2 rows or 2 blocks are
-padded so that the graph covers every step (no specialisation on 1). Where inductor
+rows, the table's width and the cache's blocks dynamic, so no step recompiles;
+small steps (under MIN_COMPILED_KEYS keys, one row, or one block) run the
+same maths eagerly, where a compiled call's guards would cost more. Where inductor
 cannot compile (no C++ compiler, or `LLMESH_COMPILED_CPU_ATTENTION=0`) the same
 maths runs eagerly and the start-up log says why. Prefill chunks use the
 reference path.
@@ -29,6 +30,9 @@ from llmesh.services.executor.attention import AttentionMetadata, TorchPagedAtte
 
 log = logging.getLogger("llmesh.executor")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+# below this many keys (rows x padded width) a step attends eagerly: at one sequence the
+# compiled call's guards and launch cost more than its loops save
+MIN_COMPILED_KEYS = 2048
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -52,7 +56,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def paged_decode_eager(q, k_cache, v_cache, block_table, context_lens, scale: float):
-    """paged_decode's maths without a compiler: the blocks gathered, then SDPA in float32."""
+    """paged_decode's maths for small steps: the blocks gathered, then SDPA in float32."""
     num_rows, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     width = block_table.shape[1] * block_size
@@ -88,10 +92,12 @@ class CompiledCpuAttention(TorchPagedAttention):
     def __init__(self):
         super().__init__()
         self.compiled = False
-        self._decode = paged_decode_eager
+        self._decode = None
         self.why_eager = compiler_missing()
         if self.why_eager is None:
             self._decode = torch.compile(paged_decode, dynamic=False, fullgraph=True)
+        # (the reference backend's grouped inputs unless compiled: see warm_up)
+        self.wants_block_tables = self.why_eager is None
 
     @torch.inference_mode()
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
@@ -115,13 +121,15 @@ class CompiledCpuAttention(TorchPagedAttention):
                 self.compiled = True
             except Exception as e:  # (inductor's errors have no common base)
                 self.why_eager = f"compiling failed: {type(e).__name__}: {str(e)[:200]}"
-                self._decode = paged_decode_eager
+                self.wants_block_tables = False
             finally:
                 torch.set_num_threads(threads)
         log.info("decode attention over the %s KV cache: %s", k_cache.dtype,
                  "compiled" if self.compiled else f"eager ({self.why_eager})")
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        if not self.wants_block_tables:  # not compiled: the reference backend, as it is
+            return super().attend(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         if meta.num_single:
             n = meta.num_single
@@ -132,14 +140,7 @@ class CompiledCpuAttention(TorchPagedAttention):
 
     def _single(self, q, k_cache, v_cache, tables, lens, scale):
         n, width = tables.shape
-        q = q.contiguous()  # (the rows of the rotated q|k heads: one layout, one graph)
-        if n >= 2 and width >= 2:
-            return self._decode(q, k_cache, v_cache, tables.long(), lens.long(), scale)
-        # (padded to 2 x 2: one compiled graph for every step; the extra row sees key 0)
-        padded = torch.zeros(max(n, 2), max(width, 2), dtype=torch.long)
-        padded[:n, :width] = tables
-        padded_lens = torch.ones(max(n, 2), dtype=torch.long)
-        padded_lens[:n] = lens
-        padded_q = torch.zeros(max(n, 2), *q.shape[1:], dtype=q.dtype)
-        padded_q[:n] = q
-        return self._decode(padded_q, k_cache, v_cache, padded, padded_lens, scale)[:n]
+        if n < 2 or width < 2 or n * width * k_cache.shape[1] < MIN_COMPILED_KEYS:
+            # a small step: a compiled call's guards and launch cost more than it saves
+            return paged_decode_eager(q, k_cache, v_cache, tables.long(), lens.long(), scale)
+        return self._decode(q.contiguous(), k_cache, v_cache, tables.long(), lens.long(), scale)

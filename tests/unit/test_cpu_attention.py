@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from llmesh.services.executor.attention import TorchPagedAttention, build_metadata, SeqSlice
-from llmesh.services.executor.attention_cpu import (CompiledCpuAttention, compiler_missing,
-                                                    paged_decode_eager)
+from llmesh.services.executor.attention_cpu import (MIN_COMPILED_KEYS, CompiledCpuAttention,
+                                                    compiler_missing, paged_decode_eager)
 from llmesh.services.executor.runner import ModelRunner
 from llmesh.services.executor.weights import load_model
 
-BLOCK, KV_HEADS, HEAD_DIM, HEADS = 4, 2, 16, 6
+BLOCK, KV_HEADS, HEAD_DIM, HEADS = 16, 2, 16, 6
+LONG = [9, 300, 2, 170, 45, 260, 33, 120]  # 8 ragged rows, 19 blocks wide: compiled
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def backend():
 def _step(rng, contexts, prefills=()):
     """Caches with random keys and values, a step's metadata (single queries with these
     contexts first, then prefill chunks of these lengths) and its queries."""
-    caches = [torch.randn(64, BLOCK, KV_HEADS, HEAD_DIM).bfloat16() for _ in range(2)]
-    free = list(range(64))
+    caches = [torch.randn(256, BLOCK, KV_HEADS, HEAD_DIM).bfloat16() for _ in range(2)]
+    free = list(range(256))
     rng.shuffle(free)
     seqs = []
     for ctx in contexts:
@@ -39,16 +40,18 @@ def _step(rng, contexts, prefills=()):
 
 
 @pytest.mark.parametrize("contexts,prefills", [
-    ([9, 30, 2, 17, 5], ()),  # ragged decode rows
-    ([13], ()),  # one row (padded to two rows inside)
-    ([2, 1], ()),  # one block each (padded to two blocks)
-    ([7, 22], (5, 9)),  # decode rows then prefill chunks
+    (LONG, ()),  # ragged decode rows, through the compiled loops
+    (LONG, (5, 40)),  # decode rows then prefill chunks
+    ([13], ()),  # one row: eager
+    ([30, 1], ()),  # a small step: eager
 ])
-def test_compiled_decode_matches_the_reference_backend(backend, contexts, prefills):
+def test_decode_rows_match_the_reference_backend(backend, contexts, prefills):
     rng = random.Random(len(contexts) * 7 + len(prefills))
     caches, seqs, q = _step(rng, contexts, prefills)
     meta_ref = build_metadata(seqs, BLOCK, None, torch.device("cpu"))
     meta = build_metadata(seqs, BLOCK, None, torch.device("cpu"), with_block_tables=True)
+    rows, width = meta.single_block_tables.shape
+    assert (rows * width * BLOCK >= MIN_COMPILED_KEYS) == (contexts is LONG)
     with torch.inference_mode():
         want = TorchPagedAttention().attend(q, *caches, meta_ref, HEAD_DIM ** -0.5)
         got = backend.attend(q, *caches, meta, HEAD_DIM ** -0.5)
@@ -58,12 +61,13 @@ def test_compiled_decode_matches_the_reference_backend(backend, contexts, prefil
     assert (got.float() - want.float()).abs().max() <= 8e-3
 
 
-def test_the_eager_fallback_is_the_same_maths(backend):
-    caches, seqs, q = _step(random.Random(3), [6, 19, 11])
+@pytest.mark.skipif(compiler_missing() is not None, reason="no C++ compiler for inductor")
+def test_compiled_and_eager_maths_agree(backend):
+    caches, seqs, q = _step(random.Random(3), LONG)
     meta = build_metadata(seqs, BLOCK, None, torch.device("cpu"), with_block_tables=True)
     tables, lens = meta.single_block_tables.long(), meta.single_context_lens.long()
     with torch.inference_mode():
-        compiled = backend.attend(q, *caches, meta, 0.25)
+        compiled = backend._decode(q, *caches, tables, lens, 0.25)
         eager = paged_decode_eager(q, *caches, tables, lens, 0.25)
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)
 
@@ -84,3 +88,10 @@ def test_turned_off_it_runs_eagerly(monkeypatch):
     caches = torch.zeros(8, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
     b.warm_up(caches, caches.clone(), HEADS, 0.25)
     assert not b.compiled and "LLMESH_COMPILED_CPU_ATTENTION=0" in b.why_eager
+    # it then asks for the reference backend's grouped inputs and attends as that does
+    assert not b.wants_block_tables
+    caches, seqs, q = _step(random.Random(5), LONG, (4,))
+    meta = build_metadata(seqs, BLOCK, None, torch.device("cpu"))
+    with torch.inference_mode():
+        assert torch.equal(b.attend(q, *caches, meta, 0.25),
+                           TorchPagedAttention().attend(q, *caches, meta, 0.25))
