@@ -11,8 +11,9 @@ on the bench box; `benchmarks/results/cpu-decode/compiled-attention.log`).
 
 Compiled at start (`warm_up`), once per thread count a step may use, with the
 rows, the table's width and the cache's blocks dynamic, so no step recompiles;
-small steps (under MIN_COMPILED_KEYS keys, one row, or one block) run the
-same maths eagerly, where a compiled call's guards would cost more. Where inductor
+small steps (under MIN_COMPILED_KEYS keys, one row, or one block) take the
+reference backend's gather and SDPA, where a compiled call's guards would
+cost more. Where inductor
 cannot compile (no C++ compiler, or `LLMESH_COMPILED_CPU_ATTENTION=0`) the same
 maths runs eagerly and the start-up log says why. Prefill chunks use the
 reference path.
@@ -53,20 +54,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     probs = torch.softmax(scores, -1)
     out = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2)
     return out.reshape(num_rows, num_heads, head_dim).to(q.dtype)
-
-
-def paged_decode_eager(q, k_cache, v_cache, block_table, context_lens, scale: float):
-    """paged_decode's maths for small steps: the blocks gathered, then SDPA in float32."""
-    num_rows, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    width = block_table.shape[1] * block_size
-    k = k_cache[block_table].view(num_rows, width, num_kv_heads, head_dim).transpose(1, 2).float()
-    v = v_cache[block_table].view(num_rows, width, num_kv_heads, head_dim).transpose(1, 2).float()
-    visible = torch.arange(width, device=q.device)[None, :] < context_lens[:, None]
-    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v,
-                                         attn_mask=visible[:, None, None, :], scale=scale,
-                                         enable_gqa=True)
-    return out.squeeze(2).to(q.dtype)
 
 
 def compiler_missing() -> str | None:
@@ -142,5 +129,18 @@ class CompiledCpuAttention(TorchPagedAttention):
         n, width = tables.shape
         if n < 2 or width < 2 or n * width * k_cache.shape[1] < MIN_COMPILED_KEYS:
             # a small step: a compiled call's guards and launch cost more than it saves
-            return paged_decode_eager(q, k_cache, v_cache, tables.long(), lens.long(), scale)
+            return self._eager_single(q, k_cache, v_cache, tables, lens, scale)
         return self._decode(q.contiguous(), k_cache, v_cache, tables.long(), lens.long(), scale)
+
+    def _eager_single(self, q, k_cache, v_cache, tables, lens, scale):
+        """The same maths as the reference backend's: the blocks gathered into the
+        workspace, widened, then SDPA in float32 with the padding masked."""
+        n, width = tables.shape
+        block_ids = tables.reshape(-1).long()
+        k = self._widened("kf", self._gather("k", k_cache, block_ids)).view(n, -1, *k_cache.shape[2:])
+        v = self._widened("vf", self._gather("v", v_cache, block_ids)).view(n, -1, *v_cache.shape[2:])
+        visible = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]
+        out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k.transpose(1, 2),
+                                             v.transpose(1, 2), attn_mask=visible[:, None, None, :],
+                                             scale=scale, enable_gqa=True)
+        return out.squeeze(2).to(q.dtype)

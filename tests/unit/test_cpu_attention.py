@@ -7,7 +7,7 @@ import torch
 
 from llmesh.services.executor.attention import TorchPagedAttention, build_metadata, SeqSlice
 from llmesh.services.executor.attention_cpu import (MIN_COMPILED_KEYS, CompiledCpuAttention,
-                                                    compiler_missing, paged_decode_eager)
+                                                    compiler_missing)
 from llmesh.services.executor.runner import ModelRunner
 from llmesh.services.executor.weights import load_model
 
@@ -68,7 +68,7 @@ def test_compiled_and_eager_maths_agree(backend):
     tables, lens = meta.single_block_tables.long(), meta.single_context_lens.long()
     with torch.inference_mode():
         compiled = backend._decode(q, *caches, tables, lens, 0.25)
-        eager = paged_decode_eager(q, *caches, tables, lens, 0.25)
+        eager = backend._eager_single(q, *caches, tables, lens, 0.25)
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)
 
 
