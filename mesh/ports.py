@@ -3,12 +3,39 @@ leaves at 0 with a free loopback port, once, before anything starts."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import socket
+from pathlib import Path
 
 from llmesh.mesh.config import MeshConfig, ReplicaPorts, ServedModel
 
 
+# Picks come from below the kernel's ephemeral range where it leaves room: a port the
+# kernel hands out for bind(0) is also one it may give any outgoing connection's
+# source before the service binds it (seen once: a scheduler's metrics port taken).
+LOWEST_PICK = 10000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
+    """A loopback port free now: a random one below the ephemeral range when there
+    is room (checked by binding it), else one the kernel picks."""
+    top = _ephemeral_start()
+    if top - LOWEST_PICK >= 1000:
+        for _ in range(50):
+            port = random.randrange(LOWEST_PICK, top)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
