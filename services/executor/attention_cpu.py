@@ -6,17 +6,18 @@ tokens that is three passes over the keys and values per layer, and most of a
 bfloat16 step (bench model: 29 of 39 ms a forward). Here the single-query rows
 are one function of the block table, compiled by inductor into loops that read
 each key and value where it lies in the cache: scores and softmax in float32,
-the result rounded once to the cache's dtype (3.5x faster per layer at 64 x 256
-on the bench box; `benchmarks/results/cpu-decode/compiled-attention.log`).
+the result rounded once to the cache's dtype (2.3-3.4x faster per layer at 16-64
+rows of 101-512 tokens on the bench box;
+`benchmarks/results/cpu-decode/compiled-attention.log`).
 
 Compiled at start (`warm_up`), once per thread count a step may use, with the
 rows, the table's width and the cache's blocks dynamic, so no step recompiles;
 small steps (under MIN_COMPILED_KEYS keys, one row, or one block) take the
 reference backend's gather and SDPA, where a compiled call's guards would
-cost more. Where inductor
-cannot compile (no C++ compiler, or `LLMESH_COMPILED_CPU_ATTENTION=0`) the same
-maths runs eagerly and the start-up log says why. Prefill chunks use the
-reference path.
+cost more. Where inductor cannot compile (no C++ compiler, or
+`LLMESH_COMPILED_CPU_ATTENTION=0`) this backend is the reference one (its
+grouped inputs, gathers and SDPA) and the start-up log says why. Prefill
+chunks use the reference path.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class CompiledCpuAttention(TorchPagedAttention):
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
                 scale: float) -> None:
         """Compile now (a few seconds; inductor's disk cache makes later starts quick),
-        or fall back to the eager maths for good if that fails."""
+        or fall back to the reference backend for good if that fails."""
         if self.why_eager is None:
             # rows, table width and the caches' blocks dynamic (and different at tracing:
             # one symbol each)
