@@ -1,6 +1,8 @@
 """The whole engine on CUDA gives the CPU reference's greedy tokens (GPU only)."""
 import random
 
+import pytest
+import torch
 
 from hf_models import make_hf_model
 from llmesh.services.common.sampling_params import SamplingParams
@@ -22,22 +24,24 @@ def test_tiny_model_fp32_on_gpu_matches_cpu(tiny_model_dir):
     assert [r[0].token_ids for r in gpu] == [r[0].token_ids for r in cpu]
 
 
-def test_kernel_backend_matches_torch_backend_in_bf16(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_kernel_backend_matches_torch_backend(tmp_path, dtype):
     # head_dim 64: the shape the CUDA kernels serve
     hf, path = make_hf_model("llama", tmp_path / "m", head_dim=64)
     import json
     cfg = json.loads((path / "config.json").read_text())
     prompts = _prompts(cfg["vocab_size"])
-    eng = Engine.from_pretrained(path, EngineConfig(device="cuda", dtype="float16"))
+    eng = Engine.from_pretrained(path, EngineConfig(device="cuda", dtype=dtype))
     assert isinstance(eng.runner.backend, CudaPagedAttention)
+    assert eng.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
     fast = eng.generate(prompts, GREEDY)
     # (no CUDA graphs: they replay the backend they were captured with)
-    ref_engine = Engine.from_pretrained(path, EngineConfig(device="cuda", dtype="float16",
+    ref_engine = Engine.from_pretrained(path, EngineConfig(device="cuda", dtype=dtype,
                                                            cuda_graphs=False))
     ref_engine.runner.backend = ref_engine.runner.reference_backend()
     ref = ref_engine.generate(prompts, GREEDY)
     same = sum(a[0].token_ids == b[0].token_ids for a, b in zip(fast, ref))
-    assert same >= len(prompts) - 1  # fp16 near-ties may flip one
+    assert same >= len(prompts) - 1  # 16-bit near-ties may flip one
 
 
 def test_each_step_moves_its_inputs_in_one_pinned_copy(tiny_model_dir):
