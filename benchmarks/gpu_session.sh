@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Issue 14's GPU checks and measurements in one device call (an H100 or H200):
-#   1. python -m pytest tests/gpu -q (every failure, not just the first)
-#   2. llmesh bench kernels                -> $OUT/kernels.json, $OUT/kernels.log
-#   3. llmesh bench gpu --shape llama-1b  -> $OUT/gpu-1b.json, $OUT/gpu-1b.log
-#   4. llmesh bench gpu --shape llama-8b  -> $OUT/gpu-8b.json, $OUT/gpu-8b.log
+# The GPU checks and measurements in one device call (an H100 or H200):
+#   tests    python -m pytest tests/gpu -q (every failure, not just the first; the paged
+#            prefill kernel's grid and the engine with it switched on included)
+#   kernels  llmesh bench kernels: decode rows checked for head_dim 64/128/256, the
+#            paged prefill kernel at the 1B shape  -> $OUT/kernels.json, $OUT/kernels.log
+#   agree    SmolLM2-135M-Instruct, llmesh against transformers, bf16 and fp16, 32 prompts
+#            x 128 greedy tokens (benchmarks/gpu_agreement.py) -> $OUT/agree.json, .log
+#   1b, 8b   llmesh bench gpu --shape llama-1b|llama-8b -> $OUT/gpu-<s>.json, .log
+#            (transformers' static baseline at --hf-batch-size, e.g. ARGS_1B="--hf-batch-size 256")
 # each under `timeout`; then $OUT/summary.txt and the tables. Nothing is fetched: the GPU
 # image has torch, CuPy, NVRTC, transformers, safetensors, tokenizers, pyyaml, jinja2,
 # numpy, grpcio and prometheus-client, but not opentelemetry-api, which the engine
@@ -19,6 +23,19 @@
 # only when grpc_tools is there (the image lacks grpcio-tools; carry its wheel, or carry
 # llmesh/v1 made here, for anything that does need them).
 #
+# SmolLM2's GGUF (98 MB) is larger than one call's tree (64 MiB): carry it in two halves
+# over two calls of one warm machine (an ignored path not carried stays there):
+#
+#   echo /.smol-a/ >> .git/info/exclude; echo /.smol-b/ >> .git/info/exclude
+#   mkdir -p .smol-a .smol-b && split -n 2 -d "$(python -c 'from llmesh.mesh.default_model \
+#       import smollm2_gguf; print(smollm2_gguf())')" .smol-a/part && mv .smol-a/part01 .smol-b/
+#   run(command="ls -l .smol-a", carry=[".smol-a"], timeout_s=60)
+#   run(command="STEPS='tests kernels agree 1b' bash benchmarks/gpu_session.sh",
+#       carry=[".smol-b", ".whl"], timeout_s=600)
+#
+# The agree step joins the halves, checks the SHA-256 against SMOLLM2_SHA256 below and
+# serves the file as every llmesh model is served from a GGUF file.
+#
 # Here, without a GPU:  bash benchmarks/gpu_session.sh --dry-run
 # runs every step, with the tiny shape on the CPU in place of the two real ones.
 # Environment: OUT (default: a new temp dir), PY (default python3; .venv/bin/python in a
@@ -32,8 +49,10 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ $DRY = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 OUT=${OUT:-$(mktemp -d /tmp/llmesh-gpu-session.XXXXXX)}
-STEPS=${STEPS:-tests kernels 1b 8b}
-T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-60} T_1B=${T_1B:-180} T_8B=${T_8B:-260}
+STEPS=${STEPS:-tests kernels agree 1b 8b}
+T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-90} T_AGREE=${T_AGREE:-200} T_1B=${T_1B:-180}
+T_8B=${T_8B:-260}
+SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p "$OUT"
 ENV_LOG=$OUT/env.txt SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -123,13 +142,24 @@ for step in $STEPS; do
     kernels) if [ $DRY = 1 ]; then note "kernels: needs a GPU (skipped in a dry run)"; else
                run_step "bench kernels" "$T_KERNELS" "$OUT/kernels.log" "$PY" -m llmesh.mesh.cli bench \
                    kernels --json "$OUT/kernels.json"; fi ;;
+    agree) if [ $DRY = 1 ]; then
+             AGREE_MODEL=smollm2 AGREE_ARGS="--device cpu --dtypes float32,bfloat16 --prompts 2 --tokens 8"
+           else
+             AGREE_MODEL=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf AGREE_ARGS=""
+             mkdir -p /tmp/smollm2 && cat .smol-a/part* .smol-b/part* >"$AGREE_MODEL" 2>/dev/null
+             echo "$SMOLLM2_SHA256  $AGREE_MODEL" | sha256sum -c - >>"$SUMMARY" 2>&1 \
+                 || note "agree: SmolLM2 halves missing or wrong (see the header)"
+           fi
+           # shellcheck disable=SC2086
+           run_step "agreement" "$T_AGREE" "$OUT/agree.log" "$PY" -m llmesh.benchmarks.gpu_agreement \
+               --model "$AGREE_MODEL" --json "$OUT/agree.json" $AGREE_ARGS ;;
     1b) # shellcheck disable=SC2086
         run_step "bench gpu 1b" "$T_1B" "$OUT/gpu-1b.log" "$PY" -m llmesh.mesh.cli bench gpu \
             $SHAPE_1B --no-progress --json "$OUT/gpu-1b.json" ${ARGS_1B:-} ;;
     8b) # shellcheck disable=SC2086
         run_step "bench gpu 8b" "$T_8B" "$OUT/gpu-8b.log" "$PY" -m llmesh.mesh.cli bench gpu \
             $SHAPE_8B --no-progress --json "$OUT/gpu-8b.json" ${ARGS_8B:-} ;;
-    *) note "unknown step $step (tests, kernels, 1b, 8b)" ;;
+    *) note "unknown step $step (tests, kernels, agree, 1b, 8b)" ;;
   esac
 done
 
@@ -137,6 +167,7 @@ echo
 [ -f "$OUT/pytest-gpu.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-gpu.log" | tail -n 30
 [ -f "$OUT/kernels.log" ] && { echo; grep -E "Error|Traceback" "$OUT/kernels.log" | tail -5;
   sed -n '/^## llmesh bench kernels/,$p' "$OUT/kernels.log"; }
+[ -f "$OUT/agree.log" ] && { echo; echo "==== agreement ===="; grep -E '^\[gpu_agreement\]|Error|Traceback' "$OUT/agree.log" | tail -n 12; }
 for s in 1b 8b; do
   log=$OUT/gpu-$s.log
   [ -f "$log" ] || continue

@@ -16,6 +16,7 @@ import torch
 
 KERNEL_DIR = Path(__file__).parent
 NUM_THREADS = 128  # the decode kernel's CTA (paged_attention.cu)
+PREFILL_THREADS, PREFILL_ROWS, PREFILL_PAD = 128, 64, 8  # paged_prefill.cu's CTA
 MAX_GROUP = 8
 GROUP_KERNELS = (1, 2, 4, 8)  # each kernel serves GQA groups up to its size
 HEAD_DIMS = (64, 128, 256)
@@ -166,6 +167,80 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 (num_heads, num_seqs), (head_dim,),
                 (_ptr(out), _ptr(part_out), _ptr(part_max), _ptr(part_sum), np.int32(num_heads),
                  np.int32(num_splits)))
+    return out
+
+
+def check_prefill_args(q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens) -> None:
+    """Everything the prefill kernel assumes, as clear errors."""
+    _check(q.dim() == 3 and k_cache.dim() == 4,
+           f"paged prefill: q must be [tokens, heads, head_dim] and the caches [blocks, "
+           f"block_size, kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+    _, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    _check(v_cache.shape == k_cache.shape, "paged prefill: K and V caches differ in shape")
+    _check(q.dtype in _DTYPE_TAG and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+           f"paged prefill: q and the caches must share fp16 or bf16; got {q.dtype}, "
+           f"{k_cache.dtype}, {v_cache.dtype}")
+    _check(cache_dim == head_dim and head_dim in HEAD_DIMS,
+           f"paged prefill: head_dim {head_dim} (cache {cache_dim}); supported: "
+           f"{', '.join(map(str, HEAD_DIMS))}")
+    _check(block_size in BLOCK_SIZES, f"paged prefill: block size {block_size}; supported: "
+           f"{', '.join(map(str, BLOCK_SIZES))}")
+    _check(num_heads % num_kv_heads == 0,
+           f"paged prefill: {num_heads} query heads over {num_kv_heads} KV heads")
+    num_chunks = q_lens.shape[0] if q_lens.dim() == 1 else -1
+    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_chunks
+           and block_tables.dtype == torch.int32,
+           f"paged prefill: block_tables must be int32 [{num_chunks}, max_blocks]")
+    _check(all(t.dtype == torch.int32 and tuple(t.shape) == (num_chunks,)
+               for t in (q_starts, q_lens, ctx_lens)),
+           f"paged prefill: q_starts, q_lens and ctx_lens must be int32 [{num_chunks}]")
+    _check(q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+           and block_tables.is_contiguous(), "paged prefill: q, caches and tables must be "
+           "contiguous")
+    _check(all(t.device == q.device for t in (k_cache, v_cache, block_tables, q_starts,
+                                              q_lens, ctx_lens)),
+           "paged prefill: every tensor must be on the same device")
+
+
+def prefill_launch(out, q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens,
+                   scale: float, max_q_len: int):
+    """(kernel name, grid, block, dynamic shared bytes, arguments) of one prefill launch;
+    the arguments are tensors (passed as their device addresses) and numpy scalars.
+    One CTA per (query head, 64 query rows, chunk); `max_q_len` bounds q_lens."""
+    import numpy as np
+    _, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    block_n = 32 if head_dim == 256 else 64  # paged_prefill.cu's PREFILL_KERNEL lines
+    smem = 2 * block_n * (head_dim + PREFILL_PAD) * q.element_size()
+    grid = (num_heads, max(1, math.ceil(max_q_len / PREFILL_ROWS)), q_lens.shape[0])
+    args = (out, q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens,
+            np.int32(block_tables.shape[1]), np.int32(num_heads), np.int32(num_kv_heads),
+            np.float32(scale * math.log2(math.e)), np.int32(block_size.bit_length() - 1))
+    return f"paged_prefill_{_DTYPE_TAG[q.dtype]}_d{head_dim}", grid, (PREFILL_THREADS,), smem, args
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, q_starts: torch.Tensor,
+                            q_lens: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                            max_q_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of prefill chunks over their paged K/V (already written there).
+    q [num_tokens, num_heads, head_dim] fp16/bf16; chunk c's queries are rows
+    q_starts[c] .. + q_lens[c] at positions ctx_lens[c] - q_lens[c] ..; block_tables
+    [num_chunks, max_blocks], q_starts/q_lens/ctx_lens [num_chunks], all int32. Rows of
+    `out` (default: a new tensor like q) that no chunk owns are left as they are."""
+    q = q.contiguous()
+    check_prefill_args(q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens)
+    _check(q.is_cuda, "paged prefill: the tensors must be on a CUDA device")
+    out = torch.empty_like(q) if out is None else out
+    _check(out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+           and out.device == q.device, "paged prefill: out must be a contiguous tensor like q")
+    name, grid, block, smem, args = prefill_launch(out, q, k_cache, v_cache, block_tables,
+                                                   q_starts, q_lens, ctx_lens, scale, max_q_len)
+    with _stream():
+        _kernel("paged_prefill.cu", name)(
+            grid, block, tuple(_ptr(a) if isinstance(a, torch.Tensor) else a for a in args),
+            shared_mem=smem)
     return out
 
 

@@ -26,6 +26,32 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, q_starts: torch.Tensor,
+                                q_lens: torch.Tensor, ctx_lens: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    """Causal attention of each prefill chunk over its paged keys, in fp32, returned in
+    q's dtype: chunk c's queries are rows q_starts[c] .. + q_lens[c] of q, at positions
+    ctx_lens[c] - q_lens[c] ..; its keys 0 .. ctx_lens[c] - 1 fill block_tables[c].
+    Rows no chunk owns are zero."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    for c in range(q_lens.shape[0]):
+        start, q_len, ctx = int(q_starts[c]), int(q_lens[c]), int(ctx_lens[c])
+        blocks = block_tables[c, :(ctx + block_size - 1) // block_size].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        qc = q[start:start + q_len].float()  # [q_len, heads, d]
+        scores = torch.einsum("qhd,khd->hqk", qc, k) * scale
+        q_pos = torch.arange(ctx - q_len, ctx)[:, None]
+        scores = scores.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
+        out[start:start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
 def reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     """k, v: [num_tokens, kvh, d] into caches at slot_mapping (negative = skip)."""
     keep = slot_mapping >= 0

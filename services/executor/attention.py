@@ -57,6 +57,10 @@ class AttentionMetadata:
     single_block_tables: torch.Tensor | None = None  # [num_single, max_blocks] int32
     single_context_lens: torch.Tensor | None = None  # [num_single] int32
     max_single_context: int = 0
+    # ... and the prefill chunks as one padded table (on request, without a sliding window)
+    prefill_block_tables: torch.Tensor | None = None  # [num_chunks, max_blocks] int32
+    prefill_bounds: torch.Tensor | None = None  # [3, num_chunks] int32: q start, q len, ctx
+    max_prefill_len: int = 0  # the longest chunk (tokens)
 
 
 class AttentionBackend(Protocol):
@@ -206,6 +210,12 @@ def metadata_from_arrays(starts: np.ndarray, counts: np.ndarray, table: np.ndarr
             groups.append((lo, hi, width, staging.put(table[lo:hi, :width].reshape(-1)),
                            staging.put(ctx[lo:hi])))
     chunks = [(i, staging.put(table[i, :need[i]])) for i in range(num_single, n)]
+    staged_chunks = None
+    if num_single < n and with_block_tables and sliding_window is None:
+        staged_chunks = (staging.put(table[num_single:, :int(need[num_single:].max())]
+                                     .astype(np.int32)),
+                         staging.put(np.stack([first_row[num_single:], counts[num_single:],
+                                               ctx[num_single:]]).astype(np.int32)))
     staging.flush()
 
     meta = AttentionMetadata(slot_mapping=staged_slots.tensor, num_single=num_single)
@@ -214,6 +224,10 @@ def metadata_from_arrays(starts: np.ndarray, counts: np.ndarray, table: np.ndarr
         meta.single_block_tables = staged_tables.tensor
         meta.single_context_lens = staged_ctx.tensor
         meta.max_single_context = int(ctx[:num_single].max())
+    if staged_chunks is not None:
+        meta.prefill_block_tables = staged_chunks[0].tensor
+        meta.prefill_bounds = staged_chunks[1].tensor
+        meta.max_prefill_len = int(counts[num_single:].max())
     meta.groups = [_single_group(lo, hi, width, ids.tensor, c.tensor, block_size,
                                  sliding_window, device)
                    for lo, hi, width, ids, c in groups]

@@ -1,6 +1,11 @@
 """CUDA attention backend: the CuPy kernels for decode rows and the cache write;
-prefill chunks use SDPA over gathered K/V (the reference path) for now."""
+prefill chunks use SDPA over gathered K/V (the reference path) unless the paged
+prefill kernel is switched on (`prefill_kernel`, or LLMESH_CUDA_PREFILL_KERNEL=1): it
+is checked on the CPU through an emulation of its CUDA built-ins, and it stays off
+by default until tests/gpu has passed with it on a GPU."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,9 +30,12 @@ class CudaPagedAttention(TorchPagedAttention):
 
     wants_block_tables = True
 
-    def __init__(self, context_bound: int | None = None):
+    def __init__(self, context_bound: int | None = None, prefill_kernel: bool | None = None):
         super().__init__()
         self.context_bound = context_bound
+        if prefill_kernel is None:
+            prefill_kernel = os.environ.get("LLMESH_CUDA_PREFILL_KERNEL", "0") == "1"
+        self.prefill_kernel = prefill_kernel
 
     def write_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata):
         from llmesh.kernels import ops
@@ -41,5 +49,11 @@ class CudaPagedAttention(TorchPagedAttention):
             out[:n] = ops.paged_decode_attention(
                 q[:n], k_cache, v_cache, meta.single_block_tables, meta.single_context_lens,
                 scale, max_context=self.context_bound or meta.max_single_context)
-        self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
+        if self.prefill_kernel and meta.prefill_block_tables is not None:
+            bounds = meta.prefill_bounds
+            ops.paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables,
+                                        bounds[0], bounds[1], bounds[2], scale,
+                                        max_q_len=meta.max_prefill_len, out=out)
+        else:
+            self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
         return out

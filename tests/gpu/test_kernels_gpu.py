@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from llmesh.kernels import ops
-from llmesh.kernels.reference import copy_blocks_ref, paged_decode_attention_ref, reshape_and_cache_ref
+from llmesh.kernels.reference import (copy_blocks_ref, paged_decode_attention_ref,
+                                     paged_prefill_attention_ref, reshape_and_cache_ref)
 
 CASES = [
     # batch, max context, kv heads, group, block size, head dim
@@ -67,3 +68,45 @@ def test_cache_ops_match_reference(dtype):
     ops.copy_blocks(k_cache, torch.tensor([[0, 7], [9, 2]], device="cuda"))
     copy_blocks_ref(k_ref, [(0, 7), (9, 2)])
     assert torch.equal(k_cache, k_ref)
+
+
+PREFILL_CASES = [
+    # (cached, new) per chunk; kv heads, group, block size, head dim
+    ([(0, 8192)], 8, 4, 16, 64),                      # a 1B-shaped 8k prefill
+    ([(0, 1000), (4000, 512), (17, 3)], 8, 4, 16, 128),
+    ([(0, 64), (64, 64), (1, 1)], 2, 8, 32, 128),
+    ([(300, 700)], 4, 6, 64, 256), ([(0, 129), (5000, 77)], 1, 3, 32, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", PREFILL_CASES,
+                         ids=lambda c: "n{}-kv{}-g{}-bs{}-d{}".format(len(c[0]), *c[1:]))
+def test_paged_prefill_matches_reference(case, dtype):
+    chunks, kvh, group, block_size, head_dim = case
+    rng = random.Random(len(chunks))
+    ctx = [n + m for n, m in chunks]
+    need = [(c + block_size - 1) // block_size for c in ctx]
+    num_blocks = sum(need) + 3
+    perm = list(range(num_blocks))
+    rng.shuffle(perm)
+    tables = torch.zeros(len(chunks), max(need), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.tensor(perm[at:at + n])
+        at += n
+    shape = (num_blocks, block_size, kvh, head_dim)
+    k = torch.randn(shape, dtype=dtype, device="cuda")
+    v = torch.randn(shape, dtype=dtype, device="cuda")
+    lens = [m for _, m in chunks]
+    q = torch.randn(5 + sum(lens), kvh * group, head_dim, dtype=dtype, device="cuda")
+    starts = [5 + sum(lens[:i]) for i in range(len(lens))]
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
+    args = (tables.cuda(), i32(starts), i32(lens), i32(ctx))
+    scale = head_dim ** -0.5
+    out = torch.zeros_like(q)
+    ops.paged_prefill_attention(q, k, v, *args, scale, max_q_len=max(lens), out=out)
+    ref = paged_prefill_attention_ref(q, k, v, *args, scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    assert not out[:5].any()
+    assert torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol), (out - ref).abs().max()

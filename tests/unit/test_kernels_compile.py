@@ -47,8 +47,9 @@ def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str,
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
     ptx = ctypes.c_size_t(0)
-    if result == 0:
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(ptx))
+    if result == 0:  # a real architecture (sm_XX) gives a cubin: ptxas ran on the PTX
+        real = any(o.startswith("--gpu-architecture=sm_") for o in options)
+        (lib.nvrtcGetCUBINSize if real else lib.nvrtcGetPTXSize)(prog, ctypes.byref(ptx))
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     return result, log.value.decode(errors="replace"), ptx.value
 
@@ -67,6 +68,20 @@ def test_kernel_compiles_with_nvrtc_as_cupy_runs_it(source, arch):
                                           [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
     assert result == 0, log
     assert ptx_size > 0
+
+
+@pytest.mark.skipif(_cuda_wheels() is None, reason="NVRTC wheels not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", [p for p in KERNELS if "asm" in p.read_text()],
+                         ids=lambda p: p.name)
+def test_inline_ptx_assembles(source, arch):
+    """Inline PTX (the tensor-core mma) is only text to NVRTC's front end; a cubin for a
+    real architecture runs ptxas over it, as the driver would on the first launch."""
+    from llmesh.kernels.ops import NVRTC_OPTIONS
+    result, log, cubin_size = nvrtc_compile(source.read_text(), source.name,
+                                            [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
+    assert result == 0, log
+    assert cubin_size > 0
 
 
 @pytest.mark.skipif(_cuda_wheels() is None, reason="NVRTC wheels not installed")
