@@ -27,8 +27,7 @@ import torch
 from llmesh.benchmarks import kit
 from llmesh.benchmarks.llama_cpp import hf_checkpoint
 from llmesh.benchmarks.model_quality import QUESTIONS
-from llmesh.benchmarks.quant_quality import first_difference
-from llmesh.services.common.sampling_params import SamplingParams
+from llmesh.benchmarks.quant_quality import engine_greedy, first_difference
 from llmesh.services.common.tokenizer import TextTokenizer
 from llmesh.services.engine.engine import Engine, EngineConfig
 
@@ -38,14 +37,8 @@ VARIANTS = {"llmesh": "0", "llmesh-prefill-kernel": "1"}  # LLMESH_CUDA_PREFILL_
 def llmesh_answers(checkpoint: Path, prompts, num_tokens: int, device: str, dtype: str,
                    prefill_kernel: str) -> tuple[list[list[int]], float]:
     os.environ["LLMESH_CUDA_PREFILL_KERNEL"] = prefill_kernel
-    engine = Engine.from_pretrained(checkpoint, EngineConfig(
-        device=device, dtype=dtype, max_num_seqs=len(prompts)))
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, SamplingParams(max_tokens=num_tokens, temperature=0.0,
-                                                  ignore_eos=True))
-    seconds = time.perf_counter() - t0
-    engine.close()
-    return [c[0].token_ids for c in out], seconds
+    return engine_greedy(Engine.from_pretrained(checkpoint, EngineConfig(
+        device=device, dtype=dtype, max_num_seqs=len(prompts))), prompts, num_tokens)
 
 
 @torch.inference_mode()

@@ -74,8 +74,15 @@ def teacher_forced_logits(model, token_ids: list[int]) -> torch.Tensor:
 
 
 def greedy(model, prompts: list[list[int]], num_tokens: int) -> tuple[list[list[int]], float]:
-    engine = Engine(model, EngineConfig(num_kv_blocks=len(prompts) * (-(-(
-        max(map(len, prompts)) + num_tokens) // 16)), max_num_seqs=len(prompts)))
+    return engine_greedy(Engine(model, EngineConfig(num_kv_blocks=len(prompts) * (-(-(
+        max(map(len, prompts)) + num_tokens) // 16)), max_num_seqs=len(prompts))),
+        prompts, num_tokens)
+
+
+def engine_greedy(engine: Engine, prompts: list[list[int]],
+                  num_tokens: int) -> tuple[list[list[int]], float]:
+    """`num_tokens` greedy tokens per prompt (EOS a token like any other) and the
+    seconds they took; the engine is closed after."""
     t0 = time.perf_counter()
     out = engine.generate(prompts, SamplingParams(max_tokens=num_tokens, temperature=0.0,
                                                   ignore_eos=True))

@@ -62,23 +62,32 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_decode_args(q, k_cache, v_cache, block_tables, context_lens) -> None:
-    """Everything the decode kernel assumes, as clear errors."""
+def _check_paged(kind: str, q, k_cache, v_cache) -> None:
+    """What both attention kernels assume of q [rows, heads, head_dim] and the caches."""
     _check(q.dim() == 3 and k_cache.dim() == 4,
-           f"paged decode: q must be [seqs, heads, head_dim] and the caches [blocks, block_size, "
-           f"kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
-    num_seqs, num_heads, head_dim = q.shape
+           f"paged {kind}: q must be [rows, heads, head_dim] and the caches [blocks, "
+           f"block_size, kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+    num_heads, head_dim = q.shape[1:]
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    _check(v_cache.shape == k_cache.shape, "paged decode: K and V caches differ in shape")
+    _check(v_cache.shape == k_cache.shape, f"paged {kind}: K and V caches differ in shape")
     _check(q.dtype in _DTYPE_TAG and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-           f"paged decode: q and the caches must share fp16 or bf16; got {q.dtype}, "
+           f"paged {kind}: q and the caches must share fp16 or bf16; got {q.dtype}, "
            f"{k_cache.dtype}, {v_cache.dtype}")
     _check(cache_dim == head_dim and head_dim in HEAD_DIMS,
-           f"paged decode: head_dim {head_dim} (cache {cache_dim}); supported: "
+           f"paged {kind}: head_dim {head_dim} (cache {cache_dim}); supported: "
            f"{', '.join(map(str, HEAD_DIMS))}")
-    _check(block_size in BLOCK_SIZES, f"paged decode: block size {block_size}; supported: "
+    _check(block_size in BLOCK_SIZES, f"paged {kind}: block size {block_size}; supported: "
            f"{', '.join(map(str, BLOCK_SIZES))}")
-    _check(num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP,
+    _check(num_heads % num_kv_heads == 0,
+           f"paged {kind}: {num_heads} query heads over {num_kv_heads} KV heads")
+
+
+def check_decode_args(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    """Everything the decode kernel assumes, as clear errors."""
+    _check_paged("decode", q, k_cache, v_cache)
+    num_seqs, num_heads, _ = q.shape
+    num_kv_heads = k_cache.shape[2]
+    _check(num_heads // num_kv_heads <= MAX_GROUP,
            f"paged decode: {num_heads} query heads over {num_kv_heads} KV heads; a group of "
            f"at most {MAX_GROUP} that divides evenly")
     _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs
@@ -172,22 +181,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def check_prefill_args(q, k_cache, v_cache, block_tables, q_starts, q_lens, ctx_lens) -> None:
     """Everything the prefill kernel assumes, as clear errors."""
-    _check(q.dim() == 3 and k_cache.dim() == 4,
-           f"paged prefill: q must be [tokens, heads, head_dim] and the caches [blocks, "
-           f"block_size, kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
-    _, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    _check(v_cache.shape == k_cache.shape, "paged prefill: K and V caches differ in shape")
-    _check(q.dtype in _DTYPE_TAG and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-           f"paged prefill: q and the caches must share fp16 or bf16; got {q.dtype}, "
-           f"{k_cache.dtype}, {v_cache.dtype}")
-    _check(cache_dim == head_dim and head_dim in HEAD_DIMS,
-           f"paged prefill: head_dim {head_dim} (cache {cache_dim}); supported: "
-           f"{', '.join(map(str, HEAD_DIMS))}")
-    _check(block_size in BLOCK_SIZES, f"paged prefill: block size {block_size}; supported: "
-           f"{', '.join(map(str, BLOCK_SIZES))}")
-    _check(num_heads % num_kv_heads == 0,
-           f"paged prefill: {num_heads} query heads over {num_kv_heads} KV heads")
+    _check_paged("prefill", q, k_cache, v_cache)
     num_chunks = q_lens.shape[0] if q_lens.dim() == 1 else -1
     _check(block_tables.dim() == 2 and block_tables.shape[0] == num_chunks
            and block_tables.dtype == torch.int32,

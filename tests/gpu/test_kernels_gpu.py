@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmesh.kernels import ops
+from paged_tables import random_block_tables
 from llmesh.kernels.reference import (copy_blocks_ref, paged_decode_attention_ref,
                                      paged_prefill_attention_ref, reshape_and_cache_ref)
 
@@ -22,14 +23,7 @@ CASES = [
 def _paged(batch, max_ctx, kvh, block_size, head_dim, dtype, seed):
     rng = random.Random(seed)
     lens = [max_ctx] + [rng.randint(1, max_ctx) for _ in range(batch - 1)]
-    need = [(n + block_size - 1) // block_size for n in lens]
-    num_blocks = sum(need) + 3
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-    tables = torch.zeros(batch, max(need), dtype=torch.int32)
-    pos = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(perm[pos:pos + n])
-        pos += n
+    tables, num_blocks = random_block_tables(lens, block_size, seed)
     shape = (num_blocks, block_size, kvh, head_dim)
     k = torch.randn(shape, dtype=dtype, device="cuda")
     v = torch.randn(shape, dtype=dtype, device="cuda")
@@ -84,17 +78,8 @@ PREFILL_CASES = [
                          ids=lambda c: "n{}-kv{}-g{}-bs{}-d{}".format(len(c[0]), *c[1:]))
 def test_paged_prefill_matches_reference(case, dtype):
     chunks, kvh, group, block_size, head_dim = case
-    rng = random.Random(len(chunks))
     ctx = [n + m for n, m in chunks]
-    need = [(c + block_size - 1) // block_size for c in ctx]
-    num_blocks = sum(need) + 3
-    perm = list(range(num_blocks))
-    rng.shuffle(perm)
-    tables = torch.zeros(len(chunks), max(need), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(perm[at:at + n])
-        at += n
+    tables, num_blocks = random_block_tables(ctx, block_size, seed=len(chunks))
     shape = (num_blocks, block_size, kvh, head_dim)
     k = torch.randn(shape, dtype=dtype, device="cuda")
     v = torch.randn(shape, dtype=dtype, device="cuda")

@@ -19,6 +19,7 @@ import torch
 
 from llmesh.kernels import ops
 from llmesh.kernels.reference import paged_prefill_attention_ref
+from paged_tables import random_block_tables
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE.parents[1] / "kernels" / "paged_prefill.cu"
@@ -75,15 +76,7 @@ def paged_case(chunks, kvh, group, block_size, head_dim, dtype, seed, decode_row
     """Chunks as (tokens already cached, new tokens); `decode_rows` rows of q before
     them belong to no chunk (a step's single-query rows)."""
     g = torch.Generator().manual_seed(seed)
-    ctx = [n + m for n, m in chunks]
-    need = [-(-c // block_size) for c in ctx]
-    num_blocks = sum(need) + 2
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables = torch.zeros(len(chunks), max(need), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(perm[at:at + n])
-        at += n
+    tables, num_blocks = random_block_tables([n + m for n, m in chunks], block_size, seed, 2)
     shape = (num_blocks, block_size, kvh, head_dim)
     k = torch.randn(shape, generator=g).to(dtype)
     v = torch.randn(shape, generator=g).to(dtype)
@@ -91,7 +84,7 @@ def paged_case(chunks, kvh, group, block_size, head_dim, dtype, seed, decode_row
     q = torch.randn(decode_rows + sum(q_lens), kvh * group, head_dim, generator=g).to(dtype)
     starts = np.cumsum([decode_rows] + q_lens)[:-1].tolist()
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-    return q, k, v, tables, i32(starts), i32(q_lens), i32(ctx)
+    return q, k, v, tables, i32(starts), i32(q_lens), i32([n + m for n, m in chunks])
 
 
 CASES = [
