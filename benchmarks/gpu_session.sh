@@ -7,7 +7,7 @@
 #   agree    SmolLM2-135M-Instruct, llmesh against transformers, bf16 and fp16, 32 prompts
 #            x 128 greedy tokens (benchmarks/gpu_agreement.py) -> $OUT/agree.json, .log
 #   1b, 8b   llmesh bench gpu --shape llama-1b|llama-8b -> $OUT/gpu-<s>.json, .log
-#            (transformers' static baseline at --hf-batch-size, e.g. ARGS_1B="--hf-batch-size 256")
+#            (1b: transformers' static batching at 64, 128 and 256, the engine against the fastest)
 # each under `timeout`; then $OUT/summary.txt and the tables. Nothing is fetched: the GPU
 # image has torch, CuPy, NVRTC, transformers, safetensors, tokenizers, pyyaml, jinja2,
 # numpy, grpcio and prometheus-client, but not opentelemetry-api, which the engine
@@ -50,7 +50,7 @@ DRY=0
 if [ $DRY = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 OUT=${OUT:-$(mktemp -d /tmp/llmesh-gpu-session.XXXXXX)}
 STEPS=${STEPS:-tests kernels agree 1b 8b}
-T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-90} T_AGREE=${T_AGREE:-200} T_1B=${T_1B:-180}
+T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-90} T_AGREE=${T_AGREE:-200} T_1B=${T_1B:-240}
 T_8B=${T_8B:-260}
 SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p "$OUT"
@@ -132,7 +132,8 @@ if [ $DRY = 1 ]; then
         --output-tokens 4 --batches 1,4 --decode-steps 3 --hf-batch-size 2"
   SHAPE_1B=$TINY SHAPE_8B=$TINY
 else
-  SHAPE_1B="--shape llama-1b --device cuda --dtype bfloat16"
+  # transformers' static batching at 64, 128 and 256: the engine against the fastest
+  SHAPE_1B="--shape llama-1b --device cuda --dtype bfloat16 --hf-batch-size 64,128,256"
   SHAPE_8B="--shape llama-8b --device cuda --dtype bfloat16"
 fi
 for step in $STEPS; do
