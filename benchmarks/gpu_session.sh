@@ -6,6 +6,8 @@
 #            paged prefill kernel at the 1B shape  -> $OUT/kernels.json, $OUT/kernels.log
 #   agree    SmolLM2-135M-Instruct, llmesh against transformers, bf16 and fp16, 32 prompts
 #            x 128 greedy tokens (benchmarks/gpu_agreement.py) -> $OUT/agree.json, .log
+#   mesh     a replica of the mesh (scheduler and executor processes) against the in-process
+#            engine at the 1B shape (benchmarks/gpu_mesh.py) -> $OUT/mesh.json, .log
 #   1b, 8b   llmesh bench gpu --shape llama-1b|llama-8b -> $OUT/gpu-<s>.json, .log
 #            (1b: transformers' static batching at 64, 128 and 256, the engine against the fastest)
 # each under `timeout`; then $OUT/summary.txt and the tables. Nothing is fetched: the GPU
@@ -18,7 +20,10 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl opentelemetry-api==1.45.2
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
-# (opentelemetry-api needs only typing-extensions, which the image has.) The generated
+# (opentelemetry-api needs only typing-extensions, which the image has.) The mesh step's
+# processes also import grpcio-health-checking and grpcio-reflection (add both to the
+# same download, matching the image's grpcio), and the generated protos: carry
+# `llmesh/v1` made here (`make protos`; it is ignored, so name it in carry). The generated
 # protos (llmesh/v1) are not needed by the engine, the bench or tests/gpu; they are made
 # only when grpc_tools is there (the image lacks grpcio-tools; carry its wheel, or carry
 # llmesh/v1 made here, for anything that does need them).
@@ -30,8 +35,8 @@
 #   mkdir -p .smol-a .smol-b && split -n 2 -d "$(python -c 'from llmesh.mesh.default_model \
 #       import smollm2_gguf; print(smollm2_gguf())')" .smol-a/part && mv .smol-a/part01 .smol-b/
 #   run(command="ls -l .smol-a", carry=[".smol-a"], timeout_s=60)
-#   run(command="STEPS='tests kernels agree 1b' bash benchmarks/gpu_session.sh",
-#       carry=[".smol-b", ".whl"], timeout_s=600)
+#   run(command="STEPS='tests kernels agree mesh 1b' bash benchmarks/gpu_session.sh",
+#       carry=[".smol-b", ".whl", "llmesh/v1"], timeout_s=600)
 #
 # The agree step joins the halves, checks the SHA-256 against SMOLLM2_SHA256 below and
 # serves the file as every llmesh model is served from a GGUF file.
@@ -49,8 +54,9 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ $DRY = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 OUT=${OUT:-$(mktemp -d /tmp/llmesh-gpu-session.XXXXXX)}
-STEPS=${STEPS:-tests kernels agree 1b 8b}
+STEPS=${STEPS:-tests kernels agree mesh 1b 8b}
 T_TESTS=${T_TESTS:-150} T_KERNELS=${T_KERNELS:-90} T_AGREE=${T_AGREE:-200} T_1B=${T_1B:-240}
+T_MESH=${T_MESH:-240}
 T_8B=${T_8B:-260}
 SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p "$OUT"
@@ -154,13 +160,21 @@ for step in $STEPS; do
            # shellcheck disable=SC2086
            run_step "agreement" "$T_AGREE" "$OUT/agree.log" "$PY" -m llmesh.benchmarks.gpu_agreement \
                --model "$AGREE_MODEL" --json "$OUT/agree.json" $AGREE_ARGS ;;
+    mesh) if [ $DRY = 1 ]; then
+            MESH_ARGS="--device cpu --shape tiny-llama --dtype float32 --requests 8 --prompt-tokens 16 --output-tokens 8"
+          else
+            MESH_ARGS="--device cuda --shape llama-1b --dtype bfloat16"
+          fi
+          # shellcheck disable=SC2086
+          run_step "mesh vs engine" "$T_MESH" "$OUT/mesh.log" "$PY" -m llmesh.benchmarks.gpu_mesh \
+              --json "$OUT/mesh.json" $MESH_ARGS ;;
     1b) # shellcheck disable=SC2086
         run_step "bench gpu 1b" "$T_1B" "$OUT/gpu-1b.log" "$PY" -m llmesh.mesh.cli bench gpu \
             $SHAPE_1B --no-progress --json "$OUT/gpu-1b.json" ${ARGS_1B:-} ;;
     8b) # shellcheck disable=SC2086
         run_step "bench gpu 8b" "$T_8B" "$OUT/gpu-8b.log" "$PY" -m llmesh.mesh.cli bench gpu \
             $SHAPE_8B --no-progress --json "$OUT/gpu-8b.json" ${ARGS_8B:-} ;;
-    *) note "unknown step $step (tests, kernels, agree, 1b, 8b)" ;;
+    *) note "unknown step $step (tests, kernels, agree, mesh, 1b, 8b)" ;;
   esac
 done
 
@@ -169,6 +183,7 @@ echo
 [ -f "$OUT/kernels.log" ] && { echo; grep -E "Error|Traceback" "$OUT/kernels.log" | tail -5;
   sed -n '/^## llmesh bench kernels/,$p' "$OUT/kernels.log"; }
 [ -f "$OUT/agree.log" ] && { echo; echo "==== agreement ===="; grep -E '^\[gpu_agreement\]|Error|Traceback' "$OUT/agree.log" | tail -n 12; }
+[ -f "$OUT/mesh.log" ] && { echo; echo "==== mesh vs engine ===="; grep -E '^\[gpu_mesh\]|mesh_over_engine|identical_requests|Error|Traceback' "$OUT/mesh.log" | tail -n 12; }
 for s in 1b 8b; do
   log=$OUT/gpu-$s.log
   [ -f "$log" ] || continue
