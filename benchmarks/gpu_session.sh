@@ -145,7 +145,7 @@ fi
 for step in $STEPS; do
   case $step in
     tests) run_step "pytest tests/gpu" "$T_TESTS" "$OUT/pytest-gpu.log" \
-               "$PY" -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider -rfE ;;
+               "$PY" -m pytest ${GPU_TESTS:-tests/gpu} -p no:cacheprovider -rfE ;;  # (-q: pyproject; twice hides the summary)
     kernels) if [ $DRY = 1 ]; then note "kernels: needs a GPU (skipped in a dry run)"; else
                run_step "bench kernels" "$T_KERNELS" "$OUT/kernels.log" "$PY" -m llmesh.mesh.cli bench \
                    kernels --json "$OUT/kernels.json"; fi ;;
@@ -179,7 +179,7 @@ for step in $STEPS; do
 done
 
 echo
-[ -f "$OUT/pytest-gpu.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-gpu.log" | tail -n 30
+[ -f "$OUT/pytest-gpu.log" ] && grep -E "^(FAILED|ERROR)|passed|failed|skipped|error" "$OUT/pytest-gpu.log" | tail -n 30
 [ -f "$OUT/kernels.log" ] && { echo; grep -E "Error|Traceback" "$OUT/kernels.log" | tail -5;
   sed -n '/^## llmesh bench kernels/,$p' "$OUT/kernels.log"; }
 [ -f "$OUT/agree.log" ] && { echo; echo "==== agreement ===="; grep -E '^\[gpu_agreement\]|Error|Traceback' "$OUT/agree.log" | tail -n 12; }
