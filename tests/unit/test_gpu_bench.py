@@ -132,7 +132,7 @@ def test_bench_kernels_runs_on_a_gpu_and_says_it_needs_one_elsewhere(capsys):
     its table; without CUDA it exits 2 and says why (it ran on an H200: BENCHMARKS.md)."""
     import torch
     rc = main(["bench", "kernels", "--batches", "1", "--contexts", "64", "--head-dims", "64",
-               "--reps", "2"])
+               "--reps", "2", "--prefill", ""])
     out = capsys.readouterr()
     if torch.cuda.is_available():
         assert rc == 0 and "| 64 | 1 | 64 |" in out.out
