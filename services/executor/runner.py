@@ -27,6 +27,7 @@ from llmesh.services.executor.attention import TorchPagedAttention, metadata_fro
 from llmesh.services.executor.batch_state import BatchState
 from llmesh.services.executor.kv_memory import kv_zeros
 from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.projection import Projection
 from llmesh.services.executor.sampler import SampleRow, SamplingBatch, sample
 from llmesh.services.executor.staging import Staged, Staging
 from llmesh.services.executor.step_threads import StepThreads
@@ -84,7 +85,9 @@ class ModelRunner:
                                  model.model.layers[0].self_attn.scale)
         self.seqs: dict[str, SeqState] = {}
         self.batch = BatchState()  # the live sequences' step state, by slot
-        self.threads = StepThreads(self.device)
+        self.threads = StepThreads(self.device, flops_per_token=2.0 * sum(
+            m.in_features * m.out_features for m in model.modules()
+            if isinstance(m, Projection)))
         self.tokenizer_dir = tokenizer_dir
         self._grammar_compiler = None  # made on the first request with a grammar
         self.test_corrupt_after_steps = test_corrupt_after_steps
