@@ -90,13 +90,17 @@ def test_small_steps_leave_a_core_to_the_host_and_the_count_is_put_back(tiny_mod
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(max_num_batched_tokens=64))
+        engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(max_num_batched_tokens=1024))
         seen = []  # (tokens in the step, torch's threads while its layers ran)
         engine.runner.model.model.layers[0].register_forward_pre_hook(
             lambda mod, args: seen.append((args[0].shape[0], torch.get_num_threads())))
+        small_by_work = engine.runner.threads.small_by_work  # (the tiny model: ~850 tokens)
+        assert 36 < small_by_work < 900
         engine.generate([[1] + list(range(5, 40))], SamplingParams(max_tokens=4))
+        engine.generate([[1] + list(range(1000, 1899))], SamplingParams(max_tokens=2))
         engine.close()
-        assert (36, 2) in seen  # the prefill: every thread
+        assert (900, 2) in seen  # a prefill over the work bound: every thread
+        assert (36, 1) in seen  # one under it, on this tiny model: one fewer
         assert seen.count((1, 1)) >= 2  # decode steps of one token: one fewer
         assert torch.get_num_threads() == 2
     finally:
