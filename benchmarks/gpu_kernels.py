@@ -144,7 +144,8 @@ def prefill_bench(args, dtype) -> dict:
         per_seq = -(-(cached + new) // bs)
         perm = torch.randperm(chunks * per_seq).tolist()
         seqs = [SeqSlice(cached, new, perm[i * per_seq:(i + 1) * per_seq]) for i in range(chunks)]
-        meta = build_metadata(seqs, bs, None, torch.device("cuda"), with_block_tables=True)
+        meta = build_metadata(seqs, bs, None, torch.device("cuda"), with_block_tables=True,
+                          with_prefill_tables=True)
         k_cache = torch.randn(chunks * per_seq, bs, kvh, head_dim, dtype=dtype, device="cuda")
         v_cache = torch.randn_like(k_cache)
         q = torch.randn(chunks * new, heads, head_dim, dtype=dtype, device="cuda")

@@ -57,7 +57,7 @@ class AttentionMetadata:
     single_block_tables: torch.Tensor | None = None  # [num_single, max_blocks] int32
     single_context_lens: torch.Tensor | None = None  # [num_single] int32
     max_single_context: int = 0
-    # ... and the prefill chunks as one padded table (on request, without a sliding window)
+    # the prefill chunks as one padded table (on request, without a sliding window)
     prefill_block_tables: torch.Tensor | None = None  # [num_chunks, max_blocks] int32
     prefill_bounds: torch.Tensor | None = None  # [3, num_chunks] int32: q start, q len, ctx
     max_prefill_len: int = 0  # the longest chunk (tokens)
@@ -80,6 +80,7 @@ class TorchPagedAttention:
     """
 
     wants_block_tables = False
+    wants_prefill_tables = False  # the prefill chunks' table and bounds too (a prefill kernel)
 
     def __init__(self):
         self._workspace: dict[str, torch.Tensor] = {}
@@ -153,7 +154,8 @@ class SeqSlice:
 
 def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | None,
                    device: torch.device, with_block_tables: bool = False,
-                   staging: Staging | None = None) -> AttentionMetadata:
+                   staging: Staging | None = None,
+                   with_prefill_tables: bool = False) -> AttentionMetadata:
     """Build the per-step metadata. `seqs` lists single-query sequences first
     (best sorted by context length, longest first), then prefill chunks.
 
@@ -170,13 +172,14 @@ def build_metadata(seqs: list[SeqSlice], block_size: int, sliding_window: int | 
     table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
         itertools.chain.from_iterable(s.block_ids for s in seqs), np.int64, int(lens.sum()))
     return metadata_from_arrays(starts, counts, table, block_size, sliding_window, device,
-                                with_block_tables, staging)
+                                with_block_tables, staging, with_prefill_tables)
 
 
 def metadata_from_arrays(starts: np.ndarray, counts: np.ndarray, table: np.ndarray,
                          block_size: int, sliding_window: int | None, device: torch.device,
                          with_block_tables: bool = False,
-                         staging: Staging | None = None) -> AttentionMetadata:
+                         staging: Staging | None = None,
+                         with_prefill_tables: bool = False) -> AttentionMetadata:
     """`build_metadata` from arrays: per sequence (in the step's order) the tokens
     already cached (`starts`) and computed now (`counts`), and its block table
     (`table`, one row each, at least as wide as its blocks; entries past them are
@@ -211,7 +214,7 @@ def metadata_from_arrays(starts: np.ndarray, counts: np.ndarray, table: np.ndarr
                            staging.put(ctx[lo:hi])))
     chunks = [(i, staging.put(table[i, :need[i]])) for i in range(num_single, n)]
     staged_chunks = None
-    if num_single < n and with_block_tables and sliding_window is None:
+    if num_single < n and with_prefill_tables and sliding_window is None:
         staged_chunks = (staging.put(table[num_single:, :int(need[num_single:].max())]
                                      .astype(np.int32)),
                          staging.put(np.stack([first_row[num_single:], counts[num_single:],

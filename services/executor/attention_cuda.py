@@ -35,7 +35,7 @@ class CudaPagedAttention(TorchPagedAttention):
         self.context_bound = context_bound
         if prefill_kernel is None:
             prefill_kernel = os.environ.get("LLMESH_CUDA_PREFILL_KERNEL", "0") == "1"
-        self.prefill_kernel = prefill_kernel
+        self.prefill_kernel = self.wants_prefill_tables = prefill_kernel
 
     def write_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata):
         from llmesh.kernels import ops
@@ -49,7 +49,7 @@ class CudaPagedAttention(TorchPagedAttention):
             out[:n] = ops.paged_decode_attention(
                 q[:n], k_cache, v_cache, meta.single_block_tables, meta.single_context_lens,
                 scale, max_context=self.context_bound or meta.max_single_context)
-        if self.prefill_kernel and meta.prefill_block_tables is not None:
+        if meta.prefill_block_tables is not None:  # (made only when the kernel is on)
             bounds = meta.prefill_bounds
             ops.paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables,
                                         bounds[0], bounds[1], bounds[2], scale,

@@ -227,6 +227,8 @@ class ModelRunner:
         meta = metadata_from_arrays(starts, counts, b.table[slots], self.block_size,
                                     self.config.sliding_window, self.device,
                                     with_block_tables=self.backend.wants_block_tables,
+                                    with_prefill_tables=getattr(self.backend,
+                                                                "wants_prefill_tables", False),
                                     staging=self.staging)
         self._copy_blocks(copies)
         return _Prepared(result, input_ids, meta, num_tokens, draws, timer, comm0)
