@@ -95,6 +95,9 @@ def cmd_up(args) -> int:
     tls = tls_state(cfg)
     if tls:
         print(f"llmesh: TLS on {cfg.envoy.tls_cert_file}, SHA-256 fingerprint {tls['fingerprint']}")
+    if cfg.envoy.upstream_mtls_dir:
+        print(f"llmesh: mutual TLS between Envoy and the routers (the mesh's CA in "
+              f"{cfg.envoy.upstream_mtls_dir})")
     resolved = run_dir / "mesh.resolved.yaml"
     resolved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / "state.json").unlink(missing_ok=True)
@@ -222,7 +225,7 @@ def cmd_status(args) -> int:
     live = load_config_dict(state["config"])
     services = {}
     for i, p in enumerate(live.router_ports):
-        services[f"router-{i}"] = is_serving(p)
+        services[f"router-{i}"] = is_serving(p, mtls_dir=live.envoy.upstream_mtls_dir)
     from llmesh.mesh.ports import tokenizer_process_name
     for model in (None,) + live.models:
         for i, p in enumerate((model or live).tokenizer_ports):

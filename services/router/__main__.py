@@ -18,6 +18,7 @@ from llmesh.v1 import inference_pb2
 from llmesh.observability import telemetry
 from llmesh.services.common.server import Service, bind_host
 from llmesh.services.common.errors import UnavailableError
+from llmesh.services.common.mtls import MtlsFiles, server_credentials, uvicorn_ssl
 from llmesh.services.router.admission import Admission
 from llmesh.services.router.clients import PrefixIndex, TokenizerClient
 from llmesh.services.router.deadletters import dead_letters_from
@@ -31,8 +32,9 @@ from llmesh.services.common.gguf_file import model_arg
 
 
 async def main(args) -> None:
+    mtls = MtlsFiles(args.mtls_dir) if args.mtls_dir else None
     service = Service("router", args.port, max_message_bytes=args.max_message_bytes,
-                      traced=True)
+                      traced=True, credentials=server_credentials(mtls) if mtls else None)
     prefix_index = PrefixIndex(grpc.aio.insecure_channel(
         args.kvcache, interceptors=telemetry.client_interceptors())) if args.kvcache else None
     admission = json.loads(args.admission)
@@ -48,7 +50,7 @@ async def main(args) -> None:
     inference = Inference(models)
     service.add_public(inference, inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     service.enable_reflection()
-    http = _http_server(args, models, {spec["name"]: spec["model"] for spec in specs}) \
+    http = _http_server(args, models, {spec["name"]: spec["model"] for spec in specs}, mtls) \
         if args.http_port else None
     await service.start()
     watchers = [asyncio.ensure_future(_track_health(service, models))]
@@ -105,15 +107,18 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _http_server(args, models: Models, model_dirs: dict[str, str]) -> uvicorn.Server:
+def _http_server(args, models: Models, model_dirs: dict[str, str],
+                 mtls: MtlsFiles | None) -> uvicorn.Server:
     """The OpenAI-compatible HTTP API on --http-port (where gRPC listens), over this
-    router's request cores (docs/http-api.md)."""
+    router's request cores (docs/http-api.md); with `mtls`, over TLS to clients with
+    a certificate of the mesh's CA only, as the gRPC port."""
     from llmesh.services.router.http_api.app import OpenAIApi
     api = OpenAIApi(models, {name: _token_text(d) for name, d in model_dirs.items()},
                     heartbeat_s=args.heartbeat_s)
     config = uvicorn.Config(api.app, host=bind_host(), port=args.http_port, http="httptools",
                             loop="none", lifespan="off", log_level="warning", access_log=False,
-                            timeout_keep_alive=75, timeout_graceful_shutdown=5)
+                            timeout_keep_alive=75, timeout_graceful_shutdown=5,
+                            **(uvicorn_ssl(mtls) if mtls else {}))
     return _EmbeddedServer(config)
 
 
@@ -174,6 +179,9 @@ if __name__ == "__main__":
                    help="a scheduler that sends nothing for this long is lost (hung)")
     p.add_argument("--models", default="[]",
                    help="more models, as JSON: [{name, tokenizer, replica_set, model}, ...]")
+    p.add_argument("--mtls-dir", type=Path,
+                   help="serve gRPC and HTTP over TLS to clients with a certificate of this "
+                        "directory's CA only (services/common/mtls.py)")
     p.add_argument("--heartbeat-s", type=float, default=15.0,
                    help="SSE comment heartbeat while a stream has nothing to send")
     args = p.parse_args()

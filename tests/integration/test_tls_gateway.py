@@ -1,7 +1,10 @@
 """TLS at the gateway: a mesh with a self-signed certificate serves the OpenAI API
 (HTTP/1.1) and gRPC (HTTP/2) over TLS on its one public port, refuses plaintext,
 pins by the fingerprint it reports, works with `llmesh generate`, and a keyed
-mesh neither logs the keys nor does any work for a request without one."""
+mesh neither logs the keys nor does any work for a request without one. Behind
+the gateway the routers take mutual TLS only (`envoy.upstream_mtls`): Envoy's
+every request reached them over it, and nothing without the mesh's client
+certificate gets an answer from their ports."""
 import json
 import shutil
 import ssl
@@ -26,7 +29,7 @@ def mesh(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tls")
     keys = run_dir / "keys.yaml"
     keys.write_text(json.dumps({"tenants": {"team": {"keys": [hash_key(KEY)]}}}))
-    m = Mesh(tiny_model_dir, run_dir, envoy={"tls_self_signed": True},
+    m = Mesh(tiny_model_dir, run_dir, envoy={"tls_self_signed": True, "upstream_mtls": True},
              observability={"tracing": "off"}, admission={"keys_file": str(keys)})
     yield from serving(m)
 
@@ -100,3 +103,66 @@ def test_llmesh_generate_speaks_tls(mesh):
     assert len(out["token_ids"]) == 4
     status = mesh.cli("status")
     assert mesh.state["tls"]["fingerprint"] in status.stdout
+
+
+def test_routers_take_mutual_tls_only(mesh):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from llmesh.services.common.mtls import MtlsFiles, channel_credentials
+    files = MtlsFiles(mesh.run_dir / "tls" / "upstream")
+    assert mesh.config["envoy"]["upstream_mtls_dir"] == str(files.directory)
+    assert not (files.directory / "ca.key").exists()
+    _complete_through_gateway(mesh)
+    # every connection Envoy made to the routers' two clusters was a TLS handshake
+    stats = _envoy_stats(mesh)
+    for cluster in ("routers", "http"):
+        assert stats[f"cluster.{cluster}.ssl.handshake"] >= 1, cluster
+        assert stats[f"cluster.{cluster}.ssl.connection_error"] == 0, cluster
+        assert stats[f"cluster.{cluster}.upstream_cx_total"] <= \
+            stats[f"cluster.{cluster}.ssl.handshake"] + stats[f"cluster.{cluster}.upstream_cx_connect_fail"]
+    grpc_port, http_port = mesh.config["router_ports"][0], mesh.config["http_ports"][0]
+    target = f"127.0.0.1:{grpc_port}"
+
+    def health(channel):
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                         timeout=10).status
+    with grpc.secure_channel(target, channel_credentials(files)) as ch:
+        assert health(ch) == health_pb2.HealthCheckResponse.SERVING
+    strangers = (grpc.insecure_channel(target),  # plaintext
+                 grpc.secure_channel(target, grpc.ssl_channel_credentials(  # no client cert
+                     files.ca.read_bytes())))
+    for ch in strangers:
+        with ch, pytest.raises(grpc.RpcError) as info:
+            health(ch)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(OSError):  # plain HTTP
+        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10).read()
+    no_cert = ssl.create_default_context(cafile=str(files.ca))
+    with pytest.raises(OSError):  # TLS without the client certificate
+        urllib.request.urlopen(f"https://localhost:{http_port}/health", timeout=10,
+                               context=no_cert).read()
+    with_cert = ssl.create_default_context(cafile=str(files.ca))
+    with_cert.load_cert_chain(str(files.client_cert), str(files.client_key))
+    with urllib.request.urlopen(f"https://localhost:{http_port}/health", timeout=10,
+                                context=with_cert) as r:
+        assert r.status == 200
+    status = json.loads(mesh.cli("status", "--json").stdout)
+    assert status["services"]["router-0"] is True  # the CLI's health check speaks it too
+
+
+def _complete_through_gateway(mesh):
+    creds = grpc.ssl_channel_credentials(open(_cert(mesh), "rb").read())
+    with grpc.secure_channel(mesh.endpoint, creds) as ch:
+        assert _complete(ch, (("authorization", f"Bearer {KEY}"),)).usage.completion_tokens == 3
+    req = urllib.request.Request(f"https://{mesh.endpoint}/v1/models",
+                                 headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30, context=ssl.create_default_context(
+            cafile=_cert(mesh))) as r:
+        assert r.status == 200
+
+
+def _envoy_stats(mesh) -> dict[str, int]:
+    port = mesh.config["envoy"]["admin_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=^cluster\\.(routers|http)\\.",
+                                  timeout=10).read().decode()
+    return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines())
+            if v.strip().isdigit()}

@@ -1,4 +1,6 @@
 """mesh.yaml parsing: defaults, tensor-parallel ports, and clear errors."""
+import shutil
+
 import pytest
 
 from llmesh.mesh.config import ConfigError, parse_config
@@ -148,6 +150,49 @@ def test_tls_listener_and_its_config_checks(tmp_path):
     assert tls["alpn_protocols"] == ["h2", "http/1.1"]
     assert tls["tls_certificates"] == [{"certificate_chain": {"filename": str(tmp_path / "a.crt")},
                                         "private_key": {"filename": str(tmp_path / "a.key")}}]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the CA is made by openssl")
+def test_upstream_mtls_makes_the_mesh_ca_and_puts_it_on_both_sides(tmp_path):
+    import subprocess
+    from llmesh.mesh.envoy import render_envoy, router_clusters
+    from llmesh.mesh.tls import with_certificate
+    plain = resolve_ports(parse_config({"http_api": True}))
+    assert all("transport_socket" not in c for c in router_clusters(plain))
+    assert "--mtls-dir" not in _router_argv(plain, tmp_path)
+    cfg = resolve_ports(with_certificate(parse_config({"http_api": True,
+                                                       "envoy": {"upstream_mtls": True}}), tmp_path))
+    d = tmp_path / "tls" / "upstream"
+    assert cfg.envoy.upstream_mtls_dir == str(d)
+    assert sorted(p.name for p in d.iterdir()) == ["ca.crt", "gateway.crt", "gateway.key",
+                                                   "router.crt", "router.key"]  # no CA key left
+    assert (d / "router.key").stat().st_mode & 0o077 == 0
+    for cert, purpose in (("router.crt", "sslserver"), ("gateway.crt", "sslclient")):
+        out = subprocess.run(["openssl", "verify", "-CAfile", str(d / "ca.crt"), "-purpose",
+                              purpose, str(d / cert)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    # the gateway's own client certificate is not a server's, nor the router's a client's
+    out = subprocess.run(["openssl", "verify", "-CAfile", str(d / "ca.crt"), "-purpose",
+                          "sslserver", str(d / "gateway.crt")], capture_output=True, text=True)
+    assert out.returncode != 0
+    clusters = {c["name"]: c for c in render_envoy(cfg)["static_resources"]["clusters"]}
+    for name, alpn in (("routers", ["h2"]), ("http", ["http/1.1"])):
+        tls = clusters[name]["transport_socket"]["typed_config"]
+        assert tls["sni"] == "localhost"
+        ctx = tls["common_tls_context"]
+        assert ctx["alpn_protocols"] == alpn
+        assert ctx["tls_certificates"] == [{"certificate_chain": {"filename": str(d / "gateway.crt")},
+                                            "private_key": {"filename": str(d / "gateway.key")}}]
+        assert ctx["validation_context"]["trusted_ca"] == {"filename": str(d / "ca.crt")}
+    argv = _router_argv(cfg, tmp_path)
+    assert argv[argv.index("--mtls-dir") + 1] == str(d)
+    before = (d / "router.crt").read_bytes()
+    with_certificate(parse_config({"envoy": {"upstream_mtls": True}}), tmp_path)
+    assert (d / "router.crt").read_bytes() == before  # reused, not made again
+
+
+def _router_argv(cfg, run_dir) -> list[str]:
+    return next(s for s in build_specs(cfg, "/models/m", run_dir) if s.name == "router-0").argv
 
 
 def test_models_each_get_their_processes_numbers_and_replica_set(tmp_path):
