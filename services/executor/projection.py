@@ -66,6 +66,9 @@ class Projection(nn.Module):
         self.format = "float"  # or the PACKED_FORMATS name it was converted to
         self.kernel: _Int8PerToken | _Float16Weights | None = None  # once packed
         self.blocked: torch.Tensor | None = None  # bfloat16 in oneDNN's layout, once reordered
+        # bfloat16 in the CPU decode kernel's layout (services/executor/cpu_decode_step.py),
+        # kept beside oneDNN's when that kernel runs the model's small decode steps
+        self.decode_rows: torch.Tensor | None = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked is not None:

@@ -83,6 +83,10 @@ class ModelRunner:
         if hasattr(self.backend, "warm_up"):  # (a compiled backend compiles now, not mid-step)
             self.backend.warm_up(*self.kv_caches[0], model.model.layers[0].self_attn.num_heads,
                                  model.model.layers[0].self_attn.scale)
+        from llmesh.services.executor.cpu_decode_step import CpuDecodeStep
+        # small decode steps of a bfloat16 model on a CPU: one kernel call (None: eager)
+        self.cpu_decode = CpuDecodeStep.for_runner(model, self.kv_caches, block_size,
+                                                   self.backend, self.tp is not None)
         self.seqs: dict[str, SeqState] = {}
         self.batch = BatchState()  # the live sequences' step state, by slot
         self.threads = StepThreads(self.device, flops_per_token=2.0 * sum(
@@ -110,7 +114,8 @@ class ModelRunner:
 
     @contextlib.contextmanager
     def eager(self):
-        """Steps inside run eagerly, graphs or not (benchmarks and tests compare)."""
+        """Steps inside run eagerly, graphs and the CPU decode kernel or not (benchmarks
+        and tests compare)."""
         with self._step_lock:
             self._eager = True
         try:
@@ -242,6 +247,10 @@ class ModelRunner:
         timer.start()
         if self.graphs is not None and not self._eager and self.graphs.fits(meta, p.num_tokens):
             hidden = self.graphs.run(p.input_ids.tensor, meta)
+        elif self.cpu_decode is not None and not self._eager \
+                and self.cpu_decode.fits(meta, p.num_tokens):
+            with self.threads.step(p.num_tokens):
+                hidden = self.cpu_decode.run(p.input_ids.tensor, meta)
         else:
             with self.threads.step(p.num_tokens):
                 hidden = self.model(p.input_ids.tensor, meta.positions, self.kv_caches, meta,

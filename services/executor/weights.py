@@ -147,5 +147,8 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     if dtype in PACKED_FORMATS:
         pack_projections(model, dtype)
     elif torch_dtype == torch.bfloat16:
+        from llmesh.services.executor import cpu_decode_step
+        if cpu_decode_step.why_not(config, device, torch_dtype, tp_group is not None) is None:
+            cpu_decode_step.pack_model(model)  # (before the reorder drops the plain weights)
         prepack_bfloat16(model)
     return model

@@ -1,0 +1,201 @@
+"""The whole-forward CPU decode kernel (cpu_decode.cpp): built, loaded, called.
+
+g++ builds it once per source, compiler and CPU (`-O3 -march=native -fopenmp`)
+into llmesh's cache ($LLMESH_CACHE_DIR, else ~/.cache/llmesh, under `native/`);
+later starts load the built library (a few ms). It links the OpenMP runtime
+torch already loaded (libgomp.so.1), so the two share one thread pool. Needs a
+CPU with AVX512-BF16 and a C++ compiler; `unavailable()` says why not.
+
+`DecodeKernel` holds what a call needs that does not change between steps (the
+model's dimensions, its weights' and caches' addresses: the tensors must stay
+alive and in place) and runs a step from its per-step arrays.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+MAX_GROUP, MAX_HEAD_DIM = 8, 256
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LLMESH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "llmesh")
+    return Path(base) / "native"
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def unavailable() -> str | None:
+    """Why this process cannot run the kernel (None: it can)."""
+    if "avx512_bf16" not in _cpu_flags():
+        return "the CPU has no AVX512-BF16"
+    if _compiler() is None:
+        return "no C++ compiler on PATH"
+    return None
+
+
+def library() -> ctypes.CDLL:
+    """The built kernel, built first if this source, compiler and CPU have none yet."""
+    global _library
+    with _lock:
+        if _library is None:
+            _library = _load(_build())
+        return _library
+
+
+def _build() -> Path:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler on PATH")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+                         + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_decode-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"building {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
+    os.replace(tmp, out)  # (another process building the same key wrote the same bytes)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
+    lib.llmesh_cpu_decode.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, p, p, p, p, i32, p,
+                                      p, i32]
+    lib.llmesh_cpu_decode.restype = ctypes.c_int
+    return lib
+
+
+def pack_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A projection's [rows, in] bfloat16 weight in the kernel's layout: per block of 16
+    output rows (zero rows pad the last), per pair of inputs, the pair of each row
+    ([ceil(rows / 16), in / 2, 16, 2]; the same bytes as the weight, padding aside)."""
+    rows, cols = weight.shape
+    if cols % 32:
+        raise ValueError(f"the CPU decode kernel needs input widths that are multiples of 32, not {cols}")
+    padded = -(-rows // 16) * 16
+    w = weight.detach().to(torch.bfloat16)
+    if padded != rows:
+        w = torch.cat([w, w.new_zeros(padded - rows, cols)])
+    return w.view(padded // 16, 16, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    inter: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    block_size: int
+    eps: float
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's bfloat16 tensors, contiguous, on the CPU: the projections'
+    weights packed by `pack_rows`, the rest as the model has them (qkv_b may be None)."""
+
+    in_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+def check_supported(dims: ModelDims) -> None:
+    """ValueError naming what this kernel cannot run."""
+    group = dims.heads // max(dims.kv_heads, 1)
+    why = [w for ok, w in (
+        (dims.heads % dims.kv_heads == 0, "query heads not a multiple of the KV heads"),
+        (group <= MAX_GROUP, f"more than {MAX_GROUP} query heads per KV head"),
+        (dims.head_dim % 32 == 0 and dims.head_dim <= MAX_HEAD_DIM,
+         f"head_dim {dims.head_dim} (a multiple of 32 up to {MAX_HEAD_DIM})"),
+        (dims.hidden % 32 == 0 and dims.inter % 32 == 0 and (dims.heads * dims.head_dim) % 32 == 0,
+         "widths not multiples of 32"),
+    ) if not ok]
+    if why:
+        raise ValueError("the CPU decode kernel cannot run this model: " + "; ".join(why))
+
+
+class DecodeKernel:
+    def __init__(self, dims: ModelDims, embed: torch.Tensor, final_norm: torch.Tensor,
+                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, layers: list[LayerWeights]):
+        check_supported(dims)
+        tensors = [embed, final_norm] + [t for w in layers for t in (
+            w.in_norm, w.qkv_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w, w.k_cache, w.v_cache)]
+        for t in tensors:
+            if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("the CPU decode kernel takes contiguous bfloat16 CPU tensors")
+        for t in (rope_cos, rope_sin):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError("the RoPE tables must be contiguous float32")
+        self.lib = library()
+        self.dims = dims
+        self.hidden = dims.hidden
+        self._keep = tensors + [rope_cos, rope_sin] + [w.qkv_b for w in layers if w.qkv_b is not None]
+        ptrs = [embed.data_ptr(), final_norm.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr()]
+        for w in layers:
+            ptrs += [w.in_norm.data_ptr(), w.qkv_w.data_ptr(),
+                     w.qkv_b.data_ptr() if w.qkv_b is not None else 0, w.o_w.data_ptr(),
+                     w.post_norm.data_ptr(), w.gate_up_w.data_ptr(), w.down_w.data_ptr(),
+                     w.k_cache.data_ptr(), w.v_cache.data_ptr()]
+        self._ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self._dims = (ctypes.c_int64 * 7)(dims.hidden, dims.inter, dims.heads, dims.kv_heads,
+                                          dims.head_dim, dims.layers, dims.block_size)
+        self._eps = ctypes.c_float(dims.eps)
+        self._scale = ctypes.c_float(dims.head_dim ** -0.5)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            tables: torch.Tensor, ctx_lens: torch.Tensor, threads: int) -> torch.Tensor:
+        """One decode step of len(ids) rows: ids, positions, slots int64 [B]; tables int32
+        [B, width]; ctx_lens int32 [B] -> the final norm's output, bfloat16 [B, hidden]."""
+        n = ids.numel()
+        if not (positions.numel() == slots.numel() == ctx_lens.numel() == tables.shape[0] == n):
+            raise ValueError("the CPU decode kernel's per-row inputs differ in length")
+        out = torch.empty(n, self.hidden, dtype=torch.bfloat16)
+        i64, i32 = torch.int64, torch.int32
+        ids, positions, slots = (t.to(i64).contiguous() for t in (ids, positions, slots))
+        tables, ctx_lens = tables.to(i32).contiguous(), ctx_lens.to(i32).contiguous()
+        self.lib.llmesh_cpu_decode(self._dims, self._eps, self._scale, self._ptrs, n,
+                                   ids.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                                   tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),
+                                   out.data_ptr(), threads)
+        return out

@@ -1,0 +1,120 @@
+"""Small decode steps of a bfloat16 model on a CPU in one kernel call.
+
+The eager forward of a decode step runs about 20 torch ops a layer; at a few
+sequences on a small model that is most of a token's time (the bench model at
+batch 1: 4.2 ms a forward on 2 threads, of which the projections' bytes take
+about 1.5 at the machine's bandwidth). `kernels/cpu_decode.cpp` runs the whole
+forward (embedding to final norm, K/V written to the paged cache) in one call
+and one OpenMP region: 1.4-1.5 ms there. It reads its own copy of the
+projections' weights, packed once at load (`pack_model`, before oneDNN's
+reorder drops the plain weight): the bfloat16 weights take twice their size.
+
+Used for decode-only steps of at most `MAX_ROWS` sequences (above that the
+eager forward with oneDNN's prepacked projections is as fast or faster on the
+bench box), on a CPU with AVX512-BF16 and a C++ compiler, for Llama-family
+models without per-head norms or a sliding window, without tensor parallelism,
+when the attention backend gives the step's block table (the compiled CPU
+backend). `LLMESH_CPU_DECODE_KERNEL=0` turns it off. Its activations are
+rounded to bfloat16 where the eager forward rounds them; the two differ in the
+order of float32 sums (about one bfloat16 step in a hidden state), so a
+sequence's tokens can differ from the eager forward's at near-ties, as they do
+between any two bfloat16 kernels. float32 models never use it (their eager
+forward is the exactness reference).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from llmesh.kernels import cpu_decode
+from llmesh.services.executor.attention import AttentionMetadata
+from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.model_config import ModelConfig
+from llmesh.services.executor.projection import Projection
+
+log = logging.getLogger("llmesh.executor")
+ENV = "LLMESH_CPU_DECODE_KERNEL"
+MAX_ROWS = 8
+
+
+def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+            tensor_parallel: bool = False) -> str | None:
+    """Why a model loaded like this would not use the kernel (None: it would)."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return "not a bfloat16 model on a CPU"
+    if tensor_parallel:
+        return "tensor parallelism"
+    if config.qk_norm or config.sliding_window is not None:
+        return "per-head norms or a sliding window"
+    try:
+        cpu_decode.check_supported(_dims(config, 16))
+    except ValueError as e:
+        return str(e)
+    return cpu_decode.unavailable()
+
+
+def pack_model(model: CausalLM) -> None:
+    """Give each decoder projection its weight in the kernel's layout (`decode_rows`)."""
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                     layer.mlp.down_proj):
+            proj.decode_rows = cpu_decode.pack_rows(proj.weight)
+
+
+def _dims(config: ModelConfig, block_size: int) -> cpu_decode.ModelDims:
+    return cpu_decode.ModelDims(config.hidden_size, config.intermediate_size, config.num_heads,
+                                config.num_kv_heads, config.head_dim, config.num_layers,
+                                block_size, config.rms_norm_eps)
+
+
+class CpuDecodeStep:
+    def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int):
+        layers = []
+        for layer, (k_cache, v_cache) in zip(model.model.layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(cpu_decode.LayerWeights(
+                layer.input_layernorm.weight, attn.qkv_proj.decode_rows, attn.qkv_proj.bias,
+                attn.o_proj.decode_rows, layer.post_attention_layernorm.weight,
+                mlp.gate_up_proj.decode_rows, mlp.down_proj.decode_rows, k_cache, v_cache))
+        self.num_steps = 0  # steps it ran (tests, benchmarks)
+        self.kernel = cpu_decode.DecodeKernel(
+            _dims(model.config, block_size), model.model.embed_tokens.weight,
+            model.model.norm.weight, model.rope_cos, model.rope_sin, layers)
+
+    @classmethod
+    def for_runner(cls, model: CausalLM, kv_caches, block_size: int, backend,
+                   tensor_parallel: bool) -> "CpuDecodeStep | None":
+        """The kernel for a runner's model, if it was packed for it and the backend
+        gives block tables; else None (and the start-up log says why)."""
+        if not all(getattr(p, "decode_rows", None) is not None for p in model.modules()
+                   if isinstance(p, Projection) and p is not model.lm_head):
+            return None
+        why = ("tensor parallelism" if tensor_parallel else None) or (
+            None if getattr(backend, "wants_block_tables", False)
+            else "the attention backend gives no block tables")
+        if why is None:
+            try:
+                step = cls(model, kv_caches, block_size)
+            except (RuntimeError, ValueError) as e:  # (a failed build: eager, said once)
+                why = str(e)[:300]
+        log.info("decode steps of up to %d sequences: %s", MAX_ROWS,
+                 "one CPU kernel call" if why is None else f"eager ({why})")
+        return step if why is None else None
+
+    @staticmethod
+    def fits(meta: AttentionMetadata, num_tokens: int) -> bool:
+        """A decode-only step (one token per sequence) of at most MAX_ROWS sequences."""
+        return (meta.num_single == num_tokens <= MAX_ROWS
+                and meta.single_block_tables is not None and not meta.prefills)
+
+    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The step's hidden states after the final norm, [rows, hidden] bfloat16."""
+        self.num_steps += 1
+        return self.kernel.run(input_ids, meta.positions, meta.slot_mapping,
+                               meta.single_block_tables, meta.single_context_lens,
+                               torch.get_num_threads())

@@ -1,0 +1,183 @@
+"""The whole-forward CPU decode kernel (kernels/cpu_decode.cpp, built by g++ here)
+against the eager bfloat16 forward and a float32 forward of the same weights:
+as accurate as the eager one, the same K/V written to the same slots, each row
+independent of its batch, and the runner taking it for small decode steps only."""
+import numpy as np
+import pytest
+import torch
+
+from llmesh.kernels import cpu_decode
+from llmesh.services.executor.attention import TorchPagedAttention, metadata_from_arrays
+from llmesh.services.executor.model import CausalLM
+from llmesh.services.executor.model_config import parse_model_config
+
+pytestmark = pytest.mark.skipif(cpu_decode.unavailable() is not None,
+                                reason=f"CPU decode kernel: {cpu_decode.unavailable()}")
+BLOCK = 16
+SHAPES = {  # (GQA group, head_dim, qkv bias)
+    "gqa2-d32": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "gqa4-d64-bias": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                          architectures=["Qwen2ForCausalLM"]),
+    "mha-d128": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=128),
+}
+
+
+def random_model(seed: int = 0, **overrides) -> CausalLM:
+    raw = dict(architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=384,
+               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+               vocab_size=512, rms_norm_eps=1e-5, max_position_embeddings=1024)
+    raw.update(overrides)
+    model = CausalLM(parse_model_config(raw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    model = model.eval().requires_grad_(False).to(torch.bfloat16)
+    model.init_rope(torch.device("cpu"))
+    return model
+
+
+def caches(model, num_blocks: int, dtype, seed: int = 1):
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, BLOCK, c.num_kv_heads, c.head_dim)
+    return [tuple(torch.randn(shape, generator=g).to(torch.bfloat16).to(dtype) for _ in "kv")
+            for _ in range(c.num_layers)]
+
+
+def step_inputs(contexts: list[int], seed: int = 2):
+    """A decode step: row i's new token at position contexts[i] - 1 (its blocks disjoint)."""
+    need = [-(-ctx // BLOCK) for ctx in contexts]
+    table = np.zeros((len(contexts), max(need)), np.int64)
+    first = 1
+    for i, n in enumerate(need):
+        table[i, :n] = np.arange(first, first + n)[::-1]  # (out of order in the cache)
+        first += n
+    starts = np.array(contexts, np.int64) - 1
+    counts = np.ones(len(contexts), np.int64)
+    ids = torch.randint(3, 500, (len(contexts),), generator=torch.Generator().manual_seed(seed))
+    return ids, starts, counts, table, first
+
+
+def kernel_for(model, kv):
+    from llmesh.services.executor.cpu_decode_step import CpuDecodeStep, pack_model
+    pack_model(model)
+    return CpuDecodeStep(model, kv, BLOCK)
+
+
+def eager(model, ids, starts, counts, table, kv):
+    meta = metadata_from_arrays(starts, counts, table, BLOCK, None, torch.device("cpu"))
+    with torch.inference_mode():
+        return model(ids, meta.positions, kv, meta, TorchPagedAttention())
+
+
+def native(step, ids, starts, counts, table):
+    meta = metadata_from_arrays(starts, counts, table, BLOCK, None, torch.device("cpu"),
+                                with_block_tables=True)
+    return step.run(ids, meta)
+
+
+def float32_copy(model):
+    copy = random_model(**_overrides(model)).float()
+    copy.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    copy.init_rope(torch.device("cpu"))
+    return copy
+
+
+def _overrides(model) -> dict:
+    c = model.config
+    return dict(num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                head_dim=c.head_dim, architectures=[c.architecture])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_as_accurate_as_the_eager_forward_and_writes_the_same_kv(shape):
+    model = random_model(**SHAPES[shape])
+    contexts = [1, 16, 17, 40, 203]  # a block's first and last slot, several blocks
+    ids, starts, counts, table, blocks = step_inputs(contexts)
+    kv_eager, kv_native = caches(model, blocks, torch.bfloat16), caches(model, blocks, torch.bfloat16)
+    kv_truth = caches(model, blocks, torch.float32)
+    h_eager = eager(model, ids, starts, counts, table, kv_eager).float()
+    h_native = native(kernel_for(model, kv_native), ids, starts, counts, table).float()
+    h_truth = eager(float32_copy(model), ids, starts, counts, table, kv_truth)
+    err_eager = (h_eager - h_truth).abs().max().item()
+    err_native = (h_native - h_truth).abs().max().item()
+    scale = h_truth.abs().max().item()
+    assert err_native <= max(1.5 * err_eager, 2 ** -7 * scale), (err_native, err_eager, scale)
+    assert (h_native - h_eager).abs().mean() < 0.01 * h_truth.abs().mean()
+    slots = (table[np.arange(len(contexts)), starts // BLOCK] * BLOCK + starts % BLOCK).tolist()
+    for (ke, ve), (kn, vn) in zip(kv_eager, kv_native):
+        for cache_e, cache_n in ((ke, kn), (ve, vn)):
+            flat_e, flat_n = cache_e.flatten(0, 1), cache_n.flatten(0, 1)
+            written = torch.zeros(flat_e.shape[0], dtype=torch.bool)
+            written[slots] = True
+            assert torch.equal(flat_e[~written], flat_n[~written])  # nothing else touched
+            diff = (flat_e[slots].float() - flat_n[slots].float()).abs()
+            assert diff.max() <= 2 ** -6 * flat_e[slots].float().abs().max()
+
+
+def test_each_row_is_independent_of_its_batch():
+    model = random_model(**SHAPES["gqa4-d64-bias"])
+    contexts = [5, 33, 64, 90, 129, 7]
+    ids, starts, counts, table, blocks = step_inputs(contexts)
+    kv = caches(model, blocks, torch.bfloat16)
+    step = kernel_for(model, kv)
+    together = native(step, ids, starts, counts, table)
+    for i in range(len(contexts)):
+        one = native(step, ids[i:i + 1], starts[i:i + 1], counts[i:i + 1], table[i:i + 1])
+        assert torch.equal(one[0], together[i])
+
+
+def test_pack_rows_and_what_the_kernel_refuses():
+    w = torch.randn(40, 64).bfloat16()
+    packed = cpu_decode.pack_rows(w)
+    assert packed.shape == (3, 32, 16, 2)  # 40 rows padded to 48
+    unpacked = packed.permute(0, 2, 1, 3).reshape(48, 64)
+    assert torch.equal(unpacked[:40], w) and not unpacked[40:].any()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_decode.pack_rows(torch.randn(16, 48).bfloat16())
+    dims = cpu_decode.ModelDims(256, 384, 12, 1, 32, 2, 16, 1e-5)
+    with pytest.raises(ValueError, match="more than 8 query heads"):
+        cpu_decode.check_supported(dims)
+    with pytest.raises(ValueError, match="head_dim 16"):
+        cpu_decode.check_supported(cpu_decode.ModelDims(64, 192, 4, 2, 16, 2, 16, 1e-5))
+
+
+def test_the_runner_takes_it_for_small_decode_steps_only(caplog):
+    import logging
+    from llmesh.services.common.sampling_params import SamplingParams
+    from llmesh.services.common.step_plan import NewSequence, ScheduledSequence, StepPlan
+    from llmesh.services.executor.cpu_decode_step import MAX_ROWS, pack_model, why_not
+    from llmesh.services.executor.runner import ModelRunner
+    model = random_model()
+    assert why_not(model.config, "cpu", torch.bfloat16) is None
+    assert why_not(model.config, "cpu", torch.float32) is not None
+    pack_model(model)
+    with caplog.at_level(logging.INFO, "llmesh.executor"):
+        runner = ModelRunner(model, 128, BLOCK)
+    assert runner.cpu_decode is not None, caplog.text
+    assert "one CPU kernel call" in caplog.text
+    n = MAX_ROWS + 1
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    new = [NewSequence(seq_id=f"s{i}", token_ids=[3 + i, 7, 9], num_prompt_tokens=3, params=params,
+                       index=0, num_computed=0, block_ids=[i]) for i in range(n)]
+    step_id = iter(range(1, 100))
+
+    def step(seqs, fresh=()):
+        plan = StepPlan(step_id=next(step_id), new=list(fresh),
+                        scheduled=[ScheduledSequence(s, k, 1, []) for s, k in seqs])
+        return runner.execute(plan)
+    step([(f"s{i}", 3) for i in range(n)], new)  # prefills: eager
+    assert runner.cpu_decode.num_steps == 0
+    step([(f"s{i}", 1) for i in range(n)])  # 9 decode rows: eager
+    assert runner.cpu_decode.num_steps == 0
+    result = step([(f"s{i}", 1) for i in range(MAX_ROWS)])  # 8: the kernel
+    assert runner.cpu_decode.num_steps == 1 and len(result.sampled) == MAX_ROWS
+    with runner.eager():
+        step([("s0", 1)])
+    assert runner.cpu_decode.num_steps == 1
