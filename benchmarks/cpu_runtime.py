@@ -7,9 +7,10 @@ TTFT), then `--ttft-prompts` requests of exactly 512 prompt tokens and one
 output token, one at a time (time to first token of a 512-token prompt).
 Variants:
 
-- `mesh-FORMAT[-tN]` (float32, bfloat16, float16-weights, int8, auto; N torch
-  threads in the executor, default torch's): the mesh, one replica, driven
-  through its OpenAI HTTP API behind Envoy;
+- `mesh-FORMAT[-tN][-eager]` (float32, bfloat16, float16-weights, int8, auto; N
+  torch threads in the executor, default torch's; `-eager`: without the CPU
+  decode kernel, `engine.cpu_decode_kernel: false`): the mesh, one replica,
+  driven through its OpenAI HTTP API behind Envoy;
 - `llama.cpp-OUTTYPE` (f32, bf16, f16, q8_0; `-npN` for N slots, default the
   mesh's running-sequence cap): llama.cpp's `llama-server`, built from the
   newest llama-cpp-python sdist and fed a GGUF its own converter made
@@ -103,13 +104,16 @@ def _served(name: str, model_dir: str, args, mc) -> tuple[str, str, callable, di
     from llmesh.benchmarks.harness import mesh_config_for
     np_default = BENCH_ENGINE_CONFIG.max_num_seqs
     if name.startswith("mesh-"):
-        fmt, _, threads = name.removeprefix("mesh-").partition("-t")
+        spec, eager = _mesh_variant(name)
+        fmt, _, threads = spec.partition("-t")
         cfg = mesh_config_for(dataclasses.replace(BENCH_ENGINE_CONFIG, dtype=fmt), mc)
-        cfg = dataclasses.replace(cfg, executor_threads=int(threads or 0))
+        cfg = dataclasses.replace(cfg, executor_threads=int(threads or 0), engine=dataclasses.replace(
+            cfg.engine, cpu_decode_kernel=not eager))
         mesh = kit.BenchMesh(model_dir, cfg).start()
         return (f"http://{mesh.endpoint}/v1", "", mesh.stop,
                 {"server": "llmesh mesh (router HTTP API behind Envoy)", "dtype": fmt,
                  "max_num_seqs": cfg.engine.max_num_seqs,
+                 "cpu_decode_kernel": cfg.engine.cpu_decode_kernel,
                  "executor_threads": cfg.executor_threads or "torch's default"})
     spec = name.removeprefix("llama.cpp-")
     outtype, _, np_part = spec.partition("-np")
@@ -131,6 +135,12 @@ def _served(name: str, model_dir: str, args, mc) -> tuple[str, str, callable, di
     return (f"http://127.0.0.1:{port}/v1", "", lambda: llama_cpp.stop(proc),
             {"server": "llama.cpp llama-server", **build, "gguf": gguf,
              "command": " ".join(command)})
+
+
+def _mesh_variant(name: str) -> tuple[str, bool]:
+    """`mesh-FORMAT[-tN][-eager]` -> ("FORMAT[-tN]", whether the CPU decode kernel is off)."""
+    spec = name.removeprefix("mesh-")
+    return spec.removesuffix("-eager"), spec.endswith("-eager")
 
 
 def _one(model_dir: str, name: str, peers: dict, args) -> dict:
@@ -188,7 +198,7 @@ def options(p) -> None:
     p.add_argument("--single-requests", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="mesh-float32,llama.cpp-f32,mesh-bfloat16,llama.cpp-bf16",
-                   help="mesh-FORMAT (" + ", ".join(MESH_FORMATS) + "), llama.cpp-OUTTYPE[-npN] "
+                   help="mesh-FORMAT[-tN][-eager] (" + ", ".join(MESH_FORMATS) + "), llama.cpp-OUTTYPE[-npN] "
                         "(f32, bf16, f16, q8_0, native), or an in-process engine format ("
                         + ", ".join(ENGINE_VARIANTS) + ")")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
@@ -207,7 +217,7 @@ def run(args) -> dict:
     names = [v for v in args.variants.split(",") if v] + list(peers)
     unknown = [v for v in names if v not in ENGINE_VARIANTS and v not in peers
                and not (v.startswith("mesh-")
-                        and v.removeprefix("mesh-").partition("-t")[0] in MESH_FORMATS)
+                        and _mesh_variant(v)[0].partition("-t")[0] in MESH_FORMATS)
                and not v.startswith("llama.cpp-")]
     if unknown:
         raise ValueError(f"unknown variants {unknown}")

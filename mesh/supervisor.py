@@ -157,7 +157,8 @@ def replica_specs(cfg: MeshConfig, ports: ReplicaPorts, model_dir: str) -> list[
             "--block-size", str(e.block_size), "--threads", str(threads),
             "--bench-step-ms", str(e.bench_step_ms),
             "--test-corrupt-after-steps", str(e.test_corrupt_after_steps),
-            "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)] + dist, port,
+            "--test-leak-mb-per-step", str(e.test_leak_mb_per_step)]
+            + ([] if e.cpu_decode_kernel else ["--no-cpu-decode-kernel"]) + dist, port,
             group=f"executors-{r}" if tp > 1 else "", stage=executors_stage))
     specs.append(ProcSpec(f"scheduler-{r}", py + [
         "llmesh.services.scheduler", "--port", str(ports.scheduler), "--model", model_dir,

@@ -25,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", required=True, type=model_arg)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-cpu-decode-kernel", action="store_true",
+                   help="a bfloat16 model's small decode steps on a CPU run the eager "
+                        "forward, not the one-call kernel (services/executor/cpu_decode_step.py)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-kv-blocks", type=int, required=True,
                    help="KV blocks; 0 = a share of the memory available after loading")
@@ -87,7 +90,8 @@ async def main(args) -> None:
         from llmesh.services.executor.sleep_model import SleepModel
         model = SleepModel(load_model_config(args.model), args.bench_step_ms / 1000)
     else:
-        model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group)
+        model = await asyncio.to_thread(load_model, args.model, args.dtype, device, group,
+                                        not args.no_cpu_decode_kernel)
     num_blocks = args.num_kv_blocks
     if not num_blocks:
         if torch.device(device).type != "cpu":

@@ -14,7 +14,8 @@ eager forward with oneDNN's prepacked projections is as fast or faster on the
 bench box), on a CPU with AVX512-BF16 and a C++ compiler, for Llama-family
 models without per-head norms or a sliding window, without tensor parallelism,
 when the attention backend gives the step's block table (the compiled CPU
-backend). `LLMESH_CPU_DECODE_KERNEL=0` turns it off. Its activations are
+backend). `engine.cpu_decode_kernel: false` in mesh.yaml (`load_model(...,
+cpu_decode_kernel=False)` in code) turns it off. Its activations are
 rounded to bfloat16 where the eager forward rounds them; the two differ in the
 order of float32 sums (about one bfloat16 step in a hidden state), so a
 sequence's tokens can differ from the eager forward's at near-ties, as they do
@@ -24,7 +25,6 @@ forward is the exactness reference).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -35,15 +35,12 @@ from llmesh.services.executor.model_config import ModelConfig
 from llmesh.services.executor.projection import Projection
 
 log = logging.getLogger("llmesh.executor")
-ENV = "LLMESH_CPU_DECODE_KERNEL"
 MAX_ROWS = 8
 
 
 def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
             tensor_parallel: bool = False) -> str | None:
     """Why a model loaded like this would not use the kernel (None: it would)."""
-    if os.environ.get(ENV, "1") == "0":
-        return f"{ENV}=0"
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
         return "not a bfloat16 model on a CPU"
     if tensor_parallel:

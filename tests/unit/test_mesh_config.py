@@ -244,3 +244,13 @@ def test_models_share_the_kv_memory_among_all_executors():
 def test_bad_models_are_clear_errors(models, match):
     with pytest.raises(ConfigError, match=match):
         parse_config({"models": models})
+
+
+def test_the_cpu_decode_kernel_can_be_turned_off_for_the_executors(tmp_path):
+    def executor_argv(raw):
+        cfg = resolve_ports(parse_config(raw))
+        return next(s for s in build_specs(cfg, "/models/m", tmp_path)
+                    if s.name == "executor-0-0").argv
+    assert "--no-cpu-decode-kernel" not in executor_argv({"engine": {"dtype": "bfloat16"}})
+    assert "--no-cpu-decode-kernel" in executor_argv(
+        {"engine": {"dtype": "bfloat16", "cpu_decode_kernel": False}})
