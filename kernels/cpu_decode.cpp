@@ -79,22 +79,23 @@ struct Dims {
 // sums come out in one vector, with no horizontal reduction, and every weight
 // vector loaded is used for NB activation rows.
 //
-// One block of 16 rows against NB activation rows; each row's sum runs in two
-// chains (even and odd pairs) added at the end, the same order whatever the batch.
+// One block of 16 rows against NB activation rows; each row's sum runs in four
+// chains (pairs p mod 4: enough in flight to hide the instruction's latency at
+// NB = 1), added as (0 + 1) + (2 + 3) at the end, the same order whatever the batch.
 template <int NB>
 inline void block16(const bf16* wp, int in, const bf16* x, float* y, int ldy, int rows,
                     const bf16* bias) {
   const int pairs = in / 2;
-  __m512 a0[NB], a1[NB];
-  for (int b = 0; b < NB; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
+  __m512 a[4][NB];
+  for (int c = 0; c < 4; ++c)
+    for (int b = 0; b < NB; ++b) a[c][b] = _mm512_setzero_ps();
   const int32_t* xp[NB];
   for (int b = 0; b < NB; ++b) xp[b] = reinterpret_cast<const int32_t*>(x + static_cast<size_t>(b) * in);
-  for (int p = 0; p < pairs; p += 2) {
-    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + 32 * static_cast<size_t>(p));
-    __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32 * static_cast<size_t>(p + 1));
-    for (int b = 0; b < NB; ++b) {
-      a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_set1_epi32(xp[b][p]));
-      a1[b] = _mm512_dpbf16_ps(a1[b], w1, (__m512bh)_mm512_set1_epi32(xp[b][p + 1]));
+  for (int p = 0; p < pairs; p += 4) {
+    for (int c = 0; c < 4; ++c) {
+      __m512bh w = (__m512bh)_mm512_loadu_si512(wp + 32 * static_cast<size_t>(p + c));
+      for (int b = 0; b < NB; ++b)
+        a[c][b] = _mm512_dpbf16_ps(a[c][b], w, (__m512bh)_mm512_set1_epi32(xp[b][p + c]));
     }
   }
   __m512 vb = _mm512_setzero_ps();
@@ -104,7 +105,8 @@ inline void block16(const bf16* wp, int in, const bf16* x, float* y, int ldy, in
     vb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   for (int b = 0; b < NB; ++b) {
-    __m512 sum = _mm512_add_ps(_mm512_add_ps(a0[b], a1[b]), vb);
+    __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][b], a[1][b]),
+                                             _mm512_add_ps(a[2][b], a[3][b])), vb);
     // rounded to bfloat16 and back (the eager projection's output dtype)
     __m512 r = _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
@@ -113,7 +115,7 @@ inline void block16(const bf16* wp, int in, const bf16* x, float* y, int ldy, in
 }
 
 // y[b * ldy + o] = rbf(W[o] . x[b] + bias[o]) for the 16-row blocks [k0, k1); x: B
-// rows of `in` bfloat16 values (in % 4 == 0)
+// rows of `in` bfloat16 values (in % 8 == 0)
 void matvec(const bf16* wp, const bf16* bias, const bf16* x, int B, int in, int rows, int k0,
             int k1, float* y, int ldy) {
   for (int k = k0; k < k1; ++k) {
