@@ -55,11 +55,13 @@ def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
 
 
 def pack_model(model: CausalLM) -> None:
-    """Give each decoder projection its weight in the kernel's layout (`decode_rows`)."""
+    """Give each decoder projection its weight in the kernel's layout (`decode_rows`;
+    once: a projection that has it keeps it)."""
     for layer in model.model.layers:
         for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                      layer.mlp.down_proj):
-            proj.decode_rows = cpu_decode.pack_rows(proj.weight)
+            if proj.decode_rows is None:
+                proj.decode_rows = cpu_decode.pack_rows(proj.weight)
 
 
 def _dims(config: ModelConfig, block_size: int) -> cpu_decode.ModelDims:

@@ -181,3 +181,40 @@ def test_the_runner_takes_it_for_small_decode_steps_only(caplog):
     with runner.eager():
         step([("s0", 1)])
     assert runner.cpu_decode.num_steps == 1
+
+
+def test_on_the_trained_model_its_logits_are_as_close_to_float32_as_eager():
+    """SmolLM2 (the default model's weights, dequantized): after a real prompt's
+    prefill, one decode step's logits against a float32 model's."""
+    from llmesh.mesh.default_model import resolve_model
+    from llmesh.services.common.errors import UnsupportedModelError
+    from llmesh.services.common.tokenizer import TextTokenizer
+    from llmesh.services.executor.weights import load_model
+    try:
+        path = resolve_model("smollm2")
+    except UnsupportedModelError as e:
+        pytest.skip(str(e))
+    tok = TextTokenizer(str(path))
+    m16, m32 = load_model(path, "bfloat16"), load_model(path, "float32")
+    assert m16.model.layers[0].self_attn.qkv_proj.decode_rows is not None  # packed at load
+    for text in ("The capital of France is", "def fibonacci(n):\n    "):
+        ids = tok.encode(text)
+        n = len(ids)
+        table = np.arange(1, 2 + n // BLOCK)[None, :]
+        kv16, kv32 = caches(m16, table.size + 1, torch.bfloat16), caches(m16, table.size + 1,
+                                                                         torch.float32)
+        prefill = metadata_from_arrays(np.array([0]), np.array([n]), table, BLOCK, None,
+                                       torch.device("cpu"))
+        with torch.inference_mode():
+            for model, kv in ((m16, kv16), (m32, kv32)):
+                model(torch.tensor(ids), prefill.positions, kv, prefill, TorchPagedAttention())
+        kv_kernel = [(k.clone(), v.clone()) for k, v in kv16]
+        args = (torch.tensor([tok.encode(text + " the")[-1]]), np.array([n]), np.array([1]), table)
+        with torch.inference_mode():
+            eager_logits = m16.compute_logits(eager(m16, *args, kv16))
+            truth = m32.compute_logits(eager(m32, *args, kv32))
+            kernel_logits = m16.compute_logits(native(kernel_for(m16, kv_kernel), *args))
+        err_eager = (eager_logits - truth).abs().max().item()
+        err_kernel = (kernel_logits - truth).abs().max().item()
+        assert err_kernel <= 1.5 * err_eager + 0.1, (text, err_kernel, err_eager)
+        assert kernel_logits.argmax() == truth.argmax()
