@@ -40,7 +40,8 @@ def _compiler() -> str | None:
     return next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -52,7 +53,7 @@ def _cpu_flags() -> set[str]:
 
 def unavailable() -> str | None:
     """Why this process cannot run the kernel (None: it can)."""
-    if "avx512_bf16" not in _cpu_flags():
+    if "avx512_bf16" not in cpu_flags():
         return "the CPU has no AVX512-BF16"
     if _compiler() is None:
         return "no C++ compiler on PATH"
@@ -74,7 +75,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
-                         + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_decode-{key}.so"
     if out.is_file():
         return out

@@ -16,24 +16,14 @@ trained model").
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
+from llmesh.kernels.cpu_decode import cpu_flags
 from llmesh.services.executor.projection import onednn_bfloat16
 
 log = logging.getLogger("llmesh.executor")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def auto_format(checkpoint_dtype: str, device: str | torch.device) -> tuple[str, str]:

@@ -58,10 +58,24 @@ def pack_model(model: CausalLM) -> None:
     """Give each decoder projection its weight in the kernel's layout (`decode_rows`;
     once: a projection that has it keeps it)."""
     for layer in model.model.layers:
-        for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                     layer.mlp.down_proj):
+        for proj in _projections(layer):
             if proj.decode_rows is None:
                 proj.decode_rows = cpu_decode.pack_rows(proj.weight)
+
+
+def is_packed(model) -> bool:
+    """Whether `pack_model` gave this model's decoder projections their kernel layout
+    (a model of another kind, such as the benchmarks' SleepModel, has none)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return bool(layers) and all(
+        isinstance(proj, Projection) and proj.decode_rows is not None
+        for layer in layers for proj in _projections(layer))
+
+
+def _projections(layer) -> tuple:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (getattr(attn, "qkv_proj", None), getattr(attn, "o_proj", None),
+            getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
 
 
 def _dims(config: ModelConfig, block_size: int) -> cpu_decode.ModelDims:
@@ -90,8 +104,7 @@ class CpuDecodeStep:
                    tensor_parallel: bool) -> "CpuDecodeStep | None":
         """The kernel for a runner's model, if it was packed for it and the backend
         gives block tables; else None (and the start-up log says why)."""
-        if not all(getattr(p, "decode_rows", None) is not None for p in model.modules()
-                   if isinstance(p, Projection) and p is not model.lm_head):
+        if not is_packed(model):
             return None
         why = ("tensor parallelism" if tensor_parallel else None) or (
             None if getattr(backend, "wants_block_tables", False)

@@ -154,10 +154,15 @@ def test_the_runner_takes_it_for_small_decode_steps_only(caplog):
     from llmesh.services.common.step_plan import NewSequence, ScheduledSequence, StepPlan
     from llmesh.services.executor.cpu_decode_step import MAX_ROWS, pack_model, why_not
     from llmesh.services.executor.runner import ModelRunner
+    from llmesh.services.executor.cpu_decode_step import is_packed
+    from llmesh.services.executor.sleep_model import SleepModel
     model = random_model()
     assert why_not(model.config, "cpu", torch.bfloat16) is None
     assert why_not(model.config, "cpu", torch.float32) is not None
+    assert not is_packed(model) and not is_packed(SleepModel(model.config, 0.0))
+    assert ModelRunner(SleepModel(model.config, 0.0), 16, BLOCK).cpu_decode is None
     pack_model(model)
+    assert is_packed(model)
     with caplog.at_level(logging.INFO, "llmesh.executor"):
         runner = ModelRunner(model, 128, BLOCK)
     assert runner.cpu_decode is not None, caplog.text
