@@ -171,6 +171,10 @@ class DecodeKernel:
         self.lib = library()
         self.dims = dims
         self.hidden = dims.hidden
+        # what the C++ reads unchecked, bounded here (one small reduction each a step)
+        self._bounds = {"ids": embed.shape[0], "positions": rope_cos.shape[0],
+                        "slots": layers[0].k_cache.shape[0] * dims.block_size,
+                        "tables": layers[0].k_cache.shape[0]}
         self._keep = tensors + [rope_cos, rope_sin] + [w.qkv_b for w in layers if w.qkv_b is not None]
         ptrs = [embed.data_ptr(), final_norm.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr()]
         for w in layers:
@@ -195,6 +199,12 @@ class DecodeKernel:
         i64, i32 = torch.int64, torch.int32
         ids, positions, slots = (t.to(i64).contiguous() for t in (ids, positions, slots))
         tables, ctx_lens = tables.to(i32).contiguous(), ctx_lens.to(i32).contiguous()
+        for name, t in (("ids", ids), ("positions", positions), ("slots", slots),
+                        ("tables", tables)):
+            if n and not 0 <= int(t.min()) <= int(t.max()) < self._bounds[name]:
+                raise ValueError(f"the CPU decode kernel's {name} out of range")
+        if n and not 1 <= int(ctx_lens.min()) <= int(ctx_lens.max()) <= tables.shape[1] * self.dims.block_size:
+            raise ValueError("the CPU decode kernel's context lengths exceed their block tables")
         self.lib.llmesh_cpu_decode(self._dims, self._eps, self._scale, self._ptrs, n,
                                    ids.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                                    tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),

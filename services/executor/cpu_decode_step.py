@@ -101,14 +101,17 @@ class CpuDecodeStep:
 
     @classmethod
     def for_runner(cls, model: CausalLM, kv_caches, block_size: int, backend,
-                   tensor_parallel: bool) -> "CpuDecodeStep | None":
+                   tensor_parallel: bool, max_model_len: int) -> "CpuDecodeStep | None":
         """The kernel for a runner's model, if it was packed for it and the backend
-        gives block tables; else None (and the start-up log says why)."""
+        gives block tables; else None (and the start-up log says why). The kernel
+        reads RoPE rows unchecked: positions must stay below the table's length."""
         if not is_packed(model):
             return None
         why = ("tensor parallelism" if tensor_parallel else None) or (
             None if getattr(backend, "wants_block_tables", False)
-            else "the attention backend gives no block tables")
+            else "the attention backend gives no block tables") or (
+            None if max_model_len <= model.rope_cos.shape[0]
+            else f"max_model_len {max_model_len} beyond the RoPE table's {model.rope_cos.shape[0]}")
         if why is None:
             try:
                 step = cls(model, kv_caches, block_size)

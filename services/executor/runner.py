@@ -86,7 +86,8 @@ class ModelRunner:
         from llmesh.services.executor.cpu_decode_step import CpuDecodeStep
         # small decode steps of a bfloat16 model on a CPU: one kernel call (None: eager)
         self.cpu_decode = CpuDecodeStep.for_runner(model, self.kv_caches, block_size,
-                                                   self.backend, self.tp is not None)
+                                                   self.backend, self.tp is not None,
+                                                   self.max_model_len)
         self.seqs: dict[str, SeqState] = {}
         self.batch = BatchState()  # the live sequences' step state, by slot
         self.threads = StepThreads(self.device, flops_per_token=2.0 * sum(

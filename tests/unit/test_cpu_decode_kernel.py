@@ -223,3 +223,22 @@ def test_on_the_trained_model_its_logits_are_as_close_to_float32_as_eager():
         err_kernel = (kernel_logits - truth).abs().max().item()
         assert err_kernel <= 1.5 * err_eager + 0.1, (text, err_kernel, err_eager)
         assert kernel_logits.argmax() == truth.argmax()
+
+
+def test_inputs_the_kernel_would_read_out_of_bounds_are_refused():
+    model = random_model()
+    ids, starts, counts, table, blocks = step_inputs([5, 40])
+    step = kernel_for(model, caches(model, blocks, torch.bfloat16))
+    meta = metadata_from_arrays(starts, counts, table, BLOCK, None, torch.device("cpu"),
+                                with_block_tables=True)
+    k = step.kernel
+    good = (ids, meta.positions, meta.slot_mapping, meta.single_block_tables,
+            meta.single_context_lens)
+    bad = {0: ids + 10_000, 1: meta.positions + 5_000, 2: meta.slot_mapping + blocks * BLOCK,
+           3: meta.single_block_tables + blocks, 4: meta.single_context_lens + 100}
+    for i, value in bad.items():
+        args = list(good)
+        args[i] = value
+        with pytest.raises(ValueError, match="CPU decode kernel"):
+            k.run(*args, threads=1)
+    assert k.run(*good, threads=1).shape == (2, model.config.hidden_size)

@@ -1,4 +1,4 @@
-# Profile one mesh process with cProfile: PYTHONPATH=<this dir> PROF_MATCH=<text in its command line> CMD (dumps /tmp/s7/prof-PID.out at exit)
+# Profile one mesh process with cProfile: PYTHONPATH=<this dir> PROF_MATCH=<text in its command line> CMD (dumps $PROF_OUT/prof-PID.out at exit, /tmp by default)
 import os
 _match = os.environ.get("PROF_MATCH")
 if _match:
@@ -9,5 +9,5 @@ if _match:
         _p.enable()
         def _dump():
             _p.disable()
-            _p.dump_stats(f"/tmp/s7/prof-{os.getpid()}.out")
+            _p.dump_stats(os.path.join(os.environ.get("PROF_OUT", "/tmp"), f"prof-{os.getpid()}.out"))
         atexit.register(_dump)
