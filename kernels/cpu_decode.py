@@ -201,9 +201,11 @@ class DecodeKernel:
         tables, ctx_lens = tables.to(i32).contiguous(), ctx_lens.to(i32).contiguous()
         for name, t in (("ids", ids), ("positions", positions), ("slots", slots),
                         ("tables", tables)):
-            if n and not 0 <= int(t.min()) <= int(t.max()) < self._bounds[name]:
+            lo, hi = torch.aminmax(t) if n else (0, 0)
+            if n and not 0 <= int(lo) <= int(hi) < self._bounds[name]:
                 raise ValueError(f"the CPU decode kernel's {name} out of range")
-        if n and not 1 <= int(ctx_lens.min()) <= int(ctx_lens.max()) <= tables.shape[1] * self.dims.block_size:
+        lo, hi = torch.aminmax(ctx_lens) if n else (1, 1)
+        if not 1 <= int(lo) <= int(hi) <= tables.shape[1] * self.dims.block_size:
             raise ValueError("the CPU decode kernel's context lengths exceed their block tables")
         self.lib.llmesh_cpu_decode(self._dims, self._eps, self._scale, self._ptrs, n,
                                    ids.data_ptr(), positions.data_ptr(), slots.data_ptr(),
