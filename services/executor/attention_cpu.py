@@ -35,6 +35,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # below this many keys (rows x padded width) a step attends eagerly: at one sequence the
 # compiled call's guards and launch cost more than its loops save
 MIN_COMPILED_KEYS = 2048
+RECOMPILE_LIMIT = 64
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -83,6 +84,13 @@ class CompiledCpuAttention(TorchPagedAttention):
         self._decode = None
         self.why_eager = compiler_missing()
         if self.why_eager is None:
+            # one graph per (dtype, heads, head_dim, thread count): a process with several
+            # models or runners (an in-process benchmark's variants, the test suite)
+            # passes dynamo's default of 8 per function, and then every later runner
+            # would attend eagerly
+            import torch._dynamo
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       RECOMPILE_LIMIT)
             self._decode = torch.compile(paged_decode, dynamic=False, fullgraph=True)
         # (the reference backend's grouped inputs unless compiled: see warm_up)
         self.wants_block_tables = self.why_eager is None
