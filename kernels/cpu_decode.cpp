@@ -12,33 +12,16 @@
 // differ only in the order of float32 sums. Built at run time by
 // kernels/cpu_decode.py (g++ -march=native -fopenmp).
 #include <immintrin.h>
-#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
 typedef uint16_t bf16;
 
-inline float bf2f(bf16 v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline bf16 f2bf(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<bf16>(u >> 16);
-}
-
-inline float rbf(float f) { return bf2f(f2bf(f)); }  // f rounded to bfloat16
+// (in the comments below, rbf(x) is x rounded to bfloat16, nearest even)
 
 inline __m512 load_bf16x16(const bf16* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -247,23 +230,12 @@ void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int3
     }
   }
   for (int g = 0; g < group; ++g)
-    for (int w = 0; w < vecs; ++w) {
-      float tmp[16];
-      _mm512_storeu_ps(tmp, acc[g * vecs + w]);
-      for (int i = 0; i < 16; ++i) out[g * d + 16 * w + i] = f2bf(tmp[i]);
-    }
+    for (int w = 0; w < vecs; ++w) store16(out + g * d + 16 * w, acc[g * vecs + w]);
 }
 
 }  // namespace
 
 extern "C" {
-
-// What this build supports (checked by the wrapper before any call).
-int llmesh_cpu_decode_limits(int* max_group, int* max_head_dim) {
-  *max_group = 8;
-  *max_head_dim = 256;
-  return 1;
-}
 
 // One decode step: B rows, each one token at `positions[b]` written to `slots[b]`,
 // attending over ctx_lens[b] keys through its row of `tables` ([B, width] block ids).
@@ -308,7 +280,8 @@ int llmesh_cpu_decode(const int64_t* dims, float eps, float scale, void* const* 
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {  // the embedding is the first residual
       const bf16* e = embed + static_cast<size_t>(ids[b]) * m.hidden;
-      for (int i = 0; i < m.hidden; ++i) residual[static_cast<size_t>(b) * m.hidden + i] = bf2f(e[i]);
+      for (int i = 0; i < m.hidden; i += 16)
+        _mm512_storeu_ps(&residual[static_cast<size_t>(b) * m.hidden + i], load_bf16x16(e + i));
       rms_norm(&residual[static_cast<size_t>(b) * m.hidden], layers[0].in_norm, m.hidden, m.eps,
                &act[static_cast<size_t>(b) * m.hidden]);
     }

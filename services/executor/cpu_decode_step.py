@@ -124,8 +124,7 @@ class CpuDecodeStep:
     @staticmethod
     def fits(meta: AttentionMetadata, num_tokens: int) -> bool:
         """A decode-only step (one token per sequence) of at most MAX_ROWS sequences."""
-        return (meta.num_single == num_tokens <= MAX_ROWS
-                and meta.single_block_tables is not None and not meta.prefills)
+        return meta.num_single == num_tokens <= MAX_ROWS and meta.single_block_tables is not None
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The step's hidden states after the final norm, [rows, hidden] bfloat16."""
