@@ -15,11 +15,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <vector>
+
+#include "cpu_decode_share.h"
 
 namespace {
 
 typedef uint16_t bf16;
+using llmesh_share::Job;
 
 // (in the comments below, rbf(x) is x rounded to bfloat16, nearest even)
 
@@ -97,34 +102,24 @@ inline void block16(const bf16* wp, int in, const bf16* x, float* y, int ldy, in
   }
 }
 
-// y[b * ldy + o] = rbf(W[o] . x[b] + bias[o]) for the 16-row blocks [k0, k1); x: B
-// rows of `in` bfloat16 values (in % 8 == 0)
-void matvec(const bf16* wp, const bf16* bias, const bf16* x, int B, int in, int rows, int k0,
-            int k1, float* y, int ldy) {
-  for (int k = k0; k < k1; ++k) {
-    const bf16* wk = wp + static_cast<size_t>(k) * 16 * in;
-    const int o = 16 * k, n = rows - o < 16 ? rows - o : 16;
-    const bf16* bo = bias ? bias + o : nullptr;
-    int b = 0;
-    for (; b + 4 <= B; b += 4)
-      block16<4>(wk, in, x + static_cast<size_t>(b) * in, y + static_cast<size_t>(b) * ldy + o, ldy, n, bo);
-    const bf16* xb = x + static_cast<size_t>(b) * in;
-    float* yb = y + static_cast<size_t>(b) * ldy + o;
-    switch (B - b) {
-      case 3: block16<3>(wk, in, xb, yb, ldy, n, bo); break;
-      case 2: block16<2>(wk, in, xb, yb, ldy, n, bo); break;
-      case 1: block16<1>(wk, in, xb, yb, ldy, n, bo); break;
-      default: break;
-    }
+// One 16-row block k of a product for B rows: y[b * ldy + j] = rbf(W[16k + j] . x[b] +
+// bias[16k + j]), y pointing at the block's first row; x: B rows of `in` bfloat16
+// values (in % 8 == 0)
+void job_block(const Job& job, int B, int k, float* y, int ldy) {
+  const bf16* wk = job.w + static_cast<size_t>(k) * 16 * job.in;
+  const int in = job.in, o = 16 * k, n = job.rows - o < 16 ? job.rows - o : 16;
+  const bf16* bo = job.bias ? job.bias + o : nullptr;
+  int b = 0;
+  for (; b + 4 <= B; b += 4)
+    block16<4>(wk, in, job.x + static_cast<size_t>(b) * in, y + static_cast<size_t>(b) * ldy, ldy, n, bo);
+  const bf16* xb = job.x + static_cast<size_t>(b) * in;
+  float* yb = y + static_cast<size_t>(b) * ldy;
+  switch (B - b) {
+    case 3: block16<3>(wk, in, xb, yb, ldy, n, bo); break;
+    case 2: block16<2>(wk, in, xb, yb, ldy, n, bo); break;
+    case 1: block16<1>(wk, in, xb, yb, ldy, n, bo); break;
+    default: break;
   }
-}
-
-// the 16-row blocks of an output of `rows` split over the team
-void team_matvec(const bf16* wp, const bf16* bias, const bf16* x, int B, int in, int rows,
-                 float* y) {
-  const int blocks = (rows + 15) / 16;
-#pragma omp for schedule(static)
-  for (int k = 0; k < blocks; ++k) matvec(wp, bias, x, B, in, rows, k, k + 1, y, rows);
 }
 
 inline __m512 round16(__m512 x) {  // each lane rounded to bfloat16 (nearest even)
@@ -182,154 +177,289 @@ void silu_and_mul(const float* gate, const float* up, int n, bf16* act) {
   }
 }
 
-// one row's query heads of one KV head over its paged keys and values
+// the lanes of each of 16 vectors summed: lane i of the result is a[i]'s sum
+inline __m512 hsum16(const __m512* a) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: four vectors' partial sums
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: [0-3, 0-3, 4-7, 4-7] (of 8 vectors)
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+// one row's query heads of one KV head over its paged keys and values; the cache
+// is read a block at a time, 16 positions per step: a query head's 16 scores come
+// out of AVX512-BF16 dot products (its values are bfloat16 already, so exact as
+// bfloat16 pairs) and one transposing sum
 void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int32_t* table,
             int ctx, const Dims& m, int kv_head, int group, float* scores, bf16* out) {
-  const int d = m.head_dim, bs = m.block_size, kvh = m.kv_heads, vecs = d / 16;
-  for (int t = 0; t < ctx; ++t) {
-    size_t slot = static_cast<size_t>(table[t / bs]) * bs + t % bs;
-    const bf16* k = k_cache + (slot * kvh + kv_head) * d;
+  static const bf16 zeros[256] = {};
+  const int d = m.head_dim, bs = m.block_size, kvh = m.kv_heads, vecs = d / 16, pairs = d / 32;
+  const size_t stride = static_cast<size_t>(kvh) * d;  // between positions in the cache
+  __m512bh qb[8][8];  // [group][d / 32]: the query heads as bfloat16 pairs
+  for (int g = 0; g < group; ++g)
+    for (int v = 0; v < pairs; ++v)
+      qb[g][v] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * d + 32 * v + 16),
+                                     _mm512_loadu_ps(q + g * d + 32 * v));
+  const int step = 16 < bs ? 16 : bs;
+  // the cache's rows come from memory (the weights streamed through the caches since
+  // the last step): the next chunk's rows are asked for while this one is computed
+  auto chunk_rows = [&](int t0) {
+    const int in_block = t0 % bs;
+    int n = ctx - t0 < step ? ctx - t0 : step;
+    return n < bs - in_block ? n : bs - in_block;
+  };
+  auto row_at = [&](const bf16* cache, int t) {
+    return cache + (static_cast<size_t>(table[t / bs]) * bs + t % bs) * stride + kv_head * d;
+  };
+  for (int t0 = 0, n = 0; t0 < ctx; t0 += n) {
+    n = chunk_rows(t0);
+    const bf16* first = row_at(k_cache, t0);
+    if (t0 + n < ctx) {
+      const bf16* next = row_at(k_cache, t0 + n);
+      for (int r = 0, nn = chunk_rows(t0 + n); r < nn; ++r)
+        for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + r * stride + 32 * l), _MM_HINT_T0);
+    }
+    const bf16* rows[16];
+    for (int r = 0; r < 16; ++r) rows[r] = r < n ? first + r * stride : zeros;
     for (int g = 0; g < group; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int v = 0; v < vecs; ++v)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + 16 * v), load_bf16x16(k + 16 * v), acc);
-      scores[static_cast<size_t>(g) * ctx + t] = _mm512_reduce_add_ps(acc) * m.scale;
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) {
+        __m512 a = _mm512_setzero_ps();
+        for (int v = 0; v < pairs; ++v)
+          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(rows[r] + 32 * v), qb[g][v]);
+        acc[r] = a;
+      }
+      const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+      _mm512_mask_storeu_ps(scores + static_cast<size_t>(g) * ctx + t0, live,
+                            _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(m.scale)));
     }
   }
-  for (int g = 0; g < group; ++g) {
+  for (int g = 0; g < group; ++g) {  // softmax, in place
     float* s = scores + static_cast<size_t>(g) * ctx;
-    float mx = -INFINITY;
-    for (int t = 0; t < ctx; ++t) mx = s[t] > mx ? s[t] : mx;
-    __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
-    int t = 0;
-    for (; t + 16 <= ctx; t += 16) {
-      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), vmx));
-      _mm512_storeu_ps(s + t, e);
-      vsum = _mm512_add_ps(vsum, e);
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (int t = 0; t < ctx; t += 16) {
+      const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (ctx - t)) - 1);
+      vmx = _mm512_mask_max_ps(vmx, mask, vmx, _mm512_maskz_loadu_ps(mask, s + t));
     }
-    float sum = _mm512_reduce_add_ps(vsum);
-    if (t < ctx) {
-      __mmask16 mask = static_cast<__mmask16>((1u << (ctx - t)) - 1);
+    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int t = 0; t < ctx; t += 16) {
+      const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (ctx - t)) - 1);
       __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), vmx));
       _mm512_mask_storeu_ps(s + t, mask, e);
-      sum += _mm512_mask_reduce_add_ps(mask, e);
+      vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
     }
-    float inv = 1.0f / sum;
-    for (int i = 0; i < ctx; ++i) s[i] *= inv;
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int t = 0; t < ctx; t += 16) {
+      const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (ctx - t)) - 1);
+      _mm512_mask_storeu_ps(s + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + t), inv));
+    }
   }
   __m512 acc[8 * 16];  // group <= 8, head_dim <= 256
   for (int i = 0; i < group * vecs; ++i) acc[i] = _mm512_setzero_ps();
-  for (int t = 0; t < ctx; ++t) {
-    size_t slot = static_cast<size_t>(table[t / bs]) * bs + t % bs;
-    const bf16* v = v_cache + (slot * kvh + kv_head) * d;
-    for (int w = 0; w < vecs; ++w) {
-      __m512 vv = load_bf16x16(v + 16 * w);
-      for (int g = 0; g < group; ++g)
-        acc[g * vecs + w] = _mm512_fmadd_ps(_mm512_set1_ps(scores[static_cast<size_t>(g) * ctx + t]),
-                                            vv, acc[g * vecs + w]);
+  constexpr int AHEAD = 48;  // rows of V asked for ahead of their use
+  for (int t = 0; t < ctx && t < AHEAD; ++t)
+    for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(row_at(v_cache, t) + 32 * l), _MM_HINT_T0);
+  for (int b0 = 0; b0 < ctx; b0 += bs) {
+    const int n = ctx - b0 < bs ? ctx - b0 : bs;
+    const bf16* v = v_cache + static_cast<size_t>(table[b0 / bs]) * bs * stride + kv_head * d;
+    for (int r = 0; r < n; ++r, v += stride) {
+      if (b0 + r + AHEAD < ctx) {
+        const bf16* ahead = r + AHEAD < n ? v + AHEAD * stride : row_at(v_cache, b0 + r + AHEAD);
+        for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * l), _MM_HINT_T0);
+      }
+      for (int w = 0; w < vecs; ++w) {
+        __m512 vv = load_bf16x16(v + 16 * w);
+        for (int g = 0; g < group; ++g)
+          acc[g * vecs + w] = _mm512_fmadd_ps(_mm512_set1_ps(scores[static_cast<size_t>(g) * ctx + b0 + r]),
+                                              vv, acc[g * vecs + w]);
+      }
     }
   }
   for (int g = 0; g < group; ++g)
     for (int w = 0; w < vecs; ++w) store16(out + g * d + 16 * w, acc[g * vecs + w]);
 }
 
+// What a model's decode steps share: its dimensions and weights, buffers for up to
+// max_rows rows (kept for the kernel's life: the helper may read them late), the
+// products as jobs (per layer: qkv, o, gate_up, down) and the optional helper.
+struct Ctx {
+  Dims m;
+  int max_rows, q_size, kv_size, qkv_size, group, width_in;
+  const bf16 *embed, *final_norm;
+  const float *rope_cos, *rope_sin;
+  std::vector<Layer> layers;
+  std::vector<float> residual, proj, qkv, gate_up;
+  std::vector<bf16> act, attn;  // act: the next product's input
+  std::vector<Job> jobs;
+  std::unique_ptr<llmesh_share::Sharer> sharer;  // (declared last: stopped first)
+  std::mutex mu;                                  // one step at a time
+
+  Ctx(const int64_t* dims, float eps, float scale, void* const* ptrs, int rows, bool helper)
+      : m{static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2]),
+          static_cast<int>(dims[3]), static_cast<int>(dims[4]), static_cast<int>(dims[5]),
+          static_cast<int>(dims[6]), eps, scale},
+        max_rows(rows) {
+    const int d = m.head_dim;
+    q_size = m.heads * d;
+    kv_size = m.kv_heads * d;
+    qkv_size = q_size + 2 * kv_size;
+    group = m.heads / m.kv_heads;
+    width_in = q_size > m.inter ? (q_size > m.hidden ? q_size : m.hidden)
+                                : (m.inter > m.hidden ? m.inter : m.hidden);
+    embed = static_cast<const bf16*>(ptrs[0]);
+    final_norm = static_cast<const bf16*>(ptrs[1]);
+    rope_cos = static_cast<const float*>(ptrs[2]);
+    rope_sin = static_cast<const float*>(ptrs[3]);
+    const size_t R = static_cast<size_t>(rows);
+    residual.assign(R * m.hidden, 0.f);
+    proj.assign(R * m.hidden, 0.f);
+    qkv.assign(R * qkv_size, 0.f);
+    gate_up.assign(R * 2 * m.inter, 0.f);
+    act.assign(R * width_in, 0);
+    attn.assign(R * q_size, 0);
+    for (int l = 0; l < m.layers; ++l) {
+      void* const* p = ptrs + 4 + 9 * l;
+      auto w = [&](int i) { return static_cast<const bf16*>(p[i]); };
+      layers.push_back(Layer{w(0), w(1), w(2), w(3), w(4), w(5), w(6), static_cast<bf16*>(p[7]),
+                             static_cast<bf16*>(p[8])});
+      const Layer& L = layers.back();
+      jobs.push_back(Job{L.qkv_w, L.qkv_b, act.data(), m.hidden, qkv_size, qkv.data()});
+      jobs.push_back(Job{L.o_w, nullptr, attn.data(), q_size, m.hidden, proj.data()});
+      jobs.push_back(Job{L.gate_up_w, nullptr, act.data(), m.hidden, 2 * m.inter, gate_up.data()});
+      jobs.push_back(Job{L.down_w, nullptr, act.data(), m.inter, m.hidden, proj.data()});
+    }
+    if (helper) sharer.reset(new llmesh_share::Sharer(&jobs, job_block));
+  }
+};
+
+// job j's blocks split over the team, or (a team of one with a helper) shared with it
+void product(Ctx& c, int j, int B, bool share) {
+  if (share) {
+    c.sharer->run(j, B);
+    return;
+  }
+  const Job& job = c.jobs[j];
+  const int blocks = (job.rows + 15) / 16;
+#pragma omp for schedule(static)
+  for (int k = 0; k < blocks; ++k) job_block(job, B, k, job.y + 16 * k, job.rows);
+}
+
+// the forward's body, run by each member of a team (or by one thread alone)
+void forward(Ctx& c, int B, const int64_t* ids, const int64_t* positions, const int64_t* slots,
+             const int32_t* tables, int width, const int32_t* ctx_lens, int max_ctx, bf16* out,
+             bool share) {
+  const Dims& m = c.m;
+  const int d = m.head_dim, q_size = c.q_size, kv_size = c.kv_size, qkv_size = c.qkv_size;
+  const int group = c.group;
+  float* residual = c.residual.data();
+  float* qkv = c.qkv.data();
+  float* proj = c.proj.data();
+  bf16* act = c.act.data();
+  std::vector<float> scores(static_cast<size_t>(group) * max_ctx);
+#pragma omp for schedule(static)
+  for (int b = 0; b < B; ++b) {  // the embedding is the first residual
+    const bf16* e = c.embed + static_cast<size_t>(ids[b]) * m.hidden;
+    for (int i = 0; i < m.hidden; i += 16)
+      _mm512_storeu_ps(residual + static_cast<size_t>(b) * m.hidden + i, load_bf16x16(e + i));
+    rms_norm(residual + static_cast<size_t>(b) * m.hidden, c.layers[0].in_norm, m.hidden, m.eps,
+             act + static_cast<size_t>(b) * m.hidden);
+  }
+  for (int l = 0; l < m.layers; ++l) {
+    const Layer& L = c.layers[l];
+    product(c, 4 * l, B, share);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {  // RoPE on the query and key heads, K/V to the cache
+      float* row = qkv + static_cast<size_t>(b) * qkv_size;
+      const float* cs = c.rope_cos + positions[b] * d;
+      const float* sn = c.rope_sin + positions[b] * d;
+      for (int h = 0; h < m.heads + m.kv_heads; ++h) rope(row + h * d, cs, sn, d);
+      size_t base = static_cast<size_t>(slots[b]) * kv_size;
+      for (int i = 0; i < kv_size; i += 16) {
+        store16(L.k_cache + base + i, _mm512_loadu_ps(row + q_size + i));
+        store16(L.v_cache + base + i, _mm512_loadu_ps(row + q_size + kv_size + i));
+      }
+    }
+#pragma omp for schedule(static) collapse(2)
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < m.kv_heads; ++h)
+        attend(qkv + static_cast<size_t>(b) * qkv_size + h * group * d, L.k_cache, L.v_cache,
+               tables + static_cast<size_t>(b) * width, ctx_lens[b], m, h, group, scores.data(),
+               c.attn.data() + static_cast<size_t>(b) * q_size + h * group * d);
+    product(c, 4 * l + 1, B, share);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {  // residual add, then the MLP's norm
+      float* r = residual + static_cast<size_t>(b) * m.hidden;
+      add_rounded(r, proj + static_cast<size_t>(b) * m.hidden, m.hidden);
+      rms_norm(r, L.post_norm, m.hidden, m.eps, act + static_cast<size_t>(b) * m.hidden);
+    }
+    product(c, 4 * l + 2, B, share);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {  // SiLU(gate) * up
+      const float* g = c.gate_up.data() + static_cast<size_t>(b) * 2 * m.inter;
+      silu_and_mul(g, g + m.inter, m.inter, act + static_cast<size_t>(b) * m.inter);
+    }
+    product(c, 4 * l + 3, B, share);
+    const bf16* next_norm = l + 1 < m.layers ? c.layers[l + 1].in_norm : c.final_norm;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {  // residual add, then the next layer's (or the final) norm
+      float* r = residual + static_cast<size_t>(b) * m.hidden;
+      add_rounded(r, proj + static_cast<size_t>(b) * m.hidden, m.hidden);
+      rms_norm(r, next_norm, m.hidden, m.eps,
+               l + 1 < m.layers ? act + static_cast<size_t>(b) * m.hidden : out + static_cast<size_t>(b) * m.hidden);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-// One decode step: B rows, each one token at `positions[b]` written to `slots[b]`,
-// attending over ctx_lens[b] keys through its row of `tables` ([B, width] block ids).
-// dims: hidden, inter, heads, kv_heads, head_dim, layers, block_size. ptrs: embed,
-// final norm, rope cos, rope sin (float32 [positions, head_dim]), then per layer
-// in_norm, qkv_w, qkv_b (or null), o_w, post_norm, gate_up_w, down_w, k_cache,
-// v_cache. out: [B, hidden] bfloat16, the final norm's output.
-int llmesh_cpu_decode(const int64_t* dims, float eps, float scale, void* const* ptrs, int B,
-                      const int64_t* ids, const int64_t* positions, const int64_t* slots,
-                      const int32_t* tables, int width, const int32_t* ctx_lens, bf16* out,
-                      int threads) {
-  Dims m{static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2]),
-         static_cast<int>(dims[3]), static_cast<int>(dims[4]), static_cast<int>(dims[5]),
-         static_cast<int>(dims[6]), eps, scale};
-  const int d = m.head_dim, q_size = m.heads * d, kv_size = m.kv_heads * d;
-  const int qkv_size = q_size + 2 * kv_size, group = m.heads / m.kv_heads;
-  const int width_in = q_size > m.inter ? (q_size > m.hidden ? q_size : m.hidden)
-                                        : (m.inter > m.hidden ? m.inter : m.hidden);
-  const bf16* embed = static_cast<const bf16*>(ptrs[0]);
-  const bf16* final_norm = static_cast<const bf16*>(ptrs[1]);
-  const float* rope_cos = static_cast<const float*>(ptrs[2]);
-  const float* rope_sin = static_cast<const float*>(ptrs[3]);
-  std::vector<Layer> layers(m.layers);
-  for (int l = 0; l < m.layers; ++l) {
-    void* const* p = ptrs + 4 + 9 * l;
-    layers[l] = Layer{static_cast<const bf16*>(p[0]), static_cast<const bf16*>(p[1]),
-                      static_cast<const bf16*>(p[2]), static_cast<const bf16*>(p[3]),
-                      static_cast<const bf16*>(p[4]), static_cast<const bf16*>(p[5]),
-                      static_cast<const bf16*>(p[6]), static_cast<bf16*>(p[7]),
-                      static_cast<bf16*>(p[8])};
-  }
+// A model's decode context. dims: hidden, inter, heads, kv_heads, head_dim, layers,
+// block_size. ptrs: embed, final norm, rope cos, rope sin (float32 [positions,
+// head_dim]), then per layer in_norm, qkv_w, qkv_b (or null), o_w, post_norm,
+// gate_up_w, down_w, k_cache, v_cache; they must stay in place while it lives.
+// helper: start the helper thread (used by steps run on one thread).
+void* llmesh_cpu_decode_new(const int64_t* dims, float eps, float scale, void* const* ptrs,
+                            int max_rows, int helper) {
+  if (max_rows < 1 || max_rows > 15) return nullptr;
+  return new Ctx(dims, eps, scale, ptrs, max_rows, helper != 0);
+}
+
+void llmesh_cpu_decode_free(void* ctx) { delete static_cast<Ctx*>(ctx); }
+
+// blocks the helper computed and blocks the caller took back from it, so far
+void llmesh_cpu_decode_stats(void* ctx, uint64_t* out) {
+  const Ctx* c = static_cast<const Ctx*>(ctx);
+  out[0] = c->sharer ? c->sharer->helper_blocks() : 0;
+  out[1] = c->sharer ? c->sharer->taken_back() : 0;
+}
+
+// One decode step: B rows (at most the context's max_rows), each one token at
+// `positions[b]` written to `slots[b]`, attending over ctx_lens[b] keys through its
+// row of `tables` ([B, width] block ids). out: [B, hidden] bfloat16, the final
+// norm's output. threads: the OpenMP team's size (1: this thread, with the helper
+// if there is one). Returns 0, or -1 for B out of range.
+int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* positions,
+                          const int64_t* slots, const int32_t* tables, int width,
+                          const int32_t* ctx_lens, bf16* out, int threads) {
+  Ctx& c = *static_cast<Ctx*>(ctx);
+  if (B < 1 || B > c.max_rows) return -1;
+  std::lock_guard<std::mutex> hold(c.mu);
   int max_ctx = 1;
   for (int b = 0; b < B; ++b) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;
-  std::vector<float> residual(static_cast<size_t>(B) * m.hidden), proj(static_cast<size_t>(B) * m.hidden);
-  std::vector<float> qkv(static_cast<size_t>(B) * qkv_size), gate_up(static_cast<size_t>(B) * 2 * m.inter);
-  std::vector<bf16> act(static_cast<size_t>(B) * width_in);  // the next projection's input
-  std::vector<bf16> attn(static_cast<size_t>(B) * q_size);
-
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> scores(static_cast<size_t>(group) * max_ctx);
-#pragma omp for schedule(static)
-    for (int b = 0; b < B; ++b) {  // the embedding is the first residual
-      const bf16* e = embed + static_cast<size_t>(ids[b]) * m.hidden;
-      for (int i = 0; i < m.hidden; i += 16)
-        _mm512_storeu_ps(&residual[static_cast<size_t>(b) * m.hidden + i], load_bf16x16(e + i));
-      rms_norm(&residual[static_cast<size_t>(b) * m.hidden], layers[0].in_norm, m.hidden, m.eps,
-               &act[static_cast<size_t>(b) * m.hidden]);
-    }
-    for (int l = 0; l < m.layers; ++l) {
-      const Layer& L = layers[l];
-      team_matvec(L.qkv_w, L.qkv_b, act.data(), B, m.hidden, qkv_size, qkv.data());
-#pragma omp for schedule(static)
-      for (int b = 0; b < B; ++b) {  // RoPE on the query and key heads, K/V to the cache
-        float* row = &qkv[static_cast<size_t>(b) * qkv_size];
-        const float* c = rope_cos + positions[b] * d;
-        const float* s = rope_sin + positions[b] * d;
-        for (int h = 0; h < m.heads + m.kv_heads; ++h) rope(row + h * d, c, s, d);
-        size_t base = static_cast<size_t>(slots[b]) * kv_size;
-        for (int i = 0; i < kv_size; i += 16) {
-          store16(L.k_cache + base + i, _mm512_loadu_ps(row + q_size + i));
-          store16(L.v_cache + base + i, _mm512_loadu_ps(row + q_size + kv_size + i));
-        }
-      }
-#pragma omp for schedule(static) collapse(2)
-      for (int b = 0; b < B; ++b)
-        for (int h = 0; h < m.kv_heads; ++h)
-          attend(&qkv[static_cast<size_t>(b) * qkv_size + h * group * d], L.k_cache, L.v_cache,
-                 tables + static_cast<size_t>(b) * width, ctx_lens[b], m, h, group,
-                 scores.data(), &attn[static_cast<size_t>(b) * q_size + h * group * d]);
-      team_matvec(L.o_w, nullptr, attn.data(), B, q_size, m.hidden, proj.data());
-#pragma omp for schedule(static)
-      for (int b = 0; b < B; ++b) {  // residual add, then the MLP's norm
-        float* r = &residual[static_cast<size_t>(b) * m.hidden];
-        add_rounded(r, &proj[static_cast<size_t>(b) * m.hidden], m.hidden);
-        rms_norm(r, L.post_norm, m.hidden, m.eps, &act[static_cast<size_t>(b) * m.hidden]);
-      }
-      team_matvec(L.gate_up_w, nullptr, act.data(), B, m.hidden, 2 * m.inter, gate_up.data());
-#pragma omp for schedule(static)
-      for (int b = 0; b < B; ++b) {  // SiLU(gate) * up
-        const float* g = &gate_up[static_cast<size_t>(b) * 2 * m.inter];
-        silu_and_mul(g, g + m.inter, m.inter, &act[static_cast<size_t>(b) * m.inter]);
-      }
-      team_matvec(L.down_w, nullptr, act.data(), B, m.inter, m.hidden, proj.data());
-      const bf16* next_norm = l + 1 < m.layers ? layers[l + 1].in_norm : final_norm;
-#pragma omp for schedule(static)
-      for (int b = 0; b < B; ++b) {  // residual add, then the next layer's (or the final) norm
-        float* r = &residual[static_cast<size_t>(b) * m.hidden];
-        add_rounded(r, &proj[static_cast<size_t>(b) * m.hidden], m.hidden);
-        rms_norm(r, next_norm, m.hidden, m.eps,
-                 l + 1 < m.layers ? &act[static_cast<size_t>(b) * m.hidden] : out + static_cast<size_t>(b) * m.hidden);
-      }
-    }
+  if (threads <= 1) {
+    forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out, c.sharer != nullptr);
+    return 0;
   }
+#pragma omp parallel num_threads(threads)
+  forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out, false);
   return 0;
 }
 

@@ -8,7 +8,11 @@ CPU with AVX512-BF16 and a C++ compiler; `unavailable()` says why not.
 
 `DecodeKernel` holds what a call needs that does not change between steps (the
 model's dimensions, its weights' and caches' addresses: the tensors must stay
-alive and in place) and runs a step from its per-step arrays.
+alive and in place, and the C++ side's buffers for up to `max_rows` rows) and
+runs a step from its per-step arrays. With `helper`, a step run on one thread
+shares its matrix-vector products with a helper thread it never waits on
+(cpu_decode_share.h): the core a small step leaves to the rest of the mesh
+does the kernel's work whenever that work does not need it.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ import os
 import shutil
 import subprocess
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+HEADERS = [Path(__file__).with_name("cpu_decode_share.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256
 _lock = threading.Lock()
@@ -74,7 +80,8 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+                         + " ".join(FLAGS).encode() + version.encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_decode-{key}.so"
     if out.is_file():
@@ -93,9 +100,14 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
-    lib.llmesh_cpu_decode.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, p, p, p, p, i32, p,
-                                      p, i32]
-    lib.llmesh_cpu_decode.restype = ctypes.c_int
+    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, i32]
+    lib.llmesh_cpu_decode_new.restype = p
+    lib.llmesh_cpu_decode_free.argtypes = [p]
+    lib.llmesh_cpu_decode_free.restype = None
+    lib.llmesh_cpu_decode_stats.argtypes = [p, ctypes.POINTER(ctypes.c_uint64)]
+    lib.llmesh_cpu_decode_stats.restype = None
+    lib.llmesh_cpu_decode_run.argtypes = [p, i32, p, p, p, p, i32, p, p, i32]
+    lib.llmesh_cpu_decode_run.restype = ctypes.c_int
     return lib
 
 
@@ -158,8 +170,11 @@ def check_supported(dims: ModelDims) -> None:
 
 class DecodeKernel:
     def __init__(self, dims: ModelDims, embed: torch.Tensor, final_norm: torch.Tensor,
-                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, layers: list[LayerWeights]):
+                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, layers: list[LayerWeights],
+                 max_rows: int = 8, helper: bool = False):
         check_supported(dims)
+        if not 1 <= max_rows <= 15:
+            raise ValueError("the CPU decode kernel takes 1 to 15 rows a step")
         tensors = [embed, final_norm] + [t for w in layers for t in (
             w.in_norm, w.qkv_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w, w.k_cache, w.v_cache)]
         for t in tensors:
@@ -182,17 +197,28 @@ class DecodeKernel:
                      w.qkv_b.data_ptr() if w.qkv_b is not None else 0, w.o_w.data_ptr(),
                      w.post_norm.data_ptr(), w.gate_up_w.data_ptr(), w.down_w.data_ptr(),
                      w.k_cache.data_ptr(), w.v_cache.data_ptr()]
-        self._ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        self._dims = (ctypes.c_int64 * 7)(dims.hidden, dims.inter, dims.heads, dims.kv_heads,
-                                          dims.head_dim, dims.layers, dims.block_size)
-        self._eps = ctypes.c_float(dims.eps)
-        self._scale = ctypes.c_float(dims.head_dim ** -0.5)
+        c_ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        c_dims = (ctypes.c_int64 * 7)(dims.hidden, dims.inter, dims.heads, dims.kv_heads,
+                                      dims.head_dim, dims.layers, dims.block_size)
+        self.max_rows = max_rows
+        self._ctx = self.lib.llmesh_cpu_decode_new(c_dims, dims.eps, dims.head_dim ** -0.5,
+                                                   c_ptrs, max_rows, int(helper))
+        # (its helper thread stopped and buffers freed with this object)
+        self._free = weakref.finalize(self, self.lib.llmesh_cpu_decode_free, self._ctx)
+
+    def stats(self) -> tuple[int, int]:
+        """(blocks the helper thread computed, blocks taken back from it) so far."""
+        out = (ctypes.c_uint64 * 2)()
+        self.lib.llmesh_cpu_decode_stats(self._ctx, out)
+        return int(out[0]), int(out[1])
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             tables: torch.Tensor, ctx_lens: torch.Tensor, threads: int) -> torch.Tensor:
         """One decode step of len(ids) rows: ids, positions, slots int64 [B]; tables int32
         [B, width]; ctx_lens int32 [B] -> the final norm's output, bfloat16 [B, hidden]."""
         n = ids.numel()
+        if not 1 <= n <= self.max_rows:
+            raise ValueError(f"the CPU decode kernel takes 1 to {self.max_rows} rows, not {n}")
         if not (positions.numel() == slots.numel() == ctx_lens.numel() == tables.shape[0] == n):
             raise ValueError("the CPU decode kernel's per-row inputs differ in length")
         out = torch.empty(n, self.hidden, dtype=torch.bfloat16)
@@ -201,14 +227,13 @@ class DecodeKernel:
         tables, ctx_lens = tables.to(i32).contiguous(), ctx_lens.to(i32).contiguous()
         for name, t in (("ids", ids), ("positions", positions), ("slots", slots),
                         ("tables", tables)):
-            lo, hi = torch.aminmax(t) if n else (0, 0)
-            if n and not 0 <= int(lo) <= int(hi) < self._bounds[name]:
+            lo, hi = torch.aminmax(t)
+            if not 0 <= int(lo) <= int(hi) < self._bounds[name]:
                 raise ValueError(f"the CPU decode kernel's {name} out of range")
-        lo, hi = torch.aminmax(ctx_lens) if n else (1, 1)
+        lo, hi = torch.aminmax(ctx_lens)
         if not 1 <= int(lo) <= int(hi) <= tables.shape[1] * self.dims.block_size:
             raise ValueError("the CPU decode kernel's context lengths exceed their block tables")
-        self.lib.llmesh_cpu_decode(self._dims, self._eps, self._scale, self._ptrs, n,
-                                   ids.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-                                   tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),
-                                   out.data_ptr(), threads)
+        self.lib.llmesh_cpu_decode_run(self._ctx, n, ids.data_ptr(), positions.data_ptr(),
+                                       slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+                                       ctx_lens.data_ptr(), out.data_ptr(), threads)
         return out
