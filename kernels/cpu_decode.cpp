@@ -15,40 +15,19 @@
 
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <mutex>
 #include <vector>
 
-#include "cpu_decode_share.h"
+#include "cpu_decode_vec.h"
 
 namespace {
 
-typedef uint16_t bf16;
-using llmesh_share::Job;
-
-// (in the comments below, rbf(x) is x rounded to bfloat16, nearest even)
-
-inline __m512 load_bf16x16(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline __m512 exp512(__m512 x) {  // e^x, float32, ~1 ulp over the softmax's range
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-  r = _mm512_fnmadd_ps(n, ln2_lo, r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+// One matrix-vector product of a step: y[b * rows + o] = rbf(W[o] . x[b] + bias[o])
+struct Job {
+  const bf16 *w, *bias, *x;
+  int in, rows;
+  float* y;
+};
 
 struct Layer {
   const bf16 *in_norm, *qkv_w, *qkv_b, *o_w, *post_norm, *gate_up_w, *down_w;
@@ -120,76 +99,6 @@ void job_block(const Job& job, int B, int k, float* y, int ldy) {
     case 1: block16<1>(wk, in, xb, yb, ldy, n, bo); break;
     default: break;
   }
-}
-
-inline __m512 round16(__m512 x) {  // each lane rounded to bfloat16 (nearest even)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-inline void store16(bf16* p, __m512 x) {  // 16 lanes as bfloat16
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-// out = rbf(weight * rbf(rms_norm(x))) in bfloat16, as the eager half-precision norm
-// (n % 16 == 0)
-void rms_norm(const float* x, const bf16* weight, int n, float eps, bf16* out) {
-  __m512 ss = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
-    ss = _mm512_fmadd_ps(v, v, ss);
-  }
-  __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / n + eps));
-  for (int i = 0; i < n; i += 16)
-    store16(out + i, _mm512_mul_ps(round16(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)),
-                                   load_bf16x16(weight + i)));
-}
-
-// r[i] = rbf(r[i] + y[i]): the residual add in bfloat16 (n % 16 == 0)
-void add_rounded(float* r, const float* y, int n) {
-  for (int i = 0; i < n; i += 16)
-    _mm512_storeu_ps(r + i, round16(_mm512_add_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(y + i))));
-}
-
-// rotate-half RoPE of one head in place (values bfloat16-rounded), cos / sin rows
-// rounded to bfloat16 first, each product and the sum rounded, as the eager ops
-// (d % 32 == 0)
-void rope(float* h, const float* cos, const float* sin, int d) {
-  const int half = d / 2;
-  for (int i = 0; i < half; i += 16) {
-    __m512 x1 = _mm512_loadu_ps(h + i), x2 = _mm512_loadu_ps(h + half + i);
-    __m512 c1 = round16(_mm512_loadu_ps(cos + i)), s1 = round16(_mm512_loadu_ps(sin + i));
-    __m512 c2 = round16(_mm512_loadu_ps(cos + half + i)), s2 = round16(_mm512_loadu_ps(sin + half + i));
-    __m512 neg_x2 = _mm512_sub_ps(_mm512_setzero_ps(), x2);
-    _mm512_storeu_ps(h + i, round16(_mm512_add_ps(round16(_mm512_mul_ps(x1, c1)),
-                                                  round16(_mm512_mul_ps(neg_x2, s1)))));
-    _mm512_storeu_ps(h + half + i, round16(_mm512_add_ps(round16(_mm512_mul_ps(x2, c2)),
-                                                         round16(_mm512_mul_ps(x1, s2)))));
-  }
-}
-
-// act = rbf(rbf(silu(gate)) * up) (n % 16 == 0)
-void silu_and_mul(const float* gate, const float* up, int n, bf16* act) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int i = 0; i < n; i += 16) {
-    __m512 g = _mm512_loadu_ps(gate + i);
-    __m512 silu = round16(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-    store16(act + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
-  }
-}
-
-// the lanes of each of 16 vectors summed: lane i of the result is a[i]'s sum
-inline __m512 hsum16(const __m512* a) {
-  __m512 x[8], y[4], z[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane: four vectors' partial sums
-    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
-  for (int i = 0; i < 2; ++i)  // 128-bit lanes: [0-3, 0-3, 4-7, 4-7] (of 8 vectors)
-    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
 
 // one row's query heads of one KV head over its paged keys and values; the cache
@@ -287,8 +196,7 @@ void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int3
 }
 
 // What a model's decode steps share: its dimensions and weights, buffers for up to
-// max_rows rows (kept for the kernel's life: the helper may read them late), the
-// products as jobs (per layer: qkv, o, gate_up, down) and the optional helper.
+// max_rows rows, the products as jobs (per layer: qkv, o, gate_up, down).
 struct Ctx {
   Dims m;
   int max_rows, q_size, kv_size, qkv_size, group, width_in;
@@ -298,10 +206,9 @@ struct Ctx {
   std::vector<float> residual, proj, qkv, gate_up;
   std::vector<bf16> act, attn;  // act: the next product's input
   std::vector<Job> jobs;
-  std::unique_ptr<llmesh_share::Sharer> sharer;  // (declared last: stopped first)
-  std::mutex mu;                                  // one step at a time
+  std::mutex mu;  // one step at a time
 
-  Ctx(const int64_t* dims, float eps, float scale, void* const* ptrs, int rows, bool helper)
+  Ctx(const int64_t* dims, float eps, float scale, void* const* ptrs, int rows)
       : m{static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2]),
           static_cast<int>(dims[3]), static_cast<int>(dims[4]), static_cast<int>(dims[5]),
           static_cast<int>(dims[6]), eps, scale},
@@ -335,16 +242,11 @@ struct Ctx {
       jobs.push_back(Job{L.gate_up_w, nullptr, act.data(), m.hidden, 2 * m.inter, gate_up.data()});
       jobs.push_back(Job{L.down_w, nullptr, act.data(), m.inter, m.hidden, proj.data()});
     }
-    if (helper) sharer.reset(new llmesh_share::Sharer(&jobs, job_block));
   }
 };
 
-// job j's blocks split over the team, or (a team of one with a helper) shared with it
-void product(Ctx& c, int j, int B, bool share) {
-  if (share) {
-    c.sharer->run(j, B);
-    return;
-  }
+// job j's 16-row blocks split over the team
+void product(Ctx& c, int j, int B) {
   const Job& job = c.jobs[j];
   const int blocks = (job.rows + 15) / 16;
 #pragma omp for schedule(static)
@@ -353,8 +255,7 @@ void product(Ctx& c, int j, int B, bool share) {
 
 // the forward's body, run by each member of a team (or by one thread alone)
 void forward(Ctx& c, int B, const int64_t* ids, const int64_t* positions, const int64_t* slots,
-             const int32_t* tables, int width, const int32_t* ctx_lens, int max_ctx, bf16* out,
-             bool share) {
+             const int32_t* tables, int width, const int32_t* ctx_lens, int max_ctx, bf16* out) {
   const Dims& m = c.m;
   const int d = m.head_dim, q_size = c.q_size, kv_size = c.kv_size, qkv_size = c.qkv_size;
   const int group = c.group;
@@ -373,7 +274,7 @@ void forward(Ctx& c, int B, const int64_t* ids, const int64_t* positions, const 
   }
   for (int l = 0; l < m.layers; ++l) {
     const Layer& L = c.layers[l];
-    product(c, 4 * l, B, share);
+    product(c, 4 * l, B);
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {  // RoPE on the query and key heads, K/V to the cache
       float* row = qkv + static_cast<size_t>(b) * qkv_size;
@@ -392,20 +293,20 @@ void forward(Ctx& c, int B, const int64_t* ids, const int64_t* positions, const 
         attend(qkv + static_cast<size_t>(b) * qkv_size + h * group * d, L.k_cache, L.v_cache,
                tables + static_cast<size_t>(b) * width, ctx_lens[b], m, h, group, scores.data(),
                c.attn.data() + static_cast<size_t>(b) * q_size + h * group * d);
-    product(c, 4 * l + 1, B, share);
+    product(c, 4 * l + 1, B);
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {  // residual add, then the MLP's norm
       float* r = residual + static_cast<size_t>(b) * m.hidden;
       add_rounded(r, proj + static_cast<size_t>(b) * m.hidden, m.hidden);
       rms_norm(r, L.post_norm, m.hidden, m.eps, act + static_cast<size_t>(b) * m.hidden);
     }
-    product(c, 4 * l + 2, B, share);
+    product(c, 4 * l + 2, B);
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {  // SiLU(gate) * up
       const float* g = c.gate_up.data() + static_cast<size_t>(b) * 2 * m.inter;
       silu_and_mul(g, g + m.inter, m.inter, act + static_cast<size_t>(b) * m.inter);
     }
-    product(c, 4 * l + 3, B, share);
+    product(c, 4 * l + 3, B);
     const bf16* next_norm = l + 1 < m.layers ? c.layers[l + 1].in_norm : c.final_norm;
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {  // residual add, then the next layer's (or the final) norm
@@ -425,27 +326,19 @@ extern "C" {
 // block_size. ptrs: embed, final norm, rope cos, rope sin (float32 [positions,
 // head_dim]), then per layer in_norm, qkv_w, qkv_b (or null), o_w, post_norm,
 // gate_up_w, down_w, k_cache, v_cache; they must stay in place while it lives.
-// helper: start the helper thread (used by steps run on one thread).
 void* llmesh_cpu_decode_new(const int64_t* dims, float eps, float scale, void* const* ptrs,
-                            int max_rows, int helper) {
-  if (max_rows < 1 || max_rows > 15) return nullptr;
-  return new Ctx(dims, eps, scale, ptrs, max_rows, helper != 0);
+                            int max_rows) {
+  if (max_rows < 1) return nullptr;
+  return new Ctx(dims, eps, scale, ptrs, max_rows);
 }
 
 void llmesh_cpu_decode_free(void* ctx) { delete static_cast<Ctx*>(ctx); }
 
-// blocks the helper computed and blocks the caller took back from it, so far
-void llmesh_cpu_decode_stats(void* ctx, uint64_t* out) {
-  const Ctx* c = static_cast<const Ctx*>(ctx);
-  out[0] = c->sharer ? c->sharer->helper_blocks() : 0;
-  out[1] = c->sharer ? c->sharer->taken_back() : 0;
-}
-
 // One decode step: B rows (at most the context's max_rows), each one token at
 // `positions[b]` written to `slots[b]`, attending over ctx_lens[b] keys through its
 // row of `tables` ([B, width] block ids). out: [B, hidden] bfloat16, the final
-// norm's output. threads: the OpenMP team's size (1: this thread, with the helper
-// if there is one). Returns 0, or -1 for B out of range.
+// norm's output. threads: the OpenMP team's size. Returns 0, or -1 for B out of
+// range.
 int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* positions,
                           const int64_t* slots, const int32_t* tables, int width,
                           const int32_t* ctx_lens, bf16* out, int threads) {
@@ -454,12 +347,12 @@ int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* p
   std::lock_guard<std::mutex> hold(c.mu);
   int max_ctx = 1;
   for (int b = 0; b < B; ++b) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;
-  if (threads <= 1) {
-    forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out, c.sharer != nullptr);
+  if (threads <= 1) {  // (no parallel region: its worksharing loops run whole here)
+    forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out);
     return 0;
   }
 #pragma omp parallel num_threads(threads)
-  forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out, false);
+  forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out);
   return 0;
 }
 

@@ -1,6 +1,6 @@
 """The whole-forward CPU decode kernel (cpu_decode.cpp): built, loaded, called.
 
-g++ builds it once per source, compiler and CPU (`-O3 -march=native -fopenmp`)
+g++ builds it once per source (with its header), compiler and CPU (`-O3 -march=native -fopenmp`)
 into llmesh's cache ($LLMESH_CACHE_DIR, else ~/.cache/llmesh, under `native/`);
 later starts load the built library (a few ms). It links the OpenMP runtime
 torch already loaded (libgomp.so.1), so the two share one thread pool. Needs a
@@ -9,10 +9,7 @@ CPU with AVX512-BF16 and a C++ compiler; `unavailable()` says why not.
 `DecodeKernel` holds what a call needs that does not change between steps (the
 model's dimensions, its weights' and caches' addresses: the tensors must stay
 alive and in place, and the C++ side's buffers for up to `max_rows` rows) and
-runs a step from its per-step arrays. With `helper`, a step run on one thread
-shares its matrix-vector products with a helper thread it never waits on
-(cpu_decode_share.h): the core a small step leaves to the rest of the mesh
-does the kernel's work whenever that work does not need it.
+runs a step from its per-step arrays.
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-HEADERS = [Path(__file__).with_name("cpu_decode_share.h")]
+HEADERS = [Path(__file__).with_name("cpu_decode_vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256
 _lock = threading.Lock()
@@ -100,12 +97,10 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
-    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, i32]
+    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32]
     lib.llmesh_cpu_decode_new.restype = p
     lib.llmesh_cpu_decode_free.argtypes = [p]
     lib.llmesh_cpu_decode_free.restype = None
-    lib.llmesh_cpu_decode_stats.argtypes = [p, ctypes.POINTER(ctypes.c_uint64)]
-    lib.llmesh_cpu_decode_stats.restype = None
     lib.llmesh_cpu_decode_run.argtypes = [p, i32, p, p, p, p, i32, p, p, i32]
     lib.llmesh_cpu_decode_run.restype = ctypes.c_int
     return lib
@@ -171,10 +166,10 @@ def check_supported(dims: ModelDims) -> None:
 class DecodeKernel:
     def __init__(self, dims: ModelDims, embed: torch.Tensor, final_norm: torch.Tensor,
                  rope_cos: torch.Tensor, rope_sin: torch.Tensor, layers: list[LayerWeights],
-                 max_rows: int = 8, helper: bool = False):
+                 max_rows: int = 8):
         check_supported(dims)
-        if not 1 <= max_rows <= 15:
-            raise ValueError("the CPU decode kernel takes 1 to 15 rows a step")
+        if max_rows < 1:
+            raise ValueError("the CPU decode kernel needs room for a row")
         tensors = [embed, final_norm] + [t for w in layers for t in (
             w.in_norm, w.qkv_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w, w.k_cache, w.v_cache)]
         for t in tensors:
@@ -202,15 +197,9 @@ class DecodeKernel:
                                       dims.head_dim, dims.layers, dims.block_size)
         self.max_rows = max_rows
         self._ctx = self.lib.llmesh_cpu_decode_new(c_dims, dims.eps, dims.head_dim ** -0.5,
-                                                   c_ptrs, max_rows, int(helper))
-        # (its helper thread stopped and buffers freed with this object)
+                                                   c_ptrs, max_rows)
+        # (its buffers freed with this object)
         self._free = weakref.finalize(self, self.lib.llmesh_cpu_decode_free, self._ctx)
-
-    def stats(self) -> tuple[int, int]:
-        """(blocks the helper thread computed, blocks taken back from it) so far."""
-        out = (ctypes.c_uint64 * 2)()
-        self.lib.llmesh_cpu_decode_stats(self._ctx, out)
-        return int(out[0]), int(out[1])
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             tables: torch.Tensor, ctx_lens: torch.Tensor, threads: int) -> torch.Tensor:

@@ -25,7 +25,6 @@ forward is the exactness reference).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -85,12 +84,6 @@ def _dims(config: ModelConfig, block_size: int) -> cpu_decode.ModelDims:
                                 block_size, config.rms_norm_eps)
 
 
-def helper_wanted() -> bool:
-    """A helper thread for steps run on one thread, where this process may use more than
-    one core (LLMESH_CPU_DECODE_HELPER=0 turns it off, for A/B measurements)."""
-    return os.environ.get("LLMESH_CPU_DECODE_HELPER", "1") != "0" and len(os.sched_getaffinity(0)) > 1
-
-
 class CpuDecodeStep:
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  block_size: int):
@@ -104,8 +97,7 @@ class CpuDecodeStep:
         self.num_steps = 0  # steps it ran (tests, benchmarks)
         self.kernel = cpu_decode.DecodeKernel(
             _dims(model.config, block_size), model.model.embed_tokens.weight,
-            model.model.norm.weight, model.rope_cos, model.rope_sin, layers, MAX_ROWS,
-            helper=helper_wanted())
+            model.model.norm.weight, model.rope_cos, model.rope_sin, layers, MAX_ROWS)
 
     @classmethod
     def for_runner(cls, model: CausalLM, kv_caches, block_size: int, backend,

@@ -42,17 +42,17 @@ def random_model(seed: int = 0, **overrides) -> CausalLM:
     return model
 
 
-def caches(model, num_blocks: int, dtype, seed: int = 1):
+def caches(model, num_blocks: int, dtype, seed: int = 1, block: int = BLOCK):
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    shape = (num_blocks, BLOCK, c.num_kv_heads, c.head_dim)
+    shape = (num_blocks, block, c.num_kv_heads, c.head_dim)
     return [tuple(torch.randn(shape, generator=g).to(torch.bfloat16).to(dtype) for _ in "kv")
             for _ in range(c.num_layers)]
 
 
-def step_inputs(contexts: list[int], seed: int = 2):
+def step_inputs(contexts: list[int], seed: int = 2, block: int = BLOCK):
     """A decode step: row i's new token at position contexts[i] - 1 (its blocks disjoint)."""
-    need = [-(-ctx // BLOCK) for ctx in contexts]
+    need = [-(-ctx // block) for ctx in contexts]
     table = np.zeros((len(contexts), max(need)), np.int64)
     first = 1
     for i, n in enumerate(need):
@@ -64,22 +64,25 @@ def step_inputs(contexts: list[int], seed: int = 2):
     return ids, starts, counts, table, first
 
 
-def kernel_for(model, kv):
+def kernel_for(model, kv, block: int = BLOCK):
     from llmesh.services.executor.cpu_decode_step import CpuDecodeStep, pack_model
     pack_model(model)
-    return CpuDecodeStep(model, kv, BLOCK)
+    return CpuDecodeStep(model, kv, block)
 
 
-def eager(model, ids, starts, counts, table, kv):
-    meta = metadata_from_arrays(starts, counts, table, BLOCK, None, torch.device("cpu"))
+def eager(model, ids, starts, counts, table, kv, block: int = BLOCK):
+    meta = metadata_from_arrays(starts, counts, table, block, None, torch.device("cpu"))
     with torch.inference_mode():
         return model(ids, meta.positions, kv, meta, TorchPagedAttention())
 
 
-def native(step, ids, starts, counts, table):
-    meta = metadata_from_arrays(starts, counts, table, BLOCK, None, torch.device("cpu"),
+def native(step, ids, starts, counts, table, block: int = BLOCK, threads: int | None = None):
+    meta = metadata_from_arrays(starts, counts, table, block, None, torch.device("cpu"),
                                 with_block_tables=True)
-    return step.run(ids, meta)
+    if threads is None:
+        return step.run(ids, meta)
+    return step.kernel.run(ids, meta.positions, meta.slot_mapping, meta.single_block_tables,
+                           meta.single_context_lens, threads)
 
 
 def float32_copy(model):
@@ -95,22 +98,25 @@ def _overrides(model) -> dict:
                 head_dim=c.head_dim, architectures=[c.architecture])
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_as_accurate_as_the_eager_forward_and_writes_the_same_kv(shape):
+@pytest.mark.parametrize("shape,block", [(shape, BLOCK) for shape in SHAPES]
+                         + [("gqa2-d32", 8), ("gqa4-d64-bias", 32)])
+def test_as_accurate_as_the_eager_forward_and_writes_the_same_kv(shape, block):
     model = random_model(**SHAPES[shape])
-    contexts = [1, 16, 17, 40, 203]  # a block's first and last slot, several blocks
-    ids, starts, counts, table, blocks = step_inputs(contexts)
-    kv_eager, kv_native = caches(model, blocks, torch.bfloat16), caches(model, blocks, torch.bfloat16)
-    kv_truth = caches(model, blocks, torch.float32)
-    h_eager = eager(model, ids, starts, counts, table, kv_eager).float()
-    h_native = native(kernel_for(model, kv_native), ids, starts, counts, table).float()
-    h_truth = eager(float32_copy(model), ids, starts, counts, table, kv_truth)
+    # a block's first and last slot, several blocks, chunks of 16 keys cut by blocks of 8
+    contexts = [1, 16, 17, 40, 203] if block == BLOCK else [1, 8, 9, 31, 33, 70, 203]
+    ids, starts, counts, table, blocks = step_inputs(contexts, block=block)
+    kv_eager = caches(model, blocks, torch.bfloat16, block=block)
+    kv_native = caches(model, blocks, torch.bfloat16, block=block)
+    kv_truth = caches(model, blocks, torch.float32, block=block)
+    h_eager = eager(model, ids, starts, counts, table, kv_eager, block).float()
+    h_native = native(kernel_for(model, kv_native, block), ids, starts, counts, table, block).float()
+    h_truth = eager(float32_copy(model), ids, starts, counts, table, kv_truth, block)
     err_eager = (h_eager - h_truth).abs().max().item()
     err_native = (h_native - h_truth).abs().max().item()
     scale = h_truth.abs().max().item()
     assert err_native <= max(1.5 * err_eager, 2 ** -7 * scale), (err_native, err_eager, scale)
     assert (h_native - h_eager).abs().mean() < 0.01 * h_truth.abs().mean()
-    slots = (table[np.arange(len(contexts)), starts // BLOCK] * BLOCK + starts % BLOCK).tolist()
+    slots = (table[np.arange(len(contexts)), starts // block] * block + starts % block).tolist()
     for (ke, ve), (kn, vn) in zip(kv_eager, kv_native):
         for cache_e, cache_n in ((ke, kn), (ve, vn)):
             flat_e, flat_n = cache_e.flatten(0, 1), cache_n.flatten(0, 1)
@@ -131,6 +137,21 @@ def test_each_row_is_independent_of_its_batch():
     for i in range(len(contexts)):
         one = native(step, ids[i:i + 1], starts[i:i + 1], counts[i:i + 1], table[i:i + 1])
         assert torch.equal(one[0], together[i])
+
+
+def test_one_thread_and_a_team_give_the_same_bits():
+    """A step on one thread runs outside any parallel region; a team splits the same
+    blocks and (row, KV head) pairs: the same sums in the same order either way."""
+    model = random_model(**SHAPES["gqa4-d64-bias"])
+    contexts = [3, 64, 129, 7]
+    ids, starts, counts, table, blocks = step_inputs(contexts)
+    outs = []
+    for threads in (1, 2):
+        kv = caches(model, blocks, torch.bfloat16)
+        outs.append((native(kernel_for(model, kv), ids, starts, counts, table, threads=threads), kv))
+    (h1, kv1), (h2, kv2) = outs
+    assert torch.equal(h1, h2)
+    assert all(torch.equal(a, b) for (k1, v1), (k2, v2) in zip(kv1, kv2) for a, b in ((k1, k2), (v1, v2)))
 
 
 def test_pack_rows_and_what_the_kernel_refuses():
@@ -242,3 +263,8 @@ def test_inputs_the_kernel_would_read_out_of_bounds_are_refused():
         with pytest.raises(ValueError, match="CPU decode kernel"):
             k.run(*args, threads=1)
     assert k.run(*good, threads=1).shape == (2, model.config.hidden_size)
+    many = step_inputs([5] * (k.max_rows + 1))  # more rows than its buffers hold
+    meta = metadata_from_arrays(*many[1:4], BLOCK, None, torch.device("cpu"), with_block_tables=True)
+    with pytest.raises(ValueError, match="CPU decode kernel takes 1 to"):
+        k.run(many[0], meta.positions, meta.slot_mapping, meta.single_block_tables,
+              meta.single_context_lens, threads=1)
