@@ -246,19 +246,20 @@ class ModelRunner:
             return result
         meta, timer = p.meta, p.timer
         timer.start()
-        if self.graphs is not None and not self._eager and self.graphs.fits(meta, p.num_tokens):
-            hidden = self.graphs.run(p.input_ids.tensor, meta)
-        elif self.cpu_decode is not None and not self._eager \
-                and self.cpu_decode.fits(meta, p.num_tokens):
-            with self.threads.step(p.num_tokens):
+        # (the sampler's LM head too: a small step's one thread fewer holds for it)
+        with self.threads.step(p.num_tokens):
+            if self.graphs is not None and not self._eager \
+                    and self.graphs.fits(meta, p.num_tokens):
+                hidden = self.graphs.run(p.input_ids.tensor, meta)
+            elif self.cpu_decode is not None and not self._eager \
+                    and self.cpu_decode.fits(meta, p.num_tokens):
                 hidden = self.cpu_decode.run(p.input_ids.tensor, meta)
-        else:
-            with self.threads.step(p.num_tokens):
+            else:
                 hidden = self.model(p.input_ids.tensor, meta.positions, self.kv_caches, meta,
                                     self.backend)
-        timer.mark()
-        if p.draws is not None:
-            self._sample(hidden, p.draws, result)
+            timer.mark()
+            if p.draws is not None:
+                self._sample(hidden, p.draws, result)
         result.forward_s, result.sample_s = timer.finish()
         if self.tp:
             result.comm_s = self.tp.comm_s - p.comm0

@@ -133,7 +133,7 @@ async def main(args) -> None:
     loop = EngineLoop(scheduler, executors, mc.vocab_size, emit=emit,
                       tokenizer=TextTokenizer(args.model), model=args.model_name or mc.model_type,
                       pipeline_depth=args.pipeline_depth, step_timeout_s=args.step_timeout_s,
-                      observe_step=after_step, state=state, waits=waits)
+                      observe_step=after_step, state=state, waits=waits, plan_first=True)
     info = scheduler_pb2.ReplicaInfo(
         model=args.model_name or mc.model_type, architecture=mc.architecture,
         max_model_len=max_model_len, vocab_size=mc.vocab_size,

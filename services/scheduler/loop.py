@@ -88,7 +88,8 @@ class EngineLoop:
                  model: str = "", pipeline_depth: int = 2, max_step_failures: int = 2,
                  step_timeout_s: float = 0.0,
                  observe_step: Callable[[float], None] | None = None,
-                 waits: WaitPredictor | None = None, state: ReplicaState | None = None):
+                 waits: WaitPredictor | None = None, state: ReplicaState | None = None,
+                 plan_first: bool = False):
         """`emit(owner, [(output, finished_info)])` receives each step's outputs per
         owner; `observe_step(seconds)` each step's wall time (metrics, publishers).
         `waits` measures the replica's rates and predicts queue waits (SLO
@@ -97,7 +98,12 @@ class EngineLoop:
         replica_state.py), which says whether it takes new requests; by default
         always SERVING (the in-process Engine).
         `step_timeout_s` (0 = none): a step whose result takes longer (or 20 times
-        what its tokens should take, if more) fails the executor as hung."""
+        what its tokens should take, if more) fails the executor as hung.
+        `plan_first`: after a result, send the next plans before delivering its
+        outputs (the scheduler process: the executor starts the next step while the
+        routers and clients take the tokens, which on a small machine want the
+        core the plan's messages need); off, a step's outputs are out before the
+        next plan is made (the in-process Engine's `step()`)."""
         assert pipeline_depth >= 1
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -106,6 +112,7 @@ class EngineLoop:
         self.emit = emit
         self.tokenizer = tokenizer
         self.pipeline_depth = pipeline_depth
+        self.plan_first = plan_first
         self.max_step_failures = max_step_failures  # per sequence, before it fails with ERROR
         self.step_timeout_s = step_timeout_s
         self.observe_step = observe_step
@@ -263,8 +270,9 @@ class EngineLoop:
                     pass
 
     async def step(self) -> list[SeqOutput]:
-        """Send plans until `pipeline_depth` are in flight, then reconcile the oldest.
-        Returns that step's outputs ([] when nothing could run)."""
+        """Send plans until `pipeline_depth` are in flight, reconcile the oldest (with
+        `plan_first`, send plans again), then deliver its outputs. Returns them ([]
+        when nothing could run)."""
         self.expire_deadlines()
         while len(self._in_flight) < self.pipeline_depth:
             if not await self._submit_next():
@@ -272,10 +280,14 @@ class EngineLoop:
         if not self._in_flight:
             return []
         outputs = await self._complete_oldest()
+        while self.plan_first and len(self._in_flight) < self.pipeline_depth:
+            if not await self._submit_next():
+                break
+        self._deliver(outputs)
         if not self._in_flight and not self.scheduler.num_unfinished \
                 and self.scheduler.has_dropped():
             await self._submit_next()  # idle: the executor forgets finished sequences now
-            await self._complete_oldest()
+            self._deliver(await self._complete_oldest())
         return outputs
 
     async def _submit_next(self) -> bool:
@@ -337,7 +349,6 @@ class EngineLoop:
             self._last_result_s = t1
         self.tracks.on_result(plan, result)
         outputs = self.scheduler.update(plan, result)
-        self._deliver(outputs)
         self.spans.step_finished(done.spans, time.time_ns())
         s = self.stats
         s.num_steps += bool(num_tokens)  # (a plan may only tell the executor what to forget)
