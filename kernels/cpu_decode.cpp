@@ -206,7 +206,8 @@ struct Ctx {
   std::vector<float> residual, proj, qkv, gate_up;
   std::vector<bf16> act, attn;  // act: the next product's input
   std::vector<Job> jobs;
-  std::mutex mu;  // one step at a time
+  int64_t limits[4];  // token ids, RoPE rows (positions), cache slots, cache blocks
+  std::mutex mu;      // one step at a time
 
   Ctx(const int64_t* dims, float eps, float scale, void* const* ptrs, int rows)
       : m{static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2]),
@@ -326,10 +327,14 @@ extern "C" {
 // block_size. ptrs: embed, final norm, rope cos, rope sin (float32 [positions,
 // head_dim]), then per layer in_norm, qkv_w, qkv_b (or null), o_w, post_norm,
 // gate_up_w, down_w, k_cache, v_cache; they must stay in place while it lives.
+// limits: the bounds a step's indices are checked against (token ids, positions,
+// slots, block ids).
 void* llmesh_cpu_decode_new(const int64_t* dims, float eps, float scale, void* const* ptrs,
-                            int max_rows) {
+                            int max_rows, const int64_t* limits) {
   if (max_rows < 1) return nullptr;
-  return new Ctx(dims, eps, scale, ptrs, max_rows);
+  Ctx* c = new Ctx(dims, eps, scale, ptrs, max_rows);
+  for (int i = 0; i < 4; ++i) c->limits[i] = limits[i];
+  return c;
 }
 
 void llmesh_cpu_decode_free(void* ctx) { delete static_cast<Ctx*>(ctx); }
@@ -337,13 +342,23 @@ void llmesh_cpu_decode_free(void* ctx) { delete static_cast<Ctx*>(ctx); }
 // One decode step: B rows (at most the context's max_rows), each one token at
 // `positions[b]` written to `slots[b]`, attending over ctx_lens[b] keys through its
 // row of `tables` ([B, width] block ids). out: [B, hidden] bfloat16, the final
-// norm's output. threads: the OpenMP team's size. Returns 0, or -1 for B out of
-// range.
+// norm's output. threads: the OpenMP team's size. Returns 0, or (nothing run) -1
+// for B out of range, -2 a token id, -3 a position, -4 a slot, -5 a block id out
+// of range, -6 a context length of 0 or past its block table.
 int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* positions,
                           const int64_t* slots, const int32_t* tables, int width,
                           const int32_t* ctx_lens, bf16* out, int threads) {
   Ctx& c = *static_cast<Ctx*>(ctx);
   if (B < 1 || B > c.max_rows) return -1;
+  for (int b = 0; b < B; ++b) {  // every index the forward reads unchecked
+    if (ids[b] < 0 || ids[b] >= c.limits[0]) return -2;
+    if (positions[b] < 0 || positions[b] >= c.limits[1]) return -3;
+    if (slots[b] < 0 || slots[b] >= c.limits[2]) return -4;
+    for (int i = 0; i < width; ++i)
+      if (tables[b * width + i] < 0 || tables[b * width + i] >= c.limits[3]) return -5;
+    if (ctx_lens[b] < 1 || static_cast<int64_t>(ctx_lens[b]) > static_cast<int64_t>(width) * c.m.block_size)
+      return -6;
+  }
   std::lock_guard<std::mutex> hold(c.mu);
   int max_ctx = 1;
   for (int b = 0; b < B; ++b) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;

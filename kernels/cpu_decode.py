@@ -97,7 +97,7 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
-    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32]
+    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, i64]
     lib.llmesh_cpu_decode_new.restype = p
     lib.llmesh_cpu_decode_free.argtypes = [p]
     lib.llmesh_cpu_decode_free.restype = None
@@ -163,6 +163,11 @@ def check_supported(dims: ModelDims) -> None:
         raise ValueError("the CPU decode kernel cannot run this model: " + "; ".join(why))
 
 
+_REFUSED = {-1: "row count out of range", -2: "ids out of range", -3: "positions out of range",
+            -4: "slots out of range", -5: "tables out of range",
+            -6: "context lengths exceed their block tables"}
+
+
 class DecodeKernel:
     def __init__(self, dims: ModelDims, embed: torch.Tensor, final_norm: torch.Tensor,
                  rope_cos: torch.Tensor, rope_sin: torch.Tensor, layers: list[LayerWeights],
@@ -181,10 +186,10 @@ class DecodeKernel:
         self.lib = library()
         self.dims = dims
         self.hidden = dims.hidden
-        # what the C++ reads unchecked, bounded here (one small reduction each a step)
-        self._bounds = {"ids": embed.shape[0], "positions": rope_cos.shape[0],
-                        "slots": layers[0].k_cache.shape[0] * dims.block_size,
-                        "tables": layers[0].k_cache.shape[0]}
+        # what the forward reads unchecked, bounded by the C++ before it starts
+        limits = (ctypes.c_int64 * 4)(embed.shape[0], rope_cos.shape[0],
+                                      layers[0].k_cache.shape[0] * dims.block_size,
+                                      layers[0].k_cache.shape[0])
         self._keep = tensors + [rope_cos, rope_sin] + [w.qkv_b for w in layers if w.qkv_b is not None]
         ptrs = [embed.data_ptr(), final_norm.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr()]
         for w in layers:
@@ -197,7 +202,7 @@ class DecodeKernel:
                                       dims.head_dim, dims.layers, dims.block_size)
         self.max_rows = max_rows
         self._ctx = self.lib.llmesh_cpu_decode_new(c_dims, dims.eps, dims.head_dim ** -0.5,
-                                                   c_ptrs, max_rows)
+                                                   c_ptrs, max_rows, limits)
         # (its buffers freed with this object)
         self._free = weakref.finalize(self, self.lib.llmesh_cpu_decode_free, self._ctx)
 
@@ -214,15 +219,9 @@ class DecodeKernel:
         i64, i32 = torch.int64, torch.int32
         ids, positions, slots = (t.to(i64).contiguous() for t in (ids, positions, slots))
         tables, ctx_lens = tables.to(i32).contiguous(), ctx_lens.to(i32).contiguous()
-        for name, t in (("ids", ids), ("positions", positions), ("slots", slots),
-                        ("tables", tables)):
-            lo, hi = torch.aminmax(t)
-            if not 0 <= int(lo) <= int(hi) < self._bounds[name]:
-                raise ValueError(f"the CPU decode kernel's {name} out of range")
-        lo, hi = torch.aminmax(ctx_lens)
-        if not 1 <= int(lo) <= int(hi) <= tables.shape[1] * self.dims.block_size:
-            raise ValueError("the CPU decode kernel's context lengths exceed their block tables")
-        self.lib.llmesh_cpu_decode_run(self._ctx, n, ids.data_ptr(), positions.data_ptr(),
-                                       slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-                                       ctx_lens.data_ptr(), out.data_ptr(), threads)
+        code = self.lib.llmesh_cpu_decode_run(self._ctx, n, ids.data_ptr(), positions.data_ptr(),
+                                              slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+                                              ctx_lens.data_ptr(), out.data_ptr(), threads)
+        if code:
+            raise ValueError(f"the CPU decode kernel's {_REFUSED.get(code, code)}")
         return out
