@@ -141,7 +141,8 @@ def test_the_openai_target_drives_the_http_api_like_grpc(mesh, tiny_model_dir):
     """`--targets mesh,openai`: the same workload through gRPC and through the
     OpenAI-compatible HTTP API of one mesh; every token counted on both."""
     mc = load_model_config(tiny_model_dir)
-    w = wl.builtin("chat", mc.vocab_size, 2048, seed=3, max_prompt=96, max_output=12)
+    # (outputs long enough that the KV sampler, every 20 ms, sees blocks in use)
+    w = wl.builtin("chat", mc.vocab_size, 2048, seed=3, max_prompt=96, max_output=48)
     schedulers = [f"127.0.0.1:{r['scheduler']}" for r in mesh.config["replica_ports"]]
     setup = setup_for(tiny_model_dir, w, [RunSpec(ArrivalSpec("concurrency", concurrency=4),
                                                   num_requests=8)],
