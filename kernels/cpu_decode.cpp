@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_decode_vec.h"
+#include "cpu_prefill_attention.h"
 
 namespace {
 
@@ -369,6 +370,14 @@ int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* p
 #pragma omp parallel num_threads(threads)
   forward(c, B, ids, positions, slots, tables, width, ctx_lens, max_ctx, out);
   return 0;
+}
+
+// Causal attention of a prefill chunk at the end of its context
+// (cpu_prefill_attention.h): q [L, H, D], k and v [C, KVH, D], out [L, H, D], bfloat16,
+// contiguous; row i sees keys 0 .. C - L + i.
+void llmesh_cpu_prefill_attention(const bf16* q, const bf16* k, const bf16* v, int L, int C,
+                                  int H, int KVH, int D, float scale, bf16* out, int threads) {
+  prefill_attention(q, k, v, L, C, H, KVH, D, scale, out, threads);
 }
 
 }  // extern "C"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-HEADERS = [Path(__file__).with_name("cpu_decode_vec.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("cpu_decode_vec.h", "cpu_prefill_attention.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256
 _lock = threading.Lock()
@@ -103,6 +103,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.llmesh_cpu_decode_free.restype = None
     lib.llmesh_cpu_decode_run.argtypes = [p, i32, p, p, p, p, i32, p, p, i32]
     lib.llmesh_cpu_decode_run.restype = ctypes.c_int
+    lib.llmesh_cpu_prefill_attention.argtypes = [p, p, p, i32, i32, i32, i32, i32, f32, p, i32]
+    lib.llmesh_cpu_prefill_attention.restype = None
     return lib
 
 
@@ -161,6 +163,36 @@ def check_supported(dims: ModelDims) -> None:
     ) if not ok]
     if why:
         raise ValueError("the CPU decode kernel cannot run this model: " + "; ".join(why))
+
+
+def prefill_refusal(q_shape, kv_shape, dtype: torch.dtype) -> str | None:
+    """Why `prefill_attention` would refuse these shapes (None: it takes them)."""
+    (L, H, D), (C, KVH, _) = q_shape, kv_shape
+    why = [w for ok, w in (
+        (dtype == torch.bfloat16, "bfloat16 only"),
+        (D % 32 == 0 and D <= MAX_HEAD_DIM, f"head_dim {D} (a multiple of 32 up to {MAX_HEAD_DIM})"),
+        (KVH > 0 and H % KVH == 0 and H // KVH <= MAX_GROUP,
+         f"{H} query heads over {KVH} KV heads"),
+        (1 <= L <= C, f"{L} queries over {C} keys"),
+    ) if not ok]
+    return "; ".join(why) or None
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      threads: int) -> torch.Tensor:
+    """Causal attention of a chunk at the end of its context: q [L, H, D], k and v
+    [C, KVH, D] bfloat16 CPU tensors, row i seeing keys 0 .. C - L + i -> [L, H, D]."""
+    why = prefill_refusal(tuple(q.shape), tuple(k.shape), q.dtype) or (
+        None if k.shape == v.shape and k.dtype == v.dtype == q.dtype and k.shape[2] == q.shape[2]
+        and q.device.type == "cpu" else "keys and values of other shapes or types")
+    if why:
+        raise ValueError(f"the CPU prefill attention cannot run this: {why}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    (L, H, D), (C, KVH) = q.shape, k.shape[:2]
+    library().llmesh_cpu_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), L, C, H, KVH,
+                                           D, scale, out.data_ptr(), threads)
+    return out
 
 
 _REFUSED = {-1: "row count out of range", -2: "ids out of range", -3: "positions out of range",
