@@ -110,8 +110,11 @@ class InProcessExecutor:
         self._lane.submit(plan)
 
     def _post(self, plan, outcome) -> None:
-        if plan is not None:
-            self._loop.call_soon_threadsafe(self._settle, outcome)
+        if plan is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._settle, outcome)
+            except RuntimeError:  # (closed meanwhile: the engine is gone, no one waits)
+                pass
 
     def _settle(self, outcome) -> None:
         future = self._unsettled.popleft()

@@ -103,6 +103,12 @@ class CompiledCpuAttention(TorchPagedAttention):
         self.wants_block_tables = self.why_eager is None
         self.native_prefill = (os.environ.get("LLMESH_CPU_PREFILL_KERNEL", "1") != "0"
                                and cpu_decode.unavailable() is None)
+        if self.native_prefill:
+            try:  # (built now, or found built: a failed build keeps torch's attention)
+                cpu_decode.library()
+            except (RuntimeError, OSError) as e:
+                self.native_prefill = False
+                log.warning("prefill attention: torch's (the C++ kernel: %s)", str(e)[:300])
 
     @torch.inference_mode()
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,

@@ -84,3 +84,22 @@ def test_the_cpu_backend_takes_it_for_prefills():
     ref16 = TorchPagedAttention().attend(q, k_cache, v_cache, meta, D ** -0.5).float()
     err, err16 = (got - ref).abs().max().item(), (ref16 - ref).abs().max().item()
     assert err <= max(1.5 * err16, 2 ** -8 * ref.abs().max().item()), (err, err16)
+
+
+def test_a_failed_build_keeps_torchs_attention(monkeypatch, tmp_path):
+    """No library (the compiler fails): the backend says so and attends as the
+    reference does, bit for bit."""
+    from llmesh.services.executor.attention import TorchPagedAttention, metadata_from_arrays
+    from llmesh.services.executor.attention_cpu import CompiledCpuAttention
+    monkeypatch.setattr(cpu_decode, "_library", None)  # (none loaded in this process yet)
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    monkeypatch.setenv("LLMESH_CACHE_DIR", str(tmp_path))  # and nothing built before
+    backend = CompiledCpuAttention()
+    assert not backend.native_prefill
+    g = torch.Generator().manual_seed(3)
+    meta = metadata_from_arrays(np.array([0]), np.array([30]), np.array([[1, 2]]), 16, None,
+                                torch.device("cpu"), with_block_tables=True)
+    k_cache, v_cache = (torch.randn(3, 16, 2, 64, generator=g).bfloat16() for _ in "kv")
+    q = torch.randn(30, 4, 64, generator=g).bfloat16()
+    assert torch.equal(backend.attend(q, k_cache, v_cache, meta, 0.125),
+                       TorchPagedAttention().attend(q, k_cache, v_cache, meta, 0.125))
