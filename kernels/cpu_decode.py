@@ -216,7 +216,6 @@ class DecodeKernel:
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError("the RoPE tables must be contiguous float32")
         self.lib = library()
-        self.dims = dims
         self.hidden = dims.hidden
         # what the forward reads unchecked, bounded by the C++ before it starts
         limits = (ctypes.c_int64 * 4)(embed.shape[0], rope_cos.shape[0],

@@ -8,7 +8,7 @@ def ticks(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(f[11]) + int(f[12])
 model = sys.argv[1] if len(sys.argv) > 1 else "bench"
-with kit.BenchMesh(resolve_model(model), engine={"dtype": "bfloat16"}) as mesh:
+with kit.BenchMesh(resolve_model(model), engine={"dtype": "bfloat16", "pipeline_depth": int(os.environ.get("DEPTH", 2))}) as mesh:
     pids = dict(mesh.pids()); pids["client"] = os.getpid()
     if os.environ.get("PIN"):
         for k, p in pids.items():
@@ -24,8 +24,8 @@ with kit.BenchMesh(resolve_model(model), engine={"dtype": "bfloat16"}) as mesh:
         return ts
     run(16)
     import subprocess
-    spies = [subprocess.Popen(["/tmp/s8/spyenv/bin/py-spy", "record", "-p", str(pids[k]), "-r", "250", "-d", "12", "-f", "raw", "-o", f"/tmp/s8/spy-{k}.txt", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in os.environ.get("SPY", "").split(",") if k]
-    time.sleep(1 if spies else 0)
+    spies = [subprocess.Popen(["/tmp/s8/spyenv/bin/py-spy", "record", "-p", str(pids[k]), "-r", "500", "-d", "1.5", "-f", "raw", "--threads", "--idle", "-o", f"/tmp/s8/spy-{k}.txt", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in os.environ.get("SPY", "").split(",") if k]
+    time.sleep(0.5 if spies else 0)
     t0 = {k: ticks(p) for k, p in pids.items()}; w0 = time.perf_counter(); n = 0; itl = []
     for _ in range(4):
         ts = run(256); n += 256; itl += [b - a for a, b in zip(ts[1:], ts[2:])]
