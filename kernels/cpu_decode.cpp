@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_decode_vec.h"
+#include "cpu_decode_attention.h"
 #include "cpu_prefill_attention.h"
 
 namespace {
@@ -102,104 +103,11 @@ void job_block(const Job& job, int B, int k, float* y, int ldy) {
   }
 }
 
-// one row's query heads of one KV head over its paged keys and values; the cache
-// is read a block at a time, 16 positions per step: a query head's 16 scores come
-// out of AVX512-BF16 dot products (its values are bfloat16 already, so exact as
-// bfloat16 pairs) and one transposing sum
-void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int32_t* table,
-            int ctx, const Dims& m, int kv_head, int group, float* scores, bf16* out) {
-  static const bf16 zeros[256] = {};
-  const int d = m.head_dim, bs = m.block_size, kvh = m.kv_heads, vecs = d / 16, pairs = d / 32;
-  const size_t stride = static_cast<size_t>(kvh) * d;  // between positions in the cache
-  __m512bh qb[8][8];  // [group][d / 32]: the query heads as bfloat16 pairs
-  for (int g = 0; g < group; ++g)
-    for (int v = 0; v < pairs; ++v)
-      qb[g][v] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * d + 32 * v + 16),
-                                     _mm512_loadu_ps(q + g * d + 32 * v));
-  const int step = 16 < bs ? 16 : bs;
-  // the cache's rows come from memory (the weights streamed through the caches since
-  // the last step): the next chunk's rows are asked for while this one is computed
-  auto chunk_rows = [&](int t0) {
-    const int in_block = t0 % bs;
-    int n = ctx - t0 < step ? ctx - t0 : step;
-    return n < bs - in_block ? n : bs - in_block;
-  };
-  auto row_at = [&](const bf16* cache, int t) {
-    return cache + (static_cast<size_t>(table[t / bs]) * bs + t % bs) * stride + kv_head * d;
-  };
-  for (int t0 = 0, n = 0; t0 < ctx; t0 += n) {
-    n = chunk_rows(t0);
-    const bf16* first = row_at(k_cache, t0);
-    if (t0 + n < ctx) {
-      const bf16* next = row_at(k_cache, t0 + n);
-      for (int r = 0, nn = chunk_rows(t0 + n); r < nn; ++r)
-        for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + r * stride + 32 * l), _MM_HINT_T0);
-    }
-    const bf16* rows[16];
-    for (int r = 0; r < 16; ++r) rows[r] = r < n ? first + r * stride : zeros;
-    for (int g = 0; g < group; ++g) {
-      __m512 acc[16];
-      for (int r = 0; r < 16; ++r) {
-        __m512 a = _mm512_setzero_ps();
-        for (int v = 0; v < pairs; ++v)
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(rows[r] + 32 * v), qb[g][v]);
-        acc[r] = a;
-      }
-      const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
-      _mm512_mask_storeu_ps(scores + static_cast<size_t>(g) * ctx + t0, live,
-                            _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(m.scale)));
-    }
-  }
-  for (int g = 0; g < group; ++g) {  // softmax, in place
-    float* s = scores + static_cast<size_t>(g) * ctx;
-    __m512 vmx = _mm512_set1_ps(-INFINITY);
-    for (int t = 0; t < ctx; t += 16) {
-      const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (ctx - t)) - 1);
-      vmx = _mm512_mask_max_ps(vmx, mask, vmx, _mm512_maskz_loadu_ps(mask, s + t));
-    }
-    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int t = 0; t < ctx; t += 16) {
-      const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (ctx - t)) - 1);
-      __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), vmx));
-      _mm512_mask_storeu_ps(s + t, mask, e);
-      vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-    for (int t = 0; t < ctx; t += 16) {
-      const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (ctx - t)) - 1);
-      _mm512_mask_storeu_ps(s + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + t), inv));
-    }
-  }
-  __m512 acc[8 * 16];  // group <= 8, head_dim <= 256
-  for (int i = 0; i < group * vecs; ++i) acc[i] = _mm512_setzero_ps();
-  constexpr int AHEAD = 48;  // rows of V asked for ahead of their use
-  for (int t = 0; t < ctx && t < AHEAD; ++t)
-    for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(row_at(v_cache, t) + 32 * l), _MM_HINT_T0);
-  for (int b0 = 0; b0 < ctx; b0 += bs) {
-    const int n = ctx - b0 < bs ? ctx - b0 : bs;
-    const bf16* v = v_cache + static_cast<size_t>(table[b0 / bs]) * bs * stride + kv_head * d;
-    for (int r = 0; r < n; ++r, v += stride) {
-      if (b0 + r + AHEAD < ctx) {
-        const bf16* ahead = r + AHEAD < n ? v + AHEAD * stride : row_at(v_cache, b0 + r + AHEAD);
-        for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * l), _MM_HINT_T0);
-      }
-      for (int w = 0; w < vecs; ++w) {
-        __m512 vv = load_bf16x16(v + 16 * w);
-        for (int g = 0; g < group; ++g)
-          acc[g * vecs + w] = _mm512_fmadd_ps(_mm512_set1_ps(scores[static_cast<size_t>(g) * ctx + b0 + r]),
-                                              vv, acc[g * vecs + w]);
-      }
-    }
-  }
-  for (int g = 0; g < group; ++g)
-    for (int w = 0; w < vecs; ++w) store16(out + g * d + 16 * w, acc[g * vecs + w]);
-}
-
 // What a model's decode steps share: its dimensions and weights, buffers for up to
 // max_rows rows, the products as jobs (per layer: qkv, o, gate_up, down).
 struct Ctx {
   Dims m;
+  PagedShape paged;  // the cache's shape, for attend
   int max_rows, q_size, kv_size, qkv_size, group, width_in;
   const bf16 *embed, *final_norm;
   const float *rope_cos, *rope_sin;
@@ -214,6 +122,7 @@ struct Ctx {
       : m{static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2]),
           static_cast<int>(dims[3]), static_cast<int>(dims[4]), static_cast<int>(dims[5]),
           static_cast<int>(dims[6]), eps, scale},
+        paged{m.head_dim, m.block_size, m.kv_heads, m.scale},
         max_rows(rows) {
     const int d = m.head_dim;
     q_size = m.heads * d;
@@ -293,7 +202,7 @@ void forward(Ctx& c, int B, const int64_t* ids, const int64_t* positions, const 
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < m.kv_heads; ++h)
         attend(qkv + static_cast<size_t>(b) * qkv_size + h * group * d, L.k_cache, L.v_cache,
-               tables + static_cast<size_t>(b) * width, ctx_lens[b], m, h, group, scores.data(),
+               tables + static_cast<size_t>(b) * width, ctx_lens[b], c.paged, h, group, scores.data(),
                c.attn.data() + static_cast<size_t>(b) * q_size + h * group * d);
     product(c, 4 * l + 1, B);
 #pragma omp for schedule(static)
@@ -378,6 +287,18 @@ int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* p
 void llmesh_cpu_prefill_attention(const bf16* q, const bf16* k, const bf16* v, int L, int C,
                                   int H, int KVH, int D, float scale, bf16* out, int threads) {
   prefill_attention(q, k, v, L, C, H, KVH, D, scale, out, threads);
+}
+
+// Decode attention of B single-query rows (cpu_decode_attention.h): q and out [B, H,
+// D] bfloat16; caches [num_blocks, block_size, KVH, D] bfloat16; tables [B, width]
+// int32 block ids; ctx_lens [B] int32. Returns 0, or (nothing run) -5 for a block id
+// out of range, -6 for a context length of 0 or past its block table.
+int llmesh_cpu_decode_attention(const bf16* q, const bf16* k_cache, const bf16* v_cache,
+                                const int32_t* tables, int width, const int32_t* ctx_lens, int B,
+                                int H, int KVH, int D, int block_size, int64_t num_blocks,
+                                float scale, bf16* out, int threads) {
+  return decode_attention(q, k_cache, v_cache, tables, width, ctx_lens, B, H,
+                          PagedShape{D, block_size, KVH, scale}, num_blocks, out, threads);
 }
 
 }  // extern "C"

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-HEADERS = [Path(__file__).with_name(n) for n in ("cpu_decode_vec.h", "cpu_prefill_attention.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("cpu_decode_vec.h", "cpu_decode_attention.h",
+                                                 "cpu_prefill_attention.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256
 _lock = threading.Lock()
@@ -105,6 +106,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.llmesh_cpu_decode_run.restype = ctypes.c_int
     lib.llmesh_cpu_prefill_attention.argtypes = [p, p, p, i32, i32, i32, i32, i32, f32, p, i32]
     lib.llmesh_cpu_prefill_attention.restype = None
+    lib.llmesh_cpu_decode_attention.argtypes = [p, p, p, p, i32, p, i32, i32, i32, i32, i32,
+                                                ctypes.c_int64, f32, p, i32]
+    lib.llmesh_cpu_decode_attention.restype = ctypes.c_int
     return lib
 
 
@@ -165,17 +169,27 @@ def check_supported(dims: ModelDims) -> None:
         raise ValueError("the CPU decode kernel cannot run this model: " + "; ".join(why))
 
 
-def prefill_refusal(q_shape, kv_shape, dtype: torch.dtype) -> str | None:
-    """Why `prefill_attention` would refuse these shapes (None: it takes them)."""
-    (L, H, D), (C, KVH, _) = q_shape, kv_shape
-    why = [w for ok, w in (
+def _heads_refusal(H: int, KVH: int, D: int, dtype: torch.dtype) -> list[str]:
+    return [w for ok, w in (
         (dtype == torch.bfloat16, "bfloat16 only"),
         (D % 32 == 0 and D <= MAX_HEAD_DIM, f"head_dim {D} (a multiple of 32 up to {MAX_HEAD_DIM})"),
         (KVH > 0 and H % KVH == 0 and H // KVH <= MAX_GROUP,
          f"{H} query heads over {KVH} KV heads"),
-        (1 <= L <= C, f"{L} queries over {C} keys"),
     ) if not ok]
+
+
+def prefill_refusal(q_shape, kv_shape, dtype: torch.dtype) -> str | None:
+    """Why `prefill_attention` would refuse these shapes (None: it takes them)."""
+    (L, H, D), (C, KVH, _) = q_shape, kv_shape
+    why = _heads_refusal(H, KVH, D, dtype) + ([] if 1 <= L <= C else [f"{L} queries over {C} keys"])
     return "; ".join(why) or None
+
+
+def decode_refusal(num_heads: int, k_cache: torch.Tensor) -> str | None:
+    """Why `decode_attention` would refuse a model's query heads over this cache
+    ([blocks, block_size, KVH, D]; None: it takes them)."""
+    _, _, kvh, d = k_cache.shape
+    return "; ".join(_heads_refusal(num_heads, kvh, d, k_cache.dtype)) or None
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -192,6 +206,32 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     (L, H, D), (C, KVH) = q.shape, k.shape[:2]
     library().llmesh_cpu_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), L, C, H, KVH,
                                            D, scale, out.data_ptr(), threads)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                     threads: int) -> torch.Tensor:
+    """Single-query rows over a paged cache: q [B, H, D] bfloat16, caches [blocks,
+    block_size, KVH, D] bfloat16, tables [B, width] and ctx_lens [B] (int32) -> [B, H, D]:
+    the whole-forward kernel's attention, row by row."""
+    why = decode_refusal(q.shape[1], k_cache) or (
+        None if q.dtype == k_cache.dtype and v_cache.shape == k_cache.shape
+        and v_cache.dtype == k_cache.dtype and q.shape[2] == k_cache.shape[3]
+        and k_cache.is_contiguous() and v_cache.is_contiguous() and q.device.type == "cpu"
+        and tables.shape[0] == ctx_lens.shape[0] == q.shape[0]
+        else "queries, keys, values or tables of other shapes or types")
+    if why:
+        raise ValueError(f"the CPU decode attention cannot run this: {why}")
+    q = q.contiguous()
+    tables, ctx_lens = tables.to(torch.int32).contiguous(), ctx_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    (B, H, D), (blocks, block_size, KVH) = q.shape, k_cache.shape[:3]
+    code = library().llmesh_cpu_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+        ctx_lens.data_ptr(), B, H, KVH, D, block_size, blocks, scale, out.data_ptr(), threads)
+    if code:
+        raise ValueError(f"the CPU decode attention's {_REFUSED.get(code, code)}")
     return out
 
 

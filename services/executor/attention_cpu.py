@@ -99,23 +99,32 @@ class CompiledCpuAttention(TorchPagedAttention):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        RECOMPILE_LIMIT)
             self._decode = torch.compile(paged_decode, dynamic=False, fullgraph=True)
-        # (the reference backend's grouped inputs unless compiled: see warm_up)
+        # (the reference backend's grouped inputs unless compiled or native: see warm_up)
         self.wants_block_tables = self.why_eager is None
-        self.native_prefill = (os.environ.get("LLMESH_CPU_PREFILL_KERNEL", "1") != "0"
-                               and cpu_decode.unavailable() is None)
-        if self.native_prefill:
+        self.native_decode = False  # (decided by warm_up, which sees the cache)
+        self.native = cpu_decode.unavailable() is None
+        if self.native:
             try:  # (built now, or found built: a failed build keeps torch's attention)
                 cpu_decode.library()
             except (RuntimeError, OSError) as e:
-                self.native_prefill = False
-                log.warning("prefill attention: torch's (the C++ kernel: %s)", str(e)[:300])
+                self.native = False
+                log.warning("attention: torch's (the C++ kernel: %s)", str(e)[:300])
+        self.native_prefill = self.native and os.environ.get("LLMESH_CPU_PREFILL_KERNEL",
+                                                             "1") != "0"
 
     @torch.inference_mode()
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
                 scale: float) -> None:
-        """Compile now (a few seconds; inductor's disk cache makes later starts quick),
-        or fall back to the reference backend for good if that fails."""
-        if self.why_eager is None:
+        """Take the C++ decode attention if it runs this cache, else compile now (a few
+        seconds; inductor's disk cache makes later starts quick), or fall back to the
+        reference backend for good if that fails."""
+        refusal = "LLMESH_CPU_DECODE_ATTENTION=0" \
+            if os.environ.get("LLMESH_CPU_DECODE_ATTENTION", "1") == "0" else \
+            ("no C++ kernel" if not self.native else cpu_decode.decode_refusal(num_heads, k_cache))
+        self.native_decode = refusal is None
+        if self.native_decode:
+            self.wants_block_tables = True
+        elif self.why_eager is None:
             # rows, table width and the caches' blocks dynamic (and different at tracing:
             # one symbol each)
             q = torch.zeros(3, num_heads, k_cache.shape[3], dtype=k_cache.dtype)
@@ -136,7 +145,8 @@ class CompiledCpuAttention(TorchPagedAttention):
             finally:
                 torch.set_num_threads(threads)
         log.info("decode attention over the %s KV cache: %s", k_cache.dtype,
-                 "compiled" if self.compiled else f"eager ({self.why_eager})")
+                 "C++ kernel" if self.native_decode else "compiled" if self.compiled
+                 else f"eager ({self.why_eager}; C++ kernel: {refusal})")
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
         if not self.wants_block_tables:  # not compiled: the reference backend, as it is
@@ -161,6 +171,9 @@ class CompiledCpuAttention(TorchPagedAttention):
             out[rows] = cpu_decode.prefill_attention(q[rows], k, v, scale, threads)
 
     def _single(self, q, k_cache, v_cache, tables, lens, scale):
+        if self.native_decode:
+            return cpu_decode.decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                               torch.get_num_threads())
         n, width = tables.shape
         if n < 2 or width < 2 or n * width * k_cache.shape[1] < MIN_COMPILED_KEYS:
             # a small step: a compiled call's guards and launch cost more than it saves
