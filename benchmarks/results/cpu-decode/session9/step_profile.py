@@ -1,6 +1,7 @@
 """Probe: torch profiler over the offline bench run's decode steps of more than
-32 rows (in-process engine, bfloat16); prints the ops' split.
-Usage: python step_profile.py [bench|smollm2]"""
+32 rows (PREFILL=1: its steps with prefill chunks) (in-process engine, bfloat16);
+prints the ops' split. Usage: [PREFILL=1] python step_profile.py [bench|smollm2]"""
+import os
 import sys
 
 import torch
@@ -11,18 +12,22 @@ from llmesh.services.executor import runner as runner_mod
 
 _finish = runner_mod.ModelRunner._finish
 prof = profile(activities=[ProfilerActivity.CPU])
+LIMIT = 10 if os.environ.get("PREFILL") else 40
 seen = {"n": 0, "rows": 0, "ms": 0.0}
 
 
 def profiled(self, p):
-    big = p.meta is not None and not p.meta.prefills and p.num_tokens > 32
-    if big and seen["n"] < 40:
+    if os.environ.get("PREFILL"):
+        big = p.meta is not None and bool(p.meta.prefills)
+    else:
+        big = p.meta is not None and not p.meta.prefills and p.num_tokens > 32
+    if big and seen["n"] < LIMIT:
         prof.start() if seen["n"] == 0 else None
         result = _finish(self, p)
         seen["n"] += 1
         seen["rows"] += p.num_tokens
         seen["ms"] += result.forward_s * 1e3
-        if seen["n"] == 40:
+        if seen["n"] == LIMIT:
             prof.stop()
         return result
     return _finish(self, p)
