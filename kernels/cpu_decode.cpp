@@ -281,6 +281,22 @@ int llmesh_cpu_decode_run(void* ctx, int B, const int64_t* ids, const int64_t* p
   return 0;
 }
 
+// One product on its own (the decode step's LM head): y [B, rows] float32 = W x[b] +
+// bias, rounded to bfloat16 (the eager projection's output dtype); W [rows, in] packed
+// by pack_rows, x [B, in] bfloat16, bias bfloat16 or null; the 16-row blocks split
+// over `threads`.
+void llmesh_cpu_product(const bf16* w, const bf16* bias, int in, int rows, const bf16* x, int B,
+                        float* y, int threads) {
+  const Job job{w, bias, x, in, rows, y};
+  const int blocks = (rows + 15) / 16;
+  if (threads <= 1) {
+    for (int k = 0; k < blocks; ++k) job_block(job, B, k, y + 16 * k, rows);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int k = 0; k < blocks; ++k) job_block(job, B, k, y + 16 * k, rows);
+}
+
 // Causal attention of a prefill chunk at the end of its context
 // (cpu_prefill_attention.h): q [L, H, D], k and v [C, KVH, D], out [L, H, D], bfloat16,
 // contiguous; row i sees keys 0 .. C - L + i.

@@ -109,6 +109,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.llmesh_cpu_decode_attention.argtypes = [p, p, p, p, i32, p, i32, i32, i32, i32, i32,
                                                 ctypes.c_int64, f32, p, i32]
     lib.llmesh_cpu_decode_attention.restype = ctypes.c_int
+    lib.llmesh_cpu_product.argtypes = [p, p, i32, i32, p, i32, p, i32]
+    lib.llmesh_cpu_product.restype = None
     return lib
 
 
@@ -124,6 +126,26 @@ def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     if padded != rows:
         w = torch.cat([w, w.new_zeros(padded - rows, cols)])
     return w.view(padded // 16, 16, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def product(packed: torch.Tensor, bias: torch.Tensor | None, rows: int, x: torch.Tensor,
+            threads: int) -> torch.Tensor:
+    """x [B, in] bfloat16 times a [rows, in] weight packed by `pack_rows` (plus bias):
+    [B, rows] float32, each value rounded to bfloat16 as the eager projection's output
+    is. Each row's result is the same bits whatever else the batch holds."""
+    if x.dim() != 2 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError("the CPU product takes a [rows, in] bfloat16 CPU input")
+    n, width = x.shape
+    if packed.shape != (-(-rows // 16), width // 2, 16, 2) or packed.dtype != torch.bfloat16 \
+            or not packed.is_contiguous() or width % 32:
+        raise ValueError(f"the CPU product's weight is not a packed [{rows}, {width}] weight")
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != torch.bfloat16):
+        raise ValueError(f"the CPU product's bias is not [{rows}] bfloat16")
+    x = x.contiguous()
+    out = torch.empty(n, rows, dtype=torch.float32)
+    library().llmesh_cpu_product(packed.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                 width, rows, x.data_ptr(), n, out.data_ptr(), threads)
+    return out
 
 
 @dataclass(frozen=True)

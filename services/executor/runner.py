@@ -248,18 +248,20 @@ class ModelRunner:
         timer.start()
         # (the sampler's LM head too: a small step's one thread fewer holds for it)
         with self.threads.step(p.num_tokens):
+            head = self.model.compute_logits
             if self.graphs is not None and not self._eager \
                     and self.graphs.fits(meta, p.num_tokens):
                 hidden = self.graphs.run(p.input_ids.tensor, meta)
             elif self.cpu_decode is not None and not self._eager \
                     and self.cpu_decode.fits(meta, p.num_tokens):
                 hidden = self.cpu_decode.run(p.input_ids.tensor, meta)
+                head = self.cpu_decode.logits
             else:
                 hidden = self.model(p.input_ids.tensor, meta.positions, self.kv_caches, meta,
                                     self.backend)
             timer.mark()
             if p.draws is not None:
-                self._sample(hidden, p.draws, result)
+                self._sample(hidden, p.draws, result, head)
         result.forward_s, result.sample_s = timer.finish()
         if self.tp:
             result.comm_s = self.tp.comm_s - p.comm0
@@ -363,9 +365,10 @@ class ModelRunner:
                       grammars if any(g is not None for g in grammars) else None,
                       SamplingBatch(rows, self.staging) if samples_here else None)
 
-    def _sample(self, hidden, draws: "_Draws", result: StepResult) -> None:
+    def _sample(self, hidden, draws: "_Draws", result: StepResult, head) -> None:
+        """`head`: the LM head for these hidden states (the CPU kernel's for its steps)."""
         rows, grammars, num_rows = draws.rows, draws.grammars, len(draws.owners)
-        logits = self.model.compute_logits(hidden[draws.row_hidden.tensor])
+        logits = head(hidden[draws.row_hidden.tensor])
         if self.tp is None:
             tokens, logprobs = sample(logits, rows, grammars, draws.batch)
         else:  # rank 0 holds the full logits and samples; every rank appends its tokens

@@ -169,6 +169,30 @@ def test_pack_rows_and_what_the_kernel_refuses():
         cpu_decode.check_supported(cpu_decode.ModelDims(64, 192, 4, 2, 16, 2, 16, 1e-5))
 
 
+@pytest.mark.parametrize("rows,width,bias", [(3072, 512, False), (1000, 64, True), (40, 96, False)])
+def test_the_lm_head_product_is_the_eager_head_to_a_rounding(rows, width, bias):
+    """The kernel's product on its own (the decode step's LM head): each value within a
+    bfloat16 rounding of the float32 product (as the eager head's own, which rounds its
+    output to bfloat16), each row the same bits in any batch and on any team."""
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(rows, width, generator=g) * width ** -0.5).bfloat16()
+    b = torch.randn(rows, generator=g).bfloat16() if bias else None
+    x = torch.randn(6, width, generator=g).bfloat16()
+    packed = cpu_decode.pack_rows(w)
+    got = cpu_decode.product(packed, b, rows, x, 2)
+    exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    eager = torch.nn.functional.linear(x, w, b).float()
+    assert got.shape == (6, rows) and got.dtype == torch.float32
+    assert torch.equal(got.bfloat16().float(), got)  # (rounded to bfloat16, as eager's)
+    step = exact.abs() * 2 ** -8 + 1e-3
+    assert ((got - exact).abs() <= step).all() and ((eager - exact).abs() <= step).all()
+    assert torch.equal(cpu_decode.product(packed, b, rows, x, 1), got)
+    for i in (0, 5):
+        assert torch.equal(cpu_decode.product(packed, b, rows, x[i:i + 1], 1)[0], got[i])
+    with pytest.raises(ValueError, match="packed"):
+        cpu_decode.product(packed, b, rows + 16, x, 1)
+
+
 def test_the_runner_takes_it_for_small_decode_steps_only(caplog):
     import logging
     from llmesh.services.common.sampling_params import SamplingParams
@@ -202,8 +226,14 @@ def test_the_runner_takes_it_for_small_decode_steps_only(caplog):
     assert runner.cpu_decode.num_steps == 0
     step([(f"s{i}", 1) for i in range(n)])  # 9 decode rows: eager
     assert runner.cpu_decode.num_steps == 0
-    result = step([(f"s{i}", 1) for i in range(MAX_ROWS)])  # 8: the kernel
+    heads = []
+    kernel_head = runner.cpu_decode.logits
+    runner.cpu_decode.logits = lambda h: heads.append(h) or kernel_head(h)
+    result = step([(f"s{i}", 1) for i in range(MAX_ROWS)])  # 8: the kernel, and its LM head
     assert runner.cpu_decode.num_steps == 1 and len(result.sampled) == MAX_ROWS
+    assert len(heads) == 1 and heads[0].shape == (MAX_ROWS, model.config.hidden_size)
+    greedy = kernel_head(heads[0]).argmax(-1).tolist()
+    assert [result.sampled[f"s{i}"][0] for i in range(MAX_ROWS)] == greedy
     with runner.eager():
         step([("s0", 1)])
     assert runner.cpu_decode.num_steps == 1
@@ -239,7 +269,8 @@ def test_on_the_trained_model_its_logits_are_as_close_to_float32_as_eager():
         with torch.inference_mode():
             eager_logits = m16.compute_logits(eager(m16, *args, kv16))
             truth = m32.compute_logits(eager(m32, *args, kv32))
-            kernel_logits = m16.compute_logits(native(kernel_for(m16, kv_kernel), *args))
+            step = kernel_for(m16, kv_kernel)
+            kernel_logits = step.logits(native(step, *args))  # (its own LM head, as served)
         err_eager = (eager_logits - truth).abs().max().item()
         err_kernel = (kernel_logits - truth).abs().max().item()
         assert err_kernel <= 1.5 * err_eager + 0.1, (text, err_kernel, err_eager)
