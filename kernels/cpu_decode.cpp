@@ -20,6 +20,7 @@
 
 #include "cpu_decode_vec.h"
 #include "cpu_decode_attention.h"
+#include "cpu_fused_ops.h"
 #include "cpu_prefill_attention.h"
 
 namespace {
@@ -295,6 +296,21 @@ void llmesh_cpu_product(const bf16* w, const bf16* bias, int in, int rows, const
   }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int k = 0; k < blocks; ++k) job_block(job, B, k, y + 16 * k, rows);
+}
+
+// The eager bfloat16 forward's element-wise steps (cpu_fused_ops.h), on [N, W] rows.
+void llmesh_cpu_rms_norm(const bf16* x, bf16* residual, const bf16* weight, int N, int W,
+                         float eps, bf16* out, int threads) {
+  rows_rms_norm(x, residual, weight, N, W, eps, out, threads);
+}
+
+int llmesh_cpu_rope(bf16* qkv, int N, int stride, const int64_t* positions, const float* cos,
+                    const float* sin, int64_t num_positions, int heads, int d, int threads) {
+  return rows_rope(qkv, N, stride, positions, cos, sin, num_positions, heads, d, threads);
+}
+
+void llmesh_cpu_silu_and_mul(const bf16* gate_up, int N, int I, bf16* out, int threads) {
+  rows_silu_and_mul(gate_up, N, I, out, threads);
 }
 
 // Causal attention of a prefill chunk at the end of its context

@@ -27,7 +27,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 HEADERS = [Path(__file__).with_name(n) for n in ("cpu_decode_vec.h", "cpu_decode_attention.h",
-                                                 "cpu_prefill_attention.h")]
+                                                 "cpu_fused_ops.h", "cpu_prefill_attention.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256
 _lock = threading.Lock()
@@ -111,6 +111,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.llmesh_cpu_decode_attention.restype = ctypes.c_int
     lib.llmesh_cpu_product.argtypes = [p, p, i32, i32, p, i32, p, i32]
     lib.llmesh_cpu_product.restype = None
+    lib.llmesh_cpu_rms_norm.argtypes = [p, p, p, i32, i32, f32, p, i32]
+    lib.llmesh_cpu_rms_norm.restype = None
+    lib.llmesh_cpu_rope.argtypes = [p, i32, i32, p, p, p, ctypes.c_int64, i32, i32, i32]
+    lib.llmesh_cpu_rope.restype = ctypes.c_int
+    lib.llmesh_cpu_silu_and_mul.argtypes = [p, i32, i32, p, i32]
+    lib.llmesh_cpu_silu_and_mul.restype = None
     return lib
 
 

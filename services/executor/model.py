@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from llmesh.kernels import cpu_fused_ops
 from llmesh.services.executor.attention import AttentionBackend, AttentionMetadata
 from llmesh.services.executor.model_config import ModelConfig, RopeScaling
 from llmesh.services.executor.projection import Projection
@@ -30,6 +31,18 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in KERNEL_DTYPES
 
 
+def fused_ops_for(x: torch.Tensor, cpu_fits: bool = True):
+    """The fused element-wise ops for these activations (one module, one API): the CUDA
+    kernels for half precision on a GPU, the C++ ones (kernels/cpu_fused_ops.py) for
+    bfloat16 rows on a CPU where the widths fit them (`cpu_fits`); None: torch's ops."""
+    if x.dim() != 2:
+        return None
+    if use_kernels(x):
+        from llmesh.kernels import fused_ops
+        return fused_ops
+    return cpu_fused_ops if cpu_fits and cpu_fused_ops.usable(x) else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -39,9 +52,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`: (norm(x + residual), x + residual), the decoder's
         residual add and the next norm (in place, one kernel, on a GPU)."""
-        fused = use_kernels(x) and x.dim() == 2
-        if fused:
-            from llmesh.kernels import fused_ops
+        fused_ops = fused_ops_for(x, x.shape[-1] % 16 == 0)
+        if fused_ops is not None:
             if residual is None:
                 return fused_ops.rms_norm(x, self.weight, self.eps)
             fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
@@ -134,8 +146,8 @@ class Attention(nn.Module):
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
             q, k = apply_rope(q, *rotary.rows()), apply_rope(k, *rotary.rows())
-        elif use_kernels(qkv):  # query and key heads rotated in place, one kernel
-            from llmesh.kernels import fused_ops
+        elif (fused_ops := fused_ops_for(qkv, self.head_dim % 32 == 0 and self.head_dim <= 256)):
+            # query and key heads rotated in place, one kernel
             fused_ops.rope_neox_(qkv, rotary.positions, rotary.table_cos, rotary.table_sin,
                                  self.num_heads + self.num_kv_heads, self.head_dim)
             q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
@@ -158,8 +170,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
-        if use_kernels(gate_up):
-            from llmesh.kernels import fused_ops
+        fused_ops = fused_ops_for(gate_up, gate_up.shape[-1] % 32 == 0)
+        if fused_ops is not None:
             return self.down_proj(fused_ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
