@@ -3,8 +3,9 @@
 # slots) and at its best (16), bench model (with float32 on both sides too) and SmolLM2, 3
 # rounds, the order reversed every other round; then the tree before the session (db151cb,
 # a worktree at $BEFORE) against this one on the bench mesh alone.
+# RUN=run1: the first run (before the element-wise ops); the last run writes to session9/.
 cd "$(dirname "$0")/../../../.."
-R=benchmarks/results/cpu-decode/session9
+R=benchmarks/results/cpu-decode/session9${RUN:+/$RUN}
 BEFORE=${BEFORE:-/tmp/s9/before}
 .venv/bin/python -m llmesh.benchmarks.cpu_runtime --model bench \
   --variants mesh-bfloat16,llama.cpp-bf16,llama.cpp-bf16-np16,mesh-float32,llama.cpp-f32 \
