@@ -3,8 +3,8 @@
 // cpu_decode_vec.h). The whole-forward kernel calls `attend` for its rows; the
 // eager forward's decode rows (steps too big for that kernel) call
 // `decode_attention`, the same function over (row, KV head) pairs, so a row's
-// attention is the same bits whichever path its step took and whatever else
-// the step holds.
+// attention is one function of its query and cache whichever path its step
+// took, the same bits whatever else the step holds.
 #pragma once
 
 #include <immintrin.h>
