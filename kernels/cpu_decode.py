@@ -1,6 +1,6 @@
 """The whole-forward CPU decode kernel (cpu_decode.cpp): built, loaded, called.
 
-g++ builds it once per source (with its header), compiler and CPU (`-O3 -march=native -fopenmp`)
+g++ builds it once per source (with its headers), compiler and CPU (`-O3 -march=native -fopenmp`)
 into llmesh's cache ($LLMESH_CACHE_DIR, else ~/.cache/llmesh, under `native/`);
 later starts load the built library (a few ms). It links the OpenMP runtime
 torch already loaded (libgomp.so.1), so the two share one thread pool. Needs a

@@ -6,8 +6,9 @@ batch 1: 4.2 ms a forward on 2 threads, of which the projections' bytes take
 about 1.5 at the machine's bandwidth). `kernels/cpu_decode.cpp` runs the whole
 forward (embedding to final norm, K/V written to the paged cache) in one call
 and one OpenMP region: 1.4-1.5 ms there. It reads its own copy of the
-projections' weights, packed once at load (`pack_model`, before oneDNN's
-reorder drops the plain weight): the bfloat16 weights take twice their size.
+projections' and the LM head's weights, packed once at load (`pack_model`,
+before oneDNN's reorder drops the plain weight): the bfloat16 weights take twice
+their size. Its steps' logits come from its own product over the head (`logits`).
 
 Used for decode-only steps of at most `MAX_ROWS` sequences (above that the
 eager forward with oneDNN's prepacked projections is as fast or faster on the
