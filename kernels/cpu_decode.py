@@ -1,5 +1,8 @@
 """The whole-forward CPU decode kernel (cpu_decode.cpp): built, loaded, called.
 
+It runs bfloat16 models (weights packed by `pack_rows`) and float32 models (weights
+as the model holds them).
+
 g++ builds it once per source (with its headers), compiler and CPU (`-O3 -march=native -fopenmp`)
 into llmesh's cache ($LLMESH_CACHE_DIR, else ~/.cache/llmesh, under `native/`);
 later starts load the built library (a few ms). It links the OpenMP runtime
@@ -26,8 +29,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-HEADERS = [Path(__file__).with_name(n) for n in ("cpu_decode_vec.h", "cpu_decode_attention.h",
-                                                 "cpu_fused_ops.h", "cpu_prefill_attention.h")]
+HEADERS = [Path(__file__).with_name(n) for n in (
+    "cpu_decode_vec.h", "cpu_decode_attention.h", "cpu_decode_products.h", "cpu_fused_ops.h",
+    "cpu_prefill_attention.h")]
+DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # the kernel's dtype codes
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256
 _lock = threading.Lock()
@@ -98,7 +103,7 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
-    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, i64]
+    lib.llmesh_cpu_decode_new.argtypes = [i64, f32, f32, ctypes.POINTER(p), i32, i64, i32]
     lib.llmesh_cpu_decode_new.restype = p
     lib.llmesh_cpu_decode_free.argtypes = [p]
     lib.llmesh_cpu_decode_free.restype = None
@@ -109,7 +114,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.llmesh_cpu_decode_attention.argtypes = [p, p, p, p, i32, p, i32, i32, i32, i32, i32,
                                                 ctypes.c_int64, f32, p, i32]
     lib.llmesh_cpu_decode_attention.restype = ctypes.c_int
-    lib.llmesh_cpu_product.argtypes = [p, p, i32, i32, p, i32, p, i32]
+    lib.llmesh_cpu_product.argtypes = [p, p, i32, i32, p, i32, p, i32, i32]
     lib.llmesh_cpu_product.restype = None
     lib.llmesh_cpu_rms_norm.argtypes = [p, p, p, i32, i32, f32, p, i32]
     lib.llmesh_cpu_rms_norm.restype = None
@@ -121,12 +126,15 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def pack_rows(weight: torch.Tensor) -> torch.Tensor:
-    """A projection's [rows, in] bfloat16 weight in the kernel's layout: per block of 16
+    """A projection's [rows, in] weight in the kernel's layout. bfloat16: per block of 16
     output rows (zero rows pad the last), per pair of inputs, the pair of each row
-    ([ceil(rows / 16), in / 2, 16, 2]; the same bytes as the weight, padding aside)."""
+    ([ceil(rows / 16), in / 2, 16, 2]; the same bytes as the weight, padding aside).
+    float32: the weight itself, row-major (no copy when it is contiguous)."""
     rows, cols = weight.shape
     if cols % 32:
         raise ValueError(f"the CPU decode kernel needs input widths that are multiples of 32, not {cols}")
+    if weight.dtype == torch.float32:
+        return weight.detach().contiguous()
     padded = -(-rows // 16) * 16
     w = weight.detach().to(torch.bfloat16)
     if padded != rows:
@@ -136,21 +144,24 @@ def pack_rows(weight: torch.Tensor) -> torch.Tensor:
 
 def product(packed: torch.Tensor, bias: torch.Tensor | None, rows: int, x: torch.Tensor,
             threads: int) -> torch.Tensor:
-    """x [B, in] bfloat16 times a [rows, in] weight packed by `pack_rows` (plus bias):
-    [B, rows] float32, each value rounded to bfloat16 as the eager projection's output
-    is. Each row's result is the same bits whatever else the batch holds."""
-    if x.dim() != 2 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError("the CPU product takes a [rows, in] bfloat16 CPU input")
+    """x [B, in] (bfloat16 or float32) times a [rows, in] weight of its dtype in the
+    layout of `pack_rows` (plus bias): [B, rows] float32, each value rounded to x's
+    dtype as the eager projection's output is. Each row's result is the same bits
+    whatever else the batch holds."""
+    if x.dim() != 2 or x.dtype not in DTYPES or x.device.type != "cpu":
+        raise ValueError("the CPU product takes a [rows, in] bfloat16 or float32 CPU input")
     n, width = x.shape
-    if packed.shape != (-(-rows // 16), width // 2, 16, 2) or packed.dtype != torch.bfloat16 \
-            or not packed.is_contiguous() or width % 32:
-        raise ValueError(f"the CPU product's weight is not a packed [{rows}, {width}] weight")
-    if bias is not None and (bias.shape != (rows,) or bias.dtype != torch.bfloat16):
-        raise ValueError(f"the CPU product's bias is not [{rows}] bfloat16")
+    layout = (-(-rows // 16), width // 2, 16, 2) if x.dtype == torch.bfloat16 else (rows, width)
+    if packed.shape != layout or packed.dtype != x.dtype or not packed.is_contiguous() \
+            or width % 32:
+        raise ValueError(f"the CPU product's weight is not a packed [{rows}, {width}] {x.dtype} weight")
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != x.dtype):
+        raise ValueError(f"the CPU product's bias is not [{rows}] {x.dtype}")
     x = x.contiguous()
     out = torch.empty(n, rows, dtype=torch.float32)
     library().llmesh_cpu_product(packed.data_ptr(), bias.data_ptr() if bias is not None else None,
-                                 width, rows, x.data_ptr(), n, out.data_ptr(), threads)
+                                 width, rows, x.data_ptr(), n, out.data_ptr(), threads,
+                                 DTYPES[x.dtype])
     return out
 
 
@@ -168,8 +179,9 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer's bfloat16 tensors, contiguous, on the CPU: the projections'
-    weights packed by `pack_rows`, the rest as the model has them (qkv_b may be None)."""
+    """One decoder layer's tensors, contiguous, on the CPU, all of one dtype (bfloat16 or
+    float32): the projections' weights in the layout of `pack_rows`, the rest as the
+    model has them (qkv_b may be None)."""
 
     in_norm: torch.Tensor
     qkv_w: torch.Tensor
@@ -276,10 +288,14 @@ class DecodeKernel:
         if max_rows < 1:
             raise ValueError("the CPU decode kernel needs room for a row")
         tensors = [embed, final_norm] + [t for w in layers for t in (
-            w.in_norm, w.qkv_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w, w.k_cache, w.v_cache)]
+            w.in_norm, w.qkv_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w, w.k_cache, w.v_cache)
+            + ((w.qkv_b,) if w.qkv_b is not None else ())]
+        self.dtype = embed.dtype
         for t in tensors:
-            if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError("the CPU decode kernel takes contiguous bfloat16 CPU tensors")
+            if t.dtype != self.dtype or self.dtype not in DTYPES or t.device.type != "cpu" \
+                    or not t.is_contiguous():
+                raise ValueError("the CPU decode kernel takes contiguous CPU tensors, all "
+                                 "bfloat16 or all float32")
         for t in (rope_cos, rope_sin):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError("the RoPE tables must be contiguous float32")
@@ -289,7 +305,7 @@ class DecodeKernel:
         limits = (ctypes.c_int64 * 4)(embed.shape[0], rope_cos.shape[0],
                                       layers[0].k_cache.shape[0] * dims.block_size,
                                       layers[0].k_cache.shape[0])
-        self._keep = tensors + [rope_cos, rope_sin] + [w.qkv_b for w in layers if w.qkv_b is not None]
+        self._keep = tensors + [rope_cos, rope_sin]
         ptrs = [embed.data_ptr(), final_norm.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr()]
         for w in layers:
             ptrs += [w.in_norm.data_ptr(), w.qkv_w.data_ptr(),
@@ -301,20 +317,21 @@ class DecodeKernel:
                                       dims.head_dim, dims.layers, dims.block_size)
         self.max_rows = max_rows
         self._ctx = self.lib.llmesh_cpu_decode_new(c_dims, dims.eps, dims.head_dim ** -0.5,
-                                                   c_ptrs, max_rows, limits)
+                                                   c_ptrs, max_rows, limits, DTYPES[self.dtype])
         # (its buffers freed with this object)
         self._free = weakref.finalize(self, self.lib.llmesh_cpu_decode_free, self._ctx)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             tables: torch.Tensor, ctx_lens: torch.Tensor, threads: int) -> torch.Tensor:
         """One decode step of len(ids) rows: ids, positions, slots int64 [B]; tables int32
-        [B, width]; ctx_lens int32 [B] -> the final norm's output, bfloat16 [B, hidden]."""
+        [B, width]; ctx_lens int32 [B] -> the final norm's output, [B, hidden] in the
+        model's dtype."""
         n = ids.numel()
         if not 1 <= n <= self.max_rows:
             raise ValueError(f"the CPU decode kernel takes 1 to {self.max_rows} rows, not {n}")
         if not (positions.numel() == slots.numel() == ctx_lens.numel() == tables.shape[0] == n):
             raise ValueError("the CPU decode kernel's per-row inputs differ in length")
-        out = torch.empty(n, self.hidden, dtype=torch.bfloat16)
+        out = torch.empty(n, self.hidden, dtype=self.dtype)
         i64, i32 = torch.int64, torch.int32
         ids, positions, slots = (t.to(i64).contiguous() for t in (ids, positions, slots))
         tables, ctx_lens = tables.to(i32).contiguous(), ctx_lens.to(i32).contiguous()

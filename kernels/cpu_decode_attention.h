@@ -1,4 +1,4 @@
-// Decode attention over a paged bfloat16 KV cache on a CPU: one query per row
+// Decode attention over a paged KV cache on a CPU: one query per row
 // (part of the CPU decode kernel's library, cpu_decode.cpp; needs
 // cpu_decode_vec.h). The whole-forward kernel calls `attend` for its rows; the
 // eager forward's decode rows (steps too big for that kernel) call
@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -20,20 +21,25 @@ struct PagedShape {
   float scale;
 };
 
-// one row's query heads of one KV head over its paged keys and values; the cache
-// is read a block at a time, 16 positions per step: a query head's 16 scores come
-// out of AVX512-BF16 dot products (its values are bfloat16 already, so exact as
-// bfloat16 pairs) and one transposing sum
-void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int32_t* table,
-            int ctx, const PagedShape& m, int kv_head, int group, float* scores, bf16* out) {
-  static const bf16 zeros[256] = {};
+// one row's query heads of one KV head over its paged keys and values (stored as T,
+// bfloat16 or float32); the cache is read a block at a time, 16 positions per step:
+// a query head's 16 scores come out of dot products (bfloat16: AVX512-BF16 pairs,
+// exact since the query's values are bfloat16 already; float32: FMAs) and one
+// transposing sum
+template <typename T>
+void attend(const float* q, const T* k_cache, const T* v_cache, const int32_t* table,
+            int ctx, const PagedShape& m, int kv_head, int group, float* scores, T* out) {
+  constexpr bool half = std::is_same<T, bf16>::value;
+  static const T zeros[256] = {};
   const int d = m.head_dim, bs = m.block_size, kvh = m.kv_heads, vecs = d / 16, pairs = d / 32;
+  const int lines = d * static_cast<int>(sizeof(T)) / 64;  // cache lines of a position's head
   const size_t stride = static_cast<size_t>(kvh) * d;  // between positions in the cache
-  __m512bh qb[8][8];  // [group][d / 32]: the query heads as bfloat16 pairs
-  for (int g = 0; g < group; ++g)
-    for (int v = 0; v < pairs; ++v)
-      qb[g][v] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * d + 32 * v + 16),
-                                     _mm512_loadu_ps(q + g * d + 32 * v));
+  __m512bh qb[8][8];  // [group][d / 32]: the query heads as bfloat16 pairs (bfloat16 caches)
+  if constexpr (half)
+    for (int g = 0; g < group; ++g)
+      for (int v = 0; v < pairs; ++v)
+        qb[g][v] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * d + 32 * v + 16),
+                                       _mm512_loadu_ps(q + g * d + 32 * v));
   const int step = 16 < bs ? 16 : bs;
   // the cache's rows come from memory (the weights streamed through the caches since
   // the last step): the next chunk's rows are asked for while this one is computed
@@ -42,25 +48,30 @@ void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int3
     int n = ctx - t0 < step ? ctx - t0 : step;
     return n < bs - in_block ? n : bs - in_block;
   };
-  auto row_at = [&](const bf16* cache, int t) {
+  auto row_at = [&](const T* cache, int t) {
     return cache + (static_cast<size_t>(table[t / bs]) * bs + t % bs) * stride + kv_head * d;
   };
   for (int t0 = 0, n = 0; t0 < ctx; t0 += n) {
     n = chunk_rows(t0);
-    const bf16* first = row_at(k_cache, t0);
+    const T* first = row_at(k_cache, t0);
     if (t0 + n < ctx) {
-      const bf16* next = row_at(k_cache, t0 + n);
+      const T* next = row_at(k_cache, t0 + n);
       for (int r = 0, nn = chunk_rows(t0 + n); r < nn; ++r)
-        for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + r * stride + 32 * l), _MM_HINT_T0);
+        for (int l = 0; l < lines; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * stride) + 64 * l, _MM_HINT_T0);
     }
-    const bf16* rows[16];
+    const T* rows[16];
     for (int r = 0; r < 16; ++r) rows[r] = r < n ? first + r * stride : zeros;
     for (int g = 0; g < group; ++g) {
       __m512 acc[16];
       for (int r = 0; r < 16; ++r) {
         __m512 a = _mm512_setzero_ps();
-        for (int v = 0; v < pairs; ++v)
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(rows[r] + 32 * v), qb[g][v]);
+        if constexpr (half)
+          for (int v = 0; v < pairs; ++v)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(rows[r] + 32 * v), qb[g][v]);
+        else
+          for (int v = 0; v < vecs; ++v)
+            a = _mm512_fmadd_ps(load16(rows[r] + 16 * v), _mm512_loadu_ps(q + g * d + 16 * v), a);
         acc[r] = a;
       }
       const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
@@ -93,17 +104,19 @@ void attend(const float* q, const bf16* k_cache, const bf16* v_cache, const int3
   for (int i = 0; i < group * vecs; ++i) acc[i] = _mm512_setzero_ps();
   constexpr int AHEAD = 48;  // rows of V asked for ahead of their use
   for (int t = 0; t < ctx && t < AHEAD; ++t)
-    for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(row_at(v_cache, t) + 32 * l), _MM_HINT_T0);
+    for (int l = 0; l < lines; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(row_at(v_cache, t)) + 64 * l, _MM_HINT_T0);
   for (int b0 = 0; b0 < ctx; b0 += bs) {
     const int n = ctx - b0 < bs ? ctx - b0 : bs;
-    const bf16* v = v_cache + static_cast<size_t>(table[b0 / bs]) * bs * stride + kv_head * d;
+    const T* v = v_cache + static_cast<size_t>(table[b0 / bs]) * bs * stride + kv_head * d;
     for (int r = 0; r < n; ++r, v += stride) {
       if (b0 + r + AHEAD < ctx) {
-        const bf16* ahead = r + AHEAD < n ? v + AHEAD * stride : row_at(v_cache, b0 + r + AHEAD);
-        for (int l = 0; l < d / 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(ahead + 32 * l), _MM_HINT_T0);
+        const T* ahead = r + AHEAD < n ? v + AHEAD * stride : row_at(v_cache, b0 + r + AHEAD);
+        for (int l = 0; l < lines; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64 * l, _MM_HINT_T0);
       }
       for (int w = 0; w < vecs; ++w) {
-        __m512 vv = load_bf16x16(v + 16 * w);
+        __m512 vv = load16(v + 16 * w);
         for (int g = 0; g < group; ++g)
           acc[g * vecs + w] = _mm512_fmadd_ps(_mm512_set1_ps(scores[static_cast<size_t>(g) * ctx + b0 + r]),
                                               vv, acc[g * vecs + w]);

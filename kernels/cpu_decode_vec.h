@@ -1,6 +1,7 @@
 // Vector helpers of the CPU decode kernel (cpu_decode.cpp): bfloat16 loads and
-// rounding, exp, and the element-wise steps of a decoder layer, each rounding
-// to bfloat16 where the eager bfloat16 forward rounds.
+// rounding, exp, and the element-wise steps of a decoder layer over values stored
+// as T (bfloat16 or float32), each rounding to T where the eager forward in T
+// rounds (for float32: nowhere).
 #pragma once
 
 #include <immintrin.h>
@@ -44,9 +45,18 @@ inline void store16(bf16* p, __m512 x) {  // 16 lanes as bfloat16
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+// 16 values stored as T, widened to float32 / stored as T; rnd<T>(x): x rounded to T
+inline __m512 load16(const bf16* p) { return load_bf16x16(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+template <typename T> inline __m512 rnd(__m512 x);
+template <> inline __m512 rnd<bf16>(__m512 x) { return round16(x); }
+template <> inline __m512 rnd<float>(__m512 x) { return x; }
+
 // out = rbf(weight * rbf(rms_norm(x))) in bfloat16, as the eager half-precision norm
-// (n % 16 == 0)
-void rms_norm(const float* x, const bf16* weight, int n, float eps, bf16* out) {
+// (for float32 no rounding; n % 16 == 0)
+template <typename T>
+void rms_norm(const float* x, const T* weight, int n, float eps, T* out) {
   __m512 ss = _mm512_setzero_ps();
   for (int i = 0; i < n; i += 16) {
     __m512 v = _mm512_loadu_ps(x + i);
@@ -54,39 +64,42 @@ void rms_norm(const float* x, const bf16* weight, int n, float eps, bf16* out) {
   }
   __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / n + eps));
   for (int i = 0; i < n; i += 16)
-    store16(out + i, _mm512_mul_ps(round16(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)),
-                                   load_bf16x16(weight + i)));
+    store16(out + i, _mm512_mul_ps(rnd<T>(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)),
+                                   load16(weight + i)));
 }
 
-// r[i] = rbf(r[i] + y[i]): the residual add in bfloat16 (n % 16 == 0)
+// r[i] = rbf(r[i] + y[i]): the residual add in T (n % 16 == 0)
+template <typename T>
 void add_rounded(float* r, const float* y, int n) {
   for (int i = 0; i < n; i += 16)
-    _mm512_storeu_ps(r + i, round16(_mm512_add_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(y + i))));
+    _mm512_storeu_ps(r + i, rnd<T>(_mm512_add_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(y + i))));
 }
 
-// rotate-half RoPE of one head in place (values bfloat16-rounded), cos / sin rows
-// rounded to bfloat16 first, each product and the sum rounded, as the eager ops
+// rotate-half RoPE of one head in place (values rounded to T), cos / sin rows
+// rounded to T first, each product and the sum rounded, as the eager ops
 // (d % 32 == 0)
+template <typename T>
 void rope(float* h, const float* cos, const float* sin, int d) {
   const int half = d / 2;
   for (int i = 0; i < half; i += 16) {
     __m512 x1 = _mm512_loadu_ps(h + i), x2 = _mm512_loadu_ps(h + half + i);
-    __m512 c1 = round16(_mm512_loadu_ps(cos + i)), s1 = round16(_mm512_loadu_ps(sin + i));
-    __m512 c2 = round16(_mm512_loadu_ps(cos + half + i)), s2 = round16(_mm512_loadu_ps(sin + half + i));
+    __m512 c1 = rnd<T>(_mm512_loadu_ps(cos + i)), s1 = rnd<T>(_mm512_loadu_ps(sin + i));
+    __m512 c2 = rnd<T>(_mm512_loadu_ps(cos + half + i)), s2 = rnd<T>(_mm512_loadu_ps(sin + half + i));
     __m512 neg_x2 = _mm512_sub_ps(_mm512_setzero_ps(), x2);
-    _mm512_storeu_ps(h + i, round16(_mm512_add_ps(round16(_mm512_mul_ps(x1, c1)),
-                                                  round16(_mm512_mul_ps(neg_x2, s1)))));
-    _mm512_storeu_ps(h + half + i, round16(_mm512_add_ps(round16(_mm512_mul_ps(x2, c2)),
-                                                         round16(_mm512_mul_ps(x1, s2)))));
+    _mm512_storeu_ps(h + i, rnd<T>(_mm512_add_ps(rnd<T>(_mm512_mul_ps(x1, c1)),
+                                                  rnd<T>(_mm512_mul_ps(neg_x2, s1)))));
+    _mm512_storeu_ps(h + half + i, rnd<T>(_mm512_add_ps(rnd<T>(_mm512_mul_ps(x2, c2)),
+                                                         rnd<T>(_mm512_mul_ps(x1, s2)))));
   }
 }
 
 // act = rbf(rbf(silu(gate)) * up) (n % 16 == 0)
-void silu_and_mul(const float* gate, const float* up, int n, bf16* act) {
+template <typename T>
+void silu_and_mul(const float* gate, const float* up, int n, T* act) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int i = 0; i < n; i += 16) {
     __m512 g = _mm512_loadu_ps(gate + i);
-    __m512 silu = round16(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    __m512 silu = rnd<T>(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
     store16(act + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
   }
 }

@@ -60,7 +60,7 @@ int rows_rope(bf16* qkv, int N, int stride, const int64_t* positions, const floa
       for (int k = 0; k < heads; ++k) {
         bf16* p = qkv + static_cast<size_t>(n) * stride + static_cast<size_t>(k) * d;
         widen(p, d, h.data());
-        rope(h.data(), c, s, d);
+        rope<bf16>(h.data(), c, s, d);
         for (int i = 0; i < d; i += 16) store16(p + i, _mm512_loadu_ps(h.data() + i));
       }
     }

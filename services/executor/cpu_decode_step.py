@@ -1,4 +1,4 @@
-"""Small decode steps of a bfloat16 model on a CPU in one kernel call.
+"""Small decode steps of a bfloat16 or float32 model on a CPU in one kernel call.
 
 The eager forward of a decode step runs about 20 torch ops a layer; at a few
 sequences on a small model that is most of a token's time (the bench model at
@@ -8,20 +8,23 @@ forward (embedding to final norm, K/V written to the paged cache) in one call
 and one OpenMP region: 1.4-1.5 ms there. It reads its own copy of the
 projections' and the LM head's weights, packed once at load (`pack_model`,
 before oneDNN's reorder drops the plain weight): the bfloat16 weights take twice
-their size. Its steps' logits come from its own product over the head (`logits`).
+their size. A float32 model's kernel reads the weights the eager forward reads
+(row-major, no copy). Its steps' logits come from its own product over the head
+(`logits`).
 
 Used for decode-only steps of at most `MAX_ROWS` sequences (above that the
 eager forward with oneDNN's prepacked projections is as fast or faster on the
 bench box), on a CPU with AVX512-BF16 and a C++ compiler, for Llama-family
-models without per-head norms or a sliding window, without tensor parallelism,
-when the attention backend gives the step's block table (the compiled CPU
-backend). `engine.cpu_decode_kernel: false` in mesh.yaml (`load_model(...,
-cpu_decode_kernel=False)` in code) turns it off. Its activations are
-rounded to bfloat16 where the eager forward rounds them; the two differ in the
-order of float32 sums (about one bfloat16 step in a hidden state), so a
-sequence's tokens can differ from the eager forward's at near-ties, as they do
-between any two bfloat16 kernels. float32 models never use it (their eager
-forward is the exactness reference).
+models without per-head norms or a sliding window, without tensor parallelism
+(the runner gives its steps a block table whatever the attention backend).
+`engine.cpu_decode_kernel: false` in mesh.yaml (`load_model(...,
+cpu_decode_kernel=False)` in code) turns it off. The kernel and the eager
+forward differ only in the order of float32 sums: in bfloat16 (activations
+rounded where the eager forward rounds them) about one bfloat16 step in a
+hidden state, so a sequence's tokens can differ from the eager forward's at
+near-ties, as they do between any two bfloat16 kernels; in float32 a few float32
+rounding steps (as between oneDNN's products at two batch sizes). With the
+kernel off, the eager float32 forward is the exactness reference.
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ MAX_ROWS = 8
 def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
             tensor_parallel: bool = False) -> str | None:
     """Why a model loaded like this would not use the kernel (None: it would)."""
-    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
-        return "not a bfloat16 model on a CPU"
+    if torch.device(device).type != "cpu" or dtype not in cpu_decode.DTYPES:
+        return "not a bfloat16 or float32 model on a CPU"
     if tensor_parallel:
         return "tensor parallelism"
     if config.qk_norm or config.sliding_window is not None:
@@ -57,7 +60,8 @@ def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
 
 def pack_model(model: CausalLM) -> None:
     """Give each decoder projection and the LM head its weight in the kernel's layout
-    (`decode_rows`; once: a projection that has it keeps it)."""
+    (`decode_rows`; once: a projection that has it keeps it; a float32 weight is its
+    own layout, shared, not copied)."""
     for proj in [p for layer in model.model.layers for p in _projections(layer)] + [model.lm_head]:
         if proj.decode_rows is None:
             proj.decode_rows = cpu_decode.pack_rows(proj.weight)
@@ -103,16 +107,14 @@ class CpuDecodeStep:
             model.model.norm.weight, model.rope_cos, model.rope_sin, layers, MAX_ROWS)
 
     @classmethod
-    def for_runner(cls, model: CausalLM, kv_caches, block_size: int, backend,
-                   tensor_parallel: bool, max_model_len: int) -> "CpuDecodeStep | None":
-        """The kernel for a runner's model, if it was packed for it and the backend
-        gives block tables; else None (and the start-up log says why). The kernel
-        reads RoPE rows unchecked: positions must stay below the table's length."""
+    def for_runner(cls, model: CausalLM, kv_caches, block_size: int, tensor_parallel: bool,
+                   max_model_len: int) -> "CpuDecodeStep | None":
+        """The kernel for a runner's model, if it was packed for it; else None (and the
+        start-up log says why). The kernel reads RoPE rows unchecked: positions must
+        stay below the table's length."""
         if not is_packed(model):
             return None
         why = ("tensor parallelism" if tensor_parallel else None) or (
-            None if getattr(backend, "wants_block_tables", False)
-            else "the attention backend gives no block tables") or (
             None if max_model_len <= model.rope_cos.shape[0]
             else f"max_model_len {max_model_len} beyond the RoPE table's {model.rope_cos.shape[0]}")
         if why is None:
@@ -125,19 +127,22 @@ class CpuDecodeStep:
         return step if why is None else None
 
     @staticmethod
-    def fits(meta: AttentionMetadata, num_tokens: int) -> bool:
-        """A decode-only step (one token per sequence) of at most MAX_ROWS sequences."""
-        return meta.num_single == num_tokens <= MAX_ROWS and meta.single_block_tables is not None
+    def takes(num_rows: int) -> bool:
+        """Whether a decode-only step (one token per sequence) of this many sequences
+        runs here (its metadata must then carry the block table)."""
+        return 1 <= num_rows <= MAX_ROWS
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over hidden states of a step it ran: [rows, vocab] float32, from
-        its packed copy of the head (as the eager head, rounded to bfloat16; on one
-        thread it read SmolLM2's 56 MB head from memory at 41 GB/s, oneDNN's at 34)."""
+        its layout of the head (as the eager head, rounded to the model's dtype; on one
+        thread it read SmolLM2's 56 MB bfloat16 head from memory at 41 GB/s, oneDNN's at
+        34)."""
         return cpu_decode.product(self.head, self.head_bias, self.vocab, hidden,
                                   torch.get_num_threads())
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The step's hidden states after the final norm, [rows, hidden] bfloat16."""
+        """The step's hidden states after the final norm, [rows, hidden] in the model's
+        dtype."""
         self.num_steps += 1
         return self.kernel.run(input_ids, meta.positions, meta.slot_mapping,
                                meta.single_block_tables, meta.single_context_lens,

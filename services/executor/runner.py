@@ -84,10 +84,10 @@ class ModelRunner:
             self.backend.warm_up(*self.kv_caches[0], model.model.layers[0].self_attn.num_heads,
                                  model.model.layers[0].self_attn.scale)
         from llmesh.services.executor.cpu_decode_step import CpuDecodeStep
-        # small decode steps of a bfloat16 model on a CPU: one kernel call (None: eager)
+        # small decode steps of a bfloat16 or float32 model on a CPU: one kernel call
+        # (None: eager)
         self.cpu_decode = CpuDecodeStep.for_runner(model, self.kv_caches, block_size,
-                                                   self.backend, self.tp is not None,
-                                                   self.max_model_len)
+                                                   self.tp is not None, self.max_model_len)
         self.seqs: dict[str, SeqState] = {}
         self.batch = BatchState()  # the live sequences' step state, by slot
         self.threads = StepThreads(self.device, flops_per_token=2.0 * sum(
@@ -224,6 +224,9 @@ class ModelRunner:
                 np.int64, num_tokens)
         timer = StepTimer(self.device)
         comm0 = self.tp.comm_s if self.tp else 0.0
+        # (decided here: its metadata carries the block table the kernel reads)
+        kernel = self.cpu_decode is not None and not self._eager and bool(single.all()) \
+            and self.cpu_decode.takes(n)
         input_ids = self.staging.put(ids)
         samples = np.flatnonzero(ends == num_tokens_now)
         draws = self._draws(seqs, slots, samples, np.cumsum(counts) - 1, spec) \
@@ -232,12 +235,12 @@ class ModelRunner:
         # device in one copy, made by metadata_from_arrays)
         meta = metadata_from_arrays(starts, counts, b.table[slots], self.block_size,
                                     self.config.sliding_window, self.device,
-                                    with_block_tables=self.backend.wants_block_tables,
+                                    with_block_tables=self.backend.wants_block_tables or kernel,
                                     with_prefill_tables=getattr(self.backend,
                                                                 "wants_prefill_tables", False),
                                     staging=self.staging)
         self._copy_blocks(copies)
-        return _Prepared(result, input_ids, meta, num_tokens, draws, timer, comm0)
+        return _Prepared(result, input_ids, meta, num_tokens, draws, timer, comm0, kernel)
 
     @torch.inference_mode()
     def _finish(self, p: "_Prepared") -> StepResult:
@@ -252,8 +255,7 @@ class ModelRunner:
             if self.graphs is not None and not self._eager \
                     and self.graphs.fits(meta, p.num_tokens):
                 hidden = self.graphs.run(p.input_ids.tensor, meta)
-            elif self.cpu_decode is not None and not self._eager \
-                    and self.cpu_decode.fits(meta, p.num_tokens):
+            elif p.kernel:
                 hidden = self.cpu_decode.run(p.input_ids.tensor, meta)
                 head = self.cpu_decode.logits
             else:
@@ -476,6 +478,7 @@ class _Prepared:
     draws: "_Draws | None" = None
     timer: "StepTimer | None" = None
     comm0: float = 0.0
+    kernel: bool = False  # a decode step the CPU decode kernel runs
 
 
 @dataclass

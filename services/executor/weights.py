@@ -105,8 +105,9 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     """Build the model for `model_dir` with weights in `dtype` on `device`; with a
     tensor-parallel group, only this rank's shard, read slice by slice. A packed
     format (`int8`, `float16-weights`) converts the linear layers once loaded.
-    `cpu_decode_kernel`: a bfloat16 model on a CPU gets its weights packed for the
-    decode kernel too, where that kernel can run it (services/executor/cpu_decode_step.py).
+    `cpu_decode_kernel`: a bfloat16 or float32 model on a CPU gets its weights in the
+    decode kernel's layout too (bfloat16: a packed copy; float32: the weights
+    themselves), where that kernel can run it (services/executor/cpu_decode_step.py).
     `model_dir` may be a GGUF file (or a directory holding one)."""
     model_dir = model_path(model_dir)
     config = load_model_config(model_dir)
@@ -149,10 +150,11 @@ def load_model(model_dir: str | Path, dtype: str | None = "float32",
     model = model.eval().requires_grad_(False)
     if dtype in PACKED_FORMATS:
         pack_projections(model, dtype)
-    elif torch_dtype == torch.bfloat16:
-        from llmesh.services.executor import cpu_decode_step
-        if cpu_decode_kernel and cpu_decode_step.why_not(config, device, torch_dtype,
-                                                         tp_group is not None) is None:
-            cpu_decode_step.pack_model(model)  # (before the reorder drops the plain weights)
+        return model
+    from llmesh.services.executor import cpu_decode_step
+    if cpu_decode_kernel and cpu_decode_step.why_not(config, device, torch_dtype,
+                                                     tp_group is not None) is None:
+        cpu_decode_step.pack_model(model)  # (before the reorder drops the plain weights)
+    if torch_dtype == torch.bfloat16:
         prepack_bfloat16(model)
     return model
