@@ -49,8 +49,11 @@ def answers(engine, model_dir):
     return prompts, [c[0] for c in out]
 
 
-def test_greedy_tokens_are_transformers_own(answers):
+def test_greedy_tokens_are_transformers_own(answers, engine):
     from transformers import AutoModelForCausalLM
+    from llmesh.kernels import cpu_decode
+    if cpu_decode.unavailable() is None:  # (its decode steps ran the float32 kernel)
+        assert engine.runner.cpu_decode.num_steps > 0
     hf = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name,
                                               dtype=torch.float32)
     prompts, completions = answers
