@@ -27,8 +27,8 @@ class EngineLimits:
     enable_prefix_caching: bool = True
     dtype: str = "float32"
     device: str = "cpu"
-    # a bfloat16 model's decode steps of a few sequences on a CPU in one compiled
-    # kernel call (services/executor/cpu_decode_step.py); false: the eager forward
+    # a bfloat16 or float32 model's decode steps of a few sequences on a CPU in one
+    # compiled kernel call (services/executor/cpu_decode_step.py); false: the eager forward
     cpu_decode_kernel: bool = True
     pipeline_depth: int = 2  # steps sent to the executors ahead of their results; 1 = serial
     step_timeout_s: float = 30.0  # a step without a result this long: the executor is hung

@@ -26,8 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, type=model_arg)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-cpu-decode-kernel", action="store_true",
-                   help="a bfloat16 model's small decode steps on a CPU run the eager "
-                        "forward, not the one-call kernel (services/executor/cpu_decode_step.py)")
+                   help="a bfloat16 or float32 model's small decode steps on a CPU run the "
+                        "eager forward, not the one-call kernel "
+                        "(services/executor/cpu_decode_step.py)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-kv-blocks", type=int, required=True,
                    help="KV blocks; 0 = a share of the memory available after loading")

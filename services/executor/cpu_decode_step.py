@@ -1,4 +1,4 @@
-"""Small decode steps of a bfloat16 or float32 model on a CPU in one kernel call.
+"""Decode steps of a bfloat16 or float32 model on a CPU in one kernel call.
 
 The eager forward of a decode step runs about 20 torch ops a layer; at a few
 sequences on a small model that is most of a token's time (the bench model at
@@ -12,9 +12,11 @@ their size. A float32 model's kernel reads the weights the eager forward reads
 (row-major, no copy). Its steps' logits come from its own product over the head
 (`logits`).
 
-Used for decode-only steps of at most `MAX_ROWS` sequences (above that the
-eager forward with oneDNN's prepacked projections is as fast or faster on the
-bench box), on a CPU with AVX512-BF16 and a C++ compiler, for Llama-family
+Used for decode-only steps of at most `max_rows_for(dtype)` sequences: 8 in
+bfloat16 (above that the eager forward with oneDNN's prepacked projections is
+as fast or faster on the bench box), 256 in float32 (the kernel took 0.55-0.67x
+the eager forward's time at 8 to 256 rows on 2 threads, bench model and
+SmolLM2, `benchmarks/results/cpu-decode/session10/probes.log`), on a CPU with AVX512-BF16 and a C++ compiler, for Llama-family
 models without per-head norms or a sliding window, without tensor parallelism
 (the runner gives its steps a block table whatever the attention backend).
 `engine.cpu_decode_kernel: false` in mesh.yaml (`load_model(...,
@@ -39,7 +41,8 @@ from llmesh.services.executor.model_config import ModelConfig
 from llmesh.services.executor.projection import Projection
 
 log = logging.getLogger("llmesh.executor")
-MAX_ROWS = 8
+MAX_ROWS = 8  # bfloat16
+FLOAT32_MAX_ROWS = 256
 
 
 def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
@@ -56,6 +59,11 @@ def why_not(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
     except ValueError as e:
         return str(e)
     return cpu_decode.unavailable()
+
+
+def max_rows_for(dtype: torch.dtype) -> int:
+    """The most sequences a decode step of a model in `dtype` runs through the kernel."""
+    return FLOAT32_MAX_ROWS if dtype == torch.float32 else MAX_ROWS
 
 
 def pack_model(model: CausalLM) -> None:
@@ -100,11 +108,12 @@ class CpuDecodeStep:
                 attn.o_proj.decode_rows, layer.post_attention_layernorm.weight,
                 mlp.gate_up_proj.decode_rows, mlp.down_proj.decode_rows, k_cache, v_cache))
         self.num_steps = 0  # steps it ran (tests, benchmarks)
+        self.max_rows = max_rows_for(model.model.embed_tokens.weight.dtype)
         head = model.lm_head
         self.head, self.head_bias, self.vocab = head.decode_rows, head.bias, head.out_features
         self.kernel = cpu_decode.DecodeKernel(
             _dims(model.config, block_size), model.model.embed_tokens.weight,
-            model.model.norm.weight, model.rope_cos, model.rope_sin, layers, MAX_ROWS)
+            model.model.norm.weight, model.rope_cos, model.rope_sin, layers, self.max_rows)
 
     @classmethod
     def for_runner(cls, model: CausalLM, kv_caches, block_size: int, tensor_parallel: bool,
@@ -122,15 +131,15 @@ class CpuDecodeStep:
                 step = cls(model, kv_caches, block_size)
             except (RuntimeError, ValueError) as e:  # (a failed build: eager, said once)
                 why = str(e)[:300]
-        log.info("decode steps of up to %d sequences: %s", MAX_ROWS,
+        log.info("decode steps of up to %d sequences: %s",
+                 max_rows_for(model.model.embed_tokens.weight.dtype),
                  "one CPU kernel call" if why is None else f"eager ({why})")
         return step if why is None else None
 
-    @staticmethod
-    def takes(num_rows: int) -> bool:
+    def takes(self, num_rows: int) -> bool:
         """Whether a decode-only step (one token per sequence) of this many sequences
         runs here (its metadata must then carry the block table)."""
-        return 1 <= num_rows <= MAX_ROWS
+        return 1 <= num_rows <= self.max_rows
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over hidden states of a step it ran: [rows, vocab] float32, from
