@@ -22,7 +22,7 @@ def timed(self, p):
                       "single": int(p.meta.num_single) or sum(g.num_rows for g in p.meta.groups),
                       "prefills": len(p.meta.prefills),
                       "forward_ms": result.forward_s * 1e3, "sample_ms": result.sample_s * 1e3,
-                      "kernel": bool(self.cpu_decode is not None and self.cpu_decode.fits(p.meta, p.num_tokens))})
+                      "kernel": p.kernel})
     return result
 
 
