@@ -155,8 +155,9 @@ def product(packed: torch.Tensor, bias: torch.Tensor | None, rows: int, x: torch
     if packed.shape != layout or packed.dtype != x.dtype or not packed.is_contiguous() \
             or width % 32:
         raise ValueError(f"the CPU product's weight is not a packed [{rows}, {width}] {x.dtype} weight")
-    if bias is not None and (bias.shape != (rows,) or bias.dtype != x.dtype):
-        raise ValueError(f"the CPU product's bias is not [{rows}] {x.dtype}")
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != x.dtype
+                             or not bias.is_contiguous()):
+        raise ValueError(f"the CPU product's bias is not a contiguous [{rows}] {x.dtype}")
     x = x.contiguous()
     out = torch.empty(n, rows, dtype=torch.float32)
     library().llmesh_cpu_product(packed.data_ptr(), bias.data_ptr() if bias is not None else None,

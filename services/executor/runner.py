@@ -115,8 +115,9 @@ class ModelRunner:
 
     @contextlib.contextmanager
     def eager(self):
-        """Steps inside run eagerly, graphs and the CPU decode kernel or not (benchmarks
-        and tests compare)."""
+        """Steps prepared inside run eagerly, graphs and the CPU decode kernel or not
+        (benchmarks and tests compare; a step prepared before, for the kernel, still runs
+        on it)."""
         with self._step_lock:
             self._eager = True
         try:

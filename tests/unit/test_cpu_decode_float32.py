@@ -86,6 +86,8 @@ def test_the_float32_product_is_f_linear_to_a_few_roundings(rows, width, bias):
         cpu_decode.product(layout, b, rows + 1, x, 1)
     with pytest.raises(ValueError, match="packed"):
         cpu_decode.product(cpu_decode.pack_rows(w.bfloat16()), b, rows, x, 1)
+    with pytest.raises(ValueError, match="bias"):  # (a strided bias would be read past its end)
+        cpu_decode.product(layout, torch.zeros(1).expand(rows), rows, x, 1)
 
 
 def test_a_loaded_float32_model_shares_its_weights_with_the_kernel(tmp_path):
