@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llmesh.kernels import cpu_decode
-from unit.test_cpu_decode_kernel import (BLOCK, SHAPES, caches, eager, kernel_for, native,
-                                         random_model, step_inputs)
+from unit.test_cpu_decode_kernel import (BLOCK, SHAPES, assert_team_invariant, caches, eager,
+                                         kernel_for, native, random_model, step_inputs)
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable() is not None,
                                 reason=f"CPU decode kernel: {cpu_decode.unavailable()}")
@@ -53,14 +53,8 @@ def test_it_is_the_eager_float32_forward_to_a_few_roundings(shape, block):
 def test_each_row_is_the_same_bits_in_any_batch_and_on_any_team():
     model = float32_model(**SHAPES["gqa4-d64-bias"])
     contexts = [5, 33, 64, 90, 129, 7]
+    h1 = assert_team_invariant(model, torch.float32, contexts)
     ids, starts, counts, table, blocks = step_inputs(contexts)
-    outs = []
-    for threads in (1, 2):
-        kv = caches(model, blocks, torch.float32)
-        outs.append((native(kernel_for(model, kv), ids, starts, counts, table, threads=threads), kv))
-    (h1, kv1), (h2, kv2) = outs
-    assert torch.equal(h1, h2)
-    assert all(torch.equal(a, b) for (k1, v1), (k2, v2) in zip(kv1, kv2) for a, b in ((k1, k2), (v1, v2)))
     step = kernel_for(model, caches(model, blocks, torch.float32))
     for i in (0, 3, 5):
         one = native(step, ids[i:i + 1], starts[i:i + 1], counts[i:i + 1], table[i:i + 1])

@@ -142,16 +142,21 @@ def test_each_row_is_independent_of_its_batch():
 def test_one_thread_and_a_team_give_the_same_bits():
     """A step on one thread runs outside any parallel region; a team splits the same
     blocks and (row, KV head) pairs: the same sums in the same order either way."""
-    model = random_model(**SHAPES["gqa4-d64-bias"])
-    contexts = [3, 64, 129, 7]
+    assert_team_invariant(random_model(**SHAPES["gqa4-d64-bias"]), torch.bfloat16, [3, 64, 129, 7])
+
+
+def assert_team_invariant(model, dtype, contexts: list[int]) -> torch.Tensor:
+    """A step of these contexts on one thread and on two: the same hidden states and
+    cache writes, bit for bit. Returns the hidden states."""
     ids, starts, counts, table, blocks = step_inputs(contexts)
     outs = []
     for threads in (1, 2):
-        kv = caches(model, blocks, torch.bfloat16)
+        kv = caches(model, blocks, dtype)
         outs.append((native(kernel_for(model, kv), ids, starts, counts, table, threads=threads), kv))
     (h1, kv1), (h2, kv2) = outs
     assert torch.equal(h1, h2)
     assert all(torch.equal(a, b) for (k1, v1), (k2, v2) in zip(kv1, kv2) for a, b in ((k1, k2), (v1, v2)))
+    return h1
 
 
 def test_pack_rows_and_what_the_kernel_refuses():
