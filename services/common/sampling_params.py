@@ -161,13 +161,22 @@ def check_token_id(field_name: str, token_id: object, vocab_size: int) -> None:
         )
 
 
+def check_token_ids(field_name: str, token_ids, vocab_size: int) -> None:
+    """`check_token_id` on each (a prompt of thousands: plain ints in range pass in
+    one pass over them, the rest one by one, for the error of the first bad one)."""
+    if token_ids and all(type(t) is int for t in token_ids) \
+            and 0 <= min(token_ids) and max(token_ids) < vocab_size:
+        return
+    for token_id in token_ids:
+        check_token_id(field_name, token_id, vocab_size)
+
+
 def validate_request(prompt_token_ids: object, params: SamplingParams, vocab_size: int,
                      max_model_len: int, max_kv_tokens: int) -> None:
     """Everything about a request that can be checked before it is queued."""
     if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
         raise InvalidRequestError("prompt_token_ids", "must be a non-empty list of token ids")
-    for token_id in prompt_token_ids:
-        check_token_id("prompt_token_ids", token_id, vocab_size)
+    check_token_ids("prompt_token_ids", prompt_token_ids, vocab_size)
     params.validate(vocab_size)
     num_prompt = len(prompt_token_ids)
     if num_prompt >= max_model_len:
@@ -191,8 +200,7 @@ def validate_resume(resume: list[int], params: SamplingParams, vocab_size: int) 
     if len(resume) >= params.max_tokens:
         raise InvalidRequestError("resume_token_ids", f"{len(resume)} tokens already received; "
                                   f"max_tokens ({params.max_tokens}) leaves none to generate")
-    for token_id in resume:
-        check_token_id("resume_token_ids", token_id, vocab_size)
+    check_token_ids("resume_token_ids", resume, vocab_size)
 
 
 def ends_in_repetition(tokens: list[int], max_ngram: int, min_repeats: int) -> bool:

@@ -91,12 +91,17 @@ class KVCacheManager:
         table = self.tables[seq_id]
         bs = self.block_size
         fill = self.pool.fill
-        for i in range((num_computed - num_new) // bs, -(-num_computed // bs)):
-            fill(table[i], min(bs, num_computed - i * bs))
+        if num_new == 1:  # (a decode token: its block holds one more)
+            fill(table[(num_computed - 1) // bs], (num_computed - 1) % bs + 1)
+        else:
+            for i in range((num_computed - num_new) // bs, -(-num_computed // bs)):
+                fill(table[i], min(bs, num_computed - i * bs))
         if not self.enable_prefix_caching or num_computed < bs:
             return
-        hashes = self._hashes.setdefault(seq_id, [])
-        if len(hashes) >= num_computed // bs:
+        hashes = self._hashes.get(seq_id)
+        if hashes is None:
+            hashes = self._hashes[seq_id] = []
+        elif len(hashes) >= num_computed // bs:
             return  # (most steps: no block became full)
         for i in range(len(hashes), num_computed // bs):
             parent = hashes[-1] if hashes else b""

@@ -56,7 +56,7 @@ class SchedulerConfig:
     speculation: SpeculationConfig = SpeculationConfig()
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqOutput:
     """What one sequence produced in one step (tokens appended, maybe finished)."""
 
@@ -76,7 +76,7 @@ class SeqOutput:
 _BY_ORDER = operator.attrgetter("order")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Planned:
     """One sequence's part of a step in flight."""
 
@@ -200,6 +200,8 @@ class Scheduler:
         planned: list[_Planned] = []
         spec = self.speculator
         default_k = spec.config.num_tokens
+        tables, blocks, bs = self.kv.tables, self.kv.pool.blocks, self.kv.block_size
+        scheduled = plan.scheduled
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -209,10 +211,26 @@ class Scheduler:
                                     or (may_speculate and spec.waits(seq))):
                 i += 1  # its pending token forks it, or it drafts from it: wait for it
                 continue
-            num_new = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
+            num_computed = seq.num_computed
+            num_known = seq.num_tokens + seq.num_pending
+            num_new = min(num_known - num_computed, budget)
             if num_new <= 0:
                 i += 1
                 continue
+            if num_new == 1 and not may_speculate:
+                # the common decode token: when it writes into the last block of its
+                # table and that block is its own, nothing is allocated or copied (what
+                # allocate_slots would find, without building its answer)
+                table = tables[seq.seq_id]
+                if num_computed // bs == len(table) - 1 and blocks[table[-1]].ref_count == 1:
+                    scheduled.append(ScheduledSequence(seq.seq_id, 1, len(table), []))
+                    seq.num_computed = num_computed + 1
+                    samples = num_computed + 1 == num_known
+                    seq.num_pending += samples
+                    planned.append(_Planned(seq, seq.incarnation, 1, num_computed + 1, samples))
+                    budget -= 1
+                    i += 1
+                    continue
             drafts = spec.drafts(seq, num_new, budget) if may_speculate else []
             num_new += len(drafts)
             alloc = self.kv.allocate_slots(seq.seq_id, seq.num_computed + num_new, seq.num_computed)
@@ -257,8 +275,12 @@ class Scheduler:
         and blocks now, not a step late: the step in flight that samples it runs
         before anything this plan puts in those blocks. Their full blocks are cached
         now, for the same reason."""
-        retiring = [s for s in self.running
-                    if s.num_pending and not s.is_fork_pending and self._ends_by_length(s)]
+        max_len = self.config.max_model_len
+        retiring = [s for s in self.running  # (pending tokens ending them by length)
+                    if s.num_pending
+                    and (len(s.output_token_ids) + s.num_pending >= s.params.max_tokens
+                         or s.num_tokens + s.num_pending >= max_len)
+                    and not s.is_fork_pending]
         for seq in retiring:
             p = next(p for step_id in sorted(self._in_flight, reverse=True)
                      for p in self._in_flight[step_id] if p.seq is seq and p.samples)
@@ -268,11 +290,6 @@ class Scheduler:
             self.running.remove(seq)
             seq.status = SeqStatus.FINISHING
             plan.finished_seq_ids.append(seq.seq_id)
-
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """Its pending token will end it by max_tokens or the context limit."""
-        return (len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens
-                or seq.num_tokens + seq.num_pending >= self.config.max_model_len)
 
     def _watermark_blocks(self) -> int:
         """Blocks a new request must leave free while others run (none when idle, so
@@ -368,10 +385,12 @@ class Scheduler:
         sampled, all_logprobs = result.sampled, result.logprobs
         cache_blocks, charge = self.kv.cache_blocks, self.waiting.charge
         running, finishing = SeqStatus.RUNNING, SeqStatus.FINISHING
+        decoded: dict[str, int] = {}  # tenant -> tokens of plain decode steps (charged once)
         for p in self._in_flight.pop(plan.step_id, ()):
             seq = p.seq
-            is_finishing = seq.status is finishing
-            if not (is_finishing or seq.status is running) or seq.incarnation != p.incarnation:
+            status = seq.status
+            if (status is not running and status is not finishing) \
+                    or seq.incarnation != p.incarnation:
                 continue  # finished, aborted or preempted since it was planned
             if p.samples:
                 seq.num_pending -= 1
@@ -382,22 +401,31 @@ class Scheduler:
                     outputs.append(self._verified(seq, p, tokens,
                                                   all_logprobs.get(seq.seq_id, [])))
                 continue
-            first = p.num_computed - p.num_new_tokens
-            num_prompt_new = max(0, min(len(seq.prompt_token_ids), p.num_computed) - first)
+            num_computed, num_new = p.num_computed, p.num_new_tokens
+            is_finishing = status is finishing
             if not is_finishing:  # (a finishing one cached its blocks when it retired)
-                cache_blocks(seq.seq_id, seq.token_ids, p.num_computed, p.num_new_tokens,
-                             seq.salt)
+                cache_blocks(seq.seq_id, seq.token_ids, num_computed, num_new, seq.salt)
             tokens = sampled.get(seq.seq_id) if p.samples else None
+            num_prompt = len(seq.prompt_token_ids)
+            if num_new == 1 and num_computed > num_prompt and tokens and len(tokens) == 1:
+                # (the common case: one decode token)
+                decoded[seq.tenant] = decoded.get(seq.tenant, 0) + 1
+                logprobs = all_logprobs.get(seq.seq_id, ()) if all_logprobs else ()
+                outputs.append(self._append(seq, tokens[0], logprobs[:1], is_finishing))
+                continue
+            num_prompt_new = max(0, min(num_prompt, num_computed) - (num_computed - num_new))
             charge(seq.tenant, num_prompt_new, len(tokens) if tokens else 0)
             if not tokens:
                 continue
             logprobs = all_logprobs.get(seq.seq_id, [])
-            if len(tokens) == 1:  # (the common case: no fork)
+            if len(tokens) == 1:
                 outputs.append(self._append(seq, tokens[0], logprobs[:1], is_finishing))
                 continue
             family = [seq] + [self._fork(seq, i) for i in range(1, len(tokens))]
             for j, (member, token) in enumerate(zip(family, tokens)):
                 outputs.append(self._append(member, token, logprobs[j:j + 1], is_finishing))
+        for tenant, num_tokens in decoded.items():
+            charge(tenant, 0, num_tokens)
         for out in outputs:
             if out.finish_reason is not None:
                 self._forget_if_done(out.request_id)
@@ -435,16 +463,18 @@ class Scheduler:
     def _append(self, seq: Sequence, token: int, logprobs, is_finishing: bool) -> SeqOutput:
         """One sampled token: its text, and whether it ends the sequence."""
         seq.append_token(token)
-        text = seq.text.push([token]) if seq.text is not None else ""
-        if seq.text is not None and seq.text.is_stopped:
-            reason = FinishReason.STOP
-        else:
+        stream = seq.text
+        if stream is None:
+            text = ""
             reason = self._stop_reason(seq, token)
+        else:
+            text = stream.push([token])
+            reason = FinishReason.STOP if stream.is_stopped else self._stop_reason(seq, token)
         if is_finishing:
             reason = reason or FinishReason.LENGTH
         if reason is not None:
-            if seq.text is not None:
-                text += seq.text.finish()
+            if stream is not None:
+                text += stream.finish()
             if not is_finishing:
                 self.running.remove(seq)
                 self._dropped.append(seq.seq_id)
@@ -467,13 +497,13 @@ class Scheduler:
         return child
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        if not seq.params.ignore_eos and token in self.config.eos_token_ids:
-            return FinishReason.STOP
-        if token in seq.params.stop_token_ids:
-            return FinishReason.STOP
-        if len(seq.output_token_ids) >= seq.params.max_tokens:
-            return FinishReason.LENGTH
         p = seq.params
+        if token in self.config.eos_token_ids and not p.ignore_eos:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= p.max_tokens:
+            return FinishReason.LENGTH
         if p.repetition_max_ngram and ends_in_repetition(
                 seq.output_token_ids, p.repetition_max_ngram, p.repetition_min_repeats):
             return FinishReason.STOP
@@ -494,10 +524,7 @@ class Scheduler:
             self.request_seqs.pop(request_id, None)
 
     def _output(self, seq: Sequence, tokens: list[int], logprobs=(), text: str = "") -> SeqOutput:
-        return SeqOutput(
-            request_id=seq.request_id, index=seq.index, new_token_ids=tokens,
-            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens,
-            logprobs=list(logprobs), text=text, num_draft_tokens=seq.num_draft_tokens,
-            num_accepted_tokens=seq.num_accepted_tokens,
-        )
+        return SeqOutput(seq.request_id, seq.index, tokens, seq.finish_reason,
+                         len(seq.prompt_token_ids), len(seq.output_token_ids),
+                         seq.num_cached_tokens, list(logprobs), text, seq.num_draft_tokens,
+                         seq.num_accepted_tokens)

@@ -4,7 +4,7 @@ cost, and its deadline; from that, the usage and timings its last delta carries,
 and the calibration of SLO admission's wait predictions."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from llmesh.services.common.step_plan import StepPlan, StepResult
@@ -73,20 +73,23 @@ class RequestTracks:
     def past_deadline(self, now: float) -> list[tuple[str, RequestTrack]]:
         return [(r, t) for r, t in self._tracks.items() if t.deadline_s and now >= t.deadline_s]
 
-    def _of_seqs(self, plan: StepPlan) -> Iterator[RequestTrack]:
-        for sched in plan.scheduled:
-            seq = self.scheduler.seqs.get(sched.seq_id)
-            track = self._tracks.get(seq.request_id) if seq is not None else None
+    def _of_seqs(self, seq_ids: Iterable[str]) -> Iterator[RequestTrack]:
+        seqs, tracks = self.scheduler.seqs, self._tracks
+        for seq_id in seq_ids:
+            seq = seqs.get(seq_id)
+            track = tracks.get(seq.request_id) if seq is not None else None
             if track is not None:
                 yield track
 
     def on_planned(self, plan: StepPlan, now: float) -> None:
-        for track in self._of_seqs(plan):
+        # (a sequence is first scheduled as a new one in its plan: admitted, or resumed
+        # after a preemption; forks are made by a step of their scheduled parent)
+        for track in self._of_seqs(new.seq_id for new in plan.new):
             if not track.first_scheduled_s:
                 track.first_scheduled_s = now
 
     def on_result(self, plan: StepPlan, result: StepResult) -> None:
-        for track in self._of_seqs(plan):
+        for track in self._of_seqs(s.seq_id for s in plan.scheduled):
             track.forward_s += result.forward_s
             track.sample_s += result.sample_s
             track.num_steps += 1
