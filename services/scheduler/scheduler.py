@@ -23,6 +23,10 @@ once (`FINISHING`): it is never planned past its end, and its slot and blocks
 go to others in the very next plan. Results for a sequence preempted since
 they were planned are stale and ignored.
 
+A plain decode token (no drafts, its block its own) takes a short path through
+both: the bulk of a step at large batches, and a Python loop per sequence, so
+it builds nothing the general path's bookkeeping would only read once.
+
 Speculative decoding (services/scheduler/speculation.py): a decoding sequence
 that speculates is planned with draft tokens after its last one; the step
 returns the drafts the executor kept and the token after them, and only then
