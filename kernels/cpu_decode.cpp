@@ -299,19 +299,11 @@ void llmesh_cpu_silu_and_mul(const bf16* gate_up, int N, int I, bf16* out, int t
 }
 
 // Causal attention of a prefill chunk at the end of its context
-// (cpu_prefill_attention.h): q [L, H, D], k and v [C, KVH, D], out [L, H, D], contiguous,
-// all bfloat16 (dtype 0) or all float32 (dtype 1); row i sees keys 0 .. C - L + i.
-void llmesh_cpu_prefill_attention(const void* q, const void* k, const void* v, int L, int C,
-                                  int H, int KVH, int D, float scale, void* out, int threads,
-                                  int dtype) {
-  if (dtype == 1)
-    prefill_attention(static_cast<const float*>(q), static_cast<const float*>(k),
-                      static_cast<const float*>(v), L, C, H, KVH, D, scale,
-                      static_cast<float*>(out), threads);
-  else
-    prefill_attention(static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-                      static_cast<const bf16*>(v), L, C, H, KVH, D, scale,
-                      static_cast<bf16*>(out), threads);
+// (cpu_prefill_attention.h): q [L, H, D], k and v [C, KVH, D], out [L, H, D], bfloat16,
+// contiguous; row i sees keys 0 .. C - L + i.
+void llmesh_cpu_prefill_attention(const bf16* q, const bf16* k, const bf16* v, int L, int C,
+                                  int H, int KVH, int D, float scale, bf16* out, int threads) {
+  prefill_attention(q, k, v, L, C, H, KVH, D, scale, out, threads);
 }
 
 // Decode attention of B single-query rows (cpu_decode_attention.h): q and out [B, H,

@@ -109,8 +109,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.llmesh_cpu_decode_free.restype = None
     lib.llmesh_cpu_decode_run.argtypes = [p, i32, p, p, p, p, i32, p, p, i32]
     lib.llmesh_cpu_decode_run.restype = ctypes.c_int
-    lib.llmesh_cpu_prefill_attention.argtypes = [p, p, p, i32, i32, i32, i32, i32, f32, p, i32,
-                                                 i32]
+    lib.llmesh_cpu_prefill_attention.argtypes = [p, p, p, i32, i32, i32, i32, i32, f32, p, i32]
     lib.llmesh_cpu_prefill_attention.restype = None
     lib.llmesh_cpu_decode_attention.argtypes = [p, p, p, p, i32, p, i32, i32, i32, i32, i32,
                                                 ctypes.c_int64, f32, p, i32]
@@ -211,10 +210,9 @@ def check_supported(dims: ModelDims) -> None:
         raise ValueError("the CPU decode kernel cannot run this model: " + "; ".join(why))
 
 
-def _heads_refusal(H: int, KVH: int, D: int, dtype: torch.dtype,
-                   dtypes=(torch.bfloat16,)) -> list[str]:
+def _heads_refusal(H: int, KVH: int, D: int, dtype: torch.dtype) -> list[str]:
     return [w for ok, w in (
-        (dtype in dtypes, " or ".join(str(d).removeprefix("torch.") for d in dtypes) + " only"),
+        (dtype == torch.bfloat16, "bfloat16 only"),
         (D % 32 == 0 and D <= MAX_HEAD_DIM, f"head_dim {D} (a multiple of 32 up to {MAX_HEAD_DIM})"),
         (KVH > 0 and H % KVH == 0 and H // KVH <= MAX_GROUP,
          f"{H} query heads over {KVH} KV heads"),
@@ -224,8 +222,7 @@ def _heads_refusal(H: int, KVH: int, D: int, dtype: torch.dtype,
 def prefill_refusal(q_shape, kv_shape, dtype: torch.dtype) -> str | None:
     """Why `prefill_attention` would refuse these shapes (None: it takes them)."""
     (L, H, D), (C, KVH, _) = q_shape, kv_shape
-    why = _heads_refusal(H, KVH, D, dtype, tuple(DTYPES)) + (
-        [] if 1 <= L <= C else [f"{L} queries over {C} keys"])
+    why = _heads_refusal(H, KVH, D, dtype) + ([] if 1 <= L <= C else [f"{L} queries over {C} keys"])
     return "; ".join(why) or None
 
 
@@ -239,8 +236,7 @@ def decode_refusal(num_heads: int, k_cache: torch.Tensor) -> str | None:
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       threads: int) -> torch.Tensor:
     """Causal attention of a chunk at the end of its context: q [L, H, D], k and v
-    [C, KVH, D] CPU tensors, all bfloat16 or all float32, row i seeing keys 0 .. C - L + i
-    -> [L, H, D]."""
+    [C, KVH, D] bfloat16 CPU tensors, row i seeing keys 0 .. C - L + i -> [L, H, D]."""
     why = prefill_refusal(tuple(q.shape), tuple(k.shape), q.dtype) or (
         None if k.shape == v.shape and k.dtype == v.dtype == q.dtype and k.shape[2] == q.shape[2]
         and q.device.type == "cpu" else "keys and values of other shapes or types")
@@ -250,7 +246,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty_like(q)
     (L, H, D), (C, KVH) = q.shape, k.shape[:2]
     library().llmesh_cpu_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), L, C, H, KVH,
-                                           D, scale, out.data_ptr(), threads, DTYPES[q.dtype])
+                                           D, scale, out.data_ptr(), threads)
     return out
 
 

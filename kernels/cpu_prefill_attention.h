@@ -1,5 +1,5 @@
-// Causal attention of a prefill chunk on a CPU, bfloat16 or float32 in and out (part
-// of the CPU decode kernel's library, cpu_decode.cpp; needs cpu_decode_vec.h).
+// Causal attention of a prefill chunk on a CPU, bfloat16 in and out (part of the
+// CPU decode kernel's library, cpu_decode.cpp; needs cpu_decode_vec.h).
 //
 // torch's CPU flash attention takes ~3 ms a layer for a 512-token chunk of the
 // bench model (8 heads of 64), as long as all of the layer's projections
@@ -13,57 +13,38 @@
 // max grows), values are widened to float32 a block at a time and accumulated
 // in float32; the output is rounded to bfloat16 once. Query row i of a chunk of
 // L rows at the end of a context of C keys sees keys 0 .. C - L + i.
-//
-// float32 (torch's SDPA took 18% of a 512-token prefill of SmolLM2): the keys of
-// a block are packed as 16 keys' values per dimension, and a query's 16 scores
-// are FMAs of its broadcast elements with them (D instructions, the same 4-byte
-// lanes as a bfloat16 pair); nothing is rounded.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 namespace {
 
-// keys [C, KVH, D] -> per KV head and block of 16 positions, per 4-byte unit u of a key
-// (a bfloat16 pair, or one float32), the unit of each of the 16 keys
-// ([KVH][C/16][units][16] int32 bits; zeros past C)
-template <typename T>
-void pack_keys(const T* k, int C, int KVH, int D, int32_t* kp) {
-  const int nkb = (C + 15) / 16, units = D * static_cast<int>(sizeof(T)) / 4;
+// keys [C, KVH, D] -> per KV head and block of 16 positions, per pair p of D, the
+// pair of each of the 16 keys ([KVH][C/16][D/2][16] int32; zeros past C)
+void pack_keys(const bf16* k, int C, int KVH, int D, int32_t* kp) {
+  const int nkb = (C + 15) / 16, pairs = D / 2;
 #pragma omp for schedule(static) collapse(2)
   for (int h = 0; h < KVH; ++h)
     for (int kb = 0; kb < nkb; ++kb) {
-      int32_t* dst = kp + (static_cast<size_t>(h) * nkb + kb) * units * 16;
+      int32_t* dst = kp + (static_cast<size_t>(h) * nkb + kb) * pairs * 16;
       for (int j = 0; j < 16; ++j) {
         const int t = 16 * kb + j;
         const int32_t* src = reinterpret_cast<const int32_t*>(k + (static_cast<size_t>(t) * KVH + h) * D);
-        for (int u = 0; u < units; ++u) dst[u * 16 + j] = t < C ? src[u] : 0;
+        for (int p = 0; p < pairs; ++p) dst[p * 16 + j] = t < C ? src[p] : 0;
       }
     }
-}
-
-// acc + one unit of a query (its bits broadcast) times that unit of 16 keys, per key
-template <typename T>
-inline __m512 dot_unit(__m512 acc, __m512i keys, int32_t q) {
-  if constexpr (std::is_same_v<T, bf16>)
-    return _mm512_dpbf16_ps(acc, (__m512bh)keys, (__m512bh)_mm512_set1_epi32(q));
-  else
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_set1_epi32(q)), _mm512_castsi512_ps(keys), acc);
 }
 
 // one KV head's query heads for rows [r0, r0 + nr) of the chunk, four query vectors at a
 // time (their dot products and sums interleaved: enough in flight to hide the
 // instructions' latency); o ((nq + 3) x D), vf (16 x D): scratch
-template <typename T>
-void prefill_block(const T* q, const int32_t* kp, const T* v, int L, int C, int H, int KVH,
-                   int D, float scale, int h, int r0, int nr, T* out, float* o, float* vf) {
-  const int group = H / KVH, nq = nr * group, vecs = D / 16, nkb = (C + 15) / 16;
-  const int units = D * static_cast<int>(sizeof(T)) / 4;
+void prefill_block(const bf16* q, const int32_t* kp, const bf16* v, int L, int C, int H, int KVH,
+                   int D, float scale, int h, int r0, int nr, bf16* out, float* o, float* vf) {
+  const int group = H / KVH, nq = nr * group, pairs = D / 2, vecs = D / 16, nkb = (C + 15) / 16;
   const int first_pos = C - L + r0;  // the first row's position (it sees keys 0 .. pos)
   std::vector<float> m(nq, -INFINITY), l(nq, 0.f);
   alignas(64) float s[4][16];
@@ -71,10 +52,10 @@ void prefill_block(const T* q, const int32_t* kp, const T* v, int L, int C, int 
   const int last_kb = (first_pos + nr - 1) / 16;  // (keys past the last row's position: none)
   for (int kb = 0; kb <= last_kb && kb < nkb; ++kb) {
     const int j0 = 16 * kb, nk = C - j0 < 16 ? C - j0 : 16;
-    const int32_t* kblock = kp + (static_cast<size_t>(h) * nkb + kb) * units * 16;
+    const int32_t* kblock = kp + (static_cast<size_t>(h) * nkb + kb) * pairs * 16;
     for (int j = 0; j < nk; ++j)  // the block's values, widened once for every query
       for (int w = 0; w < vecs; ++w)
-        _mm512_storeu_ps(vf + j * D + 16 * w, load16(v + (static_cast<size_t>(j0 + j) * KVH + h) * D + 16 * w));
+        _mm512_storeu_ps(vf + j * D + 16 * w, load_bf16x16(v + (static_cast<size_t>(j0 + j) * KVH + h) * D + 16 * w));
     for (int q0 = 0; q0 < nq; q0 += 4) {
       const int32_t* qp[4];
       int seen[4], most = 0;
@@ -89,12 +70,12 @@ void prefill_block(const T* q, const int32_t* kp, const T* v, int L, int C, int 
       if (most == 0) continue;
       __m512 a[4][2];
       for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
-      for (int u = 0; u < units; u += 2) {
-        const __m512i k0 = _mm512_loadu_si512(kblock + u * 16);
-        const __m512i k1 = _mm512_loadu_si512(kblock + (u + 1) * 16);
+      for (int p = 0; p < pairs; p += 2) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kblock + p * 16);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kblock + (p + 1) * 16);
         for (int i = 0; i < 4; ++i) {
-          a[i][0] = dot_unit<T>(a[i][0], k0, qp[i][u]);
-          a[i][1] = dot_unit<T>(a[i][1], k1, qp[i][u + 1]);
+          a[i][0] = _mm512_dpbf16_ps(a[i][0], k0, (__m512bh)_mm512_set1_epi32(qp[i][p]));
+          a[i][1] = _mm512_dpbf16_ps(a[i][1], k1, (__m512bh)_mm512_set1_epi32(qp[i][p + 1]));
         }
       }
       for (int i = 0; i < 4; ++i) {  // online softmax: s[i] the block's weights (0 past seen)
@@ -148,11 +129,10 @@ void prefill_block(const T* q, const int32_t* kp, const T* v, int L, int C, int 
 
 // q [L, H, D], k and v [C, KVH, D] (the context, the chunk's own keys last), out
 // [L, H, D]; D % 32 == 0, D <= 256, H / KVH <= 8
-template <typename T>
-void prefill_attention(const T* q, const T* k, const T* v, int L, int C, int H, int KVH,
-                       int D, float scale, T* out, int threads) {
+void prefill_attention(const bf16* q, const bf16* k, const bf16* v, int L, int C, int H, int KVH,
+                       int D, float scale, bf16* out, int threads) {
   const int nkb = (C + 15) / 16, nrb = (L + 15) / 16, group = H / KVH;
-  std::vector<int32_t> kp(static_cast<size_t>(KVH) * nkb * 16 * D * sizeof(T) / 4);
+  std::vector<int32_t> kp(static_cast<size_t>(KVH) * nkb * 16 * D / 2);
 #pragma omp parallel num_threads(threads)
   {
     // (o: a row per query vector, and three spare ones for the last group of four)

@@ -18,13 +18,12 @@ cost more. Where inductor cannot compile (no C++ compiler, or
 `LLMESH_COMPILED_CPU_ATTENTION=0`) this backend is the reference one (its
 grouped inputs, gathers and SDPA) and the start-up log says why.
 
-Prefill chunks over a bfloat16 or float32 cache, on a CPU with AVX512-BF16, run
-the C++ causal attention (kernels/cpu_prefill_attention.h: 16 keys' scores a
-dot product or D FMAs at a time, online softmax in float32) on their gathered
-context (`CpuPrefillAttention`, also a float32 model's backend): torch's flash
-attention for CPU took as long as all of a layer's projections for a 512-token
-bfloat16 chunk. `LLMESH_CPU_PREFILL_KERNEL=0` (or a float16 cache, or head
-shapes it does not take) keeps the reference path.
+Prefill chunks over a bfloat16 cache, on a CPU with AVX512-BF16, run the C++
+causal attention (kernels/cpu_prefill_attention.h: 16 keys' scores a dot
+product at a time, online softmax in float32) on their gathered context;
+torch's flash attention for CPU took as long as all of a layer's projections
+for a 512-token chunk. `LLMESH_CPU_PREFILL_KERNEL=0` (or a float16 cache, or
+head shapes it does not take) keeps the reference path.
 """
 from __future__ import annotations
 
@@ -80,40 +79,9 @@ def wants_compiled(device: torch.device, dtype: torch.dtype, sliding_window: int
     return device.type == "cpu" and dtype in HALF_DTYPES and sliding_window is None
 
 
-class CpuPrefillAttention(TorchPagedAttention):
-    """The reference backend, with prefill chunks through the C++ causal attention
-    where it runs them (a CPU with AVX512-BF16, a bfloat16 or float32 cache, head
-    shapes it takes; `LLMESH_CPU_PREFILL_KERNEL=0` keeps torch's SDPA): a float32
-    model's backend on a CPU, and the base of the 16-bit one below."""
-
-    def __init__(self):
-        super().__init__()
-        self.native = cpu_decode.unavailable() is None
-        if self.native:
-            try:  # (built now, or found built: a failed build keeps torch's attention)
-                cpu_decode.library()
-            except (RuntimeError, OSError) as e:
-                self.native = False
-                log.warning("attention: torch's (the C++ kernel: %s)", str(e)[:300])
-        self.native_prefill = self.native and os.environ.get("LLMESH_CPU_PREFILL_KERNEL",
-                                                             "1") != "0"
-
-    def attend_prefills(self, q, k_cache, v_cache, meta, scale, out) -> None:
-        if not meta.prefills or not self.native_prefill or cpu_decode.prefill_refusal(
-                (1, q.shape[1], q.shape[2]), (1, k_cache.shape[2], k_cache.shape[3]), q.dtype):
-            return super().attend_prefills(q, k_cache, v_cache, meta, scale, out)
-        threads = torch.get_num_threads()
-        for c in meta.prefills:
-            rows = slice(c.q_start, c.q_start + c.q_len)
-            k = self._gather("k", k_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
-            v = self._gather("v", v_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
-            out[rows] = cpu_decode.prefill_attention(q[rows], k, v, scale, threads)
-
-
-class CompiledCpuAttention(CpuPrefillAttention):
+class CompiledCpuAttention(TorchPagedAttention):
     """Single-query rows through `paged_decode` compiled (the kernel backends' inputs:
-    one padded block table and the context lengths), or the C++ decode attention;
-    prefill chunks as `CpuPrefillAttention`'s."""
+    one padded block table and the context lengths); prefill chunks as the reference."""
 
     wants_block_tables = True
 
@@ -134,6 +102,15 @@ class CompiledCpuAttention(CpuPrefillAttention):
         # (the reference backend's grouped inputs unless compiled or native: see warm_up)
         self.wants_block_tables = self.why_eager is None
         self.native_decode = False  # (decided by warm_up, which sees the cache)
+        self.native = cpu_decode.unavailable() is None
+        if self.native:
+            try:  # (built now, or found built: a failed build keeps torch's attention)
+                cpu_decode.library()
+            except (RuntimeError, OSError) as e:
+                self.native = False
+                log.warning("attention: torch's (the C++ kernel: %s)", str(e)[:300])
+        self.native_prefill = self.native and os.environ.get("LLMESH_CPU_PREFILL_KERNEL",
+                                                             "1") != "0"
 
     @torch.inference_mode()
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
@@ -181,6 +158,17 @@ class CompiledCpuAttention(CpuPrefillAttention):
                                    meta.single_context_lens, scale)
         self.attend_prefills(q, k_cache, v_cache, meta, scale, out)
         return out
+
+    def attend_prefills(self, q, k_cache, v_cache, meta, scale, out) -> None:
+        if not meta.prefills or not self.native_prefill or cpu_decode.prefill_refusal(
+                (1, q.shape[1], q.shape[2]), (1, k_cache.shape[2], k_cache.shape[3]), q.dtype):
+            return super().attend_prefills(q, k_cache, v_cache, meta, scale, out)
+        threads = torch.get_num_threads()
+        for c in meta.prefills:
+            rows = slice(c.q_start, c.q_start + c.q_len)
+            k = self._gather("k", k_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
+            v = self._gather("v", v_cache, c.block_ids).flatten(0, 1)[:c.ctx_len]
+            out[rows] = cpu_decode.prefill_attention(q[rows], k, v, scale, threads)
 
     def _single(self, q, k_cache, v_cache, tables, lens, scale):
         if self.native_decode:

@@ -139,12 +139,9 @@ class ModelRunner:
         if self.device.type == "cuda" and kernels_support(
                 dtype, c.head_dim, self.block_size, c.num_heads, c.num_kv_heads, c.sliding_window):
             return CudaPagedAttention(context_bound=self.max_model_len)
-        from llmesh.services.executor.attention_cpu import (CompiledCpuAttention,
-                                                            CpuPrefillAttention, wants_compiled)
+        from llmesh.services.executor.attention_cpu import CompiledCpuAttention, wants_compiled
         if wants_compiled(self.device, dtype, c.sliding_window):
             return CompiledCpuAttention()
-        if self.device.type == "cpu" and dtype == torch.float32 and c.sliding_window is None:
-            return CpuPrefillAttention()  # (its decode rows the reference way)
         return TorchPagedAttention()
 
     @staticmethod

@@ -7,7 +7,7 @@ import torch
 
 from llmesh.services.executor.attention import TorchPagedAttention, build_metadata, SeqSlice
 from llmesh.services.executor.attention_cpu import (MIN_COMPILED_KEYS, CompiledCpuAttention,
-                                                    CpuPrefillAttention, compiler_missing)
+                                                    compiler_missing)
 from llmesh.services.executor.runner import ModelRunner
 from llmesh.services.executor.weights import load_model
 
@@ -77,10 +77,9 @@ def test_it_compiles_here_and_a_bfloat16_cpu_runner_uses_it(backend, tiny_model_
     assert backend.compiled and backend.why_eager is None
     bf16 = ModelRunner(load_model(tiny_model_dir, "bfloat16"), 32, 16)
     assert isinstance(bf16.backend, CompiledCpuAttention) and bf16.backend.compiled
-    # float32 keeps the reference backend's decode rows (there the compiled loops were
-    # slower), its prefill chunks through the C++ attention
-    f32 = ModelRunner(load_model(tiny_model_dir, "float32"), 32, 16).backend
-    assert type(f32) is CpuPrefillAttention and not f32.wants_block_tables
+    # float32 keeps the reference backend (there the compiled loops were slower)
+    assert type(ModelRunner(load_model(tiny_model_dir, "float32"), 32, 16).backend) \
+        is TorchPagedAttention
 
 
 def test_turned_off_it_runs_eagerly(monkeypatch):
