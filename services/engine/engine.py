@@ -174,7 +174,8 @@ class Engine:
         self._aio = asyncio.new_event_loop()
         # the worker thread and the event loop go with the engine, closed or not
         self._finalizer = weakref.finalize(self, _release, self.executor, self._aio)
-        freeze_startup()  # (until it closes: the model's cycles go back to the collector then)
+        # (until it closes: the model's cycles go back to the collector then)
+        freeze_startup(full=False)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
