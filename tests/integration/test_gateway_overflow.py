@@ -1,0 +1,100 @@
+"""Envoy's circuit breakers to the routers (envoy.max_requests, max_pending_requests,
+max_connections): what comes past them is refused as overload (gRPC
+RESOURCE_EXHAUSTED, HTTP 429 with an OpenAI error body, each with a retry hint),
+not answered 503 / UNAVAILABLE as a failed server; what they let in is served whole."""
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from integration.mesh_fixture import Mesh, serving
+from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+LIMIT = 2  # requests in flight to the routers (HTTP/1.1: connections), one more pending
+MAX_TOKENS = 24
+BURST = 12
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_model_dir, tmp_path_factory):
+    m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("gateway-overflow"),
+             observability={"tracing": "off"},
+             envoy={"max_requests": LIMIT, "max_connections": LIMIT, "max_pending_requests": 1},
+             engine={"num_kv_blocks": 512, "bench_step_ms": 10.0, "probe_interval_s": 0})
+    yield from serving(m)
+
+
+def _overflows(mesh, cluster: str) -> int:
+    port = mesh.config["envoy"]["admin_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=overflow",
+                                  timeout=5).read().decode()
+    return sum(int(line.rsplit(": ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f"cluster.{cluster}.upstream_rq_pending_overflow")
+               or line.startswith(f"cluster.{cluster}.upstream_rq_retry_overflow"))
+
+
+async def _grpc_burst(endpoint: str):
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+
+        async def one(i: int):
+            req = inference_pb2.GenerateRequest(
+                token_ids=inference_pb2.TokenIds(ids=[0, 5 + i, 7, 9]),
+                sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+            try:
+                tokens = [t async for r in stub.Generate(req, timeout=60) for t in r.token_ids]
+            except grpc.aio.AioRpcError as e:
+                return e.code().name, dict(e.trailing_metadata() or ()).get("retry-after-ms")
+            assert len(tokens) == MAX_TOKENS
+            return "OK", None
+        return await asyncio.gather(*(one(i) for i in range(BURST)))
+
+
+def test_grpc_past_the_breaker_is_resource_exhausted_with_a_retry_hint(mesh):
+    before = _overflows(mesh, "routers")
+    results = asyncio.run(_grpc_burst(mesh.endpoint))
+    refused = [r for r in results if r[0] != "OK"]
+    assert refused, "the burst never passed the breaker"
+    assert _overflows(mesh, "routers") - before >= len(refused)  # the breaker refused them
+    assert all(r == ("RESOURCE_EXHAUSTED", "1000") for r in refused), refused
+    assert any(r[0] == "OK" for r in results)
+
+
+def test_http_past_the_breaker_is_429_with_retry_after(mesh):
+    before = _overflows(mesh, "http")
+    results, lock = [], threading.Lock()
+
+    def one(i: int):
+        req = urllib.request.Request(
+            f"http://{mesh.endpoint}/v1/completions",
+            data=json.dumps({"prompt": [0, 5 + i, 7, 9], "max_tokens": MAX_TOKENS,
+                             "ignore_eos": True, "stream": True}).encode(),
+            headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                body = resp.read().decode()
+                out = (resp.status, None, None, body.rstrip().endswith("data: [DONE]"))
+        except urllib.error.HTTPError as e:
+            out = (e.code, e.headers.get("retry-after"), e.read().decode(), None)
+        with lock:
+            results.append(out)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(BURST)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == BURST
+    refused = [r for r in results if r[0] != 200]
+    assert refused, "the burst never passed the breaker"
+    assert _overflows(mesh, "http") - before >= len(refused)
+    for status, retry_after, body, _ in refused:
+        assert (status, retry_after) == (429, "1"), (status, body)
+        body = json.loads(body)
+        assert body["error"]["type"] == "rate_limit_error"
+        assert body["error"]["code"] == "gateway_overflow"
+    served = [r for r in results if r[0] == 200]
+    assert served and all(r[3] for r in served)  # each stream whole, to its [DONE]
