@@ -78,10 +78,18 @@ class BenchParser(argparse.ArgumentParser):
 
 
 def _first_line(module: str) -> str:
-    """A spec's help line, read from its docstring without importing it."""
-    import ast
+    """A spec's help line, read from its docstring without importing it: the module
+    compiled, not run (nor parsed to an AST: CPython 3.11.7's conversion of one to
+    Python objects fails with a SystemError, "AST constructor recursion depth
+    mismatch", when another thread converts one at the same time, gh-106905; it did
+    once in the test suite)."""
     origin = importlib.util.find_spec(f"llmesh.benchmarks.{module}").origin
-    return " ".join(ast.get_docstring(ast.parse(open(origin).read())).split("\n\n")[0].split())
+    with open(origin) as f:
+        code = compile(f.read(), origin, "exec")
+    # (a module with a docstring stores its first constant as __doc__ first)
+    if not code.co_names or code.co_names[0] != "__doc__":
+        raise ValueError(f"benchmark module {module} has no docstring")
+    return " ".join(code.co_consts[0].split("\n\n")[0].split())
 
 
 def _common(p, default_targets: str) -> None:
