@@ -85,9 +85,10 @@ def _first_line(module: str) -> str:
     once in the test suite)."""
     origin = importlib.util.find_spec(f"llmesh.benchmarks.{module}").origin
     with open(origin) as f:
-        code = compile(f.read(), origin, "exec")
+        code = compile(f.read(), origin, "exec", optimize=0)  # (-OO would drop docstrings)
     # (a module with a docstring stores its first constant as __doc__ first)
-    if not code.co_names or code.co_names[0] != "__doc__":
+    if not code.co_names or code.co_names[0] != "__doc__" \
+            or not isinstance(code.co_consts[0], str):
         raise ValueError(f"benchmark module {module} has no docstring")
     return " ".join(code.co_consts[0].split("\n\n")[0].split())
 

@@ -66,6 +66,9 @@ def rate_limit_filters(e) -> list[dict]:
 
 
 OVERFLOW_MESSAGE = "the gateway holds as many requests as it may: retry later"
+# Envoy's response flags of an upstream that failed (connect failure, reset, terminated,
+# local reset, retries exhausted, no healthy host)
+UPSTREAM_FAILURES = ("UF", "UR", "UC", "LR", "URX", "UH")
 
 
 def overflow_replies() -> dict:
@@ -81,8 +84,13 @@ def overflow_replies() -> dict:
     is_grpc = {"header_filter": {"header": {
         "name": "content-type", "string_match": {"prefix": "application/grpc"}}}}
     return {"mappers": [
-        # (a gRPC local reply keeps a grpc-status it is given; its message is the body)
-        {"filter": {"and_filter": {"filters": [overflow, is_grpc]}},
+        # A failed upstream whose retry the retry budget refused carries UO too, beside
+        # the failure's own flag: it stays the failure it is (503 / UNAVAILABLE, which
+        # resuming clients act on). The first mapper that matches ends the search.
+        {"filter": {"response_flag_filter": {"flags": list(UPSTREAM_FAILURES)}}},
+        # (a gRPC local reply keeps a grpc-status it is given, and its status 200; its
+        # message is the body)
+        {"filter": {"and_filter": {"filters": [overflow, is_grpc]}}, "status_code": 429,
          "headers_to_add": RETRY_HINT + [_header("grpc-status", "8")],
          "body": {"inline_string": OVERFLOW_MESSAGE}},
         {"filter": overflow, "status_code": 429, "headers_to_add": RETRY_HINT,

@@ -15,8 +15,11 @@ An in-process engine is made inside someone else's process, maybe many times
 (a script, a notebook, the test suite): its freeze collects only the young
 generations first. A full pass there walks the caller's whole heap at every
 construction (in the test suite 0.1-0.4 s each, most of a property test's
-time); the older garbage it would have found, if any, stays frozen with the rest
-until the engine closes.
+time). Older garbage, if any, is frozen with the rest until the engine closes,
+and is then found by the collector's next full pass, unless another engine
+freezes it first: so an engine leaves no reference cycle of its own behind
+(`InProcessExecutor.close` lets go of its worker thread), and a closed or dropped
+one is freed at once, its KV cache and model with it, by reference counting.
 """
 from __future__ import annotations
 

@@ -132,8 +132,14 @@ class InProcessExecutor:
         pass
 
     def close(self) -> None:
-        self._lane.stop()
-        self._lane.join(60)
+        """Stop the worker thread and let go of it: the lane holds this executor's
+        `_post`, and that cycle would keep the runner (its KV cache, the model) for
+        a full collection, which an engine frozen after it never makes
+        (services/common/heap.py)."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.stop()
+            lane.join(60)
 
 
 class Engine:

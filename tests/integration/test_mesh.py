@@ -129,14 +129,15 @@ def test_deadline_reaches_the_scheduler(mesh, stub):
 
 def _settled_stats(mesh):
     """The scheduler's stats once idle and no step is still landing (a request that
-    just ended may leave a planned step in flight): the same step count 0.1 s apart."""
-    last = None
-    for _ in range(50):
+    just ended may leave a planned step in flight): the same step count in three
+    readings 0.25 s apart."""
+    seen: list = []
+    for _ in range(40):
         now = _stats(mesh)
-        if last is not None and now.num_running == 0 and now.num_steps == last.num_steps:
+        seen = [s for s in seen if s.num_steps == now.num_steps] + [now]
+        if now.num_running == 0 and len(seen) >= 3:
             return now
-        last = now
-        time.sleep(0.1)
+        time.sleep(0.25)
     raise AssertionError("the scheduler kept stepping while idle")
 
 

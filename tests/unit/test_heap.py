@@ -3,8 +3,10 @@ process after a full collection, an in-process engine after a young one only,
 given back when it closes."""
 import contextlib
 import gc
+import weakref
 
 from llmesh.services.common.heap import freeze_startup, thaw
+from llmesh.services.common.sampling_params import SamplingParams
 from llmesh.services.engine.engine import Engine, EngineConfig
 
 
@@ -47,4 +49,29 @@ def test_an_engine_freezes_after_a_young_collection_and_thaws_when_closed(tiny_m
         assert gc.get_freeze_count() > 0
     finally:
         engine.close()
+    assert gc.get_freeze_count() == 0
+
+
+def _used_engine(model):
+    engine = Engine(model, EngineConfig(num_kv_blocks=16, block_size=16))
+    engine.generate([[0, 5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+    return engine
+
+
+def test_a_dropped_engine_is_freed_without_the_collector_so_the_next_cannot_freeze_it(
+        tiny_model):
+    """The young-only freeze never looks at old garbage: an engine in a reference
+    cycle would keep its KV cache frozen by the next engine. Closed or only dropped,
+    an engine goes by reference counting alone."""
+    with collections():  # (no collection at all, automatic or not, may free it)
+        closed = _used_engine(tiny_model)
+        closed_kv = weakref.ref(closed.runner.kv_caches[0][0])
+        closed.close()
+        del closed
+        dropped = _used_engine(tiny_model)
+        dropped_kv = weakref.ref(dropped.runner.kv_caches[0][0])
+        del dropped
+        assert closed_kv() is None and dropped_kv() is None
+        following = _used_engine(tiny_model)
+        following.close()
     assert gc.get_freeze_count() == 0
