@@ -139,6 +139,19 @@ def health_status(port: int):
         return None
 
 
+def envoy_counters(mesh: Mesh, pattern: str) -> dict[str, int]:
+    """The gateway's counters whose names match the regex `pattern` (Envoy's admin
+    `/stats?filter=`): name -> value."""
+    import urllib.parse
+    import urllib.request
+    port = mesh.config["envoy"]["admin_port"]
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/stats?filter={urllib.parse.quote(pattern)}",
+        timeout=10).read().decode()
+    return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines())
+            if v.strip().isdigit()}
+
+
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

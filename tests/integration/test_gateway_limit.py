@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 
-from integration.mesh_fixture import Mesh, serving
+from integration.mesh_fixture import Mesh, envoy_counters, serving
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 RATE = 10
@@ -29,11 +29,8 @@ def mesh(tiny_model_dir, tmp_path_factory):
 
 
 def _envoy_limited(mesh) -> int:
-    port = mesh.config["envoy"]["admin_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=local_rate_limit",
-                                  timeout=5).read().decode()
-    return sum(int(line.rsplit(": ", 1)[1]) for line in text.splitlines()
-               if line.endswith(tuple("0123456789")) and "rate_limited" in line)
+    return sum(v for k, v in envoy_counters(mesh, "local_rate_limit").items()
+               if "rate_limited" in k)
 
 
 def _router_requests(mesh) -> float:

@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 
-from integration.mesh_fixture import Mesh, serving
+from integration.mesh_fixture import Mesh, envoy_counters, serving
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 LIMIT = 2  # requests in flight to the routers (HTTP/1.1: connections), one more pending
@@ -29,12 +29,8 @@ def mesh(tiny_model_dir, tmp_path_factory):
 
 
 def _overflows(mesh, cluster: str) -> int:
-    port = mesh.config["envoy"]["admin_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=overflow",
-                                  timeout=5).read().decode()
-    return sum(int(line.rsplit(": ", 1)[1]) for line in text.splitlines()
-               if line.startswith(f"cluster.{cluster}.upstream_rq_pending_overflow")
-               or line.startswith(f"cluster.{cluster}.upstream_rq_retry_overflow"))
+    return sum(envoy_counters(
+        mesh, f"^cluster\\.{cluster}\\.upstream_rq_(pending|retry)_overflow$").values())
 
 
 async def _grpc_burst(endpoint: str):

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from llmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from mesh_fixture import Mesh, serving
+from mesh_fixture import Mesh, envoy_counters, serving
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="self-signed certificates are made by openssl")
@@ -161,8 +161,4 @@ def _complete_through_gateway(mesh):
 
 
 def _envoy_stats(mesh) -> dict[str, int]:
-    port = mesh.config["envoy"]["admin_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=^cluster\\.(routers|http)\\.",
-                                  timeout=10).read().decode()
-    return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines())
-            if v.strip().isdigit()}
+    return envoy_counters(mesh, "^cluster\\.(routers|http)\\.")
