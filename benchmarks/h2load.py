@@ -45,6 +45,7 @@ def start(url: str, body: dict, rate: float, duration_s: float, headers: dict[st
     """h2load started (the flood runs while the caller does its own work); its log's path."""
     body_path, log_path = work_dir / "h2load-body.json", work_dir / "h2load.log"
     body_path.write_text(json.dumps(body))
+    log_path.unlink(missing_ok=True)  # (h2load appends to a log that is there)
     cmd = command(url, body_path, log_path, rate, duration_s, headers)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, log_path
