@@ -24,6 +24,7 @@ from llmesh.mesh.config import MeshConfig, ReplicaPorts, ServedModel
 from llmesh.mesh.ports import tokenizer_process_name
 from llmesh.mesh.envoy import envoy_binary, render_envoy_yaml, xds_clusters
 from llmesh.services.common.mtls import MtlsFiles, channel_credentials
+from llmesh.services.common.open_files import raise_open_files
 from llmesh.services.router.replica_set import ReplicaEntry, write_replica_set
 
 # the folder the llmesh package is imported from (the repository root in a checkout):
@@ -272,7 +273,9 @@ def build_specs(cfg: MeshConfig, model_dir: str, run_dir: Path) -> list[ProcSpec
 class Supervisor:
     def __init__(self, specs: list[ProcSpec], run_dir: Path, max_backoff_s: float = 10.0,
                  on_change=None):
-        """`on_change()` is called after a restart (new pids)."""
+        """`on_change()` is called after a restart (new pids). The processes it starts
+        inherit its limit on open files, raised to the hard one here."""
+        raise_open_files()
         self.specs = specs
         self.run_dir = run_dir
         self.log_dir = run_dir / "logs"

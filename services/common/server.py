@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from llmesh.services.common.errors import LlmeshError
 from llmesh.services.common.heap import freeze_startup
 from llmesh.services.common.net import bind_host
+from llmesh.services.common.open_files import raise_open_files
 
 MAX_MESSAGE_BYTES = 4 * 2**20
 log = logging.getLogger("llmesh")
@@ -98,6 +99,7 @@ class Service:
             await self.health.set(name, status)
 
     async def start(self) -> None:
+        raise_open_files()  # (a flood's connections must not run out of descriptors)
         await self.set_serving(False)
         await self.server.start()
         loop = asyncio.get_running_loop()

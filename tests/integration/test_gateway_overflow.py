@@ -1,10 +1,13 @@
 """Envoy's circuit breakers to the routers (envoy.max_requests, max_pending_requests,
 max_connections): what comes past them is refused as overload (gRPC
 RESOURCE_EXHAUSTED, HTTP 429 with an OpenAI error body, each with a retry hint),
-not answered 503 / UNAVAILABLE as a failed server; what they let in is served whole."""
+not answered 503 / UNAVAILABLE as a failed server; what they let in is served whole.
+And a mesh started with a low soft limit on open files runs with the hard one."""
 import asyncio
 import json
+import resource
 import threading
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -19,13 +22,42 @@ MAX_TOKENS = 24
 BURST = 12
 
 
+LOW_SOFT_LIMIT = 256  # open files: what the mesh is started with (the hard limit stays)
+
+
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
     m = Mesh(tiny_model_dir, tmp_path_factory.mktemp("gateway-overflow"),
              observability={"tracing": "off"},
              envoy={"max_requests": LIMIT, "max_connections": LIMIT, "max_pending_requests": 1},
              engine={"num_kv_blocks": 512, "bench_step_ms": 10.0, "probe_interval_s": 0})
-    yield from serving(m)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, LOW_SOFT_LIMIT), hard))
+    try:  # (the mesh's processes inherit the limit they start under)
+        meshes = serving(m)
+        up = next(meshes)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    yield up
+    next(meshes, None)
+
+
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError(f"no open-files limit for {pid}")
+
+
+def test_the_mesh_runs_with_the_hard_limit_on_open_files(mesh):
+    """A gateway flood holds a connection per HTTP request in flight to a router: a
+    soft limit of 1,024 made Envoy's connections fail at 900 requests/s."""
+    pids = {**mesh.state["pids"], "supervisor": mesh.state["supervisor_pid"]}
+    assert {"envoy", "router-0", "scheduler-0"} <= set(pids)
+    for name, pid in pids.items():
+        soft, hard = _open_files_limits(pid)
+        assert soft == hard or int(soft) > LOW_SOFT_LIMIT, (name, soft, hard)
 
 
 def _overflows(mesh, cluster: str) -> int:
