@@ -9,7 +9,7 @@ start-up objects took at most 3.4 ms). Once start-up is done, `freeze_startup()`
 garbage then and moves everything else to the permanent generation, which later
 passes skip; what requests create afterwards is collected as before. `thaw()`
 gives the frozen objects back to the collector (an in-process engine that
-closes: its model sits in reference cycles that only the collector frees).
+closes: what its caller made meanwhile, and any old garbage frozen with it).
 
 An in-process engine is made inside someone else's process, maybe many times
 (a script, a notebook, the test suite): its freeze collects only the young

@@ -3,11 +3,13 @@
 Many Linux systems start processes with a soft limit of 1,024 open files (the
 hard limit is far higher). A gateway under a flood holds a connection per HTTP
 request in flight to a router (HTTP/1.1) and up to `envoy.max_connections`
-(1,024) of them: with the soft limit at 1,024, a 900 requests/s flood made 980
-of Envoy's connections to the router fail and the gateway retry them
-(`benchmarks/results/overload-native/`). The supervisor raises its own soft
-limit to the hard one before it starts the mesh's processes, which inherit it,
-and every service does the same when it starts on its own (compose, Kubernetes).
+(1,024) of them: with the soft limit at 1,024, a 900 requests/s flood made the
+router's accept() fail with EMFILE over a million times in two minutes, and its
+HTTP server stopped answering
+(`benchmarks/results/overload-native/open-files-1024-before.log`). The
+supervisor raises its own soft limit to the hard one before it starts the mesh's
+processes, which inherit it, and every service does the same when it starts on
+its own (compose, Kubernetes).
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ class Engine:
         self._aio = asyncio.new_event_loop()
         # the worker thread and the event loop go with the engine, closed or not
         self._finalizer = weakref.finalize(self, _release, self.executor, self._aio)
-        # (until it closes: the model's cycles go back to the collector then)
+        # (until it closes: `_release` thaws the heap then)
         freeze_startup(full=False)
 
     @classmethod
